@@ -1,0 +1,171 @@
+"""Run directory layout, manifests, atomic writes and content hashes.
+
+A stage writes into `runs/<name>/<stage>.partial/`; the runner renames it to
+`runs/<name>/<stage>/` once `manifest.json` (always written last) is there. A folder
+without a manifest is incomplete by definition and is never read downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.txt"
+
+
+class Manifest(BaseModel):
+    stage: str
+    fingerprint: str = Field("", description="Hash of the stage's config and its inputs' hashes.")
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    inputs: dict[str, str] = Field(default_factory=dict, description="input name -> content hash")
+    outputs: dict[str, str] = Field(default_factory=dict, description="relative path -> content hash")
+    counts: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    cost_usd: float = 0.0
+    wall_s: float = 0.0
+    notes: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def hash_outputs(folder: Path) -> dict[str, str]:
+    """Content hash of every file under folder (the manifest itself excluded)."""
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, FINGERPRINT)
+    }
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file beside path, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp folder beside final; on success it replaces final in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(src: Path, final: Path) -> None:
+    """Move src to final, removing an older final first (the move itself is one rename)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(src, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, final)
+
+
+# ---------------------------------------------------------------- run layout
+
+
+class RunLayout:
+    """runs/<name>/<stage>/ with a manifest per stage; runs/latest points at the newest run."""
+
+    def __init__(self, runs_root: Path, name: str):
+        self.root = runs_root / name
+        self.runs_root = runs_root
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def partial_dir(self, stage: str) -> Path:
+        return self.root / f"{stage}.partial"
+
+    def point_latest(self) -> None:
+        link = self.runs_root / "latest"
+        tmp = self.runs_root / ".latest.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.root.name)
+        os.replace(tmp, link)
+
+
+def read_manifest(stage_dir: Path) -> Manifest | None:
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return None
+    return Manifest.model_validate_json(path.read_text())
+
+
+def write_manifest(stage_dir: Path, manifest: Manifest) -> None:
+    atomic_write_text(stage_dir / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a broken line is an error naming the file and line."""
+    from pipeline.errors import DistillError
+
+    if not Path(path).is_file():
+        raise DistillError(f"{path}: file not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DistillError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DistillError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records

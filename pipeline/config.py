@@ -1,0 +1,256 @@
+"""Typed recipes: one YAML file per recipe, validated here, passed around as objects.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the
+nearest valid one instead of silently running with the default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import DistillError
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        EMBEDDED_DEFAULT,
+        description="Student base model: a hub id, a local directory, or embedded:<name>.",
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file that replaces the tokenizer's own."
+    )
+
+
+class TeacherConfig(Section):
+    spec: str = Field(
+        f"local:{EMBEDDED_DEFAULT}",
+        description="Teacher spec: local:<model-ref> (in-process transformers model).",
+    )
+    max_new_tokens: int = Field(12, ge=1, description="Longest teacher answer, in tokens.")
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
+    batch_size: int = Field(8, ge=1, description="Prompts per batched generate call (local teacher).")
+    few_shot: bool = Field(True, description="Show the task file's worked examples to the teacher.")
+
+
+class CaptureConfig(Section):
+    prompts: Path = Field(Path("data/prompts.jsonl"), description="Prompts file (JSONL).")
+    task: Path = Field(Path("data/task.yaml"), description="Task file: instructions, labels, examples.")
+    prompt_field: str = Field("prompt", description="Field of each prompt record holding the user message.")
+    gold_field: str | None = Field("gold", description="Optional field holding a gold label.")
+    limit: int | None = Field(None, ge=1, description="Capture only the first N prompts.")
+    cache: Path = Field(
+        Path(".distill/teacher_cache.sqlite"),
+        description="SQLite cache of teacher answers; shared by every run so nothing is paid twice.",
+    )
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.1, gt=0, lt=0.5, description="Fraction held out for validation.")
+    test: float = Field(0.15, gt=0, lt=0.5, description="Fraction held out for test.")
+
+
+class CurateConfig(Section):
+    labels_only: bool = Field(
+        True, description="Drop teacher answers that are not in the task's label set (classification)."
+    )
+    min_examples: int = Field(20, ge=3, description="Fail when fewer examples survive curation.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    seed: int = Field(0, description="Seed for the split.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+
+
+class QuantConfig(Section):
+    load_in_4bit: bool = Field(False, description="Load the base in 4-bit (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Matmul dtype for 4-bit layers on CUDA (CPU always uses float32)."
+    )
+    on_cpu: Literal["skip", "run"] = Field(
+        "skip", description="4-bit without CUDA: skip -> fp32 LoRA; run -> real bitsandbytes 4-bit (slow, tests)."
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (4-bit base).")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    max_seq_len: int = Field(512, ge=16, description="Longest training sequence in tokens.")
+    batch_size: int = Field(8, ge=1, description="Per-device micro-batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Training epochs.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps for LR warm-up.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="LR schedule."
+    )
+    optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. paged_adamw_8bit.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    packing: bool = Field(False, description="Pack examples into full sequences (padding-free).")
+    padding_free: bool = Field(False, description="Concatenate a batch without padding.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point).")
+    logging_steps: int = Field(5, ge=1, description="Log loss every N steps.")
+    seed: int = Field(0, description="Training seed.")
+
+    @model_validator(mode="after")
+    def _qlora_needs_4bit(self) -> TrainConfig:
+        if self.method == "qlora" and not self.quant.load_in_4bit:
+            raise ValueError("train.quant.load_in_4bit must be true when train.method='qlora'")
+        if self.method == "lora" and self.quant.load_in_4bit:
+            raise ValueError("train.method must be 'qlora' when train.quant.load_in_4bit is true")
+        return self
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(12, ge=1, description="Longest student answer in evaluation.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test examples.")
+    quality_gate: float | None = Field(
+        None, ge=0, le=1, description="Fail evaluation if tuned agreement is below this."
+    )
+
+
+class ExportConfig(Section):
+    formats: list[Literal["merged"]] = Field(["merged"], description="What to export.")
+    verify_prompts: int = Field(4, ge=1, description="Validation prompts re-generated to verify the export.")
+    verify_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per verification prompt.")
+
+
+class RouterConfig(Section):
+    quality_target: float = Field(
+        0.9, gt=0, le=1, description="Agreement with the teacher the router must keep on answered requests."
+    )
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="Port.")
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("distill", description="MLflow experiment name.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
+
+
+class Recipe(Section):
+    name: str = Field(description="Recipe name; also the run directory name under runs/.")
+    description: str = Field("", description="One line about the recipe.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def recipe_dir(root: Path = Path(".")) -> Path:
+    return root / "recipes"
+
+
+def available_recipes(root: Path = Path(".")) -> list[str]:
+    return sorted(p.stem for p in recipe_dir(root).glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str, root: Path = Path(".")) -> Path:
+    """A recipe is a path to a YAML file or the name of one in recipes/."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise DistillError(f"{path}: recipe file not found")
+        return path
+    path = recipe_dir(root) / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = ", ".join(available_recipes(root)) or "(none)"
+        raise DistillError(f"unknown recipe '{name_or_path}'; recipes in {recipe_dir(root)}/: {names}")
+    return path
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, root: Path = Path(".")) -> Recipe:
+    path = find_recipe(name_or_path, root)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise DistillError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise DistillError(f"{path}: a recipe must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_recipe(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one dotted `key=value` override; the value is parsed as a YAML scalar/list."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise DistillError(f"override '{item}' must look like section.key=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DistillError(f"override '{item}': {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise DistillError(format_validation_error(err, source)) from None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Every error at once, each naming its dotted path; unknown keys get a suggestion."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = _nearest_key(e["loc"])
+            lines.append(f"unknown key '{path}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {msg}" if path else msg)
+    return f"{source}: " + "; ".join(lines)
+
+
+def _nearest_key(loc: tuple) -> str | None:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join([*map(str, loc[:-1]), match[0]]) if match else None
+
+
+def recipe_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()

@@ -1,0 +1,132 @@
+"""Chain the stages: skip what is unchanged, resume what was interrupted, track it all.
+
+A stage's fingerprint hashes its config sections and its inputs (files by content,
+upstream stages by their manifest's output hashes). A stage whose last manifest has the
+same fingerprint is skipped, which is how a killed `make distill` resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from pipeline.artifacts import (
+    FINGERPRINT,
+    Manifest,
+    RunLayout,
+    atomic_write_text,
+    hash_outputs,
+    read_manifest,
+    replace_dir,
+    sha256_file,
+    sha256_json,
+    write_manifest,
+)
+from pipeline.config import Recipe
+from pipeline.errors import DistillError
+from pipeline.stages import capture, curate, evaluate, export, finetune
+from pipeline.tracking import Tracker, resolve_uri
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[ModuleType, ...] = (capture, curate, finetune, evaluate, export)
+STAGE_NAMES = tuple(s.NAME for s in STAGES)
+RESUMABLE = {"finetune"}  # keeps its partial folder (checkpoints) across an interruption
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    manifest: Manifest
+    skipped: bool
+    wall_s: float
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    outcomes: list[StageOutcome] = field(default_factory=list)
+
+    def manifest(self, stage: str) -> Manifest | None:
+        return next((o.manifest for o in self.outcomes if o.name == stage), None)
+
+
+def stages_until(until: str | None) -> tuple[ModuleType, ...]:
+    if until is None:
+        return STAGES
+    if until not in STAGE_NAMES:
+        raise DistillError(f"unknown stage '{until}'; stages: {', '.join(STAGE_NAMES)}")
+    return STAGES[: STAGE_NAMES.index(until) + 1]
+
+
+def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Path("runs"), force: bool = False) -> PipelineResult:
+    layout = RunLayout(runs_root, recipe.name)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(resolve_uri(recipe.tracking.uri), recipe.tracking.experiment)
+    result = PipelineResult(layout.root)
+    with tracker.run(recipe.name):
+        tracker.params({"recipe": recipe.model_dump(mode="json")})
+        for stage in stages_until(until):
+            result.outcomes.append(run_stage(stage, recipe, layout, tracker, force))
+        tracker.metrics({f"{o.name}_wall_s": o.wall_s for o in result.outcomes})
+    layout.point_latest()
+    return result
+
+
+def run_stage(stage: ModuleType, recipe: Recipe, layout: RunLayout, tracker: Tracker, force: bool = False) -> StageOutcome:
+    inputs, input_hashes = _resolve_inputs(stage, recipe, layout)
+    fingerprint = sha256_json({
+        "stage": stage.NAME,
+        "config": {s: getattr(recipe, s).model_dump(mode="json") for s in stage.SECTIONS},
+        "inputs": input_hashes,
+    })
+    final = layout.stage_dir(stage.NAME)
+    previous = read_manifest(final)
+    if previous and previous.fingerprint == fingerprint and not force:
+        log.info("%s: unchanged since %s, skipped", stage.NAME, previous.created_at)
+        return StageOutcome(stage.NAME, previous, skipped=True, wall_s=0.0)
+
+    partial = _prepare_partial(layout.partial_dir(stage.NAME), fingerprint, stage.NAME in RESUMABLE)
+    log.info("%s: running", stage.NAME)
+    start = time.perf_counter()
+    with tracker.run(stage.NAME, nested=True):
+        manifest = stage.run(recipe, inputs, partial, tracker)
+        manifest.fingerprint = fingerprint
+        manifest.inputs = input_hashes
+        manifest.wall_s = time.perf_counter() - start
+        manifest.outputs = hash_outputs(partial)
+        write_manifest(partial, manifest)  # last: a folder without it is incomplete
+    (partial / FINGERPRINT).unlink(missing_ok=True)
+    replace_dir(partial, final)
+    return StageOutcome(stage.NAME, manifest, skipped=False, wall_s=manifest.wall_s)
+
+
+def _resolve_inputs(stage: ModuleType, recipe: Recipe, layout: RunLayout) -> tuple[dict[str, Path], dict[str, str]]:
+    inputs: dict[str, Path] = {}
+    hashes: dict[str, str] = {}
+    for name, path in stage.file_inputs(recipe).items():
+        if not Path(path).is_file():
+            raise DistillError(f"{path}: file not found (needed by {stage.NAME} as {name})")
+        inputs[name], hashes[name] = Path(path), sha256_file(Path(path))
+    for upstream in stage.UPSTREAM:
+        manifest = read_manifest(layout.stage_dir(upstream))
+        if manifest is None:
+            raise DistillError(f"{stage.NAME} needs {upstream}, which has not completed in {layout.root}")
+        inputs[upstream], hashes[upstream] = layout.stage_dir(upstream), sha256_json(manifest.outputs)
+    return inputs, hashes
+
+
+def _prepare_partial(partial: Path, fingerprint: str, keep: bool) -> Path:
+    """Reuse a partial folder left by an interrupted attempt with the same fingerprint
+    (resumable stages only); anything else starts clean."""
+    marker = partial / FINGERPRINT
+    same = marker.is_file() and marker.read_text() == fingerprint
+    if partial.exists() and not (keep and same):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, fingerprint)
+    return partial

@@ -1,0 +1,70 @@
+"""The task file: what the teacher is told, the label set, and a few worked examples."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import DistillError
+
+
+class WorkedExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    label: str
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    kind: Literal["classification", "generation"] = "classification"
+    description: str = ""
+    instructions: str = Field(description="System prompt given to the teacher.")
+    labels: list[str] = Field(default_factory=list, description="Label set (classification).")
+    examples: list[WorkedExample] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> Task:
+        if self.kind == "classification" and len(self.labels) < 2:
+            raise ValueError("a classification task needs at least two labels")
+        unknown = [e.label for e in self.examples if self.labels and e.label not in self.labels]
+        if unknown:
+            raise ValueError(f"examples use labels not in the label set: {sorted(set(unknown))}")
+        return self
+
+    def teacher_messages(self, prompt: str, few_shot: bool = True) -> list[dict[str, str]]:
+        """The full teacher context: instructions, worked examples as prior turns, the prompt."""
+        messages = [{"role": "system", "content": self.instructions}]
+        if few_shot:
+            for ex in self.examples:
+                messages += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.label}]
+        return messages + [{"role": "user", "content": prompt}]
+
+    def normalize_label(self, answer: str) -> str | None:
+        """Map a free-text answer to a label: exact after case/punctuation folding, else None."""
+        folded = _fold(answer)
+        by_fold = {_fold(label): label for label in self.labels}
+        return by_fold.get(folded)
+
+
+def _fold(text: str) -> str:
+    return re.sub(r"[\s\-]+", "_", text.strip().strip(".!\"'`").lower())
+
+
+def load_task(path: Path) -> Task:
+    if not Path(path).is_file():
+        raise DistillError(f"{path}: task file not found")
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        return Task.model_validate(raw)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise DistillError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(map(str, first["loc"]))
+        raise DistillError(f"{path}: {loc + ': ' if loc else ''}{first['msg']}") from None
