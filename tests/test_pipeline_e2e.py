@@ -1,0 +1,181 @@
+"""End to end at tiny size: the real stages, the embedded teacher, a tiny random student.
+
+One module-scoped run feeds most assertions; the interrupt test uses a real subprocess.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.artifacts import hash_outputs, read_manifest
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["capture", "curate", "finetune", "evaluate", "export"]
+
+
+def write_recipe(folder: Path, student: Path, **train) -> Path:
+    recipe = {
+        "name": "e2e",
+        "model": {"base": str(student)},
+        "teacher": {"spec": "local:embedded:smollm2-135m-instruct", "max_new_tokens": 6, "batch_size": 16},
+        "capture": {
+            "prompts": str(ROOT / "data" / "prompts.jsonl"),
+            "task": str(ROOT / "data" / "task.yaml"),
+            "limit": 32,
+            "cache": str(folder / "cache.sqlite"),
+        },
+        # The real teacher answers off-label often at this size; keep them so splits stay non-empty.
+        "curate": {"labels_only": False, "min_examples": 10},
+        "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "max_seq_len": 256, **train},
+        "eval": {"max_new_tokens": 4, "limit": 8},
+        "export": {"verify_prompts": 2, "verify_max_new_tokens": 4},
+        "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "e2e"},
+    }
+    path = folder / "e2e.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_llama_dir):
+    folder = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(folder, tiny_llama_dir)
+    runs = folder / "runs"
+    assert main(["run", str(recipe), "--runs-dir", str(runs)]) == 0
+    return folder, recipe, runs / "e2e"
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_each_stage_wrote_exactly_its_artifacts(pipeline_run):
+    _, _, run = pipeline_run
+    assert files_under(run / "capture") == {"teacher.jsonl", "manifest.json"}
+    curate = files_under(run / "curate")
+    assert {"train.jsonl", "validation.jsonl", "test.jsonl", "card.md", "manifest.json", "dataset/dataset_dict.json"} <= curate
+    assert not [f for f in curate if "cache-" in f], "a later stage wrote cache files into the curated data"
+    assert files_under(run / "finetune") >= {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "train_log.jsonl"}
+    assert not (run / "finetune" / "checkpoints").exists()
+    assert files_under(run / "evaluate") == {"report.json", "report.md", "predictions.jsonl", "router_policy.json", "manifest.json"}
+    assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "merged/chat_template.jinja",
+            "verification.json"} <= files_under(run / "export")
+    assert not list(run.glob("*.partial")), "no partial folder survives a successful run"
+    assert (run.parent / "latest").resolve() == run.resolve()
+
+
+def test_manifests_hash_what_is_on_disk_and_chain_lineage(pipeline_run):
+    _, _, run = pipeline_run
+    manifests = {s: read_manifest(run / s) for s in STAGES}
+    for stage, manifest in manifests.items():
+        assert manifest.outputs == hash_outputs(run / stage), f"{stage} changed after its manifest"
+    assert set(manifests["evaluate"].inputs) == {"task", "curate", "finetune"}
+    assert manifests["capture"].counts["prompts"] == 32
+    records = [json.loads(line) for line in (run / "capture" / "teacher.jsonl").read_text().splitlines()]
+    assert len(records) == 32 and len({r["id"] for r in records}) == 32
+    assert all(r["messages"][-1]["role"] == "assistant" and r["meta"]["prompt_sha"] for r in records)
+
+
+def test_training_moved_the_adapter_and_loss_was_finite(pipeline_run):
+    _, _, run = pipeline_run
+    metrics = read_manifest(run / "finetune").metrics
+    assert metrics["trainable_params"] > 0 and metrics["trainable_params"] < metrics["total_params"]
+    log = [json.loads(line) for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]
+    assert all(0 < row["loss"] < 100 for row in log)
+
+
+def test_evaluation_report_matches_predictions(pipeline_run):
+    _, _, run = pipeline_run
+    report = json.loads((run / "evaluate" / "report.json").read_text())
+    preds = [json.loads(line) for line in (run / "evaluate" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == report["test_examples"] > 0
+    assert report["metrics"]["tuned_agreement"] == sum(p["tuned_agrees"] for p in preds) / len(preds)
+    assert report["metrics"]["base_agreement"] == sum(p["base_agrees"] for p in preds) / len(preds)
+
+
+def test_merged_export_reloads_with_plain_transformers_and_matches_adapter_logits(pipeline_run, tiny_llama_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, run = pipeline_run
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, run / "finetune" / "adapter").eval()
+    tok = AutoTokenizer.from_pretrained(run / "export" / "merged")
+    ids = tok.apply_chat_template([{"role": "user", "content": "where is my order"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+    verification = json.loads((run / "export" / "verification.json").read_text())
+    assert verification["mismatches"] == 0 and verification["expected"] == verification["merged"]
+
+
+def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    folder, _, _ = pipeline_run
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == set(STAGES)
+    assert "loss" in children["finetune"].data.metrics
+    assert "tuned_agreement" in children["evaluate"].data.metrics
+    assert [a.path for a in client.list_artifacts(children["curate"].info.run_id)] == ["card.md"]
+    assert "adapter" in [a.path for a in client.list_artifacts(children["finetune"].info.run_id)]
+
+
+def test_second_run_skips_every_stage_and_calls_no_teacher(pipeline_run, capsys):
+    folder, recipe, run = pipeline_run
+    before = {s: read_manifest(run / s).created_at for s in STAGES}
+    assert main(["run", str(recipe), "--runs-dir", str(run.parent)]) == 0
+    assert {s: read_manifest(run / s).created_at for s in STAGES} == before
+    assert "skipped (unchanged)" in capsys.readouterr().out
+
+
+def test_changed_config_reruns_only_the_stages_it_affects(pipeline_run):
+    _, recipe, run = pipeline_run
+    before = {s: read_manifest(run / s).created_at for s in STAGES}
+    assert main(["evaluate", str(recipe), "eval.max_new_tokens=3", "--runs-dir", str(run.parent)]) == 0
+    after = {s: read_manifest(run / s).created_at for s in STAGES}
+    assert [s for s in STAGES if after[s] != before[s]] == ["evaluate"]
+
+
+def test_ctrl_c_during_finetune_then_rerun_resumes_from_checkpoint(tmp_path, tiny_llama_dir):
+    recipe = write_recipe(tmp_path, tiny_llama_dir, max_steps=40, save_steps=2)
+    cmd = [sys.executable, "-m", "pipeline", "run", str(recipe), "--runs-dir", str(tmp_path / "runs")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = tmp_path / "runs" / "e2e" / "finetune.partial" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "rerun the same command to resume" in output
+    run = tmp_path / "runs" / "e2e"
+    assert read_manifest(run / "finetune") is None and not (run / "finetune").exists()
+    assert read_manifest(run / "curate") is not None
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "capture: unchanged" in second.stderr and "curate: unchanged" in second.stderr
+    log = [json.loads(line) for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] > 1, "training restarted from step 1 instead of the checkpoint"
+    assert log[-1]["step"] == 40
+    assert read_manifest(run / "finetune").counts["steps"] == 40
