@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of the exported student (`make serve` / `distill serve RECIPE`)."""

@@ -1,0 +1,54 @@
+"""Typed router errors, each rendered as the OpenAI error envelope.
+
+Clients built on the OpenAI SDK branch on status and `error.code`, so these match what
+api.openai.com sends: {"error": {"message", "type", "param", "code"}}. FastAPI-free.
+"""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    """An error a client caused or must handle; the message is safe to send back."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def envelope(self) -> dict:
+        return error_envelope(self.message, type=self.type, param=self.param, code=self.code)
+
+
+class InvalidRequest(RouterError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(RouterError):
+    """Unknown `model`: a 404, never a silent fallback to another model."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, known: list[str]):
+        super().__init__(f"The model '{model}' does not exist; served models: {', '.join(known)}", param="model")
+
+
+class AuthenticationFailed(RouterError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Missing or incorrect API key; send 'Authorization: Bearer <key>'."):
+        super().__init__(message)
+
+
+def error_envelope(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -1,0 +1,184 @@
+"""The router serves a real model over real HTTP to the real OpenAI SDK (`make test`)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from contextlib import contextmanager
+
+import openai
+import pytest
+
+from pipeline.errors import DistillError
+from pipeline.models import Generation
+from pipeline.router.policy import Policy
+
+MODEL = "distill-student"
+KEY = "sk-test-router"
+MESSAGES = [{"role": "user", "content": "Classify: the parcel arrived broken."}]
+MAX_TOKENS = 6
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a loopback port chosen by the OS; stop it on exit."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # we hold the socket, so no other process can take the port
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            thread.join(0.05)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_llama_dir):
+    from pipeline.router.backends import StudentBackend
+
+    return StudentBackend(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def base_url(backend):
+    from pipeline.router.app import ServeSettings, create_app
+
+    with running(create_app(ServeSettings(max_tokens=8), {MODEL: backend}, Policy())) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def auth_url(backend):
+    from pydantic import SecretStr
+
+    from pipeline.router.app import ServeSettings, create_app
+
+    settings = ServeSettings(api_key=SecretStr(KEY), max_tokens=8)
+    with running(create_app(settings, {MODEL: backend}, Policy(threshold=0.0))) as url:
+        yield url
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_chat_completion_shape_and_usage(base_url, tiny_llama_dir):
+    from pipeline.models import load_tokenizer
+
+    raw = client(base_url).chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
+    reply = raw.parse()
+    assert raw.headers["x-distill-route"] == "student"  # Policy() never escalates
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == MODEL
+    (choice,) = reply.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    expected = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert reply.usage.prompt_tokens == len(expected) > 0
+    assert 0 < reply.usage.completion_tokens <= MAX_TOKENS
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_answer_equals_direct_greedy_generation(base_url, tiny_llama_dir):
+    from pipeline.models import device_plan, generate_batch, load_model, load_tokenizer
+
+    reply = client(base_url).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_completion_tokens=MAX_TOKENS)
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    (direct,) = generate_batch(load_model(str(tiny_llama_dir), device_plan()), tokenizer, [MESSAGES], MAX_TOKENS)
+    assert reply.choices[0].message.content == direct.text
+    assert reply.usage.completion_tokens == direct.tokens
+    assert reply.choices[0].finish_reason == ("stop" if direct.stopped else "length")
+
+
+def test_unknown_model_is_404_not_a_fallback(base_url):
+    with pytest.raises(openai.NotFoundError) as err:
+        client(base_url).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=MAX_TOKENS)
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    assert MODEL in err.value.message
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"stream": True}, "stream"), ({"n": 2}, "n"),
+                                              ({"max_tokens": 9}, "max_tokens")])
+def test_unsupported_options_are_400(base_url, extra, param):
+    kwargs = {"max_tokens": MAX_TOKENS, **extra}
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base_url).chat.completions.create(model=MODEL, messages=MESSAGES, **kwargs)
+    assert err.value.type == "invalid_request_error" and err.value.param == param
+
+
+def test_malformed_request_is_400_in_openai_envelope(base_url):
+    bad = [{"role": "wizard", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base_url).chat.completions.create(model=MODEL, messages=bad, max_tokens=MAX_TOKENS)
+    assert err.value.param == "messages.0.role"
+
+
+def test_unknown_fields_are_accepted_and_logged(base_url, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.router")
+    reply = client(base_url).chat.completions.create(
+        model=MODEL, messages=[{**MESSAGES[0], "name": "alice"}], max_tokens=2, seed=7, temperature=0.7,
+        extra_body={"frobnicate": {"level": 3}})
+    assert reply.choices[0].message.role == "assistant"
+    ignored = [r.getMessage() for r in caplog.records if "ignoring unsupported" in r.getMessage()]
+    assert ignored == ["ignoring unsupported request fields: frobnicate, messages[].name, seed"]
+
+
+def test_models_list_and_health(base_url):
+    import httpx
+
+    models = client(base_url).models.list()
+    assert [m.id for m in models.data] == [MODEL] and models.data[0].object == "model"
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok", "models": [MODEL]}
+
+
+def test_bearer_auth(auth_url):
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(auth_url, key="sk-wrong").models.list()
+    assert err.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(auth_url, key="sk-wrong").chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    raw = client(auth_url, key=KEY).chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert raw.parse().choices[0].message.role == "assistant"
+    # A random model is far from confident: mean log-prob < 0 = threshold, so the policy escalates.
+    assert raw.headers["x-distill-route"] == "escalate"
+
+
+def test_policy_threshold():
+    confident, unsure = Generation("a", 1, -0.2, True), Generation("b", 1, -2.5, True)
+    assert Policy(None).decide(unsure).route == "student"
+    assert Policy(-1.0).decide(confident).route == "student"
+    decision = Policy(-1.0).decide(unsure)
+    assert decision.route == "escalate" and "-2.500 < threshold -1.000" in decision.reason
+    assert Policy(-2.5).decide(unsure).route == "student"  # the threshold itself is good enough
+
+
+def test_serve_without_export_says_what_to_run(tmp_path):
+    from pipeline.router.app import serve
+
+    with pytest.raises(DistillError, match="make export"):
+        serve(tmp_path)
+
+
+def test_api_key_env_must_be_set(monkeypatch):
+    from pipeline.router.app import ServeSettings
+
+    monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
+    with pytest.raises(DistillError, match="DISTILL_TEST_KEY"):
+        ServeSettings.from_env("DISTILL_TEST_KEY")
+    monkeypatch.setenv("DISTILL_TEST_KEY", KEY)
+    settings = ServeSettings.from_env("DISTILL_TEST_KEY")
+    assert settings.api_key.get_secret_value() == KEY and KEY not in repr(settings)
