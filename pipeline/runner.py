@@ -93,7 +93,7 @@ def run_stage(stage: ModuleType, recipe: Recipe, layout: RunLayout, tracker: Tra
     partial = _prepare_partial(layout.partial_dir(stage.NAME), fingerprint, stage.NAME in RESUMABLE)
     log.info("%s: running", stage.NAME)
     start = time.perf_counter()
-    with tracker.run(stage.NAME, nested=True):
+    with tracker.run(stage.NAME, nested=True, system_metrics=getattr(stage, "SYSTEM_METRICS", False)):
         manifest = stage.run(recipe, inputs, partial, tracker)
         manifest.fingerprint = fingerprint
         manifest.inputs = input_hashes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,16 +21,31 @@ class WorkedExample(BaseModel):
 class Task(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    kind: Literal["classification", "generation"] = "classification"
+    kind: Literal["classification", "generation", "extraction"] = "classification"
     description: str = ""
     instructions: str = Field(description="System prompt given to the teacher.")
     labels: list[str] = Field(default_factory=list, description="Label set (classification).")
     examples: list[WorkedExample] = Field(default_factory=list)
+    output_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema every answer must satisfy (extraction); checked by curate."
+    )
+    answer_regex: str | None = Field(
+        None, description="Regex every (whole) answer must match; checked by curate."
+    )
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> Task:
         if self.kind == "classification" and len(self.labels) < 2:
             raise ValueError("a classification task needs at least two labels")
+        if self.kind == "extraction" and self.output_schema is None:
+            raise ValueError("an extraction task needs an output_schema (JSON Schema)")
+        if self.output_schema is not None:
+            _check_schema(self.output_schema)
+        if self.answer_regex is not None:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as err:
+                raise ValueError(f"answer_regex is not a valid regex ({err})") from None
         unknown = [e.label for e in self.examples if self.labels and e.label not in self.labels]
         if unknown:
             raise ValueError(f"examples use labels not in the label set: {sorted(set(unknown))}")
@@ -49,6 +64,17 @@ class Task(BaseModel):
         folded = _fold(answer)
         by_fold = {_fold(label): label for label in self.labels}
         return by_fold.get(folded)
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    """Fail at load time on a malformed schema rather than rejecting every answer later."""
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as err:
+        raise ValueError(f"output_schema is not a valid JSON Schema ({err.message})") from None
 
 
 def _fold(text: str) -> str:

@@ -58,8 +58,9 @@ class Tracker:
         self.experiment = experiment
 
     @contextmanager
-    def run(self, name: str, nested: bool = False) -> Iterator[str]:
-        with self._mlflow.start_run(run_name=name, nested=nested) as active:
+    def run(self, name: str, nested: bool = False, system_metrics: bool = False) -> Iterator[str]:
+        """A (nested) MLflow run; system_metrics samples CPU/GPU/memory use while it is open."""
+        with self._mlflow.start_run(run_name=name, nested=nested, log_system_metrics=system_metrics) as active:
             yield active.info.run_id
 
     def params(self, params: dict[str, Any]) -> None:

@@ -86,3 +86,13 @@ def test_schema_has_descriptions_for_fields():
     train = schema["$defs"]["TrainConfig"]["properties"]
     assert train["lr"]["description"] and train["max_seq_len"]["description"]
     assert Recipe.model_fields["name"].description
+
+
+def test_generated_reference_and_schema_are_up_to_date():
+    """recipes/REFERENCE.md and schema.json come from the models; `make schema` regenerates them."""
+    import json
+
+    from pipeline.config import recipe_reference
+
+    assert recipe_reference() in (ROOT / "recipes" / "REFERENCE.md").read_text(), "run `make schema`"
+    assert json.loads((ROOT / "recipes" / "schema.json").read_text()) == recipe_schema(), "run `make schema`"

@@ -1,16 +1,23 @@
 """Finetune: LoRA / QLoRA the student on the curated dataset with TRL's SFTTrainer.
 
     distill finetune RECIPE         (make finetune RECIPE=smollm2-135m-cpu)
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m pipeline finetune RECIPE   (multi-GPU)
 
-Loss is on the completion (assistant answer) only: examples are fed as conversational
-prompt/completion pairs, so no chat-template generation markers are needed. Checkpoints
-go to `checkpoints/` every train.save_steps; an interrupted run resumes from the last one.
+Loss is on the completion only. Each curated row becomes a conversational prompt/completion
+pair that we tokenize here with the chat template (`tokenize_prompt_completion`): the
+prompt is rendered exactly as at inference (add_generation_prompt=True), the completion is
+what the template appends, cut after the end-of-turn token (the tokenizer's EOS), so the
+labels are the answer tokens plus EOS and nothing else. TRL turns `completion_mask` into
+labels. On CUDA the VRAM planner checks the recipe fits before anything is loaded. After
+training, the EOS check makes sure the student stops by itself. Checkpoints go to
+`checkpoints/` every train.save_steps; an interrupted run resumes from the last one.
 Writes `adapter/` (PEFT adapter + tokenizer) and `train_log.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +30,9 @@ from pipeline.models import DevicePlan
 NAME = "finetune"
 SECTIONS = ("model", "train")
 UPSTREAM = ("curate",)
+SYSTEM_METRICS = True  # the runner may ask the tracker to sample CPU/GPU/memory during this stage
+
+log = logging.getLogger(__name__)
 
 
 def file_inputs(recipe: Recipe) -> dict[str, Path]:
@@ -30,16 +40,19 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
+    from accelerate import PartialState
     from datasets import load_from_disk
     from trl import SFTTrainer
 
     from pipeline.models import device_plan, load_model, load_tokenizer
 
     cfg = recipe.train
+    state = PartialState()  # one process normally; one per GPU under `accelerate launch`
     plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
+    planned = check_vram(recipe, plan) if plan.device == "cuda" else None
     dataset = load_from_disk(str(inputs["curate"] / "dataset"), keep_in_memory=True)
-    train = to_prompt_completion(dataset["train"])
-    tokenizer = load_tokenizer(recipe.model.base, recipe.model.chat_template)
+    tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
+    train = tokenize_dataset(to_prompt_completion(dataset["train"]), tokenizer, cfg.max_seq_len)
     model = load_model(recipe.model.base, plan, cfg.quant)
     if plan.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -53,19 +66,28 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg.lora),
-        callbacks=[_metrics_callback(tracker, log_rows)],
+        callbacks=[_metrics_callback(tracker, log_rows, state.is_main_process)],
     )
-    tracker.params({"train": cfg.model_dump(mode="json"), "base": recipe.model.base, "device": plan.reason})
+    if state.is_main_process:
+        tracker.params({"model": recipe.model.model_dump(mode="json"), "train": cfg.model_dump(mode="json"),
+                        "device": plan.reason, "world_size": state.num_processes})
     trainable, total = _count_params(trainer.model)
+    _reset_peak_memory(plan)
+    resume = _last_checkpoint(out / "checkpoints")
+    tokens_before = _tokens_at(resume)  # read now: checkpoint rotation may delete it during training
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
+    result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
 
-    trainer.model.save_pretrained(out / "adapter")
+    trainer.save_model(str(out / "adapter"))  # every rank calls it: FSDP/ZeRO gather here; rank 0 writes
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return Manifest(stage=NAME, notes=[f"rank {state.process_index}: artifacts written by rank 0"])
+
+    (out / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle of our args; not part of the product
     tokenizer.save_pretrained(out / "adapter")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter is the product
     write_jsonl(out / "train_log.jsonl", log_rows)
-    tokens = _real_tokens(trainer.train_dataset) * result.metrics.get("epoch", cfg.epochs)
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
     metrics = {
         "train_loss": result.training_loss,
         "first_loss": log_rows[0]["loss"] if log_rows else None,
@@ -74,11 +96,21 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         "tokens_per_s": tokens / wall if wall else 0.0,
         "trainable_params": trainable,
         "total_params": total,
+        "peak_memory_gib": _peak_memory_gib(plan),
+        "vram_estimate_gib": planned,
     }
     _check_loss(metrics)
     tracker.metrics(metrics)
     tracker.artifact(out / "adapter", "adapter")
-    return Manifest(stage=NAME, counts={"train_examples": len(train), "steps": result.global_step}, metrics=metrics)
+
+    stops = eos_check(trainer.model, tokenizer, dataset["validation"], cfg, out / "adapter")
+    tracker.metrics({"eos_stop_rate": stops})
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter is the product
+    counts = {"train_examples": len(train), "steps": result.global_step, "tokens": trainer.state.num_input_tokens_seen}
+    return Manifest(stage=NAME, counts=counts, metrics={**metrics, "eos_stop_rate": stops})
+
+
+# ---------------------------------------------------------------- data
 
 
 def to_prompt_completion(split):
@@ -91,7 +123,61 @@ def to_prompt_completion(split):
             "completion": [{"role": "assistant", "content": ex["completion"]}],
         },
         remove_columns=split.column_names,
+        keep_in_memory=True,
     )
+
+
+def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[dict], max_len: int) -> dict:
+    """One conversational pair -> input_ids + completion_mask (1 on the answer and its EOS).
+
+    The prompt is tokenized exactly as generation will see it; the completion is what the
+    template appends for the assistant turn, cut right after the tokenizer's EOS so the
+    template's trailing text (ChatML's newline after <|im_end|>) is neither trained nor fed.
+    """
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise DistillError(
+            "finetune: the chat template renders the prompt differently once the answer is appended, so training "
+            "would not see what inference sees; fix or replace it (model.chat_template, see recipes/templates/)"
+        )
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if ids[: len(prompt_ids)] == prompt_ids:
+        answer = ids[len(prompt_ids):]
+    else:
+        # Tokens merged across the boundary (e.g. GPT-2 style pre-tokenizers split "\n\nword"
+        # differently from a trailing "\n\n"). Inference sees prompt_ids and then generates, so
+        # train on exactly that: the prompt's own tokens, then the answer tokenized on its own.
+        answer = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos not in answer:
+        raise DistillError(
+            f"finetune: the chat template does not end the assistant turn with the EOS token {tokenizer.eos_token!r}, "
+            "so the student would never learn to stop; set model.chat_template to a template that does"
+        )
+    answer = answer[: answer.index(eos) + 1]
+    input_ids = (prompt_ids + answer)[:max_len]
+    return {"input_ids": input_ids, "completion_mask": ([0] * len(prompt_ids) + [1] * len(answer))[:max_len]}
+
+
+def tokenize_dataset(pairs, tokenizer, max_len: int):
+    """Tokenize every pair; drop those whose prompt alone fills max_len (no answer token left to learn)."""
+    tokenized = pairs.map(
+        lambda ex: tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"], max_len),
+        remove_columns=pairs.column_names,
+        keep_in_memory=True,
+    )
+    kept = tokenized.filter(lambda ex: 1 in ex["completion_mask"], keep_in_memory=True)
+    if len(kept) < len(tokenized):
+        log.warning("finetune: %d examples dropped: prompt longer than train.max_seq_len=%d",
+                    len(tokenized) - len(kept), max_len)
+    if not len(kept):
+        raise DistillError(f"finetune: no training example fits train.max_seq_len={max_len}")
+    return kept
+
+
+# ---------------------------------------------------------------- builders (our config -> library objects)
 
 
 def build_lora_config(lora: LoraConfig):
@@ -121,10 +207,12 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
         optim=cfg.optim,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=cfg.max_seq_len,
+        # Our tokenizer already cut to max_seq_len; TRL refuses max_length with padding-free unpacked batches.
+        max_length=cfg.max_seq_len if cfg.packing or not cfg.padding_free else None,
         packing=cfg.packing,
         padding_free=cfg.padding_free,
         completion_only_loss=True,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         bf16=plan.dtype_name == "bfloat16",
         fp16=plan.dtype_name == "float16",
         use_cpu=plan.device == "cpu",
@@ -132,6 +220,7 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
         save_steps=cfg.save_steps,
         save_total_limit=2,
         logging_steps=cfg.logging_steps,
+        include_num_input_tokens_seen="non_padding",
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -140,17 +229,89 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
     )
 
 
-def _metrics_callback(tracker, rows: list[dict]):
+# ---------------------------------------------------------------- checks
+
+
+def check_vram(recipe: Recipe, plan: DevicePlan) -> float:
+    """Plan peak memory for this GPU before loading; refuse (or warn) when it won't fit."""
+    import torch
+
+    from pipeline.models import local_rank, resolve_model
+    from pipeline.planner import check_fits, estimate, format_estimate, load_architecture
+
+    props = torch.cuda.get_device_properties(local_rank())
+    total = props.total_memory / 1024**3
+    base = recipe.model.base
+    local = resolve_model(base) if base.startswith("embedded:") else base
+    arch = load_architecture(local, recipe.model.architecture)
+    if recipe.train.vram_check == "fail":
+        est = check_fits(arch, recipe.train, props.name, total, plan.dtype_name)
+    else:
+        est = estimate(arch, recipe.train, plan.dtype_name)
+        if est.total > total:
+            log.warning("finetune: estimated peak %s exceeds %s (%.1f GiB); training anyway (train.vram_check=warn)",
+                        format_estimate(est), props.name, total)
+    log.info("VRAM plan on %s (%.1f GiB): %s", props.name, total, format_estimate(est))
+    return est.total
+
+
+def eos_check(model, tokenizer, validation, cfg: TrainConfig, adapter: Path) -> float:
+    """Greedy answers to a few validation prompts must end with EOS within the expected length.
+
+    Expected length: twice the longest reference answer (with its EOS) plus 8 tokens. A student
+    that runs on is the classic symptom of EOS masked out of the labels or a template that
+    never closes the turn; catching it here beats finding it behind the router."""
+    from pipeline.models import generate_batch
+
+    if cfg.eos_check == "off" or not len(validation):
+        return float("nan")
+    rows = validation.select(range(min(cfg.eos_check_prompts, len(validation))))
+    longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+    limit = 2 * longest + 8
+    model.eval()
+    gens = generate_batch(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], limit)
+    stopped = [g for g in gens if g.stopped]
+    rate = len(stopped) / len(gens)
+    if rate < 1.0:
+        runaway = next(g for g in gens if not g.stopped)
+        msg = (f"finetune: EOS check failed: the tuned student ended {len(stopped)} of {len(gens)} validation answers "
+               f"with EOS {tokenizer.eos_token!r} within {limit} tokens (e.g. {runaway.text[:60]!r}...). It would never "
+               f"stop by itself: check the chat template ends the assistant turn with EOS, train longer, or set "
+               f"train.eos_check=warn. The adapter is in {adapter}.")
+        if cfg.eos_check == "fail":
+            raise DistillError(msg)
+        log.warning(msg)
+    return rate
+
+
+def _check_loss(metrics: dict) -> None:
+    loss = metrics["train_loss"]
+    if loss != loss or loss in (float("inf"), float("-inf")):
+        raise DistillError(f"finetune: training loss is not finite ({json.dumps(loss)}); lower train.lr")
+
+
+# ---------------------------------------------------------------- tracking helpers
+
+
+def _metrics_callback(tracker, rows: list[dict], main: bool):
     from transformers import TrainerCallback
 
     class TrackerCallback(TrainerCallback):
-        """Send the trainer's loss / lr logs to our tracker and keep them for train_log.jsonl."""
+        """Send loss / lr / tokens-per-second to our tracker and keep them for train_log.jsonl."""
+
+        def __init__(self):
+            self.last = (time.perf_counter(), None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            if self.last[1] is not None and now > self.last[0]:
+                numeric["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
+            self.last = (now, tokens)
             if "loss" in numeric:
                 rows.append({"step": state.global_step, **numeric})
-            tracker.metrics(numeric, step=state.global_step)
+            if main:
+                tracker.metrics(numeric, step=state.global_step)
 
     return TrackerCallback()
 
@@ -161,17 +322,31 @@ def _last_checkpoint(folder: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def _tokens_at(checkpoint: str | None) -> int:
+    """Tokens already seen when training resumes from `checkpoint` (they are not this run's work)."""
+    if checkpoint is None:
+        return 0
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+
+
 def _count_params(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _real_tokens(dataset) -> int:
-    """Non-padding tokens per epoch (what tokens/s should count)."""
-    return sum(len(ids) for ids in dataset["input_ids"])
+def _reset_peak_memory(plan: DevicePlan) -> None:
+    if plan.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
 
 
-def _check_loss(metrics: dict) -> None:
-    loss = metrics["train_loss"]
-    if loss != loss or loss in (float("inf"), float("-inf")):
-        raise DistillError(f"finetune: training loss is not finite ({json.dumps(loss)}); lower train.lr")
+def _peak_memory_gib(plan: DevicePlan) -> float:
+    """CUDA: peak allocated by torch (what the planner estimates). CPU: the process's peak RSS."""
+    if plan.device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB

@@ -1,7 +1,8 @@
-"""SQLite cache of teacher answers keyed by (provider, model, messages, params).
+"""SQLite cache of teacher answers keyed by (provider, model, messages, params, sample).
 
-Every answer is committed as soon as it arrives, so a crash or Ctrl-C loses nothing and a
-rerun pays for nothing it already has.
+Every answer is committed as soon as it arrives (remote teachers: per call; local: per
+batch), so a crash, Ctrl-C or SIGKILL loses nothing and a rerun pays for nothing it already
+has. It is the durable log of a capture: teacher.jsonl is rebuilt from it in prompt order.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from pipeline.artifacts import sha256_json
 from pipeline.teachers import Completion
 
 
-def cache_key(identity: dict, messages: list[dict]) -> str:
-    return sha256_json({"teacher": identity, "messages": messages})
+def cache_key(identity: dict, messages: list[dict], sample: int = 0) -> str:
+    """Sample 0 keeps the original key, so answers cached before `teacher.n` existed still hit."""
+    if sample == 0:
+        return sha256_json({"teacher": identity, "messages": messages})
+    return sha256_json({"teacher": identity, "messages": messages, "sample": sample})
 
 
 class TeacherCache:
@@ -36,6 +40,18 @@ class TeacherCache:
                 f"SELECT key, completion FROM answers WHERE key IN ({','.join('?' * len(chunk))})", chunk
             )
             found.update({k: Completion(**json.loads(v)) for k, v in rows})
+        return found
+
+    def costs(self, keys: list[str]) -> dict[str, float]:
+        """key -> what that cached answer cost, for the keys present (without loading the answers)."""
+        found: dict[str, float] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = self._db.execute(
+                f"SELECT key, json_extract(completion, '$.cost_usd') FROM answers WHERE key IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update({k: float(cost or 0.0) for k, cost in rows})
         return found
 
     def put_many(self, items: dict[str, Completion]) -> None:

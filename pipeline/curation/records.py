@@ -1,0 +1,121 @@
+"""The example record that flows through curation, and step 1: normalise.
+
+An example is a plain dict (it ends up in `datasets.Dataset.from_list`):
+`id, prompt, completion, label, gold, teacher, teacher_logprob, confidence` plus working
+fields: `samples` (one per teacher answer to this prompt), `finish_reason`, `sample`,
+`gold_agrees`, token counts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import CurateConfig
+from pipeline.task import Task
+
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One example a step dropped (or changed), with why."""
+
+    reason: str
+    id: str
+    prompt: str
+    answer: str
+    detail: str = ""
+
+
+def removal(ex: dict, reason: str, detail: str = "") -> Removal:
+    return Removal(reason, ex["id"], ex["prompt"], ex["completion"], detail)
+
+
+def normalize_text(text: str) -> str:
+    """NFKC (full-width forms, ligatures, odd spaces) and collapsed whitespace."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def mean_logprob(value: Any) -> float | None:
+    """The teacher's mean token log-probability, whatever shape the capture recorded it in:
+    a number, a list of numbers, or a list of {"logprob": x} entries (OpenAI style)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, list) and value:
+        numbers = [v.get("logprob") if isinstance(v, dict) else v for v in value]
+        numbers = [float(v) for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return sum(numbers) / len(numbers) if numbers else None
+    return None
+
+
+def _last(messages: list[dict], role: str) -> str:
+    """Content of the last message with this role ('' when there is none)."""
+    for message in reversed(messages or []):
+        if isinstance(message, dict) and message.get("role") == role:
+            content = message.get("content")
+            return content if isinstance(content, str) else ""
+    return ""
+
+
+def to_example(record: dict, task: Task) -> dict:
+    """A capture record -> a working example with one sample (normalised text)."""
+    meta = record.get("meta") or {}
+    prompt = normalize_text(_last(record.get("messages", []), "user"))
+    answer = normalize_text(_last(record.get("messages", []), "assistant"))
+    label = task.normalize_label(answer) if task.kind == "classification" and answer else None
+    gold = meta.get("gold")
+    gold = "" if gold is None else str(gold)
+    logprob = mean_logprob(meta.get("logprobs"))
+    sample = {"id": str(record.get("id", "")), "completion": answer, "label": label, "logprob": logprob,
+              "finish_reason": meta.get("finish_reason") or "stop"}
+    return {
+        "id": str(record.get("id", "")),
+        "prompt": prompt,
+        "completion": answer,
+        "label": label or "",
+        "gold": gold,
+        "teacher": str(meta.get("teacher") or ""),
+        "teacher_logprob": logprob,
+        "confidence": 1.0,
+        "finish_reason": sample["finish_reason"],
+        "error": meta.get("error"),
+        "sample": meta.get("sample"),
+        "gold_agrees": bool(gold) and (label or answer) == gold,
+        "samples": [sample],
+    }
+
+
+def step_normalise(records: list[dict], task: Task, cfg: CurateConfig) -> tuple[list[dict], list[Removal]]:
+    """Step 1: normalise text; drop failed calls, empty sides, refusals, cut-off answers."""
+    refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
+    kept, removed = [], []
+    for record in records:
+        ex = to_example(record, task)
+        reason, detail = _normalise_verdict(ex, refusals, cfg.drop_truncated)
+        if reason:
+            removed.append(removal(ex, reason, detail))
+        else:
+            kept.append(ex)
+    return kept, removed
+
+
+def _normalise_verdict(ex: dict, refusals: list[re.Pattern], drop_truncated: bool) -> tuple[str, str]:
+    if ex["error"]:
+        return "failed_call", str(ex["error"])[:120]
+    if not ex["prompt"]:
+        return "empty_prompt", ""
+    if not ex["completion"]:
+        return "empty_answer", ""
+    hit = next((p for p in refusals if p.search(ex["completion"])), None)
+    if hit:
+        return "refusal", f"matched /{hit.pattern}/"
+    # A cut-off answer that already is a whole label lost nothing; anything else is incomplete.
+    if drop_truncated and ex["finish_reason"] == "length" and not ex["label"]:
+        return "truncated", "finish_reason=length"
+    return "", ""

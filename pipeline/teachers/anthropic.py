@@ -1,0 +1,115 @@
+"""`anthropic:<model>`: Anthropic's Messages API through the official SDK.
+
+    distill capture RECIPE teacher.spec=anthropic:claude-3-5-haiku-latest
+
+The Messages API takes the system prompt as its own parameter, not as a turn, so it is split
+off here. No logprobs (the API has none). The SDK's retries are off: dispatch.py retries.
+`teacher.base_url` is the API root without /v1 (the SDK adds /v1/messages).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pipeline.teachers import Completion, TeacherCallError, public_url, scrub
+from pipeline.teachers.openai_compat import status_error
+
+STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+
+
+class AnthropicTeacher:
+    def __init__(self, model: str, cfg, api_key: str):
+        self.spec = f"anthropic:{model}"
+        self.provider = "anthropic"
+        self.model = model
+        self.base_url = cfg.base_url
+        self.max_new_tokens = cfg.max_new_tokens
+        self.temperature = cfg.temperature
+        self.timeout_s = cfg.timeout_s
+        self._api_key = api_key  # kept off identity(), repr and every message
+        self._client = None
+
+    def __repr__(self) -> str:
+        return f"AnthropicTeacher({self.spec!r}, base_url={public_url(self.base_url)!r})"
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "provider": "anthropic",
+            "model": self.model,
+            "base_url": public_url(self.base_url),
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+        }
+
+    def _get_client(self):
+        if self._client is None:
+            from anthropic import AsyncAnthropic
+
+            self._client = AsyncAnthropic(
+                api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def complete(self, messages: list[dict]) -> Completion:
+        """One Messages call; raises TeacherCallError (maybe retryable) or TeacherAuthError."""
+        import anthropic
+
+        system, turns = split_system(messages)
+        start = time.perf_counter()
+        try:
+            response = await self._get_client().messages.create(
+                model=self.model,
+                max_tokens=self.max_new_tokens,
+                messages=turns,
+                **({"system": system} if system else {}),
+                # Recent SDKs no longer list `temperature` as a parameter, while the API's default
+                # is 1.0: sent in the body so temperature=0 still means greedy.
+                extra_body={"temperature": self.temperature},
+            )
+        except anthropic.AnthropicError as err:
+            raise self._translate(err) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TeacherCallError(f"unreadable response: {type(err).__name__}", retryable=True) from None
+        return self._to_completion(response, int((time.perf_counter() - start) * 1000))
+
+    async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
+        """Unthrottled, unretried convenience; capture goes through dispatch.py instead."""
+        import asyncio
+
+        return list(await asyncio.gather(*(self.complete(c) for c in conversations)))
+
+    def _to_completion(self, response, latency_ms: int) -> Completion:
+        text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
+        usage = response.usage
+        return Completion(
+            text=text.strip(),
+            usage={"prompt_tokens": usage.input_tokens or 0, "completion_tokens": usage.output_tokens or 0},
+            latency_ms=latency_ms,
+            finish_reason=STOP_REASONS.get(response.stop_reason or "", response.stop_reason or "stop"),
+        )
+
+    def _translate(self, err) -> Exception:
+        import anthropic
+
+        if isinstance(err, anthropic.APITimeoutError):
+            return TeacherCallError("timed out", retryable=True)
+        if isinstance(err, anthropic.APIConnectionError):
+            return TeacherCallError(f"connection failed: {type(err.__cause__).__name__}", retryable=True)
+        if isinstance(err, anthropic.APIStatusError):
+            return status_error(err.status_code, err.response.headers, scrub(str(err.message), self._api_key), self.spec)
+        if isinstance(err, anthropic.APIResponseValidationError):
+            return TeacherCallError("response did not match the Messages shape", retryable=True)
+        return TeacherCallError(scrub(f"{type(err).__name__}: {err}", self._api_key))
+
+
+def split_system(messages: list[dict]) -> tuple[str, list[dict]]:
+    """System turns become the `system` parameter; the rest stay in order."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    return system, [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]

@@ -1,0 +1,194 @@
+"""Drive a remote teacher's calls: concurrency, rate limits, retries, the budget.
+
+Used by the capture stage (`distill capture RECIPE`) for openai:/anthropic: teachers.
+
+- Concurrency: at most `teacher.concurrency` calls in flight (a semaphore).
+- Rate limits: `teacher.rpm` requests and `teacher.tpm` tokens per minute (aiolimiter's
+  leaky buckets; tokens are the prompt estimate plus max_new_tokens, as providers count them).
+- Retries: tenacity, on retryable TeacherCallErrors only (429, 5xx, timeouts, unreadable
+  bodies), full-jitter exponential backoff, the server's Retry-After honoured when it gives one.
+- Budget: a call is sent only once the Ledger could reserve its worst-case cost; when it
+  cannot, in-flight calls are awaited (they may cost less than reserved) before giving up.
+- Auth errors (TeacherAuthError) are never retried and cancel everything at once.
+
+Each answer is handed to `on_answer` the moment it arrives, so the caller can commit it to
+the cache before anything else can go wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity.wait import wait_base
+
+from pipeline.teachers import Completion, TeacherAuthError, TeacherCallError
+from pipeline.teachers.ledger import Ledger, prompt_tokens_estimate
+
+log = logging.getLogger(__name__)
+
+WINDOWS = 10  # rate limits are enforced over 6-second windows (a tenth of the per-minute limit)
+
+
+@dataclass
+class Job:
+    key: str
+    messages: list[dict]
+
+
+@dataclass
+class Limits:
+    concurrency: int
+    max_new_tokens: int
+    rpm: int | None = None
+    tpm: int | None = None
+    max_retries: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, cfg) -> Limits:
+        return cls(
+            concurrency=cfg.concurrency, max_new_tokens=cfg.max_new_tokens, rpm=cfg.rpm, tpm=cfg.tpm,
+            max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s, backoff_max_s=cfg.backoff_max_s,
+        )
+
+
+@dataclass
+class DispatchReport:
+    ok: int = 0
+    failed: int = 0
+    attempts: int = 0
+    not_sent: int = 0  # left unsent because the budget ran out
+    budget_stop: bool = False
+    failures: dict[str, Completion] = field(default_factory=dict)
+
+    @property
+    def sent(self) -> int:
+        return self.ok + self.failed
+
+
+class wait_retry_after(wait_base):
+    """The server's Retry-After when the error carries one (capped), else the fallback wait."""
+
+    def __init__(self, fallback: wait_base, cap: float):
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        after = getattr(exc, "retry_after", None)
+        if after is not None:
+            return min(after, self.cap)
+        return self.fallback(retry_state)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, TeacherCallError) and exc.retryable
+
+
+class Dispatcher:
+    def __init__(self, teacher, limits: Limits, ledger: Ledger, on_answer: Callable[[Job, Completion], None]):
+        self.teacher = teacher
+        self.limits = limits
+        self.ledger = ledger
+        self.on_answer = on_answer
+        self.report = DispatchReport()
+        self._in_flight = 0
+        self._settled = asyncio.Event()
+        # Buckets hold a tenth of the minute's allowance: a full minute's burst at start is
+        # what per-second enforcement on the provider's side rejects.
+        self._rpm = AsyncLimiter(limits.rpm / WINDOWS, 60 / WINDOWS) if limits.rpm else None
+        self._tpm = AsyncLimiter(limits.tpm / WINDOWS, 60 / WINDOWS) if limits.tpm else None
+
+    async def run(self, jobs: list[Job]) -> DispatchReport:
+        """Send every job (or as many as the budget allows); return the counts."""
+        slots = asyncio.Semaphore(self.limits.concurrency)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i, job in enumerate(jobs):
+                    await slots.acquire()
+                    reserved = self.ledger.max_call_cost(job.messages, self.limits.max_new_tokens)
+                    if not await self._reserve(reserved):
+                        slots.release()
+                        self.report.budget_stop, self.report.not_sent = True, len(jobs) - i
+                        break
+                    await self._throttle(job)
+                    self._in_flight += 1
+                    task = group.create_task(self._one(job, reserved, slots))
+                    if i == 0:
+                        # The first call goes alone: a bad key, model or URL then costs one
+                        # request, not `concurrency` of them.
+                        await asyncio.wait([task])
+        except ExceptionGroup as group_error:
+            # Callers handle plain exceptions; the group is an asyncio detail. An auth error
+            # is the cause of the others (they were cancelled because of it), so it wins.
+            auth = [e for e in group_error.exceptions if isinstance(e, TeacherAuthError)]
+            if auth:
+                raise auth[0] from None
+            if len(group_error.exceptions) == 1:
+                raise group_error.exceptions[0] from None
+            raise
+        return self.report
+
+    async def _reserve(self, amount: float) -> bool:
+        while not self.ledger.reserve(amount):
+            if self._in_flight == 0:
+                return False
+            # No await between clear() and wait(): a settle cannot slip in and be missed.
+            self._settled.clear()
+            await self._settled.wait()
+        return True
+
+    async def _throttle(self, job: Job) -> None:
+        if self._rpm:
+            await self._rpm.acquire(1)
+        if self._tpm:
+            tokens = prompt_tokens_estimate(job.messages) + self.limits.max_new_tokens
+            # aiolimiter refuses an amount above its bucket; such a call waits for a full bucket.
+            await self._tpm.acquire(min(tokens, self._tpm.max_rate))
+
+    async def _one(self, job: Job, reserved: float, slots: asyncio.Semaphore) -> None:
+        try:
+            completion = await self._call_with_retries(job.messages)
+            usage: dict | None = completion.usage
+        except TeacherCallError as err:
+            completion = Completion(text="", error=str(err), finish_reason="error")
+            usage = None  # a failed call is not billed
+        finally:
+            slots.release()
+            self._in_flight -= 1
+        completion.cost_usd = self.ledger.settle(reserved, usage)
+        self._settled.set()
+        if completion.error is None:
+            self.report.ok += 1
+        else:
+            self.report.failed += 1
+            self.report.failures[job.key] = completion
+        self.on_answer(job, completion)
+
+    async def _call_with_retries(self, messages: list[dict]) -> Completion:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.limits.max_retries + 1),
+            wait=wait_retry_after(
+                wait_random_exponential(multiplier=self.limits.backoff_initial_s, max=self.limits.backoff_max_s),
+                cap=self.limits.backoff_max_s,
+            ),
+            retry=retry_if_exception(_retryable),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        return await retrying(self._attempt, messages)
+
+    async def _attempt(self, messages: list[dict]) -> Completion:
+        self.report.attempts += 1
+        return await self.teacher.complete(messages)
+
+
+def _log_retry(retry_state) -> None:
+    exc = retry_state.outcome.exception()
+    log.debug("teacher call attempt %d failed (%s); retrying", retry_state.attempt_number, exc)

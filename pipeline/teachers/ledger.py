@@ -1,0 +1,135 @@
+"""Prices, per-call cost and the budget.
+
+    distill capture RECIPE teacher.budget_usd=5
+
+Prices come from prices.yaml beside this file, or the recipe's `teacher.price`. The budget
+is enforced by reservation: before a call is sent, its worst-case cost (every prompt byte a
+token, every allowed output token used) is reserved; if that would cross the budget, the
+call is not sent. After the call the reservation is swapped for the real cost from usage.
+So the total can never exceed the budget, whatever the concurrency.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from pipeline.errors import DistillError
+
+# Chat templates add a few tokens per turn (role markers, separators); 8 covers the common ones.
+TOKENS_PER_MESSAGE = 8
+_SNAPSHOT = re.compile(r"-(\d{4}-?\d{2}-?\d{2}|latest)$")
+
+
+@dataclass(frozen=True)
+class Price:
+    input_per_mtok: float
+    output_per_mtok: float
+    source: str  # "prices.yaml" or "recipe": said in the manifest so a stale price is traceable
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+def load_price_table() -> dict[str, dict[str, dict[str, float]]]:
+    text = resources.files("pipeline.teachers").joinpath("prices.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def lookup_price(provider: str, model: str, table: dict) -> Price | None:
+    """Exact name, else the name without a date/-latest suffix (gpt-4o-2024-08-06 -> gpt-4o)."""
+    models = table.get(provider) or {}
+    for name in (model, _SNAPSHOT.sub("", model)):
+        if name in models:
+            entry = models[name]
+            return Price(float(entry["input"]), float(entry["output"]), "prices.yaml")
+    return None
+
+
+def resolve_price(provider: str, model: str, cfg) -> Price | None:
+    """The recipe's price, else the table's; None only when the recipe allows an unpriced teacher."""
+    if cfg.price is not None:
+        return Price(cfg.price.input_per_mtok, cfg.price.output_per_mtok, "recipe")
+    price = lookup_price(provider, model, load_price_table())
+    if price is not None:
+        return price
+    if cfg.budget_usd is not None:
+        raise DistillError(
+            f"teacher.budget_usd needs a price for {provider}:{model}, which is not in pipeline/teachers/prices.yaml; "
+            "set teacher.price.input_per_mtok and teacher.price.output_per_mtok"
+        )
+    if not cfg.allow_unpriced:
+        raise DistillError(
+            f"no price known for {provider}:{model}; set teacher.price.input_per_mtok and "
+            "teacher.price.output_per_mtok, or teacher.allow_unpriced=true to record usage at $0"
+        )
+    return None
+
+
+def prompt_tokens_upper_bound(messages: list[dict]) -> int:
+    """No byte-level tokenizer makes more tokens than bytes, so this bound is safe for any model."""
+    return sum(len(m["content"].encode("utf-8")) + TOKENS_PER_MESSAGE for m in messages)
+
+
+def prompt_tokens_estimate(messages: list[dict]) -> int:
+    """~4 characters a token in English: what rate limits are counted against (as providers do)."""
+    return sum(len(m["content"]) // 4 + TOKENS_PER_MESSAGE for m in messages)
+
+
+class Ledger:
+    """Running spend of one capture, against an optional budget covering the whole prompt set.
+
+    `prior_usd` is what the cached answers for this prompt set cost when they were bought, so
+    rerunning with the same budget buys nothing more and a higher budget resumes."""
+
+    def __init__(self, price: Price | None, budget_usd: float | None, prior_usd: float = 0.0):
+        self.price = price
+        self.budget_usd = budget_usd
+        self.prior_usd = prior_usd
+        self.spent_usd = 0.0
+        self.reserved_usd = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    @property
+    def total_usd(self) -> float:
+        return self.prior_usd + self.spent_usd
+
+    def max_call_cost(self, messages: list[dict], max_new_tokens: int) -> float:
+        if self.price is None:
+            return 0.0
+        return self.price.cost(prompt_tokens_upper_bound(messages), max_new_tokens)
+
+    def reserve(self, amount: float) -> bool:
+        """Hold `amount` for a call about to be sent; False when it could cross the budget."""
+        if self.budget_usd is not None and self.total_usd + self.reserved_usd + amount > self.budget_usd:
+            return False
+        self.reserved_usd += amount
+        return True
+
+    def settle(self, reserved: float, usage: dict[str, int] | None) -> float:
+        """Release a reservation and charge the call's real cost. A successful call without
+        usage is charged its reservation: we cannot know it cost less."""
+        self.reserved_usd -= reserved
+        if usage is None:
+            return 0.0
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        cost = self.price.cost(prompt, completion) if self.price else 0.0
+        if not usage:
+            cost = reserved
+        self.spent_usd += cost
+        return cost
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "cost_usd_run": round(self.spent_usd, 6),
+            "cost_usd_prompt_set": round(self.total_usd, 6),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
