@@ -24,8 +24,12 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
     evaluate = result.manifest("evaluate")
     if capture:
         c = capture.counts
-        table.add_row("prompts captured", f"{c['prompts']} ({c['teacher_calls']} teacher calls, {c['cache_hits']} cached)")
-        table.add_row("teacher cost (this run)", f"${capture.cost_usd:.4f}")
+        if result.skipped("capture"):  # nothing was asked or paid in this invocation
+            table.add_row("prompts captured", f"{c['prompts']} (stage unchanged: 0 teacher calls this run)")
+            table.add_row("teacher cost (this run)", "$0.0000")
+        else:
+            table.add_row("prompts captured", f"{c['prompts']} ({c['teacher_calls']} teacher calls, {c['cache_hits']} cached)")
+            table.add_row("teacher cost (this run)", f"${capture.cost_usd:.4f}")
     if curate:
         table.add_row("examples kept", f"{curate.counts['kept']} (train {curate.counts['train']} / "
                       f"val {curate.counts['validation']} / test {curate.counts['test']})")

@@ -54,6 +54,9 @@ class PipelineResult:
     def manifest(self, stage: str) -> Manifest | None:
         return next((o.manifest for o in self.outcomes if o.name == stage), None)
 
+    def skipped(self, stage: str) -> bool:
+        return any(o.skipped for o in self.outcomes if o.name == stage)
+
 
 def stages_until(until: str | None) -> tuple[ModuleType, ...]:
     if until is None:

@@ -143,7 +143,8 @@ def test_second_run_skips_every_stage_and_calls_no_teacher(pipeline_run, capsys)
     before = {s: read_manifest(run / s).created_at for s in STAGES}
     assert main(["run", str(recipe), "--runs-dir", str(run.parent)]) == 0
     assert {s: read_manifest(run / s).created_at for s in STAGES} == before
-    assert "skipped (unchanged)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped (unchanged)" in out and "0 teacher calls this run" in out
 
 
 def test_changed_config_reruns_only_the_stages_it_affects(pipeline_run):
