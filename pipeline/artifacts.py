@@ -150,13 +150,12 @@ def write_manifest(stage_dir: Path, manifest: Manifest) -> None:
     atomic_write_text(stage_dir / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a broken line is an error naming the file and line."""
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record); a broken line is an error naming the file and line."""
     from pipeline.errors import DistillError
 
     if not Path(path).is_file():
         raise DistillError(f"{path}: file not found")
-    records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -167,5 +166,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise DistillError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise DistillError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+            yield lineno, record
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [record for _, record in iter_jsonl(path)]

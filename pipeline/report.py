@@ -25,7 +25,7 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
     if capture:
         c = capture.counts
         if result.skipped("capture"):  # nothing was asked or paid in this invocation
-            table.add_row("prompts captured", f"{c['prompts']} (stage unchanged: 0 teacher calls this run)")
+            table.add_row("prompts captured", f"{c['prompts']} (0 teacher calls: unchanged)")
             table.add_row("teacher cost (this run)", "$0.0000")
         else:
             table.add_row("prompts captured", f"{c['prompts']} ({c['teacher_calls']} teacher calls, {c['cache_hits']} cached)")
@@ -43,6 +43,6 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
     for outcome in result.outcomes:
         took = "skipped (unchanged)" if outcome.skipped else f"{outcome.wall_s:.1f}s"
         table.add_row(f"time: {outcome.name}", took)
-    table.add_row("artifacts", str(result.run_dir))
     console.print(table)
+    console.print(f"artifacts: {result.run_dir}", soft_wrap=True)  # outside the table: long paths would wrap it
     console.print("next: [bold]make mlflow-ui[/bold] to browse the runs, [bold]make serve[/bold] to serve the student")

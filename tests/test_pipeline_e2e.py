@@ -144,7 +144,7 @@ def test_second_run_skips_every_stage_and_calls_no_teacher(pipeline_run, capsys)
     assert main(["run", str(recipe), "--runs-dir", str(run.parent)]) == 0
     assert {s: read_manifest(run / s).created_at for s in STAGES} == before
     out = capsys.readouterr().out
-    assert "skipped (unchanged)" in out and "0 teacher calls this run" in out
+    assert "skipped (unchanged)" in out and "(0 teacher calls: unchanged)" in out
 
 
 def test_changed_config_reruns_only_the_stages_it_affects(pipeline_run):

@@ -7,10 +7,10 @@ from (`file:line` for JSONL and CSV, `file row N` otherwise) so an error can poi
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.artifacts import iter_jsonl
 from pipeline.errors import DistillError
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet", ".json")
@@ -38,17 +38,8 @@ def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[str, d
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DistillError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DistillError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield f"{path}:{lineno}", record
+    for lineno, record in iter_jsonl(path):
+        yield f"{path}:{lineno}", record
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
