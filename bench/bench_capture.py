@@ -18,55 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ALIAS = "smollm2-135m-instruct"
+sys.path.insert(0, str(ROOT / "tests"))  # the loopback servers (llama.cpp launcher, fault server) live with the tests
+from capture_helpers import LLAMA_ALIAS as ALIAS  # noqa: E402
+from capture_helpers import llama_server  # noqa: E402
+from fault_server import FaultServer  # noqa: E402
+
 LEVELS = (1, 2, 4, 8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def llama_server(log_path: Path):
-    from pipeline.models import embedded_gguf
-
-    port = free_port()
-    # One thread: on a shared 2-core machine llama.cpp's worker threads spin at barriers
-    # while a neighbour holds the other core, and prompt evaluation swings 10x.
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf(ALIAS)), "--model_alias", ALIAS,
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-           "--n_threads", "1", "--n_threads_batch", "1"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"llama.cpp server did not start; see {log_path}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.3)
-        yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def capture(work: Path, name: str, teacher: dict, prompts: Path, limit: int) -> dict:
@@ -110,8 +74,6 @@ def bench_concurrency(work: Path, prompts: int) -> dict:
 
 
 def bench_cached_rerun(work: Path, n: int = 1000) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))  # the loopback fault server lives with the tests
-    from fault_server import FaultServer
 
     prompts = work / "cached_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"message number {i}"}) + "\n" for i in range(n)))
