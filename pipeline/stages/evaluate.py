@@ -83,7 +83,8 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, desc: str):
 
 def _agrees(task: Task, answer: str, reference: str) -> bool:
     if task.kind == "classification":
-        return task.normalize_label(answer) is not None and task.normalize_label(answer) == task.normalize_label(reference)
+        label = task.normalize_label(answer)
+        return label is not None and label == task.normalize_label(reference)
     return answer.strip() == reference.strip()
 
 

@@ -14,7 +14,6 @@ concurrency, rate limits, retries and the budget.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import os
@@ -169,7 +168,3 @@ def parse_retry_after(headers) -> float | None:
         except (TypeError, ValueError):
             return None
         return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
-
-
-def run_sync(coro):
-    return asyncio.run(coro)
