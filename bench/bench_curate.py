@@ -23,11 +23,6 @@ EXTRAS = ["Thanks.", "Please help.", "This is urgent.", "I ordered last week.", 
           "I have been waiting for days.", "Can you check?", "Regards."]
 
 
-class NullTracker:
-    def metrics(self, metrics, step=None) -> None: ...
-    def artifact(self, path, subdir=None) -> None: ...
-
-
 def vary(prompt: str, rng: random.Random) -> str:
     """A variant: drop or swap a word, or add a sentence, so some are near-duplicates and some are not."""
     words = prompt.split()
@@ -78,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from pipeline.config import Recipe
-    from pipeline.models import load_tokenizer
+    from pipeline.llm.loading import load_tokenizer
     from pipeline.stages import curate
+    from pipeline.tracking import NullTracker
 
     recipe = Recipe(name="bench", curate={"target_size": args.target, "embeddings": "tfidf", "min_examples": 20})
     load_tokenizer(recipe.model.base)  # resolve/convert the embedded model outside the timed region

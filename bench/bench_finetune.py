@@ -72,7 +72,7 @@ def run_ours(rows, base: str, train, out: Path) -> dict:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from pipeline.models import device_plan, load_model, load_tokenizer
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.stages.finetune import build_lora_config, build_sft_config, to_prompt_completion, tokenize_dataset
 
     plan = device_plan()
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.config import load_recipe
-    from pipeline.models import resolve_model
+    from pipeline.llm.loading import resolve_model
 
     recipe = load_recipe(args.recipe, root=ROOT)
     base = resolve_model(recipe.model.base)

@@ -21,6 +21,17 @@ from pydantic import BaseModel, Field
 
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.txt"
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+# Artifact names: the contract between the stage that writes one and whatever reads it.
+# Stages never import each other, so the names live here, grouped by the writing stage.
+SPLITS = ("train", "validation", "test")
+CAPTURE_RECORDS = "teacher.jsonl"  # capture
+CURATED_DATASET = "dataset"  # curate: datasets.DatasetDict with SPLITS
+FINETUNE_ADAPTER = "adapter"  # finetune: PEFT adapter + tokenizer
+EVAL_REPORT = "report.json"  # evaluate
+EVAL_POLICY = "router_policy.json"  # evaluate: the router's Policy (pipeline.router.policy)
+EXPORT_MERGED = "merged"  # export: plain transformers folder
 
 
 class Manifest(BaseModel):
@@ -144,6 +155,20 @@ def read_manifest(stage_dir: Path) -> Manifest | None:
     if not path.is_file():
         return None
     return Manifest.model_validate_json(path.read_text())
+
+
+def completed_stage(run_dir: Path, stage: str, artifact: str) -> Path:
+    """`artifact` of a finished stage, found through its manifest: a folder without one is
+    incomplete and refused, and so is an artifact its manifest does not list."""
+    from pipeline.errors import DistillError
+
+    folder = Path(run_dir) / stage
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise DistillError(f"{folder}: no {MANIFEST}, so {stage} has not completed there; run `distill {stage}` first")
+    if not any(name == artifact or name.startswith(f"{artifact}/") for name in manifest.outputs):
+        raise DistillError(f"{folder / MANIFEST}: lists no '{artifact}'; rerun `distill {stage} --force`")
+    return folder / artifact
 
 
 def write_manifest(stage_dir: Path, manifest: Manifest) -> None:

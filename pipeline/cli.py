@@ -56,7 +56,7 @@ for _name, _doc in [
     ("curate", "Clean, dedupe and split the teacher's answers (runs capture first if needed)."),
     ("finetune", "LoRA/QLoRA the student (runs earlier stages first if needed)."),
     ("evaluate", "Compare base and tuned student with the teacher; choose the router threshold."),
-    ("export", "Merge the adapter into the base and verify the merged model."),
+    ("export", "Write each export.formats artifact (merged weights) and verify it."),
 ]:
     _stage_command(_name, _doc)
 
@@ -111,18 +111,26 @@ def serve(
     overrides: Optional[list[str]] = OverridesArg,
     runs_dir: Path = RunsOpt,
     model_dir: Optional[Path] = typer.Option(None, help="Serve this model folder instead of the recipe's export."),
-    api_key_env: Optional[str] = typer.Option(None, help="Env var holding the bearer key clients must send."),
+    policy_file: Optional[Path] = typer.Option(None, "--policy", help="Router policy JSON (default: the run's evaluate)."),
 ):
-    """Serve the exported student behind an OpenAI-compatible API on 127.0.0.1."""
+    """Serve the exported student behind an OpenAI-compatible API (serve.host:serve.port, 127.0.0.1 by default)."""
+    from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
     from pipeline.router.app import serve as serve_app
+    from pipeline.router.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
     run_dir = runs_dir / cfg.name
-    policy = run_dir / "evaluate" / "router_policy.json"  # the threshold evaluate chose, when there is one
-    threshold = json.loads(policy.read_text())["threshold"] if policy.is_file() else None
-    serve_app(model_dir or run_dir / "export" / "merged", host=cfg.router.host, port=cfg.router.port,
-              api_key_env=api_key_env, threshold=threshold)
+    if policy_file is not None:
+        policy = Policy.load(policy_file)
+    elif model_dir is not None and not (run_dir / "evaluate" / EVAL_POLICY).is_file():
+        logging.getLogger(__name__).warning("no evaluated policy for %s: serving student-only, nothing escalates",
+                                            model_dir)
+        policy = Policy.student_only(cfg.router.signal)
+    else:
+        policy = Policy.load(completed_stage(run_dir, "evaluate", EVAL_POLICY))
+    model_dir = model_dir or completed_stage(run_dir, "export", EXPORT_MERGED)
+    serve_app(model_dir, policy, cfg.serve)
 
 
 def _configure_logging() -> None:

@@ -292,11 +292,28 @@ class ExportConfig(Section):
 
 
 class RouterConfig(Section):
+    """What evaluation turns into the routing policy; fingerprinted by evaluate."""
+
     quality_target: float = Field(
         0.9, gt=0, le=1, description="Agreement with the teacher the router must keep on answered requests."
     )
+    signal: Literal["mean_logprob"] = Field(
+        "mean_logprob",
+        description="Confidence signal the threshold is set on (pipeline/router/policy.py SIGNALS): "
+        "mean_logprob = average log-probability of the answer's tokens.",
+    )
+
+
+class ServeConfig(Section):
+    """How `distill serve` listens; no stage reads it, so changing it re-runs nothing."""
+
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, description="Port.")
+    model_name: str = Field("distill-student", description="Model name clients send (`model` in the request).")
+    max_tokens: int = Field(256, ge=1, description="Default and ceiling for completion tokens per request.")
+    api_key_env: str | None = Field(
+        None, description="Env var holding the bearer key clients must send; none: no auth (loopback only)."
+    )
 
 
 class TrackingConfig(Section):
@@ -317,6 +334,7 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -405,6 +423,27 @@ def _nearest_key(loc: tuple) -> str | None:
         model = ann
     match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
     return ".".join([*map(str, loc[:-1]), match[0]]) if match else None
+
+
+def field_values(recipe: Recipe, paths: tuple[str, ...]) -> dict[str, Any]:
+    """The values at dotted paths (`train`, `model.base`), JSON-ready: what a stage fingerprints."""
+    values = {}
+    for path in paths:
+        node: Any = recipe
+        for part in path.split("."):
+            if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+                raise DistillError(f"stage reads unknown recipe field '{path}'")
+            node = getattr(node, part)
+        values[path] = node.model_dump(mode="json") if isinstance(node, BaseModel) else _jsonable(node)
+    return values
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def recipe_schema() -> dict[str, Any]:

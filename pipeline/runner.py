@@ -1,8 +1,10 @@
 """Chain the stages: skip what is unchanged, resume what was interrupted, track it all.
 
-A stage's fingerprint hashes its config sections and its inputs (files by content,
-upstream stages by their manifest's output hashes). A stage whose last manifest has the
-same fingerprint is skipped, which is how a killed `make distill` resumes.
+A stage's fingerprint hashes the recipe fields it reads (`Stage.READS`) and its inputs
+(files by content, upstream stages by their manifest's output hashes). A stage whose last
+manifest has the same fingerprint is skipped, which is how a killed `make distill` resumes.
+Each finished stage folder holds `resolved_config.yaml` (the whole recipe it ran with) and
+`manifest.json`, written last.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+
+import yaml
 
 from pipeline.artifacts import (
     FINGERPRINT,
+    RESOLVED_CONFIG,
     Manifest,
     RunLayout,
     atomic_write_text,
@@ -26,16 +30,15 @@ from pipeline.artifacts import (
     sha256_json,
     write_manifest,
 )
-from pipeline.config import Recipe
+from pipeline.config import Recipe, field_values
 from pipeline.errors import DistillError
-from pipeline.stages import capture, curate, evaluate, export, finetune
-from pipeline.tracking import Tracker, resolve_uri
+from pipeline.stages import Stage, capture, curate, evaluate, export, finetune
+from pipeline.tracking import Tracker, TrackerProtocol, redact_tree, resolve_uri
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[ModuleType, ...] = (capture, curate, finetune, evaluate, export)
+STAGES: tuple[Stage, ...] = (capture, curate, finetune, evaluate, export)
 STAGE_NAMES = tuple(s.NAME for s in STAGES)
-RESUMABLE = {"finetune"}  # keeps its partial folder (checkpoints) across an interruption
 
 
 @dataclass
@@ -58,7 +61,7 @@ class PipelineResult:
         return any(o.skipped for o in self.outcomes if o.name == stage)
 
 
-def stages_until(until: str | None) -> tuple[ModuleType, ...]:
+def stages_until(until: str | None) -> tuple[Stage, ...]:
     if until is None:
         return STAGES
     if until not in STAGE_NAMES:
@@ -80,25 +83,27 @@ def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Pat
     return result
 
 
-def run_stage(stage: ModuleType, recipe: Recipe, layout: RunLayout, tracker: Tracker, force: bool = False) -> StageOutcome:
+def fingerprint(stage: Stage, recipe: Recipe, input_hashes: dict[str, str]) -> str:
+    return sha256_json({"stage": stage.NAME, "config": field_values(recipe, stage.READS), "inputs": input_hashes})
+
+
+def run_stage(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerProtocol,
+              force: bool = False) -> StageOutcome:
     inputs, input_hashes = _resolve_inputs(stage, recipe, layout)
-    fingerprint = sha256_json({
-        "stage": stage.NAME,
-        "config": {s: getattr(recipe, s).model_dump(mode="json") for s in stage.SECTIONS},
-        "inputs": input_hashes,
-    })
+    fingerprint_ = fingerprint(stage, recipe, input_hashes)
     final = layout.stage_dir(stage.NAME)
     previous = read_manifest(final)
-    if previous and previous.fingerprint == fingerprint and not force:
+    if previous and previous.fingerprint == fingerprint_ and not force:
         log.info("%s: unchanged since %s, skipped", stage.NAME, previous.created_at)
         return StageOutcome(stage.NAME, previous, skipped=True, wall_s=0.0)
 
-    partial = _prepare_partial(layout.partial_dir(stage.NAME), fingerprint, stage.NAME in RESUMABLE)
+    partial = _prepare_partial(layout.partial_dir(stage.NAME), fingerprint_, stage.RESUMABLE)
     log.info("%s: running", stage.NAME)
     start = time.perf_counter()
-    with tracker.run(stage.NAME, nested=True, system_metrics=getattr(stage, "SYSTEM_METRICS", False)):
+    with tracker.run(stage.NAME, nested=True, system_metrics=stage.SYSTEM_METRICS):
         manifest = stage.run(recipe, inputs, partial, tracker)
-        manifest.fingerprint = fingerprint
+        write_resolved_config(partial, recipe)
+        manifest.fingerprint = fingerprint_
         manifest.inputs = input_hashes
         manifest.wall_s = time.perf_counter() - start
         manifest.outputs = hash_outputs(partial)
@@ -108,7 +113,13 @@ def run_stage(stage: ModuleType, recipe: Recipe, layout: RunLayout, tracker: Tra
     return StageOutcome(stage.NAME, manifest, skipped=False, wall_s=manifest.wall_s)
 
 
-def _resolve_inputs(stage: ModuleType, recipe: Recipe, layout: RunLayout) -> tuple[dict[str, Path], dict[str, str]]:
+def write_resolved_config(folder: Path, recipe: Recipe) -> None:
+    """The whole recipe the stage ran with (secrets masked), like litgpt's saved hyperparameters."""
+    atomic_write_text(folder / RESOLVED_CONFIG,
+                      yaml.safe_dump(redact_tree(recipe.model_dump(mode="json")), sort_keys=False))
+
+
+def _resolve_inputs(stage: Stage, recipe: Recipe, layout: RunLayout) -> tuple[dict[str, Path], dict[str, str]]:
     inputs: dict[str, Path] = {}
     hashes: dict[str, str] = {}
     for name, path in stage.file_inputs(recipe).items():

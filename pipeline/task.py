@@ -57,7 +57,18 @@ class Task(BaseModel):
         if few_shot:
             for ex in self.examples:
                 messages += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.label}]
-        return messages + [{"role": "user", "content": prompt}]
+        return messages + self.student_messages(prompt)
+
+    @staticmethod
+    def student_messages(prompt: str) -> list[dict[str, str]]:
+        """What the student sees: the user's message alone. It is trained, evaluated, exported
+        and served on exactly this, so this is the one place the student's prompt is built."""
+        return [{"role": "user", "content": prompt}]
+
+    @staticmethod
+    def student_example(prompt: str, answer: str) -> list[dict[str, str]]:
+        """One training conversation: the student's turn exactly as it is served, then the answer."""
+        return Task.student_messages(prompt) + [{"role": "assistant", "content": answer}]
 
     def normalize_label(self, answer: str) -> str | None:
         """Map a free-text answer to a label: exact after case/punctuation folding, else None."""

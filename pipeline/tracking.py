@@ -10,12 +10,13 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
+# A key naming a secret. "token" only as the last word (hf_token, access_token): max_new_tokens is no secret.
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|authorization|(?:^|[._-])(?:access_|auth_|hf_)?token$)", re.I)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|sk-ant-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{8,})")
 
 
@@ -28,6 +29,19 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = _SECRET_VALUE.sub("***", str(value))
     return out
+
+
+def redact_tree(obj: Any, key: str = "") -> Any:
+    """`redact` for a nested structure that keeps its shape and types (for YAML/JSON artifacts)."""
+    if isinstance(obj, dict):
+        return {k: redact_tree(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_tree(v, key) for v in obj]
+    if key and _SECRET_KEY.search(key) and not key.endswith("_env") and obj is not None:
+        return "***"
+    if isinstance(obj, str):
+        return _SECRET_VALUE.sub("***", obj)
+    return obj
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -43,12 +57,60 @@ def resolve_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+@runtime_checkable
+class TrackerProtocol(Protocol):
+    """What a stage may do with its tracker: the MLflow `Tracker`, or `NullTracker` in tests and benches."""
+
+    def run(self, name: str, nested: bool = False, system_metrics: bool = False): ...
+
+    def params(self, params: dict[str, Any]) -> None: ...
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """Sends nothing anywhere; keeps what it was given in memory, so a test can read it back.
+
+    Params go through the same `redact` + `flatten` as MLflow's, so a secret a stage hands
+    its tracker shows up here exactly as it would in MLflow."""
+
+    def __init__(self) -> None:
+        self.logged_params: dict[str, Any] = {}
+        self.logged_metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.artifacts: list[tuple[Path, str | None]] = []
+
+    @contextmanager
+    def run(self, name: str, nested: bool = False, system_metrics: bool = False) -> Iterator[str]:
+        yield name
+
+    def params(self, params: dict[str, Any]) -> None:
+        self.logged_params.update(redact(flatten(params)))
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged_metrics.append((step, {k: float(v) for k, v in metrics.items() if v is not None}))
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        self.artifacts.append((Path(path), subdir))
+
+    def last_metrics(self) -> dict[str, float]:
+        """Every metric's latest value, whatever step it was logged at."""
+        merged: dict[str, float] = {}
+        for _, values in self.logged_metrics:
+            merged.update(values)
+        return merged
+
+
 class Tracker:
     """Thin, explicit MLflow facade; built by the runner, never at import."""
 
     def __init__(self, uri: str, experiment: str):
         import mlflow
 
+        # mlflow sets its own logger to INFO when first imported, which prints database
+        # migrations on the console (and before our one-line errors); keep it to warnings.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self._mlflow = mlflow
         self.uri = uri
         mlflow.set_tracking_uri(uri)
@@ -78,9 +140,6 @@ class Tracker:
             self._mlflow.log_artifacts(str(path), artifact_path=subdir)
         else:
             self._mlflow.log_artifact(str(path), artifact_path=subdir)
-
-    def tags(self, tags: dict[str, str]) -> None:
-        self._mlflow.set_tags(redact(tags))
 
 
 def _artifact_root(uri: str) -> str | None:

@@ -63,7 +63,7 @@ def free_port() -> int:
 @contextmanager
 def llama_server(log_path: Path, timeout_s: float = 180) -> Iterator[str]:
     """llama.cpp's real OpenAI-compatible server on 127.0.0.1 serving the embedded GGUF; yields its base URL."""
-    from pipeline.models import embedded_gguf
+    from pipeline.llm.loading import embedded_gguf
 
     port = free_port()
     # One thread: on a shared 2-core machine llama.cpp's worker threads spin at barriers

@@ -17,7 +17,7 @@ EMBEDDED = "embedded:smollm2-135m-instruct"
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2 converted to safetensors (cached across sessions in DISTILL_CACHE)."""
-    from pipeline.models import resolve_model
+    from pipeline.llm.loading import resolve_model
 
     return Path(resolve_model(EMBEDDED))
 

@@ -1,12 +1,17 @@
-"""Capture against a fault-injecting loopback server: retries, budget, auth, failures, logs: import.
+"""Capture against a fault-injecting loopback server: retries, budget, auth, failures, logs: import;
+and the teacher service, registry and protocol that capture, the judge and the router share.
 
     .venv/bin/pytest tests/test_capture.py -q
 
-Everything goes through the real CLI (`distill capture RECIPE --force`), the real runner and a
-real MLflow store; the only stand-in is the HTTP server on the other end (tests/fault_server.py).
+Capture goes through the real CLI (`distill capture RECIPE --force`), the real runner and a
+real MLflow store; the service through its public API. The only stand-in is the HTTP server
+on the other end (tests/fault_server.py).
 """
 
+import ast
+import asyncio
 import csv
+import inspect
 import json
 import sqlite3
 from pathlib import Path
@@ -16,13 +21,16 @@ import yaml
 from capture_helpers import TASK, fast_retries, read_records, write_prompts, write_recipe
 from fault_server import FAULTS, FaultServer, answer_for
 
+import pipeline.stages.capture as capture_stage
+import pipeline.teachers.anthropic as anthropic_teacher
 from pipeline.artifacts import read_manifest
 from pipeline.cli import main
-from pipeline.config import CaptureConfig, Recipe
+from pipeline.config import CaptureConfig, Recipe, TeacherConfig
 from pipeline.errors import DistillError
 from pipeline.stages.capture import load_prompts
-from pipeline.teachers import build_teacher
+from pipeline.teachers import PROVIDERS, TEACHERS, Teacher, TeacherAuthError, build_teacher
 from pipeline.teachers.ledger import load_price_table, lookup_price
+from pipeline.teachers.service import NOT_SENT, TeacherService
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +327,169 @@ def test_logs_with_no_usable_record_fail(tmp_path, tracking_uri, capsys):
     recipe = write_recipe(tmp_path, {"spec": f"logs:{log}"}, tracking_uri=tracking_uri)
     assert run_capture(recipe, tmp_path / "runs") == 1
     assert f"{log}:1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the teacher service
+
+
+def service_cfg(base_url: str, **extra) -> TeacherConfig:
+    return TeacherConfig(**{**fast_retries(base_url), "max_new_tokens": 4, **extra})
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_service_answers_from_cache_without_asking_the_teacher_again(tmp_path):
+    with FaultServer() as server:
+        # concurrency=1 makes later calls queue for the slot, which ties asyncio primitives to
+        # an event loop: the second answer_sync (a new loop) must not trip over the first's.
+        cfg = service_cfg(server.base_url, concurrency=1)
+        service = TeacherService.from_config(cfg, tmp_path / "cache.sqlite")
+        first = service.answer_sync([user("a"), user("b"), user("a"), user("c")])
+        more = service.answer_sync([user("d"), user("e"), user("f")])
+        service.close()
+        assert server.total == 6, "a prompt asked twice in one batch was paid twice"
+        assert [c.text for c in first + more] == [answer_for(p) for p in "abacdef"]
+        assert service.report.calls == 6 and service.report.cache_hits == 0
+
+        again = TeacherService.from_config(cfg, tmp_path / "cache.sqlite")
+        second = again.answer_sync([user("c"), user("a"), user("f")])
+        again.close()
+        assert server.total == 6, "a cached answer was bought again"
+    assert [(c.text, c.cost_usd) for c in second] == [(c.text, c.cost_usd) for c in (first[3], first[0], more[2])]
+    report = again.report
+    assert (report.asked, report.cache_hits, report.calls, report.spent_usd) == (3, 3, 0, 0.0)
+    assert report.total_usd == pytest.approx(sum(c.cost_usd for c in second)), "cached answers count in the budget"
+
+
+def test_concurrent_answer_calls_pay_once_per_distinct_prompt():
+    async def ask(service: TeacherService) -> list[list]:
+        try:
+            return await asyncio.gather(service.answer([user("x"), user("y")]), service.answer([user("y"), user("z")]),
+                                        *(service.answer([user("x")]) for _ in range(5)))
+        finally:
+            await service.aclose()
+
+    # Slow answers: every call is still in flight when the other callers ask for the same prompt.
+    with FaultServer(latency_s=0.3) as server:
+        service = TeacherService.from_config(service_cfg(server.base_url), ":memory:")
+        results = asyncio.run(ask(service))
+    assert dict(server.requests) == {"x": 1, "y": 1, "z": 1}
+    assert [[c.text for c in r] for r in results[:2]] == [[answer_for("x"), answer_for("y")],
+                                                          [answer_for("y"), answer_for("z")]]
+    assert all(r[0].text == answer_for("x") and r[0].error is None for r in results[2:])
+    report = service.report
+    assert (report.asked, report.calls, report.joined, report.cache_hits) == (9, 3, 6, 0)
+    assert report.spent_usd == pytest.approx(sum(c.cost_usd for c in [*results[0], results[1][1]]))
+
+
+def test_an_auth_error_reaches_every_caller_waiting_on_that_call():
+    async def ask(service: TeacherService) -> list:
+        try:
+            return await asyncio.gather(service.answer([user("x")]), service.answer([user("x")]),
+                                        return_exceptions=True)
+        finally:
+            await service.aclose()
+
+    with FaultServer(status=401) as server:
+        service = TeacherService.from_config(service_cfg(server.base_url), ":memory:")
+        results = asyncio.run(ask(service))
+    assert server.total == 1
+    assert all(isinstance(r, TeacherAuthError) for r in results), results
+
+
+def test_a_caller_waiting_on_a_cancelled_call_asks_again_itself():
+    async def ask(service: TeacherService):
+        try:
+            buyer = asyncio.create_task(service.answer([user("x")]))
+            await asyncio.sleep(0.1)  # the buyer's call is in flight
+            waiter = asyncio.create_task(service.answer([user("x")]))
+            await asyncio.sleep(0.1)
+            buyer.cancel()  # a router client that hung up
+            return await waiter
+        finally:
+            await service.aclose()
+
+    with FaultServer(latency_s=0.5) as server:
+        service = TeacherService.from_config(service_cfg(server.base_url), ":memory:")
+        [answer] = asyncio.run(ask(service))
+    assert answer.text == answer_for("x") and answer.error is None
+    assert server.requests["x"] == 2
+
+
+def test_service_returns_unsent_prompts_as_errors_when_the_budget_runs_out():
+    with FaultServer() as server:
+        # One call reserves $1.7e-5 (9 prompt tokens at most, 4 out) and costs $7e-6: after
+        # it, a second reservation would cross $2e-5.
+        service = TeacherService.from_config(service_cfg(server.base_url, budget_usd=2e-5), ":memory:")
+        answers = service.answer_sync([user("a"), user("b"), user("c")])
+        service.close()
+    assert server.total == 1
+    assert answers[0].error is None and [c.error for c in answers[1:]] == [NOT_SENT, NOT_SENT]
+    report = service.report
+    assert report.budget_stop and (report.ok, report.not_sent) == (1, 2)
+    assert report.spent_usd == pytest.approx(answers[0].cost_usd) and report.spent_usd <= 2e-5
+
+
+def test_local_teacher_service_generates_in_batches_then_answers_from_cache(tmp_path):
+    cfg = TeacherConfig(spec="local:embedded:smollm2-135m-instruct", max_new_tokens=3, batch_size=2)
+    conversations = [user(f"Say the word {word}.") for word in ("one", "two", "three")]
+    service = TeacherService.from_config(cfg, tmp_path / "cache.sqlite")
+    first = service.answer_sync(conversations)
+    service.close()
+    report = service.report
+    assert (report.calls, report.ok, report.retries, report.metered, report.spent_usd) == (3, 3, 0, False, 0.0)
+    assert all(c.error is None and c.source == cfg.spec and 1 <= c.completion_tokens <= 3 for c in first)
+
+    again = TeacherService.from_config(cfg, tmp_path / "cache.sqlite")
+    second = again.answer_sync(conversations)
+    again.close()
+    assert (again.report.cache_hits, again.report.calls) == (3, 0)
+    assert [c.text for c in second] == [c.text for c in first]
+
+
+# ---------------------------------------------------------------- registry and protocol
+
+
+@pytest.mark.parametrize("spec", ["local:embedded:smollm2-135m-instruct", "openai:gpt-4o-mini",
+                                  "anthropic:claude-3-5-haiku-latest"])
+def test_registry_builds_every_provider_with_the_whole_protocol(spec, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    provider = spec.partition(":")[0]
+    teacher = build_teacher(spec, TeacherConfig(), labels=["yes", "no"])
+    assert type(teacher) is TEACHERS[provider] and isinstance(teacher, Teacher)
+    assert teacher.spec == spec and teacher.identity()["provider"] == provider and teacher.notes == []
+    assert teacher.in_process is (provider == "local")
+    assert (teacher.price is None) is (provider == "local"), "a network teacher from prices.yaml has a price"
+    for name in ("complete", "complete_batch", "aclose"):
+        assert inspect.iscoroutinefunction(getattr(type(teacher), name)), name
+    asyncio.run(teacher.aclose())  # nothing was opened: closing is a no-op, not an error
+
+
+def test_registry_knows_every_provider_and_refuses_the_rest():
+    assert set(PROVIDERS) == {*TEACHERS, "logs"}
+    with pytest.raises(DistillError, match="imports answers"):
+        build_teacher("logs:chat.jsonl", TeacherConfig())
+    with pytest.raises(DistillError, match="known: local, openai, anthropic, logs"):
+        build_teacher("ollama:llama3", TeacherConfig())
+
+
+def imported_modules(module) -> set[str]:
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return names | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+
+def test_anthropic_teacher_imports_nothing_from_the_openai_provider():
+    assert not [name for name in imported_modules(anthropic_teacher) if "openai" in name]
+
+
+def test_capture_asks_through_the_service_without_provider_branches():
+    tree = ast.parse(Path(capture_stage.__file__).read_text())
+    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert "getattr" not in called and not strings & set(TEACHERS)
+    assert not [name for name in imported_modules(capture_stage)
+                if name.startswith("pipeline.teachers.") and name.rsplit(".", 1)[1] in ("cache", "dispatch", "ledger")]

@@ -60,3 +60,12 @@ def test_validate_accepts_shipped_recipe_with_overrides():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", "mistral7b", "train.epochs=1"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "mistral7b: ok" in proc.stdout
+
+
+def test_serve_refuses_a_stage_folder_without_a_manifest(tmp_path, capsys):
+    run = tmp_path / "runs" / "bad"
+    (run / "evaluate").mkdir(parents=True)
+    (run / "evaluate" / "router_policy.json").write_text('{"threshold": -1.0}')  # looks done, has no manifest
+    assert main(["serve", _recipe(tmp_path), "--runs-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {run / 'evaluate'}: no manifest.json, so evaluate has not completed there; run `distill evaluate` first"

@@ -2,8 +2,9 @@
 
 import pytest
 
-from pipeline.constrained import label_token_trie
-from pipeline.models import generate_batch, load_model, load_tokenizer, device_plan
+from pipeline.llm.constrained import label_token_trie
+from pipeline.llm.loading import load_model, load_tokenizer, device_plan
+from pipeline.llm.generate import generate_batch
 
 LABELS = ["track_order", "refund_status", "promo_code"]
 

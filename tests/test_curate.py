@@ -107,6 +107,17 @@ def test_length_filter_counts_student_tokens_and_drops_instead_of_truncating(tas
     assert kept[0]["prompt"] == "where is it"  # never truncated
 
 
+def test_sequence_length_renders_the_students_turn_from_the_task(task, tokenizer, monkeypatch):
+    plain = examples(task, rec("a", "where is it", "track_order"))
+    count_tokens(plain, tokenizer)
+    briefed = [{"role": "system", "content": "Answer briefly. " * 20}]
+    monkeypatch.setattr(Task, "student_messages", staticmethod(lambda prompt: briefed + [{"role": "user", "content": prompt}]))
+    longer = examples(task, rec("a", "where is it", "track_order"))
+    count_tokens(longer, tokenizer)
+    assert longer[0]["seq_tokens"] > plain[0]["seq_tokens"] + 20, "the full sequence follows Task.student_messages"
+    assert longer[0]["prompt_tokens"] == plain[0]["prompt_tokens"]
+
+
 # ---------------------------------------------------------------- 3. dedupe
 
 

@@ -6,11 +6,19 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from pipeline.artifacts import hash_outputs
 from pipeline.config import Recipe
+from pipeline.curation.card import removed_counts
 from pipeline.curation.dedup import NgramIndex
+from pipeline.curation.records import removal
+from pipeline.curation.steps import SPLIT, STEPS, TEST_DECONTAMINATION, CurateContext, CurateStep, StepResult
 from pipeline.errors import DistillError
+from pipeline.llm.loading import load_tokenizer
 from pipeline.stages import curate
+from pipeline.task import Task
+from pipeline.tracking import NullTracker
 
 LABELS = ["track_order", "return_item", "refund_status"]
 TASK_YAML = """\
@@ -20,18 +28,6 @@ instructions: Reply with one label.
 labels: [track_order, return_item, refund_status]
 """
 LEAK = "my parcel was due on tuesday and the tracking page has not moved since then"
-
-
-class RecordingTracker:
-    def __init__(self):
-        self.metrics_logged: dict = {}
-        self.artifacts: list[str] = []
-
-    def metrics(self, metrics, step=None):
-        self.metrics_logged.update(metrics)
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
 
 
 def record(i: int, prompt: str, answer: str, **meta) -> dict:
@@ -72,7 +68,7 @@ def setup(tmp_path, embedded_dir):
                         train={"max_seq_len": 256})
         out = tmp_path / name
         out.mkdir()
-        tracker = RecordingTracker()
+        tracker = NullTracker()
         inputs = {"task": task, "capture": capture}
         if recipe.curate.eval_file is not None:
             inputs["eval_file"] = recipe.curate.eval_file
@@ -107,7 +103,7 @@ def test_stage_writes_the_contract_and_a_card(setup):
                    "| openai:gpt-test | 80 | 0.1600 |", "normalise / refusal"):
         assert needle in card, needle
     assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert tracker.artifacts == ["card.md", "lengths.png"] and tracker.metrics_logged["kept"] == c["kept"]
+    assert [a.name for a, _ in tracker.artifacts] == ["card.md", "lengths.png"] and tracker.last_metrics()["kept"] == c["kept"]
 
 
 def test_planted_test_train_overlap_is_removed_from_test(setup):
@@ -144,3 +140,88 @@ def test_target_size_above_survivors_warns_but_too_few_for_min_examples_fails(se
     assert "**Warning:**" in (out / "card.md").read_text()
     with pytest.raises(DistillError, match=r"only \d+ of 80 teacher records survived .*min_examples=500.*refusal=1"):
         setup("fail", min_examples=500)
+
+
+# ---------------------------------------------------------------- the step registry
+
+
+def card_steps(card: str) -> list[str]:
+    """Step names in the card's steps table, in row order (checking the row numbers run 1..n)."""
+    section = card.split("## Steps\n")[1].split("\n## ")[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line[:3].strip("| ").isdigit()]
+    assert [int(r[0].strip("| ")) for r in rows] == list(range(1, len(rows) + 1))
+    return [r[1] for r in rows]
+
+
+OPTIONAL = ("pii scrub", "decontaminate (eval file)")
+
+
+def test_card_lists_the_registry_steps_in_registry_order(setup, tmp_path):
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"prompt": LEAK}) + "\n")
+    _, out, _ = setup(pii=True, eval_file=str(eval_file))
+    assert card_steps((out / "card.md").read_text()) == [s.name for s in STEPS] + [SPLIT, TEST_DECONTAMINATION]
+    assert set(OPTIONAL) <= {s.name for s in STEPS}
+
+
+def test_pii_and_eval_file_steps_are_skipped_when_off(setup):
+    manifest, out, _ = setup()
+    card = (out / "card.md").read_text()
+    assert card_steps(card) == [s.name for s in STEPS if s.name not in OPTIONAL] + [SPLIT, TEST_DECONTAMINATION]
+    assert "## PII replaced" not in card and not any(k.startswith("pii_") for k in manifest.counts)
+
+
+@pytest.fixture
+def ctx(embedded_dir) -> CurateContext:
+    recipe = Recipe(name="t", model={"base": str(embedded_dir)}, train={"max_seq_len": 256})
+    task = Task.model_validate(yaml.safe_load(TASK_YAML))
+    return CurateContext.from_recipe(recipe, task, load_tokenizer(recipe.model.base), None)
+
+
+def drop_refunds(examples: list[dict], ctx: CurateContext) -> StepResult:
+    """A step written against the common signature only."""
+    kept, removed = [], []
+    for ex in examples:
+        (removed if ex["prompt"].endswith("refund?") else kept).append(ex)
+    return StepResult(kept, [removal(ex, "no_refunds") for ex in removed])
+
+
+def test_a_step_with_the_common_signature_can_be_added_to_the_registry(ctx):
+    registry = STEPS[:2] + (CurateStep("no refunds", drop_refunds),) + STEPS[2:]
+    result = curate.curate_records(capture_records(), ctx, registry)
+    trail = {s.name: s for s in result.steps}
+    assert [s.name for s in result.steps][:4] == ["normalise", "length", "no refunds", "exact dedupe"]
+    assert trail["no refunds"].n_in - trail["no refunds"].n_out == removed_counts(result.steps)["no_refunds"] > 0
+    assert not any(ex["prompt"].endswith("refund?") for split in result.splits.values() for ex in split)
+    assert any(ex["prompt"].endswith("refund?") for split in curate.curate_records(
+        capture_records(), ctx).splits.values() for ex in split), "the default registry keeps them"
+
+
+def test_a_step_removed_from_the_registry_does_not_run(ctx):
+    full = curate.curate_records(capture_records(), ctx)
+    assert removed_counts(full.steps).get("near_duplicate", 0) > 0, "the fixture has near-duplicates"
+    registry = tuple(s for s in STEPS if s.name != "near-dup (MinHash)")
+    result = curate.curate_records(capture_records(), ctx, registry)
+    names = [s.name for s in result.steps]
+    assert "near-dup (MinHash)" not in names and "near_duplicate" not in removed_counts(result.steps)
+    after_exact = result.steps[names.index("exact dedupe") + 1]
+    assert after_exact.n_in == result.steps[names.index("exact dedupe")].n_out
+
+
+def test_optional_steps_decide_from_the_context(ctx):
+    enabled = {s.name: s.enabled for s in STEPS}
+    assert not enabled["pii scrub"](ctx) and not enabled["decontaminate (eval file)"](ctx)
+    on = CurateContext(ctx.task, ctx.cfg.model_copy(update={"pii": True}), ctx.max_seq_len, ctx.tokenizer, ("a b",))
+    assert enabled["pii scrub"](on) and enabled["decontaminate (eval file)"](on)
+    assert all(s.enabled(ctx) for s in STEPS if s.name not in OPTIONAL)
+
+
+def test_chat_records_take_the_students_turn_from_the_task(setup, monkeypatch):
+    def with_marker(prompt: str) -> list[dict]:
+        return [{"role": "user", "content": f"<<{prompt}>>"}]
+
+    monkeypatch.setattr(Task, "student_messages", staticmethod(with_marker))
+    _, out, _ = setup()
+    messages = read_jsonl(out / "train.jsonl")[0]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"].startswith("<<") and messages[0]["content"].endswith(">>")

@@ -8,28 +8,13 @@ import pytest
 from pipeline.config import Recipe
 from pipeline.errors import DistillError
 from pipeline.stages import finetune
+from pipeline.tracking import NullTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund", "top_up_failed"]
 PROMPTS = ["my card has not arrived yet", "I lost my card yesterday", "please refund my payment",
            "top up did not work", "where is my new card", "someone stole my wallet and card",
            "I want my money back", "my top-up was declined"]
-
-
-class Recorder:
-    """Stands in for pipeline.tracking.Tracker where a test does not read MLflow back."""
-
-    def __init__(self):
-        self.logged_params, self.logged_metrics, self.artifacts = {}, [], []
-
-    def params(self, params):
-        self.logged_params.update(params)
-
-    def metrics(self, metrics, step=None):
-        self.logged_metrics.append((step, dict(metrics)))
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append((Path(path), subdir))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +91,7 @@ def test_qlora_on_cpu_trains_lora_only_and_the_adapter_reloads(tiny_mistral_dir,
     spy_on_trainer(monkeypatch, on_train_begin=snapshot("begin"), on_train_end=snapshot("end"))
     cfg = recipe(tiny_mistral_dir, method="qlora", quant={"load_in_4bit": True, "on_cpu": "run"},
                  lora={"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"})
-    manifest = finetune.run(cfg, {"curate": curated}, tmp_path, Recorder())
+    manifest = finetune.run(cfg, {"curate": curated}, tmp_path, NullTracker())
 
     assert manifest.counts["steps"] == 2
     begin, end, types = snapshots["begin"], snapshots["end"], snapshots["types"]
@@ -150,7 +135,7 @@ def never_stopping_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 
 def test_a_student_that_never_stops_fails_the_stage(never_stopping_dir, curated, tmp_path):
     with pytest.raises(DistillError, match=r"EOS check failed: the tuned student ended 0 of 4 validation answers"):
-        finetune.run(recipe(never_stopping_dir, max_steps=1, eos_check="fail"), {"curate": curated}, tmp_path, Recorder())
+        finetune.run(recipe(never_stopping_dir, max_steps=1, eos_check="fail"), {"curate": curated}, tmp_path, NullTracker())
     assert (tmp_path / "adapter" / "adapter_config.json").is_file(), "the failing adapter is kept for inspection"
 
 
@@ -170,7 +155,7 @@ def test_eos_check_passes_a_student_that_stops(never_stopping_dir, curated):
 
 def test_eos_check_warn_lets_the_stage_finish(never_stopping_dir, curated, tmp_path):
     manifest = finetune.run(recipe(never_stopping_dir, max_steps=1, eos_check="warn"), {"curate": curated},
-                            tmp_path, Recorder())
+                            tmp_path, NullTracker())
     assert manifest.metrics["eos_stop_rate"] == 0.0
 
 
@@ -183,7 +168,7 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tiny_llama_di
 
     cfg = recipe(tiny_llama_dir, max_steps=4, save_steps=2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
     straight = tmp_path / "straight"
-    finetune.run(cfg, {"curate": curated}, straight, Recorder())
+    finetune.run(cfg, {"curate": curated}, straight, NullTracker())
 
     class Interrupted(Exception):
         pass
@@ -196,12 +181,12 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tiny_llama_di
     with monkeypatch.context() as patch:
         spy_on_trainer(patch, on_step_end=crash_at_3)
         with pytest.raises(Interrupted):
-            finetune.run(cfg, {"curate": curated}, resumed, Recorder())
+            finetune.run(cfg, {"curate": curated}, resumed, NullTracker())
     assert finetune._last_checkpoint(resumed / "checkpoints").endswith("checkpoint-2")
 
     steps = []
     spy_on_trainer(monkeypatch, on_step_end=lambda state, **_: steps.append(state.global_step))
-    manifest = finetune.run(cfg, {"curate": curated}, resumed, Recorder())
+    manifest = finetune.run(cfg, {"curate": curated}, resumed, NullTracker())
     assert steps == [3, 4] and manifest.counts["steps"] == 4
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")

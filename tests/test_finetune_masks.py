@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.errors import DistillError
-from pipeline.models import DevicePlan
+from pipeline.llm.loading import DevicePlan
 from pipeline.stages import finetune
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -60,17 +60,26 @@ def files_under(folder: Path) -> set[str]:
 
 def test_each_stage_wrote_exactly_its_artifacts(pipeline_run):
     _, _, run = pipeline_run
-    assert files_under(run / "capture") == {"teacher.jsonl", "manifest.json"}
+    assert files_under(run / "capture") == {"teacher.jsonl", "resolved_config.yaml", "manifest.json"}
     curate = files_under(run / "curate")
     assert {"train.jsonl", "validation.jsonl", "test.jsonl", "card.md", "manifest.json", "dataset/dataset_dict.json"} <= curate
     assert not [f for f in curate if "cache-" in f], "a later stage wrote cache files into the curated data"
     assert files_under(run / "finetune") >= {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "train_log.jsonl"}
     assert not (run / "finetune" / "checkpoints").exists()
-    assert files_under(run / "evaluate") == {"report.json", "report.md", "predictions.jsonl", "router_policy.json", "manifest.json"}
+    assert files_under(run / "evaluate") == {"report.json", "report.md", "predictions.jsonl", "router_policy.json",
+                                             "resolved_config.yaml", "manifest.json"}
     assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "merged/chat_template.jinja",
             "verification.json"} <= files_under(run / "export")
     assert not list(run.glob("*.partial")), "no partial folder survives a successful run"
     assert (run.parent / "latest").resolve() == run.resolve()
+
+
+def test_each_stage_folder_records_the_recipe_it_ran_with(pipeline_run):
+    _, recipe, run = pipeline_run
+    for stage in STAGES:
+        resolved = yaml.safe_load((run / stage / "resolved_config.yaml").read_text())
+        assert resolved["name"] == "e2e" and resolved["train"]["max_steps"] == 2, stage
+        assert resolved["teacher"]["max_new_tokens"] == 6  # no over-eager redaction of *_tokens
 
 
 def test_manifests_hash_what_is_on_disk_and_chain_lineage(pipeline_run):
@@ -153,6 +162,15 @@ def test_changed_config_reruns_only_the_stages_it_affects(pipeline_run):
     assert main(["evaluate", str(recipe), "eval.max_new_tokens=3", "--runs-dir", str(run.parent)]) == 0
     after = {s: read_manifest(run / s).created_at for s in STAGES}
     assert [s for s in STAGES if after[s] != before[s]] == ["evaluate"]
+
+
+def test_serving_and_planner_settings_rerun_no_stage(pipeline_run):
+    _, recipe, run = pipeline_run
+    assert main(["run", str(recipe), "--runs-dir", str(run.parent)]) == 0  # back to the recipe as written
+    before = {s: read_manifest(run / s).created_at for s in STAGES}
+    assert main(["run", str(recipe), "serve.port=9123", "serve.host=0.0.0.0", "model.architecture=mistral7b",
+                 "--runs-dir", str(run.parent)]) == 0
+    assert {s: read_manifest(run / s).created_at for s in STAGES} == before
 
 
 def test_ctrl_c_during_finetune_then_rerun_resumes_from_checkpoint(tmp_path, tiny_llama_dir):

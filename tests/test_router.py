@@ -11,7 +11,6 @@ import openai
 import pytest
 
 from pipeline.errors import DistillError
-from pipeline.models import Generation
 from pipeline.router.policy import Policy
 
 MODEL = "distill-student"
@@ -54,7 +53,7 @@ def backend(tiny_llama_dir):
 def base_url(backend):
     from pipeline.router.app import ServeSettings, create_app
 
-    with running(create_app(ServeSettings(max_tokens=8), {MODEL: backend}, Policy())) as url:
+    with running(create_app(ServeSettings(max_tokens=8), {MODEL: backend}, Policy.student_only())) as url:
         yield url
 
 
@@ -74,12 +73,12 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
 
 
 def test_chat_completion_shape_and_usage(base_url, tiny_llama_dir):
-    from pipeline.models import load_tokenizer
+    from pipeline.llm.loading import load_tokenizer
 
     raw = client(base_url).chat.completions.with_raw_response.create(
         model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
     reply = raw.parse()
-    assert raw.headers["x-distill-route"] == "student"  # Policy() never escalates
+    assert raw.headers["x-distill-route"] == "student"  # a student-only policy never escalates
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == MODEL
     (choice,) = reply.choices
     assert choice.index == 0 and choice.message.role == "assistant"
@@ -92,14 +91,15 @@ def test_chat_completion_shape_and_usage(base_url, tiny_llama_dir):
 
 
 def test_answer_equals_direct_greedy_generation(base_url, tiny_llama_dir):
-    from pipeline.models import device_plan, generate_batch, load_model, load_tokenizer
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.llm.generate import generate_batch
 
     reply = client(base_url).chat.completions.create(
         model=MODEL, messages=MESSAGES, max_completion_tokens=MAX_TOKENS)
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     (direct,) = generate_batch(load_model(str(tiny_llama_dir), device_plan()), tokenizer, [MESSAGES], MAX_TOKENS)
     assert reply.choices[0].message.content == direct.text
-    assert reply.usage.completion_tokens == direct.tokens
+    assert reply.usage.completion_tokens == direct.completion_tokens
     assert reply.choices[0].finish_reason == ("stop" if direct.stopped else "length")
 
 
@@ -157,20 +157,33 @@ def test_bearer_auth(auth_url):
     assert raw.headers["x-distill-route"] == "escalate"
 
 
-def test_policy_threshold():
-    confident, unsure = Generation("a", 1, -0.2, True), Generation("b", 1, -2.5, True)
-    assert Policy(None).decide(unsure).route == "student"
-    assert Policy(-1.0).decide(confident).route == "student"
-    decision = Policy(-1.0).decide(unsure)
-    assert decision.route == "escalate" and "-2.500 < threshold -1.000" in decision.reason
-    assert Policy(-2.5).decide(unsure).route == "student"  # the threshold itself is good enough
+def test_no_threshold_escalates_every_request_through_the_served_app(backend):
+    """Evaluation writes threshold null when no threshold met the quality target: the router must
+    then escalate everything (fail closed), read from the very file evaluate writes."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.router.app import ServeSettings, create_app
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "router_policy.json"
+        path.write_text(json.dumps({"threshold": None, "signal": "mean_logprob", "quality_target": 0.99}))
+        policy = Policy.load(path)
+    with running(create_app(ServeSettings(max_tokens=8), {MODEL: backend}, policy)) as url:
+        routes = {client(url).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=2).headers["x-distill-route"]
+            for text in ("where is my parcel", "refund please", "hello")}
+    assert routes == {"escalate"}
 
 
 def test_serve_without_export_says_what_to_run(tmp_path):
     from pipeline.router.app import serve
 
+    from pipeline.config import ServeConfig
+
     with pytest.raises(DistillError, match="make export"):
-        serve(tmp_path)
+        serve(tmp_path, Policy.student_only(), ServeConfig())
 
 
 def test_api_key_env_must_be_set(monkeypatch):

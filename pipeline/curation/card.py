@@ -6,16 +6,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.artifacts import SPLITS
 from pipeline.curation.records import Removal
 
-SPLITS = ("train", "validation", "test")
 EXAMPLES_PER_REASON = 3
 
 
 @dataclass
-class Step:
-    """One curation step: examples in and out, every removal with its reason, and the
-    examples it changed without removing them (PII scrubbing)."""
+class StepRecord:
+    """What one step that ran did, as the card shows it: examples in and out, every removal
+    with its reason, and the examples it changed without removing them (PII scrubbing)."""
 
     name: str
     n_in: int
@@ -27,7 +27,7 @@ class Step:
         return Counter(r.reason for r in self.removed)
 
 
-def removed_counts(steps: list[Step]) -> dict[str, int]:
+def removed_counts(steps: list[StepRecord]) -> dict[str, int]:
     """reason -> count of removed examples over all steps."""
     total: Counter = Counter()
     for step in steps:
@@ -79,7 +79,7 @@ def render_card(
     *,
     task_name: str,
     raw: list[dict],
-    steps: list[Step],
+    steps: list[StepRecord],
     labels_before: Counter,
     splits: dict[str, list[dict]],
     pii_counts: Counter | None,
@@ -108,7 +108,7 @@ def _teachers_section(raw: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _steps_section(steps: list[Step]) -> list[str]:
+def _steps_section(steps: list[StepRecord]) -> list[str]:
     lines = ["## Steps", "", "| # | step | in | out | removed (by reason) |", "|---|---|---|---|---|"]
     for i, step in enumerate(steps, start=1):
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(step.by_reason().items())) or "-"
@@ -148,7 +148,7 @@ def _stats(values: list[int]) -> str:
     return f"{ordered[0]} / {ordered[len(ordered) // 2]} / {ordered[-1]}"
 
 
-def _removed_section(steps: list[Step]) -> list[str]:
+def _removed_section(steps: list[StepRecord]) -> list[str]:
     lines = [f"## Examples removed or changed (first {EXAMPLES_PER_REASON} per reason)", ""]
     for step in steps:
         shown: Counter = Counter()

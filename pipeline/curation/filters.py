@@ -24,9 +24,7 @@ def count_tokens(examples: list[dict], tokenizer) -> None:
         return
     prompts = [ex["prompt"] for ex in examples]
     answers = [ex["completion"] for ex in examples]
-    conversations = [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)
-    ]
+    conversations = [Task.student_example(p, a) for p, a in zip(prompts, answers)]
     rendered = tokenizer.apply_chat_template(conversations, tokenize=False)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]

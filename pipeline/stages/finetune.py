@@ -22,15 +22,17 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.artifacts import Manifest, write_jsonl
+from pipeline.artifacts import CURATED_DATASET, FINETUNE_ADAPTER, Manifest, write_jsonl
 from pipeline.config import LoraConfig, Recipe, TrainConfig
 from pipeline.errors import DistillError
-from pipeline.models import DevicePlan
+from pipeline.task import Task
+from pipeline.llm.loading import DevicePlan
 
 NAME = "finetune"
-SECTIONS = ("model", "train")
+READS = ("model.base", "model.chat_template", "train")
 UPSTREAM = ("curate",)
-SYSTEM_METRICS = True  # the runner may ask the tracker to sample CPU/GPU/memory during this stage
+RESUMABLE = True  # checkpoints in the partial folder survive a Ctrl-C
+SYSTEM_METRICS = True
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,13 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     from datasets import load_from_disk
     from trl import SFTTrainer
 
-    from pipeline.models import device_plan, load_model, load_tokenizer
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
     cfg = recipe.train
     state = PartialState()  # one process normally; one per GPU under `accelerate launch`
     plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
     planned = check_vram(recipe, plan) if plan.device == "cuda" else None
-    dataset = load_from_disk(str(inputs["curate"] / "dataset"), keep_in_memory=True)
+    dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
     tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
     train = tokenize_dataset(to_prompt_completion(dataset["train"]), tokenizer, cfg.max_seq_len)
     model = load_model(recipe.model.base, plan, cfg.quant)
@@ -79,13 +81,13 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
 
-    trainer.save_model(str(out / "adapter"))  # every rank calls it: FSDP/ZeRO gather here; rank 0 writes
+    trainer.save_model(str(out / FINETUNE_ADAPTER))  # every rank calls it: FSDP/ZeRO gather here; rank 0 writes
     state.wait_for_everyone()
     if not state.is_main_process:
         return Manifest(stage=NAME, notes=[f"rank {state.process_index}: artifacts written by rank 0"])
 
-    (out / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle of our args; not part of the product
-    tokenizer.save_pretrained(out / "adapter")
+    (out / FINETUNE_ADAPTER / "training_args.bin").unlink(missing_ok=True)  # a pickle of our args; not part of the product
+    tokenizer.save_pretrained(out / FINETUNE_ADAPTER)
     write_jsonl(out / "train_log.jsonl", log_rows)
     tokens = trainer.state.num_input_tokens_seen - tokens_before
     metrics = {
@@ -101,9 +103,9 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     }
     _check_loss(metrics)
     tracker.metrics(metrics)
-    tracker.artifact(out / "adapter", "adapter")
+    tracker.artifact(out / FINETUNE_ADAPTER, FINETUNE_ADAPTER)
 
-    stops = eos_check(trainer.model, tokenizer, dataset["validation"], cfg, out / "adapter")
+    stops = eos_check(trainer.model, tokenizer, dataset["validation"], cfg, out / FINETUNE_ADAPTER)
     tracker.metrics({"eos_stop_rate": stops})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter is the product
     counts = {"train_examples": len(train), "steps": result.global_step, "tokens": trainer.state.num_input_tokens_seen}
@@ -119,7 +121,7 @@ def to_prompt_completion(split):
     In memory: a cache file beside the curated data would change an upstream artifact."""
     return split.map(
         lambda ex: {
-            "prompt": [{"role": "user", "content": ex["prompt"]}],
+            "prompt": Task.student_messages(ex["prompt"]),
             "completion": [{"role": "assistant", "content": ex["completion"]}],
         },
         remove_columns=split.column_names,
@@ -236,7 +238,7 @@ def check_vram(recipe: Recipe, plan: DevicePlan) -> float:
     """Plan peak memory for this GPU before loading; refuse (or warn) when it won't fit."""
     import torch
 
-    from pipeline.models import local_rank, resolve_model
+    from pipeline.llm.loading import local_rank, resolve_model
     from pipeline.planner import check_fits, estimate, format_estimate, load_architecture
 
     props = torch.cuda.get_device_properties(local_rank())
@@ -261,7 +263,7 @@ def eos_check(model, tokenizer, validation, cfg: TrainConfig, adapter: Path) -> 
     Expected length: twice the longest reference answer (with its EOS) plus 8 tokens. A student
     that runs on is the classic symptom of EOS masked out of the labels or a template that
     never closes the turn; catching it here beats finding it behind the router."""
-    from pipeline.models import generate_batch
+    from pipeline.llm.generate import generate_batch
 
     if cfg.eos_check == "off" or not len(validation):
         return float("nan")
@@ -269,7 +271,7 @@ def eos_check(model, tokenizer, validation, cfg: TrainConfig, adapter: Path) -> 
     longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
     limit = 2 * longest + 8
     model.eval()
-    gens = generate_batch(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], limit)
+    gens = generate_batch(model, tokenizer, [Task.student_messages(r["prompt"]) for r in rows], limit)
     stopped = [g for g in gens if g.stopped]
     rate = len(stopped) / len(gens)
     if rate < 1.0:

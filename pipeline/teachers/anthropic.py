@@ -9,27 +9,38 @@ off here. No logprobs (the API has none). The SDK's retries are off: dispatch.py
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
-from pipeline.teachers import Completion, TeacherCallError, public_url, scrub
-from pipeline.teachers.openai_compat import status_error
+from pipeline.llm.completion import Completion
+from pipeline.teachers.errors import TeacherCallError, status_error
+from pipeline.teachers.keys import public_url, resolve_api_key, scrub
+from pipeline.teachers.ledger import resolve_price
 
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 
 class AnthropicTeacher:
+    in_process = False
+    KEY_ENV = "ANTHROPIC_API_KEY"
+
     def __init__(self, model: str, cfg, api_key: str):
         self.spec = f"anthropic:{model}"
-        self.provider = "anthropic"
         self.model = model
         self.base_url = cfg.base_url
         self.max_new_tokens = cfg.max_new_tokens
         self.temperature = cfg.temperature
         self.timeout_s = cfg.timeout_s
+        self.price = resolve_price("anthropic", model, cfg)
+        self.notes: list[str] = []  # nothing to learn at run time: the API never has logprobs
         self._api_key = api_key  # kept off identity(), repr and every message
         self._client = None
+
+    @classmethod
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None) -> AnthropicTeacher:
+        return cls(model, cfg, api_key=resolve_api_key(f"anthropic:{model}", cfg, cls.KEY_ENV))
 
     def __repr__(self) -> str:
         return f"AnthropicTeacher({self.spec!r}, base_url={public_url(self.base_url)!r})"
@@ -80,9 +91,7 @@ class AnthropicTeacher:
         return self._to_completion(response, int((time.perf_counter() - start) * 1000))
 
     async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
-        """Unthrottled, unretried convenience; capture goes through dispatch.py instead."""
-        import asyncio
-
+        """Unthrottled, unretried; the service goes through dispatch.py instead."""
         return list(await asyncio.gather(*(self.complete(c) for c in conversations)))
 
     def _to_completion(self, response, latency_ms: int) -> Completion:
@@ -90,7 +99,9 @@ class AnthropicTeacher:
         usage = response.usage
         return Completion(
             text=text.strip(),
-            usage={"prompt_tokens": usage.input_tokens or 0, "completion_tokens": usage.output_tokens or 0},
+            source=self.spec,
+            prompt_tokens=usage.input_tokens or 0,
+            completion_tokens=usage.output_tokens or 0,
             latency_ms=latency_ms,
             finish_reason=STOP_REASONS.get(response.stop_reason or "", response.stop_reason or "stop"),
         )

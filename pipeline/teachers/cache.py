@@ -1,8 +1,9 @@
 """SQLite cache of teacher answers keyed by (provider, model, messages, params, sample).
 
-Every answer is committed as soon as it arrives (remote teachers: per call; local: per
-batch), so a crash, Ctrl-C or SIGKILL loses nothing and a rerun pays for nothing it already
-has. It is the durable log of a capture: teacher.jsonl is rebuilt from it in prompt order.
+Used by the teacher service (service.py), so by `distill capture RECIPE`, the judge and the
+router's teacher backend. Every answer is committed as soon as it arrives (network teachers:
+per call; local: per batch), so a crash, Ctrl-C or SIGKILL loses nothing and a rerun pays for
+nothing it already has: it is the durable log of every answer bought.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from pipeline.artifacts import sha256_json
-from pipeline.teachers import Completion
+from pipeline.llm.completion import Completion
 
 
 def cache_key(identity: dict, messages: list[dict], sample: int = 0) -> str:
@@ -39,7 +40,7 @@ class TeacherCache:
             rows = self._db.execute(
                 f"SELECT key, completion FROM answers WHERE key IN ({','.join('?' * len(chunk))})", chunk
             )
-            found.update({k: Completion(**json.loads(v)) for k, v in rows})
+            found.update({k: Completion.from_json(json.loads(v)) for k, v in rows})
         return found
 
     def costs(self, keys: list[str]) -> dict[str, float]:

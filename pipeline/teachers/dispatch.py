@@ -1,6 +1,7 @@
-"""Drive a remote teacher's calls: concurrency, rate limits, retries, the budget.
+"""Drive a network teacher's calls: concurrency, rate limits, retries, the budget.
 
-Used by the capture stage (`distill capture RECIPE`) for openai:/anthropic: teachers.
+Used by the teacher service (service.py) for openai:/anthropic: teachers, so by capture
+(`distill capture RECIPE`), the judge and the router's teacher backend alike.
 
 - Concurrency: at most `teacher.concurrency` calls in flight (a semaphore).
 - Rate limits: `teacher.rpm` requests and `teacher.tpm` tokens per minute (aiolimiter's
@@ -12,21 +13,25 @@ Used by the capture stage (`distill capture RECIPE`) for openai:/anthropic: teac
 - Auth errors (TeacherAuthError) are never retried and cancel everything at once.
 
 Each answer is handed to `on_answer` the moment it arrives, so the caller can commit it to
-the cache before anything else can go wrong.
+the cache before anything else can go wrong. Several `run`s may be in flight at once on one
+event loop (a router asking for one answer per request): they share the concurrency slots,
+the rate limits and the ledger. asyncio primitives belong to the loop that first waits on
+them, so a dispatcher serves one event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tenacity.wait import wait_base
 
-from pipeline.teachers import Completion, TeacherAuthError, TeacherCallError
+from pipeline.llm.completion import Completion
+from pipeline.teachers.errors import TeacherAuthError, TeacherCallError
 from pipeline.teachers.ledger import Ledger, prompt_tokens_estimate
 
 log = logging.getLogger(__name__)
@@ -65,7 +70,6 @@ class DispatchReport:
     attempts: int = 0
     not_sent: int = 0  # left unsent because the budget ran out
     budget_stop: bool = False
-    failures: dict[str, Completion] = field(default_factory=dict)
 
     @property
     def sent(self) -> int:
@@ -92,12 +96,11 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class Dispatcher:
-    def __init__(self, teacher, limits: Limits, ledger: Ledger, on_answer: Callable[[Job, Completion], None]):
+    def __init__(self, teacher, limits: Limits, ledger: Ledger):
         self.teacher = teacher
         self.limits = limits
         self.ledger = ledger
-        self.on_answer = on_answer
-        self.report = DispatchReport()
+        self._slots = asyncio.Semaphore(limits.concurrency)
         self._in_flight = 0
         self._settled = asyncio.Event()
         # Buckets hold a tenth of the minute's allowance: a full minute's burst at start is
@@ -105,21 +108,21 @@ class Dispatcher:
         self._rpm = AsyncLimiter(limits.rpm / WINDOWS, 60 / WINDOWS) if limits.rpm else None
         self._tpm = AsyncLimiter(limits.tpm / WINDOWS, 60 / WINDOWS) if limits.tpm else None
 
-    async def run(self, jobs: list[Job]) -> DispatchReport:
-        """Send every job (or as many as the budget allows); return the counts."""
-        slots = asyncio.Semaphore(self.limits.concurrency)
+    async def run(self, jobs: list[Job], on_answer: Callable[[Job, Completion], None]) -> DispatchReport:
+        """Send every job (or as many as the budget allows); return this run's counts."""
+        report = DispatchReport()
         try:
             async with asyncio.TaskGroup() as group:
                 for i, job in enumerate(jobs):
-                    await slots.acquire()
+                    await self._slots.acquire()
                     reserved = self.ledger.max_call_cost(job.messages, self.limits.max_new_tokens)
                     if not await self._reserve(reserved):
-                        slots.release()
-                        self.report.budget_stop, self.report.not_sent = True, len(jobs) - i
+                        self._slots.release()
+                        report.budget_stop, report.not_sent = True, len(jobs) - i
                         break
                     await self._throttle(job)
                     self._in_flight += 1
-                    task = group.create_task(self._one(job, reserved, slots))
+                    task = group.create_task(self._one(job, reserved, report, on_answer))
                     if i == 0:
                         # The first call goes alone: a bad key, model or URL then costs one
                         # request, not `concurrency` of them.
@@ -133,7 +136,7 @@ class Dispatcher:
             if len(group_error.exceptions) == 1:
                 raise group_error.exceptions[0] from None
             raise
-        return self.report
+        return report
 
     async def _reserve(self, amount: float) -> bool:
         while not self.ledger.reserve(amount):
@@ -152,26 +155,32 @@ class Dispatcher:
             # aiolimiter refuses an amount above its bucket; such a call waits for a full bucket.
             await self._tpm.acquire(min(tokens, self._tpm.max_rate))
 
-    async def _one(self, job: Job, reserved: float, slots: asyncio.Semaphore) -> None:
+    async def _one(self, job: Job, reserved: float, report: DispatchReport,
+                   on_answer: Callable[[Job, Completion], None]) -> None:
         try:
-            completion = await self._call_with_retries(job.messages)
+            completion = await self._call_with_retries(job.messages, report)
             usage: dict | None = completion.usage
         except TeacherCallError as err:
-            completion = Completion(text="", error=str(err), finish_reason="error")
+            completion = Completion(text="", source=self.teacher.spec, error=str(err), finish_reason="error")
             usage = None  # a failed call is not billed
+        except asyncio.CancelledError:
+            # Cancelled mid-call (an auth error elsewhere, a caller that gave up): the server
+            # may still bill it, so the reservation is charged rather than released.
+            self.ledger.settle(reserved, {})
+            self._settled.set()
+            raise
         finally:
-            slots.release()
+            self._slots.release()
             self._in_flight -= 1
         completion.cost_usd = self.ledger.settle(reserved, usage)
         self._settled.set()
         if completion.error is None:
-            self.report.ok += 1
+            report.ok += 1
         else:
-            self.report.failed += 1
-            self.report.failures[job.key] = completion
-        self.on_answer(job, completion)
+            report.failed += 1
+        on_answer(job, completion)
 
-    async def _call_with_retries(self, messages: list[dict]) -> Completion:
+    async def _call_with_retries(self, messages: list[dict], report: DispatchReport) -> Completion:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.limits.max_retries + 1),
             wait=wait_retry_after(
@@ -182,10 +191,10 @@ class Dispatcher:
             before_sleep=_log_retry,
             reraise=True,
         )
-        return await retrying(self._attempt, messages)
+        return await retrying(self._attempt, messages, report)
 
-    async def _attempt(self, messages: list[dict]) -> Completion:
-        self.report.attempts += 1
+    async def _attempt(self, messages: list[dict], report: DispatchReport) -> Completion:
+        report.attempts += 1
         return await self.teacher.complete(messages)
 
 

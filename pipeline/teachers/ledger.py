@@ -14,8 +14,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
-
 import yaml
 
 from pipeline.errors import DistillError
@@ -81,9 +79,10 @@ def prompt_tokens_estimate(messages: list[dict]) -> int:
 
 
 class Ledger:
-    """Running spend of one capture, against an optional budget covering the whole prompt set.
+    """Running spend of one teacher service, against an optional budget covering every prompt
+    it is asked (for capture: the whole prompt set).
 
-    `prior_usd` is what the cached answers for this prompt set cost when they were bought, so
+    `prior_usd` is what the cached answers among those prompts cost when they were bought, so
     rerunning with the same budget buys nothing more and a higher budget resumes."""
 
     def __init__(self, price: Price | None, budget_usd: float | None, prior_usd: float = 0.0):
@@ -94,6 +93,10 @@ class Ledger:
         self.reserved_usd = 0.0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+
+    def count_cached(self, cost_usd: float) -> None:
+        """An answer found in the cache: paid on an earlier run, but still inside the budget."""
+        self.prior_usd += cost_usd
 
     @property
     def total_usd(self) -> float:
@@ -125,11 +128,3 @@ class Ledger:
             cost = reserved
         self.spent_usd += cost
         return cost
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "cost_usd_run": round(self.spent_usd, 6),
-            "cost_usd_prompt_set": round(self.total_usd, 6),
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-        }

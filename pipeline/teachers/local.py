@@ -5,14 +5,18 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
+import threading
 from typing import Any
 
 from pipeline.errors import DistillError
-from pipeline.teachers import Completion
+from pipeline.llm.completion import Completion
 
 
 class LocalTeacher:
+    in_process = True
+    price = None  # nothing to pay for
+
     def __init__(self, model_ref: str, max_new_tokens: int, temperature: float = 0.0, labels: list[str] | None = None):
         if temperature != 0.0:
             raise DistillError("the local teacher decodes greedily; set teacher.temperature=0 (and teacher.n=1)")
@@ -20,8 +24,21 @@ class LocalTeacher:
         self.model_ref = model_ref
         self.max_new_tokens = max_new_tokens
         self.labels = labels  # decode only these strings (guided decoding for classification)
+        self.notes: list[str] = []
         self._model = None
         self._tokenizer = None
+        # One generate at a time: concurrent callers (a router) would otherwise each hold a
+        # batch's activations at once. A thread lock, not an asyncio one, so it is not tied
+        # to the event loop that first used it.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None) -> LocalTeacher:
+        constrain = labels if cfg.constrain_to_labels else None
+        return cls(model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, labels=constrain)
+
+    def __repr__(self) -> str:
+        return f"LocalTeacher({self.spec!r})"
 
     def identity(self) -> dict[str, Any]:
         identity = {"provider": "local", "model": self.model_ref, "max_new_tokens": self.max_new_tokens, "greedy": True}
@@ -29,28 +46,27 @@ class LocalTeacher:
             identity["constrained_to"] = self.labels
         return identity
 
+    async def complete(self, messages: list[dict]) -> Completion:
+        return (await self.complete_batch([messages]))[0]
+
+    async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
+        # In a worker thread, so other callers on the event loop keep being served meanwhile.
+        return await asyncio.to_thread(self._generate, conversations)
+
+    async def aclose(self) -> None:
+        """Nothing is bound to an event loop; the model stays loaded for the next call."""
+
+    def _generate(self, conversations: list[list[dict]]) -> list[Completion]:
+        from pipeline.llm.generate import generate_batch
+
+        with self._lock:
+            self._load()
+            return generate_batch(self._model, self._tokenizer, conversations, self.max_new_tokens, self.labels,
+                                  source=self.spec)
+
     def _load(self) -> None:
         if self._model is None:
-            from pipeline.models import device_plan, load_model, load_tokenizer
+            from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_ref)
             self._model = load_model(self.model_ref, device_plan()).eval()
-
-    async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
-        from pipeline.models import generate_batch
-
-        self._load()
-        start = time.perf_counter()
-        generations = generate_batch(self._model, self._tokenizer, conversations, self.max_new_tokens, self.labels)
-        per_item_ms = int((time.perf_counter() - start) * 1000 / max(len(conversations), 1))
-        completions = []
-        for conv, gen in zip(conversations, generations):
-            prompt_tokens = len(self._tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True))
-            completions.append(Completion(
-                text=gen.text,
-                usage={"prompt_tokens": prompt_tokens, "completion_tokens": gen.tokens},
-                latency_ms=per_item_ms,
-                logprobs=gen.mean_logprob,
-                finish_reason="stop" if gen.stopped else "length",
-            ))
-        return completions

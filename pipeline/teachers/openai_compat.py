@@ -10,30 +10,42 @@ TeacherCallError / TeacherAuthError by type and status code, never by message te
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
 from typing import Any
 
-from pipeline.teachers import Completion, TeacherAuthError, TeacherCallError, parse_retry_after, public_url, scrub
+from pipeline.llm.completion import Completion
+from pipeline.teachers.errors import TeacherCallError, status_error
+from pipeline.teachers.keys import public_url, resolve_api_key, scrub
+from pipeline.teachers.ledger import resolve_price
 
 log = logging.getLogger(__name__)
 
 
 class OpenAITeacher:
+    in_process = False
+    KEY_ENV = "OPENAI_API_KEY"
+
     def __init__(self, model: str, cfg, api_key: str):
         self.spec = f"openai:{model}"
-        self.provider = "openai"
         self.model = model
         self.base_url = cfg.base_url
         self.max_new_tokens = cfg.max_new_tokens
         self.temperature = cfg.temperature
         self.timeout_s = cfg.timeout_s
+        self.price = resolve_price("openai", model, cfg)
+        self.notes: list[str] = []
         self._want_logprobs = cfg.logprobs
-        self.logprobs_refused = False  # the server said no to logprobs; capture notes it in the manifest
         self._api_key = api_key  # kept off identity(), repr and every message
         self._client = None
+
+    @classmethod
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None) -> OpenAITeacher:
+        # labels: a remote model is told the labels by the task's instructions, not constrained to them.
+        return cls(model, cfg, api_key=resolve_api_key(f"openai:{model}", cfg, cls.KEY_ENV))
 
     def __repr__(self) -> str:
         return f"OpenAITeacher({self.spec!r}, base_url={public_url(self.base_url)!r})"
@@ -67,10 +79,11 @@ class OpenAITeacher:
         import openai
 
         start = time.perf_counter()
+        asked = self._want_logprobs  # another call may flip it while this one is in flight
         try:
-            response = await self._create(messages, self._want_logprobs)
+            response = await self._create(messages, asked)
         except openai.BadRequestError as err:
-            if not self._want_logprobs:
+            if not asked:
                 raise self._translate(err) from None
             # Some compatible servers reject `logprobs`: ask once more without. Only when that
             # works was logprobs the problem, and later calls stop asking for them.
@@ -78,8 +91,10 @@ class OpenAITeacher:
                 response = await self._create(messages, False)
             except openai.OpenAIError as again:
                 raise self._translate(again) from None
-            log.warning("%s refused logprobs (HTTP %s); continuing without them", self.spec, err.status_code)
-            self._want_logprobs, self.logprobs_refused = False, True
+            if self._want_logprobs:  # concurrent calls can all be refused; say it once
+                log.warning("%s refused logprobs (HTTP %s); continuing without them", self.spec, err.status_code)
+                self.notes.append("the server refused logprobs; answers carry none")
+            self._want_logprobs = False
         except openai.OpenAIError as err:
             raise self._translate(err) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -88,9 +103,7 @@ class OpenAITeacher:
         return self._to_completion(response, int((time.perf_counter() - start) * 1000))
 
     async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
-        """Unthrottled, unretried convenience; capture goes through dispatch.py instead."""
-        import asyncio
-
+        """Unthrottled, unretried; the service goes through dispatch.py instead."""
         return list(await asyncio.gather(*(self.complete(c) for c in conversations)))
 
     async def _create(self, messages: list[dict], logprobs: bool):
@@ -112,12 +125,11 @@ class OpenAITeacher:
         usage = response.usage
         return Completion(
             text=(choice.message.content or "").strip(),
-            usage=(
-                {"prompt_tokens": usage.prompt_tokens or 0, "completion_tokens": usage.completion_tokens or 0}
-                if usage else {}
-            ),
+            source=self.spec,
+            prompt_tokens=(usage.prompt_tokens or 0) if usage else None,
+            completion_tokens=(usage.completion_tokens or 0) if usage else None,
+            token_logprobs=_token_logprobs(choice),
             latency_ms=latency_ms,
-            logprobs=_mean_logprob(choice),
             finish_reason=choice.finish_reason or "stop",
         )
 
@@ -141,20 +153,7 @@ def translate_error(err, api_key: str | None, spec: str) -> Exception:
     return TeacherCallError(scrub(f"{type(err).__name__}: {err}", api_key))
 
 
-def status_error(status: int, headers, message: str, spec: str) -> Exception:
-    if status in (401, 403):
-        # The server's text may quote part of the key; the status says enough.
-        return TeacherAuthError(
-            f"teacher {spec} refused the API key (HTTP {status}); check the env var named by "
-            "teacher.api_key_env and its permissions. Nothing was retried."
-        )
-    retryable = status in (408, 409, 429) or status >= 500
-    return TeacherCallError(
-        f"HTTP {status}: {message[:300]}", status=status, retryable=retryable, retry_after=parse_retry_after(headers)
-    )
-
-
-def _mean_logprob(choice) -> float | None:
+def _token_logprobs(choice) -> list[float] | None:
     content = getattr(getattr(choice, "logprobs", None), "content", None)
     values = [t.logprob for t in content or [] if t.logprob is not None and math.isfinite(t.logprob)]
-    return sum(values) / len(values) if values else None
+    return values or None

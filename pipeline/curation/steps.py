@@ -1,0 +1,155 @@
+"""The curate steps in order, each behind one signature: `apply(examples, ctx) -> StepResult`.
+
+`STEPS` is the pipeline: `pipeline.stages.curate.curate_records` walks it in order, skipping a
+step whose `enabled(ctx)` is false, and the card lists the steps that ran in the same order.
+Adding a step is one function with the common signature and one `CurateStep` in `STEPS`.
+
+The concern modules (records, filters, dedup, pii, selection) keep their explicit-argument
+functions, which the unit tests call directly; the adapters here only unpack the context.
+The split and the test-vs-train decontamination act on splits, not on one list of examples,
+so they are not registry steps: `split` and `decontaminate_test` below run after it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import CurateConfig, Recipe
+from pipeline.curation.dedup import NgramIndex, step_decontaminate, step_exact_dedupe, step_near_dedupe
+from pipeline.curation.filters import FormatChecker, count_tokens, step_consistency, step_format, step_length
+from pipeline.curation.pii import step_pii
+from pipeline.curation.records import Removal, step_normalise
+from pipeline.curation.selection import step_select, stratified_split
+from pipeline.task import Task
+
+SPLIT = "split"
+TEST_DECONTAMINATION = "decontaminate (test vs train)"
+
+
+@dataclass(frozen=True)
+class CurateContext:
+    """Everything a step may read, built once per run from the recipe and the stage's inputs."""
+
+    task: Task
+    cfg: CurateConfig
+    max_seq_len: int  # train.max_seq_len: the length filter drops longer sequences
+    tokenizer: Any  # the student's (transformers) tokenizer with its chat template
+    eval_prompts: tuple[str, ...] | None = None  # normalised prompts of curate.eval_file, if any
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, task: Task, tokenizer: Any, eval_prompts: list[str] | None) -> CurateContext:
+        prompts = tuple(eval_prompts) if eval_prompts is not None else None
+        return cls(task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts)
+
+
+@dataclass
+class StepResult:
+    """What one step did: the survivors, the removals (with reasons), the examples it changed
+    without removing them (PII), and what only some steps report."""
+
+    kept: list[dict]
+    removed: list[Removal] = field(default_factory=list)
+    changed: list[Removal] = field(default_factory=list)
+    pii_counts: Counter | None = None  # replacements per PII type; the card shows them when set
+    notes: list[str] = field(default_factory=list)  # warnings for the card and the manifest
+
+
+StepFn = Callable[[list[dict], CurateContext], StepResult]
+
+
+def _always(ctx: CurateContext) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class CurateStep:
+    """A named step of the registry; `name` is the row the card shows."""
+
+    name: str
+    apply: StepFn
+    enabled: Callable[[CurateContext], bool] = _always
+
+
+# ---------------------------------------------------------------- adapters (one per step)
+
+
+def normalise(records: list[dict], ctx: CurateContext) -> StepResult:
+    """Capture records in, working examples out: the first step of any registry."""
+    return StepResult(*step_normalise(records, ctx.task, ctx.cfg))
+
+
+def length(examples: list[dict], ctx: CurateContext) -> StepResult:
+    # The counts stay on the examples: the card's length histograms and table read them.
+    count_tokens(examples, ctx.tokenizer)
+    return StepResult(*step_length(examples, ctx.cfg, ctx.max_seq_len))
+
+
+def exact_dedupe(examples: list[dict], ctx: CurateContext) -> StepResult:
+    return StepResult(*step_exact_dedupe(examples))
+
+
+def near_dedupe(examples: list[dict], ctx: CurateContext) -> StepResult:
+    cfg = ctx.cfg
+    return StepResult(*step_near_dedupe(examples, cfg.near_dup_threshold, cfg.minhash_perm, ctx.seed))
+
+
+def answer_format(examples: list[dict], ctx: CurateContext) -> StepResult:
+    return StepResult(*step_format(examples, FormatChecker(ctx.task, ctx.cfg.labels_only)))
+
+
+def consistency(examples: list[dict], ctx: CurateContext) -> StepResult:
+    cfg = ctx.cfg
+    return StepResult(*step_consistency(examples, ctx.task, cfg.labels_only, cfg.consistency_threshold))
+
+
+def pii(examples: list[dict], ctx: CurateContext) -> StepResult:
+    kept, changed, counts = step_pii(examples)
+    return StepResult(kept, changed=changed, pii_counts=counts)
+
+
+def eval_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
+    reference = NgramIndex(ctx.eval_prompts or (), ctx.cfg.decontam_ngram)
+    return StepResult(*step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "eval_overlap",
+                                          "the eval file"))
+
+
+def select(examples: list[dict], ctx: CurateContext) -> StepResult:
+    kept, removed, notes = step_select(examples, ctx.cfg.target_size, ctx.cfg.embeddings)
+    return StepResult(kept, removed, notes=notes)
+
+
+# Order matters: dedupe before format merges numbered samples so consistency can vote on them;
+# pii runs after consistency chose each answer; decontamination and selection see the final text.
+STEPS: tuple[CurateStep, ...] = (
+    CurateStep("normalise", normalise),
+    CurateStep("length", length),
+    CurateStep("exact dedupe", exact_dedupe),
+    CurateStep("near-dup (MinHash)", near_dedupe),
+    CurateStep("answer format", answer_format),
+    CurateStep("self-consistency", consistency),
+    CurateStep("pii scrub", pii, enabled=lambda ctx: ctx.cfg.pii),
+    CurateStep("decontaminate (eval file)", eval_decontaminate, enabled=lambda ctx: ctx.eval_prompts is not None),
+    CurateStep("select", select),
+)
+
+
+# ---------------------------------------------------------------- after the registry: splits
+
+
+def split(examples: list[dict], ctx: CurateContext) -> dict[str, list[dict]]:
+    """Stratified split with the recipe's seed (removes nothing)."""
+    return stratified_split(examples, ctx.cfg.split.validation, ctx.cfg.split.test, ctx.seed)
+
+
+def decontaminate_test(splits: dict[str, list[dict]], ctx: CurateContext) -> StepResult:
+    """Test prompts overlapping train are dropped from test (train and validation keep theirs)."""
+    train_index = NgramIndex((ex["prompt"] for ex in splits["train"]), ctx.cfg.decontam_ngram)
+    return StepResult(*step_decontaminate(splits["test"], train_index, ctx.cfg.decontam_overlap,
+                                          "test_train_overlap", "train"))

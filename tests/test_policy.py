@@ -1,0 +1,81 @@
+"""One routing rule: evaluation chooses and replays it, the server applies it; no threshold fails closed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline.errors import DistillError
+from pipeline.evaluation.threshold import choose_threshold, measure
+from pipeline.llm.completion import Completion
+from pipeline.router.policy import Policy, replay
+
+
+def answer(mean: float | None) -> Completion:
+    return Completion(text="x", token_logprobs=None if mean is None else [mean])
+
+
+def test_no_threshold_escalates_everything():
+    policy = Policy(threshold=None)
+    assert {policy.decide(answer(v)).route for v in (0.0, -0.1, -5.0, None)} == {"escalate"}
+
+
+def test_threshold_splits_on_the_signal_and_missing_signal_escalates():
+    policy = Policy(threshold=-1.0)
+    assert policy.decide(answer(-0.5)).route == "student"
+    assert policy.decide(answer(-1.0)).route == "student"
+    assert policy.decide(answer(-1.5)).route == "escalate"
+    assert policy.decide(answer(None)).route == "escalate"
+
+
+def test_student_only_never_escalates_and_is_never_written():
+    policy = Policy.student_only()
+    assert {policy.decide(answer(v)).route for v in (0.0, -50.0, None)} == {"student"}
+    with pytest.raises(DistillError):
+        policy.to_json()
+
+
+def test_unknown_signal_is_refused_at_construction():
+    with pytest.raises(DistillError, match="unknown router signal 'margin'"):
+        Policy(threshold=0.0, signal="margin")
+
+
+def test_policy_round_trips_through_its_file(tmp_path):
+    path = tmp_path / "router_policy.json"
+    path.write_text(json.dumps({**Policy(threshold=-0.7, quality_target=0.9).to_json(), "coverage": 0.5}))
+    assert Policy.load(path) == Policy(threshold=-0.7, quality_target=0.9)
+    path.write_text(json.dumps({"threshold": None}))
+    assert Policy.load(path).threshold is None
+    path.write_text("{not json")
+    with pytest.raises(DistillError, match="not a router policy"):
+        Policy.load(path)
+
+
+def test_chosen_threshold_is_the_lowest_meeting_the_target_and_replay_agrees():
+    confidences = [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6]
+    correct = [True, True, True, False, True, False]
+    answers = [answer(c) for c in confidences]
+    policy = choose_threshold(answers, correct, target=0.8)
+    assert policy.threshold == -0.5  # prefix of 5: 4/5 = 0.8; all 6: 4/6 < 0.8
+    on = measure(policy, answers, correct)
+    assert on.coverage == 5 / 6 and on.agreement_answered == 0.8
+    assert [d.route for d in replay(policy, answers)] == ["student"] * 5 + ["escalate"]
+
+
+def test_unreachable_target_gives_no_threshold_and_zero_coverage():
+    answers = [answer(-0.1), answer(-0.2)]
+    policy = choose_threshold(answers, [False, False], target=0.9)
+    assert policy.threshold is None
+    assert measure(policy, answers, [False, False]).coverage == 0.0
+
+
+def test_completion_reads_legacy_cache_rows():
+    old = {"text": "refund", "usage": {"prompt_tokens": 12, "completion_tokens": 2}, "cost_usd": 0.01,
+           "latency_ms": 5, "logprobs": -0.25, "finish_reason": "stop", "error": None, "created_at": "t"}
+    c = Completion.from_json(old)
+    assert (c.prompt_tokens, c.completion_tokens, c.mean_logprob, c.cost_usd) == (12, 2, -0.25, 0.01)
+    assert Completion.from_json(c.to_json()) == c
+    assert Completion(text="", token_logprobs=[-math.inf]).mean_logprob is None
+    assert Completion(text="").usage == {}
