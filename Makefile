@@ -86,6 +86,7 @@ bench: $(DEV)
 	$(BIN)/python bench/bench_curate.py
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_capture.py
+	$(BIN)/python bench/bench_router.py --out bench/router.json
 
 lint: $(BASE)
 	$(BIN)/python -m compileall -q pipeline tests

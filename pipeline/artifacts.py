@@ -154,7 +154,18 @@ def read_manifest(stage_dir: Path) -> Manifest | None:
     path = stage_dir / MANIFEST
     if not path.is_file():
         return None
-    return Manifest.model_validate_json(path.read_text())
+    from pydantic import ValidationError
+
+    from pipeline.errors import DistillError
+
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as err:
+        # A hand-edited or half-copied manifest: say which file, not a pydantic dump.
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the file"
+        raise DistillError(f"{path}: not a valid manifest ({where}: {first['msg']}); "
+                           f"delete {stage_dir} to redo that stage") from None
 
 
 def completed_stage(run_dir: Path, stage: str, artifact: str) -> Path:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -56,7 +58,7 @@ for _name, _doc in [
     ("curate", "Clean, dedupe and split the teacher's answers (runs capture first if needed)."),
     ("finetune", "LoRA/QLoRA the student (runs earlier stages first if needed)."),
     ("evaluate", "Compare base and tuned student with the teacher; choose the router threshold."),
-    ("export", "Write each export.formats artifact (merged weights) and verify it."),
+    ("export", "Write each export.formats artifact (merged, adapter, GGUF), re-check it, register it."),
 ]:
     _stage_command(_name, _doc)
 
@@ -113,24 +115,30 @@ def serve(
     model_dir: Optional[Path] = typer.Option(None, help="Serve this model folder instead of the recipe's export."),
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="Router policy JSON (default: the run's evaluate)."),
 ):
-    """Serve the exported student behind an OpenAI-compatible API (serve.host:serve.port, 127.0.0.1 by default)."""
+    """Serve the student behind an OpenAI-compatible API that escalates low-confidence requests to the
+    recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default)."""
     from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
+    from pipeline.router.app import check_policy_matches_export
     from pipeline.router.app import serve as serve_app
     from pipeline.router.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
     run_dir = runs_dir / cfg.name
-    if policy_file is not None:
-        policy = Policy.load(policy_file)
-    elif model_dir is not None and not (run_dir / "evaluate" / EVAL_POLICY).is_file():
+    policy_path = policy_file
+    if policy_path is None and not (model_dir is not None and not (run_dir / "evaluate" / EVAL_POLICY).is_file()):
+        policy_path = completed_stage(run_dir, "evaluate", EVAL_POLICY)
+    if policy_path is None:
         logging.getLogger(__name__).warning("no evaluated policy for %s: serving student-only, nothing escalates",
                                             model_dir)
         policy = Policy.student_only(cfg.router.signal)
     else:
-        policy = Policy.load(completed_stage(run_dir, "evaluate", EVAL_POLICY))
+        policy = Policy.load(policy_path)
     model_dir = model_dir or completed_stage(run_dir, "export", EXPORT_MERGED)
-    serve_app(model_dir, policy, cfg.serve)
+    if policy_path is not None:
+        # Before the slow model load: a policy evaluated on another adapter is refused at once.
+        check_policy_matches_export(policy_path, Path(model_dir).parent)
+    serve_app(model_dir, policy, cfg.serve, recipe=cfg, policy_path=policy_path)
 
 
 def _configure_logging() -> None:
@@ -140,9 +148,31 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "bitsandbytes" else logging.WARNING)
 
 
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """SIGTERM (process managers, `docker stop`) takes the Ctrl-C path: stages already stop
+    cleanly on KeyboardInterrupt (answers cached, checkpoints kept). Returns the undo; only the
+    main thread may set handlers, so elsewhere (a test runner's worker thread) it is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (testable without a subprocess)."""
     _configure_logging()
+    restore = _interrupt_on_sigterm()
+    try:
+        return _main(argv)
+    finally:
+        restore()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         # Non-standalone typer returns the exit code; Ctrl-C comes back as 130.
         code = app(args=argv, prog_name="distill", standalone_mode=False)

@@ -7,9 +7,10 @@ nearest valid one instead of silently running with the default.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -61,8 +62,9 @@ class TeacherConfig(Section):
     few_shot: bool = Field(True, description="Show the task file's worked examples to the teacher.")
     constrain_to_labels: bool = Field(
         True,
-        description="Local teacher on a classification task: decode only the task's label strings "
-        "(guided decoding), so every answer is a valid label.",
+        description="Classification task: the local teacher decodes only the task's label strings (guided "
+        "decoding); an openai: teacher is sent a response_format JSON-schema enum of them, whose "
+        "{\"label\": ...} wrapper counts against max_new_tokens (dropped when the server refuses it).",
     )
     base_url: str | None = Field(
         None, description="API base URL (openai:/anthropic:), e.g. http://127.0.0.1:8080/v1; default the provider's."
@@ -179,10 +181,6 @@ class CurateConfig(Section):
         0.5, gt=0, le=1,
         description="A test prompt is contaminated when this share of its word n-grams also occurs in train.",
     )
-    eval_file: Path | None = Field(
-        None,
-        description="External eval set (JSONL, 'prompt' field or chat 'messages'): prompts overlapping it are dropped.",
-    )
     target_size: int | None = Field(
         None, ge=1,
         description="Examples to keep (typically 1k-10k): label-balanced when labelled, else diversity-first; "
@@ -228,6 +226,27 @@ class QuantConfig(Section):
     )
 
 
+@functools.cache
+def optimizer_names() -> frozenset[str]:
+    """transformers' OptimizerNames values, read from its source: importing training_args
+    pulls in torch (seconds to tens of seconds), too slow for checking a recipe. Empty when
+    transformers is not installed or the class cannot be found (then nothing is checked)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    source = Path(list(spec.submodule_search_locations)[0]) / "training_args.py"
+    if not source.is_file():
+        return frozenset()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef) and node.name == "OptimizerNames":
+            return frozenset(item.value.value for item in node.body if isinstance(item, ast.Assign)
+                             and isinstance(item.value, ast.Constant) and isinstance(item.value.value, str))
+    return frozenset()
+
+
 class TrainConfig(Section):
     method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (4-bit base).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -265,6 +284,11 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _qlora_needs_4bit(self) -> TrainConfig:
         errors = []
+        known = optimizer_names()
+        if known and self.optim not in known:
+            hint = difflib.get_close_matches(self.optim, sorted(known), n=1)
+            errors.append(f"train.optim: '{self.optim}' is not a transformers optimizer"
+                          + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         if self.method == "qlora" and not self.quant.load_in_4bit:
             errors.append("train.quant.load_in_4bit must be true when train.method='qlora'")
         if self.method == "lora" and self.quant.load_in_4bit:
@@ -276,19 +300,102 @@ class TrainConfig(Section):
         return self
 
 
-class EvalConfig(Section):
-    max_new_tokens: int = Field(12, ge=1, description="Longest student answer in evaluation.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test examples.")
-    quality_gate: float | None = Field(
-        None, ge=0, le=1, description="Fail evaluation if tuned agreement is below this."
+class EvalCostConfig(Section):
+    student_usd_per_hour: float = Field(
+        0.10, ge=0,
+        description="Price of the machine serving the student, US$/hour (default: a 2-vCPU cloud VM, ~$0.10/h); "
+        "also prices an in-process local teacher by its measured latency.",
     )
 
 
+class EvalConfig(Section):
+    max_new_tokens: int = Field(12, ge=1, description="Longest student answer in evaluation.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test (and validation) examples.")
+    base_prompt: Literal["zero_shot", "few_shot", "bare"] = Field(
+        "zero_shot",
+        description="How the base-student baseline is prompted: the task's instructions (zero_shot), plus its "
+        "worked examples (few_shot), or the user message alone as the tuned student is served (bare).",
+    )
+    file: Path | None = Field(
+        None,
+        description="Your own held-out eval set (JSONL with a prompt field or chat 'messages', or CSV), scored "
+        "besides the test split; the teacher answers it through the teacher cache. Curate keeps its prompts "
+        "out of training.",
+    )
+    file_prompt_field: str = Field("prompt", description="eval.file field/column holding the prompt.")
+    file_gold_field: str | None = Field("gold", description="eval.file field/column holding an optional gold answer.")
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples (of prompts) behind every 95% CI.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Confidence level of the Clopper-Pearson bound the threshold is chosen on."
+    )
+    gate: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict,
+        description="Named conditions figure: bar (e.g. {tuned_agreement: 0.9, system_agreement: 0.97}); "
+        "a figure below its bar fails the stage, so export does not run.",
+    )
+    cost: EvalCostConfig = Field(default_factory=EvalCostConfig, description="Prices behind $ per 1,000 requests.")
+    judge: TeacherConfig | None = Field(
+        None,
+        description="Free-text tasks: an LLM judge (any teacher spec capture accepts, same settings) comparing "
+        "the tuned student with the teacher pairwise, both orders; cached, costed and budgeted like capture.",
+    )
+    judge_rubric: str | None = Field(None, description="What the judge weighs; default: correct, complete, concise.")
+
+
 class ExportConfig(Section):
-    formats: list[Literal["merged"]] = Field(["merged"], description="What to export.")
+    formats: list[Literal["merged", "adapter", "gguf"]] = Field(
+        ["merged"],
+        description="What to export: merged (plain transformers / vLLM folder), adapter (the PEFT adapter "
+        "alone), gguf (llama.cpp files of export.gguf_types + an Ollama Modelfile; needs the gguf extra).",
+    )
+    gguf_types: list[str] = Field(
+        ["f16", "q8_0", "q4_k_m", "q5_k_m"],
+        description="llama.cpp types to write when formats has gguf (must include f16, the exact-parity "
+        "reference the others are quantized from); checked against llama.cpp's type list.",
+    )
     verify_prompts: int = Field(4, ge=1, description="Validation prompts re-generated to verify the export.")
     verify_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per verification prompt.")
+    parity_limit: int | None = Field(
+        None, ge=1, description="Test examples every artifact is scored on (the first N, as eval.limit takes "
+        "them); null: the whole test split."
+    )
+    parity_max_new_tokens: int = Field(12, ge=1, description="Longest answer per test prompt in the parity run.")
+    parity_tolerance: float = Field(
+        0.02, ge=0, le=1, description="A quantized artifact whose agreement with the teacher (or EOS stop rate) "
+        "is more than this below the merged model's is rejected."
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call for the transformers artifacts.")
+    require: list[str] = Field(
+        [], description="Artifacts (merged, adapter, gguf-<type>) whose rejection fails the stage; others are "
+        "only marked rejected and left unregistered."
+    )
+    registry: bool = Field(True, description="Register artifacts that pass parity in the MLflow model registry.")
+    model_name: str | None = Field(None, description="Registered model name; default: the recipe name.")
+
+    @model_validator(mode="after")
+    def _formats_consistent(self) -> ExportConfig:
+        from pipeline.export.gguf_types import gguf_type_errors
+
+        errors = [f"export.formats: listed twice: {f}" for f in sorted(set(self.formats))
+                  if self.formats.count(f) > 1]
+        if "merged" not in self.formats:
+            errors.append("export.formats must include merged: GGUF is converted from it and every artifact "
+                          "is checked against it")
+        if "gguf" in self.formats:
+            errors += gguf_type_errors(self.gguf_types)
+        produced = self.artifact_names()
+        errors += [f"export.require: '{name}' is not produced by export.formats/gguf_types "
+                   f"(produced: {', '.join(produced)})" for name in self.require if name not in produced]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def artifact_names(self) -> list[str]:
+        """The names parity.json, `export.require` and the registry use, in export order."""
+        names = [f for f in ("merged", "adapter") if f in self.formats]
+        return names + ([f"gguf-{t}" for t in self.gguf_types] if "gguf" in self.formats else [])
 
 
 class RouterConfig(Section):
@@ -297,10 +404,12 @@ class RouterConfig(Section):
     quality_target: float = Field(
         0.9, gt=0, le=1, description="Agreement with the teacher the router must keep on answered requests."
     )
-    signal: Literal["mean_logprob"] = Field(
+    signal: Literal["mean_logprob", "min_logprob", "label_prob", "label_margin"] = Field(
         "mean_logprob",
         description="Confidence signal the threshold is set on (pipeline/router/policy.py SIGNALS): "
-        "mean_logprob = average log-probability of the answer's tokens.",
+        "mean_logprob / min_logprob = average / lowest log-probability of the answer's tokens; "
+        "label_prob / label_margin (classification) = temperature-scaled posterior of the answered label "
+        "over the label set / its lead over the runner-up.",
     )
 
 
@@ -313,6 +422,36 @@ class ServeConfig(Section):
     max_tokens: int = Field(256, ge=1, description="Default and ceiling for completion tokens per request.")
     api_key_env: str | None = Field(
         None, description="Env var holding the bearer key clients must send; none: no auth (loopback only)."
+    )
+    mode: str = Field(
+        "live",
+        pattern=r"^(off|shadow|live|canary:(100|[1-9]?[0-9])(\.[0-9]+)?)$",
+        description="off = teacher answers everything; shadow = the teacher answers, the student runs "
+        "alongside and both are logged; canary:<pct> = that share of traffic routed (by a hash of `user` "
+        "or the request id), the rest teacher-only; live = every request routed (student, escalate on "
+        "low confidence).",
+    )
+    max_queue: int = Field(64, ge=1, description="Requests admitted at once; beyond it the router answers 429.")
+    deadline_s: float = Field(
+        30.0, gt=0, description="Per-request deadline; a teacher not done by then leaves the student's answer."
+    )
+    budget_usd: float | None = Field(
+        None, gt=0, description="Most the router may spend on teacher calls (reserved before each call); "
+        "default teacher.budget_usd. Past it, escalations get the student's answer (student-fallback)."
+    )
+    max_batch: int = Field(8, ge=1, description="Concurrent student requests that share one generate call (1: none).")
+    batch_window_ms: float = Field(
+        0.0, ge=0, description="How long the first request of a micro-batch waits for company; 0: only requests "
+        "that queued while the previous generate call ran are batched (no added latency when idle).",
+    )
+    rollback_window: int = Field(
+        200, ge=1, description="Shadowed answers the policy would keep, over which agreement with the teacher "
+        "is averaged; below router.quality_target the router switches itself to mode off.",
+    )
+    escalations: Path = Field(
+        Path(".distill/escalations.jsonl"),
+        description="Where every teacher answer the router obtains is appended, in the capture record "
+        "format; `teacher.spec=logs:<this file>` imports it.",
     )
 
 
@@ -389,7 +528,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise DistillError(f"override '{item}': {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise DistillError(f"override '{item}': invalid YAML value ({getattr(err, 'problem', None) or err}); "
+                           "quote it if it is meant as text") from None
 
 
 def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:

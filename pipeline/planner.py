@@ -9,7 +9,7 @@ download and an OOM. The estimate is deliberately simple and a little pessimisti
 - weights: 4-bit linears cost 0.5 byte/param plus the quantization constants (fp32 absmax
   per 64-weight block = 0.5 bit/param; with double quantization 8-bit absmax + fp32 per 256
   blocks = 0.127 bit/param, QLoRA paper section 3). Embeddings, lm_head and norms are not
-  quantized, and peft's prepare_model_for_kbit_training upcasts them to fp32.
+  quantized and stay in the compute dtype (finetune does not upcast them to fp32).
 - LoRA: r*(in+out) params per adapted linear; weight + grad in the compute dtype (TRL casts
   LoRA weights of a quantized model to bf16), AdamW states 8 bytes/param fp32, 2 for 8-bit.
 - activations per token per layer, in the compute dtype: ~(18*hidden + 6*intermediate)
@@ -164,7 +164,7 @@ def estimate(arch: Architecture, train, compute_dtype: str = "bfloat16") -> Esti
     act_bytes = DTYPE_BYTES[compute_dtype]
     if train.quant.load_in_4bit:
         bits = 0.5 + (0.127 if train.quant.double_quant else 0.5) / 8
-        weights = arch.linear_params * bits + arch.other_params * 4  # prepare_model_for_kbit_training: fp32
+        weights = arch.linear_params * bits + arch.other_params * act_bytes
     else:
         weights = arch.params * act_bytes
     n_lora = lora_params(arch, train.lora.r, train.lora.targets)

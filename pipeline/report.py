@@ -13,6 +13,33 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+def _ci(m: dict, name: str) -> str:
+    """A figure with its 95% CI, as evaluate records it (name, name_lo, name_hi)."""
+    if m.get(name) is None:
+        return "—"
+    if m.get(f"{name}_lo") is None:
+        return _pct(m[name])
+    return f"{_pct(m[name])} [{100 * m[f'{name}_lo']:.0f}-{100 * m[f'{name}_hi']:.0f}]"
+
+
+def _usd(value: float | None) -> str:
+    return "—" if value is None else f"${value:.4f}" if value < 1 else f"${value:.2f}"
+
+
+def evaluate_rows(m: dict) -> list[tuple[str, str]]:
+    """Quality of base / tuned / teacher, the routed system at the threshold, and its cost."""
+    rows = [("teacher agreement: base / tuned", f"{_ci(m, 'base_agreement')} / {_ci(m, 'tuned_agreement')}")]
+    if "teacher_accuracy" in m:
+        rows.append(("gold accuracy: base / tuned / teacher",
+                     f"{_ci(m, 'base_accuracy')} / {_ci(m, 'tuned_accuracy')} / {_ci(m, 'teacher_accuracy')}"))
+    if "local_share" in m:
+        rows.append(("routed: local share / agreement", f"{_ci(m, 'local_share')} / {_ci(m, 'system_agreement')}"))
+    if "routed_usd_per_1k" in m:
+        rows.append(("$/1k requests: routed / teacher",
+                     f"{_usd(m['routed_usd_per_1k'])} / {_usd(m.get('teacher_only_usd_per_1k'))}"))
+    return rows
+
+
 def print_summary(recipe: Recipe, result: PipelineResult, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title=f"distill: {recipe.name}", show_header=True)
@@ -34,12 +61,8 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
         table.add_row("examples kept", f"{curate.counts['kept']} (train {curate.counts['train']} / "
                       f"val {curate.counts['validation']} / test {curate.counts['test']})")
     if evaluate:
-        m = evaluate.metrics
-        table.add_row("agreement with teacher, base student", _pct(m.get("base_agreement")))
-        table.add_row("agreement with teacher, tuned student", _pct(m.get("tuned_agreement")))
-        if "teacher_accuracy" in m:
-            table.add_row("gold accuracy: teacher / tuned student",
-                          f"{_pct(m['teacher_accuracy'])} / {_pct(m['tuned_accuracy'])}")
+        for row in evaluate_rows(evaluate.metrics):
+            table.add_row(*row)
     for outcome in result.outcomes:
         took = "skipped (unchanged)" if outcome.skipped else f"{outcome.wall_s:.1f}s"
         table.add_row(f"time: {outcome.name}", took)

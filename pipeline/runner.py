@@ -31,9 +31,10 @@ from pipeline.artifacts import (
     write_manifest,
 )
 from pipeline.config import Recipe, field_values
+from pipeline.distributed import Ranks
 from pipeline.errors import DistillError
 from pipeline.stages import Stage, capture, curate, evaluate, export, finetune
-from pipeline.tracking import Tracker, TrackerProtocol, redact_tree, resolve_uri
+from pipeline.tracking import NullTracker, Tracker, TrackerProtocol, redact_tree, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,23 @@ def stages_until(until: str | None) -> tuple[Stage, ...]:
     return STAGES[: STAGE_NAMES.index(until) + 1]
 
 
-def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Path("runs"), force: bool = False) -> PipelineResult:
+def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Path("runs"), force: bool = False,
+                 ranks: Ranks | None = None) -> PipelineResult:
+    """Every stage up to `until`. Under a multi-process launch only the main process writes
+    folders and MLflow runs; the other ranks get a NullTracker and join ALL_RANKS stages."""
+    ranks = ranks or Ranks.detect()
     layout = RunLayout(runs_root, recipe.name)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(resolve_uri(recipe.tracking.uri), recipe.tracking.experiment)
+    if ranks.main:
+        layout.root.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(resolve_uri(recipe.tracking.uri), recipe.tracking.experiment) if ranks.main else NullTracker()
     result = PipelineResult(layout.root)
     with tracker.run(recipe.name):
         tracker.params({"recipe": recipe.model_dump(mode="json")})
         for stage in stages_until(until):
-            result.outcomes.append(run_stage(stage, recipe, layout, tracker, force))
+            result.outcomes.append(run_stage(stage, recipe, layout, tracker, force, ranks))
         tracker.metrics({f"{o.name}_wall_s": o.wall_s for o in result.outcomes})
-    layout.point_latest()
+    if ranks.main:
+        layout.point_latest()
     return result
 
 
@@ -88,7 +95,9 @@ def fingerprint(stage: Stage, recipe: Recipe, input_hashes: dict[str, str]) -> s
 
 
 def run_stage(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerProtocol,
-              force: bool = False) -> StageOutcome:
+              force: bool = False, ranks: Ranks = Ranks()) -> StageOutcome:
+    if ranks.count > 1 and not stage.ALL_RANKS:
+        return _on_main_only(stage, recipe, layout, tracker, force, ranks)
     inputs, input_hashes = _resolve_inputs(stage, recipe, layout)
     fingerprint_ = fingerprint(stage, recipe, input_hashes)
     final = layout.stage_dir(stage.NAME)
@@ -97,20 +106,39 @@ def run_stage(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerP
         log.info("%s: unchanged since %s, skipped", stage.NAME, previous.created_at)
         return StageOutcome(stage.NAME, previous, skipped=True, wall_s=0.0)
 
-    partial = _prepare_partial(layout.partial_dir(stage.NAME), fingerprint_, stage.RESUMABLE)
+    partial = layout.partial_dir(stage.NAME)
+    if ranks.main:
+        _prepare_partial(partial, fingerprint_, stage.RESUMABLE)
+    ranks.barrier()  # the other ranks train into the folder the main process prepared
     log.info("%s: running", stage.NAME)
     start = time.perf_counter()
     with tracker.run(stage.NAME, nested=True, system_metrics=stage.SYSTEM_METRICS):
         manifest = stage.run(recipe, inputs, partial, tracker)
-        write_resolved_config(partial, recipe)
-        manifest.fingerprint = fingerprint_
-        manifest.inputs = input_hashes
-        manifest.wall_s = time.perf_counter() - start
-        manifest.outputs = hash_outputs(partial)
-        write_manifest(partial, manifest)  # last: a folder without it is incomplete
-    (partial / FINGERPRINT).unlink(missing_ok=True)
-    replace_dir(partial, final)
-    return StageOutcome(stage.NAME, manifest, skipped=False, wall_s=manifest.wall_s)
+        if ranks.main:
+            write_resolved_config(partial, recipe)
+            manifest.fingerprint = fingerprint_
+            manifest.inputs = input_hashes
+            manifest.wall_s = time.perf_counter() - start
+            manifest.outputs = hash_outputs(partial)
+            write_manifest(partial, manifest)  # last: a folder without it is incomplete
+    if ranks.main:
+        (partial / FINGERPRINT).unlink(missing_ok=True)
+        replace_dir(partial, final)
+    ranks.barrier()  # nobody moves on before the folder is in place
+    return StageOutcome(stage.NAME, manifest, skipped=False, wall_s=time.perf_counter() - start)
+
+
+def _on_main_only(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerProtocol, force: bool,
+                  ranks: Ranks) -> StageOutcome:
+    """A stage that must run once: the main process runs it, the other ranks wait, then read its manifest."""
+    outcome = run_stage(stage, recipe, layout, tracker, force) if ranks.main else None
+    ranks.barrier()
+    if outcome is not None:
+        return outcome
+    manifest = read_manifest(layout.stage_dir(stage.NAME))
+    if manifest is None:
+        raise DistillError(f"rank {ranks.index}: {stage.NAME} did not complete on the main process")
+    return StageOutcome(stage.NAME, manifest, skipped=True, wall_s=0.0)
 
 
 def write_resolved_config(folder: Path, recipe: Recipe) -> None:

@@ -94,6 +94,13 @@ class NullTracker:
     def artifact(self, path: Path, subdir: str | None = None) -> None:
         self.artifacts.append((Path(path), subdir))
 
+    def register_model(self, name: str, source: str, tags: dict[str, str], description: str = "") -> str:
+        """Record a model-registry registration in memory; versions count up per name like MLflow's."""
+        self.registered = getattr(self, "registered", [])
+        version = str(1 + sum(r["name"] == name for r in self.registered))
+        self.registered.append({"name": name, "source": source, "tags": dict(tags), "version": version})
+        return version
+
     def last_metrics(self) -> dict[str, float]:
         """Every metric's latest value, whatever step it was logged at."""
         merged: dict[str, float] = {}
@@ -140,6 +147,27 @@ class Tracker:
             self._mlflow.log_artifacts(str(path), artifact_path=subdir)
         else:
             self._mlflow.log_artifact(str(path), artifact_path=subdir)
+
+
+    def register_model(self, name: str, source: str, tags: dict[str, str], description: str = "") -> str:
+        """A new version of registered model `name` (created when missing) whose source is
+        `source`, linked to the active (stage) run, with `tags`; returns the version number."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        try:
+            client.get_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            client.create_registered_model(name, description="Distilled student exported by distill")
+        active = self._mlflow.active_run()
+        version = client.create_model_version(name, source=source, run_id=active.info.run_id if active else None,
+                                              tags={k: str(v) for k, v in redact(tags).items()},
+                                              description=description)
+        return str(version.version)
 
 
 def _artifact_root(uri: str) -> str | None:

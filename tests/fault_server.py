@@ -5,7 +5,10 @@ client's timeout, truncated JSON. Used by tests/test_capture*.py; run it by hand
     python tests/fault_server.py --port 8089 --fault-rate 0.2
 
 It counts, per prompt (the last user message), every request and every successful answer,
-which is what "paid for at most once" is checked against.
+which is what "paid for at most once" is checked against; and, like a real provider's bill,
+the usage of every request it generated an answer for (`billed`), whether or not the client
+read it (a slow answer the client gave up on, a truncated body). Like OpenAI, it refuses
+`max_tokens` and `temperature` for reasoning models (o1, o3, o4-mini, gpt-5).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -30,7 +34,8 @@ def answer_for(prompt: str) -> str:
 class FaultServer:
     def __init__(self, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS, latency_s: float = 0.0,
                  slow_s: float = 2.0, retry_after: str = "0.05", status: int | None = None,
-                 plan: dict[int, str] | None = None, reject_logprobs: bool = False, seed: int = 0):
+                 plan: dict[int, str] | None = None, reject_logprobs: bool = False, seed: int = 0,
+                 response_format: str = "ignore"):
         self.fault_rate = fault_rate
         self.faults = faults
         self.latency_s = latency_s
@@ -39,11 +44,15 @@ class FaultServer:
         self.status = status  # answer every request with this error status (auth tests)
         self.plan = plan or {}  # request number (1-based) -> fault, for deterministic tests
         self.reject_logprobs = reject_logprobs
+        # What it does with a `response_format` JSON schema: "ignore" it (answer as usual),
+        # "follow" it (answer {"label": one of the enum}, as llama.cpp, vLLM and OpenAI do), or "reject" (400).
+        self.response_format = response_format
         self.requests: Counter[str] = Counter()
         self.successes: Counter[str] = Counter()
         self.times: dict[str, list[float]] = defaultdict(list)
         self.bodies: list[dict] = []
         self.faulted: Counter[str] = Counter()
+        self.billed: list[tuple[int, int]] = []  # (prompt_tokens, completion_tokens) per generation
         self.total = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -93,6 +102,14 @@ class FaultServer:
                 self.faulted[fault] += 1
             return fault
 
+    def bill(self, usage: tuple[int, int]) -> None:
+        with self._lock:
+            self.billed.append(usage)
+
+    def billed_usd(self, input_per_mtok: float, output_per_mtok: float) -> float:
+        with self._lock:
+            return sum(p * input_per_mtok + c * output_per_mtok for p, c in self.billed) / 1e6
+
     def succeeded(self, prompt: str) -> None:
         with self._lock:
             self.successes[prompt] += 1
@@ -122,9 +139,16 @@ def _handler(server: FaultServer):
                 return self._error(500, "internal error")
             if server.reject_logprobs and body.get("logprobs"):
                 return self._error(400, "logprobs are not supported")
+            if server.response_format == "reject" and "response_format" in body:
+                return self._error(400, "response_format is not supported")
+            refused = _refused_for_reasoning(body)
+            if refused:
+                return self._error(400, f"Unsupported parameter: '{refused}' is not supported with this model.")
             anthropic = self.path.rstrip("/").endswith("/messages")
-            payload = _messages_response(body, prompt) if anthropic else _chat_response(body, prompt)
+            follow = server.response_format == "follow"
+            payload = _messages_response(body, prompt) if anthropic else _chat_response(body, prompt, follow)
             data = json.dumps(payload).encode()
+            server.bill(_usage(body))  # generated: billed, whatever happens to the bytes now
             if fault == "slow":
                 time.sleep(server.slow_s)
             if fault == "truncated":
@@ -153,6 +177,15 @@ def _handler(server: FaultServer):
     return Handler
 
 
+REASONING = re.compile(r"^(o\d+|gpt-5)([-.].*)?$")
+
+
+def _refused_for_reasoning(body: dict) -> str | None:
+    if not REASONING.match(str(body.get("model", ""))):
+        return None
+    return next((k for k in ("max_tokens", "temperature", "logprobs") if k in body), None)
+
+
 def _content(content) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
@@ -164,15 +197,25 @@ def _usage(body: dict) -> tuple[int, int]:
     return len(text) // 4 + 1, 3
 
 
-def _chat_response(body: dict, prompt: str) -> dict:
+def _structured_answer(body: dict, prompt: str) -> str | None:
+    """{"label": ...} picked from the schema's enum by the prompt's hash; None without a schema."""
+    schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
+    labels = ((schema.get("properties") or {}).get("label") or {}).get("enum")
+    if not labels:
+        return None
+    return json.dumps({"label": labels[int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % len(labels)]})
+
+
+def _chat_response(body: dict, prompt: str, follow_schema: bool = False) -> dict:
     prompt_tokens, completion_tokens = _usage(body)
+    content = (_structured_answer(body, prompt) if follow_schema else None) or answer_for(prompt)
     logprobs = None
     if body.get("logprobs"):
         logprobs = {"content": [{"token": "ans", "logprob": -0.25, "bytes": None, "top_logprobs": []},
                                 {"token": "-x", "logprob": -0.75, "bytes": None, "top_logprobs": []}]}
     return {
         "id": "chatcmpl-fault", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_for(prompt)},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                      "finish_reason": "stop", "logprobs": logprobs}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},

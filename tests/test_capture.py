@@ -67,6 +67,7 @@ def test_faults_200_prompts_give_200_records_each_paid_once(tmp_path, tracking_u
         assert all(r["meta"]["error"] is None for r in records)
         assert all(r["messages"][-1]["content"] == answer_for(r["messages"][0]["content"]) for r in records)
         assert all(r["meta"]["usage"]["prompt_tokens"] > 0 and r["meta"]["logprobs"] == -0.5 for r in records)
+        assert all(r["meta"]["token_logprobs"] == [-0.25, -0.75] for r in records), "per-token logprobs kept"
         manifest = read_manifest(runs / "cap" / "capture")
         assert manifest.counts["ok"] == 200 and manifest.counts["failed"] == 0
         assert manifest.counts["retries"] >= sum(server.faulted.values())
@@ -126,9 +127,11 @@ def test_budget_stops_before_exceeding_it_and_a_higher_budget_resumes(tmp_path, 
     assert manifest.metrics["cost_usd_prompt_set"] == pytest.approx(sum(cached_costs(tmp_path)))
 
 
-def test_unknown_model_needs_a_price(tmp_path, tracking_uri, capsys):
+def test_unknown_model_needs_a_price(tmp_path, tracking_uri, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unused")
     write_prompts(tmp_path / "prompts.jsonl", 2)
-    teacher = {"spec": "openai:my-private-model", "base_url": "http://127.0.0.1:9/v1"}
+    # Not loopback (a loopback server defaults to $0); the price check fails before any call.
+    teacher = {"spec": "openai:my-private-model", "base_url": "https://gateway.example.com/v1"}
     recipe = write_recipe(tmp_path, teacher, tracking_uri=tracking_uri)
     assert run_capture(recipe, tmp_path / "runs") == 1
     assert "teacher.price.input_per_mtok" in capsys.readouterr().err
@@ -175,7 +178,8 @@ def test_failed_calls_are_recorded_not_cached_and_retried_next_run(tmp_path, tra
     write_prompts(tmp_path / "prompts.jsonl", 10)
     runs = tmp_path / "runs"
     with FaultServer(plan={1: "500"}) as server:  # the first call (sent alone) fails; no retries allowed
-        teacher = fast_retries(server.base_url, max_retries=0, max_failure_rate=0.2)
+        # Unconstrained: a 500 on the first call with a response_format would be read as refusing it.
+        teacher = fast_retries(server.base_url, max_retries=0, max_failure_rate=0.2, constrain_to_labels=False)
         recipe = write_recipe(tmp_path, teacher, tracking_uri=tracking_uri)
         assert run_capture(recipe, runs) == 0
         records = read_records(runs)
@@ -192,7 +196,8 @@ def test_failed_calls_are_recorded_not_cached_and_retried_next_run(tmp_path, tra
 def test_too_many_failures_fail_the_stage(tmp_path, tracking_uri, capsys):
     write_prompts(tmp_path / "prompts.jsonl", 10)
     with FaultServer(fault_rate=1.0, faults=("500",)) as server:
-        teacher = fast_retries(server.base_url, max_retries=1, max_failure_rate=0.1)
+        # Unconstrained: on the first call a 500 to a response_format also tries the next shape.
+        teacher = fast_retries(server.base_url, max_retries=1, max_failure_rate=0.1, constrain_to_labels=False)
         recipe = write_recipe(tmp_path, teacher, tracking_uri=tracking_uri)
         assert run_capture(recipe, tmp_path / "runs") == 1
         assert server.total == 20, "each call is tried once plus one retry"

@@ -8,6 +8,7 @@ GGUF on 127.0.0.1; nothing here is faked.
 
 
 import pytest
+import yaml
 from capture_helpers import LLAMA_ALIAS, ROOT, read_records, write_recipe
 from capture_helpers import llama_server as start_llama_server
 
@@ -26,7 +27,8 @@ def llama_server(tmp_path_factory):
 
 
 def test_capture_through_openai_provider_against_llama_cpp(llama_server, tmp_path):
-    teacher = {"spec": f"openai:{ALIAS}", "base_url": llama_server, "max_new_tokens": 6, "concurrency": 2,
+    # 16 tokens: the answer comes as {"label": "..."} (response_format with the task's label enum).
+    teacher = {"spec": f"openai:{ALIAS}", "base_url": llama_server, "max_new_tokens": 16, "concurrency": 2,
                "few_shot": True, "timeout_s": 120, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4}}
     capture = {"prompts": str(ROOT / "data" / "prompts.jsonl"), "limit": 6}
     recipe = write_recipe(tmp_path, teacher, capture)
@@ -35,10 +37,13 @@ def test_capture_through_openai_provider_against_llama_cpp(llama_server, tmp_pat
 
     records = read_records(runs)
     assert len(records) == 6 and len({r["id"] for r in records}) == 6
+    labels = yaml.safe_load((ROOT / "data" / "task.yaml").read_text())["labels"]
+    answers = [r["messages"][-1]["content"] for r in records]
+    assert all(answer in labels for answer in answers), f"llama.cpp answered outside the label set: {answers}"
     for record in records:
         meta = record["meta"]
         assert meta["error"] is None and record["messages"][-1]["content"].strip()
-        assert meta["usage"]["prompt_tokens"] > 100 and 1 <= meta["usage"]["completion_tokens"] <= 6
+        assert meta["usage"]["prompt_tokens"] > 100 and 1 <= meta["usage"]["completion_tokens"] <= 16
         assert meta["cost_usd"] == pytest.approx(
             (meta["usage"]["prompt_tokens"] * 0.1 + meta["usage"]["completion_tokens"] * 0.4) / 1e6)
         assert isinstance(meta["logprobs"], float) and meta["logprobs"] <= 0

@@ -94,6 +94,9 @@ def test_qlora_on_cpu_trains_lora_only_and_the_adapter_reloads(tiny_mistral_dir,
     manifest = finetune.run(cfg, {"curate": curated}, tmp_path, NullTracker())
 
     assert manifest.counts["steps"] == 2
+    plain = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+    expected_total = sum(p.numel() for p in plain.parameters()) + manifest.metrics["trainable_params"]
+    assert manifest.metrics["total_params"] == expected_total, "4-bit packed weights were under-counted"
     begin, end, types = snapshots["begin"], snapshots["end"], snapshots["types"]
     assert "Params4bit" in types.values(), "the base was not loaded in 4-bit"
     lora = [n for n in begin if "lora_" in n]
@@ -113,6 +116,46 @@ def test_qlora_on_cpu_trains_lora_only_and_the_adapter_reloads(tiny_mistral_dir,
         plain = base(ids).logits
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids).logits
     assert not torch.allclose(plain, adapted, atol=1e-6), "the adapter does not change the logits"
+
+
+def test_qlora_keeps_the_residual_stream_in_the_compute_dtype(tiny_mistral_dir, curated, tmp_path):
+    """A bf16 NF4 base stays bf16 once the trainer has it: embeddings, norms and lm_head are not
+    upcast (peft's prepare_model_for_kbit_training did that), so activations stay bf16 too."""
+    import torch
+    from trl import SFTTrainer
+
+    from pipeline.llm.loading import DevicePlan, load_model, load_tokenizer
+
+    cfg = recipe(tiny_mistral_dir, method="qlora", quant={"load_in_4bit": True, "on_cpu": "run",
+                                                           "compute_dtype": "bfloat16"},
+                 gradient_checkpointing=True).train
+    plan = DevicePlan("cpu", "bfloat16", True, "test: bf16 compute on CPU to see dtypes")
+    tokenizer = load_tokenizer(str(tiny_mistral_dir))
+    model = load_model(str(tiny_mistral_dir), plan, cfg.quant)
+    train = finetune.tokenize_dataset(finetune.to_prompt_completion(curated_split(curated)), tokenizer, cfg.max_seq_len)
+    trainer = SFTTrainer(model=model, args=finetune.build_sft_config(cfg, tmp_path, plan), train_dataset=train,
+                         processing_class=tokenizer, peft_config=finetune.build_lora_config(cfg.lora))
+    base = trainer.model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert base.model.norm.weight.dtype == torch.bfloat16 and base.lm_head.weight.dtype == torch.bfloat16
+    seen = {}
+
+    def record(name, tensor) -> None:  # hooks must return None, or they replace the module's input/output
+        seen.setdefault(name, tensor.dtype)
+
+    hooks = [base.model.layers[1].register_forward_pre_hook(lambda m, a: record("layer_input", a[0])),
+             base.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, a, out: record("gate_proj", out))]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.model(torch.tensor([[1, 5, 42, 7]]))
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"layer_input": torch.bfloat16, "gate_proj": torch.bfloat16}
+
+
+def curated_split(curated: Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(curated / "dataset"), keep_in_memory=True)["train"]
 
 
 # ---------------------------------------------------------------- EOS check
@@ -217,3 +260,17 @@ def test_mlflow_gets_the_recipe_curves_speed_memory_and_adapter(tiny_llama_dir, 
     assert "adapter" in [a.path for a in client.list_artifacts(run_id)]
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3]
+
+
+def test_padding_free_on_cuda_needs_flash_attention():
+    """Decided from the plan alone, so it is testable without a GPU: CPU keeps padding-free, CUDA
+    without flash-attn falls back to padded SDPA batches, CUDA with it asks for the varlen kernel."""
+    from pipeline.llm.loading import DevicePlan
+
+    train = Recipe(name="t", train={"padding_free": True}).train
+    cpu = DevicePlan("cpu", "float32", False, "cpu")
+    cuda = DevicePlan("cuda", "bfloat16", True, "cuda")
+    assert finetune.attention_plan(train, cpu, flash_attn_installed=False) == (train, None)
+    padded, attention = finetune.attention_plan(train, cuda, flash_attn_installed=False)
+    assert attention is None and padded.padding_free is False and train.padding_free is True
+    assert finetune.attention_plan(train, cuda, flash_attn_installed=True) == (train, "flash_attention_2")

@@ -6,7 +6,7 @@
 Mistral-7B-Instruct-v0.3's exact shape (the planner's KNOWN_ARCHITECTURES entry) with random
 bf16 weights, saved to a folder and loaded back by the project's own loader, so the path is
 the finetune stage's: `device_plan` -> `load_model` (NF4 through `build_bnb_config`) ->
-`prepare_model_for_kbit_training` -> TRL's SFTTrainer with `build_sft_config` /
+TRL's SFTTrainer with `build_sft_config` /
 `build_lora_config` from recipes/mistral7b.yaml's train section. Only what a smoke run must
 change is overridden: 3 steps, grad_accum 1 (accumulation reuses the same buffers, so the
 peak is the same), no checkpoints, no EOS check. Rows are pre-tokenized the way
@@ -145,7 +145,6 @@ def same_bytes(a, b) -> bool:
 def qlora_run(folder: Path, overrides: list[str]) -> dict:
     """Train like the finetune stage for max_steps on random rows; return what happened and what it cost."""
     import torch
-    from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
 
     from pipeline.config import load_recipe
@@ -165,10 +164,7 @@ def qlora_run(folder: Path, overrides: list[str]) -> dict:
     before_load = alloc()
     start = time.perf_counter()
     model = load_model(str(folder), plan, cfg.quant)
-    loaded = alloc() - before_load
-    if plan.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    weights = alloc() - before_load
+    weights = alloc() - before_load  # as the stage does: no k-bit preparation (it would upcast to fp32)
     load_s = time.perf_counter() - start
 
     args = build_sft_config(cfg, folder.parent / f"{folder.name}-checkpoints", plan)
@@ -205,7 +201,7 @@ def qlora_run(folder: Path, overrides: list[str]) -> dict:
                                                 "gradient_checkpointing", "padding_free", "packing")}
         | {"lora_r": cfg.lora.r, "compute_dtype": plan.dtype_name, "tokens_per_step": tokens},
         "estimate_gib": est.parts() | {"total": est.total, "comparable_to_allocated": est_alloc},
-        "measured_gib": {"weights_after_load": loaded, "weights_after_kbit_prep": weights,
+        "measured_gib": {"weights_after_load": weights,
                          "peak_allocated": peak, "peak_reserved": reserved} if cuda else None,
         "estimate_over_measured": est_alloc / peak if cuda else None,
         "band": [LOW, HIGH],
@@ -293,9 +289,9 @@ def test_qlora_steps_on_the_full_mistral7b_shape_train_lora_only(mistral7b_dir, 
 @needs_cuda
 def test_vram_planner_estimate_brackets_the_measured_peak(mistral7b_run):
     est, measured = mistral7b_run["estimate_gib"], mistral7b_run["measured_gib"]
-    weights = measured["weights_after_kbit_prep"]
+    weights = measured["weights_after_load"]
     assert abs(weights - est["weights"]) <= WEIGHTS_TOLERANCE * est["weights"], \
-        f"NF4 base + fp32 embeddings measured {weights:.2f} GiB, planned {est['weights']:.2f} GiB"
+        f"NF4 base + bf16 embeddings measured {weights:.2f} GiB, planned {est['weights']:.2f} GiB"
     peak, planned = measured["peak_allocated"], est["comparable_to_allocated"]
     assert LOW * peak <= planned <= HIGH * peak, (
         f"planner {planned:.2f} GiB (+{est['total'] - planned:.1f} GiB CUDA context = {est['total']:.2f}) vs measured "

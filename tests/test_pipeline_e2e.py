@@ -67,9 +67,11 @@ def test_each_stage_wrote_exactly_its_artifacts(pipeline_run):
     assert files_under(run / "finetune") >= {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "train_log.jsonl"}
     assert not (run / "finetune" / "checkpoints").exists()
     assert files_under(run / "evaluate") == {"report.json", "report.md", "predictions.jsonl", "router_policy.json",
-                                             "resolved_config.yaml", "manifest.json"}
+                                             "confusion.png", "reliability.png", "risk_coverage.png",
+                                             "cost_quality.png", "resolved_config.yaml", "manifest.json"}
     assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "merged/chat_template.jinja",
-            "verification.json"} <= files_under(run / "export")
+            "merged/generation_config.json", "verification.json", "parity.json", "parity.md",
+            "README.md"} <= files_under(run / "export")
     assert not list(run.glob("*.partial")), "no partial folder survives a successful run"
     assert (run.parent / "latest").resolve() == run.resolve()
 
@@ -87,7 +89,7 @@ def test_manifests_hash_what_is_on_disk_and_chain_lineage(pipeline_run):
     manifests = {s: read_manifest(run / s) for s in STAGES}
     for stage, manifest in manifests.items():
         assert manifest.outputs == hash_outputs(run / stage), f"{stage} changed after its manifest"
-    assert set(manifests["evaluate"].inputs) == {"task", "curate", "finetune"}
+    assert set(manifests["evaluate"].inputs) == {"task", "capture", "curate", "finetune"}
     assert manifests["capture"].counts["prompts"] == 32
     records = [json.loads(line) for line in (run / "capture" / "teacher.jsonl").read_text().splitlines()]
     assert len(records) == 32 and len({r["id"] for r in records}) == 32
@@ -110,6 +112,25 @@ def test_evaluation_report_matches_predictions(pipeline_run):
     assert len(preds) == report["test_examples"] > 0
     assert report["metrics"]["tuned_agreement"] == sum(p["tuned_agrees"] for p in preds) / len(preds)
     assert report["metrics"]["base_agreement"] == sum(p["base_agrees"] for p in preds) / len(preds)
+    fig = report["figures"]["tuned_agreement"]
+    assert fig["lo"] <= fig["value"] <= fig["hi"] and fig["n"] == len(preds)
+    md = (run / "evaluate" / "report.md").read_text()
+    assert md.index("| system | agreement with teacher") < md.index("## Routing threshold")
+    assert all(f"]({png})" in md for png in report["plots"]) and len(report["plots"]) == 4
+
+
+def test_router_policy_names_its_signal_settings_and_adapter(pipeline_run):
+    from pipeline.router.policy import Policy
+
+    _, _, run = pipeline_run
+    policy = json.loads((run / "evaluate" / "router_policy.json").read_text())
+    assert {"signal", "threshold", "bound", "quality_target", "settings", "adapter_sha256", "expected", "test"} <= set(policy)
+    assert policy["settings"]["max_new_tokens"] == 4
+    assert policy["adapter_sha256"] == read_manifest(run / "evaluate").inputs["finetune"]
+    loaded = Policy.load(run / "evaluate" / "router_policy.json")
+    if policy["threshold"] is None:  # fail closed, end to end through the served policy
+        preds = [json.loads(line) for line in (run / "evaluate" / "predictions.jsonl").read_text().splitlines()]
+        assert loaded.threshold is None and {p["route"] for p in preds} == {"escalate"}
 
 
 def test_merged_export_reloads_with_plain_transformers_and_matches_adapter_logits(pipeline_run, tiny_llama_dir):
@@ -171,6 +192,38 @@ def test_serving_and_planner_settings_rerun_no_stage(pipeline_run):
     assert main(["run", str(recipe), "serve.port=9123", "serve.host=0.0.0.0", "model.architecture=mistral7b",
                  "--runs-dir", str(run.parent)]) == 0
     assert {s: read_manifest(run / s).created_at for s in STAGES} == before
+
+
+def test_eval_file_is_answered_by_the_teacher_and_scored_like_the_test_split(pipeline_run):
+    folder, recipe, run = pipeline_run
+    heldout = folder / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": p, "gold": g}) + "\n" for p, g in
+                               [("my parcel never came", "track_order"), ("send me a VAT invoice", "invoice_request"),
+                                ("the vase arrived broken", "damaged_item")]))
+    assert main(["evaluate", str(recipe), f"eval.file={heldout}", "--runs-dir", str(run.parent)]) == 0
+    report = json.loads((run / "evaluate" / "report.json").read_text())
+    assert report["heldout"]["n"] == 3 and "file_tuned_agreement" in report["figures"]
+    assert "file_teacher_accuracy" in report["figures"] and "eval_file" in read_manifest(run / "evaluate").inputs
+    assert "## On your held-out file" in (run / "evaluate" / "report.md").read_text()
+
+
+def test_missed_gate_fails_evaluate_naming_the_figure_and_export_does_not_start(pipeline_run, capsys):
+    from mlflow.tracking import MlflowClient
+
+    folder, recipe, run = pipeline_run
+    before = read_manifest(run / "export").created_at
+    # The export override changes export's fingerprint: had the runner reached export, it would rerun.
+    code = main(["run", str(recipe), "eval.gate={tuned_agreement: 1.0}", "export.verify_prompts=1",
+                 "--runs-dir", str(run.parent)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "quality gate failed: tuned_agreement = " in err and "is below the bar 1.0" in err
+    assert read_manifest(run / "export").created_at == before
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    latest = client.search_runs([exp.experiment_id], "attributes.run_name = 'evaluate'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.info.status == "FAILED"
 
 
 def test_ctrl_c_during_finetune_then_rerun_resumes_from_checkpoint(tmp_path, tiny_llama_dir):

@@ -53,22 +53,32 @@ def test_policy_round_trips_through_its_file(tmp_path):
         Policy.load(path)
 
 
-def test_chosen_threshold_is_the_lowest_meeting_the_target_and_replay_agrees():
-    confidences = [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6]
-    correct = [True, True, True, False, True, False]
+def test_chosen_threshold_replays_as_the_server_decides():
+    confidences = [-i / 100 for i in range(45)]
+    correct = [True] * 40 + [False] * 5  # the 40 most confident agree: bound 0.05 ** (1/40) = 0.928
     answers = [answer(c) for c in confidences]
-    policy = choose_threshold(answers, correct, target=0.8)
-    assert policy.threshold == -0.5  # prefix of 5: 4/5 = 0.8; all 6: 4/6 < 0.8
-    on = measure(policy, answers, correct)
-    assert on.coverage == 5 / 6 and on.agreement_answered == 0.8
-    assert [d.route for d in replay(policy, answers)] == ["student"] * 5 + ["escalate"]
+    choice = choose_threshold(answers, correct, target=0.9)
+    assert choice.policy.threshold == -0.39 and choice.answered == 40
+    on = measure(choice.policy, answers, correct)
+    assert on.coverage == 40 / 45 and on.agreement_answered == 1.0
+    assert [d.route for d in replay(choice.policy, answers)] == ["student"] * 40 + ["escalate"] * 5
 
 
 def test_unreachable_target_gives_no_threshold_and_zero_coverage():
     answers = [answer(-0.1), answer(-0.2)]
-    policy = choose_threshold(answers, [False, False], target=0.9)
-    assert policy.threshold is None
-    assert measure(policy, answers, [False, False]).coverage == 0.0
+    choice = choose_threshold(answers, [False, False], target=0.9)
+    assert choice.policy.threshold is None
+    assert measure(choice.policy, answers, [False, False]).coverage == 0.0
+
+
+def test_label_policy_round_trips_and_says_it_needs_label_scores(tmp_path):
+    policy = Policy(threshold=0.8, signal="label_prob", quality_target=0.9, labels=("a", "b"), temperature=1.7)
+    path = tmp_path / "router_policy.json"
+    path.write_text(json.dumps(policy.to_json()))
+    loaded = Policy.load(path)
+    assert loaded == policy and loaded.needs_label_scores and list(loaded.labels) == ["a", "b"]
+    with pytest.raises(DistillError, match="needs the task's labels"):
+        Policy(threshold=0.8, signal="label_margin")
 
 
 def test_completion_reads_legacy_cache_rows():
@@ -79,3 +89,9 @@ def test_completion_reads_legacy_cache_rows():
     assert Completion.from_json(c.to_json()) == c
     assert Completion(text="", token_logprobs=[-math.inf]).mean_logprob is None
     assert Completion(text="").usage == {}
+
+
+def test_an_answer_cut_off_at_the_token_limit_escalates_unless_student_only():
+    cut = Completion(text="x", token_logprobs=[-0.01], finish_reason="length")
+    assert Policy(threshold=-1.0).decide(cut).route == "escalate"
+    assert Policy.student_only().decide(cut).route == "student"

@@ -47,7 +47,7 @@ def test_serving_settings_and_planner_hints_invalidate_no_stage():
     ("router.quality_target", 0.5, {"evaluate"}),
     ("eval.max_new_tokens", 3, {"evaluate"}),
     ("export.verify_prompts", 9, {"export"}),
-    ("teacher.max_new_tokens", 3, {"capture"}),
+    ("teacher.max_new_tokens", 3, {"capture", "evaluate"}),  # evaluate asks the teacher about eval.file
     ("model.base", "/some/model", {"curate", "finetune", "evaluate", "export"}),
 ])
 def test_a_read_field_invalidates_exactly_the_stages_that_read_it(field, value, invalidated):

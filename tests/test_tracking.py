@@ -28,3 +28,27 @@ def test_nested_runs_params_metrics_and_artifacts_land_in_a_real_store(tmp_path)
     assert child.data.metrics["loss"] == 1.5
     assert [a.path for a in client.list_artifacts(child_id)] == ["card.md"]
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the store, not in the cwd
+
+
+def test_every_recipe_field_reaches_a_real_store_verbatim_except_secrets(tmp_path):
+    """The runner logs the resolved recipe this way: no field may be masked because its name
+    merely contains "token" (max_new_tokens, the curate token limits) or lost on the way."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import Recipe
+    from pipeline.tracking import flatten
+
+    recipe = Recipe(name="verbatim", teacher={"max_new_tokens": 7, "api_key_env": "MY_KEY"}, eval={"max_new_tokens": 9},
+                    curate={"max_prompt_tokens": 77, "max_completion_tokens": 33, "min_prompt_tokens": 2})
+    expected = {k: str(v) for k, v in flatten({"recipe": recipe.model_dump(mode="json")}).items()}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "exp")
+    with tracker.run("parent") as run_id:
+        tracker.params({"recipe": recipe.model_dump(mode="json")})
+    logged = MlflowClient(uri).get_run(run_id).data.params
+    assert logged == expected
+    for key, value in {"teacher.max_new_tokens": "7", "eval.max_new_tokens": "9", "curate.max_prompt_tokens": "77",
+                       "curate.max_completion_tokens": "33", "teacher.api_key_env": "MY_KEY"}.items():
+        assert logged[f"recipe.{key}"] == value, key
+    assert redact({"hf_token": "x", "access_token": "y", "teacher.max_new_tokens": 7}) == {
+        "hf_token": "***", "access_token": "***", "teacher.max_new_tokens": "7"}

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.config import CurateConfig, Recipe
 from pipeline.curation.dedup import NgramIndex, step_decontaminate, step_exact_dedupe, step_near_dedupe
 from pipeline.curation.filters import FormatChecker, count_tokens, step_consistency, step_format, step_length
-from pipeline.curation.pii import step_pii
+from pipeline.curation.pii import scrub_records
 from pipeline.curation.records import Removal, step_normalise
 from pipeline.curation.selection import step_select, stratified_split
 from pipeline.task import Task
@@ -37,7 +37,7 @@ class CurateContext:
     cfg: CurateConfig
     max_seq_len: int  # train.max_seq_len: the length filter drops longer sequences
     tokenizer: Any  # the student's (transformers) tokenizer with its chat template
-    eval_prompts: tuple[str, ...] | None = None  # normalised prompts of curate.eval_file, if any
+    eval_prompts: tuple[str, ...] | None = None  # normalised prompts of eval.file, if any
 
     @property
     def seed(self) -> int:
@@ -81,7 +81,7 @@ class CurateStep:
 
 
 def normalise(records: list[dict], ctx: CurateContext) -> StepResult:
-    """Capture records in, working examples out: the first step of any registry."""
+    """Capture records in, working examples out (only the PII scrub, on records, may come before)."""
     return StepResult(*step_normalise(records, ctx.task, ctx.cfg))
 
 
@@ -109,8 +109,9 @@ def consistency(examples: list[dict], ctx: CurateContext) -> StepResult:
     return StepResult(*step_consistency(examples, ctx.task, cfg.labels_only, cfg.consistency_threshold))
 
 
-def pii(examples: list[dict], ctx: CurateContext) -> StepResult:
-    kept, changed, counts = step_pii(examples)
+def pii(records: list[dict], ctx: CurateContext) -> StepResult:
+    """On the capture records, before anything can show or keep their raw text."""
+    kept, changed, counts = scrub_records(records)
     return StepResult(kept, changed=changed, pii_counts=counts)
 
 
@@ -125,16 +126,18 @@ def select(examples: list[dict], ctx: CurateContext) -> StepResult:
     return StepResult(kept, removed, notes=notes)
 
 
-# Order matters: dedupe before format merges numbered samples so consistency can vote on them;
-# pii runs after consistency chose each answer; decontamination and selection see the final text.
+# Order matters: pii comes first, so no step's removed examples (shown in the card) and no
+# output ever hold raw personal data; dedupe before format merges numbered samples so
+# consistency can vote on them; decontamination and selection see the final text.
+NORMALISE = "normalise"
 STEPS: tuple[CurateStep, ...] = (
-    CurateStep("normalise", normalise),
+    CurateStep("pii scrub", pii, enabled=lambda ctx: ctx.cfg.pii),
+    CurateStep(NORMALISE, normalise),
     CurateStep("length", length),
     CurateStep("exact dedupe", exact_dedupe),
     CurateStep("near-dup (MinHash)", near_dedupe),
     CurateStep("answer format", answer_format),
     CurateStep("self-consistency", consistency),
-    CurateStep("pii scrub", pii, enabled=lambda ctx: ctx.cfg.pii),
     CurateStep("decontaminate (eval file)", eval_decontaminate, enabled=lambda ctx: ctx.eval_prompts is not None),
     CurateStep("select", select),
 )

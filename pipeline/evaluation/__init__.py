@@ -1,4 +1,14 @@
-"""Evaluation machinery used by `pipeline.stages.evaluate`: scoring answers against the
-teacher and gold (metrics.py) and choosing the router's threshold (threshold.py). What a
-threshold *means* is decided in one place, pipeline/router/policy.py, which the server uses too.
+"""Evaluation machinery used by `pipeline.stages.evaluate` (`distill evaluate RECIPE`):
+
+- stats.py        bootstrap CIs over prompts, Clopper-Pearson bounds, examples needed for a target
+- metrics.py      agreement, scikit-learn classification metrics, JSON field F1, chrF / ROUGE-L
+- calibration.py  posterior temperature (fitted on validation), AUROC, reliability bins
+- threshold.py    the routing threshold with a guarantee (fixed-sequence Clopper-Pearson), replay
+- cost.py         $ per 1,000 requests: teacher-only, routed, student-only
+- judge.py        pairwise LLM judge (both orders) through the teacher service
+- heldout.py      the user's own held-out file (eval.file)
+- gate.py         eval.gate: named figure >= bar, or the stage fails
+- plots.py, render.py  the PNGs and report.md
+
+What a threshold *means* is decided in one place, pipeline/router/policy.py, which the server uses too.
 """

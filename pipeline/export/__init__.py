@@ -1,11 +1,25 @@
-"""Export formats used by `pipeline.stages.export`, one module each, in a registry keyed by
-the names `export.formats` accepts. Each format writes its folder and re-checks it.
+"""Export formats used by `pipeline.stages.export`, one module per concern. `FORMATS` holds the
+names `export.formats` accepts, each with the module that writes it; the artifact folder and
+file names below are what `distill serve` and users read, beside EXPORT_MERGED in artifacts.py.
 
-  merged.py   adapter merged into an unquantized base, saved as plain safetensors, verified
+  merged.py     adapter merged into an unquantized base, saved in the base's dtype, verified
+  adapter.py    the PEFT adapter alone
+  gguf.py       llama.cpp files: F16 from the converter, the rest from llama.cpp's quantizer
+  converter.py  llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python sdist, isolated
+  gguf_types.py the llama.cpp types export.gguf_types accepts (checked by `distill validate`)
+  parity.py     every artifact re-scored in its runtime; tokenizer/template/EOS checks; the gate
+  modelfile.py  the Ollama Modelfile (chat template as a Go template, stops)
+  card.py       the model card (README.md)
+  registry.py   MLflow model registry versions with lineage tags
 """
 
 from __future__ import annotations
 
-from pipeline.export.merged import export_merged
+from pipeline.export.adapter import EXPORT_ADAPTER
+from pipeline.export.gguf import EXPORT_GGUF, gguf_name
+from pipeline.export.modelfile import MODELFILE
+from pipeline.export.parity import PARITY_JSON, PARITY_MD
 
-FORMATS = {"merged": export_merged}
+FORMATS = {"merged": "pipeline.export.merged", "adapter": "pipeline.export.adapter", "gguf": "pipeline.export.gguf"}
+
+__all__ = ["EXPORT_ADAPTER", "EXPORT_GGUF", "FORMATS", "MODELFILE", "PARITY_JSON", "PARITY_MD", "gguf_name"]

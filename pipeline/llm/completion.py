@@ -30,12 +30,22 @@ class Completion:
     cost_usd: float = 0.0
     error: str | None = None
     created_at: str = field(default_factory=_now)
+    # Classification: log-likelihood of each label's full token sequence (EOS included) after
+    # the prompt, from one teacher-forced pass (pipeline/llm/scoring.py); the policy turns it
+    # into the label posterior. None: not scored.
+    label_logprobs: dict[str, float] | None = None
 
     @property
     def mean_logprob(self) -> float | None:
         """Average log-probability of the chosen tokens: the confidence signal policies read."""
         values = [v for v in self.token_logprobs or [] if math.isfinite(v)]
         return sum(values) / len(values) if values else None
+
+    @property
+    def min_logprob(self) -> float | None:
+        """Lowest log-probability among the chosen tokens: a length-unbiased confidence signal."""
+        values = [v for v in self.token_logprobs or [] if math.isfinite(v)]
+        return min(values) if values else None
 
     @property
     def stopped(self) -> bool:

@@ -13,10 +13,12 @@ from pipeline.llm.completion import Completion
 
 def generate_batch(
     model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, labels: list[str] | None = None,
-    source: str = "",
+    source: str = "", score_labels: list[str] | None = None,
 ) -> list[Completion]:
     """Greedy, batched generation (left padding). With `labels`, decoding is constrained to
-    those strings (see constrained.py). Latency is the batch's wall time split evenly."""
+    those strings (see constrained.py). With `score_labels`, each Completion also carries every
+    label's teacher-forced log-likelihood (scoring.py), which the label-posterior signals read.
+    Latency is the batch's wall time split evenly."""
     import torch
 
     from pipeline.llm.constrained import allowed_tokens_fn
@@ -43,9 +45,14 @@ def generate_batch(
     logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
     chosen = logprobs.gather(-1, new_tokens[:, : logprobs.shape[1], None]).squeeze(-1)
     prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
+    scores = [None] * len(conversations)
+    if score_labels:
+        from pipeline.llm.scoring import label_logprobs
+
+        scores = label_logprobs(model, tokenizer, conversations, score_labels)
     per_item_ms = int((time.perf_counter() - start) * 1000 / max(len(conversations), 1))
     results = []
-    for row, lp, prompt_len in zip(new_tokens.tolist(), chosen.tolist(), prompt_lengths):
+    for row, lp, prompt_len, label_lp in zip(new_tokens.tolist(), chosen.tolist(), prompt_lengths, scores):
         length = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), None)
         n = length if length is not None else len(row)
         results.append(Completion(
@@ -57,5 +64,6 @@ def generate_batch(
             token_logprobs=lp[: max(n, 1)],
             finish_reason="stop" if length is not None else "length",
             latency_ms=per_item_ms,
+            label_logprobs=label_lp,
         ))
     return results

@@ -8,9 +8,11 @@ decided here and stated in one log line.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,6 +134,7 @@ def load_tokenizer(ref: str, chat_template: Path | None = None) -> PreTrainedTok
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(ref))
+    check_chat_template(chat_template)
     if chat_template is not None:
         tokenizer.chat_template = Path(chat_template).read_text()
     if tokenizer.pad_token is None:
@@ -139,11 +142,13 @@ def load_tokenizer(ref: str, chat_template: Path | None = None) -> PreTrainedTok
     return tokenizer
 
 
-def load_model(ref: str, plan: DevicePlan, quant=None) -> PreTrainedModel:
+def load_model(ref: str, plan: DevicePlan, quant=None, attn_implementation: str | None = None) -> PreTrainedModel:
     """Load a causal LM per the device plan; `quant` is our QuantConfig when 4-bit is planned."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": plan.dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if plan.load_in_4bit:
         kwargs["quantization_config"] = build_bnb_config(quant, plan)
         # Under `accelerate launch` every rank loads its own copy onto its own GPU.
@@ -164,7 +169,8 @@ def build_bnb_config(quant, plan: DevicePlan):
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = torch.float32 if plan.device == "cpu" else getattr(torch, quant.compute_dtype)
+    # On CPU the plan's dtype (fp32: bf16 matmul is ~400x slower there); on CUDA the recipe's.
+    compute = plan.dtype if plan.device == "cpu" else getattr(torch, quant.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -172,3 +178,99 @@ def build_bnb_config(quant, plan: DevicePlan):
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute,
     )
+
+
+# ---------------------------------------------------------------- checking references early
+
+# A hub id: `name` or `org/name`, letters, digits, `-`, `_`, `.` (what the hub accepts).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_model_ref(ref: str, where: str) -> None:
+    """Fail in one line, before any stage spends time or money, when `ref` (the recipe field
+    `where`) cannot be loaded: an unknown embedded name, a folder that is missing or holds no
+    config.json, something that is neither a path nor a hub id, or a hub id that is not in
+    the local cache while the hub is offline (a typo, most likely)."""
+    if ref.startswith("embedded:"):
+        name = ref.removeprefix("embedded:")
+        if name not in EMBEDDED:
+            raise DistillError(f"{where}: unknown embedded model '{name}'; known: {', '.join(EMBEDDED)}")
+        return
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DistillError(f"{where}: {ref} has no config.json, so it is not a model folder")
+        return
+    if ref.startswith((".", "/", "~")) or not HUB_ID.fullmatch(ref):
+        raise DistillError(f"{where}: '{ref}' is neither an existing folder, a hub id (org/name) nor embedded:<name>")
+    if _hub_offline() and not _in_hub_cache(ref):
+        raise DistillError(
+            f"{where}: '{ref}' is not a folder here and not in the local Hugging Face cache, and the hub is "
+            "offline (HF_HUB_OFFLINE); check the spelling, or give a folder as ./path"
+        )
+
+
+def check_chat_template(path: Path | None, where: str = "model.chat_template") -> None:
+    if path is not None and not Path(path).is_file():
+        raise DistillError(f"{where}: {path}: file not found")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def check_recipe_models(recipe) -> None:
+    """Every model reference and template file a recipe names, checked up front (capture and
+    curate call this first, so a typo fails before minutes of capture, not after)."""
+    check_model_ref(recipe.model.base, "model.base")
+    check_chat_template(recipe.model.chat_template)
+    provider, _, ref = recipe.teacher.spec.partition(":")
+    if provider == "local":
+        check_model_ref(ref, f"teacher.spec={recipe.teacher.spec}")
+
+
+# ---------------------------------------------------------------- model content
+
+# What decides a model folder's answers: config, weights, tokenizer and template. A model
+# retrained in place keeps its path, so caches and stage fingerprints key on these instead.
+CONTENT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "tokenizer.json",
+                    "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                      "chat_template.jinja")
+
+
+def model_files(ref: str, patterns: tuple[str, ...] = CONTENT_PATTERNS) -> dict[str, Path]:
+    """{relative name: path} of a local model folder's content files; {} for a hub id or an
+    embedded model, whose name pins the content (hub revision, package version)."""
+    if ref.startswith("embedded:"):
+        return {}
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        return {}
+    found = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
+    return {p.name: p for p in sorted(found)}
+
+
+def model_content_hash(ref: str) -> str | None:
+    """One hash over a local folder's config, weight and tokenizer files; None when `ref` is not one."""
+    from pipeline.artifacts import sha256_json
+
+    files = model_files(ref)
+    if not files:
+        return None
+    return sha256_json({name: _file_hash(path, path.stat().st_size, path.stat().st_mtime_ns)
+                        for name, path in files.items()})
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: Path, size: int, mtime_ns: int) -> str:
+    """Weights are large: hash each once per process unless it changed (size and mtime are the key)."""
+    from pipeline.artifacts import sha256_file
+
+    return sha256_file(path)

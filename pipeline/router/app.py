@@ -1,52 +1,92 @@
-"""The OpenAI-compatible server for the student: `make serve` / `distill serve RECIPE`.
+"""The OpenAI-compatible router: `make serve` / `distill serve RECIPE`.
 
-An app factory in llama-cpp-python's server layout: `create_app(settings, backends,
-policy)` builds everything from its arguments (no globals, nothing at import), so tests
-serve a tiny model on loopback and the CLI serves the export. `serve()` is the CLI's
-entry: it loads the student and runs uvicorn on 127.0.0.1 unless told otherwise.
+An app factory in llama-cpp-python's server layout: `create_app(settings, backends, policy,
+teacher=..., escalations=...)` builds everything from its arguments (no globals, nothing at
+import), so tests serve a tiny model on loopback and the CLI serves the export. Routing
+itself (student, policy, teacher, modes, the escalations log) is routing.py; this module is
+HTTP: auth, admission (bounded queue -> 429), option checks, headers, SSE, /metrics.
+`serve()` is the CLI's entry: it loads the student and runs uvicorn on 127.0.0.1 unless told
+otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
 import os
+import re
 import secrets
+import signal
+import threading
 import time
-from dataclasses import dataclass
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
+from pipeline.llm.completion import Completion
 from pipeline.net import is_loopback_host
-from pipeline.router.backends import Backend, StudentBackend
-from pipeline.router.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, RouterError, error_envelope
+from pipeline.router.backends import Backend, StudentBackend, TeacherBackend
+from pipeline.router.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    RouterError,
+    error_envelope,
+)
+from pipeline.router.escalations import EscalationLog
+from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
+from pipeline.router.modes import Mode, Rollback
 from pipeline.router.policy import Policy
 from pipeline.router.protocol import (
     AssistantMessage,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChunkChoice,
     Choice,
+    Delta,
+    DistillInfo,
     ModelCard,
     ModelList,
     Usage,
 )
+from pipeline.router.routing import Ask, Router
+
+if TYPE_CHECKING:
+    from pipeline.config import Recipe
+    from pipeline.task import Task
 
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-distill-route"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 @dataclass(frozen=True)
 class ServeSettings:
     api_key: SecretStr | None = None  # None: no auth (fine on loopback, the default bind)
     max_tokens: int = 256  # default and ceiling for completion tokens per request
+    mode: Mode = field(default_factory=lambda: Mode("live"))
+    max_queue: int = 64  # requests admitted at once; the next gets 429
+    deadline_s: float = 30.0  # per request, from admission to the chosen answer
+    retry_after_s: int = 1  # sent with a 429
+    rollback_window: int = 200  # shadowed pairs averaged before rolling back to off
+    max_body_bytes: int = 1 << 20  # a chat request past 1 MiB is not a support message: refused with 413
+    max_messages: int = 64
 
     @classmethod
     def from_env(cls, api_key_env: str | None, **kwargs) -> ServeSettings:
@@ -59,59 +99,225 @@ class ServeSettings:
             raise DistillError(f"environment variable {api_key_env} is empty or unset; export the API key there")
         return cls(api_key=SecretStr(value), **kwargs)
 
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> ServeSettings:
+        return cls.from_env(cfg.api_key_env, max_tokens=cfg.max_tokens, mode=Mode.parse(cfg.mode),
+                            max_queue=cfg.max_queue, deadline_s=cfg.deadline_s, rollback_window=cfg.rollback_window)
 
-def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Policy) -> FastAPI:
-    """Build the app; `backends` maps each public model name to what answers it."""
-    app = FastAPI(title="distill router")
-    _add_error_handlers(app)
+
+def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Policy, *,
+               teacher: TeacherBackend | None = None, escalations: EscalationLog | None = None,
+               reload_policy: Callable[[], Policy] | None = None) -> FastAPI:
+    """Build the app; `backends` maps each public model name to the student that answers it.
+    `teacher`: where escalations go (None: escalations get the student's answer, marked
+    student-fallback). The app closes the teacher when it shuts down. `reload_policy`: reads
+    the policy again (POST /admin/reload-policy, SIGHUP); it raises DistillError to refuse."""
+    if settings.mode.needs_teacher and teacher is None:
+        raise DistillError(f"serve.mode={settings.mode} needs a teacher; use serve.mode=live to serve the student alone")
+    metrics = RouterMetrics()
+    rollback = Rollback(policy.quality_target, settings.rollback_window) if settings.mode.kind == "shadow" else None
+    router = Router(policy, settings.mode, metrics, teacher, escalations, rollback)
+
+    def reload() -> dict:
+        if reload_policy is None:
+            raise InvalidRequest("this server was started without a policy file to reload")
+        try:
+            fresh = reload_policy()
+        except DistillError as err:
+            metrics.errors.labels("policy_reload").inc()
+            log.error("policy reload refused, keeping %s: %s", router.policy_hash, err)
+            raise InvalidRequest(f"policy reload refused, kept the current one: {err}") from None
+        previous = router.swap_policy(fresh)
+        return {"policy": router.policy_hash, "previous": previous}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if teacher is not None:
+            teacher.start()
+        if reload_policy is not None and threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, reload)
+        yield
+        await router.drain()
+        if teacher is not None:
+            await teacher.aclose()
+
+    app = FastAPI(title="distill router", lifespan=lifespan)
+    app.state.router = router
+    _add_error_handlers(app, metrics)
+    _limit_body(app, settings.max_body_bytes)
     created = int(time.time())
+    in_flight = [0]  # one event loop: a plain counter is race-free
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": sorted(backends)}
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_auth(settings.api_key))])
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        loaded = all(getattr(b, "ready", True) for b in backends.values())
+        body = {"status": "ready" if loaded else "loading", "mode": str(router.mode), "policy": router.policy_hash,
+                "threshold": _threshold_text(router.policy.threshold), "teacher": teacher.spec if teacher else None,
+                "rolled_back": bool(rollback and rollback.tripped)}
+        return JSONResponse(body, status_code=200 if loaded else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        metrics.queue.set(in_flight[0])
+        if teacher is not None:
+            metrics.teacher_usd.set(teacher.spent_usd)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    auth = [Depends(_bearer_auth(settings.api_key))]
+
+    @app.post("/admin/reload-policy", dependencies=auth)
+    async def reload_endpoint() -> dict:
+        return reload()
+
+    v1 = APIRouter(prefix="/v1", dependencies=auth)
 
     @v1.get("/models")
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=created) for name in backends])
 
     @v1.post("/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest, response: Response) -> ChatCompletionResponse:
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
+        started = time.monotonic()
         if ignored := request.ignored_fields():
             log.info("ignoring unsupported request fields: %s", ", ".join(ignored))
         backend = backends.get(request.model)
         if backend is None:
             raise ModelNotFound(request.model, sorted(backends))
-        max_tokens = _checked_max_tokens(request, settings)
-        completion = await backend.complete([m.as_template_message() for m in request.messages], max_tokens)
-        decision = policy.decide(completion)
-        if decision.route == "escalate":
-            log.info("escalate (%s); no teacher backend yet, answering from the student", decision.reason)
-        response.headers[ROUTE_HEADER] = decision.route
-        return ChatCompletionResponse(
-            model=request.model,
-            choices=[Choice(index=0, message=AssistantMessage(content=completion.text),
-                            finish_reason=completion.finish_reason)],
-            usage=Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-                        total_tokens=completion.prompt_tokens + completion.completion_tokens),
-        )
+        max_tokens = _checked_options(request, settings)
+        if in_flight[0] >= settings.max_queue:
+            metrics.rejected.labels("queue_full").inc()
+            raise QueueFull(settings.max_queue, settings.retry_after_s)
+        request_id = _request_id(raw.headers.get("x-request-id"))
+        ask = Ask(request_id=request_id, key=request.user or request_id, prompt=request.user_prompt(),
+                  messages=[m.as_template_message() for m in request.messages], max_tokens=max_tokens,
+                  deadline=started + settings.deadline_s, deadline_s=settings.deadline_s)
+        in_flight[0] += 1
+        try:
+            routed = await router.route(backend, ask)
+        finally:
+            in_flight[0] -= 1
+        metrics.requests.labels(routed.route, routed.mode.kind).inc()
+        metrics.latency.labels("total").observe(time.monotonic() - started)
+        text, finish = _apply_stop(routed.answer, request.stop_sequences())
+        info = DistillInfo(route=routed.route, confidence=_finite(routed.confidence), policy=routed.policy_hash,
+                           request_id=request_id, mode=str(routed.mode), reason=routed.reason)
+        headers = _distill_headers(info)
+        usage = _usage(routed.answer)
+        if request.stream:
+            include_usage = bool((request.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(request.model, text, finish, info, usage if include_usage else None),
+                                     media_type="text/event-stream", headers=headers)
+        body = ChatCompletionResponse(
+            model=request.model, usage=usage, distill=info,
+            choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=finish)])
+        return JSONResponse(body.model_dump(), headers=headers)
 
     app.include_router(v1)
     return app
 
 
-def _checked_max_tokens(request: ChatCompletionRequest, settings: ServeSettings) -> int:
+# ---------------------------------------------------------------- request checks
+
+
+def _checked_options(request: ChatCompletionRequest, settings: ServeSettings) -> int:
     """Reject what we cannot honour, with the field named, instead of quietly doing something else."""
-    if request.stream:
-        raise InvalidRequest("stream=true is not supported yet; send stream=false", param="stream")
     if request.n != 1:
         raise InvalidRequest(f"n={request.n} is not supported; only n=1", param="n")
+    if len(request.messages) > settings.max_messages:
+        raise InvalidRequest(f"{len(request.messages)} messages; this server takes at most {settings.max_messages}",
+                             param="messages")
+    if request.temperature not in (None, 0):
+        raise InvalidRequest(f"temperature={request.temperature}: this server decodes greedily (what was "
+                             "evaluated); send temperature=0 or omit it", param="temperature")
+    if request.top_p not in (None, 1):
+        raise InvalidRequest(f"top_p={request.top_p}: this server decodes greedily; send top_p=1 or omit it",
+                             param="top_p")
+    if request.logprobs or request.top_logprobs:
+        raise InvalidRequest("logprobs are not returned by this router yet; omit logprobs/top_logprobs",
+                             param="logprobs" if request.logprobs else "top_logprobs")
+    if len(request.stop_sequences()) > 4 or any(not s for s in request.stop_sequences()):
+        raise InvalidRequest("stop takes up to 4 non-empty strings", param="stop")
     asked = request.max_completion_tokens or request.max_tokens
     if asked is not None and asked > settings.max_tokens:
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         raise InvalidRequest(f"{param}={asked} exceeds this server's limit of {settings.max_tokens}", param=param)
     return asked or settings.max_tokens
+
+
+def _on_sighup(reload: Callable[[], dict]) -> None:
+    try:
+        reload()
+    except InvalidRequest:
+        return  # already logged with the reason; the current policy stays
+
+
+def _request_id(sent: str | None) -> str:
+    """The client's x-request-id when it is a sane token (it is echoed in a header), else a new one."""
+    if sent and _REQUEST_ID.match(sent):
+        return sent
+    return f"req-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _apply_stop(answer: Completion, stops: list[str]) -> tuple[str, str]:
+    """Cut the answer at the first stop sequence (OpenAI semantics: the sequence is not returned)."""
+    text = answer.text
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        return text[: min(cuts)], "stop"
+    return text, "stop" if answer.finish_reason != "length" else "length"
+
+
+def _usage(answer: Completion) -> Usage:
+    prompt, completion = answer.prompt_tokens or 0, answer.completion_tokens or 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _finite(score: float | None) -> float | None:
+    return score if score is not None and math.isfinite(score) else None
+
+
+def _threshold_text(threshold: float | None) -> str | float | None:
+    return "-inf (student only)" if threshold == -math.inf else threshold
+
+
+def _distill_headers(info: DistillInfo) -> dict[str, str]:
+    return {
+        ROUTE_HEADER: info.route,
+        "x-distill-confidence": "none" if info.confidence is None else f"{info.confidence:.4f}",
+        "x-distill-policy": info.policy,
+        "x-request-id": info.request_id,
+    }
+
+
+def _pieces(text: str) -> list[str]:
+    """Word-sized stream deltas whose concatenation is exactly `text`."""
+    return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
+
+
+async def _sse(model: str, text: str, finish: str, info: DistillInfo, usage: Usage | None) -> AsyncIterator[bytes]:
+    """OpenAI chunk shapes: role, content deltas, finish, optional usage chunk, [DONE]."""
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, "distill": info}
+
+    def event(choices: list[ChunkChoice], **extra) -> bytes:
+        return f"data: {ChatCompletionChunk(choices=choices, **base, **extra).model_dump_json()}\n\n".encode()
+
+    yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
+    for piece in _pieces(text):
+        yield event([ChunkChoice(delta=Delta(content=piece))])
+    yield event([ChunkChoice(delta=Delta(), finish_reason=finish)])
+    if usage is not None:
+        yield event([], usage=usage)
+    yield b"data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------- auth and errors
 
 
 def _bearer_auth(api_key: SecretStr | None):
@@ -128,12 +334,37 @@ def _bearer_auth(api_key: SecretStr | None):
     return require_key
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _limit_body(app: FastAPI, max_bytes: int) -> None:
+    app.add_middleware(_BodyLimit, max_bytes=max_bytes)
+
+
+class _BodyLimit:
+    """Refuse an oversize body from its Content-Length, before reading it. Plain ASGI: Starlette's
+    @app.middleware("http") costs a task group and streams per request, measurable here."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                response = JSONResponse(error_envelope(
+                    f"request body of {int(declared)} bytes exceeds this server's limit of {self.max_bytes}",
+                    type="invalid_request_error", code="body_too_large"), status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
     """Every error leaves in the OpenAI envelope, so SDK clients raise the right exception."""
 
     @app.exception_handler(RouterError)
     async def router_error(_: Request, exc: RouterError) -> JSONResponse:
-        return JSONResponse(exc.envelope(), status_code=exc.status)
+        metrics.errors.labels(exc.code or exc.type).inc()
+        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -141,6 +372,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         locs = [".".join(str(p) for p in e["loc"] if p != "body") for e in errors]
         message = "; ".join(f"{loc or 'body'}: {e['msg']}" for loc, e in zip(locs, errors))
+        metrics.errors.labels("invalid_request").inc()
         return JSONResponse(error_envelope(message, type="invalid_request_error", param=locs[0] or None),
                             status_code=400)
 
@@ -150,17 +382,75 @@ def _add_error_handlers(app: FastAPI) -> None:
                             status_code=exc.status_code, headers=exc.headers)
 
 
-def serve(model_dir: Path, policy: Policy, cfg: ServeConfig) -> None:
-    """Load the student from `model_dir` and serve it until interrupted (`make serve`)."""
+# ---------------------------------------------------------------- the CLI's entry
+
+
+def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
+    """Refuse to serve a policy evaluated on another adapter than the one exported: its
+    threshold would mean nothing for this model. Tolerant of policies written before they
+    carried `adapter_sha256` (logged, not refused)."""
+    from pipeline.artifacts import read_manifest
+
+    try:
+        expected = json.loads(Path(policy_path).read_text()).get("adapter_sha256")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DistillError(f"{policy_path}: not a router policy ({type(err).__name__}: {err})") from None
+    manifest = read_manifest(Path(export_dir))
+    served = manifest.inputs.get("finetune") if manifest is not None else None
+    if expected is None or served is None:
+        log.warning("cannot check the policy against the export (%s has no adapter_sha256 or %s no finetune "
+                    "input hash); rerun `distill evaluate` to record it", policy_path, export_dir)
+        return
+    if expected != served:
+        raise DistillError(
+            f"{policy_path} was evaluated on adapter {expected[:12]} but {export_dir} was exported from "
+            f"adapter {served[:12]}; rerun `distill evaluate` and `distill export` on the same finetune")
+
+
+def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend | None:
+    """The recipe's teacher for escalations, or None when it cannot answer live (`logs:`)."""
+    if recipe.teacher.spec.startswith("logs:"):
+        log.warning("teacher.spec=%s imports answers and cannot answer live requests: escalations get the "
+                    "student's answer (student-fallback)", recipe.teacher.spec)
+        return None
+    return TeacherBackend(recipe.teacher, task, recipe.capture.cache, budget_usd=cfg.budget_usd)
+
+
+def load_checked_policy(policy_path: Path, export_dir: Path) -> Policy:
+    """The policy at `policy_path`, refused when it was evaluated on another adapter."""
+    check_policy_matches_export(policy_path, export_dir)
+    return Policy.load(policy_path)
+
+
+def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | None = None,
+          policy_path: Path | None = None) -> None:
+    """Load the student from `model_dir` and serve it until interrupted (`make serve`).
+    `recipe`: where the teacher comes from; None serves without one (live mode only).
+    `policy_path`: where `policy` came from, read again on SIGHUP or POST /admin/reload-policy."""
     import uvicorn
+
+    from pipeline.task import load_task
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DistillError(f"{model_dir}: no config.json, so no exported student to serve; run `make export` first")
-    settings = ServeSettings.from_env(cfg.api_key_env, max_tokens=cfg.max_tokens)  # before the slow load: fail fast
+    settings = ServeSettings.from_config(cfg)  # before the slow load: fail fast
     if settings.api_key is None and not is_loopback_host(cfg.host):
         log.warning("serving on %s without an API key; set serve.api_key_env to require one", cfg.host)
-    app = create_app(settings, {cfg.model_name: StudentBackend(model_dir)}, policy)
-    log.info("serving %s as '%s' on http://%s:%d/v1 (policy: %s threshold %s)", model_dir, cfg.model_name,
-             cfg.host, cfg.port, policy.signal, policy.threshold)
+    task = load_task(recipe.capture.task) if recipe is not None else None
+    can_escalate = policy.threshold != -math.inf
+    teacher = build_teacher(recipe, task, cfg) if task is not None and (can_escalate or settings.mode.needs_teacher) \
+        else None
+    # Label signals score every label on each answer; getattr: policies before label signals lack both.
+    labels = list(getattr(policy, "labels", None) or []) if getattr(policy, "needs_label_scores", False) else None
+    student = StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
+                             window_s=cfg.batch_window_ms / 1000)
+    reload = (lambda: load_checked_policy(policy_path, model_dir.parent)) if policy_path is not None else None
+    app = create_app(settings, {cfg.model_name: student}, policy, teacher=teacher,
+                     escalations=EscalationLog(cfg.escalations) if teacher is not None else None,
+                     reload_policy=reload)
+    log.info("serving %s as '%s' on http://%s:%d/v1 (mode %s, policy %s: %s threshold %s, teacher %s)", model_dir,
+             cfg.model_name, cfg.host, cfg.port, settings.mode, app.state.router.policy_hash, policy.signal,
+             policy.threshold, teacher.spec if teacher else "none")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+

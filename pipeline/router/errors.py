@@ -13,6 +13,7 @@ class RouterError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None  # extra response headers (Retry-After on a 429)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -48,6 +49,34 @@ class AuthenticationFailed(RouterError):
 
     def __init__(self, message: str = "Missing or incorrect API key; send 'Authorization: Bearer <key>'."):
         super().__init__(message)
+
+
+class QueueFull(RouterError):
+    """More requests in flight than `serve.max_queue`: the client should back off and retry."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, max_queue: int, retry_after_s: int):
+        super().__init__(f"The router already has {max_queue} requests in flight; retry after {retry_after_s} s.")
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(RouterError):
+    """Not even the student answered within `serve.deadline_s`."""
+
+    status = 504
+    type = "server_error"
+    code = "deadline_exceeded"
+
+
+class BackendUnavailable(RouterError):
+    """Neither the student nor the teacher could answer."""
+
+    status = 503
+    type = "server_error"
+    code = "backend_unavailable"
 
 
 def error_envelope(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:

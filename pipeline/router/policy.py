@@ -8,16 +8,22 @@ A policy is a confidence *signal* read off the student's Completion and a thresh
 The threshold comes from evaluation: the lowest signal value at which the student still met
 `router.quality_target`. When no threshold met the target, `threshold` is None and the
 policy fails closed: every request escalates. A signal the completion cannot provide
-(no logprobs) escalates too.
+(no logprobs) escalates too, and so does an answer cut off at the token limit (a hard gate
+before any signal).
 
-Signals live in a small registry (`SIGNALS`), so another decision rule (label posterior,
-margin, a logistic model) is one class with a `score(completion)` method.
+Signals live in a small registry (`SIGNALS`): mean_logprob, min_logprob (length-unbiased),
+and for classification label_prob / label_margin, read off the label posterior (a softmax
+over every label's teacher-forced log-likelihood, `Completion.label_logprobs`, scaled by the
+policy's temperature fitted on validation). An answer that is not one of the labels has no
+posterior and always escalates. A policy on a label signal says so (`needs_label_scores`),
+and its `labels` are what the student backend passes to `generate_batch(score_labels=...)`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -32,20 +38,79 @@ class Signal(Protocol):
     """A confidence score for one student answer: higher means more likely right; None: unknown."""
 
     name: str
+    needs_label_scores: bool
 
-    def score(self, completion: Completion) -> float | None: ...
+    def score(self, completion: Completion, temperature: float = 1.0) -> float | None: ...
 
 
 class MeanLogprob:
     """Average log-probability of the answer's tokens."""
 
     name = "mean_logprob"
+    needs_label_scores = False
 
-    def score(self, completion: Completion) -> float | None:
+    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
         return completion.mean_logprob
 
 
-SIGNALS: dict[str, Signal] = {s.name: s for s in (MeanLogprob(),)}
+class MinLogprob:
+    """Lowest token log-probability of the answer: one doubtful token is enough to doubt it."""
+
+    name = "min_logprob"
+    needs_label_scores = False
+
+    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
+        return completion.min_logprob
+
+
+def _fold(text: str) -> str:
+    # Same folding as Task.normalize_label, so "Track order." reads as the label track_order.
+    return re.sub(r"[\s\-]+", "_", text.strip().strip(".!\"'`").lower())
+
+
+def label_posterior(completion: Completion, temperature: float = 1.0) -> tuple[str, dict[str, float]] | None:
+    """(the answered label, the tempered posterior over the labels); None when the answer is
+    not a label or was not scored."""
+    scores = completion.label_logprobs
+    if not scores:
+        return None
+    by_fold = {_fold(label): label for label in scores}
+    answered = by_fold.get(_fold(completion.text))
+    if answered is None:
+        return None
+    top = max(scores.values())
+    weights = {label: math.exp((v - top) / temperature) for label, v in scores.items()}
+    total = sum(weights.values())
+    return answered, {label: w / total for label, w in weights.items()}
+
+
+class LabelProb:
+    """Posterior probability of the answered label."""
+
+    name = "label_prob"
+    needs_label_scores = True
+
+    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
+        found = label_posterior(completion, temperature)
+        return None if found is None else found[1][found[0]]
+
+
+class LabelMargin:
+    """Posterior of the answered label minus the best other label's (negative: not the top)."""
+
+    name = "label_margin"
+    needs_label_scores = True
+
+    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
+        found = label_posterior(completion, temperature)
+        if found is None:
+            return None
+        answered, probs = found
+        others = [p for label, p in probs.items() if label != answered]
+        return probs[answered] - max(others, default=0.0)
+
+
+SIGNALS: dict[str, Signal] = {s.name: s for s in (MeanLogprob(), MinLogprob(), LabelProb(), LabelMargin())}
 
 
 def signal(name: str) -> Signal:
@@ -71,36 +136,52 @@ class Policy:
     threshold: float | None
     signal: str = "mean_logprob"
     quality_target: float | None = None
+    labels: tuple[str, ...] | None = None  # label signals: the set to score (generate_batch score_labels)
+    temperature: float = 1.0  # label signals: posterior temperature, fitted on validation
 
     def __post_init__(self) -> None:
-        signal(self.signal)  # unknown signal names fail at construction, not per request
+        read = signal(self.signal)  # unknown signal names fail at construction, not per request
+        if read.needs_label_scores and not self.labels:
+            raise DistillError(f"router signal '{self.signal}' needs the task's labels in the policy")
+        if not self.temperature > 0:
+            raise DistillError(f"router policy temperature must be > 0, got {self.temperature}")
+
+    @property
+    def needs_label_scores(self) -> bool:
+        """The student backend must pass `score_labels=list(policy.labels)` to generate_batch."""
+        return signal(self.signal).needs_label_scores
 
     @classmethod
     def student_only(cls, signal_name: str = "mean_logprob") -> Policy:
         return cls(threshold=-math.inf, signal=signal_name)
 
     def decide(self, completion: Completion) -> Decision:
-        score = signal(self.signal).score(completion)
+        score = signal(self.signal).score(completion, self.temperature)
         if self.threshold is None:
             return Decision("escalate", score, "no threshold met the quality target: every request escalates")
+        if self.threshold == -math.inf:
+            return Decision("student", score, "student-only policy")
+        if not completion.stopped:  # hard gate: an answer cut off at the token limit is not an answer
+            return Decision("escalate", score, f"answer ended by {completion.finish_reason}, not by itself")
         if score is None:
-            if self.threshold == -math.inf:
-                return Decision("student", None, "student-only policy")
-            return Decision("escalate", None, f"no {self.signal} on the answer")
+            return Decision("escalate", None, f"no {self.signal} on the answer (not a label, or not scored)")
         if score < self.threshold:
             return Decision("escalate", score, f"{self.signal} {score:.3f} < threshold {self.threshold:.3f}")
         return Decision("student", score, f"{self.signal} {score:.3f} >= threshold {self.threshold:.3f}")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["labels"] = list(self.labels) if self.labels else None
         if data["threshold"] == -math.inf:
             raise DistillError("a student-only policy is not written to disk; it exists only at serve time")
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Policy:
+        labels = data.get("labels")
         return cls(threshold=data["threshold"], signal=data.get("signal", "mean_logprob"),
-                   quality_target=data.get("quality_target"))
+                   quality_target=data.get("quality_target"), labels=tuple(labels) if labels else None,
+                   temperature=data.get("temperature") or 1.0)
 
     @classmethod
     def load(cls, path: Path) -> Policy:

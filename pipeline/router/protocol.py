@@ -1,9 +1,14 @@
 """OpenAI chat-completions request and response models.
 
 Requests are lenient (`extra="allow"`): OpenAI clients send many optional fields
-(`stop`, `seed`, `tools`, ...) and refusing them would break ordinary clients. What we
+(`tools`, `metadata`, ...) and refusing them would break ordinary clients. What we
 don't implement is named in one log line per request (`ignored_fields`), never silently
-dropped without a trace. Values are not logged: they may carry prompt text.
+dropped without a trace. Values are not logged: they may carry prompt text. Fields that
+change the answer (`temperature`, `top_p`, `seed`, `stop`, `logprobs`) are declared: the
+app honours them or refuses them with a 400 naming the field.
+
+Every response, and every stream chunk, carries a `distill` object (route, confidence,
+policy hash, request id) besides the `x-distill-*` headers, because some SDKs hide headers.
 """
 
 from __future__ import annotations
@@ -40,13 +45,28 @@ class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name for max_tokens
-    # The student decodes greedily (what evaluation measured), so sampling knobs are
-    # accepted for compatibility and have no effect.
+    # The student decodes greedily (what evaluation measured): the app accepts only the
+    # values that mean greedy (temperature 0, top_p 1) and refuses the rest.
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None  # greedy decoding is deterministic: any seed is honoured
+    stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = 1
     stream: bool = False
+    stream_options: dict | None = None
     user: str | None = None
+
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def user_prompt(self) -> str:
+        """The last user message: what the teacher is asked about (with the task's context)."""
+        users = [m for m in self.messages if m.role == "user"]
+        return users[-1].as_template_message()["content"] if users else ""
 
     def ignored_fields(self) -> list[str]:
         """Names of fields sent that this server does not implement, top level and per message."""
@@ -74,6 +94,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class DistillInfo(BaseModel):
+    """Which system answered, and why: the body's copy of the x-distill-* headers."""
+
+    route: Literal["student", "teacher", "student-fallback"]
+    confidence: float | None
+    policy: str  # policy hash
+    request_id: str
+    mode: str
+    reason: str
+
+
 class ChatCompletionResponse(BaseModel):
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     object: Literal["chat.completion"] = "chat.completion"
@@ -81,6 +112,29 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    distill: DistillInfo
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    distill: DistillInfo
 
 
 class ModelCard(BaseModel):

@@ -25,6 +25,7 @@ class Stage(Protocol):
     READS: tuple[str, ...]
     UPSTREAM: tuple[str, ...]
     RESUMABLE: bool  # keeps its partial folder (checkpoints) across an interruption
+    ALL_RANKS: bool  # under a multi-process launch every rank runs it (training); else the main process alone
     SYSTEM_METRICS: bool  # the tracker samples CPU/GPU/memory while it runs
 
     def file_inputs(self, recipe: Recipe) -> dict[str, Path]: ...

@@ -25,8 +25,10 @@ from pipeline.artifacts import CAPTURE_RECORDS, Manifest, sha256_json, write_jso
 from pipeline.config import CaptureConfig, Recipe, TeacherConfig
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
+from pipeline.llm.loading import check_recipe_models
 from pipeline.task import Task, load_task
 from pipeline.teachers import parse_spec
+from pipeline.teachers.registry import content_files
 from pipeline.teachers.logs import import_logs
 from pipeline.teachers.service import ServiceReport, TeacherService
 from pipeline.teachers.sources import is_table_file, read_rows
@@ -42,6 +44,7 @@ READS = (
 )
 UPSTREAM: tuple[str, ...] = ()
 RESUMABLE = False  # the teacher cache is its resume point
+ALL_RANKS = False
 SYSTEM_METRICS = False
 OUTPUT = CAPTURE_RECORDS
 
@@ -49,6 +52,8 @@ OUTPUT = CAPTURE_RECORDS
 def file_inputs(recipe: Recipe) -> dict[str, Path]:
     provider, ref = parse_spec(recipe.teacher.spec)
     files = {"task": recipe.capture.task}
+    # A local model folder's content, not its path: retrained in place, it re-captures.
+    files |= {f"teacher_model/{name}": path for name, path in content_files(recipe.teacher.spec).items()}
     if provider == "logs":
         files["logs"] = Path(ref)
     elif is_table_file(recipe.capture.prompts):
@@ -67,6 +72,7 @@ class Entry:
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
+    check_recipe_models(recipe)  # later stages load them: a typo fails now, not after the bill
     provider, _ = parse_spec(recipe.teacher.spec)
     if provider == "logs":  # not a teacher: answers to import
         return run_logs(recipe, inputs["logs"], out, tracker)
@@ -146,7 +152,8 @@ def make_record(prompt: dict, completion: Completion, spec: str, identity: dict,
         "cost_usd": completion.cost_usd,
         "latency_ms": completion.latency_ms,
         "usage": completion.usage,
-        "logprobs": completion.mean_logprob,
+        "logprobs": completion.mean_logprob,  # the mean, as older readers expect
+        "token_logprobs": completion.token_logprobs,  # per token: evaluate's and the router's signals
         "finish_reason": completion.finish_reason,
         "error": completion.error,
         "created_at": completion.created_at,

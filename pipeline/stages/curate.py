@@ -3,10 +3,12 @@
     distill curate RECIPE
 
 Reads `capture/teacher.jsonl`; writes `dataset/` (datasets.DatasetDict), `train.jsonl`,
-`validation.jsonl`, `test.jsonl`, `card.md` and `lengths.png`. Steps 1-8 are the registry
+`validation.jsonl`, `test.jsonl`, `card.md` and `lengths.png`. Steps 0-8 are the registry
 `pipeline.curation.steps.STEPS`, walked in order (a step that is off is skipped); step 9 acts
 on the splits. Each is counted in the card with a few of the examples it removed:
 
+ 0. pii            opt-in, first: e-mails, phones, Luhn-valid cards, IBANs -> [EMAIL] [PHONE]
+                   [CARD] [IBAN] in every message, so no later step shows or keeps raw PII
  1. normalise      NFKC + whitespace; drop failed calls, empty sides, refusals, cut-off answers
  2. length         student-tokenizer lengths per side and for the chat-formatted sequence
                    (longer than train.max_seq_len is dropped here, never truncated in training)
@@ -14,8 +16,7 @@ on the splits. Each is counted in the card with a few of the examples it removed
                    metadata kept; numbered samples of one prompt are merged for step 5
  4. format         label set, the task's JSON Schema, the task's regex
  5. consistency    with n>1 samples: majority answer's share >= threshold; share = confidence
- 6. pii            opt-in: e-mails, phones, Luhn-valid cards, IBANs -> [EMAIL] [PHONE] [CARD] [IBAN]
- 7. decontaminate  against curate.eval_file here; test-vs-train right after the split (step 9)
+ 7. decontaminate  against eval.file (the held-out file evaluate scores) here; test-vs-train right after the split (step 9)
  8. select         to curate.target_size: label-balanced, k-center inside each label
  9. split          stratified by label, fixed seed; then test prompts overlapping train are dropped
 
@@ -36,7 +37,7 @@ from pipeline.config import Recipe
 from pipeline.curation.card import StepRecord, plot_lengths, removed_counts, render_card
 from pipeline.curation.records import normalize_text
 from pipeline.curation.steps import (
-    SPLIT, STEPS, TEST_DECONTAMINATION, CurateContext, CurateStep, StepResult, decontaminate_test, split,
+    NORMALISE, SPLIT, STEPS, TEST_DECONTAMINATION, CurateContext, CurateStep, StepResult, decontaminate_test, split,
 )
 from pipeline.errors import DistillError
 from pipeline.task import Task, load_task
@@ -44,9 +45,11 @@ from pipeline.task import Task, load_task
 log = logging.getLogger(__name__)
 
 NAME = "curate"
-READS = ("model.base", "model.chat_template", "curate", "train.max_seq_len")  # max_seq_len: the length filter
+# max_seq_len: the length filter; the held-out file's prompt field: what is kept out of training
+READS = ("model.base", "model.chat_template", "curate", "train.max_seq_len", "eval.file_prompt_field")
 UPSTREAM = ("capture",)
 RESUMABLE = False
+ALL_RANKS = False
 SYSTEM_METRICS = False
 FIGURE = "lengths.png"
 CARD = "card.md"
@@ -54,9 +57,15 @@ COLUMNS = ("id", "prompt", "completion", "label", "gold", "teacher", "teacher_lo
 
 
 def file_inputs(recipe: Recipe) -> dict[str, Path]:
+    from pipeline.llm.loading import TOKENIZER_PATTERNS, model_files
+
     files = {"task": recipe.capture.task}
-    if recipe.curate.eval_file is not None:
-        files["eval_file"] = recipe.curate.eval_file
+    # The length filter counts the student's tokens: a local tokenizer's content, not its path.
+    files |= {f"student_tokenizer/{n}": p for n, p in model_files(recipe.model.base, TOKENIZER_PATTERNS).items()}
+    if recipe.model.chat_template is not None:
+        files["chat_template"] = recipe.model.chat_template
+    if recipe.eval.file is not None:  # one setting: evaluate scores the file, curate keeps it out of training
+        files["eval_file"] = recipe.eval.file
     return files
 
 
@@ -73,9 +82,12 @@ class Curated:
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
+    from pipeline.llm.loading import check_recipe_models
+
+    check_recipe_models(recipe)
     task = load_task(inputs["task"])
     raw = read_jsonl(inputs["capture"] / CAPTURE_RECORDS)
-    eval_prompts = load_eval_prompts(inputs["eval_file"]) if "eval_file" in inputs else None
+    eval_prompts = load_eval_prompts(inputs["eval_file"], recipe.eval.file_prompt_field) if "eval_file" in inputs else None
     result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), eval_prompts))
     _check_enough(result, len(raw), recipe.curate.min_examples)
 
@@ -109,7 +121,7 @@ def curate_records(raw: list[dict], ctx: CurateContext, registry: tuple[CurateSt
         _record(trail, step.name, len(examples), result)
         notes += result.notes
         pii_counts = result.pii_counts if result.pii_counts is not None else pii_counts
-        if normalised is None:  # the first step made examples of the records: the card's "before"
+        if step.name == NORMALISE:  # it made examples of the records: the card's "before"
             normalised = list(result.kept)
         examples = result.kept
     splits = split(examples, ctx)
@@ -136,19 +148,11 @@ def _tokenizer(recipe: Recipe):
     return load_tokenizer(recipe.model.base, recipe.model.chat_template)
 
 
-def load_eval_prompts(path: Path) -> list[str]:
-    """Prompts of an external eval set: a 'prompt' field, else the last user message."""
-    prompts = []
-    for record in read_jsonl(path):
-        text = record.get("prompt")
-        if not isinstance(text, str):
-            users = [m.get("content", "") for m in record.get("messages", []) if m.get("role") == "user"]
-            text = users[-1] if users else ""
-        if text.strip():
-            prompts.append(normalize_text(text))
-    if not prompts:
-        raise DistillError(f"{path}: no prompts found (expected a 'prompt' field or chat 'messages')")
-    return prompts
+def load_eval_prompts(path: Path, prompt_field: str) -> list[str]:
+    """Normalised prompts of the held-out file (`eval.file`), read exactly as evaluate reads them."""
+    from pipeline.evaluation.heldout import read_heldout
+
+    return [normalize_text(row["prompt"]) for row in read_heldout(path, prompt_field, None)]
 
 
 def _check_enough(result: Curated, n_raw: int, minimum: int) -> None:

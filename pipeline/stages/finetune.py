@@ -16,6 +16,7 @@ Writes `adapter/` (PEFT adapter + tokenizer) and `train_log.jsonl`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from pipeline.artifacts import CURATED_DATASET, FINETUNE_ADAPTER, Manifest, write_jsonl
 from pipeline.config import LoraConfig, Recipe, TrainConfig
+from pipeline.distributed import accelerate_state
 from pipeline.errors import DistillError
 from pipeline.task import Task
 from pipeline.llm.loading import DevicePlan
@@ -32,6 +34,7 @@ NAME = "finetune"
 READS = ("model.base", "model.chat_template", "train")
 UPSTREAM = ("curate",)
 RESUMABLE = True  # checkpoints in the partial folder survive a Ctrl-C
+ALL_RANKS = True  # every rank trains under accelerate launch; rank 0 writes
 SYSTEM_METRICS = True
 
 log = logging.getLogger(__name__)
@@ -42,24 +45,24 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
-    from accelerate import PartialState
     from datasets import load_from_disk
     from trl import SFTTrainer
 
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
     cfg = recipe.train
-    state = PartialState()  # one process normally; one per GPU under `accelerate launch`
+    state = accelerate_state()  # one process normally; one per GPU (or CPU process) under a launcher
     plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
     planned = check_vram(recipe, plan) if plan.device == "cuda" else None
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
     tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
     train = tokenize_dataset(to_prompt_completion(dataset["train"]), tokenizer, cfg.max_seq_len)
-    model = load_model(recipe.model.base, plan, cfg.quant)
-    if plan.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # No peft.prepare_model_for_kbit_training for a 4-bit base: it upcasts embeddings, norms and
+    # lm_head to fp32, and 4-bit layers return their input's dtype, so the whole residual stream
+    # would run fp32 under bf16 (twice the activation memory the planner assumes, slower steps).
+    # TRL already freezes the base and enables input gradients for checkpointing.
+    cfg, attention = attention_plan(cfg, plan, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None)
+    model = load_model(recipe.model.base, plan, cfg.quant, attention)
 
     log_rows: list[dict] = []
     trainer = SFTTrainer(
@@ -179,6 +182,23 @@ def tokenize_dataset(pairs, tokenizer, max_len: int):
     return kept
 
 
+def attention_plan(cfg: TrainConfig, plan: DevicePlan, flash_attn_installed: bool) -> tuple[TrainConfig, str | None]:
+    """Padding-free batches need a varlen attention kernel on CUDA.
+
+    Without flash attention, transformers turns the concatenated batch's position_ids into a
+    dense block-diagonal mask, so SDPA gets no flash kernel and attends over every token of
+    the micro-batch at once: padded batches are then the faster choice. On CPU the mask path
+    is what was measured fastest (bench/bench_finetune.py), so nothing changes there."""
+    if not cfg.padding_free or plan.device != "cuda":
+        return cfg, None
+    if flash_attn_installed:
+        log.info("padding-free batches with flash_attention_2 (varlen kernels)")
+        return cfg, "flash_attention_2"
+    log.warning("train.padding_free: flash-attn is not installed, so padded batches with SDPA are used instead "
+                "(pip install flash-attn for varlen kernels)")
+    return cfg.model_copy(update={"padding_free": False}), None
+
+
 # ---------------------------------------------------------------- builders (our config -> library objects)
 
 
@@ -209,6 +229,8 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
         optim=cfg.optim,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant explicitly (reentrant checkpointing drops gradients of frozen-input LoRA layers).
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         # Our tokenizer already cut to max_seq_len; TRL refuses max_length with padding-free unpacked batches.
         max_length=cfg.max_seq_len if cfg.packing or not cfg.padding_free else None,
         packing=cfg.packing,
@@ -333,7 +355,14 @@ def _tokens_at(checkpoint: str | None) -> int:
 
 def _count_params(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(_logical_numel(p) for p in model.parameters())
+
+
+def _logical_numel(param) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit parameter packs several per stored
+    element, and its quant_state keeps the original shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(shape.numel()) if shape is not None else param.numel()
 
 
 def _reset_peak_memory(plan: DevicePlan) -> None:

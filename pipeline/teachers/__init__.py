@@ -14,13 +14,14 @@ The pieces:
   service.py    `TeacherService`: the cache, the ledger (price, budget) and the dispatcher
                 (concurrency, rate limits, retries) in front of a teacher. Capture, the judge
                 and the router's teacher backend ask teachers only through it.
-  errors.py     TeacherCallError / TeacherAuthError and the HTTP status rules
+  errors.py     TeacherCallError (billable / unreachable), TeacherAuthError, TeacherUnreachableError, HTTP status rules
   keys.py       API keys: lookup, and keeping them out of records and logs
   cache.py ledger.py dispatch.py   the service's parts; logs.py sources.py   capture's readers
 """
 
-from pipeline.teachers.errors import TeacherAuthError, TeacherCallError
+from pipeline.teachers.errors import TeacherAuthError, TeacherCallError, TeacherUnreachableError
 from pipeline.teachers.protocol import Teacher
 from pipeline.teachers.registry import PROVIDERS, TEACHERS, build_teacher, parse_spec
 
-__all__ = ["PROVIDERS", "TEACHERS", "Teacher", "TeacherAuthError", "TeacherCallError", "build_teacher", "parse_spec"]
+__all__ = ["PROVIDERS", "TEACHERS", "Teacher", "TeacherAuthError", "TeacherCallError", "TeacherUnreachableError",
+           "build_teacher", "parse_spec"]

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from pipeline.llm.completion import Completion
-from pipeline.teachers.errors import TeacherCallError, status_error
+from pipeline.teachers.errors import TeacherCallError, status_error, transport_error, unreadable_error
 from pipeline.teachers.keys import public_url, resolve_api_key, scrub
 from pipeline.teachers.ledger import resolve_price
 
@@ -87,7 +87,7 @@ class AnthropicTeacher:
         except anthropic.AnthropicError as err:
             raise self._translate(err) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TeacherCallError(f"unreadable response: {type(err).__name__}", retryable=True) from None
+            raise unreadable_error(type(err).__name__) from None
         return self._to_completion(response, int((time.perf_counter() - start) * 1000))
 
     async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
@@ -109,14 +109,12 @@ class AnthropicTeacher:
     def _translate(self, err) -> Exception:
         import anthropic
 
-        if isinstance(err, anthropic.APITimeoutError):
-            return TeacherCallError("timed out", retryable=True)
-        if isinstance(err, anthropic.APIConnectionError):
-            return TeacherCallError(f"connection failed: {type(err.__cause__).__name__}", retryable=True)
+        if isinstance(err, anthropic.APIConnectionError):  # APITimeoutError is one too
+            return transport_error(err, isinstance(err, anthropic.APITimeoutError), public_url(str(err.request.url)))
         if isinstance(err, anthropic.APIStatusError):
             return status_error(err.status_code, err.response.headers, scrub(str(err.message), self._api_key), self.spec)
         if isinstance(err, anthropic.APIResponseValidationError):
-            return TeacherCallError("response did not match the Messages shape", retryable=True)
+            return unreadable_error("not the Messages shape")
         return TeacherCallError(scrub(f"{type(err).__name__}: {err}", self._api_key))
 
 

@@ -10,7 +10,13 @@ Used by the teacher service (service.py) for openai:/anthropic: teachers, so by 
   bodies), full-jitter exponential backoff, the server's Retry-After honoured when it gives one.
 - Budget: a call is sent only once the Ledger could reserve its worst-case cost; when it
   cannot, in-flight calls are awaited (they may cost less than reserved) before giving up.
-- Auth errors (TeacherAuthError) are never retried and cancel everything at once.
+  An attempt whose outcome is unknown (timeout, cut-off body, reset after sending) is
+  charged its reservation, and its retry must reserve again.
+- Fail fast: the first call goes alone (a preflight: a bad key, model or URL costs one
+  request, not `concurrency` of them), and CONNECT_FAILURES attempts in a row that cannot
+  connect open a circuit breaker (TeacherUnreachableError, naming the URL).
+- Fatal errors (TeacherAuthError, TeacherUnreachableError) are never retried and cancel
+  everything at once.
 
 Each answer is handed to `on_answer` the moment it arrives, so the caller can commit it to
 the cache before anything else can go wrong. Several `run`s may be in flight at once on one
@@ -31,12 +37,13 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from tenacity.wait import wait_base
 
 from pipeline.llm.completion import Completion
-from pipeline.teachers.errors import TeacherAuthError, TeacherCallError
+from pipeline.teachers.errors import TeacherCallError, TeacherFatalError, TeacherUnreachableError
 from pipeline.teachers.ledger import Ledger, prompt_tokens_estimate
 
 log = logging.getLogger(__name__)
 
 WINDOWS = 10  # rate limits are enforced over 6-second windows (a tenth of the per-minute limit)
+CONNECT_FAILURES = 3  # attempts in a row that could not connect before the circuit breaker opens
 
 
 @dataclass
@@ -103,6 +110,7 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(limits.concurrency)
         self._in_flight = 0
         self._settled = asyncio.Event()
+        self._connect_failures = 0  # consecutive attempts that could not connect (the circuit breaker)
         # Buckets hold a tenth of the minute's allowance: a full minute's burst at start is
         # what per-second enforcement on the provider's side rejects.
         self._rpm = AsyncLimiter(limits.rpm / WINDOWS, 60 / WINDOWS) if limits.rpm else None
@@ -128,11 +136,11 @@ class Dispatcher:
                         # request, not `concurrency` of them.
                         await asyncio.wait([task])
         except ExceptionGroup as group_error:
-            # Callers handle plain exceptions; the group is an asyncio detail. An auth error
-            # is the cause of the others (they were cancelled because of it), so it wins.
-            auth = [e for e in group_error.exceptions if isinstance(e, TeacherAuthError)]
-            if auth:
-                raise auth[0] from None
+            # Callers handle plain exceptions; the group is an asyncio detail. A fatal error
+            # (auth, unreachable) is the cause of the others (cancelled because of it), so it wins.
+            fatal = [e for e in group_error.exceptions if isinstance(e, TeacherFatalError)]
+            if fatal:
+                raise fatal[0] from None
             if len(group_error.exceptions) == 1:
                 raise group_error.exceptions[0] from None
             raise
@@ -157,30 +165,37 @@ class Dispatcher:
 
     async def _one(self, job: Job, reserved: float, report: DispatchReport,
                    on_answer: Callable[[Job, Completion], None]) -> None:
+        call = _Call(reserved, held=reserved)
         try:
-            completion = await self._call_with_retries(job.messages, report)
-            usage: dict | None = completion.usage
-        except TeacherCallError as err:
-            completion = Completion(text="", source=self.teacher.spec, error=str(err), finish_reason="error")
-            usage = None  # a failed call is not billed
+            completion, usage = await self._call(job.messages, report, call)
         except asyncio.CancelledError:
             # Cancelled mid-call (an auth error elsewhere, a caller that gave up): the server
             # may still bill it, so the reservation is charged rather than released.
-            self.ledger.settle(reserved, {})
-            self._settled.set()
+            self.ledger.charge_reserved(call.held)
+            raise
+        except BaseException:
+            self.ledger.settle(call.held, None)  # a fatal error: this attempt was refused, not billed
             raise
         finally:
             self._slots.release()
             self._in_flight -= 1
-        completion.cost_usd = self.ledger.settle(reserved, usage)
-        self._settled.set()
+            self._settled.set()
+        completion.cost_usd = call.charged + self.ledger.settle(call.held, usage)
         if completion.error is None:
             report.ok += 1
         else:
             report.failed += 1
         on_answer(job, completion)
 
-    async def _call_with_retries(self, messages: list[dict], report: DispatchReport) -> Completion:
+    async def _call(self, messages: list[dict], report: DispatchReport, call: _Call) -> tuple[Completion, dict | None]:
+        """The answer and its usage, or a failed Completion and None once retries are spent."""
+        try:
+            completion = await self._call_with_retries(messages, report, call)
+        except TeacherCallError as err:
+            return Completion(text="", source=self.teacher.spec, error=str(err), finish_reason="error"), None
+        return completion, completion.usage
+
+    async def _call_with_retries(self, messages: list[dict], report: DispatchReport, call: _Call) -> Completion:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.limits.max_retries + 1),
             wait=wait_retry_after(
@@ -191,11 +206,53 @@ class Dispatcher:
             before_sleep=_log_retry,
             reraise=True,
         )
-        return await retrying(self._attempt, messages, report)
+        return await retrying(self._attempt, messages, report, call)
 
-    async def _attempt(self, messages: list[dict], report: DispatchReport) -> Completion:
+    async def _attempt(self, messages: list[dict], report: DispatchReport, call: _Call) -> Completion:
+        if call.held == 0 and call.reserved and not self.ledger.reserve(call.reserved):
+            # The last attempt was charged as possibly billed and another one no longer fits.
+            report.budget_stop = True
+            raise TeacherCallError(BUDGET_RETRY)
+        call.held = call.reserved
         report.attempts += 1
-        return await self.teacher.complete(messages)
+        try:
+            completion = await self.teacher.complete(messages)
+        except TeacherCallError as err:
+            self._count_connection(err)
+            if err.billable:
+                call.charged += self.ledger.charge_reserved(call.held)
+                call.held = 0.0
+                self._settled.set()
+            raise
+        self._connect_failures = 0
+        return completion
+
+    def _count_connection(self, err: TeacherCallError) -> None:
+        """The circuit breaker: CONNECT_FAILURES attempts in a row that could not even connect
+        mean a dead URL, not a busy server. Without it every prompt would sit through its own
+        full round of retries (tens of minutes for a prompt set)."""
+        if not err.unreachable:
+            self._connect_failures = 0
+            return
+        self._connect_failures += 1
+        if self._connect_failures >= CONNECT_FAILURES:
+            raise TeacherUnreachableError(
+                f"teacher {self.teacher.spec} is unreachable: {err} on {self._connect_failures} attempts in a row; "
+                "check teacher.base_url and that the server is running"
+            ) from None
+
+
+@dataclass
+class _Call:
+    """One job's attempts: the worst case of one attempt, the reservation held for the next
+    send (0 once an unknown-outcome attempt was charged it), and what such attempts cost."""
+
+    reserved: float
+    held: float = 0.0
+    charged: float = 0.0
+
+
+BUDGET_RETRY = "not retried: teacher.budget_usd would have been exceeded (earlier attempts may have been billed)"
 
 
 def _log_retry(retry_state) -> None:

@@ -6,17 +6,26 @@ Prices come from prices.yaml beside this file, or the recipe's `teacher.price`. 
 is enforced by reservation: before a call is sent, its worst-case cost (every prompt byte a
 token, every allowed output token used) is reserved; if that would cross the budget, the
 call is not sent. After the call the reservation is swapped for the real cost from usage.
-So the total can never exceed the budget, whatever the concurrency.
+An attempt whose outcome is unknown (timed out, body cut off, connection reset after the
+request went out) is charged its whole reservation: the provider bills a generation that
+finished on its side, and a retry needs a reservation of its own. So the total can never
+exceed the budget, whatever the concurrency or the faults.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
+
 import yaml
 
 from pipeline.errors import DistillError
+from pipeline.net import is_loopback_url
+from pipeline.teachers.keys import public_url
+
+log = logging.getLogger(__name__)
 
 # Chat templates add a few tokens per turn (role markers, separators); 8 covers the common ones.
 TOKENS_PER_MESSAGE = 8
@@ -49,12 +58,18 @@ def lookup_price(provider: str, model: str, table: dict) -> Price | None:
 
 
 def resolve_price(provider: str, model: str, cfg) -> Price | None:
-    """The recipe's price, else the table's; None only when the recipe allows an unpriced teacher."""
+    """The recipe's price, else the table's, else $0 for a loopback server; None only when the
+    recipe allows an unpriced teacher."""
     if cfg.price is not None:
         return Price(cfg.price.input_per_mtok, cfg.price.output_per_mtok, "recipe")
     price = lookup_price(provider, model, load_price_table())
     if price is not None:
         return price
+    if cfg.base_url and is_loopback_url(cfg.base_url):
+        # A server on this machine (llama.cpp, vLLM, Ollama) bills nobody: $0, said once.
+        log.info("teacher %s:%s on %s: self-hosted, priced at $0 (set teacher.price to charge it)",
+                 provider, model, public_url(cfg.base_url))
+        return Price(0.0, 0.0, "self-hosted loopback server")
     if cfg.budget_usd is not None:
         raise DistillError(
             f"teacher.budget_usd needs a price for {provider}:{model}, which is not in pipeline/teachers/prices.yaml; "
@@ -113,6 +128,12 @@ class Ledger:
             return False
         self.reserved_usd += amount
         return True
+
+    def charge_reserved(self, reserved: float) -> float:
+        """An attempt that may have been billed but gave no usage: charge the worst case held for it."""
+        self.reserved_usd -= reserved
+        self.spent_usd += reserved
+        return reserved
 
     def settle(self, reserved: float, usage: dict[str, int] | None) -> float:
         """Release a reservation and charge the call's real cost. A successful call without

@@ -41,7 +41,13 @@ class LocalTeacher:
         return f"LocalTeacher({self.spec!r})"
 
     def identity(self) -> dict[str, Any]:
+        from pipeline.llm.loading import model_content_hash
+
         identity = {"provider": "local", "model": self.model_ref, "max_new_tokens": self.max_new_tokens, "greedy": True}
+        # A folder retrained in place keeps its path: its content decides which answers are its own.
+        content = model_content_hash(self.model_ref)
+        if content is not None:
+            identity["content"] = content
         if self.labels:
             identity["constrained_to"] = self.labels
         return identity

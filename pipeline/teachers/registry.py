@@ -9,6 +9,8 @@ no calls, so capture reads it with logs.py instead of asking a teacher.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.errors import DistillError
 from pipeline.teachers.anthropic import AnthropicTeacher
 from pipeline.teachers.local import LocalTeacher
@@ -40,3 +42,13 @@ def build_teacher(spec: str, cfg, labels: list[str] | None = None) -> Teacher:
     if provider not in TEACHERS:
         raise DistillError(f"teacher spec '{spec}' imports answers; it has no calls to make")
     return TEACHERS[provider].from_config(ref, cfg, labels)
+
+
+def content_files(spec: str) -> dict[str, Path]:
+    """Files whose content decides a teacher's answers, for stage fingerprints: a local
+    teacher's model folder (config, weights, tokenizer), retrained in place under the same
+    path. None for the others: a network teacher is named by its model and URL."""
+    from pipeline.llm.loading import model_files
+
+    provider, ref = parse_spec(spec)
+    return model_files(ref) if provider == "local" else {}

@@ -20,7 +20,8 @@ so each gets the same guarantees:
 
 Failed calls come back as Completions with `error` set (and are not cached, so the next run
 asks again); so do prompts the budget left unsent (`report.budget_stop`). Only a
-TeacherAuthError (401/403) is raised: no other prompt can succeed after it.
+TeacherFatalError is raised, after which no other prompt can succeed: TeacherAuthError
+(401/403) or TeacherUnreachableError (the dispatcher's circuit breaker).
 """
 
 from __future__ import annotations

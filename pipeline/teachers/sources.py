@@ -7,6 +7,7 @@ from (`file:line` for JSONL and CSV, `file row N` otherwise) so an error can poi
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,33 +34,86 @@ def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[str, d
         yield from _csv_rows(path)
     elif suffix == ".parquet":
         yield from _parquet_rows(path)
+    elif suffix == ".json":
+        yield from _json_rows(path, split)
     else:
         yield from _datasets_rows(str(source), split)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    _check_utf8(path)
     for lineno, record in iter_jsonl(path):
         yield f"{path}:{lineno}", record
 
 
+def _check_utf8(path: Path) -> None:
+    """Name the line and byte of the first non-UTF-8 byte: a text reader decodes in 8 KiB
+    chunks, so its error points nowhere a user can look."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DistillError(f"{path}:{lineno}: not UTF-8 (byte 0x{line[err.start]:02x} at column "
+                                   f"{err.start + 1}); save the file as UTF-8") from None
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    _check_utf8(path)
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise
+    # become part of the first column's name.
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
             # A row with more cells than the header puts the extras under None: say so, not guess.
             if None in row:
                 raise DistillError(f"{path}:{reader.line_num}: more cells than header columns")
+            _check_no_nul(path, reader.line_num, row)
             yield f"{path}:{reader.line_num}", row
 
 
+def _check_no_nul(path: Path, line: int, row: dict) -> None:
+    # Python's csv module passes NUL through; a NUL in a text cell is a UTF-16 export or a
+    # binary file, never a prompt.
+    bad = next((column for column, cell in row.items() if "\x00" in (cell or "") or "\x00" in column), None)
+    if bad is not None:
+        raise DistillError(f"{path}:{line}: NUL byte in column '{bad.strip(chr(0))}' (a UTF-16 or binary file? "
+                           "save it as UTF-8 CSV)")
+
+
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row += 1
-            yield f"{path} row {row}", record
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path} row {row}", record
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DistillError(f"{path}: not a readable Parquet file after row {row} ({type(err).__name__}: {err})") from None
+
+
+def _json_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+    """A .json file: an array of records (what json.dump writes), else JSON Lines, else
+    whatever datasets' json loader makes of it (e.g. {"data": [...]})."""
+    _check_utf8(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg != "Extra data":
+            raise DistillError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        yield from _jsonl_rows(path)  # a whole value, then more: JSON Lines saved as .json
+        return
+    if isinstance(data, list):
+        for i, record in enumerate(data, start=1):
+            if not isinstance(record, dict):
+                raise DistillError(f"{path}: item {i} is a {type(record).__name__}, expected a JSON object")
+            yield f"{path} row {i}", record
+        return
+    yield from _datasets_rows(str(path), split)
 
 
 def _datasets_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
@@ -70,7 +124,8 @@ def _datasets_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
             data = datasets.load_dataset("json", data_files=source, split=split)
         else:
             data = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as err:
         raise DistillError(f"{source}: datasets.load_dataset could not read it ({type(err).__name__}: {err})") from None
     for i, record in enumerate(data, start=1):
         yield f"{source} row {i}", record

@@ -1,0 +1,67 @@
+"""How far to trust a confidence signal: temperature scaling of the label posterior on
+validation, AUROC for predicting "agrees with the teacher", and reliability-diagram data.
+
+    .venv/bin/pytest -q tests/test_evaluate_threshold.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.llm.completion import Completion
+
+
+def fit_temperature(completions: list[Completion], targets: list[str | None]) -> float:
+    """The posterior temperature minimising the negative log-likelihood of the teacher's label
+    (temperature scaling, Guo et al. 2017). Rows without scores or a valid target are left out;
+    with none left the posterior is used as it is (T = 1)."""
+    from scipy.optimize import minimize_scalar
+
+    rows = [(c.label_logprobs, t) for c, t in zip(completions, targets) if c.label_logprobs and t in c.label_logprobs]
+    if not rows:
+        return 1.0
+    labels = list(rows[0][0])
+    scores = np.array([[lp[label] for label in labels] for lp, _ in rows])
+    target = np.array([labels.index(t) for _, t in rows])
+
+    def nll(log_t: float) -> float:
+        z = scores / math.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(target)), target].mean())
+
+    found = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(found.x))
+
+
+def auroc(scores: list[float | None], agree: list[bool]) -> float | None:
+    """Area under the ROC curve of the signal for "this answer agrees"; an answer without a
+    signal ranks lowest (the router escalates it). None when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(agree)) < 2:
+        return None
+    known = [s for s in scores if s is not None]
+    floor = (min(known) - 1.0) if known else 0.0
+    return float(roc_auc_score(agree, [floor if s is None else s for s in scores]))
+
+
+def reliability(probs: list[float | None], agree: list[bool], bins: int = 10) -> dict:
+    """Per-bin mean confidence vs observed agreement, and the expected calibration error."""
+    pairs = [(p, a) for p, a in zip(probs, agree) if p is not None]
+    if not pairs:
+        return {"bins": [], "ece": None}
+    p = np.clip(np.array([x[0] for x in pairs], dtype=float), 0, 1)
+    a = np.array([x[1] for x in pairs], dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "confidence": float(p[mask].mean()),
+                         "agreement": float(a[mask].mean()), "n": int(mask.sum())})
+            ece += mask.mean() * abs(p[mask].mean() - a[mask].mean())
+    return {"bins": rows, "ece": float(ece)}

@@ -1,0 +1,153 @@
+"""report.md from report.json: the headline table with CIs first, then routing, cost,
+per-label detail and calibration, with the PNGs embedded.
+
+    .venv/bin/python -c "import json; from pipeline.evaluation.render import headline_rows; \
+print(headline_rows(json.load(open('runs/latest/evaluate/report.json'))))"
+"""
+
+from __future__ import annotations
+
+from pipeline.config import Recipe
+from pipeline.evaluation import plots
+from pipeline.task import Task
+
+
+def _fig(report: dict, name: str, pct: bool = True) -> str:
+    fig = report["figures"].get(name)
+    if fig is None:
+        return "—"
+    if pct:
+        return f"{100 * fig['value']:.1f}% [{100 * fig['lo']:.1f}, {100 * fig['hi']:.1f}]"
+    return f"{fig['value']:.3f} [{fig['lo']:.3f}, {fig['hi']:.3f}]"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _usd(value: float) -> str:
+    return f"${value:.4f}" if value < 1 else f"${value:.2f}"
+
+
+def headline_rows(report: dict, prefix: str = "") -> list[str]:
+    """system | agreement with teacher | macro-F1 vs teacher | gold accuracy | gold macro-F1.
+    prefix "file_": the same table on eval.file."""
+    rows = ["| system | agreement with teacher | macro-F1 vs teacher | gold accuracy | gold macro-F1 |",
+            "|---|---|---|---|---|"]
+    rows.append(f"| base student ({report['base_prompt']}) | {_fig(report, prefix + 'base_agreement')} | "
+                f"{_fig(report, prefix + 'base_macro_f1', False)} | {_fig(report, prefix + 'base_accuracy')} | "
+                f"{_fig(report, prefix + 'base_gold_macro_f1', False)} |")
+    rows.append(f"| tuned student (as served) | {_fig(report, prefix + 'tuned_agreement')} | "
+                f"{_fig(report, prefix + 'tuned_macro_f1', False)} | {_fig(report, prefix + 'tuned_accuracy')} | "
+                f"{_fig(report, prefix + 'tuned_gold_macro_f1', False)} |")
+    rows.append(f"| teacher (captured answers) | 100% (reference) | 1.000 (reference) | "
+                f"{_fig(report, prefix + 'teacher_accuracy')} | {_fig(report, prefix + 'teacher_gold_macro_f1', False)} |")
+    rows.append(f"| routed at the threshold | {_fig(report, prefix + 'system_agreement')} | — | "
+                f"{_fig(report, prefix + 'system_accuracy')} | — |")
+    return rows
+
+
+def routing_lines(report: dict) -> list[str]:
+    r = report["router"]
+    target, conf = r["quality_target"], r["confidence"]
+    lines = ["## Routing threshold (chosen on validation, confirmed on test)", ""]
+    if r["threshold"] is None:
+        if r["reason"] == "too_few_examples":
+            lines.append(f"**Too few calibration examples to support the target**: a {100 * conf:.0f}% lower bound "
+                         f"of {target} needs at least {r['examples_needed']} answered validation examples even if "
+                         f"every one agrees; validation has {r['examples']}. The router escalates every request.")
+        else:
+            lines.append(f"**No threshold meets the target**: on no confident subset of the {r['examples']} "
+                         f"validation answers does the {100 * conf:.0f}% Clopper-Pearson lower bound on agreement "
+                         f"reach {target} (even at 100% agreement that takes {r['examples_needed']} answered "
+                         "examples). The router escalates every request (fail closed).")
+        lines.append("")
+    else:
+        lines.append(f"Signal `{r['signal']}` ≥ {r['threshold']:.4g}: {r['answered']} of {r['examples']} "
+                     f"validation answers kept local, {r['agreeing']} agreeing; one-sided {100 * conf:.0f}% "
+                     f"Clopper-Pearson lower bound {r['bound']:.3f} ≥ target {target}.")
+        lines.append("")
+    exp, test = r["expected"], r["test"]
+    lines += ["| figure | expected (validation) | confirmed (test) |", "|---|---|---|"]
+    for name in ("local_share", "system_agreement", "system_accuracy"):
+        if name in exp or name in test:
+            def cell(d):
+                f = d.get(name)
+                return "—" if f is None else f"{100 * f['value']:.1f}% [{100 * f['lo']:.1f}, {100 * f['hi']:.1f}]"
+            lines.append(f"| {name.replace('_', ' ')} | {cell(exp)} | {cell(test)} |")
+    if r["signal"] in ("label_prob", "label_margin"):
+        lines.append("")
+        lines.append(f"Label posterior temperature (fitted on validation): {r['temperature']:.3f}. "
+                     "An answer that is not a label always escalates.")
+    return lines
+
+
+def cost_lines(report: dict) -> list[str]:
+    c = report["cost"]
+    basis = ("the capture ledger (tokens × price)" if c["teacher_basis"] == "ledger"
+             else f"its measured latency × ${c['student_usd_per_hour']:.2f}/h (a local teacher bills nothing else)")
+    lines = ["## Cost per 1,000 requests", "",
+             f"Teacher: {_usd(c['teacher_usd_per_request'] * 1000)} per 1,000 from {basis}. Student: measured "
+             f"generation time on this machine × `eval.cost.student_usd_per_hour` = ${c['student_usd_per_hour']:.2f}/h "
+             f"(default $0.10/h, a 2-vCPU cloud VM)"
+             + (f", {c['student_requests_per_s']:.1f} requests/s batched." if c["student_requests_per_s"] else "."),
+             "", "| system | $ per 1,000 | local share | saving vs teacher-only | agreement with teacher |",
+             "|---|---|---|---|---|"]
+    quality = {"teacher only": "100%", "routed": _fig(report, "system_agreement"),
+               "student only": _fig(report, "tuned_agreement")}
+    for row in c["rows"]:
+        lines.append(f"| {row['system']} | {_usd(row['usd_per_1k'])} | {_pct(row['local_share'])} | "
+                     f"{_pct(row['saving_vs_teacher'])} | {quality[row['system']]} |")
+    lines += ["", f"![cost-quality]({plots.COST_QUALITY_PNG})"]
+    return lines
+
+
+def detail_lines(report: dict) -> list[str]:
+    per_label = report["detail"].get("per_label")
+    if not per_label:
+        return []
+    lines = ["## Per label (tuned student vs teacher, test)", "", "| label | precision | recall | F1 | support |",
+             "|---|---|---|---|---|"]
+    for label, m in per_label.items():
+        lines.append(f"| {label} | {m['precision']:.2f} | {m['recall']:.2f} | {m['f1-score']:.2f} | {int(m['support'])} |")
+    return lines + ["", f"![confusion matrix]({plots.CONFUSION_PNG})"]
+
+
+def calibration_lines(report: dict) -> list[str]:
+    cal = report["calibration"]
+    lines = ["## Confidence signals (test)", "", "| signal | AUROC for \"agrees with teacher\" |", "|---|---|"]
+    for name, s in cal["signals"].items():
+        chosen = " (chosen)" if name == report["router"]["signal"] else ""
+        auroc = "—" if s["auroc"] is None else f"{s['auroc']:.3f}"
+        lines.append(f"| {name}{chosen} | {auroc} |")
+    rel = cal["reliability"]
+    ece = "—" if rel["ece"] is None else f"{rel['ece']:.3f}"
+    lines += ["", f"Reliability of {rel['signal']}: expected calibration error {ece}.", "",
+              f"![reliability]({plots.RELIABILITY_PNG}) ![risk-coverage]({plots.RISK_COVERAGE_PNG})"]
+    return lines
+
+
+def all_figure_lines(report: dict) -> list[str]:
+    """Every figure with its CI, machine names as in report.json and eval.gate."""
+    lines = ["## All figures (test)", "", "| figure | value [95% CI] | n |", "|---|---|---|"]
+    for name in sorted(report["figures"]):
+        lines.append(f"| `{name}` | {_fig(report, name, 'f1' not in name)} | {report['figures'][name]['n']} |")
+    return lines
+
+
+def report_markdown(report: dict, recipe: Recipe, task: Task) -> str:
+    n, nv = report["test_examples"], report["validation_examples"]
+    lines = [f"# Evaluation: {recipe.name} ({task.name}, {task.kind})", "",
+             f"{n} test and {nv} validation prompts. Brackets: 95% bootstrap CI over prompts "
+             f"({report['bootstrap']['reps']} resamples, seed {report['bootstrap']['seed']}).", ""]
+    lines += headline_rows(report) + [""]
+    if report.get("heldout"):
+        h = report["heldout"]
+        lines += [f"## On your held-out file ({h['file']}, {h['n']} prompts; teacher answers cost "
+                  f"{_usd(h['teacher_usd'])} this run)", ""] + headline_rows(report, "file_") + [""]
+    lines += routing_lines(report) + [""]
+    lines += cost_lines(report) + [""]
+    lines += detail_lines(report) + [""]
+    lines += calibration_lines(report) + [""]
+    lines += all_figure_lines(report)
+    return "\n".join(lines) + "\n"

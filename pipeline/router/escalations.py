@@ -1,0 +1,95 @@
+"""The loop: every teacher answer the router obtains becomes a training record.
+
+    distill serve RECIPE                                   (appends to serve.escalations)
+    distill capture RECIPE teacher.spec=logs:.distill/escalations.jsonl   (imports it)
+
+Records use the capture record format (`{"id", "messages": [user, assistant], "meta"}`), so
+`logs:` imports them with zero rejects and the next `make distill` learns from them. Each
+record is flushed as it is written (a crash loses at most the line in flight); the file is
+rotated to `<name>.1` past ROTATE_BYTES. Nothing secret is written: no headers, no keys, only
+the user's last message, the answers and routing facts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import sha256_json
+from pipeline.llm.completion import Completion
+from pipeline.task import Task
+
+ROTATE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Escalation:
+    request_id: str
+    prompt: str  # the user's message, exactly what the student saw
+    teacher: Completion  # an answer without error
+    route: str  # what the client got: teacher | student | student-fallback
+    reason: str
+    policy: str  # policy hash
+    confidence: float | None = None
+    student: Completion | None = None  # None: the student was not asked (mode off / canary-out)
+
+    def record(self) -> dict[str, Any]:
+        meta = {
+            "teacher": self.teacher.source,
+            "source": "router",
+            "route": self.route,
+            "confidence": self.confidence,
+            "reason": self.reason,
+            "policy": self.policy,
+            "prompt_sha": sha256_json(self.prompt)[:16],
+            "student_answer": self.student.text if self.student else None,
+            "agree": agrees(self.student, self.teacher) if self.student else None,
+            "cost_usd": self.teacher.cost_usd,
+            "latency_ms": self.teacher.latency_ms,
+            "usage": self.teacher.usage,
+            "finish_reason": self.teacher.finish_reason,
+            "created_at": self.teacher.created_at,
+        }
+        return {"id": self.request_id, "messages": Task.student_example(self.prompt, self.teacher.text), "meta": meta}
+
+
+class EscalationLog:
+    """Append-only JSONL, one record per teacher answer; safe from several threads."""
+
+    def __init__(self, path: Path, rotate_bytes: int = ROTATE_BYTES):
+        self.path = Path(path)
+        self.rotate_bytes = rotate_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.written = 0
+
+    def append(self, escalation: Escalation) -> None:
+        line = json.dumps(escalation.record(), ensure_ascii=False) + "\n"
+        with self._lock:
+            self._maybe_rotate()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()  # per record: a reader (or a crash) sees whole lines only
+            self.written += 1
+
+    def _maybe_rotate(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size >= self.rotate_bytes:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+
+
+def agrees(student: Completion, teacher: Completion) -> bool:
+    """Same answer up to case, spacing and end punctuation (how evaluation folds labels)."""
+    return _fold(student.text) == _fold(teacher.text)
+
+
+def _fold(text: str) -> str:
+    return re.sub(r"[\s\-]+", "_", text.strip().strip(".!\"'`").lower())

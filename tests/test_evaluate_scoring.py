@@ -1,0 +1,76 @@
+"""Label-posterior scoring equals brute-force per-label log-likelihood, and reaches the router."""
+
+import math
+
+import pytest
+
+from pipeline.llm.completion import Completion
+from pipeline.router.policy import Policy
+
+LABELS = ["track_order", "return_item", "refund_status"]
+CONVS = [[{"role": "user", "content": "where is my parcel"}],
+         [{"role": "user", "content": "I want my money back for the broken mug I sent you last week"}]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from pipeline.llm.loading import load_model, load_tokenizer, device_plan
+
+    return load_model(str(tiny_llama_dir), device_plan()).eval(), load_tokenizer(str(tiny_llama_dir))
+
+
+def brute_force(model, tokenizer, conv, label) -> float:
+    """One unpadded sequence per (prompt, label): sum of log p over the label tokens and EOS."""
+    import torch
+
+    prompt = tokenizer(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"]
+    answer = tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0].float().log_softmax(-1)
+    return sum(logprobs[len(prompt) + i - 1, t].item() for i, t in enumerate(answer))
+
+
+def test_batched_label_scores_equal_brute_force(tiny):
+    from pipeline.llm.scoring import label_logprobs
+
+    model, tokenizer = tiny
+    scores = label_logprobs(model, tokenizer, CONVS, LABELS)  # prompts of different lengths: padding is exercised
+    for conv, row in zip(CONVS, scores):
+        assert set(row) == set(LABELS)
+        for label in LABELS:
+            assert row[label] == pytest.approx(brute_force(model, tokenizer, conv, label), abs=1e-3)
+
+
+def test_generate_batch_attaches_label_scores_the_policy_reads(tiny):
+    from pipeline.llm.generate import generate_batch
+
+    model, tokenizer = tiny
+    plain = generate_batch(model, tokenizer, CONVS, 3)
+    assert all(c.label_logprobs is None for c in plain)
+    scored = generate_batch(model, tokenizer, CONVS, 3, labels=LABELS, score_labels=LABELS)
+    assert all(set(c.label_logprobs) == set(LABELS) for c in scored)
+    policy = Policy(threshold=0.0, signal="label_prob", labels=tuple(LABELS))
+    assert policy.needs_label_scores and not Policy(threshold=0.0).needs_label_scores
+    for c in scored:  # constrained to the labels, the answer is one: a posterior in (0, 1]
+        assert c.text in LABELS
+        assert 0 < policy.decide(c).score <= 1
+
+
+def test_label_posterior_signals_and_invalid_answers_escalate():
+    lp = {"a": math.log(0.7), "b": math.log(0.2), "c": math.log(0.1)}
+    prob = Policy(threshold=0.5, signal="label_prob", labels=("a", "b", "c"))
+    margin = Policy(threshold=0.4, signal="label_margin", labels=("a", "b", "c"))
+    assert prob.decide(Completion(text="a", label_logprobs=lp)).score == pytest.approx(0.7)
+    assert margin.decide(Completion(text="a", label_logprobs=lp)).score == pytest.approx(0.5)
+    assert margin.decide(Completion(text="b", label_logprobs=lp)).score == pytest.approx(-0.5)
+    assert prob.decide(Completion(text="b", label_logprobs=lp)).route == "escalate"
+    # Not a label, or not scored: always escalates, whatever the threshold.
+    low = Policy(threshold=0.0, signal="label_prob", labels=("a", "b", "c"))
+    assert low.decide(Completion(text="payment_cancel", label_logprobs=lp)).route == "escalate"
+    assert low.decide(Completion(text="a")).route == "escalate"
+    # Temperature flattens the posterior: T=2 on (0.7, 0.2, 0.1).
+    hot = Policy(threshold=0.0, signal="label_prob", labels=("a", "b", "c"), temperature=2.0)
+    expected = math.sqrt(0.7) / (math.sqrt(0.7) + math.sqrt(0.2) + math.sqrt(0.1))
+    assert hot.decide(Completion(text="a", label_logprobs=lp)).score == pytest.approx(expected)

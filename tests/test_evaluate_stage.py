@@ -1,0 +1,93 @@
+"""The evaluate stage's assessment and artifacts on synthetic answers (no model): every
+figure with a CI, the policy file, the report's headline table first, and the four PNGs."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import validate_recipe
+from pipeline.router.policy import Policy
+from pipeline.stages import evaluate
+from pipeline.task import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic(task, n: int, rng) -> tuple[list[dict], list, list]:
+    """Rows whose teacher label is known; the tuned student is right and confident 80% of the
+    time, the base student is mostly wrong."""
+    from pipeline.llm.completion import Completion
+
+    labels = task.labels
+    rows, base, tuned = [], [], []
+    for i in range(n):
+        teacher = labels[i % len(labels)]
+        right = rng.random() < 0.8
+        said = teacher if right else labels[(i + 1) % len(labels)]
+        logits = {label: rng.normal(-8, 1) for label in labels}
+        logits[said] = -0.2 if right else -1.5
+        rows.append({"id": str(i), "prompt": f"p{i}", "completion": teacher, "gold": teacher if i % 3 else labels[0]})
+        tuned.append(Completion(text=said, token_logprobs=[logits[said]], label_logprobs=logits, latency_ms=5))
+        base.append(Completion(text=labels[0] if i % 4 else "nonsense"))
+    return rows, base, tuned
+
+
+@pytest.fixture(scope="module")
+def assessed(tmp_path_factory):
+    task = load_task(ROOT / "data" / "task.yaml")
+    recipe = validate_recipe({"name": "t", "router": {"signal": "label_prob", "quality_target": 0.7},
+                              "eval": {"bootstrap": 200, "gate": {"tuned_agreement": 0.5}}}, "test")
+    rng = np.random.default_rng(0)
+    test, base, tuned = synthetic(task, 160, rng)
+    validation, _, val = synthetic(task, 160, rng)
+    records = [{"meta": {"cost_usd": 0.001}}] * 10
+    result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0),
+                             evaluate.Answers(tuned, 2.0), evaluate.Answers(val, 2.0), records)
+    out = tmp_path_factory.mktemp("evaluate")
+    evaluate.write_outputs(out, recipe, task, result, adapter_sha="abc")
+    return recipe, result, out
+
+
+def test_every_headline_figure_has_a_ci_and_the_threshold_meets_its_bound(assessed):
+    recipe, result, _ = assessed
+    figs = result["figures"]
+    for name in ("base_agreement", "tuned_agreement", "tuned_macro_f1", "teacher_accuracy", "tuned_accuracy",
+                 "local_share", "system_agreement", "system_accuracy"):
+        assert figs[name].lo <= figs[name].value <= figs[name].hi, name
+    assert figs["tuned_agreement"].value == pytest.approx(0.8, abs=0.08)
+    choice = result["choice"]
+    assert choice.reason == "met" and choice.bound >= 0.7 and 0 < figs["local_share"].value <= 1
+    assert result["signals"]["signals"]["label_prob"]["auroc"] > 0.9  # confident == right, by construction
+    assert result["flat"]["routed_usd_per_1k"] < result["flat"]["teacher_only_usd_per_1k"]
+
+
+def test_policy_file_and_report(assessed):
+    _, result, out = assessed
+    policy = json.loads((out / "router_policy.json").read_text())
+    assert policy["signal"] == "label_prob" and policy["adapter_sha256"] == "abc"
+    assert policy["bound"] >= policy["quality_target"] and policy["labels"]
+    assert Policy.load(out / "router_policy.json").threshold == policy["threshold"]
+    assert policy["settings"]["temperature"] > 0 and not math.isnan(policy["settings"]["temperature"])
+    md = (out / "report.md").read_text()
+    assert md.splitlines()[4].startswith("| system | agreement with teacher")
+    for png in ("confusion.png", "reliability.png", "risk_coverage.png", "cost_quality.png"):
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in md
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 160 and {p["route"] for p in preds} <= {"student", "escalate"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["tuned_agreement"] == sum(p["tuned_agrees"] for p in preds) / 160
+
+
+def test_unknown_gate_figure_and_label_signal_on_free_text_fail_early():
+    from pipeline.errors import DistillError
+
+    task = load_task(ROOT / "data" / "task.yaml")
+    recipe = validate_recipe({"name": "t", "eval": {"gate": {"tuned_agrement": 0.5}}}, "test")
+    with pytest.raises(DistillError, match="eval.gate: unknown figure tuned_agrement"):
+        evaluate._check_recipe_fits_task(recipe, task)
+    free = task.model_copy(update={"kind": "generation", "labels": []})
+    with pytest.raises(DistillError, match="needs a classification task"):
+        evaluate._check_recipe_fits_task(validate_recipe({"name": "t", "router": {"signal": "label_prob"}}, "t"), free)

@@ -1,0 +1,114 @@
+"""Merge equivalence: base + adapter and the merged folder, reloaded with plain transformers, give
+the same greedy tokens and logits; the folder carries its dtype, chat template and EOS.
+
+    .venv/bin/pytest -q tests/test_export_merge.py
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.artifacts import EXPORT_MERGED
+from pipeline.errors import DistillError
+from pipeline.export.merged import base_dtype, export_merged, set_generation_eos
+from pipeline.task import Task
+
+CONVS = [Task.student_messages("where is my order #1234?"), Task.student_messages("cancel my subscription")]
+
+
+def random_adapter(model):
+    """A LoRA whose B is not zero (PEFT's default init would make the merge a no-op)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False)).eval()
+
+
+def tiny_mistral(folder: Path, tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def check_merge(base_dir: Path, out: Path, max_new_tokens: int = 6) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    adapted = random_adapter(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
+    ids = tokenizer.apply_chat_template(CONVS[0], add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        expected = adapted(ids).logits
+    result = export_merged(adapted, tokenizer, CONVS, max_new_tokens, out, base_dtype(str(base_dir)))
+    merged = AutoModelForCausalLM.from_pretrained(out / EXPORT_MERGED, dtype=torch.float32).eval()
+    with torch.no_grad():
+        # fp32 summation order differs between W·x + B·A·x and (W + BA)·x: 1e-5 relative, logits ~20
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-3, rtol=1e-4)
+    assert result.verified_prompts == 2 and all(a.token_ids for a in result.answers)
+    files = {p.name for p in (out / EXPORT_MERGED).iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "chat_template.jinja"} <= files and not any("adapter" in f for f in files)
+    assert merged.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_tiny_llama_merge_matches_base_plus_adapter(tiny_llama_dir, tmp_path):
+    check_merge(tiny_llama_dir, tmp_path)
+
+
+def test_tiny_mistral_merge_matches_base_plus_adapter(embedded_dir, tmp_path):
+    check_merge(tiny_mistral(tmp_path / "mistral", embedded_dir), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_merge_matches_base_plus_adapter(embedded_dir, tmp_path):
+    check_merge(embedded_dir, tmp_path, max_new_tokens=3)
+
+
+def test_merged_weights_are_saved_in_the_bases_dtype(tiny_llama_dir, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    adapted = random_adapter(base)
+    for module in adapted.modules():  # a zero adapter: the bf16 rounding of W + BA cannot flip a token
+        if hasattr(module, "lora_B"):
+            for b in module.lora_B.values():
+                torch.nn.init.zeros_(b.weight)
+    export_merged(adapted, tokenizer, CONVS[:1], 3, tmp_path, torch.bfloat16)
+    with safe_open(tmp_path / EXPORT_MERGED / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_generation_config_eos_is_the_tokenizers_and_keeps_other_stops():
+    from transformers import AutoTokenizer, GenerationConfig
+
+    class Tok:
+        eos_token_id, pad_token_id, bos_token_id = 2, 2, 1
+
+    gen = GenerationConfig(eos_token_id=[0, 7])
+    set_generation_eos(gen, Tok())
+    assert gen.eos_token_id == [2, 0, 7] and gen.pad_token_id == 2
+    gen = GenerationConfig(eos_token_id=0)
+    set_generation_eos(gen, Tok())
+    assert gen.eos_token_id == [2, 0]
+    gen = GenerationConfig()
+    set_generation_eos(gen, Tok())
+    assert gen.eos_token_id == 2
+
+
+def test_merging_into_a_4bit_base_is_refused(tmp_path):
+    class Quantized:
+        is_loaded_in_4bit = True
+
+    with pytest.raises(DistillError, match="refusing to merge into a quantized base"):
+        export_merged(Quantized(), None, CONVS, 3, tmp_path)
