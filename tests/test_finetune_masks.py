@@ -118,3 +118,16 @@ def test_template_that_moves_the_prompt_is_refused(embedded_dir):
     with pytest.raises(DistillError, match="renders the prompt differently"):
         finetune.tokenize_prompt_completion(tok, [{"role": "user", "content": "hi"}],
                                             [{"role": "assistant", "content": "x"}], 64)
+
+
+def test_an_example_longer_than_max_seq_len_is_dropped_not_truncated(tokenizers):
+    """A cut example loses its answer's EOS; curate promises dropped, never truncated, and so does finetune."""
+    from datasets import Dataset
+
+    tokenizer, _ = tokenizers["smollm2"]
+    rows = [{"prompt": "where is my parcel", "completion": "track_order"},
+            {"prompt": "where is my parcel", "completion": "track order " * 40}]  # fits but for its answer
+    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(rows)), tokenizer, max_len=64)
+    assert len(train) == 1
+    (kept,) = list(train)
+    assert kept["input_ids"][-1] == tokenizer.eos_token_id and kept["completion_mask"][-1] == 1

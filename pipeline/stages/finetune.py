@@ -162,20 +162,21 @@ def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[d
             "so the student would never learn to stop; set model.chat_template to a template that does"
         )
     answer = answer[: answer.index(eos) + 1]
-    input_ids = (prompt_ids + answer)[:max_len]
-    return {"input_ids": input_ids, "completion_mask": ([0] * len(prompt_ids) + [1] * len(answer))[:max_len]}
+    # Never cut to max_len here: tokenize_dataset drops what does not fit, as curate promises.
+    return {"input_ids": prompt_ids + answer, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer)}
 
 
 def tokenize_dataset(pairs, tokenizer, max_len: int):
-    """Tokenize every pair; drop those whose prompt alone fills max_len (no answer token left to learn)."""
+    """Tokenize every pair; drop, never truncate, those longer than max_len: a cut answer loses its
+    EOS and teaches the student to stop mid-answer (or never)."""
     tokenized = pairs.map(
         lambda ex: tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"], max_len),
         remove_columns=pairs.column_names,
         keep_in_memory=True,
     )
-    kept = tokenized.filter(lambda ex: 1 in ex["completion_mask"], keep_in_memory=True)
+    kept = tokenized.filter(lambda ex: len(ex["input_ids"]) <= max_len, keep_in_memory=True)
     if len(kept) < len(tokenized):
-        log.warning("finetune: %d examples dropped: prompt longer than train.max_seq_len=%d",
+        log.warning("finetune: %d examples dropped, not truncated: longer than train.max_seq_len=%d tokens",
                     len(tokenized) - len(kept), max_len)
     if not len(kept):
         raise DistillError(f"finetune: no training example fits train.max_seq_len={max_len}")
