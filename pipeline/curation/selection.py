@@ -130,7 +130,11 @@ def step_select(
 
 def stratified_split(examples: list[dict], val: float, test: float, seed: int) -> dict[str, list[dict]]:
     """Split each label group by the same fractions with a fixed seed. A label with at least
-    three examples gets at least one in validation and one in test; smaller ones go to train."""
+    three examples gets at least one in validation and one in test; smaller ones go to train.
+
+    Hand-written rather than sklearn's train_test_split(stratify=...): that raises on a label
+    with a single example and on a test share smaller than the number of labels, both usual
+    after curating a 12-label task down to a few hundred examples."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for ex in sorted(examples, key=lambda e: e["id"]):
         groups[ex["label"]].append(ex)
