@@ -49,8 +49,20 @@ def _stage_command(stage: str, doc: str):
     def command(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, runs_dir: Path = RunsOpt, force: bool = ForceOpt):
         _pipeline(stage, recipe, overrides, runs_dir, force)
 
-    command.__doc__ = doc
+    command.__doc__ = f"{doc}\n\nOften overridden: {', '.join(STAGE_OVERRIDES[stage])} (all fields: recipes/REFERENCE.md)."
     app.command(name=stage)(command)
+
+
+# The dotted overrides users reach for first, per command; the full list is generated in recipes/REFERENCE.md.
+STAGE_OVERRIDES = {
+    "capture": ["teacher.spec=openai:gpt-4o-mini", "teacher.base_url=URL", "teacher.budget_usd=5",
+                "teacher.concurrency=8", "teacher.rpm=500", "teacher.price.input_per_mtok=0.15",
+                "teacher.price.output_per_mtok=0.6", "teacher.max_new_tokens=12", "capture.limit=1000"],
+    "curate": ["curate.target_size=2000", "curate.pii=true", "curate.near_dup_threshold=0.7", "eval.file=PATH"],
+    "finetune": ["train.epochs=2", "train.lr=2e-4", "train.lora.r=32", "train.max_seq_len=512", "train.batch_size=8"],
+    "evaluate": ["router.quality_target=0.9", "router.signal=label_prob", "eval.base_prompt=few_shot", "eval.file=PATH"],
+    "export": ["export.formats=[merged,adapter,gguf]", "export.gguf_types=[f16,q8_0,q4_k_m]"],
+}
 
 
 for _name, _doc in [

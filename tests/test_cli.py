@@ -69,3 +69,16 @@ def test_serve_refuses_a_stage_folder_without_a_manifest(tmp_path, capsys):
     assert main(["serve", _recipe(tmp_path), "--runs-dir", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: {run / 'evaluate'}: no manifest.json, so evaluate has not completed there; run `distill evaluate` first"
+
+
+def test_overrides_suggested_in_help_are_real_recipe_fields(tmp_path, capsys):
+    """`distill capture --help` lists the knobs users reach for first; each one must validate."""
+    from pipeline.cli import STAGE_OVERRIDES
+    from pipeline.config import load_recipe
+
+    placeholder = {"PATH": str(tmp_path / "heldout.jsonl"), "URL": "http://127.0.0.1:8080/v1"}
+    for stage, overrides in STAGE_OVERRIDES.items():
+        concrete = [o.split("=")[0] + "=" + placeholder.get(o.split("=", 1)[1], o.split("=", 1)[1]) for o in overrides]
+        load_recipe("smollm2-135m-cpu", concrete, root=ROOT)
+    assert main(["capture", "--help"]) == 0
+    assert "teacher.budget_usd=5" in capsys.readouterr().out
