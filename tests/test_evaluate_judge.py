@@ -1,8 +1,6 @@
 """The pairwise judge: verdict parsing and order-swap arithmetic, then the real path against
 llama.cpp's OpenAI-compatible server on loopback (real HTTP), through the teacher service."""
 
-import pytest
-
 from pipeline.evaluation.judge import judge_figures, outcome, pairwise, parse_verdict
 
 

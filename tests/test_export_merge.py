@@ -90,7 +90,7 @@ def test_merged_weights_are_saved_in_the_bases_dtype(tiny_llama_dir, tmp_path):
 
 
 def test_generation_config_eos_is_the_tokenizers_and_keeps_other_stops():
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     class Tok:
         eos_token_id, pad_token_id, bos_token_id = 2, 2, 1

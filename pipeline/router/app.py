@@ -441,8 +441,7 @@ def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | No
     can_escalate = policy.threshold != -math.inf
     teacher = build_teacher(recipe, task, cfg) if task is not None and (can_escalate or settings.mode.needs_teacher) \
         else None
-    # Label signals score every label on each answer; getattr: policies before label signals lack both.
-    labels = list(getattr(policy, "labels", None) or []) if getattr(policy, "needs_label_scores", False) else None
+    labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
     student = StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
                              window_s=cfg.batch_window_ms / 1000)
     reload = (lambda: load_checked_policy(policy_path, model_dir.parent)) if policy_path is not None else None

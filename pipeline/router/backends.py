@@ -10,7 +10,6 @@ reserved before each call), retries and circuit breaker.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 from pathlib import Path
@@ -40,12 +39,10 @@ class StudentBackend:
     left padding gives each request what a batch of one would (tests/test_router_escalation.py).
 
     `score_labels`: the policy's labels, passed to generate_batch so it fills
-    `Completion.label_logprobs` when the policy's signal needs them (when generate_batch
-    supports it; older versions do not, and then the policy sees no label scores)."""
+    `Completion.label_logprobs` when the policy's signal needs them."""
 
     def __init__(self, model_dir: Path, score_labels: list[str] | None = None, max_batch: int = 8,
                  window_s: float = 0.0):
-        from pipeline.llm.generate import generate_batch
         from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
         self.model_dir = Path(model_dir)
@@ -54,12 +51,7 @@ class StudentBackend:
         self.model.eval()
         self.max_batch = max_batch
         self.window_s = window_s
-        self._extra = {}
-        if score_labels:
-            if "score_labels" in inspect.signature(generate_batch).parameters:
-                self._extra["score_labels"] = list(score_labels)
-            else:
-                log.warning("this pipeline.llm.generate cannot score labels; the policy gets no label_logprobs")
+        self._extra = {"score_labels": list(score_labels)} if score_labels else {}
         # generate() mutates the tokenizer (padding side) and shares the model's caches:
         # one generate call at a time on this model.
         self._lock = threading.Lock()
