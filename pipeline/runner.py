@@ -71,16 +71,17 @@ def stages_until(until: str | None) -> tuple[Stage, ...]:
 
 
 def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Path("runs"), force: bool = False,
-                 ranks: Ranks | None = None) -> PipelineResult:
-    """Every stage up to `until`. Under a multi-process launch only the main process writes
-    folders and MLflow runs; the other ranks get a NullTracker and join ALL_RANKS stages."""
+                 ranks: Ranks | None = None, run_name: str | None = None) -> PipelineResult:
+    """Every stage up to `until`, in `runs_root/<run_name>` (default: the recipe name; a
+    retrain round is `runs/<recipe>/rounds/r<N>`). Under a multi-process launch only the main
+    process writes folders and MLflow runs; the other ranks get a NullTracker and join ALL_RANKS stages."""
     ranks = ranks or Ranks.detect()
-    layout = RunLayout(runs_root, recipe.name)
+    layout = RunLayout(runs_root, run_name or recipe.name)
     if ranks.main:
         layout.root.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(resolve_uri(recipe.tracking.uri), recipe.tracking.experiment) if ranks.main else NullTracker()
     result = PipelineResult(layout.root)
-    with tracker.run(recipe.name):
+    with tracker.run(recipe.name if run_name is None else f"{recipe.name}/{run_name}"):
         tracker.params({"recipe": recipe.model_dump(mode="json")})
         for stage in stages_until(until):
             result.outcomes.append(run_stage(stage, recipe, layout, tracker, force, ranks))

@@ -144,7 +144,7 @@ def stratified_split(examples: list[dict], val: float, test: float, seed: int) -
         group = groups[label]
         rng.shuffle(group)
         n = len(group)
-        n_test = max(1, round(n * test)) if n >= 3 else 0
+        n_test = max(1, round(n * test)) if n >= 3 and test > 0 else 0  # test=0: a frozen test split
         n_val = max(1, round(n * val)) if n >= 3 else 0
         splits["test"] += group[:n_test]
         splits["validation"] += group[n_test : n_test + n_val]

@@ -38,15 +38,18 @@ class CurateContext:
     max_seq_len: int  # train.max_seq_len: the length filter drops longer sequences
     tokenizer: Any  # the student's (transformers) tokenizer with its chat template
     eval_prompts: tuple[str, ...] | None = None  # normalised prompts of eval.file, if any
+    frozen_test: tuple[dict, ...] | None = None  # curate.frozen_test's examples: this run's test split as is
 
     @property
     def seed(self) -> int:
         return self.cfg.seed
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, task: Task, tokenizer: Any, eval_prompts: list[str] | None) -> CurateContext:
+    def from_recipe(cls, recipe: Recipe, task: Task, tokenizer: Any, eval_prompts: list[str] | None,
+                    frozen_test: list[dict] | None = None) -> CurateContext:
         prompts = tuple(eval_prompts) if eval_prompts is not None else None
-        return cls(task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts)
+        frozen = tuple(frozen_test) if frozen_test is not None else None
+        return cls(task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts, frozen)
 
 
 @dataclass
@@ -121,6 +124,13 @@ def eval_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
                                           "the eval file"))
 
 
+def frozen_test_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
+    """Nothing that is, or nearly is, a frozen test prompt may train (an escalated copy of one included)."""
+    reference = NgramIndex((ex["prompt"] for ex in ctx.frozen_test or ()), ctx.cfg.decontam_ngram)
+    return StepResult(*step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "frozen_test_overlap",
+                                          "the frozen test split"))
+
+
 def select(examples: list[dict], ctx: CurateContext) -> StepResult:
     kept, removed, notes = step_select(examples, ctx.cfg.target_size, ctx.cfg.embeddings)
     return StepResult(kept, removed, notes=notes)
@@ -139,6 +149,8 @@ STEPS: tuple[CurateStep, ...] = (
     CurateStep("answer format", answer_format),
     CurateStep("self-consistency", consistency),
     CurateStep("decontaminate (eval file)", eval_decontaminate, enabled=lambda ctx: ctx.eval_prompts is not None),
+    CurateStep("decontaminate (frozen test)", frozen_test_decontaminate,
+               enabled=lambda ctx: ctx.frozen_test is not None),
     CurateStep("select", select),
 )
 
@@ -147,12 +159,21 @@ STEPS: tuple[CurateStep, ...] = (
 
 
 def split(examples: list[dict], ctx: CurateContext) -> dict[str, list[dict]]:
-    """Stratified split with the recipe's seed (removes nothing)."""
-    return stratified_split(examples, ctx.cfg.split.validation, ctx.cfg.split.test, ctx.seed)
+    """Stratified split with the recipe's seed (removes nothing). With a frozen test split the
+    examples make train and validation only, and the test split is the frozen one, as it was."""
+    if ctx.frozen_test is None:
+        return stratified_split(examples, ctx.cfg.split.validation, ctx.cfg.split.test, ctx.seed)
+    splits = stratified_split(examples, ctx.cfg.split.validation, 0.0, ctx.seed)
+    splits["test"] = [dict(ex) for ex in ctx.frozen_test]
+    count_tokens(splits["test"], ctx.tokenizer)  # the card's length table reads them
+    return splits
 
 
 def decontaminate_test(splits: dict[str, list[dict]], ctx: CurateContext) -> StepResult:
-    """Test prompts overlapping train are dropped from test (train and validation keep theirs)."""
+    """Test prompts overlapping train are dropped from test (train and validation keep theirs).
+    A frozen test split is never changed: train was decontaminated against it instead."""
+    if ctx.frozen_test is not None:
+        return StepResult(list(splits["test"]))
     train_index = NgramIndex((ex["prompt"] for ex in splits["train"]), ctx.cfg.decontam_ngram)
     return StepResult(*step_decontaminate(splits["test"], train_index, ctx.cfg.decontam_overlap,
                                           "test_train_overlap", "train"))

@@ -6,7 +6,7 @@ import), so tests serve a tiny model on loopback and the CLI serves the export. 
 itself (student, policy, teacher, modes, the escalations log) is routing.py; this module is
 HTTP: auth, admission (bounded queue -> 429), option checks, headers, SSE, /metrics.
 `serve()` is the CLI's entry: it loads the student and runs uvicorn on 127.0.0.1 unless told
-otherwise.
+otherwise; `serve_alias()` serves a registry alias and follows it (follow.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
@@ -48,6 +48,7 @@ from pipeline.router.errors import (
     error_envelope,
 )
 from pipeline.router.escalations import EscalationLog
+from pipeline.router.follow import Follower, Loaded
 from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from pipeline.router.modes import Mode, Rollback
 from pipeline.router.policy import Policy
@@ -68,11 +69,13 @@ from pipeline.router.routing import Ask, Router
 
 if TYPE_CHECKING:
     from pipeline.config import Recipe
+    from pipeline.loop.registry import Registry, ServedVersion
     from pipeline.task import Task
 
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-distill-route"
+VERSION_HEADER = "x-distill-model-version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -105,15 +108,19 @@ class ServeSettings:
                             max_queue=cfg.max_queue, deadline_s=cfg.deadline_s, rollback_window=cfg.rollback_window)
 
 
-def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Policy, *,
+def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower], policy: Policy, *,
                teacher: TeacherBackend | None = None, escalations: EscalationLog | None = None,
                reload_policy: Callable[[], Policy] | None = None) -> FastAPI:
-    """Build the app; `backends` maps each public model name to the student that answers it.
+    """Build the app; `backends` maps each public model name to the student that answers it, or
+    to a Follower of a registry alias (at most one), whose versions bring their own policies.
     `teacher`: where escalations go (None: escalations get the student's answer, marked
     student-fallback). The app closes the teacher when it shuts down. `reload_policy`: reads
     the policy again (POST /admin/reload-policy, SIGHUP); it raises DistillError to refuse."""
     if settings.mode.needs_teacher and teacher is None:
         raise DistillError(f"serve.mode={settings.mode} needs a teacher; use serve.mode=live to serve the student alone")
+    followers = [b for b in backends.values() if isinstance(b, Follower)]
+    if len(followers) > 1:
+        raise DistillError("one registry alias per server: /ready reports one set of served versions")
     metrics = RouterMetrics()
     rollback = Rollback(policy.quality_target, settings.rollback_window) if settings.mode.kind == "shadow" else None
     router = Router(policy, settings.mode, metrics, teacher, escalations, rollback)
@@ -136,7 +143,11 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Po
             teacher.start()
         if reload_policy is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, reload)
+        for follower in followers:
+            follower.start(on_error=lambda kind: metrics.errors.labels(kind).inc())
         yield
+        for follower in followers:
+            await asyncio.to_thread(follower.stop)  # a load in progress finishes off the event loop
         await router.drain()
         if teacher is not None:
             await teacher.aclose()
@@ -155,9 +166,14 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Po
     @app.get("/ready")
     async def ready() -> JSONResponse:
         loaded = all(getattr(b, "ready", True) for b in backends.values())
-        body = {"status": "ready" if loaded else "loading", "mode": str(router.mode), "policy": router.policy_hash,
-                "threshold": _threshold_text(router.policy.threshold), "teacher": teacher.spec if teacher else None,
+        policy, digest = router.policy, router.policy_hash
+        body = {"status": "ready" if loaded else "loading", "mode": str(router.mode), "teacher": teacher.spec if teacher else None,
                 "rolled_back": bool(rollback and rollback.tripped)}
+        for follower in followers:
+            served = follower.served
+            policy, digest = served.champion.policy, served.champion.policy_hash
+            body["versions"] = follower.describe()
+        body.update(policy=digest, threshold=_threshold_text(policy.threshold))
         return JSONResponse(body, status_code=200 if loaded else 503)
 
     @app.get("/metrics")
@@ -195,6 +211,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Po
         ask = Ask(request_id=request_id, key=request.user or request_id, prompt=request.user_prompt(),
                   messages=[m.as_template_message() for m in request.messages], max_tokens=max_tokens,
                   deadline=started + settings.deadline_s, deadline_s=settings.deadline_s)
+        backend, ask = _pick(backend, ask)
         in_flight[0] += 1
         try:
             routed = await router.route(backend, ask)
@@ -205,7 +222,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend], policy: Po
         text, finish = _apply_stop(routed.answer, request.stop_sequences())
         info = DistillInfo(route=routed.route, confidence=_finite(routed.confidence), policy=routed.policy_hash,
                            request_id=request_id, mode=str(routed.mode), reason=routed.reason)
-        headers = _distill_headers(info)
+        headers = _distill_headers(info, ask.model_version)
         usage = _usage(routed.answer)
         if request.stream:
             include_usage = bool((request.stream_options or {}).get("include_usage"))
@@ -248,6 +265,15 @@ def _checked_options(request: ChatCompletionRequest, settings: ServeSettings) ->
     return asked or settings.max_tokens
 
 
+def _pick(entry: Backend | Follower, ask: Ask) -> tuple[Backend, Ask]:
+    """A followed alias picks the version (champion or candidate) per request; its policy goes along."""
+    if not isinstance(entry, Follower):
+        return entry, ask
+    loaded = entry.pick(ask.key)
+    return loaded.backend, replace(ask, policy=loaded.policy, policy_hash=loaded.policy_hash,
+                                   model_version=loaded.version)
+
+
 def _on_sighup(reload: Callable[[], dict]) -> None:
     try:
         reload()
@@ -287,13 +313,16 @@ def _threshold_text(threshold: float | None) -> str | float | None:
     return "-inf (student only)" if threshold == -math.inf else threshold
 
 
-def _distill_headers(info: DistillInfo) -> dict[str, str]:
-    return {
+def _distill_headers(info: DistillInfo, model_version: str | None = None) -> dict[str, str]:
+    headers = {
         ROUTE_HEADER: info.route,
         "x-distill-confidence": "none" if info.confidence is None else f"{info.confidence:.4f}",
         "x-distill-policy": info.policy,
         "x-request-id": info.request_id,
     }
+    if model_version is not None:
+        headers[VERSION_HEADER] = model_version
+    return headers
 
 
 def _pieces(text: str) -> list[str]:
@@ -422,6 +451,30 @@ def load_checked_policy(policy_path: Path, export_dir: Path) -> Policy:
     return Policy.load(policy_path)
 
 
+def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> StudentBackend:
+    labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
+    return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000)
+
+
+def _settings(cfg: ServeConfig) -> ServeSettings:
+    settings = ServeSettings.from_config(cfg)
+    if settings.api_key is None and not is_loopback_host(cfg.host):
+        log.warning("serving on %s without an API key; set serve.api_key_env to require one", cfg.host)
+    return settings
+
+
+def _teacher(recipe: Recipe | None, cfg: ServeConfig, needed: bool) -> TeacherBackend | None:
+    from pipeline.task import load_task
+
+    if recipe is None or not needed:
+        return None
+    return build_teacher(recipe, load_task(recipe.capture.task), cfg)
+
+
+def _escalations(cfg: ServeConfig, teacher: TeacherBackend | None) -> EscalationLog | None:
+    return EscalationLog(cfg.escalations) if teacher is not None else None
+
+
 def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | None = None,
           policy_path: Path | None = None) -> None:
     """Load the student from `model_dir` and serve it until interrupted (`make serve`).
@@ -429,27 +482,65 @@ def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | No
     `policy_path`: where `policy` came from, read again on SIGHUP or POST /admin/reload-policy."""
     import uvicorn
 
-    from pipeline.task import load_task
-
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DistillError(f"{model_dir}: no config.json, so no exported student to serve; run `make export` first")
-    settings = ServeSettings.from_config(cfg)  # before the slow load: fail fast
-    if settings.api_key is None and not is_loopback_host(cfg.host):
-        log.warning("serving on %s without an API key; set serve.api_key_env to require one", cfg.host)
-    task = load_task(recipe.capture.task) if recipe is not None else None
-    can_escalate = policy.threshold != -math.inf
-    teacher = build_teacher(recipe, task, cfg) if task is not None and (can_escalate or settings.mode.needs_teacher) \
-        else None
-    labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
-    student = StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
-                             window_s=cfg.batch_window_ms / 1000)
+    settings = _settings(cfg)  # before the slow load: fail fast
+    teacher = _teacher(recipe, cfg, needed=policy.threshold != -math.inf or settings.mode.needs_teacher)
+    student = student_for(model_dir, policy, cfg)
     reload = (lambda: load_checked_policy(policy_path, model_dir.parent)) if policy_path is not None else None
     app = create_app(settings, {cfg.model_name: student}, policy, teacher=teacher,
-                     escalations=EscalationLog(cfg.escalations) if teacher is not None else None,
-                     reload_policy=reload)
+                     escalations=_escalations(cfg, teacher), reload_policy=reload)
     log.info("serving %s as '%s' on http://%s:%d/v1 (mode %s, policy %s: %s threshold %s, teacher %s)", model_dir,
              cfg.model_name, cfg.host, cfg.port, settings.mode, app.state.router.policy_hash, policy.signal,
              policy.threshold, teacher.spec if teacher else "none")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
 
+
+# ---------------------------------------------------------------- serving a registry alias (follow.py)
+
+
+def load_version(version: ServedVersion, cfg: ServeConfig, signal_name: str = "mean_logprob") -> Loaded:
+    """A registry version's student and its run's evaluated policy, checked against its export
+    (student-only, with a warning, when the run has none). Raises DistillError or the loader's
+    error; the policy is checked before the slow model load."""
+    if not (version.source / "config.json").is_file():
+        raise DistillError(f"{version.name} version {version.version}: {version.source} has no config.json, so no "
+                           "exported student to serve")
+    if version.policy_path is None:
+        log.warning("%s version %s: no evaluated policy beside %s; serving it student-only, nothing escalates",
+                    version.name, version.version, version.source)
+        policy = Policy.student_only(signal_name)
+    else:
+        policy = load_checked_policy(version.policy_path, version.source.parent)
+    return Loaded.of(version.version, student_for(version.source, policy, cfg), policy)
+
+
+def alias_app(registry: Registry, name: str, alias: str, cfg: ServeConfig, recipe: Recipe | None = None) -> FastAPI:
+    """The app answering with `name@alias` (and serve.candidate_percent with `name@candidate`),
+    following both in `registry` every serve.registry_poll_s."""
+    settings = _settings(cfg)  # before the slow load: fail fast
+    signal_name = recipe.router.signal if recipe is not None else "mean_logprob"
+
+    def load(version: ServedVersion) -> Loaded:
+        return load_version(version, cfg, signal_name)
+
+    champion = load(registry.require(name, alias))
+    follower = Follower(registry, name, alias, champion, load, poll_s=cfg.registry_poll_s,
+                        candidate_percent=cfg.candidate_percent)
+    # Whatever this version's policy, the next one promoted may escalate: keep the teacher at hand.
+    teacher = _teacher(recipe, cfg, needed=True)
+    return create_app(settings, {cfg.model_name: follower}, champion.policy, teacher=teacher,
+                      escalations=_escalations(cfg, teacher))
+
+
+def serve_alias(registry: Registry, name: str, alias: str, cfg: ServeConfig, recipe: Recipe | None = None) -> None:
+    """Serve `models:/<name>@<alias>` until interrupted, following the alias when it moves."""
+    import uvicorn
+
+    app = alias_app(registry, name, alias, cfg, recipe)
+    teacher = app.state.router.teacher
+    log.info("serving models:/%s@%s as '%s' on http://%s:%d/v1 (mode %s, candidate %g%%, registry %s every %g s, "
+             "teacher %s)", name, alias, cfg.model_name, cfg.host, cfg.port, cfg.mode, cfg.candidate_percent,
+             registry.uri, cfg.registry_poll_s, teacher.spec if teacher else "none")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -56,7 +56,9 @@ class StudentBackend:
         # one generate call at a time on this model.
         self._lock = threading.Lock()
         # Created on the serving loop by its first request; a new loop (a restarted app, a test's
-        # next server) gets its own, since asyncio queues and tasks belong to one loop.
+        # next server) gets its own, since asyncio queues and tasks belong to one loop. The worker
+        # runs only while requests are queued, so a backend no one holds any more (a registry
+        # version the router swapped out) leaves no task behind and is freed with its model.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
@@ -66,15 +68,17 @@ class StudentBackend:
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._worker.done():
-            self._loop, self._queue = loop, asyncio.Queue()
-            self._worker = loop.create_task(self._batch_forever())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((messages, max_tokens, future))
+        if self._loop is not loop:
+            self._loop, self._queue, self._worker = loop, asyncio.Queue(), None
+        future = loop.create_future()
+        self._queue.put_nowait((messages, max_tokens, future))
+        # One event loop: the worker either has returned (done) or will see this request before it returns.
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._batch_while_queued())
         return await future
 
-    async def _batch_forever(self) -> None:
-        while True:
+    async def _batch_while_queued(self) -> None:
+        while not self._queue.empty():
             batch = await self._collect()
             for max_tokens in dict.fromkeys(mt for _, mt, _ in batch):
                 group = [(m, f) for m, mt, f in batch if mt == max_tokens and not f.done()]  # done: caller gave up

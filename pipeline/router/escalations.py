@@ -37,6 +37,7 @@ class Escalation:
     policy: str  # policy hash
     confidence: float | None = None
     student: Completion | None = None  # None: the student was not asked (mode off / canary-out)
+    model_version: str | None = None  # the registry version that served, when serving by alias
 
     def record(self) -> dict[str, Any]:
         meta = {
@@ -46,6 +47,7 @@ class Escalation:
             "confidence": self.confidence,
             "reason": self.reason,
             "policy": self.policy,
+            "model_version": self.model_version,
             "prompt_sha": sha256_json(self.prompt)[:16],
             "student_answer": self.student.text if self.student else None,
             "agree": agrees(self.student, self.teacher) if self.student else None,

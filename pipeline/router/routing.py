@@ -50,9 +50,11 @@ class Ask:
     deadline: float  # time.monotonic() by which an answer must be chosen
     deadline_s: float = 30.0  # the window that deadline closes (a teacher-only fallback gets a fresh one)
     # The policy this request is decided with, fixed when routing starts, so a reload mid-request
-    # never mixes two policies in one answer (Router.route fills these).
+    # never mixes two policies in one answer (Router.route fills these unless the caller did:
+    # a registry version brings its own policy).
     policy: Policy | None = None
     policy_hash: str = ""
+    model_version: str | None = None  # the registry version answering, when serving by alias
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,16 @@ class Router:
 
     async def route(self, student: Backend, ask: Ask) -> Routed:
         mode = self.mode
-        policy, digest = self._current
-        ask = replace(ask, policy=policy, policy_hash=digest)
+        if ask.policy is None:
+            policy, digest = self._current
+            ask = replace(ask, policy=policy, policy_hash=digest)
         if mode.routed(ask.key):
             routed = await self._routed(student, ask)
         elif mode.kind == "shadow":
             routed = await self._shadow(student, ask)
         else:
             routed = await self._teacher_only(student, ask, "canary: not routed" if mode.kind == "canary" else "mode off")
-        return replace(routed, mode=mode, policy_hash=digest)
+        return replace(routed, mode=mode, policy_hash=ask.policy_hash)
 
     # ------------------------------------------------------------ modes
 
@@ -218,7 +221,7 @@ class Router:
             return
         self.escalations.append(Escalation(
             request_id=ask.request_id, prompt=ask.prompt, teacher=teacher, route=route, reason=reason,
-            policy=ask.policy_hash, confidence=confidence, student=student))
+            policy=ask.policy_hash, confidence=confidence, student=student, model_version=ask.model_version))
 
     async def drain(self) -> None:
         """Let background shadow comparisons finish (shutdown, tests)."""

@@ -3,6 +3,7 @@
     distill capture RECIPE                                  (make distill runs it first)
     distill capture RECIPE teacher.spec=openai:gpt-4o-mini teacher.budget_usd=5
     distill capture RECIPE teacher.spec=logs:exports/chat.jsonl
+    distill capture RECIPE capture.records=runs/x/rounds/r1/gather/gathered.jsonl   (what retrain does)
 
 Writes `teacher.jsonl`: one chat-format example per prompt and sample, in prompt order.
 The teacher is asked through the teacher service (pipeline/teachers/service.py): every
@@ -41,6 +42,7 @@ READS = (
     "teacher.spec", "teacher.max_new_tokens", "teacher.temperature", "teacher.n", "teacher.few_shot",
     "teacher.constrain_to_labels", "teacher.base_url", "teacher.logprobs", "teacher.prompt_col", "teacher.label_col",
     "capture.prompts", "capture.prompts_split", "capture.prompt_field", "capture.gold_field", "capture.limit",
+    "capture.records",
 )
 UPSTREAM: tuple[str, ...] = ()
 RESUMABLE = False  # the teacher cache is its resume point
@@ -52,6 +54,8 @@ OUTPUT = CAPTURE_RECORDS
 def file_inputs(recipe: Recipe) -> dict[str, Path]:
     provider, ref = parse_spec(recipe.teacher.spec)
     files = {"task": recipe.capture.task}
+    if recipe.capture.records is not None:  # answers already recorded: no teacher, no prompts file
+        return files | {"records": recipe.capture.records}
     # A local model folder's content, not its path: retrained in place, it re-captures.
     files |= {f"teacher_model/{name}": path for name, path in content_files(recipe.teacher.spec).items()}
     if provider == "logs":
@@ -73,6 +77,8 @@ class Entry:
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
     check_recipe_models(recipe)  # later stages load them: a typo fails now, not after the bill
+    if "records" in inputs:
+        return run_records(inputs["records"], out, tracker)
     provider, _ = parse_spec(recipe.teacher.spec)
     if provider == "logs":  # not a teacher: answers to import
         return run_logs(recipe, inputs["logs"], out, tracker)
@@ -233,3 +239,33 @@ def run_logs(recipe: Recipe, path: Path, out: Path, tracker) -> Manifest:
     tracker.params({"teacher": identity, "prompts": len(records)})
     tracker.metrics(counts)
     return Manifest(stage=NAME, counts=counts, notes=notes)
+
+
+# ---------------------------------------------------------------- capture.records
+
+
+def run_records(path: Path, out: Path, tracker) -> Manifest:
+    """Take capture records as they are (meta kept: gold, teacher, logprobs); no teacher, no cost."""
+    records = [check_record(where, row) for where, row in read_rows(path)]
+    if not records:
+        raise DistillError(f"{path}: no capture records")
+    seen: dict[str, str] = {}
+    for where, record in records:
+        if record["id"] in seen:
+            raise DistillError(f"{where}: id '{record['id']}' already used at {seen[record['id']]}")
+        seen[record["id"]] = where
+    write_jsonl(out / OUTPUT, [r for _, r in records])
+    counts = {"prompts": len(records), "records": len(records), "cache_hits": 0, "teacher_calls": 0}
+    tracker.metrics(counts)
+    return Manifest(stage=NAME, counts=counts, notes=[f"took {len(records)} recorded answers from {path}"])
+
+
+def check_record(where: str, row: dict) -> tuple[str, dict]:
+    """A capture record: an id, [user, assistant] messages with text, and a meta mapping."""
+    messages = row.get("messages")
+    ok = (isinstance(row.get("id"), str) and isinstance(messages, list) and len(messages) == 2
+          and [m.get("role") for m in messages if isinstance(m, dict)] == ["user", "assistant"]
+          and all(isinstance(m.get("content"), str) for m in messages) and isinstance(row.get("meta", {}), dict))
+    if not ok:
+        raise DistillError(f"{where}: not a capture record (want id, messages [user, assistant], meta)")
+    return where, {"id": row["id"], "messages": messages, "meta": row.get("meta", {})}

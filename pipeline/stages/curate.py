@@ -16,9 +16,12 @@ on the splits. Each is counted in the card with a few of the examples it removed
                    metadata kept; numbered samples of one prompt are merged for step 5
  4. format         label set, the task's JSON Schema, the task's regex
  5. consistency    with n>1 samples: majority answer's share >= threshold; share = confidence
- 7. decontaminate  against eval.file (the held-out file evaluate scores) here; test-vs-train right after the split (step 9)
+ 7. decontaminate  against eval.file (the held-out file evaluate scores) and curate.frozen_test here;
+                   test-vs-train right after the split (step 9)
  8. select         to curate.target_size: label-balanced, k-center inside each label
- 9. split          stratified by label, fixed seed; then test prompts overlapping train are dropped
+ 9. split          stratified by label, fixed seed; then test prompts overlapping train are dropped.
+                   With curate.frozen_test (what `distill retrain` sets) that file is the test split,
+                   verbatim, and the examples make train and validation only.
 
 Same input and config give byte-identical outputs (nothing depends on time or hash order).
 """
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import (
-    CAPTURE_RECORDS, CURATED_DATASET, SPLITS, Manifest, atomic_write_text, read_jsonl, write_jsonl,
+    CAPTURE_RECORDS, CURATED_DATASET, SPLITS, Manifest, atomic_write_text, iter_jsonl, read_jsonl, write_jsonl,
 )
 from pipeline.config import Recipe
 from pipeline.curation.card import StepRecord, plot_lengths, removed_counts, render_card
@@ -66,6 +69,8 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
         files["chat_template"] = recipe.model.chat_template
     if recipe.eval.file is not None:  # one setting: evaluate scores the file, curate keeps it out of training
         files["eval_file"] = recipe.eval.file
+    if recipe.curate.frozen_test is not None:
+        files["frozen_test"] = recipe.curate.frozen_test
     return files
 
 
@@ -88,7 +93,8 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     task = load_task(inputs["task"])
     raw = read_jsonl(inputs["capture"] / CAPTURE_RECORDS)
     eval_prompts = load_eval_prompts(inputs["eval_file"], recipe.eval.file_prompt_field) if "eval_file" in inputs else None
-    result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), eval_prompts))
+    frozen = load_frozen_test(inputs["frozen_test"]) if "frozen_test" in inputs else None
+    result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), eval_prompts, frozen))
     _check_enough(result, len(raw), recipe.curate.min_examples)
 
     _save(result.splits, out)
@@ -153,6 +159,23 @@ def load_eval_prompts(path: Path, prompt_field: str) -> list[str]:
     from pipeline.evaluation.heldout import read_heldout
 
     return [normalize_text(row["prompt"]) for row in read_heldout(path, prompt_field, None)]
+
+
+def load_frozen_test(path: Path) -> list[dict]:
+    """A test.jsonl this stage wrote (chat records) back as examples: `to_chat_record` inverted."""
+    examples = []
+    for lineno, record in iter_jsonl(path):
+        try:
+            user, answer = (m["content"] for m in record["messages"])
+            meta = record["meta"]
+            examples.append({"id": record["id"], "prompt": user, "completion": answer,
+                             **{c: meta[c] for c in COLUMNS[3:]}})
+        except (KeyError, TypeError, ValueError) as err:
+            raise DistillError(f"{path}:{lineno}: not a curated test record ({err!r}); curate.frozen_test "
+                               "takes the test.jsonl of an earlier curate") from None
+    if not examples:
+        raise DistillError(f"{path}: the frozen test split is empty")
+    return examples
 
 
 def _check_enough(result: Curated, n_raw: int, minimum: int) -> None:

@@ -41,7 +41,11 @@ log = logging.getLogger(__name__)
 
 
 def file_inputs(recipe: Recipe) -> dict[str, Path]:
-    return {"chat_template": recipe.model.chat_template} if recipe.model.chat_template else {}
+    files = {"chat_template": recipe.model.chat_template} if recipe.model.chat_template else {}
+    if recipe.train.init_adapter is not None:  # its weights, not its path: a retrained champion re-trains
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            files[f"init_adapter/{name}"] = Path(recipe.train.init_adapter) / name
+    return files
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
@@ -63,6 +67,10 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     # TRL already freezes the base and enables input gradients for checkpointing.
     cfg, attention = attention_plan(cfg, plan, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None)
     model = load_model(recipe.model.base, plan, cfg.quant, attention)
+    if cfg.init_adapter is not None:  # warm start (`retrain.warm_start`): keep training that adapter
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
 
     log_rows: list[dict] = []
     trainer = SFTTrainer(
@@ -70,7 +78,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         args=build_sft_config(cfg, out / "checkpoints", plan),
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=build_lora_config(cfg.lora),
+        peft_config=None if cfg.init_adapter is not None else build_lora_config(cfg.lora),
         callbacks=[_metrics_callback(tracker, log_rows, state.is_main_process)],
     )
     if state.is_main_process:
