@@ -1,8 +1,9 @@
 # Distill: every target calls the `distill` CLI (or pytest) and first sets up only what it runs.
 # Setup comes in layers, each a stamp in .venv: a no-op once done, redone when pyproject.toml
 # or this Makefile change.
-#   base   torch, the pipeline and the embedded model   distill finetune plan evaluate export schema mlflow-ui lint
-#   serve  base + FastAPI/uvicorn                        serve
+#   base   torch, the pipeline and the embedded model   distill finetune plan evaluate export retrain promote
+#                                                        rollback schema mlflow-ui lint
+#   serve  base + FastAPI/uvicorn                        serve loop-demo
 #   pytest base + pytest                                 test-gpu
 #   dev    serve + pytest + llama-cpp-python's server    test bench setup
 # Only `dev` compiles llama-cpp-python (~9 min on 2 cores, once; pip's wheel cache keeps it):
@@ -21,7 +22,7 @@ PYTEST := $(VENV)/.stamp-pytest
 DEV := $(VENV)/.stamp-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup distill finetune plan evaluate export serve mlflow-ui test test-gpu bench lint schema clean
+.PHONY: setup distill finetune plan evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench lint schema clean
 
 setup: $(DEV)
 
@@ -64,6 +65,22 @@ export: $(BASE)
 serve: $(SERVE)
 	$(BIN)/distill serve $(RECIPE) $(ARGS)
 
+# The loop: `make retrain` after the router served traffic (ESCALATIONS=file ... to name the logs);
+# promote / rollback move the registry's champion alias, which a router serving it follows.
+ESCALATIONS ?=
+retrain: $(BASE)
+	$(BIN)/distill retrain $(RECIPE) $(foreach f,$(ESCALATIONS),--escalations $(f)) $(ARGS)
+
+promote: $(BASE)
+	$(BIN)/distill promote $(RECIPE) $(VERSION) $(ARGS)
+
+rollback: $(BASE)
+	$(BIN)/distill rollback $(RECIPE)
+
+# One measured turn of the loop on CPU: round 0, serve it, replay unseen prompts, retrain, compare.
+loop-demo: $(SERVE)
+	$(BIN)/python -m pipeline.loop.demo $(RECIPE) $(ARGS)
+
 mlflow-ui: $(BASE)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000
 
@@ -86,6 +103,7 @@ bench: $(DEV)
 	$(BIN)/python bench/bench_curate.py
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_capture.py
+	$(BIN)/python bench/bench_local_teacher.py
 	$(BIN)/python bench/bench_router.py --out bench/router.json
 
 lint: $(BASE)

@@ -52,6 +52,7 @@ from pipeline.router.follow import Follower, Loaded
 from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from pipeline.router.modes import Mode, Rollback
 from pipeline.router.policy import Policy
+from pipeline.router.policy import signal as policy_signal
 from pipeline.router.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -166,14 +167,16 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
     @app.get("/ready")
     async def ready() -> JSONResponse:
         loaded = all(getattr(b, "ready", True) for b in backends.values())
+        # Serving by alias, the champion's policy is the one that moves with the registry.
         policy, digest = router.policy, router.policy_hash
-        body = {"status": "ready" if loaded else "loading", "mode": str(router.mode), "teacher": teacher.spec if teacher else None,
-                "rolled_back": bool(rollback and rollback.tripped)}
-        for follower in followers:
-            served = follower.served
+        served = followers[0].served if followers else None  # one read: a swap may land meanwhile
+        if served is not None:
             policy, digest = served.champion.policy, served.champion.policy_hash
-            body["versions"] = follower.describe()
-        body.update(policy=digest, threshold=_threshold_text(policy.threshold))
+        body = {"status": "ready" if loaded else "loading", "mode": str(router.mode), "policy": digest,
+                "threshold": _threshold_text(policy.threshold), "teacher": teacher.spec if teacher else None,
+                "rolled_back": bool(rollback and rollback.tripped)}
+        if served is not None:
+            body["versions"] = followers[0].describe(served)
         return JSONResponse(body, status_code=200 if loaded else 503)
 
     @app.get("/metrics")
@@ -451,6 +454,12 @@ def load_checked_policy(policy_path: Path, export_dir: Path) -> Policy:
     return Policy.load(policy_path)
 
 
+def student_only_policy(signal_name: str) -> Policy:
+    """Never escalates; confidence reported in the recipe's signal, unless that one needs the label
+    set, which only an evaluated policy carries: then in mean_logprob."""
+    return Policy.student_only("mean_logprob" if policy_signal(signal_name).needs_label_scores else signal_name)
+
+
 def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> StudentBackend:
     labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
     return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000)
@@ -510,7 +519,7 @@ def load_version(version: ServedVersion, cfg: ServeConfig, signal_name: str = "m
     if version.policy_path is None:
         log.warning("%s version %s: no evaluated policy beside %s; serving it student-only, nothing escalates",
                     version.name, version.version, version.source)
-        policy = Policy.student_only(signal_name)
+        policy = student_only_policy(signal_name)
     else:
         policy = load_checked_policy(version.policy_path, version.source.parent)
     return Loaded.of(version.version, student_for(version.source, policy, cfg), policy)
@@ -530,8 +539,10 @@ def alias_app(registry: Registry, name: str, alias: str, cfg: ServeConfig, recip
                         candidate_percent=cfg.candidate_percent)
     # Whatever this version's policy, the next one promoted may escalate: keep the teacher at hand.
     teacher = _teacher(recipe, cfg, needed=True)
-    return create_app(settings, {cfg.model_name: follower}, champion.policy, teacher=teacher,
-                      escalations=_escalations(cfg, teacher))
+    app = create_app(settings, {cfg.model_name: follower}, champion.policy, teacher=teacher,
+                     escalations=_escalations(cfg, teacher))
+    app.state.follower = follower
+    return app
 
 
 def serve_alias(registry: Registry, name: str, alias: str, cfg: ServeConfig, recipe: Recipe | None = None) -> None:

@@ -1,7 +1,7 @@
 """Serving by registry alias, and following the alias when it moves.
 
     distill serve RECIPE --model models:/<name>@champion
-    distill promote RECIPE 2        (the router answers with version 2 within serve.registry_poll_s)
+    distill promote RECIPE 2        (the router answers with version 2 a poll and a model load later)
 
 A thread reads the alias (and the `candidate` alias) every `serve.registry_poll_s`. When one
 moves, the new version's student and policy are loaded on that thread, off the request path,
@@ -19,7 +19,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.errors import DistillError
 from pipeline.loop.registry import CANDIDATE
 from pipeline.router.modes import Mode
 from pipeline.router.policy import Policy
@@ -88,10 +87,10 @@ class Follower:
         """alias -> version, of what serves now (or of `served`)."""
         return {alias: loaded.version for alias, loaded in self._by_alias(served or self.served)}
 
-    def describe(self) -> dict[str, dict[str, str]]:
+    def describe(self, served: Served | None = None) -> dict[str, dict[str, str]]:
         """For /ready: each alias's version and policy hash."""
         return {alias: {"version": loaded.version, "policy": loaded.policy_hash}
-                for alias, loaded in self._by_alias(self.served)}
+                for alias, loaded in self._by_alias(served or self.served)}
 
     def _by_alias(self, served: Served) -> list[tuple[str, Loaded]]:
         pairs = [(self.alias, served.champion), (CANDIDATE, served.candidate)]
@@ -119,7 +118,11 @@ class Follower:
 
     def _follow(self) -> None:
         while True:
-            self.sync()
+            try:
+                self.sync()
+            except Exception as err:  # noqa: BLE001 - one bad poll (store locked, unreachable) must not end following
+                self._error("registry_poll", f"cannot read the registry, still serving {self.versions()}: "
+                            f"{type(err).__name__}: {err}")
             self._synced.set()
             if self._stop.wait(self.poll_s):
                 return
@@ -127,13 +130,9 @@ class Follower:
     # ------------------------------------------------------------ one poll
 
     def sync(self) -> None:
-        """Read the aliases once, load what moved, swap once."""
-        try:
-            champion_at = self.registry.resolve(self.name, self.alias)
-            candidate_at = self.registry.resolve(self.name, CANDIDATE) if self.follows_candidate else None
-        except DistillError as err:
-            self._error("registry_poll", f"cannot read the registry, still serving {self.versions()}: {err}")
-            return
+        """Read the aliases once, load what moved, swap once. Raises when the registry cannot be read."""
+        champion_at = self.registry.resolve(self.name, self.alias)
+        candidate_at = self.registry.resolve(self.name, CANDIDATE) if self.follows_candidate else None
         current = self.served
         champion = self._champion(current, champion_at)
         if candidate_at is not None and candidate_at.version == champion.version:

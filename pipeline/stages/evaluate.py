@@ -183,9 +183,10 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
                base_prompt: str | None = None) -> Answers:
     """Greedy answers in batches. The tuned student answers as served (user message only) and,
     on a classification task, with every label scored, which the label signals read."""
-    from pipeline.llm.generate import generate_batch
+    from pipeline.llm.generate import PrefixCache, generate_batch
 
     labels = task.labels if task.kind == "classification" else None
+    prefix = PrefixCache() if base_prompt is not None else None  # the instructions, run once for every batch
     completions, size, start = [], recipe.eval.batch_size, time.perf_counter()
     for i in tqdm(range(0, len(rows), size), desc=f"evaluate ({desc})", unit="batch"):
         batch = rows[i : i + size]
@@ -196,7 +197,7 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
         else:
             convs = [base_conversation(task, r["prompt"], base_prompt) for r in batch]
             completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, labels=labels,
-                                          source=desc)
+                                          source=desc, prefix_cache=prefix)
     return Answers(completions, time.perf_counter() - start)
 
 

@@ -27,6 +27,7 @@ class LocalTeacher:
         self.notes: list[str] = []
         self._model = None
         self._tokenizer = None
+        self._prefix_cache = None  # the instructions' KV cache, shared by every batch (llm/generate.py)
         # One generate at a time: concurrent callers (a router) would otherwise each hold a
         # batch's activations at once. A thread lock, not an asyncio one, so it is not tied
         # to the event loop that first used it.
@@ -68,11 +69,14 @@ class LocalTeacher:
         with self._lock:
             self._load()
             return generate_batch(self._model, self._tokenizer, conversations, self.max_new_tokens, self.labels,
-                                  source=self.spec)
+                                  source=self.spec, prefix_cache=self._prefix_cache)
 
     def _load(self) -> None:
         if self._model is None:
+            from pipeline.llm.generate import PrefixCache
             from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+
+            self._prefix_cache = PrefixCache()
 
             self._tokenizer = load_tokenizer(self.model_ref)
             self._model = load_model(self.model_ref, device_plan()).eval()
