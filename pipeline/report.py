@@ -74,10 +74,11 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
 def print_rounds(rows: list[dict], console: Console | None = None) -> None:
     """The loop's round-over-round table (`distill retrain`, `make loop-demo`)."""
     table = Table(title="Rounds (frozen test split; local share and cost at each round's own threshold)")
-    for column in ("round", "train examples", "added", "agreement with teacher", "local share",
-                   "routed $ / 1k requests", "verdict"):
+    for column in ("round", "train examples", "added", "student agrees with teacher", "local share",
+                   "routed agreement", "routed $ / 1k requests", "verdict"):
         table.add_column(column)
     for r in rows:
         table.add_row(str(r["round"]), str(r["train_examples"]), str(r["examples_added"]), _pct(r["test_agreement"]),
-                      _pct(r["local_share"]), _usd(r["routed_usd_per_1k"]), r["verdict"] or "champion (round 0)")
+                      _pct(r["local_share"]), _pct(r["routed_agreement"]), _usd(r["routed_usd_per_1k"]),
+                      r["verdict"] or "champion (round 0)")
     (console or Console()).print(table)

@@ -202,3 +202,18 @@ def test_alias_resolution_gives_the_served_folder_and_its_runs_policy(registry):
     assert reg.merged_version_for("task", root / "run3").version == "3"
     with pytest.raises(DistillError, match="expected models:/"):
         parse_model_uri("models:/task/2")
+
+
+def test_a_lower_local_share_is_kept_even_with_better_agreement():
+    champion = [True] * 10 + [False] * 10
+    candidate = [True] * 14 + [False] * 6
+    decision, worse, why = verdict(paired(champion, candidate, reps=200), None,
+                                   Routing(0.8, 0.40, 0.95, 0.016), Routing(0.9, 0.27, 0.98, 0.018))
+    assert (decision, worse) == ("keep", False) and "local share" in why
+
+
+def test_escalation_reasons_are_counted_by_kind_not_by_score():
+    from pipeline.loop.gather import reason_kind
+
+    kinds = {reason_kind(record("a", "p", "x", reason=f"label_prob 0.{n}1 < threshold 0.825")) for n in range(5)}
+    assert kinds == {"label_prob < threshold"}

@@ -151,3 +151,26 @@ def test_promote_and_rollback_move_the_champion(loop_run, capsys):
     assert main(["rollback", str(recipe)]) == 0
     assert reg.require("e2e", CHAMPION).version == round_zero
     assert "back to version" in capsys.readouterr().out
+
+
+def test_warm_start_trains_on_from_the_given_adapter(loop_run, tmp_path):
+    """train.init_adapter (retrain.warm_start): with a vanishing learning rate the adapter stays the
+    champion's; a fresh LoRA would start from B = 0 instead."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import load_recipe
+    from pipeline.stages import finetune
+    from pipeline.tracking import NullTracker
+
+    _, recipe_path, run = loop_run
+    champion = run / "finetune" / "adapter"
+    cfg = load_recipe(str(recipe_path), [f"train.init_adapter={champion}", "train.lr=1e-12", "train.max_steps=1",
+                                         "train.eos_check=off"])
+    finetune.run(cfg, {"curate": run / "curate"}, tmp_path, NullTracker())
+    before, after = load_file(champion / "adapter_model.safetensors"), load_file(
+        tmp_path / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    lora_b = [k for k in before if "lora_B" in k]
+    assert lora_b and any(before[k].abs().sum() > 0 for k in lora_b)  # a trained adapter, not a fresh one
+    for key in before:
+        assert (after[key] - before[key]).abs().max() < 1e-6, key

@@ -9,9 +9,11 @@ exact McNemar test on the discordant pairs. Next to them: each model's local sha
 routed $ per 1,000 requests at its own calibrated threshold (from its evaluate report).
 
 The verdict: "keep" when the candidate is worse than the champion beyond the CI on the frozen
-test split (its upper bound below 0: `distill promote` then refuses without --force) or when
-it improves nothing; "promote" when it is not worse and improves agreement (test or slice)
-or the local share.
+test split (its upper bound below 0: `distill promote` then refuses without --force), when
+its local share at the quality target is lower (the router would send more traffic to the
+teacher: it costs more, whatever else improved), or when it improves nothing; "promote" when
+it is not worse, keeps at least the champion's local share and improves agreement (test or
+escalated slice) or the local share.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ def verdict(test: Paired, sliced: Paired | None, champion: Routing, candidate: R
     if test.delta.hi < 0:
         return "keep", True, (f"worse on the frozen test split beyond the 95% CI "
                               f"(delta {test.delta.value:+.3f} [{test.delta.lo:+.3f}, {test.delta.hi:+.3f}])")
+    if candidate.local_share < champion.local_share:
+        return "keep", False, (f"local share at the quality target fell {champion.local_share:.3f} -> "
+                               f"{candidate.local_share:.3f}: more traffic would go to the teacher")
     gains = []
     if test.delta.value > 0:
         gains.append(f"test agreement {test.delta.value:+.3f}")
@@ -142,14 +147,15 @@ def render_markdown(report: dict, gathered: dict) -> str:
     lines += ["", "| at its own threshold | champion | candidate |", "|---|---|---|",
               f"| threshold | {champ['threshold']} | {cand['threshold']} |",
               f"| local share (test) | {champ['local_share']:.3f} | {cand['local_share']:.3f} |",
-              f"| system agreement (test) | {champ['system_agreement']:.3f} | {cand['system_agreement']:.3f} |",
+              f"| routed system's agreement (test) | {champ['system_agreement']:.3f} | "
+              f"{cand['system_agreement']:.3f} |",
               f"| routed $ / 1,000 requests | {_usd(champ['routed_usd_per_1k'])} | {_usd(cand['routed_usd_per_1k'])} |",
               "", "## What the round added", "",
               f"{gathered['added']} new training records ({gathered['pool']} in all), {gathered['escalated_slice']} "
               f"escalations held back as the escalated slice; skipped: {gathered['skipped'] or 'none'}.", "",
               "| answer (teacher) | added |", "|---|---|"]
     lines += [f"| {label} | {n} |" for label, n in gathered["added_by_label"].items()]
-    lines += ["", "| reason for escalation | records |", "|---|---|"]
+    lines += ["", "| why the champion escalated | records |", "|---|---|"]
     lines += [f"| {reason} | {n} |" for reason, n in gathered["added_by_reason"].items()]
     return "\n".join(lines) + "\n"
 

@@ -11,6 +11,7 @@ which never trains and on which the candidate and the champion are compared.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ class Gathered:
             "pool": len(self.pool), "added": len(self.added), "escalated_slice": len(self.slice),
             "skipped": dict(sorted(self.skipped.items())),
             "added_by_label": _count(self.added, lambda r: r["messages"][1]["content"]),
-            "added_by_reason": _count(self.added + self.slice, lambda r: r["meta"].get("reason") or "unknown"),
+            "added_by_reason": _count(self.added + self.slice, reason_kind),
         }
 
 
@@ -92,6 +93,12 @@ def _as_round_record(record: dict, ids: set[str], round_no: int) -> dict:
         rid = f"{base}~{n}"
     ids.add(rid)
     return {**record, "id": rid, "meta": {**record["meta"], "round": round_no}}
+
+
+def reason_kind(record: dict) -> str:
+    """The router's reason without its numbers ("label_prob 0.41 < threshold 0.82" -> "label_prob < threshold")."""
+    reason = record["meta"].get("reason") or "unknown"
+    return re.sub(r"\s+", " ", re.sub(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", "", reason)).strip()
 
 
 def _count(records: list[dict], key) -> dict[str, int]:

@@ -273,7 +273,8 @@ def round_table(rounds: Rounds) -> list[dict]:
         train = sum(1 for _ in iter_jsonl(rounds.run_dir(n) / "curate" / "train.jsonl"))
         rows.append({"round": n, "train_examples": train, "examples_added": added,
                      "test_agreement": sum(agree) / len(agree) if agree else None,
-                     "local_share": routing.local_share, "routed_usd_per_1k": routing.routed_usd_per_1k,
+                     "local_share": routing.local_share, "routed_agreement": routing.system_agreement,
+                     "routed_usd_per_1k": routing.routed_usd_per_1k,
                      "verdict": verdict})
         n += 1
     return rows
