@@ -242,7 +242,13 @@ def _interrupt_on_sigterm() -> Callable[[], None]:
         return lambda: None
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        # As a SIGINT, not a bare raise: inside asyncio.run (capture) the runner's own SIGINT
+        # handler then cancels the main task cleanly, instead of a KeyboardInterrupt landing in
+        # whichever task is running and being logged as never retrieved. A process started
+        # with SIGINT ignored (`cmd &` in a script) gets the bare KeyboardInterrupt.
+        if not callable(signal.getsignal(signal.SIGINT)):
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     return lambda: signal.signal(signal.SIGTERM, previous)

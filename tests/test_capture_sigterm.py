@@ -6,6 +6,8 @@ Ctrl-C: exit 130, the resume hint, every answer bought so far committed (issue 1
 
 import signal
 import sqlite3
+
+import pytest
 import subprocess
 import sys
 import time
@@ -16,12 +18,18 @@ from fault_server import FaultServer
 PROMPTS = 40
 
 
-def test_sigterm_mid_capture_exits_like_ctrl_c_with_answers_committed(tmp_path):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `cmd &` in a shell script
+
+
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint-default", "sigint-ignored"])
+def test_sigterm_mid_capture_exits_like_ctrl_c_with_answers_committed(tmp_path, sigint_ignored):
     write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
     with FaultServer(latency_s=0.2) as server:
         recipe = write_recipe(tmp_path, fast_retries(server.base_url, concurrency=2))
         cmd = [sys.executable, "-m", "pipeline", "capture", str(recipe), "--runs-dir", str(tmp_path / "runs")]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_ignore_sigint if sigint_ignored else None)
         deadline = time.monotonic() + 120
         while sum(server.successes.values()) < 4:
             assert proc.poll() is None, proc.stderr.read()

@@ -165,7 +165,7 @@ def test_warm_start_trains_on_from_the_given_adapter(loop_run, tmp_path):
     _, recipe_path, run = loop_run
     champion = run / "finetune" / "adapter"
     cfg = load_recipe(str(recipe_path), [f"train.init_adapter={champion}", "train.lr=1e-12", "train.max_steps=1",
-                                         "train.eos_check=off"])
+                                         "train.eos_check='off'"])
     finetune.run(cfg, {"curate": run / "curate"}, tmp_path, NullTracker())
     before, after = load_file(champion / "adapter_model.safetensors"), load_file(
         tmp_path / "adapter" / "adapter_model.safetensors")
