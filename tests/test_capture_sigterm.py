@@ -22,6 +22,10 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `cmd &` in a shell script
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as in a terminal, even when the tests run in the background
+
+
 @pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint-default", "sigint-ignored"])
 def test_sigterm_mid_capture_exits_like_ctrl_c_with_answers_committed(tmp_path, sigint_ignored):
     write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
@@ -29,7 +33,7 @@ def test_sigterm_mid_capture_exits_like_ctrl_c_with_answers_committed(tmp_path, 
         recipe = write_recipe(tmp_path, fast_retries(server.base_url, concurrency=2))
         cmd = [sys.executable, "-m", "pipeline", "capture", str(recipe), "--runs-dir", str(tmp_path / "runs")]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_ignore_sigint if sigint_ignored else None)
+                                preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint)
         deadline = time.monotonic() + 120
         while sum(server.successes.values()) < 4:
             assert proc.poll() is None, proc.stderr.read()
