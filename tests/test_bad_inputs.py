@@ -60,6 +60,8 @@ CASES = [
      ["model.chat_template: recipes/templates/nope.jinja: file not found"]),
     ("optim-unknown", None, ["train.optim=adamw_foo"], "validate",
      ["train.optim: 'adamw_foo' is not a transformers optimizer", "did you mean 'adamw_torch'"]),
+    ("lora-target-typo", None, ["train.lora.targets=[q_proj,vproj]"], "capture",
+     ["train.lora.targets: 'vproj' matches no module", "did you mean 'v_proj'"]),
     ("manifest-corrupt", corrupt_manifest, [], "capture-resume", ["capture/manifest.json: not a valid manifest"]),
 ]
 

@@ -8,6 +8,7 @@ decided here and stated in one log line.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import logging
@@ -233,6 +234,39 @@ def check_recipe_models(recipe) -> None:
     provider, _, ref = recipe.teacher.spec.partition(":")
     if provider == "local":
         check_model_ref(ref, f"teacher.spec={recipe.teacher.spec}")
+    check_lora_targets(recipe.model.base, recipe.train.lora.targets)
+
+
+def check_lora_targets(ref: str, targets: list[str] | str) -> None:
+    """Each name in train.lora.targets must match a module of the student (as peft matches a
+    list: the module's name or its last dotted parts), checked on a weightless skeleton built
+    from its config, so a typo fails before capture, not after the model has loaded. A config
+    that cannot be read here (a hub id offline) is left to peft at load time."""
+    if targets == "all-linear":
+        return
+    names = _module_names(ref)
+    if names is None:
+        return
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
+            hint = difflib.get_close_matches(target, leaves, n=1)
+            raise DistillError(f"train.lora.targets: '{target}' matches no module of {ref}"
+                               + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                               + f"; its modules include: {', '.join(leaves[:20])}")
+
+
+def _module_names(ref: str) -> list[str] | None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(ref))
+    except (OSError, ValueError, DistillError):
+        return None
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [name for name, _ in skeleton.named_modules()]
 
 
 # ---------------------------------------------------------------- model content
