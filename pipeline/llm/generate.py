@@ -115,10 +115,11 @@ def _cache_of(output):
 def _encode(model, tokenizer, prompts: list[str], prefix_cache: PrefixCache | None) -> dict:
     """`generate` inputs: left-padded prompts, or the shared-prefix form with its KV cache."""
     tokenizer.padding_side = "left"
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(prompts, add_special_tokens=False)  # once: the plain path pads these same ids
+    ids = encoded["input_ids"]
     shared = common_prefix_length(ids) if prefix_cache is not None and len(ids) > 1 else 0
     if shared < MIN_SHARED_PREFIX:
-        return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        return tokenizer.pad(encoded, padding=True, return_tensors="pt").to(model.device)
     return _with_prefix_cache(model, tokenizer.pad_token_id, ids, shared, prefix_cache)
 
 
