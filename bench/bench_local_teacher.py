@@ -53,7 +53,7 @@ def main() -> None:
             walls[arm].append(wall)
     best = {arm: min(w) for arm, w in walls.items()}
     same = sum(a == b for a, b in zip(answers["plain"], answers["prefix_cache"]))
-    prompt_tokens = len(tokenizer.apply_chat_template(conversations[0], add_generation_prompt=True))
+    prompt_tokens = len(tokenizer.apply_chat_template(conversations[0], add_generation_prompt=True)["input_ids"])
     result = {
         "prompts": len(conversations), "batch": args.batch, "prompt_tokens_first": prompt_tokens,
         "wall_s": walls, "prompts_per_s": {arm: len(conversations) / w for arm, w in best.items()},
