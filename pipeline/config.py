@@ -420,10 +420,12 @@ class RouterConfig(Section):
     quality_target: float = Field(
         0.9, gt=0, le=1, description="Agreement with the teacher the router must keep on answered requests."
     )
-    signal: Literal["mean_logprob", "min_logprob", "label_prob", "label_margin"] = Field(
+    signal: Literal["mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin"] = Field(
         "mean_logprob",
         description="Confidence signal the threshold is set on (pipeline/router/policy.py SIGNALS): "
-        "mean_logprob / min_logprob = average / lowest log-probability of the answer's tokens; "
+        "mean_logprob / min_logprob / p10_logprob = average / lowest / 10th-percentile log-probability of the "
+        "answer's tokens (min and p10 are not biased by length); logistic = a logistic regression over those "
+        "features, fitted on half of validation (threshold chosen on the other half); "
         "label_prob / label_margin (classification) = temperature-scaled posterior of the answered label "
         "over the label set / its lead over the runner-up.",
     )

@@ -91,3 +91,44 @@ def test_unknown_gate_figure_and_label_signal_on_free_text_fail_early():
     free = task.model_copy(update={"kind": "generation", "labels": []})
     with pytest.raises(DistillError, match="needs a classification task"):
         evaluate._check_recipe_fits_task(validate_recipe({"name": "t", "router": {"signal": "label_prob"}}, "t"), free)
+
+
+def free_text(n: int, rng) -> tuple[list[dict], list, list]:
+    """Free-text rows: the tuned student copies the teacher when its weakest token is sure, and
+    every 10th answer is a refusal (confident, but gated)."""
+    from pipeline.llm.completion import Completion
+
+    rows, base, tuned = [], [], []
+    for i in range(n):
+        weakest = float(rng.uniform(-5, 0))
+        right = rng.random() < 1 / (1 + math.exp(-(3 * weakest + 6)))
+        said = "Sorry, I cannot help." if i % 10 == 0 else (f"answer {i}" if right else f"other {i}")
+        rows.append({"id": str(i), "prompt": f"p{i}", "completion": f"answer {i}"})
+        tuned.append(Completion(text=said, token_logprobs=[-0.02] * 5 + [weakest if i % 10 else -0.01],
+                                latency_ms=5))
+        base.append(Completion(text="base"))
+    return rows, base, tuned
+
+
+def test_free_text_routes_on_a_logistic_signal_fitted_on_half_of_validation(tmp_path):
+    from pipeline.task import Task
+
+    task = Task(name="free", kind="generation", instructions="Answer.")
+    recipe = validate_recipe({"name": "t", "router": {"signal": "logistic", "quality_target": 0.8},
+                              "eval": {"bootstrap": 200}}, "test")
+    rng = np.random.default_rng(1)
+    test, base, tuned = free_text(300, rng)
+    validation, _, val = free_text(300, rng)
+    result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0),
+                             evaluate.Answers(tuned, 2.0), evaluate.Answers(val, 2.0), [])
+    evaluate.write_outputs(tmp_path, recipe, task, result, adapter_sha="abc")
+    policy = json.loads((tmp_path / "router_policy.json").read_text())
+    assert policy["signal"] == "logistic" and policy["weights"]["min_logprob"] > 0
+    assert policy["examples"] == 150 and "odd rows" in policy["chosen_on"]  # chosen on the half not fitted on
+    assert policy["gates"]["refusal_patterns"] and policy["reason"] == "met"
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    refusals = [p for p in preds if p["tuned"].startswith("Sorry")]
+    assert refusals and {p["route"] for p in refusals} == {"escalate"}
+    assert all("refusal" in p["route_reason"] for p in refusals)
+    assert result["signals"]["signals"]["logistic"]["auroc"] > 0.85
+    assert "Logistic weights" in (tmp_path / "report.md").read_text()

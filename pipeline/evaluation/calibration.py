@@ -1,5 +1,6 @@
 """How far to trust a confidence signal: temperature scaling of the label posterior on
-validation, AUROC for predicting "agrees with the teacher", and reliability-diagram data.
+validation, the logistic signal's weights, AUROC for predicting "agrees with the teacher", and
+reliability-diagram data.
 
     .venv/bin/pytest -q tests/test_evaluate_threshold.py
 """
@@ -65,3 +66,20 @@ def reliability(probs: list[float | None], agree: list[bool], bins: int = 10) ->
                          "agreement": float(a[mask].mean()), "n": int(mask.sum())})
             ece += mask.mean() * abs(p[mask].mean() - a[mask].mean())
     return {"bins": rows, "ece": float(ece)}
+
+
+def fit_logistic(completions: list[Completion], agree: list[bool]) -> dict[str, float] | None:
+    """Weights of the `logistic` router signal: P(agrees with the teacher) from the answer's token
+    features (pipeline/router/policy.py token_features), L2-regularised. None when the rows lack
+    logprobs or all agree (or all disagree): nothing to learn a boundary from."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.router.policy import token_features
+
+    rows = [(f, ok) for f, ok in ((token_features(c), ok) for c, ok in zip(completions, agree)) if f is not None]
+    if len({ok for _, ok in rows}) < 2:
+        return None
+    names = list(rows[0][0])
+    x = np.array([[f[n] for n in names] for f, _ in rows])
+    fit = LogisticRegression(C=1.0, max_iter=1000).fit(x, np.array([ok for _, ok in rows], dtype=int))
+    return {"intercept": float(fit.intercept_[0]), **{n: float(w) for n, w in zip(names, fit.coef_[0])}}

@@ -61,3 +61,19 @@ def cost_rows(teacher_usd: float, student_usd: float, local_share: float) -> lis
 
 def rows_json(rows: list[CostRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def cost_figures(records: list[dict], student_wall_s: float, requests: int, usd_per_hour: float,
+                 local_share: float, curve: list[dict]) -> dict:
+    """The report's cost section: prices, the three rows, and the cost-quality curve over thresholds."""
+    teacher = teacher_price(records, usd_per_hour)
+    student = student_price(student_wall_s, requests, usd_per_hour)
+    rows = cost_rows(teacher.usd_per_request, student, local_share)
+    # From "escalate everything" (coverage 0: the student runs, then the teacher) to every threshold.
+    points = [(1000 * (student + teacher.usd_per_request), 1.0)]
+    points += [(1000 * (student + (1 - r["coverage"]) * teacher.usd_per_request), r["system_agreement"])
+               for r in curve]
+    return {"teacher_usd_per_request": teacher.usd_per_request, "teacher_basis": teacher.basis,
+            "student_usd_per_request": student, "student_usd_per_hour": usd_per_hour,
+            "student_requests_per_s": requests / student_wall_s if student_wall_s else None,
+            "rows": rows_json(rows), "curve": points}

@@ -75,11 +75,26 @@ def routing_lines(report: dict) -> list[str]:
                 f = d.get(name)
                 return "—" if f is None else f"{100 * f['value']:.1f}% [{100 * f['lo']:.1f}, {100 * f['hi']:.1f}]"
             lines.append(f"| {name.replace('_', ' ')} | {cell(exp)} | {cell(test)} |")
+    lines += ["", "Hard gates, escalated whatever the score: an answer cut off at max tokens"
+              + ("; an answer that is not one of the labels" if r.get("labels") else "")
+              + gate_text(r.get("gates") or {}) + "."]
     if r["signal"] in ("label_prob", "label_margin"):
-        lines.append("")
-        lines.append(f"Label posterior temperature (fitted on validation): {r['temperature']:.3f}. "
-                     "An answer that is not a label always escalates.")
+        lines.append(f"Label posterior temperature (fitted on validation): {r['temperature']:.3f}.")
+    if r["signal"] == "logistic":
+        weights = ", ".join(f"{k} {v:+.3f}" for k, v in (r.get("weights") or {}).items())
+        lines.append(f"Logistic weights ({weights}); threshold chosen on {r.get('chosen_on')}.")
     return lines
+
+
+def gate_text(gates: dict) -> str:
+    parts = []
+    if gates.get("answer_regex"):
+        parts.append(f"; not matching `{gates['answer_regex']}`")
+    if gates.get("output_schema"):
+        parts.append("; not JSON valid against the task's output_schema")
+    if gates.get("refusal_patterns"):
+        parts.append(f"; matching one of {len(gates['refusal_patterns'])} refusal patterns")
+    return "".join(parts)
 
 
 def cost_lines(report: dict) -> list[str]:

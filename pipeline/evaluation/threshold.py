@@ -15,11 +15,11 @@ everything (pipeline/router/policy.py decides what a threshold means).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pipeline.evaluation.stats import clopper_pearson_lower, examples_needed
 from pipeline.llm.completion import Completion
-from pipeline.router.policy import Policy, replay, signal
+from pipeline.router.policy import Policy, replay
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,19 @@ class Choice:
         return data
 
 
-def scores_of(completions: list[Completion], signal_name: str, temperature: float = 1.0) -> list[float | None]:
-    """The signal as the policy reads it; None where the policy escalates regardless (cut off, no signal)."""
-    read = signal(signal_name)
-    return [read.score(c, temperature) if c.stopped else None for c in completions]
+def scores_of(completions: list[Completion], policy: Policy) -> list[float | None]:
+    """The signal as the policy reads it; None where the policy escalates regardless (a hard gate, no signal)."""
+    return [policy.score(c) for c in completions]
 
 
 def choose_threshold(completions: list[Completion], agree: list[bool], target: float,
-                     signal_name: str = "mean_logprob", confidence: float = 0.95,
-                     labels: tuple[str, ...] | None = None, temperature: float = 1.0) -> Choice:
+                     template: Policy | None = None, confidence: float = 0.95) -> Choice:
     """Walk the distinct signal values from the most confident down (fixed-sequence testing);
     the lowest value whose answered set's lower bound still meets the target is the threshold.
-    Answers without a signal are never answered (the policy escalates them)."""
-    scores = scores_of(completions, signal_name, temperature)
+    `template` is the policy without its threshold (signal, labels, temperature, gates, weights).
+    Answers without a signal, or failing a hard gate, are never answered (the policy escalates them)."""
+    template = template or Policy(threshold=None)
+    scores = scores_of(completions, template)
     ranked = sorted(((s, ok) for s, ok in zip(scores, agree) if s is not None), key=lambda p: -p[0])
     needed = examples_needed(target, confidence)
     best: tuple[float, float, int, int] | None = None
@@ -85,12 +85,13 @@ def choose_threshold(completions: list[Completion], agree: list[bool], target: f
         if bound < target:
             break
         best = (score, bound, i, agreeing)
-    policy_args = {"signal": signal_name, "quality_target": target, "labels": labels, "temperature": temperature}
     if best is None:
         reason = "too_few_examples" if len(ranked) < needed else "target_not_met"
-        return Choice(Policy(threshold=None, **policy_args), None, 0, 0, len(completions), needed, reason)
+        return Choice(replace(template, threshold=None, quality_target=target), None, 0, 0, len(completions),
+                      needed, reason)
     score, bound, answered, agreeing = best
-    return Choice(Policy(threshold=score, **policy_args), bound, answered, agreeing, len(completions), needed, "met")
+    return Choice(replace(template, threshold=score, quality_target=target), bound, answered, agreeing,
+                  len(completions), needed, "met")
 
 
 def measure(policy: Policy, completions: list[Completion], agree: list[bool]) -> Coverage:

@@ -11,8 +11,12 @@ policy fails closed: every request escalates. A signal the completion cannot pro
 (no logprobs) escalates too, and so does an answer cut off at the token limit (a hard gate
 before any signal).
 
-Signals live in a small registry (`SIGNALS`): mean_logprob, min_logprob (length-unbiased),
-and for classification label_prob / label_margin, read off the label posterior (a softmax
+Before any signal, the hard gates (pipeline/router/gates.py: not a label, fails the task's
+answer_regex or output_schema, reads as a refusal) escalate an answer whatever its score.
+
+Signals live in a small registry (`SIGNALS`): mean_logprob, min_logprob and p10_logprob
+(length-unbiased: one doubtful token is enough), logistic (a small logistic regression over
+those token features, fitted by evaluation on half of validation), and for classification label_prob / label_margin, read off the label posterior (a softmax
 over every label's teacher-forced log-likelihood, `Completion.label_logprobs`, scaled by the
 policy's temperature fitted on validation). An answer that is not one of the labels has no
 posterior and always escalates. A policy on a label signal says so (`needs_label_scores`),
@@ -24,12 +28,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
+from pipeline.router.gates import Gates
 
 Route = Literal["student", "escalate"]
 
@@ -40,7 +45,7 @@ class Signal(Protocol):
     name: str
     needs_label_scores: bool
 
-    def score(self, completion: Completion, temperature: float = 1.0) -> float | None: ...
+    def score(self, completion: Completion, policy: Policy) -> float | None: ...
 
 
 class MeanLogprob:
@@ -49,7 +54,7 @@ class MeanLogprob:
     name = "mean_logprob"
     needs_label_scores = False
 
-    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
+    def score(self, completion: Completion, policy: Policy) -> float | None:
         return completion.mean_logprob
 
 
@@ -59,8 +64,52 @@ class MinLogprob:
     name = "min_logprob"
     needs_label_scores = False
 
-    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
+    def score(self, completion: Completion, policy: Policy) -> float | None:
         return completion.min_logprob
+
+
+def logprob_quantile(completion: Completion, q: float) -> float | None:
+    """The q-quantile of the answer's token log-probabilities (lower end: the doubtful tokens)."""
+    values = sorted(v for v in completion.token_logprobs or [] if math.isfinite(v))
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class P10Logprob:
+    """10th-percentile token log-probability: like min_logprob, but one odd token in a long
+    answer does not decide alone."""
+
+    name = "p10_logprob"
+    needs_label_scores = False
+
+    def score(self, completion: Completion, policy: Policy) -> float | None:
+        return logprob_quantile(completion, 0.1)
+
+
+def token_features(completion: Completion) -> dict[str, float] | None:
+    """What the logistic signal weighs; None without token logprobs."""
+    mean = completion.mean_logprob
+    if mean is None:
+        return None
+    return {"mean_logprob": mean, "min_logprob": completion.min_logprob,
+            "p10_logprob": logprob_quantile(completion, 0.1),
+            "log_tokens": math.log1p(len(completion.token_logprobs or []))}
+
+
+class Logistic:
+    """P(agrees with the teacher) from a logistic regression over `token_features`; its
+    weights (with "intercept") are fitted by evaluation and carried in the policy."""
+
+    name = "logistic"
+    needs_label_scores = False
+
+    def score(self, completion: Completion, policy: Policy) -> float | None:
+        features = token_features(completion)
+        if features is None or not policy.weights:
+            return None
+        z = policy.weights.get("intercept", 0.0) + sum(policy.weights.get(k, 0.0) * v for k, v in features.items())
+        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
 
 def _fold(text: str) -> str:
@@ -90,8 +139,8 @@ class LabelProb:
     name = "label_prob"
     needs_label_scores = True
 
-    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
-        found = label_posterior(completion, temperature)
+    def score(self, completion: Completion, policy: Policy) -> float | None:
+        found = label_posterior(completion, policy.temperature)
         return None if found is None else found[1][found[0]]
 
 
@@ -101,8 +150,8 @@ class LabelMargin:
     name = "label_margin"
     needs_label_scores = True
 
-    def score(self, completion: Completion, temperature: float = 1.0) -> float | None:
-        found = label_posterior(completion, temperature)
+    def score(self, completion: Completion, policy: Policy) -> float | None:
+        found = label_posterior(completion, policy.temperature)
         if found is None:
             return None
         answered, probs = found
@@ -110,7 +159,8 @@ class LabelMargin:
         return probs[answered] - max(others, default=0.0)
 
 
-SIGNALS: dict[str, Signal] = {s.name: s for s in (MeanLogprob(), MinLogprob(), LabelProb(), LabelMargin())}
+SIGNALS: dict[str, Signal] = {s.name: s for s in (MeanLogprob(), MinLogprob(), P10Logprob(), Logistic(),
+                                                  LabelProb(), LabelMargin())}
 
 
 def signal(name: str) -> Signal:
@@ -138,6 +188,8 @@ class Policy:
     quality_target: float | None = None
     labels: tuple[str, ...] | None = None  # label signals: the set to score (generate_batch score_labels)
     temperature: float = 1.0  # label signals: posterior temperature, fitted on validation
+    gates: Gates = field(default_factory=Gates)  # answers escalated whatever their score
+    weights: dict[str, float] | None = None  # the logistic signal's coefficients, fitted on validation
 
     def __post_init__(self) -> None:
         read = signal(self.signal)  # unknown signal names fail at construction, not per request
@@ -145,6 +197,8 @@ class Policy:
             raise DistillError(f"router signal '{self.signal}' needs the task's labels in the policy")
         if not self.temperature > 0:
             raise DistillError(f"router policy temperature must be > 0, got {self.temperature}")
+        if self.signal == "logistic" and not self.weights:
+            raise DistillError("router signal 'logistic' needs its fitted weights in the policy")
 
     @property
     def needs_label_scores(self) -> bool:
@@ -153,16 +207,34 @@ class Policy:
 
     @classmethod
     def student_only(cls, signal_name: str = "mean_logprob") -> Policy:
+        # Labels and logistic weights come only with an evaluated policy: report mean_logprob then.
+        if signal(signal_name).needs_label_scores or signal_name == "logistic":
+            signal_name = "mean_logprob"
         return cls(threshold=-math.inf, signal=signal_name)
 
+    def gate_failure(self, completion: Completion) -> str | None:
+        """The hard gate this answer fails (escalated whatever its score), or None."""
+        if not completion.stopped:  # an answer cut off at the token limit is not an answer
+            return f"answer ended by {completion.finish_reason}, not by itself"
+        if self.labels and _fold(completion.text) not in {_fold(label) for label in self.labels}:
+            return "answer is not one of the task's labels"
+        return self.gates.failure(completion.text)
+
+    def score(self, completion: Completion) -> float | None:
+        """The signal as the policy reads it; None where it escalates regardless (a gate, no signal)."""
+        if self.gate_failure(completion) is not None:
+            return None
+        return signal(self.signal).score(completion, self)
+
     def decide(self, completion: Completion) -> Decision:
-        score = signal(self.signal).score(completion, self.temperature)
+        score = signal(self.signal).score(completion, self)
         if self.threshold is None:
             return Decision("escalate", score, "no threshold met the quality target: every request escalates")
         if self.threshold == -math.inf:
             return Decision("student", score, "student-only policy")
-        if not completion.stopped:  # hard gate: an answer cut off at the token limit is not an answer
-            return Decision("escalate", score, f"answer ended by {completion.finish_reason}, not by itself")
+        gated = self.gate_failure(completion)
+        if gated is not None:
+            return Decision("escalate", score, gated)
         if score is None:
             return Decision("escalate", None, f"no {self.signal} on the answer (not a label, or not scored)")
         if score < self.threshold:
@@ -172,6 +244,7 @@ class Policy:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels) if self.labels else None
+        data["gates"] = self.gates.to_json()
         if data["threshold"] == -math.inf:
             raise DistillError("a student-only policy is not written to disk; it exists only at serve time")
         return data
@@ -181,7 +254,8 @@ class Policy:
         labels = data.get("labels")
         return cls(threshold=data["threshold"], signal=data.get("signal", "mean_logprob"),
                    quality_target=data.get("quality_target"), labels=tuple(labels) if labels else None,
-                   temperature=data.get("temperature") or 1.0)
+                   temperature=data.get("temperature") or 1.0, gates=Gates.from_json(data.get("gates")),
+                   weights=data.get("weights"))
 
     @classmethod
     def load(cls, path: Path) -> Policy:

@@ -1,0 +1,114 @@
+"""The router's policy, from validation, confirmed on test: temperature, hard gates, logistic
+weights, the threshold with its guarantee, and how well every signal predicts agreement.
+
+    .venv/bin/pytest -q tests/test_evaluate_threshold.py tests/test_policy.py
+
+The logistic signal is fitted on the even-numbered validation answers and its threshold chosen
+on the odd-numbered ones: fitted and tested on the same answers, the Clopper-Pearson guarantee
+would not hold (the order of the candidates would depend on which answers agree).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from pipeline.config import Recipe
+from pipeline.evaluation import calibration
+from pipeline.evaluation.metrics import agrees
+from pipeline.evaluation.stats import Figure, mean_figure
+from pipeline.evaluation.threshold import Choice, Coverage, choose_threshold, measure, scores_of, sweep
+from pipeline.llm.completion import Completion
+from pipeline.router.gates import Gates
+from pipeline.router.policy import SIGNALS, Policy, replay
+from pipeline.task import Task
+
+
+@dataclass
+class Routing:
+    choice: Choice
+    expected: dict[str, Figure]  # on the validation answers the threshold was chosen on
+    confirmed: dict[str, Figure]  # the same policy replayed on test
+    on_test: Coverage
+    chosen_on: str  # which validation answers the threshold was chosen on
+
+
+def label_targets(task: Task, rows: list[dict]) -> list[str | None]:
+    return [task.normalize_label(ex["completion"]) for ex in rows] if task.kind == "classification" else []
+
+
+def agreement(task: Task, answers: list[Completion], rows: list[dict]) -> list[bool]:
+    return [agrees(task, a.text, ex["completion"]) for a, ex in zip(answers, rows)]
+
+
+def policy_template(recipe: Recipe, task: Task, validation: list[dict], val: list[Completion]) -> Policy:
+    """Everything of the policy but its threshold (and the logistic weights, fitted separately)."""
+    labels = tuple(task.labels) if task.kind == "classification" else None
+    temperature = calibration.fit_temperature(val, label_targets(task, validation)) if labels else 1.0
+    gates = Gates.for_task(task, recipe.curate.refusal_patterns)
+    weights = {"intercept": 0.0} if recipe.router.signal == "logistic" else None  # replaced by the fit
+    return Policy(threshold=None, signal=recipe.router.signal, labels=labels, temperature=temperature, gates=gates,
+                  weights=weights)
+
+
+def routing(recipe: Recipe, task: Task, test: list[dict], validation: list[dict], tuned: list[Completion],
+            val: list[Completion]) -> Routing:
+    """Threshold chosen on validation, then the same policy replayed on test."""
+    template = policy_template(recipe, task, validation, val)
+    val_agree, test_agree = agreement(task, val, validation), agreement(task, tuned, test)
+    chosen, chosen_on = list(range(len(val))), "validation"
+    if template.signal == "logistic":
+        fit_rows, chosen = chosen[0::2], chosen[1::2]
+        # All agreeing (or none) on the fitting half: a constant score, the threshold then answers all or none.
+        weights = calibration.fit_logistic([val[i] for i in fit_rows], [val_agree[i] for i in fit_rows])
+        template = replace(template, weights=weights or {"intercept": 0.0})
+        chosen_on = "validation (odd rows; the logistic weights were fitted on the even rows)"
+    val, validation, val_agree = [val[i] for i in chosen], [validation[i] for i in chosen], [val_agree[i] for i in chosen]
+    choice = choose_threshold(val, val_agree, recipe.router.quality_target, template, recipe.eval.confidence)
+    reps, seed = recipe.eval.bootstrap, recipe.eval.seed
+    expected = replay_figures(choice.policy, val, val_agree, validation, task, reps, seed)
+    confirmed = replay_figures(choice.policy, tuned, test_agree, test, task, reps, seed)
+    return Routing(choice, expected, confirmed, measure(choice.policy, tuned, test_agree), chosen_on)
+
+
+def replay_figures(policy: Policy, answers: list[Completion], agree: list[bool], rows: list[dict], task: Task,
+                   reps: int, seed: int) -> dict[str, Figure]:
+    """Local share and system agreement (escalations answered by the teacher), and system gold
+    accuracy where gold exists, each with its bootstrap CI."""
+    local = [d.route == "student" for d in replay(policy, answers)]
+    figures = {"local_share": mean_figure(local, reps, seed),
+               "system_agreement": mean_figure([ok if lo else True for ok, lo in zip(agree, local)], reps, seed)}
+    gold_rows = [i for i, ex in enumerate(rows) if ex.get("gold")]
+    if gold_rows:
+        correct = [agrees(task, (answers[i].text if local[i] else rows[i]["completion"]), rows[i]["gold"])
+                   for i in gold_rows]
+        figures["system_accuracy"] = mean_figure(correct, reps, seed)
+    return figures
+
+
+def signal_quality(task: Task, test: list[dict], tuned: list[Completion], validation: list[dict],
+                   val: list[Completion], policy: Policy) -> dict:
+    """AUROC of every applicable signal for "agrees with teacher" on test, and their risk-coverage
+    curves, each read through the chosen policy's gates. The logistic signal is the policy's own
+    fit when it routes on it, else fitted on the whole validation split for this comparison."""
+    agree = agreement(task, tuned, test)
+    weights = policy.weights or calibration.fit_logistic(val, agreement(task, val, validation))
+    out = {}
+    for name, sig in SIGNALS.items():
+        if (sig.needs_label_scores and task.kind != "classification") or (name == "logistic" and not weights):
+            continue
+        scores = scores_of(tuned, replace(policy, signal=name, weights=weights))
+        out[name] = {"auroc": calibration.auroc(scores, agree), "curve": sweep(scores, agree)}
+    # The reliability diagram needs a probability: the label posterior, else the logistic fit, else
+    # the per-token geometric mean.
+    if task.kind == "classification":
+        prob, probs = "label_prob", scores_of(tuned, replace(policy, signal="label_prob"))
+    elif weights:
+        prob, probs = "logistic", scores_of(tuned, replace(policy, signal="logistic", weights=weights))
+    else:
+        prob = "exp(mean_logprob)"
+        probs = [None if a.mean_logprob is None else math.exp(a.mean_logprob) for a in tuned]
+    reliability = calibration.reliability(probs, agree)
+    reliability["signal"] = prob
+    return {"signals": out, "reliability": reliability, "temperature": policy.temperature,
+            "logistic_weights": weights}
