@@ -27,9 +27,11 @@ TeacherFatalError is raised, after which no other prompt can succeed: TeacherAut
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
@@ -154,13 +156,25 @@ class TeacherService:
         """`answer` for a caller without an event loop (a stage): runs one, then closes the
         teacher's connections, which belong to that loop."""
 
+        terminated = []
+
         async def go() -> list[Completion]:
+            undo = _cancel_on_sigterm(asyncio.current_task(), terminated)
             try:
                 return await self.answer(conversations, samples)
             finally:
+                undo()
                 await self.teacher.aclose()
 
-        return asyncio.run(go())
+        try:
+            answers = asyncio.run(go())
+        except asyncio.CancelledError:
+            if terminated:  # SIGTERM: the caller sees what Ctrl-C gives it
+                raise KeyboardInterrupt from None
+            raise
+        if terminated:  # cancelled after the last answer came back: still a stop, not a finished stage
+            raise KeyboardInterrupt
+        return answers
 
     async def aclose(self) -> None:
         await self.teacher.aclose()
@@ -277,3 +291,26 @@ class TeacherService:
 
     def _not_sent(self) -> Completion:
         return Completion(text="", source=self.teacher.spec, error=NOT_SENT, finish_reason="error")
+
+
+def _cancel_on_sigterm(task: asyncio.Task, terminated: list) -> Callable[[], None]:
+    """SIGTERM cancels the running capture from the event loop, as asyncio.run's own Ctrl-C
+    handler does, so it unwinds through every task's cleanup (answers committed) whatever the
+    process's SIGINT disposition; a KeyboardInterrupt raised inside a task instead could be
+    logged as "never retrieved". Returns the undo, which puts the previous handler back (the
+    loop's removal alone would leave SIGTERM at its default: killing the next stage outright)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop, previous = asyncio.get_running_loop(), signal.getsignal(signal.SIGTERM)
+
+    def stop() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+
+    return undo
