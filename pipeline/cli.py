@@ -6,6 +6,7 @@
     distill plan mistral7b                     estimated peak GPU memory on A10G / A100 (no GPU needed)
     distill retrain RECIPE                     the loop's next round from the router's escalations
     distill promote RECIPE [VERSION]           / distill rollback RECIPE: move the registry's champion alias
+    distill batches RECIPE [--cancel ID]       provider batches of teacher.mode=batch captures
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _stage_command(stage: str, doc: str):
 STAGE_OVERRIDES = {
     "capture": ["teacher.spec=openai:gpt-4o-mini", "teacher.base_url=URL", "teacher.budget_usd=5",
                 "teacher.concurrency=8", "teacher.rpm=500", "teacher.price.input_per_mtok=0.15",
-                "teacher.price.output_per_mtok=0.6", "teacher.max_new_tokens=12", "capture.limit=1000"],
+                "teacher.price.output_per_mtok=0.6", "teacher.max_new_tokens=12", "capture.limit=1000",
+                "teacher.mode=batch"],
     "curate": ["curate.target_size=2000", "curate.pii=true", "curate.near_dup_threshold=0.7", "eval.file=PATH"],
     "finetune": ["train.epochs=2", "train.lr=2e-4", "train.lora.r=32", "train.max_seq_len=512", "train.batch_size=8"],
     "evaluate": ["router.quality_target=0.9", "router.signal=label_prob", "eval.base_prompt=few_shot", "eval.file=PATH"],
@@ -67,8 +69,50 @@ STAGE_OVERRIDES = {
 }
 
 
+@app.command(name="capture")
+def capture(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, runs_dir: Path = RunsOpt,
+            force: bool = ForceOpt,
+            no_wait: bool = typer.Option(False, "--no-wait", help="teacher.mode=batch: submit the batches and exit; "
+                                         "the next capture collects them (teacher.batch_wait=false).")):
+    from pipeline.teachers.batch import BatchesPending
+
+    try:
+        _pipeline("capture", recipe, [*(overrides or []), *(["teacher.batch_wait=false"] if no_wait else [])],
+                  runs_dir, force)
+    except BatchesPending as pending:
+        typer.echo(f"submitted: {pending}")
+
+
+capture.__doc__ = ("Label the prompts with the teacher (cached, so reruns cost nothing).\n\n"
+                   f"Often overridden: {', '.join(STAGE_OVERRIDES['capture'])} (all fields: recipes/REFERENCE.md).")
+
+
+@app.command()
+def batches(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
+            cancel: Optional[str] = typer.Option(None, "--cancel", help="Cancel this provider batch id; the next "
+                                                 "capture keeps what it finished and resubmits the rest.")):
+    """List the provider batches of the recipe's teacher cache (teacher.mode=batch): status, requests, cost."""
+    import asyncio
+
+    from pipeline.config import load_recipe
+    from pipeline.teachers.batch import cancel as cancel_batch, format_batches, list_batches, refresh
+    from pipeline.teachers.service import TeacherService
+
+    cfg = load_recipe(recipe, overrides)
+    service = TeacherService.from_config(cfg.teacher, cfg.capture.cache)
+    try:
+        if cancel is not None:
+            typer.echo(f"batch {cancel}: {asyncio.run(cancel_batch(service, cfg.teacher, cancel))}")
+        rows = list_batches(service.cache)
+        if cfg.teacher.spec.startswith(("openai:", "anthropic:")):
+            asyncio.run(refresh(service, cfg.teacher, rows))
+            rows = list_batches(service.cache)
+        typer.echo(format_batches(rows, cfg.capture.cache))
+    finally:
+        service.close()
+
+
 for _name, _doc in [
-    ("capture", "Label the prompts with the teacher (cached, so reruns cost nothing)."),
     ("curate", "Clean, dedupe and split the teacher's answers (runs capture first if needed)."),
     ("finetune", "LoRA/QLoRA the student (runs earlier stages first if needed)."),
     ("evaluate", "Compare base and tuned student with the teacher; choose the router threshold."),

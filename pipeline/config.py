@@ -101,12 +101,37 @@ class TeacherConfig(Section):
     )
     prompt_col: str = Field("prompt", description="logs: CSV/JSONL column holding the prompt.")
     label_col: str = Field("label", description="logs: CSV/JSONL column holding the answer.")
+    mode: Literal["sync", "batch"] = Field(
+        "sync",
+        description="sync: one call per prompt. batch (openai:/anthropic:): capture submits the uncached prompts "
+        "as provider batches (OpenAI Batch API, Anthropic Message Batches) at the batch price, about half.",
+    )
+    batch_wait: bool = Field(
+        True, description="batch mode: wait for the batches to finish (false, or `distill capture --no-wait`: "
+        "submit and exit; the next capture collects them)."
+    )
+    batch_poll_s: float = Field(
+        15.0, gt=0, description="batch mode: first wait between status polls; doubles up to 20x this."
+    )
+    batch_max_requests: int | None = Field(
+        None, ge=1, description="batch mode: most requests per batch; default the provider's limit "
+        "(OpenAI 50,000, Anthropic 100,000); larger prompt sets are split."
+    )
 
     @model_validator(mode="after")
     def _sampling_needs_temperature(self) -> TeacherConfig:
         if self.n > 1 and self.temperature == 0:
             raise ValueError(
                 f"teacher.n={self.n} samples identical greedy answers; set teacher.temperature > 0 or teacher.n=1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_needs_a_batch_provider(self) -> TeacherConfig:
+        if self.mode == "batch" and not self.spec.startswith(("openai:", "anthropic:")):
+            raise ValueError(
+                f"teacher.mode='batch' needs an openai: or anthropic: teacher, not '{self.spec}'; "
+                "set teacher.mode=sync"
             )
         return self
 

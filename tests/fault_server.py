@@ -9,11 +9,22 @@ which is what "paid for at most once" is checked against; and, like a real provi
 the usage of every request it generated an answer for (`billed`), whether or not the client
 read it (a slow answer the client gave up on, a truncated body). Like OpenAI, it refuses
 `max_tokens` and `temperature` for reasoning models (o1, o3, o4-mini, gpt-5).
+
+It also speaks the batch APIs (`teacher.mode=batch`): OpenAI's Files (/v1/files) and Batches
+(/v1/batches), and Anthropic's Message Batches (/v1/messages/batches). A batch advances on
+status polls, not on the clock (`batch_step` requests per poll; None: all on the first), so a
+test is deterministic however slow the machine. Knobs: `batch_fail` (the first N requests of
+the first batch fail), `batch_expire_at` (the first batch expires once that fraction is
+done), `upload_failures` (the first N uploads answer 500). `batch_log` records every batch
+created, which is what "submitted once" is checked against; `batch_answers` counts, per
+prompt, the answers batches generated.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
 import hashlib
 import json
 import random
@@ -21,6 +32,7 @@ import re
 import threading
 import time
 from collections import Counter, defaultdict
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("429", "500", "slow", "truncated")
@@ -35,7 +47,8 @@ class FaultServer:
     def __init__(self, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS, latency_s: float = 0.0,
                  slow_s: float = 2.0, retry_after: str = "0.05", status: int | None = None,
                  plan: dict[int, str] | None = None, reject_logprobs: bool = False, seed: int = 0,
-                 response_format: str = "ignore"):
+                 response_format: str = "ignore", batch_step: int | None = None, batch_fail: int = 0,
+                 batch_expire_at: float | None = None, upload_failures: int = 0):
         self.fault_rate = fault_rate
         self.faults = faults
         self.latency_s = latency_s
@@ -54,6 +67,16 @@ class FaultServer:
         self.faulted: Counter[str] = Counter()
         self.billed: list[tuple[int, int]] = []  # (prompt_tokens, completion_tokens) per generation
         self.total = 0
+        self.batch_step = batch_step
+        self.batch_fail = batch_fail
+        self.batch_expire_at = batch_expire_at
+        self.upload_failures = upload_failures
+        self.uploads = 0  # upload attempts, failed ones included
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}  # id -> our state of it
+        self.batch_log: list[dict] = []  # every batch created: id, requests, custom_ids
+        self.batch_polls: Counter[str] = Counter()
+        self.batch_answers: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -122,8 +145,20 @@ def _handler(server: FaultServer):
         def log_message(self, *args) -> None:  # keep test output clean
             return
 
+        def do_GET(self) -> None:
+            routed = _batch_get(server, self.path.split("?")[0])
+            if routed is None:
+                return self._error(404, f"no route {self.path}")
+            status, data, kind = routed
+            self._send(status, data, content_type=kind)
+
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            routed = _batch_post(server, self.path.split("?")[0], raw, self.headers.get("Content-Type", ""))
+            if routed is not None:
+                status, data, _ = routed
+                return self._send(status, data)
+            body = json.loads(raw or b"{}")
             with server._lock:
                 server.bodies.append(body)
             turns = [m for m in body.get("messages", []) if m.get("role") == "user"]
@@ -164,9 +199,10 @@ def _handler(server: FaultServer):
             data = json.dumps({"error": {"message": message, "type": "error", "code": status}}).encode()
             self._send(status, data, headers)
 
-        def _send(self, status: int, data: bytes, headers: dict | None = None) -> None:
+        def _send(self, status: int, data: bytes, headers: dict | None = None,
+                  content_type: str = "application/json") -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
@@ -232,13 +268,205 @@ def _messages_response(body: dict, prompt: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------- batch APIs
+
+JSON, BINARY = "application/json", "application/octet-stream"
+
+
+def _json(status: int, payload) -> tuple[int, bytes, str]:
+    return status, json.dumps(payload).encode(), JSON
+
+
+def _batch_post(server: FaultServer, path: str, raw: bytes, content_type: str):
+    """Batch-API POSTs, or None for a chat/messages call."""
+    parts = path.rstrip("/").split("/")
+    if path.endswith("/v1/files"):
+        return _upload(server, raw, content_type)
+    if path.endswith("/v1/batches") or path.endswith("/v1/messages/batches"):
+        anthropic = "messages" in parts
+        return _create_batch(server, json.loads(raw or b"{}"), anthropic)
+    if parts[-1] == "cancel" and "batches" in parts:
+        return _cancel(server, parts[-2])
+    return None
+
+
+def _batch_get(server: FaultServer, path: str):
+    parts = path.rstrip("/").split("/")
+    if parts[-1] == "batches":
+        anthropic = "messages" in parts
+        with server._lock:
+            data = [_batch_json(server, b) for b in server.batches.values() if b["anthropic"] == anthropic]
+        data.reverse()  # newest first, as both providers list them
+        return _json(200, {"object": "list", "data": data, "has_more": False,
+                           "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+    if "batches" in parts and parts[-1] in server.batches:
+        return _json(200, _poll(server, parts[-1]))
+    if parts[-1] == "results" and parts[-2] in server.batches:
+        return 200, server.files[server.batches[parts[-2]]["output_file_id"]], BINARY
+    if parts[-1] == "content" and parts[-2] in server.files:
+        return 200, server.files[parts[-2]], BINARY
+    return None
+
+
+def _upload(server: FaultServer, raw: bytes, content_type: str):
+    with server._lock:
+        server.uploads += 1
+        if server.uploads <= server.upload_failures:
+            return _json(500, {"error": {"message": "upload failed", "type": "server_error"}})
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+              for part in message.iter_parts()}
+    with server._lock:
+        file_id = f"file-{len(server.files) + 1}"
+        server.files[file_id] = fields["file"]
+    return _json(200, {"id": file_id, "object": "file", "bytes": len(fields["file"]), "created_at": int(time.time()),
+                       "filename": "batch.jsonl", "purpose": fields["purpose"].decode(), "status": "processed"})
+
+
+def _create_batch(server: FaultServer, body: dict, anthropic: bool):
+    if anthropic:
+        requests = body["requests"]
+    else:
+        lines = server.files[body["input_file_id"]].decode().splitlines()
+        requests = [json.loads(line) for line in lines if line.strip()]
+    with server._lock:
+        n = len(server.batch_log)
+        batch_id = f"msgbatch_{n + 1:04d}" if anthropic else f"batch_{n + 1:04d}"
+        server.batches[batch_id] = {
+            "id": batch_id, "anthropic": anthropic, "requests": requests, "done": 0, "status": "in_progress",
+            "first": n == 0, "input_file_id": body.get("input_file_id"), "metadata": body.get("metadata"),
+            "created_at": time.time(), "output_file_id": None, "error_file_id": None, "cancel": False, "counts": {},
+        }
+        server.batch_log.append({"id": batch_id, "requests": len(requests),
+                                 "custom_ids": [r["custom_id"] for r in requests]})
+        return _json(200, _batch_json(server, server.batches[batch_id]))
+
+
+def _cancel(server: FaultServer, batch_id: str):
+    with server._lock:
+        batch = server.batches[batch_id]
+        if batch["status"] == "in_progress":
+            batch["cancel"], batch["status"] = True, "cancelling"
+        return _json(200, _batch_json(server, batch))
+
+
+def _poll(server: FaultServer, batch_id: str) -> dict:
+    """A status retrieve: the batch advances by `batch_step` requests, then maybe ends."""
+    with server._lock:
+        server.batch_polls[batch_id] += 1
+        batch = server.batches[batch_id]
+        n = len(batch["requests"])
+        if batch["status"] == "in_progress":
+            batch["done"] = min(n, batch["done"] + (server.batch_step or n))
+            expire = server.batch_expire_at if batch["first"] else None
+            if expire is not None and batch["done"] >= int(n * expire):
+                batch["done"] = int(n * expire)
+                _finish(server, batch, "expired")
+            elif batch["done"] == n:
+                _finish(server, batch, "completed")
+        elif batch["status"] == "cancelling":
+            _finish(server, batch, "cancelled")
+        return _batch_json(server, batch)
+
+
+def _finish(server: FaultServer, batch: dict, outcome: str) -> None:
+    """Generate the answers of the requests that ran, and the result files (lock held)."""
+    ok, errors, counts = [], [], Counter()
+    for i, request in enumerate(batch["requests"]):
+        if i >= batch["done"]:
+            counts["expired" if outcome == "expired" else "canceled"] += 1
+            errors.append(_not_run(request, outcome, batch["anthropic"]))
+        elif batch["first"] and i < server.batch_fail:
+            counts["errored"] += 1
+            errors.append(_failed(request, batch["anthropic"]))
+        else:
+            counts["succeeded"] += 1
+            ok.append(_answered(server, request, batch["anthropic"]))
+    batch["counts"] = counts
+    batch["status"] = outcome
+    if batch["anthropic"]:
+        batch["output_file_id"] = _store(server, ok + errors)
+    else:
+        batch["output_file_id"] = _store(server, ok) if ok else None
+        batch["error_file_id"] = _store(server, errors) if errors else None
+
+
+def _store(server: FaultServer, lines: list[dict]) -> str:
+    file_id = f"file-{len(server.files) + 1}"
+    server.files[file_id] = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    return file_id
+
+
+def _answered(server: FaultServer, request: dict, anthropic: bool) -> dict:
+    body = request["params"] if anthropic else request["body"]
+    turns = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    prompt = _content(turns[-1]["content"]) if turns else ""
+    server.billed.append(_usage(body))
+    server.batch_answers[prompt] += 1
+    if anthropic:
+        return {"custom_id": request["custom_id"],
+                "result": {"type": "succeeded", "message": _messages_response(body, prompt)}}
+    response = _chat_response(body, prompt, server.response_format == "follow")
+    return {"id": f"batch_req_{request['custom_id'][:8]}", "custom_id": request["custom_id"],
+            "response": {"status_code": 200, "request_id": "req_fault", "body": response}, "error": None}
+
+
+def _failed(request: dict, anthropic: bool) -> dict:
+    if anthropic:
+        return {"custom_id": request["custom_id"], "result": {"type": "errored", "error": {
+            "type": "error", "error": {"type": "api_error", "message": "internal error"}}}}
+    return {"id": "batch_req_failed", "custom_id": request["custom_id"], "error": None,
+            "response": {"status_code": 500, "request_id": "req_fault",
+                         "body": {"error": {"message": "internal error", "type": "server_error"}}}}
+
+
+def _not_run(request: dict, outcome: str, anthropic: bool) -> dict:
+    if anthropic:
+        return {"custom_id": request["custom_id"], "result": {"type": "expired" if outcome == "expired" else "canceled"}}
+    code = "batch_expired" if outcome == "expired" else "batch_cancelled"
+    return {"id": "batch_req_not_run", "custom_id": request["custom_id"], "response": None,
+            "error": {"code": code, "message": f"This request was not run: the batch {outcome}."}}
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+def _batch_json(server: FaultServer, batch: dict) -> dict:
+    n, done, status = len(batch["requests"]), batch["done"], batch["status"]
+    ended = status in ("completed", "expired", "cancelled")
+    if batch["anthropic"]:
+        c = batch["counts"]
+        counts = {"processing": 0 if ended else n, "succeeded": c.get("succeeded", 0), "errored": c.get("errored", 0),
+                  "canceled": c.get("canceled", 0), "expired": c.get("expired", 0)}
+        return {"id": batch["id"], "type": "message_batch",
+                "processing_status": "ended" if ended else ("canceling" if status == "cancelling" else "in_progress"),
+                "request_counts": counts, "created_at": _iso(batch["created_at"]),
+                "expires_at": _iso(batch["created_at"] + 86400), "ended_at": _iso(time.time()) if ended else None,
+                "archived_at": None, "cancel_initiated_at": _iso(batch["created_at"]) if batch["cancel"] else None,
+                "results_url": (f"http://127.0.0.1:{server.port}/v1/messages/batches/{batch['id']}/results"
+                                if ended else None)}
+    failed = batch["counts"].get("errored", 0) if ended else min(done, server.batch_fail if batch["first"] else 0)
+    return {"id": batch["id"], "object": "batch", "endpoint": "/v1/chat/completions", "errors": None,
+            "input_file_id": batch["input_file_id"], "completion_window": "24h", "status": status,
+            "output_file_id": batch["output_file_id"], "error_file_id": batch["error_file_id"],
+            "created_at": int(batch["created_at"]), "metadata": batch["metadata"],
+            "request_counts": {"total": n, "completed": done - failed, "failed": failed}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--fault-rate", type=float, default=0.2)
     parser.add_argument("--latency-s", type=float, default=0.0)
+    parser.add_argument("--batch-step", type=int, default=None, help="batch requests finished per status poll")
+    parser.add_argument("--batch-fail", type=int, default=0, help="first N requests of the first batch fail")
+    parser.add_argument("--follow-schema", action="store_true", help="answer a response_format label enum")
     args = parser.parse_args()
-    server = FaultServer(fault_rate=args.fault_rate, latency_s=args.latency_s).start(args.port)
+    server = FaultServer(fault_rate=args.fault_rate, latency_s=args.latency_s, batch_step=args.batch_step,
+                         batch_fail=args.batch_fail,
+                         response_format="follow" if args.follow_schema else "ignore").start(args.port)
     print(f"serving on {server.base_url}", flush=True)
     try:
         threading.Event().wait()

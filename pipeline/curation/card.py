@@ -105,7 +105,20 @@ def render_card(
 def _teachers_section(raw: list[dict]) -> list[str]:
     lines = ["## Teachers", "", "| teacher | records | cost (USD) |", "|---|---|---|"]
     lines += [f"| {name} | {n} | {usd:.4f} |" for name, (n, usd) in teacher_costs(raw).items()]
-    return lines + [""]
+    return lines + [""] + _batch_savings(raw)
+
+
+def _batch_savings(raw: list[dict]) -> list[str]:
+    """Answers bought as provider batches (teacher.mode=batch) against what sync calls would have cost."""
+    metas = [r.get("meta") or {} for r in raw]
+    batch = [m for m in metas if str(m.get("provenance") or "").startswith("batch:")]
+    if not batch:
+        return []
+    paid = sum(float(m.get("cost_usd") or 0.0) for m in batch)
+    sync = sum(float(m.get("sync_cost_usd") or 0.0) for m in batch)
+    share = f" ({(sync - paid) / sync:.0%})" if sync else ""
+    return [f"Batch capture: {len(batch)} answers came from provider batches at ${paid:.4f}; at sync prices "
+            f"they would have cost ${sync:.4f}, saved ${sync - paid:.4f}{share}.", ""]
 
 
 def _steps_section(steps: list[StepRecord]) -> list[str]:

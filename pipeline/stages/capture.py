@@ -4,11 +4,15 @@
     distill capture RECIPE teacher.spec=openai:gpt-4o-mini teacher.budget_usd=5
     distill capture RECIPE teacher.spec=logs:exports/chat.jsonl
     distill capture RECIPE capture.records=runs/x/rounds/r1/gather/gathered.jsonl   (what retrain does)
+    distill capture RECIPE teacher.spec=openai:gpt-4o-mini teacher.mode=batch [--no-wait]   (half price)
 
 Writes `teacher.jsonl`: one chat-format example per prompt and sample, in prompt order.
 The teacher is asked through the teacher service (pipeline/teachers/service.py): every
 answer is committed to the SQLite cache the moment it arrives (per batch for the local
-teacher), so an interrupted or budget-stopped capture resumes without paying twice.
+teacher), so an interrupted or budget-stopped capture resumes without paying twice. With
+`teacher.mode=batch` the uncached prompts first go through provider batches
+(pipeline/teachers/batch.py), whose answers land in the same cache; the service then finds
+them there and buys synchronously only the few requests a batch failed.
 
 Exits non-zero (DistillError) when the budget stops it before every prompt is answered,
 when more than `teacher.max_failure_rate` of calls fail after retries, or on a 401/403.
@@ -29,6 +33,7 @@ from pipeline.llm.completion import Completion
 from pipeline.llm.loading import check_recipe_models
 from pipeline.task import Task, load_task
 from pipeline.teachers import parse_spec
+from pipeline.teachers.batch import BatchReport, record_meta, run_batches
 from pipeline.teachers.registry import content_files
 from pipeline.teachers.logs import import_logs
 from pipeline.teachers.service import ServiceReport, TeacherService
@@ -87,19 +92,28 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     labels = task.labels if task.kind == "classification" else None
     service = TeacherService.from_config(recipe.teacher, recipe.capture.cache, labels, progress="capture")
     entries = _entries(prompts, task, recipe.teacher)
+    conversations, samples = [e.messages for e in entries], [e.sample for e in entries]
+    batch = None
     try:
-        completions = service.answer_sync([e.messages for e in entries], [e.sample for e in entries])
+        if recipe.teacher.mode == "batch":
+            batch = run_batches(service, recipe.teacher, conversations, samples)
+            _check_batches(batch, service, conversations, samples, recipe.teacher)
+        completions = service.answer_sync(conversations, samples)
         report = service.report
         if not report.budget_stop:
-            _write_records(out / OUTPUT, entries, completions, service.teacher.spec, service.identity, recipe)
+            extra = record_meta(service, conversations, samples, completions) if batch else None
+            _write_records(out / OUTPUT, entries, completions, service.teacher.spec, service.identity, recipe, extra)
     finally:
         service.close()
     manifest = _manifest(len(prompts), len(entries), report)
+    if batch is not None:
+        _add_batch(manifest, batch)
     tracker.params({"teacher": service.identity, "prompts": len(prompts), "samples_per_prompt": recipe.teacher.n,
-                    "price": asdict(service.price) if service.price else {}})
+                    "price": asdict(service.price) if service.price else {},
+                    **({"batch_price": asdict(batch.price) if batch.price else {}} if batch else {})})
     tracker.metrics({**manifest.counts, **manifest.metrics, "cost_usd": manifest.cost_usd})
     _check(report, completions, len(entries), recipe.teacher)
-    log.info("capture: %s", "; ".join(manifest.notes[:1]))
+    log.info("capture: %s", "; ".join(manifest.notes[: 2 if batch else 1]))
     return manifest
 
 
@@ -133,14 +147,16 @@ def _entries(prompts: list[dict], task: Task, cfg: TeacherConfig) -> list[Entry]
 
 
 def _write_records(path: Path, entries: list[Entry], completions: list[Completion], spec: str, identity: dict,
-                   recipe: Recipe) -> None:
+                   recipe: Recipe, extra: list[dict] | None = None) -> None:
     """Write records in prompt order to a temp file, then rename: a reader never sees a
-    half-written teacher.jsonl."""
+    half-written teacher.jsonl. `extra`: meta to add per record (batch answers: provenance and
+    what they would have cost as sync calls, for the card's savings line)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for e, completion in zip(entries, completions, strict=True):
+        for i, (e, completion) in enumerate(zip(entries, completions, strict=True)):
             record = make_record(e.prompt, completion, spec, identity, "capture", recipe.capture.gold_field,
                                  sample=e.sample, n=recipe.teacher.n)
+            record["meta"] |= extra[i] if extra else {}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -195,6 +211,52 @@ def _manifest(prompts: int, records: int, report: ServiceReport) -> Manifest:
     notes = [f"{report.ok} ok / {report.failed} failed of {report.calls} calls, {report.cache_hits} cached, "
              f"${report.spent_usd:.4f} this run"]
     return Manifest(stage=NAME, counts=counts, metrics=metrics, cost_usd=report.spent_usd, notes=notes + report.notes)
+
+
+def _check_batches(batch: BatchReport, service: TeacherService, conversations: list[list[dict]], samples: list[int],
+                   cfg: TeacherConfig) -> None:
+    """Before any sync call: what the batches could not answer is bought synchronously only when
+    it is a few failed requests; a budget stop, a cancelled batch or many failures end the stage
+    (everything imported is cached; a rerun submits the rest as a follow-up batch)."""
+    if batch.budget_stop:
+        raise DistillError(
+            f"budget reached: {batch.not_sent} prompts were not submitted, their worst case at the batch price "
+            f"would cross teacher.budget_usd=${cfg.budget_usd:.4f} (cached answers and running batches count); "
+            "what was answered is cached: rerun with a higher teacher.budget_usd to continue."
+        )
+    if batch.cancelled:
+        raise DistillError(f"batch {', '.join(batch.cancelled)} was cancelled; its {batch.imported} answers are "
+                           "cached, rerun `distill capture` to submit the rest")
+    keys = service.keys(conversations, samples)
+    missing = set(keys) - set(service.cache.costs(keys))
+    unanswered = missing - set(batch.failed)
+    if unanswered:
+        raise DistillError(f"{len(unanswered)} requests were not run by their batches (expired {1 + len(batch.batches)} "
+                           "times?); what finished is cached, rerun `distill capture` to submit the rest")
+    tried = batch.imported + len(batch.failed)
+    if batch.failed and len(batch.failed) / tried > cfg.max_failure_rate:
+        first = next(iter(batch.failed.values()))
+        raise DistillError(
+            f"{len(batch.failed)} of {tried} batch requests failed ({len(batch.failed) / tried:.1%} > "
+            f"teacher.max_failure_rate={cfg.max_failure_rate:.1%}), too many to retry as sync calls; the "
+            f"answers are cached, rerun to submit the rest as a follow-up batch. First error: {first}"
+        )
+    if batch.failed:
+        log.info("batch: retrying the %d failed requests as sync calls", len(batch.failed))
+
+
+def _add_batch(manifest: Manifest, batch: BatchReport) -> None:
+    """The batch side of the bill: what this run's batch answers cost, and what they saved."""
+    manifest.counts |= {"batches": len(batch.batches), "batch_submitted": batch.submitted,
+                        "batch_imported": batch.imported, "batch_failed": len(batch.failed), "batch_lost": batch.lost}
+    manifest.metrics |= {"batch_cost_usd": batch.cost_usd, "batch_sync_cost_usd": batch.sync_cost_usd,
+                         "batch_saved_usd": batch.saved_usd}
+    manifest.cost_usd += batch.cost_usd
+    p = batch.price
+    price = f"batch price ${p.input_per_mtok}/${p.output_per_mtok} per 1M tokens in/out ({p.source})" if p else "unpriced"
+    manifest.notes.insert(1, f"{batch.imported} answers from {len(batch.batches)} provider batch(es): "
+                             f"${batch.cost_usd:.4f} at the batch price, ${batch.sync_cost_usd:.4f} at sync prices "
+                             f"(saved ${batch.saved_usd:.4f}); {price}")
 
 
 def _check(report: ServiceReport, completions: list[Completion], records: int, cfg: TeacherConfig) -> None:

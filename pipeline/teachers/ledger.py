@@ -6,6 +6,8 @@ Prices come from prices.yaml beside this file, or the recipe's `teacher.price`. 
 is enforced by reservation: before a call is sent, its worst-case cost (every prompt byte a
 token, every allowed output token used) is reserved; if that would cross the budget, the
 call is not sent. After the call the reservation is swapped for the real cost from usage.
+A provider batch (teacher.mode=batch) is priced at the table's batch rate (`resolve_batch_price`)
+and reserves the worst case of all its requests at once, before it is submitted.
 An attempt whose outcome is unknown (timed out, body cut off, connection reset after the
 request went out) is charged its whole reservation: the provider bills a generation that
 finished on its side, and a retry needs a reservation of its own. So the total can never
@@ -49,12 +51,30 @@ def load_price_table() -> dict[str, dict[str, dict[str, float]]]:
 
 def lookup_price(provider: str, model: str, table: dict) -> Price | None:
     """Exact name, else the name without a date/-latest suffix (gpt-4o-2024-08-06 -> gpt-4o)."""
+    entry = _table_entry(provider, model, table)
+    return None if entry is None else Price(float(entry["input"]), float(entry["output"]), "prices.yaml")
+
+
+def _table_entry(provider: str, model: str, table: dict) -> dict | None:
     models = table.get(provider) or {}
     for name in (model, _SNAPSHOT.sub("", model)):
         if name in models:
-            entry = models[name]
-            return Price(float(entry["input"]), float(entry["output"]), "prices.yaml")
+            return models[name]
     return None
+
+
+def resolve_batch_price(provider: str, model: str, sync: Price | None) -> Price | None:
+    """The provider's batch rate for this model: the table's batch_input/batch_output when it
+    lists them, else its batch_discount (both providers: half) of the sync price."""
+    if sync is None:
+        return None
+    table = load_price_table()
+    entry = _table_entry(provider, model, table) or {}
+    if sync.source == "prices.yaml" and "batch_input" in entry and "batch_output" in entry:
+        return Price(float(entry["batch_input"]), float(entry["batch_output"]), "prices.yaml batch rate")
+    discount = float(table.get("batch_discount", 0.5))
+    return Price(sync.input_per_mtok * discount, sync.output_per_mtok * discount,
+                 f"batch rate: {discount:.0%} of {sync.source}")
 
 
 def resolve_price(provider: str, model: str, cfg) -> Price | None:
