@@ -456,15 +456,79 @@ class RouterConfig(Section):
     )
 
 
+class TierConfig(Section):
+    """One intermediate tier of `serve.tiers`: a model between the student and the teacher."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9._-]{1,40}$",
+        description="Tier name: the route is tier:<name> (x-distill-route, distill.route) when it answers.",
+    )
+    student: str = Field(
+        pattern=r"^(transformers|llama\.cpp|openai:.+)$",
+        description="What answers at this tier, as serve.student: transformers (model_dir) / llama.cpp (gguf) / "
+        "openai:<model> (base_url). It is sent the client's messages, as the student is.",
+    )
+    model_dir: Path | None = Field(None, description="student=transformers: the merged model folder.")
+    gguf: Path | None = Field(None, description="student=llama.cpp: the GGUF file.")
+    base_url: str | None = Field(None, description="student=openai:<model>: the server's base URL (.../v1).")
+    api_key_env: str | None = Field(
+        None, description="student=openai:<model>: env var holding its API key (default OPENAI_API_KEY; a "
+        "loopback base URL needs none).",
+    )
+    policy: Path = Field(
+        description="This tier's router_policy.json (its own signal and threshold): it answers when that "
+        "policy keeps its answer, else the request passes to the next tier.",
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Most this tier may take before the request passes on; default what is left "
+        "of serve.deadline_s.",
+    )
+
+    @model_validator(mode="after")
+    def _settings_match_the_backend(self) -> TierConfig:
+        needed = {"transformers": "model_dir", "llama.cpp": "gguf"}.get(self.student, "base_url")
+        if getattr(self, needed) is None:
+            raise ValueError(f"tier {self.name} (student={self.student}) needs {needed}")
+        upstream = self.student.startswith("openai:")
+        stray = [name for name, used in (("model_dir", self.student == "transformers"),
+                                         ("gguf", self.student == "llama.cpp"), ("base_url", upstream),
+                                         ("api_key_env", upstream)) if getattr(self, name) is not None and not used]
+        if stray:
+            raise ValueError(f"tier {self.name}: {stray[0]} does not apply to student={self.student}; drop it")
+        return self
+
+
 class ServeConfig(Section):
     """How `distill serve` listens; no stage reads it, so changing it re-runs nothing."""
 
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, description="Port.")
     model_name: str = Field("distill-student", description="Model name clients send (`model` in the request).")
+    student: str = Field(
+        "transformers", pattern=r"^(transformers|llama\.cpp|openai:.+)$",
+        description="What answers as the student: transformers = the merged export in process (micro-batched); "
+        "llama.cpp = the GGUF export in process (llama-cpp-python); openai:<model> = any OpenAI-compatible "
+        "server already serving it (vllm serve, Ollama, llama.cpp's server) at student_base_url.",
+    )
+    student_gguf: Path | None = Field(
+        None, description="student=llama.cpp: the GGUF file; default the export's gguf/ file (the only one, or "
+        "the q8_0 one).",
+    )
+    student_base_url: str | None = Field(
+        None, description="student=openai:<model>: the server's base URL, e.g. http://127.0.0.1:8001/v1.",
+    )
+    student_api_key_env: str | None = Field(
+        None, description="student=openai:<model>: env var holding its API key (default OPENAI_API_KEY; a "
+        "loopback base URL needs none).",
+    )
     max_tokens: int = Field(256, ge=1, description="Default and ceiling for completion tokens per request.")
     api_key_env: str | None = Field(
-        None, description="Env var holding the bearer key clients must send; none: no auth (loopback only)."
+        None, description="Env var holding the bearer key clients must send, or several, comma-separated; "
+        "none (and no api_keys_file): no auth (loopback only).",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of bearer keys clients may send, one per line (blank lines and # comments "
+        "skipped); with api_key_env, either source's keys are accepted.",
     )
     mode: str = Field(
         "live",
@@ -505,6 +569,29 @@ class ServeConfig(Section):
         "alias's version, with its own policy (by a hash of `user`, else the request id); the champion answers "
         "the rest. Ignored when there is no candidate alias.",
     )
+    tiers: list[TierConfig] = Field(
+        default_factory=list,
+        description="Intermediate tiers, in order, between the student and the teacher (student -> tiers -> "
+        "teacher): a request the student's policy escalates goes to the first tier, which answers when its own "
+        "policy keeps its answer, else passes it on; a tier that fails or times out passes it on; the teacher, "
+        "last, always answers (or the highest tier's answer, marked -fallback, when it cannot).",
+    )
+
+    @model_validator(mode="after")
+    def _student_settings_match_the_backend(self) -> ServeConfig:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names) or "student" in names or "teacher" in names:
+            raise ValueError(f"serve.tiers names must be unique and not student/teacher, got {names}")
+        upstream = self.student.startswith("openai:")
+        if upstream and not self.student_base_url:
+            raise ValueError(f"serve.student={self.student} needs serve.student_base_url (the server's /v1 URL)")
+        stray = [name for name, used, value in (
+            ("student_gguf", self.student == "llama.cpp", self.student_gguf),
+            ("student_base_url", upstream, self.student_base_url),
+            ("student_api_key_env", upstream, self.student_api_key_env)) if value is not None and not used]
+        if stray:
+            raise ValueError(f"serve.{stray[0]} does not apply to serve.student={self.student}; drop it")
+        return self
 
 
 class RetrainConfig(Section):

@@ -63,7 +63,7 @@ def auth_url(backend):
 
     from pipeline.router.app import ServeSettings, create_app
 
-    settings = ServeSettings(api_key=SecretStr(KEY), max_tokens=8)
+    settings = ServeSettings(api_keys=(SecretStr(KEY),), max_tokens=8)
     with running(create_app(settings, {MODEL: backend}, Policy(threshold=0.0))) as url:
         yield url
 
@@ -112,8 +112,7 @@ def test_unknown_model_is_404_not_a_fallback(base_url):
 
 
 @pytest.mark.parametrize(("extra", "param"), [({"n": 2}, "n"), ({"max_tokens": 9}, "max_tokens"),
-                                              ({"temperature": 0.7}, "temperature"), ({"top_p": 0.5}, "top_p"),
-                                              ({"logprobs": True}, "logprobs")])
+                                              ({"temperature": 0.7}, "temperature"), ({"top_p": 0.5}, "top_p")])
 def test_unsupported_options_are_400(base_url, extra, param):
     kwargs = {"max_tokens": MAX_TOKENS, **extra}
     with pytest.raises(openai.BadRequestError) as err:
@@ -191,14 +190,17 @@ def test_serve_without_export_says_what_to_run(tmp_path):
 
 
 def test_api_key_env_must_be_set(monkeypatch):
-    from pipeline.router.app import ServeSettings
+    from pipeline.router.app import read_api_keys
 
     monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
     with pytest.raises(DistillError, match="DISTILL_TEST_KEY"):
-        ServeSettings.from_env("DISTILL_TEST_KEY")
+        read_api_keys("DISTILL_TEST_KEY")
+    monkeypatch.setenv("DISTILL_TEST_KEY", " , ")  # only separators: still no key
+    with pytest.raises(DistillError, match="DISTILL_TEST_KEY"):
+        read_api_keys("DISTILL_TEST_KEY")
     monkeypatch.setenv("DISTILL_TEST_KEY", KEY)
-    settings = ServeSettings.from_env("DISTILL_TEST_KEY")
-    assert settings.api_key.get_secret_value() == KEY and KEY not in repr(settings)
+    (key,) = read_api_keys("DISTILL_TEST_KEY")
+    assert key.get_secret_value() == KEY and KEY not in repr(key)
 
 
 def test_oversize_body_and_too_many_messages_are_refused(backend):

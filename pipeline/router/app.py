@@ -12,12 +12,12 @@ otherwise; `serve_alias()` serves a registry alias and follows it (follow.py).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
 import os
 import re
-import secrets
 import signal
 import threading
 import time
@@ -25,7 +25,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,9 +38,17 @@ from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.net import is_loopback_host
-from pipeline.router.backends import Backend, StudentBackend, TeacherBackend
+from pipeline.router.backends import (
+    Backend,
+    GgufBackend,
+    StudentBackend,
+    TeacherBackend,
+    TokenCompletion,
+    UpstreamBackend,
+)
 from pipeline.router.errors import (
     AuthenticationFailed,
+    ClientDisconnected,
     InvalidRequest,
     ModelNotFound,
     QueueFull,
@@ -58,6 +66,7 @@ from pipeline.router.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     ChunkChoice,
     Choice,
     Delta,
@@ -66,7 +75,7 @@ from pipeline.router.protocol import (
     ModelList,
     Usage,
 )
-from pipeline.router.routing import Ask, Router
+from pipeline.router.routing import Ask, Routed, Router, Tier
 
 if TYPE_CHECKING:
     from pipeline.config import Recipe
@@ -82,7 +91,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 @dataclass(frozen=True)
 class ServeSettings:
-    api_key: SecretStr | None = None  # None: no auth (fine on loopback, the default bind)
+    api_keys: tuple[SecretStr, ...] = ()  # empty: no auth (fine on loopback, the default bind)
     max_tokens: int = 256  # default and ceiling for completion tokens per request
     mode: Mode = field(default_factory=lambda: Mode("live"))
     max_queue: int = 64  # requests admitted at once; the next gets 429
@@ -93,30 +102,50 @@ class ServeSettings:
     max_messages: int = 64
 
     @classmethod
-    def from_env(cls, api_key_env: str | None, **kwargs) -> ServeSettings:
-        """Read the bearer key from the named env var, once, at startup; never logged."""
-        if api_key_env is None:
-            return cls(**kwargs)
-        value = os.environ.get(api_key_env, "")
-        if not value:
-            # Refuse rather than serve unauthenticated when a key was asked for.
-            raise DistillError(f"environment variable {api_key_env} is empty or unset; export the API key there")
-        return cls(api_key=SecretStr(value), **kwargs)
-
-    @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServeSettings:
-        return cls.from_env(cfg.api_key_env, max_tokens=cfg.max_tokens, mode=Mode.parse(cfg.mode),
-                            max_queue=cfg.max_queue, deadline_s=cfg.deadline_s, rollback_window=cfg.rollback_window)
+        return cls(api_keys=read_api_keys(cfg.api_key_env, cfg.api_keys_file), max_tokens=cfg.max_tokens,
+                   mode=Mode.parse(cfg.mode), max_queue=cfg.max_queue, deadline_s=cfg.deadline_s,
+                   rollback_window=cfg.rollback_window)
+
+
+def read_api_keys(api_key_env: str | None, api_keys_file: Path | None = None) -> tuple[SecretStr, ...]:
+    """The bearer keys clients may send: the env var's comma-separated list and/or the file's
+    lines (blank lines and `#` comments skipped). Read once, at startup; never logged. A source
+    that was named but holds no key is an error: serving unauthenticated is never the fallback."""
+    keys: list[str] = []
+    if api_key_env is not None:
+        found = _split_keys(os.environ.get(api_key_env, "").split(","))
+        if not found:
+            raise DistillError(f"environment variable {api_key_env} is empty or unset; export the API key there "
+                               "(several: comma-separated)")
+        keys += found
+    if api_keys_file is not None:
+        try:
+            lines = Path(api_keys_file).read_text().splitlines()
+        except OSError as err:
+            raise DistillError(f"serve.api_keys_file {api_keys_file}: cannot read it ({err.strerror})") from None
+        found = _split_keys(line for line in lines if not line.lstrip().startswith("#"))
+        if not found:
+            raise DistillError(f"serve.api_keys_file {api_keys_file} holds no key; write one per line")
+        keys += found
+    return tuple(SecretStr(k) for k in dict.fromkeys(keys))
+
+
+def _split_keys(parts) -> list[str]:
+    keys = [p.strip() for p in parts]
+    return [k for k in keys if k]
 
 
 def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower], policy: Policy, *,
                teacher: TeacherBackend | None = None, escalations: EscalationLog | None = None,
-               reload_policy: Callable[[], Policy] | None = None) -> FastAPI:
+               reload_policy: Callable[[], Policy] | None = None, tiers: tuple[Tier, ...] = ()) -> FastAPI:
     """Build the app; `backends` maps each public model name to the student that answers it, or
     to a Follower of a registry alias (at most one), whose versions bring their own policies.
     `teacher`: where escalations go (None: escalations get the student's answer, marked
     student-fallback). The app closes the teacher when it shuts down. `reload_policy`: reads
-    the policy again (POST /admin/reload-policy, SIGHUP); it raises DistillError to refuse."""
+    the policy again (POST /admin/reload-policy, SIGHUP); it raises DistillError to refuse.
+    `tiers`: serve.tiers, asked in order between the student and the teacher (build_tiers);
+    the app closes their connections when it shuts down."""
     if settings.mode.needs_teacher and teacher is None:
         raise DistillError(f"serve.mode={settings.mode} needs a teacher; use serve.mode=live to serve the student alone")
     followers = [b for b in backends.values() if isinstance(b, Follower)]
@@ -124,7 +153,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
         raise DistillError("one registry alias per server: /ready reports one set of served versions")
     metrics = RouterMetrics()
     rollback = Rollback(policy.quality_target, settings.rollback_window) if settings.mode.kind == "shadow" else None
-    router = Router(policy, settings.mode, metrics, teacher, escalations, rollback)
+    router = Router(policy, settings.mode, metrics, teacher, escalations, rollback, tiers=tiers)
 
     def reload() -> dict:
         if reload_policy is None:
@@ -150,6 +179,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
         for follower in followers:
             await asyncio.to_thread(follower.stop)  # a load in progress finishes off the event loop
         await router.drain()
+        await router.aclose()
         if teacher is not None:
             await teacher.aclose()
 
@@ -166,7 +196,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        loaded = all(getattr(b, "ready", True) for b in backends.values())
+        loaded = all(getattr(b, "ready", True) for b in [*backends.values(), *(t.backend for t in router.tiers)])
         # Serving by alias, the champion's policy is the one that moves with the registry.
         policy, digest = router.policy, router.policy_hash
         served = followers[0].served if followers else None  # one read: a swap may land meanwhile
@@ -177,6 +207,9 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
                 "rolled_back": bool(rollback and rollback.tripped)}
         if served is not None:
             body["versions"] = followers[0].describe(served)
+        if router.tiers:
+            body["tiers"] = [{"name": t.name, "policy": t.policy_hash, "threshold": _threshold_text(t.policy.threshold)}
+                             for t in router.tiers]
         return JSONResponse(body, status_code=200 if loaded else 503)
 
     @app.get("/metrics")
@@ -186,7 +219,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
             metrics.teacher_usd.set(teacher.spent_usd)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    auth = [Depends(_bearer_auth(settings.api_key))]
+    auth = [Depends(_bearer_auth(settings.api_keys))]
 
     @app.post("/admin/reload-policy", dependencies=auth)
     async def reload_endpoint() -> dict:
@@ -215,25 +248,29 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
                   messages=[m.as_template_message() for m in request.messages], max_tokens=max_tokens,
                   deadline=started + settings.deadline_s, deadline_s=settings.deadline_s)
         backend, ask = _pick(backend, ask)
+        ask = replace(ask, top_logprobs=_checked_logprobs(request, backend))
         in_flight[0] += 1
         try:
-            routed = await router.route(backend, ask)
+            routed = await _unless_client_leaves(raw, router.route(backend, ask))
         finally:
             in_flight[0] -= 1
         metrics.requests.labels(routed.route, routed.mode.kind).inc()
         metrics.latency.labels("total").observe(time.monotonic() - started)
         text, finish = _apply_stop(routed.answer, request.stop_sequences())
+        cut = len(text) if text != routed.answer.text else None  # a stop sequence cut the answer
+        logprobs = _choice_logprobs(routed, cut) if ask.top_logprobs is not None else None
         info = DistillInfo(route=routed.route, confidence=_finite(routed.confidence), policy=routed.policy_hash,
                            request_id=request_id, mode=str(routed.mode), reason=routed.reason)
         headers = _distill_headers(info, ask.model_version)
         usage = _usage(routed.answer)
         if request.stream:
             include_usage = bool((request.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(request.model, text, finish, info, usage if include_usage else None),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_sse(request.model, text, finish, info, usage if include_usage else None,
+                                          logprobs), media_type="text/event-stream", headers=headers)
         body = ChatCompletionResponse(
             model=request.model, usage=usage, distill=info,
-            choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=finish)])
+            choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=finish,
+                            logprobs=logprobs)])
         return JSONResponse(body.model_dump(), headers=headers)
 
     app.include_router(v1)
@@ -256,9 +293,6 @@ def _checked_options(request: ChatCompletionRequest, settings: ServeSettings) ->
     if request.top_p not in (None, 1):
         raise InvalidRequest(f"top_p={request.top_p}: this server decodes greedily; send top_p=1 or omit it",
                              param="top_p")
-    if request.logprobs or request.top_logprobs:
-        raise InvalidRequest("logprobs are not returned by this router yet; omit logprobs/top_logprobs",
-                             param="logprobs" if request.logprobs else "top_logprobs")
     if len(request.stop_sequences()) > 4 or any(not s for s in request.stop_sequences()):
         raise InvalidRequest("stop takes up to 4 non-empty strings", param="stop")
     asked = request.max_completion_tokens or request.max_tokens
@@ -268,6 +302,23 @@ def _checked_options(request: ChatCompletionRequest, settings: ServeSettings) ->
     return asked or settings.max_tokens
 
 
+def _checked_logprobs(request: ChatCompletionRequest, backend: Backend) -> int | None:
+    """How many alternatives per token the client wants (None: no logprobs), refused with a 400
+    when this student cannot return them: never an answer quietly without what was asked."""
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
+    if not request.logprobs:
+        return None
+    most = backend.max_top_logprobs
+    if most is None:
+        raise InvalidRequest("this model's backend returns no token logprobs; omit logprobs", param="logprobs")
+    top = request.top_logprobs or 0
+    if top > most:
+        raise InvalidRequest(f"top_logprobs={top}: this model's backend returns at most {most}",
+                             param="top_logprobs")
+    return top
+
+
 def _pick(entry: Backend | Follower, ask: Ask) -> tuple[Backend, Ask]:
     """A followed alias picks the version (champion or candidate) per request; its policy goes along."""
     if not isinstance(entry, Follower):
@@ -275,6 +326,31 @@ def _pick(entry: Backend | Follower, ask: Ask) -> tuple[Backend, Ask]:
     loaded = entry.pick(ask.key)
     return loaded.backend, replace(ask, policy=loaded.policy, policy_hash=loaded.policy_hash,
                                    model_version=loaded.version)
+
+
+async def _unless_client_leaves(raw: Request, work: Awaitable[Routed]) -> Routed:
+    """Route while watching the connection: a client that hangs up has its work cancelled (its
+    queued student request dropped, its teacher call never made or aborted), so it frees its
+    slot instead of holding it until an answer nobody will read."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(raw))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()  # the client left, or this handler was cancelled (server shutdown)
+            await asyncio.gather(task, return_exceptions=True)  # its cleanup (closing connections) runs now
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnect(raw: Request) -> None:
+    """Returns when the client disconnects. The body is already read, so the next ASGI message
+    is the disconnect (uvicorn sends nothing else before the response)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _on_sighup(reload: Callable[[], dict]) -> None:
@@ -301,6 +377,22 @@ def _apply_stop(answer: Completion, stops: list[str]) -> tuple[str, str]:
     if cuts:
         return text[: min(cuts)], "stop"
     return text, "stop" if answer.finish_reason != "length" else "length"
+
+
+def _choice_logprobs(routed: Routed, cut: int | None) -> ChoiceLogprobs | None:
+    """The student's answer tokens, up to a stop sequence's `cut` (in characters). A teacher's
+    answer has none to give (its tokens are another model's, and TeacherService keeps only their
+    log-probs): `logprobs` is null there, which `distill.route` explains."""
+    if not isinstance(routed.answer, TokenCompletion):
+        return None
+    kept, offset = [], 0
+    for token in routed.answer.tokens:
+        if cut is not None and offset >= cut:
+            break
+        kept.append(token)
+        # The answer's text is stripped: leading whitespace of the first token is not in it.
+        offset += len(token.token if kept[1:] else token.token.lstrip())
+    return ChoiceLogprobs(content=kept)
 
 
 def _usage(answer: Completion) -> Usage:
@@ -333,16 +425,22 @@ def _pieces(text: str) -> list[str]:
     return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
 
 
-async def _sse(model: str, text: str, finish: str, info: DistillInfo, usage: Usage | None) -> AsyncIterator[bytes]:
-    """OpenAI chunk shapes: role, content deltas, finish, optional usage chunk, [DONE]."""
+async def _sse(model: str, text: str, finish: str, info: DistillInfo, usage: Usage | None,
+               logprobs: ChoiceLogprobs | None = None) -> AsyncIterator[bytes]:
+    """OpenAI chunk shapes: role, content deltas, finish, optional usage chunk, [DONE]. With
+    logprobs, the content goes in one delta carrying all its tokens (word pieces would split
+    tokens)."""
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, "distill": info}
 
     def event(choices: list[ChunkChoice], **extra) -> bytes:
         return f"data: {ChatCompletionChunk(choices=choices, **base, **extra).model_dump_json()}\n\n".encode()
 
     yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
-    for piece in _pieces(text):
-        yield event([ChunkChoice(delta=Delta(content=piece))])
+    if logprobs is not None:
+        yield event([ChunkChoice(delta=Delta(content=text), logprobs=logprobs)])
+    else:
+        for piece in _pieces(text):
+            yield event([ChunkChoice(delta=Delta(content=piece))])
     yield event([ChunkChoice(delta=Delta(), finish_reason=finish)])
     if usage is not None:
         yield event([], usage=usage)
@@ -352,15 +450,18 @@ async def _sse(model: str, text: str, finish: str, info: DistillInfo, usage: Usa
 # ---------------------------------------------------------------- auth and errors
 
 
-def _bearer_auth(api_key: SecretStr | None):
-    """A dependency that checks `Authorization: Bearer <key>` when a key is configured."""
+def _bearer_auth(api_keys: tuple[SecretStr, ...]):
+    """A dependency that checks `Authorization: Bearer <key>` when keys are configured."""
     bearer = HTTPBearer(auto_error=False)  # we raise our own 401 in the OpenAI envelope
+    expected = [k.get_secret_value().encode() for k in api_keys]
 
     async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if api_key is None:
+        if not expected:
             return
-        sent = credentials.credentials if credentials else ""
-        if not secrets.compare_digest(sent.encode(), api_key.get_secret_value().encode()):
+        sent = (credentials.credentials if credentials else "").encode()
+        # Every key is compared, each in constant time: neither the match nor which key
+        # matched shows in the response time.
+        if not any([hmac.compare_digest(sent, key) for key in expected]):
             raise AuthenticationFailed()
 
     return require_key
@@ -460,15 +561,76 @@ def student_only_policy(signal_name: str) -> Policy:
     return Policy.student_only("mean_logprob" if policy_signal(signal_name).needs_label_scores else signal_name)
 
 
-def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> StudentBackend:
-    labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
-    return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000)
+def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> Backend:
+    """The student `serve.student` names, answering for the export in `model_dir` (whose policy it is)."""
+    if cfg.student == "transformers":
+        labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
+        return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
+                              window_s=cfg.batch_window_ms / 1000)
+    if policy.needs_label_scores:
+        raise DistillError(f"router signal '{policy.signal}' scores every label by teacher forcing, which only "
+                           f"serve.student=transformers does; serve with it, or evaluate with router.signal="
+                           "mean_logprob")
+    if cfg.student == "llama.cpp":
+        return GgufBackend(cfg.student_gguf or export_gguf_file(Path(model_dir).parent))
+    from pipeline.config import TeacherConfig
+
+    # The teacher section's machinery (spec, key env, timeout) describes any OpenAI-compatible server.
+    return UpstreamBackend(TeacherConfig(spec=cfg.student, base_url=cfg.student_base_url,
+                                         api_key_env=cfg.student_api_key_env, timeout_s=cfg.deadline_s))
+
+
+def export_gguf_file(export_dir: Path) -> Path:
+    """The export's GGUF for serve.student=llama.cpp: the only one, else the q8_0 one (near-lossless)."""
+    from pipeline.export.gguf import EXPORT_GGUF, gguf_name
+
+    found = sorted((export_dir / EXPORT_GGUF).glob("*.gguf"))
+    if len(found) == 1:
+        return found[0]
+    preferred = export_dir / EXPORT_GGUF / gguf_name("q8_0")
+    if preferred in found:
+        return preferred
+    if not found:
+        raise DistillError(f"{export_dir / EXPORT_GGUF}: no GGUF to serve with serve.student=llama.cpp; add gguf to "
+                           "export.formats and run `make export`, or set serve.student_gguf")
+    raise DistillError(f"{export_dir / EXPORT_GGUF} holds {', '.join(f.name for f in found)}; choose one with "
+                       "serve.student_gguf")
+
+
+def build_tiers(cfg: ServeConfig) -> tuple[Tier, ...]:
+    """serve.tiers as Tiers, each with its backend and its own policy; a policy that does not load,
+    or a backend that cannot be built, is refused naming the tier's setting."""
+    tiers = []
+    for i, tier in enumerate(cfg.tiers):
+        where = f"serve.tiers.{i} ({tier.name})"
+        if not Path(tier.policy).is_file():
+            raise DistillError(f"{where}.policy: {tier.policy} does not exist; point it at that tier's "
+                               "router_policy.json (`distill evaluate` on that model writes one)")
+        try:
+            if tier.student == "transformers":
+                check_policy_matches_export(tier.policy, Path(tier.model_dir).parent)
+            policy = Policy.load(tier.policy)
+        except DistillError as err:
+            raise DistillError(f"{where}.policy: {err}") from None
+        if tier.student == "transformers" and not (Path(tier.model_dir) / "config.json").is_file():
+            raise DistillError(f"{where}.model_dir: {tier.model_dir} has no config.json, so no model to serve")
+        # The tier is a student of its own: serve.student's machinery builds it.
+        as_student = cfg.model_copy(update={"student": tier.student, "student_gguf": tier.gguf,
+                                            "student_base_url": tier.base_url,
+                                            "student_api_key_env": tier.api_key_env})
+        try:
+            backend = student_for(Path(tier.model_dir or "."), policy, as_student)
+        except DistillError as err:
+            raise DistillError(f"{where}: {err}") from None
+        tiers.append(Tier.of(tier.name, backend, policy, tier.timeout_s))
+    return tuple(tiers)
 
 
 def _settings(cfg: ServeConfig) -> ServeSettings:
     settings = ServeSettings.from_config(cfg)
-    if settings.api_key is None and not is_loopback_host(cfg.host):
-        log.warning("serving on %s without an API key; set serve.api_key_env to require one", cfg.host)
+    if not settings.api_keys and not is_loopback_host(cfg.host):
+        log.warning("serving on %s without an API key; set serve.api_key_env or serve.api_keys_file to require one",
+                    cfg.host)
     return settings
 
 
@@ -492,17 +654,21 @@ def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | No
     import uvicorn
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    if cfg.student == "transformers" and not (model_dir / "config.json").is_file():
         raise DistillError(f"{model_dir}: no config.json, so no exported student to serve; run `make export` first")
     settings = _settings(cfg)  # before the slow load: fail fast
     teacher = _teacher(recipe, cfg, needed=policy.threshold != -math.inf or settings.mode.needs_teacher)
+    tiers = build_tiers(cfg)  # before the student: a bad tier fails before the slow load
     student = student_for(model_dir, policy, cfg)
     reload = (lambda: load_checked_policy(policy_path, model_dir.parent)) if policy_path is not None else None
     app = create_app(settings, {cfg.model_name: student}, policy, teacher=teacher,
-                     escalations=_escalations(cfg, teacher), reload_policy=reload)
-    log.info("serving %s as '%s' on http://%s:%d/v1 (mode %s, policy %s: %s threshold %s, teacher %s)", model_dir,
-             cfg.model_name, cfg.host, cfg.port, settings.mode, app.state.router.policy_hash, policy.signal,
+                     escalations=_escalations(cfg, teacher), reload_policy=reload, tiers=tiers)
+    log.info("serving %s (%s) as '%s' on http://%s:%d/v1 (mode %s, policy %s: %s threshold %s, teacher %s)",
+             model_dir, cfg.student, cfg.model_name, cfg.host, cfg.port, settings.mode, app.state.router.policy_hash, policy.signal,
              policy.threshold, teacher.spec if teacher else "none")
+    if tiers:
+        log.info("tiers between the student and the teacher: %s",
+                 ", ".join(f"{t.name} ({t.policy.signal} threshold {t.policy.threshold})" for t in tiers))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
 
 
@@ -529,6 +695,7 @@ def alias_app(registry: Registry, name: str, alias: str, cfg: ServeConfig, recip
     """The app answering with `name@alias` (and serve.candidate_percent with `name@candidate`),
     following both in `registry` every serve.registry_poll_s."""
     settings = _settings(cfg)  # before the slow load: fail fast
+    tiers = build_tiers(cfg)
     signal_name = recipe.router.signal if recipe is not None else "mean_logprob"
 
     def load(version: ServedVersion) -> Loaded:
@@ -540,7 +707,7 @@ def alias_app(registry: Registry, name: str, alias: str, cfg: ServeConfig, recip
     # Whatever this version's policy, the next one promoted may escalate: keep the teacher at hand.
     teacher = _teacher(recipe, cfg, needed=True)
     app = create_app(settings, {cfg.model_name: follower}, champion.policy, teacher=teacher,
-                     escalations=_escalations(cfg, teacher))
+                     escalations=_escalations(cfg, teacher), tiers=tiers)
     app.state.follower = follower
     return app
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
+from pipeline.router.errors import BackendUnavailable
+from pipeline.router.protocol import TokenLogprob, TopLogprob
 from pipeline.teachers.errors import TeacherFatalError
 
 if TYPE_CHECKING:
@@ -27,7 +31,22 @@ log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion: ...
+    """A student. `top_logprobs` None: the client asked for no token logprobs; k >= 0: return a
+    TokenCompletion whose tokens carry the k likeliest alternatives (at most max_top_logprobs;
+    None there: this backend returns no per-token detail, so the app refuses `logprobs`)."""
+
+    max_top_logprobs: int | None
+
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
+                       top_logprobs: int | None = None) -> Completion: ...
+
+
+@dataclass
+class TokenCompletion(Completion):
+    """A Completion with each answer token's text, bytes and top alternatives: what a client
+    that asked for `logprobs` gets. The policy reads the plain Completion fields, as ever."""
+
+    tokens: list[TokenLogprob] = field(default_factory=list)
 
 
 class StudentBackend:
@@ -39,7 +58,13 @@ class StudentBackend:
     left padding gives each request what a batch of one would (tests/test_router_escalation.py).
 
     `score_labels`: the policy's labels, passed to generate_batch so it fills
-    `Completion.label_logprobs` when the policy's signal needs them."""
+    `Completion.label_logprobs` when the policy's signal needs them.
+
+    Token logprobs asked for: each token's own log-prob is generate's (the number the policy
+    read); its top alternatives come from one teacher-forced pass over prompt + answer, run
+    only for requests that ask for them."""
+
+    max_top_logprobs = 20  # OpenAI's ceiling
 
     def __init__(self, model_dir: Path, score_labels: list[str] | None = None, max_batch: int = 8,
                  window_s: float = 0.0):
@@ -66,12 +91,13 @@ class StudentBackend:
         self.ready = True
         log.info("student loaded from %s (micro-batches up to %d)", self.model_dir, max_batch)
 
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
+                       top_logprobs: int | None = None) -> Completion:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._queue, self._worker = loop, asyncio.Queue(), None
         future = loop.create_future()
-        self._queue.put_nowait((messages, max_tokens, future))
+        self._queue.put_nowait((messages, max_tokens, top_logprobs, future))
         # One event loop: the worker either has returned (done) or will see this request before it returns.
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._batch_while_queued())
@@ -80,8 +106,9 @@ class StudentBackend:
     async def _batch_while_queued(self) -> None:
         while not self._queue.empty():
             batch = await self._collect()
-            for max_tokens in dict.fromkeys(mt for _, mt, _ in batch):
-                group = [(m, f) for m, mt, f in batch if mt == max_tokens and not f.done()]  # done: caller gave up
+            for max_tokens in dict.fromkeys(mt for _, mt, _, _ in batch):
+                # done: the caller gave up (deadline, client gone); its slot goes to no one
+                group = [(m, top, f) for m, mt, top, f in batch if mt == max_tokens and not f.done()]
                 if group:
                     await self._run(group, max_tokens)
 
@@ -108,23 +135,232 @@ class StudentBackend:
         # Generation is seconds of CPU/GPU work; off the event loop, so /health and other
         # requests keep being answered meanwhile.
         try:
-            completions = await asyncio.to_thread(self._generate, [m for m, _ in group], max_tokens)
+            completions = await asyncio.to_thread(self._generate, [(m, top) for m, top, _ in group], max_tokens)
         except Exception as err:  # noqa: BLE001 - handed to every caller of this batch, not swallowed
-            for _, future in group:
+            for _, _, future in group:
                 if not future.done():
                     future.set_exception(err)
             return
-        for (_, future), completion in zip(group, completions, strict=True):
+        for (_, _, future), completion in zip(group, completions, strict=True):
             if not future.done():
                 future.set_result(completion)
 
-    def _generate(self, conversations: list[list[dict[str, str]]], max_tokens: int) -> list[Completion]:
+    def _generate(self, asks: list[tuple[list[dict[str, str]], int | None]], max_tokens: int) -> list[Completion]:
         from pipeline.llm.generate import generate_batch
 
         with self._lock:
-            self.batches.append(len(conversations))
-            return generate_batch(self.model, self.tokenizer, conversations, max_new_tokens=max_tokens,
-                                  source="student", **self._extra)
+            self.batches.append(len(asks))
+            completions = generate_batch(self.model, self.tokenizer, [m for m, _ in asks], max_new_tokens=max_tokens,
+                                         source="student", **self._extra)
+            return [c if top is None else self._with_tokens(m, c, top) for (m, top), c in zip(asks, completions)]
+
+    def _with_tokens(self, messages: list[dict[str, str]], answer: Completion, top: int) -> TokenCompletion:
+        ids = answer.token_ids or []
+        alternatives = self._top_alternatives(messages, ids, top) if top and ids else [[] for _ in ids]
+        tokens = [TokenLogprob(token=text, logprob=lp, bytes=raw, top_logprobs=alts)
+                  for (text, raw), lp, alts in zip(map(self._token_text, ids), answer.token_logprobs or [],
+                                                   alternatives)]
+        return TokenCompletion(**vars(answer), tokens=tokens)
+
+    def _top_alternatives(self, messages: list[dict[str, str]], ids: list[int], top: int) -> list[list[TopLogprob]]:
+        """The `top` likeliest tokens at each answer position: one forward pass over prompt + answer,
+        the prompt tokenized as generate_batch tokenizes it."""
+        import torch
+
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([prompt_ids + ids], device=self.model.device)).logits
+        # Position i predicts token i+1: the answer's tokens are predicted from len(prompt)-1 on.
+        rows = torch.log_softmax(logits[0, len(prompt_ids) - 1: len(prompt_ids) - 1 + len(ids)].float(), dim=-1)
+        values, indices = rows.topk(top, dim=-1)
+        return [[TopLogprob(token=text, logprob=v, bytes=raw)
+                 for (text, raw), v in zip(map(self._token_text, row_ids), row_values)]
+                for row_ids, row_values in zip(indices.tolist(), values.tolist())]
+
+    def _token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and its exact bytes (byte-level BPE vocabularies spell bytes as characters)."""
+        text = self.tokenizer.decode([token_id])
+        raw = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(raw, str) and all(ch in _UNICODE_TO_BYTE for ch in raw):
+            return text, [_UNICODE_TO_BYTE[ch] for ch in raw]
+        return text, list(text.encode("utf-8"))
+
+
+class GgufBackend:
+    """The GGUF export in llama.cpp, in process (`serve.student=llama.cpp`), prompted as the
+    export's parity check prompts it (pipeline/export/parity.py GgufModel: the file's own chat
+    template and BOS rule). Greedy decoding, one token at a time, so each token's log-prob and
+    top alternatives are read off its logits row: the policy's confidence signal works as on
+    the transformers student. One llama.cpp context: one request at a time."""
+
+    max_top_logprobs = 20
+
+    def __init__(self, path: Path, n_ctx: int = 2048):
+        import llama_cpp
+
+        from pipeline.export.parity import GgufModel
+
+        self.path = Path(path)
+        self.gguf = GgufModel(self.path, n_ctx=n_ctx)
+        vocab = llama_cpp.llama_model_get_vocab(self.gguf.llm.model)
+        self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)  # EOS, <|im_end|>, ...
+        self._lock = threading.Lock()
+        self.ready = True
+        log.info("student loaded from %s (llama.cpp)", self.path)
+
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
+                       top_logprobs: int | None = None) -> Completion:
+        return await asyncio.to_thread(self._answer, messages, max_tokens, top_logprobs)
+
+    def _answer(self, messages: list[dict[str, str]], max_tokens: int, top: int | None) -> Completion:
+        import time
+
+        start = time.perf_counter()
+        with self._lock:
+            prompt = self.gguf.tokenize(self.gguf.render(messages) or "")
+            ids, logprobs, rows, finish = self._decode(prompt, max_tokens, top or 0)
+            llm = self.gguf.llm
+            text = llm.detokenize(ids, special=False).decode("utf-8", errors="replace").strip()
+            answer = Completion(text=text, source="gguf", prompt_tokens=len(prompt), completion_tokens=len(ids),
+                                token_ids=ids, token_logprobs=logprobs, finish_reason=finish,
+                                latency_ms=int((time.perf_counter() - start) * 1000))
+            if top is None:
+                return answer
+            pieces = [llm.detokenize([t], prev_tokens=ids[:i]) for i, t in enumerate(ids)]
+            tokens = [TokenLogprob(token=p.decode("utf-8", errors="replace"), logprob=lp, bytes=list(p),
+                                   top_logprobs=[self._alternative(int(i), float(v), ids[:n]) for i, v in row])
+                      for n, (p, lp, row) in enumerate(zip(pieces, logprobs, rows))]
+        return TokenCompletion(**vars(answer), tokens=tokens)
+
+    def _decode(self, prompt: list[int], max_tokens: int, top: int):
+        """Greedy tokens, their log-probs (of the EOS when the answer is empty, as generate_batch
+        records it), per token the `top` (id, log-prob) alternatives, and the finish reason."""
+        import llama_cpp
+        import numpy as np
+
+        llm = self.gguf.llm
+        llm.reset()
+        llm.eval(prompt)
+        ids, logprobs, rows = [], [], []
+        while True:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            row = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64))
+            token = int(np.argmax(row))
+            if self._is_eog(token):
+                logprobs = logprobs or [float(row[token])]
+                return ids, logprobs, rows, "stop"
+            ids.append(token)
+            logprobs.append(float(row[token]))
+            best = np.argpartition(-row, top)[:top] if top else []
+            rows.append(sorted(((i, row[i]) for i in best), key=lambda pair: -pair[1]))
+            if len(ids) >= max_tokens:
+                return ids, logprobs, rows, "length"
+            llm.eval([token])
+
+    def _alternative(self, token_id: int, logprob: float, before: list[int]) -> TopLogprob:
+        piece = self.gguf.llm.detokenize([token_id], prev_tokens=before)
+        return TopLogprob(token=piece.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(piece))
+
+
+class UpstreamBackend:
+    """A student served by any OpenAI-compatible server (`serve.student=openai:<model>`: `vllm
+    serve ./merged`, Ollama, llama.cpp's server), so the router stays a thin stateless layer in
+    front of it. Spec, key and errors go through the teacher machinery (registry spec parsing,
+    keys.resolve_api_key, openai_compat's request params and error translation, keys scrubbed);
+    the call itself is made here, because a student call carries the request's own max_tokens
+    and top_logprobs and its tokens come back to the client. Token logprobs are always asked
+    for: they are the policy's confidence signal (an upstream that sends none escalates all)."""
+
+    max_top_logprobs = 20
+
+    def __init__(self, cfg: TeacherConfig):
+        from pipeline.teachers.keys import resolve_api_key
+        from pipeline.teachers.openai_compat import OpenAITeacher
+        from pipeline.teachers.registry import parse_spec
+
+        provider, self.model = parse_spec(cfg.spec)
+        if provider != "openai":
+            raise DistillError(f"serve.student={cfg.spec}: an upstream student is openai:<model> (any "
+                               "OpenAI-compatible server, at serve.student_base_url)")
+        self.spec, self.base_url, self.timeout_s = cfg.spec, cfg.base_url, cfg.timeout_s
+        self._api_key = resolve_api_key(cfg.spec, cfg, OpenAITeacher.KEY_ENV)  # kept off repr and logs
+        self._client: tuple[asyncio.AbstractEventLoop, object] | None = None
+        self._warned = False
+        self.ready = True
+
+    def __repr__(self) -> str:
+        from pipeline.teachers.keys import public_url
+
+        return f"UpstreamBackend({self.spec!r}, base_url={public_url(self.base_url)!r})"
+
+    def _get_client(self):
+        """One client per event loop: its connection pool belongs to the loop that opened it."""
+        from openai import AsyncOpenAI
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            self._client = (loop, AsyncOpenAI(api_key=self._api_key, base_url=self.base_url,
+                                              timeout=self.timeout_s, max_retries=0))
+        return self._client[1]
+
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
+                       top_logprobs: int | None = None) -> Completion:
+        import time
+
+        import openai
+
+        from pipeline.teachers.openai_compat import request_params, translate_error
+
+        params = request_params(self.model, max_tokens, 0.0, logprobs=True)
+        if top_logprobs:
+            params["top_logprobs"] = top_logprobs
+        start = time.perf_counter()
+        try:
+            response = await self._get_client().chat.completions.create(model=self.model, messages=messages,
+                                                                        **params)
+        except openai.OpenAIError as err:
+            raise BackendUnavailable(f"student {self.spec}: {translate_error(err, self._api_key, self.spec)}") \
+                from None
+        return self._to_completion(response, int((time.perf_counter() - start) * 1000), top_logprobs is not None)
+
+    def _to_completion(self, response, latency_ms: int, with_tokens: bool) -> Completion:
+        if not response.choices:
+            raise BackendUnavailable(f"student {self.spec}: the upstream answered with no choices")
+        choice, usage = response.choices[0], response.usage
+        content = choice.logprobs.content if choice.logprobs is not None and choice.logprobs.content else []
+        if not content and not self._warned:
+            self._warned = True
+            log.warning("student %s sends no token logprobs: the policy has no confidence to read and escalates "
+                        "every request", self.spec)
+        answer = Completion(
+            text=(choice.message.content or "").strip(), source=self.spec,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            token_logprobs=[t.logprob for t in content] or None,
+            finish_reason="length" if choice.finish_reason == "length" else "stop", latency_ms=latency_ms)
+        if not with_tokens:
+            return answer
+        tokens = [TokenLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes,
+                               top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=a.bytes)
+                                             for a in t.top_logprobs or []])
+                  for t in content]
+        return TokenCompletion(**vars(answer), tokens=tokens)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client[1].close()
+            self._client = None
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (used by Llama 3, Qwen, SmolLM...): character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
 
 
 class TeacherBackend:

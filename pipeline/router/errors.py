@@ -63,6 +63,18 @@ class QueueFull(RouterError):
         self.headers = {"Retry-After": str(retry_after_s)}
 
 
+class ClientDisconnected(RouterError):
+    """The client hung up before its answer was chosen; the work was cancelled. Nobody reads the
+    response: the status (nginx's 499) is for the log and `distill_errors{kind="client_disconnected"}`."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the answer was ready")
+
+
 class DeadlineExceeded(RouterError):
     """Not even the student answered within `serve.deadline_s`."""
 

@@ -38,6 +38,9 @@ class Escalation:
     confidence: float | None = None
     student: Completion | None = None  # None: the student was not asked (mode off / canary-out)
     model_version: str | None = None  # the registry version that served, when serving by alias
+    # serve.tiers: every step before the teacher (student, then each tier: outcome, confidence,
+    # reason, policy hash, answer); None without tiers, and the record has no meta.tiers then.
+    tiers: tuple[dict[str, Any], ...] | None = None
 
     def record(self) -> dict[str, Any]:
         meta = {
@@ -57,6 +60,8 @@ class Escalation:
             "finish_reason": self.teacher.finish_reason,
             "created_at": self.teacher.created_at,
         }
+        if self.tiers is not None:
+            meta["tiers"] = list(self.tiers)
         return {"id": self.request_id, "messages": Task.student_example(self.prompt, self.teacher.text), "meta": meta}
 
 

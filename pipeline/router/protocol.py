@@ -4,8 +4,8 @@ Requests are lenient (`extra="allow"`): OpenAI clients send many optional fields
 (`tools`, `metadata`, ...) and refusing them would break ordinary clients. What we
 don't implement is named in one log line per request (`ignored_fields`), never silently
 dropped without a trace. Values are not logged: they may carry prompt text. Fields that
-change the answer (`temperature`, `top_p`, `seed`, `stop`, `logprobs`) are declared: the
-app honours them or refuses them with a 400 naming the field.
+change the answer (`temperature`, `top_p`, `seed`, `stop`) or what it carries (`logprobs`,
+`top_logprobs`) are declared: the app honours them or refuses them with a 400 naming the field.
 
 Every response, and every stream chunk, carries a `distill` object (route, confidence,
 policy hash, request id) besides the `x-distill-*` headers, because some SDKs hide headers.
@@ -81,11 +81,27 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class TokenLogprob(TopLogprob):
+    """One answer token, as OpenAI returns it under choices[].logprobs.content[]."""
+
+    top_logprobs: list[TopLogprob]  # the k likeliest tokens at this position (k = top_logprobs asked)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -97,7 +113,8 @@ class Usage(BaseModel):
 class DistillInfo(BaseModel):
     """Which system answered, and why: the body's copy of the x-distill-* headers."""
 
-    route: Literal["student", "teacher", "student-fallback"]
+    # student | teacher | student-fallback; with serve.tiers also tier:<name> and tier:<name>-fallback
+    route: str = Field(pattern=r"^(student|teacher|student-fallback|tier:[A-Za-z0-9._-]+(-fallback)?)$")
     confidence: float | None
     policy: str  # policy hash
     request_id: str
@@ -124,7 +141,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -7,6 +7,10 @@
                        the student's answer, marked student-fallback
     off / canary-out   teacher answers; teacher failed -> student-fallback
     shadow             teacher answers; the student runs in the background, both logged
+    tiers (serve.tiers) live / canary-in, the student escalated: each tier in order answers
+                       and its own policy decides; kept -> route tier:<name>, else (or the
+                       tier failed / timed out) the next tier; the teacher, last, answers;
+                       teacher failed -> the highest tier's answer, marked <tier>-fallback
 
 Every teacher answer obtained is appended to the escalations log (the loop into training
 data). The whole route is decided before the app sends a byte, so a streamed answer never
@@ -19,6 +23,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -55,12 +60,34 @@ class Ask:
     policy: Policy | None = None
     policy_hash: str = ""
     model_version: str | None = None  # the registry version answering, when serving by alias
+    # None: no token logprobs asked; k: the student returns its tokens, with k alternatives each.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class Tier:
+    """An intermediate tier (serve.tiers): a model between the student and the teacher, kept
+    when its own policy keeps its answer."""
+
+    name: str
+    backend: Backend
+    policy: Policy
+    timeout_s: float | None = None  # None: what is left of the request's deadline
+    policy_hash: str = ""
+
+    @classmethod
+    def of(cls, name: str, backend: Backend, policy: Policy, timeout_s: float | None = None) -> Tier:
+        return cls(name, backend, policy, timeout_s, policy_hash(policy))
+
+    @property
+    def route(self) -> str:
+        return f"tier:{self.name}"
 
 
 @dataclass(frozen=True)
 class Routed:
     answer: Completion
-    route: str  # student | teacher | student-fallback
+    route: str  # student | teacher | student-fallback; with tiers also tier:<name> | tier:<name>-fallback
     reason: str
     confidence: float | None = None
     mode: Mode = Mode("live")  # the mode this request was routed under (a rollback may change it later)
@@ -69,7 +96,9 @@ class Routed:
 
 class Router:
     def __init__(self, policy: Policy, mode: Mode, metrics: RouterMetrics, teacher: TeacherBackend | None = None,
-                 escalations: EscalationLog | None = None, rollback: Rollback | None = None):
+                 escalations: EscalationLog | None = None, rollback: Rollback | None = None,
+                 tiers: tuple[Tier, ...] = ()):
+        self.tiers = tuple(tiers)  # between the student and the teacher, in order
         self._current = (policy, policy_hash(policy))  # swapped as one tuple: atomic on the event loop
         self.mode = mode
         self.metrics = metrics
@@ -116,6 +145,8 @@ class Router:
             if self.teacher is not None:
                 self.metrics.saved_usd.inc(self.teacher.estimated_cost(ask.prompt, answer.completion_tokens or 1))
             return Routed(answer, "student", decision.reason, decision.score)
+        if self.tiers:
+            return await self._tiered(ask, answer, decision)
         if self.teacher is None:
             return Routed(answer, "student-fallback", f"{decision.reason}; no teacher configured", decision.score)
         teacher = await self._teacher(ask)
@@ -124,6 +155,58 @@ class Router:
                           decision.score)
         self._log(ask, teacher, "teacher", decision.reason, decision.score, answer)
         return Routed(teacher, "teacher", decision.reason, decision.score)
+
+    async def _tiered(self, ask: Ask, student: Completion, decision: Decision) -> Routed:
+        """The student escalated: each tier in turn, then the teacher. Every step (tried, kept or
+        passed on, its confidence) goes into the escalation record's meta.tiers."""
+        steps = [_step("student", ask.policy_hash, decision, student)]
+        route, best, last = "student", student, decision  # the highest tier that answered: the fallback
+        reasons = [f"student: {decision.reason}"]
+        for tier in self.tiers:
+            try:
+                answer = await self._tier(tier, ask)
+            except Exception as err:  # noqa: BLE001  a tier down, timing out or broken passes the request on
+                error = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
+                log.warning("request %s: tier %s failed (%s); passing on", ask.request_id, tier.name, error)
+                self.metrics.errors.labels(f"tier_{tier.name}").inc()
+                steps.append({"tier": tier.name, "outcome": "failed", "error": error, "policy": tier.policy_hash})
+                reasons.append(f"{tier.name}: failed ({error})")
+                continue
+            verdict = tier.policy.decide(answer)
+            steps.append(_step(tier.name, tier.policy_hash, verdict, answer))
+            reasons.append(f"{tier.name}: {verdict.reason}")
+            if verdict.route == "student":
+                if self.teacher is not None:
+                    self.metrics.saved_usd.inc(self.teacher.estimated_cost(ask.prompt, answer.completion_tokens or 1))
+                return Routed(answer, tier.route, "; ".join(reasons), verdict.score)
+            route, best, last = tier.route, answer, verdict
+        reason = "; ".join(reasons)
+        if self.teacher is None:
+            return Routed(best, f"{route}-fallback", f"{reason}; no teacher configured", last.score)
+        teacher = await self._teacher(ask)
+        if teacher.error is not None:
+            return Routed(best, f"{route}-fallback", f"{reason}; teacher failed: {teacher.error}", last.score)
+        self._log(ask, teacher, "teacher", reason, last.score, student, tiers=tuple(steps))
+        return Routed(teacher, "teacher", reason, last.score)
+
+    async def _tier(self, tier: Tier, ask: Ask) -> Completion:
+        started = time.monotonic()
+        window = max(ask.deadline - started, 0.001)
+        if tier.timeout_s is not None:
+            window = min(window, tier.timeout_s)
+        top = ask.top_logprobs
+        if top is not None and tier.backend.max_top_logprobs is not None:
+            top = min(top, tier.backend.max_top_logprobs)
+        else:
+            top = None  # a tier that returns no tokens answers without them (logprobs null, as the teacher's)
+        async with asyncio.timeout(window):
+            if top is None:
+                answer = await tier.backend.complete(ask.messages, ask.max_tokens)
+            else:
+                answer = await tier.backend.complete(ask.messages, ask.max_tokens, top_logprobs=top)
+        self.metrics.latency.labels(f"tier_{tier.name}").observe(time.monotonic() - started)
+        self._count_tokens(tier.route, answer)
+        return answer
 
     async def _teacher_only(self, student: Backend, ask: Ask, reason: str) -> Routed:
         teacher = await self._teacher(ask)
@@ -137,7 +220,11 @@ class Router:
 
     async def _shadow(self, student: Backend, ask: Ask) -> Routed:
         shadow = asyncio.create_task(self._student(student, ask))
-        teacher = await self._teacher(ask)
+        try:
+            teacher = await self._teacher(ask)
+        except asyncio.CancelledError:
+            shadow.cancel()  # the client left: its shadow answer would be compared with nothing
+            raise
         if teacher.error is not None:
             answer = await shadow
             decision = self._decide(ask, answer)
@@ -189,7 +276,10 @@ class Router:
         started = time.monotonic()
         try:
             async with asyncio.timeout(max(ask.deadline - started, 0.001)):
-                answer = await student.complete(ask.messages, ask.max_tokens)
+                if ask.top_logprobs is None:  # the plain call: any Backend, however minimal, takes it
+                    answer = await student.complete(ask.messages, ask.max_tokens)
+                else:
+                    answer = await student.complete(ask.messages, ask.max_tokens, top_logprobs=ask.top_logprobs)
         except TimeoutError:
             self.metrics.errors.labels("student_deadline").inc()
             raise DeadlineExceeded("the student did not answer within serve.deadline_s") from None
@@ -214,17 +304,32 @@ class Router:
             self.metrics.tokens.labels(system, kind.removesuffix("_tokens")).inc(n)
 
     def _log(self, ask: Ask, teacher: Completion, route: str, reason: str, confidence: float | None,
-             student: Completion | None) -> None:
+             student: Completion | None, tiers: tuple[dict, ...] | None = None) -> None:
         if student is not None:
             self.metrics.agreement.labels(str(agrees(student, teacher)).lower()).inc()
         if self.escalations is None:
             return
         self.escalations.append(Escalation(
             request_id=ask.request_id, prompt=ask.prompt, teacher=teacher, route=route, reason=reason,
-            policy=ask.policy_hash, confidence=confidence, student=student, model_version=ask.model_version))
+            policy=ask.policy_hash, confidence=confidence, student=student, model_version=ask.model_version,
+            tiers=tiers))
+
+    async def aclose(self) -> None:
+        """Close the tiers' connections (upstream clients); in-process tiers hold none."""
+        for tier in self.tiers:
+            close = getattr(tier.backend, "aclose", None)
+            if close is not None:
+                await close()
 
     async def drain(self) -> None:
         """Let background shadow comparisons finish (shutdown, tests)."""
         if self._background:
             # Failures were already logged by _finished; here we only wait.
             await asyncio.wait(set(self._background))
+
+
+def _step(name: str, digest: str, decision: Decision, answer: Completion) -> dict:
+    """One tier's part in an escalation, as meta.tiers records it."""
+    score = decision.score if decision.score is not None and math.isfinite(decision.score) else None
+    return {"tier": name, "outcome": "answered" if decision.route == "student" else "escalated",
+            "confidence": score, "reason": decision.reason, "policy": digest, "answer": answer.text}
