@@ -1,13 +1,15 @@
 """Completion-only loss: the labels that reach the loss are the answer and its end-of-turn token, nothing else.
 
-Three real template families, offline: SmolLM2's own ChatML, and the shipped Mistral v0.3 and
-Llama 3 templates on the embedded tokenizer with their special tokens added.
+On the real tokenizers, offline (tests/real_tokenizers.py): SmolLM2's own (ChatML), Mistral v0.3's
+sentencepiece vocabulary and Llama 3's byte-level BPE, each with the template shipped in
+recipes/templates/ and with the model family's published template.
 """
 
 from pathlib import Path
 
 import pytest
 
+import real_tokenizers
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.errors import DistillError
 from pipeline.llm.loading import DevicePlan
@@ -15,34 +17,120 @@ from pipeline.stages import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = DevicePlan("cpu", "float32", False, "test")
+SYSTEM = "Classify the banking request."
 ROWS = [
     {"prompt": "my card never arrived", "completion": "card_arrival"},
     {"prompt": "how do I top up by bank transfer? it has been pending for days", "completion": "pending top up"},
     {"prompt": "refund", "completion": "Request a refund, please."},
+    {"prompt": "Où est ma carte ? 2 semaines déjà…", "completion": "40 € manquants: card_arrival"},
 ]
 
+# The published templates, text-only (their tool-calling branches never render without tools).
+# Mistral-7B-Instruct-v0.3's: the system message goes into the LAST user turn (loop.last).
+MISTRAL_V03_OFFICIAL = """\
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.last and system_message is defined %}
+            {{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] + '[/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] | trim + eos_token }}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+# Meta-Llama-3-8B-Instruct's.
+LLAMA3_OFFICIAL = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Llama-3.1-8B-Instruct's: always a system block with the knowledge cutoff and a date.
+LLAMA31_OFFICIAL = """\
+{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- set date_string = '26 Jul 2024' %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = '' %}
+{%- endif %}
+{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}
+{{- 'Cutting Knowledge Date: December 2023\n' }}
+{{- 'Today Date: ' + date_string + '\n\n' }}
+{{- system_message }}
+{{- '<|eot_id|>' }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+SHIPPED = {"mistral": "mistral-v0.3.jinja", "llama3": "llama3.jinja"}
+OFFICIAL = {"mistral-official": MISTRAL_V03_OFFICIAL, "llama3-official": LLAMA3_OFFICIAL,
+            "llama3.1-official": LLAMA31_OFFICIAL}
+# How each family's assistant turn ends: the labels must be exactly this, tokenized on its own.
+ANSWER = {"smollm2": "{answer}<|im_end|>", "mistral": " {answer}</s>", "llama3": "{answer}<|eot_id|>"}
 
-def _with_template(embedded_dir, template: str, bos: str, eos: str, extra: list[str]):
+
+def _real(family: str, embedded_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
-    tok.add_special_tokens({"bos_token": bos, "eos_token": eos, "additional_special_tokens": extra})
-    tok.chat_template = (ROOT / "recipes" / "templates" / template).read_text()
-    return tok
+    base = "llama3" if family.startswith("llama3") else family.split("-")[0]
+    folder = {"smollm2": embedded_dir, "mistral": real_tokenizers.mistral_v03_dir(),
+              "llama3": real_tokenizers.llama3_dir()}[base]
+    tok = AutoTokenizer.from_pretrained(folder)
+    if family in SHIPPED:
+        tok.chat_template = (ROOT / "recipes" / "templates" / SHIPPED[family]).read_text()
+    elif family in OFFICIAL:
+        tok.chat_template = OFFICIAL[family]
+    return tok, ANSWER[base]
 
 
 @pytest.fixture(scope="module")
 def tokenizers(embedded_dir):
-    from transformers import AutoTokenizer
+    # smollm2: ChatML; its eos (<|im_end|>) is also its pad token, the case that hides EOS from the loss elsewhere.
+    return {f: _real(f, embedded_dir) for f in ["smollm2", *SHIPPED, *OFFICIAL]}
 
-    return {
-        # ChatML; its eos (<|im_end|>) is also its pad token, the case that hides EOS from the loss elsewhere.
-        "smollm2": (AutoTokenizer.from_pretrained(embedded_dir), "{answer}<|im_end|>"),
-        "mistral": (_with_template(embedded_dir, "mistral-v0.3.jinja", "<s>", "</s>", ["[INST]", "[/INST]"]),
-                    " {answer}</s>"),
-        "llama3": (_with_template(embedded_dir, "llama3.jinja", "<|begin_of_text|>", "<|eot_id|>",
-                                  ["<|start_header_id|>", "<|end_header_id|>"]), "{answer}<|eot_id|>"),
-    }
+
+def test_the_tokenizers_are_the_real_ones(tokenizers):
+    """Llama 3 reproduces the ids llama.cpp recorded from Meta's tokenizer.json; Mistral v0.3
+    encodes like its own sentencepiece model (what mistral-common encodes with)."""
+    import sentencepiece
+
+    llama3, _ = tokenizers["llama3"]
+    folder = real_tokenizers.llama3_dir()
+    texts = (folder / f"{real_tokenizers.LLAMA3_VOCAB}.inp").read_text().split("\n__ggml_vocab_test__\n")[:-1]
+    ids = (folder / f"{real_tokenizers.LLAMA3_VOCAB}.out").read_text().splitlines()
+    assert len(texts) == len(ids) > 40
+    for text, expected in zip(texts, ids):
+        assert llama3(text, add_special_tokens=False)["input_ids"] == [int(t) for t in expected.split()], text
+    assert (len(llama3), llama3.bos_token, llama3.eos_token, llama3.pad_token) == (128256 + 1, "<|begin_of_text|>",
+                                                                                   "<|eot_id|>", None)
+
+    mistral, _ = tokenizers["mistral"]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(real_tokenizers.mistral_v03_dir() / "tokenizer.model"))
+    for text in [SYSTEM, *(r[k] for r in ROWS for k in ("prompt", "completion"))]:
+        assert mistral(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+    assert mistral.convert_tokens_to_ids(["<s>", "</s>", "[INST]", "[/INST]"]) == [1, 2, 3, 4]
+    assert (len(mistral), mistral.pad_token) == (32768, None)
 
 
 def _prepared(tokenizer, rows, tmp_path, system: str | None = None):
@@ -65,23 +153,53 @@ def _prepared(tokenizer, rows, tmp_path, system: str | None = None):
     return trainer
 
 
-@pytest.mark.parametrize("family", ["smollm2", "mistral", "llama3"])
-@pytest.mark.parametrize("system", [None, "Classify the banking request."])
+# The published Mistral template with a system message is refused (the test after the next).
+@pytest.mark.parametrize("family,system", [(f, s) for s in (None, SYSTEM) for f in ["smollm2", *SHIPPED, *OFFICIAL]
+                                           if not (f == "mistral-official" and s)])
 def test_labels_are_exactly_the_answer_and_its_eos(family, system, tokenizers, tmp_path):
     tokenizer, answer_format = tokenizers[family]
     trainer = _prepared(tokenizer, ROWS, tmp_path, system)
+    assert len(trainer.train_dataset) == len(ROWS)
     for row, ex in zip(ROWS, trainer.train_dataset):
         ids, labels = ex["input_ids"], ex["labels"]
         trained = [t for t in labels if t != -100]
         expected = tokenizer(answer_format.format(answer=row["completion"]), add_special_tokens=False)["input_ids"]
         assert trained == expected, tokenizer.decode(trained)
-        assert trained[-1] == tokenizer.eos_token_id
+        assert trained[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in trained[:-1]
+        assert tokenizer.decode(trained[:-1]).strip() == row["completion"]
         # The trained tokens are the tail of the sequence; everything before them is the prompt as inference renders it.
         n = len(trained)
         assert labels[-n:] == ids[-n:] and all(t == -100 for t in labels[:-n])
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": row["prompt"]}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert tokenizer.decode(ids[:-n]) == prompt
+        assert ids[:-n] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if family != "smollm2":  # (SmolLM2's BOS is <|im_start|>, which opens every turn)
+            assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id  # the template's
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_mistral_ids_are_mistral_commons_v3_encoding(system, tokenizers, tmp_path):
+    """mistral-common's v3 tokenizer: <s>[INST] + sp(user, the system text and a blank line before the
+    last one) + [/INST] + sp(answer) + </s>, each piece encoded by sentencepiece on its own."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(real_tokenizers.mistral_v03_dir() / "tokenizer.model"))
+    tokenizer, _ = tokenizers["mistral"]
+    trainer = _prepared(tokenizer, ROWS, tmp_path, system)
+    for row, ex in zip(ROWS, trainer.train_dataset):
+        user = f"{system}\n\n{row['prompt']}" if system else row["prompt"]
+        answer = sp.encode(row["completion"]) + [sp.eos_id()]
+        assert ex["input_ids"] == [sp.bos_id(), 3, *sp.encode(user), 4, *answer]
+        assert [t for t in ex["labels"] if t != -100] == answer
+
+
+def test_the_published_mistral_template_with_a_system_message_is_refused(tokenizers):
+    tokenizer, _ = tokenizers["mistral-official"]
+    with pytest.raises(DistillError, match="renders the prompt differently"):
+        finetune.tokenize_prompt_completion(tokenizer, [{"role": "system", "content": SYSTEM},
+                                                        {"role": "user", "content": "refund"}],
+                                            [{"role": "assistant", "content": "refund"}], 256)
 
 
 def test_collated_batch_keeps_eos_in_the_labels_when_pad_is_eos(tokenizers, tmp_path):
