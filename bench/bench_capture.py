@@ -1,6 +1,6 @@
 """Capture throughput against llama.cpp's OpenAI-compatible server, and cached re-run time.
 
-    .venv/bin/python bench/bench_capture.py [--prompts 24] [--out bench/capture.json]
+    .venv/bin/python bench/bench_capture.py [--prompts 16] [--quick]
 
 1. Starts `python -m llama_cpp.server` on 127.0.0.1 serving the embedded SmolLM2 GGUF and
    captures the same prompts through `openai:` at concurrency 1, 2, 4, 8 and back down (a
@@ -10,7 +10,8 @@
 2. Fills a cache with 1,000 answers from the loopback fault server (tests/fault_server.py,
    no faults: the answers' source does not matter here), then times a capture that finds
    them all cached: the cost of a re-run per 1,000 prompts.
-Writes JSON to --out.
+Writes bench/results/capture.json (bench/harness.py: envelope and figures). --quick: 2 prompts
+at concurrency 1 and 2, a cache of 50.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback servers (llama.cpp launcher, fault server) live with the tests
+sys.path.insert(0, str(ROOT / "bench"))
+import harness  # noqa: E402
 from capture_helpers import LLAMA_ALIAS as ALIAS  # noqa: E402
 from capture_helpers import llama_server  # noqa: E402
 from fault_server import FaultServer  # noqa: E402
@@ -52,14 +55,14 @@ def capture(work: Path, name: str, teacher: dict, prompts: Path, limit: int) -> 
     return read_manifest(work / "runs" / name / "capture").model_dump()
 
 
-def bench_concurrency(work: Path, prompts: int) -> dict:
+def bench_concurrency(work: Path, prompts: int, levels: tuple[int, ...] = LEVELS) -> dict:
     results = {}
     with llama_server(work / "llama.log") as base_url:
         teacher = {"spec": f"openai:{ALIAS}", "base_url": base_url, "timeout_s": 300}
         capture(work, "warmup", {**teacher, "concurrency": 1}, ROOT / "data" / "prompts.jsonl", 2)
         # Up then down, best of the two per level: on a shared machine a busy minute would
         # otherwise be charged to whichever level happened to run in it.
-        for round_, level in enumerate([*LEVELS, *reversed(LEVELS)]):
+        for round_, level in enumerate([*levels, *reversed(levels)]):
             m = capture(work, f"c{level}r{round_}", {**teacher, "concurrency": level},
                         ROOT / "data" / "prompts.jsonl", prompts)
             calls = m["counts"]["teacher_calls"]
@@ -88,9 +91,11 @@ def bench_cached_rerun(work: Path, n: int = 1000) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per concurrency level")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "capture.json")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per concurrency level (default 16, quick 2)")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    args.prompts = args.prompts or (2 if args.quick else 16)
+    levels, cached_n = ((1, 2), 50) if args.quick else (LEVELS, 1000)
     import llama_cpp
 
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
@@ -100,11 +105,11 @@ def main() -> None:
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
             "llama_cpp_python": llama_cpp.__version__,
             "prompts_per_level": args.prompts,
-            "concurrency": bench_concurrency(work, args.prompts),
-            "cached": bench_cached_rerun(work),
+            "concurrency": bench_concurrency(work, args.prompts, levels),
+            "cached": bench_cached_rerun(work, cached_n),
         }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    harness.write("capture", report, args)
 
 
 if __name__ == "__main__":

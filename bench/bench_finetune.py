@@ -1,13 +1,14 @@
 """CPU training throughput: the embedded recipe's finetune settings vs a plain TRL SFTTrainer.
 
-    .venv/bin/python bench/bench_finetune.py [--examples 96] [--variants recipe,padding_free,group_by_length]
+    .venv/bin/python bench/bench_finetune.py [--examples 96] [--variants recipe,padding_free,group_by_length] [--quick]
 
 Same data for every run: the first N prompts of data/prompts.jsonl with their gold label as
 the completion, one epoch, the embedded SmolLM2-135M with the same LoRA. Throughput counts
 real (non-padding) tokens: the sum of the tokenized examples' lengths over the run's wall
 time. The roofline fraction uses ~4*N FLOPs per token for LoRA training (forward 2N, input
 gradients 2N, no weight gradients for the frozen base) against this machine's measured fp32
-matmul rate. Writes bench/finetune.json.
+matmul rate. Writes bench/results/finetune.json (bench/harness.py: envelope and figures).
+--quick: 4 examples, TRL defaults vs padding_free only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import harness  # noqa: E402
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -93,12 +96,15 @@ def run_ours(rows, base: str, train, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--examples", type=int, default=None, help="default 96 (quick: 4)")
     parser.add_argument("--recipe", default="smollm2-135m-cpu")
-    parser.add_argument("--variants", default="recipe,padding_free,group_by_length",
-                        help="recipe = the recipe's train section; padding_free / group_by_length switch that on too")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "finetune.json")
+    parser.add_argument("--variants", default=None,
+                        help="recipe = the recipe's train section; padding_free / group_by_length switch that on too "
+                             "(default recipe,padding_free,group_by_length; quick: padding_free)")
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.examples = args.examples or (4 if args.quick else 96)
+    args.variants = args.variants or ("padding_free" if args.quick else "recipe,padding_free,group_by_length")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     base = resolve_model(recipe.model.base)
     rows = load_rows(args.examples)
     train = recipe.train.model_copy(update={"epochs": 1.0, "max_steps": None})
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(repeats=5 if args.quick else 20)
     from transformers import AutoConfig
 
     from pipeline.planner import Architecture
@@ -135,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     base_tps = results["runs"]["trl_default"]["tokens_per_s"]
     results["speedup_vs_trl_default"] = {k: v["tokens_per_s"] / base_tps for k, v in results["runs"].items()}
     print(json.dumps(results["speedup_vs_trl_default"], indent=1))
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    harness.write("finetune", results, args)
     return 0
 
 

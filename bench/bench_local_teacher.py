@@ -1,34 +1,45 @@
 """Benchmark the local teacher's shared-prefix KV cache against plain batched generation.
 
-    .venv/bin/python bench/bench_local_teacher.py [--prompts 64] [--batch 16]
+    .venv/bin/python bench/bench_local_teacher.py [--prompts 64] [--batch 16] [--quick]
 
 The embedded SmolLM2-135M as the demo's teacher (the task's instructions and 12 worked
 examples, ~430 tokens, before each prompt; decoding constrained to the 12 labels), on the
 first N demo prompts, in batches: once through plain left-padded `generate_batch`, once with
-a `PrefixCache`, twice each, interleaved, best of two. Writes bench/local_teacher.json with
-prompts/s per arm, the speed-up, and how many answers are identical between the arms.
+a `PrefixCache`, twice each, interleaved, best of two. Writes bench/results/local_teacher.json
+(bench/harness.py: envelope and figures) with prompts/s per arm, the speed-up, and how many
+answers are identical between the arms. --quick: 4 prompts in one batch, once each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import harness  # noqa: E402
+
 MODEL = "embedded:smollm2-135m-instruct"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "local_teacher.json")
+    parser.add_argument("--prompts", type=int, default=None, help="default 64 (quick: 4)")
+    parser.add_argument("--batch", type=int, default=None, help="default 16 (quick: 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per arm, best kept; default 2 (quick: 1)")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    args.prompts = args.prompts or (4 if args.quick else 64)
+    args.batch = args.batch or (4 if args.quick else 16)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from pipeline.artifacts import atomic_write_json, read_jsonl
+    from pipeline.artifacts import read_jsonl
     from pipeline.llm.generate import PrefixCache, generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.task import load_task
@@ -47,7 +58,7 @@ def main() -> None:
 
     walls: dict[str, list[float]] = {"plain": [], "prefix_cache": []}
     answers: dict[str, list[str]] = {}
-    for _ in range(2):
+    for _ in range(args.repeats):
         for arm, cache in (("plain", None), ("prefix_cache", PrefixCache())):
             wall, answers[arm] = run(cache)
             walls[arm].append(wall)
@@ -58,10 +69,10 @@ def main() -> None:
         "prompts": len(conversations), "batch": args.batch, "prompt_tokens_first": prompt_tokens,
         "wall_s": walls, "prompts_per_s": {arm: len(conversations) / w for arm, w in best.items()},
         "speedup": best["plain"] / best["prefix_cache"], "identical_answers": same,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": f"python bench/bench_local_teacher.py --prompts {args.prompts} --batch {args.batch}",
     }
-    atomic_write_json(args.out, result)
+    harness.write("local_teacher", result, args)
     print(json.dumps({k: result[k] for k in ("prompts_per_s", "speedup", "identical_answers")}, indent=1))
 
 

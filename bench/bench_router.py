@@ -1,6 +1,6 @@
 """What the router adds on the request path, timed from the client over loopback HTTP.
 
-    .venv/bin/python bench/bench_router.py [--n 200] [--n-model 40] [--out bench/router.json]
+    .venv/bin/python bench/bench_router.py [--n 200] [--n-model 40] [--arms layer,escalation,model,batching] [--quick]
 
 Each server runs in its own process (uvicorn, log level warning); the client is this process
 with one keep-alive httpx client per worker thread. Arms of one comparison are interleaved
@@ -16,7 +16,8 @@ request by request, so a busy minute on a shared machine hits both alike.
 (d) micro-batching: the tiny-model router with max_batch 4 vs 1 at concurrency 4, distinct
     prompts; throughput over alternating blocks of requests (arms cannot share a pool here:
     each must see 4 concurrent clients).
-Writes JSON (with load average and the CPU affinity) to --out.
+Writes bench/results/router.json (bench/harness.py: envelope with load average, affinity and
+versions; figures). --quick: 20 requests per arm for (b) and (c), 4 for (a) and (d).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+import harness  # noqa: E402
 from fault_server import FaultServer  # noqa: E402
 
 MODEL = "distill-student"
@@ -238,7 +241,9 @@ def bench_model(n: int, work: Path) -> dict:
 
 
 def bench_batching(n: int, work: Path, rounds: int = 4, concurrency: int = 4) -> dict:
-    folder = work / "tiny"  # written by bench_model
+    folder = work / "tiny"  # written by bench_model when it ran
+    if not folder.exists():
+        tiny_model(folder)
     counter = iter(range(10**9))
     per_worker = max(n // (rounds * concurrency), 1)
 
@@ -292,10 +297,18 @@ def bench_escalation(n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="Requests per arm for (b) and (c).")
-    parser.add_argument("--n-model", type=int, default=40, help="Requests per arm for (a) (seconds each on a busy CPU).")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "router.json")
+    parser.add_argument("--n", type=int, default=None, help="Requests per arm for (b) and (c) (default 200, quick 20).")
+    parser.add_argument("--n-model", type=int, default=None,
+                        help="Requests per arm for (a) (seconds each on a busy CPU; default 40, quick 4).")
+    parser.add_argument("--arms", default="layer,escalation,model,batching",
+                        help="which comparisons: layer (b), escalation (c), model (a), batching (d)")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    args.n = args.n or (20 if args.quick else 200)
+    args.n_model = args.n_model or (4 if args.quick else 40)
+    arms = set(args.arms.split(","))
+    if arms - {"layer", "escalation", "model", "batching"}:
+        parser.error(f"unknown arms: {sorted(arms - {'layer', 'escalation', 'model', 'batching'})}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
     load_before = os.getloadavg()
@@ -303,15 +316,19 @@ def main() -> None:
                           "affinity": sorted(os.sched_getaffinity(0)), "pinned": False,
                           "torch_threads_a": TORCH_THREADS,
                           "loadavg_before": [round(v, 2) for v in load_before]}}
-    result["b_router_layer"] = bench_layer(args.n)
-    result["c_escalation"] = bench_escalation(args.n)
+    if "layer" in arms:
+        result["b_router_layer"] = bench_layer(args.n)
+    if "escalation" in arms:
+        result["c_escalation"] = bench_escalation(args.n)
     with tempfile.TemporaryDirectory() as work:
-        result["a_router_vs_in_process"] = bench_model(args.n_model, Path(work))
-        result["d_micro_batching"] = bench_batching(args.n_model * 2, Path(work))
+        if "model" in arms:
+            result["a_router_vs_in_process"] = bench_model(args.n_model, Path(work))
+        if "batching" in arms:
+            result["d_micro_batching"] = bench_batching(args.n_model * 2, Path(work))
     result["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     result["wall_s"] = round(time.time() - started, 1)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    harness.write("router", result, args)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,35 @@
 """How good can the demo's local teacher be? Gold accuracy against its prompt: worked examples per
 label in the (cached) prefix, and the wording of the instructions.
 
-    .venv/bin/python bench/bench_teacher_prompt.py [--prompts 240]
+    .venv/bin/python bench/bench_teacher_prompt.py [--prompts 240] [--quick]
 
 The embedded SmolLM2-135M as the teacher, decoding constrained to the 12 labels, exactly as the
 demo's capture runs it (`Task.teacher_messages`, `generate_batch` with a `PrefixCache`). Scored on
 a label-stratified sample of demo prompts *past* the demo's `capture.limit`, so the prompts the
 choice is made on never reach the demo's train, validation or test splits. Every arm gets a
 bootstrap 95% CI (resampling prompts): a gap inside the CIs is not a reason to change the task.
-Writes bench/teacher_prompt.json; README "The demo's teacher" quotes it.
+Writes bench/results/teacher_prompt.json (bench/harness.py: envelope and figures); README "The
+demo's teacher" quotes it. --quick: 12 prompts (1 per label), the 'list' wording with 0 and 1
+examples per label only, 200 bootstrap resamples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import harness  # noqa: E402
+
 MODEL = "embedded:smollm2-135m-instruct"
 SEED = 7
 
@@ -87,12 +94,16 @@ def stratified(rows: list[dict], labels: list[str], per_label: int) -> list[dict
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--prompts", type=int, default=240)
+    parser.add_argument("--prompts", type=int, default=None, help="default 240 (quick: 12)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "teacher_prompt.json")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    args.prompts = args.prompts or (12 if args.quick else 240)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    arms_wanted = [("list", 0), ("list", 1)] if args.quick else [(w, n) for w in ("list", "described") for n in (0, 1, 2)]
+    resamples = 200 if args.quick else 1000
 
-    from pipeline.artifacts import atomic_write_json, read_jsonl
+    from pipeline.artifacts import read_jsonl
     from pipeline.config import load_recipe
     from pipeline.evaluation.stats import mean_figure
     from pipeline.llm.generate import PrefixCache, generate_batch
@@ -106,30 +117,29 @@ def main() -> None:
     tokenizer, model = load_tokenizer(MODEL), load_model(MODEL, device_plan()).eval()
 
     arms = []
-    for wording in ("list", "described"):
-        for per_label in (0, 1, 2):
-            task = Task(**variant(task_data, wording, per_label))
-            start, cache, answers = time.perf_counter(), PrefixCache(), []
-            conversations = [task.teacher_messages(r["prompt"]) for r in rows]
-            for i in range(0, len(conversations), args.batch):
-                answers += generate_batch(model, tokenizer, conversations[i : i + args.batch], 8, task.labels,
-                                          prefix_cache=cache)
-            correct = [task.normalize_label(a.text) == r["gold"] for a, r in zip(answers, rows)]
-            figure = mean_figure(correct, 1000, 0)
-            arm = {"wording": wording, "examples_per_label": per_label, "gold_accuracy": figure.value,
-                   "ci95": [figure.lo, figure.hi], "prefix_tokens": len(tokenizer.apply_chat_template(
-                       task.teacher_messages("")[:-1])["input_ids"]),
-                   "wall_s": round(time.perf_counter() - start, 1)}
-            arms.append(arm)
-            print(json.dumps(arm), flush=True)
+    for wording, per_label in arms_wanted:
+        task = Task(**variant(task_data, wording, per_label))
+        start, cache, answers = time.perf_counter(), PrefixCache(), []
+        conversations = [task.teacher_messages(r["prompt"]) for r in rows]
+        for i in range(0, len(conversations), args.batch):
+            answers += generate_batch(model, tokenizer, conversations[i : i + args.batch], 8, task.labels,
+                                      prefix_cache=cache)
+        correct = [task.normalize_label(a.text) == r["gold"] for a, r in zip(answers, rows)]
+        figure = mean_figure(correct, resamples, 0)
+        arm = {"wording": wording, "examples_per_label": per_label, "gold_accuracy": figure.value,
+               "ci95": [figure.lo, figure.hi], "prefix_tokens": len(tokenizer.apply_chat_template(
+                   task.teacher_messages("")[:-1])["input_ids"]),
+               "wall_s": round(time.perf_counter() - start, 1)}
+        arms.append(arm)
+        print(json.dumps(arm), flush=True)
     best = max(arms, key=lambda a: a["gold_accuracy"])
     result = {
         "prompts": len(rows), "sample": f"{len(rows) // len(task_data['labels'])} per label from data/prompts.jsonl "
         f"rows {limit}+ (never captured by the demo), seed {SEED}", "teacher": MODEL, "arms": arms, "best": best,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": f"python bench/bench_teacher_prompt.py --prompts {args.prompts}",
     }
-    atomic_write_json(args.out, result)
+    harness.write("teacher_prompt", result, args)
     print(json.dumps(best))
 
 

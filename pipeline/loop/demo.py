@@ -7,7 +7,7 @@
    have never seen (data rows after capture.limit, a new slice per round) are sent to it over
    HTTP with the `openai` SDK; its escalations go to runs/<recipe>/rounds/r<N>-escalations.jsonl.
 3. `distill retrain` on that log; the candidate is promoted when the comparison says so.
-4. The round-over-round table is printed and written to bench/loop_demo.json.
+4. The round-over-round table is printed and written to bench/results/loop_demo.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline.artifacts import atomic_write_json, read_jsonl
 from pipeline.errors import DistillError
 
-OUT = Path("bench/loop_demo.json")
+OUT = Path("bench/results/loop_demo.json")
 
 
 def main(argv: list[str] | None = None) -> int:

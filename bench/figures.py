@@ -1,0 +1,192 @@
+"""Each bench's result -> its figures, the one place that says what a bench claims.
+
+A figure is {name, value, unit, better, baseline, baseline_name, ratio, headline, note}:
+`ratio` is value / baseline wherever the bench measured a baseline in the same run (None
+otherwise); `better` says which direction is an improvement; `headline` marks the figures the
+README's Performance block shows. The bench scripts store these in their JSON; bench/report.py
+recomputes them for JSON written before the scripts did (the results' own numbers, unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def fig(name: str, value: float, unit: str, *, better: str = "higher", baseline: float | None = None,
+        baseline_name: str | None = None, headline: bool = False, note: str | None = None) -> dict:
+    ratio = value / baseline if baseline not in (None, 0) else None
+    return {"name": name, "value": value, "unit": unit, "better": better, "baseline": baseline,
+            "baseline_name": baseline_name if baseline is not None else None, "ratio": ratio,
+            "headline": headline, "note": note}
+
+
+def curate(r: dict) -> list[dict]:
+    # Legacy shape: one TF-IDF arm at the top level; now `arms` per embeddings backend.
+    arms = r.get("arms") or {r.get("embeddings", "tfidf"): {"wall_s": r["wall_s"]}}
+    records = r["records"]
+    tfidf = arms["tfidf"]["wall_s"] if "tfidf" in arms else None
+    budget = f"budget {r['budget_s']} s" if r.get("budget_s") and records == 10_000 else None
+    return [fig(f"curate, {emb} selection: s for {records:,} records (target {r['target_size']:,})",
+                arm["wall_s"], "s", better="lower", baseline=tfidf if emb != "tfidf" else None,
+                baseline_name="tfidf", headline=True, note=budget)
+            for emb, arm in arms.items()]
+
+
+def finetune(r: dict) -> list[dict]:
+    runs = r["runs"]
+    base = runs.get("trl_default", {}).get("tokens_per_s")
+    gflops = r["machine"]["fp32_matmul_gflops"]
+    out = [fig("fp32 matmul rate (the roofline)", gflops, "GFLOP/s")]
+    for name, run in runs.items():
+        is_base = name == "trl_default"
+        out.append(fig(f"training {name}: real tokens/s ({r['examples']} examples, {r['recipe']})",
+                       run["tokens_per_s"], "tok/s", baseline=None if is_base else base,
+                       baseline_name="trl_default", headline=name in ("padding_free", "trl_default")))
+        out.append(fig(f"training {name}: fraction of the fp32 roofline (4·N FLOPs/token)",
+                       run["roofline_fraction"], "fraction", headline=name == "padding_free"))
+    return out
+
+
+def capture(r: dict) -> list[dict]:
+    levels = r["concurrency"]
+    first = min(levels, key=int)
+    base = levels[first]["calls_per_s"]
+    out = []
+    for level, run in sorted(levels.items(), key=lambda kv: int(kv[0])):
+        is_base = level == first
+        out.append(fig(f"capture via llama.cpp server, concurrency {level}: calls/s ({run['calls']} prompts)",
+                       run["calls_per_s"], "calls/s", baseline=None if is_base else base,
+                       baseline_name=f"concurrency {first}", headline=True))
+    cached = r["cached"]
+    out.append(fig(f"capture re-run, all {cached['prompts']:,} cached: s per 1,000 prompts",
+                   cached["cached_rerun_s_per_1000"], "s", better="lower",
+                   baseline=cached["first_run_s"] * 1000 / cached["prompts"],
+                   baseline_name="first run, fault server", headline=True))
+    return out
+
+
+def local_teacher(r: dict) -> list[dict]:
+    pps = r["prompts_per_s"]
+    what = f"{r['prompts']} prompts, batch {r['batch']}, {r['prompt_tokens_first']}-token prompt"
+    return [
+        fig(f"local teacher, plain: prompts/s ({what})", pps["plain"], "prompts/s"),
+        fig(f"local teacher, shared-prefix KV cache: prompts/s ({what})", pps["prefix_cache"], "prompts/s",
+            baseline=pps["plain"], baseline_name="plain", headline=True),
+        fig("local teacher: answers identical between the arms", r["identical_answers"], "answers",
+            baseline=r["prompts"], baseline_name="prompts", headline=True),
+    ]
+
+
+def _latency(section: str, arm: str, baseline: str, block: dict, headline: bool) -> list[dict]:
+    out = []
+    for level, comparison in block.items():
+        c = level.replace("concurrency_", "concurrency ")
+        for p in ("p50_ms", "p99_ms"):
+            out.append(fig(f"{section}, {c}: {arm} {p[:3]}", comparison[arm][p], "ms", better="lower",
+                           baseline=comparison[baseline][p], baseline_name=baseline,
+                           headline=headline and p == "p50_ms",
+                           note=f"n={comparison[arm]['n']}"))
+    return out
+
+
+def router(r: dict) -> list[dict]:
+    out = []
+    if "b_router_layer" in r:
+        out += _latency("router layer", "router_null_backend", "bare_uvicorn", r["b_router_layer"], True)
+    if "c_escalation" in r:
+        out += _latency("escalation", "router_escalated", "teacher_direct", r["c_escalation"], True)
+    if "a_router_vs_in_process" in r:
+        out += _latency("tiny model", "router_http", "generate_in_process", r["a_router_vs_in_process"], False)
+    if "d_micro_batching" in r:
+        d = r["d_micro_batching"]
+        rps = d["requests_per_s"]
+        out.append(fig(f"micro-batching, concurrency {d['concurrency']}: max_batch 4 requests/s",
+                       rps["max_batch_4"], "req/s", baseline=rps["max_batch_1"], baseline_name="max_batch 1",
+                       headline=True, note=f"{d['requests_per_arm']} requests per arm"))
+    return out
+
+
+def teacher_prompt(r: dict) -> list[dict]:
+    arms = r["arms"]
+    base = next((a for a in arms if a["wording"] == "list" and a["examples_per_label"] == 0), None)
+    out = []
+    for a in arms:
+        is_base = a is base
+        out.append(fig(f"teacher prompt '{a['wording']}', {a['examples_per_label']} examples/label: gold accuracy "
+                       f"({r['prompts']} prompts)", a["gold_accuracy"], "fraction",
+                       baseline=None if is_base or base is None else base["gold_accuracy"],
+                       baseline_name="'list', 0 examples/label",
+                       headline=a == r.get("best"),
+                       note=f"95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}], {a['prefix_tokens']}-token prefix"))
+    return out
+
+
+def loop_demo(r: dict) -> list[dict]:
+    t = r["timings_s"]
+    out = [fig("loop demo round 0 (all five stages): wall s", t["round0_s"], "s", better="lower", headline=True)]
+    stages = t.get("round0_stages_s", {})
+    order = ["capture", "curate", "finetune", "evaluate", "export"]
+    for stage in sorted(stages, key=lambda k: order.index(k) if k in order else len(order)):
+        seconds = stages[stage]
+        out.append(fig(f"loop demo round 0, {stage}: wall s", seconds, "s", better="lower", headline=True))
+    out.append(fig(f"loop demo: serve + replay {r['requests']['sent']} requests: wall s",
+                   t["serve_and_replay_s"], "s", better="lower", headline=True))
+    out.append(fig("loop demo: retrain (round 1): wall s", t["retrain_s"], "s", better="lower", headline=True))
+    rounds = {row["round"]: row for row in r["rounds"]}
+    zero = rounds.get(0)
+    for n, row in sorted(rounds.items()):
+        def vs0(key: str) -> float | None:
+            return zero[key] if zero is not None and n != 0 else None
+
+        out.append(fig(f"loop round {n}: student agrees with teacher (frozen test)", row["test_agreement"],
+                       "fraction", baseline=vs0("test_agreement"), baseline_name="round 0"))
+        out.append(fig(f"loop round {n}: local share at the quality target", row["local_share"], "fraction",
+                       baseline=vs0("local_share"), baseline_name="round 0"))
+        out.append(fig(f"loop round {n}: routed $ per 1,000 requests", row["routed_usd_per_1k"], "$",
+                       better="lower", baseline=vs0("routed_usd_per_1k"), baseline_name="round 0"))
+    return out
+
+
+def gpu(r: dict) -> list[dict]:
+    train, est, measured = r.get("train", {}), r.get("estimate_gib", {}), r.get("measured_gib") or {}
+    where = f"{r.get('gpu') or 'no GPU'}, seq {train.get('max_seq_len')}, batch {train.get('batch_size')}"
+    out = []
+    if r.get("tokens_per_s") is not None:
+        out.append(fig(f"QLoRA mistral7b shape: tokens/s ({where})", r["tokens_per_s"], "tok/s", headline=True))
+    if measured.get("peak_allocated") is not None:
+        out.append(fig(f"QLoRA mistral7b shape: peak VRAM allocated ({where})", measured["peak_allocated"], "GiB",
+                       better="lower", headline=True))
+        out.append(fig("VRAM planner estimate (less the CUDA context) vs the measured peak",
+                       est["comparable_to_allocated"], "GiB", better="closer to 1x",
+                       baseline=measured["peak_allocated"], baseline_name="measured peak", headline=True,
+                       note=f"accepted band {r.get('band')}"))
+    if measured.get("weights_after_load") is not None and est.get("weights") is not None:
+        out.append(fig("NF4 base weights after load: planner vs measured", est["weights"], "GiB",
+                       better="closer to 1x", baseline=measured["weights_after_load"], baseline_name="measured"))
+    return out
+
+
+def generic(r: dict, prefix: str = "") -> list[dict]:
+    """A result no extractor knows (e.g. the GPU tier's): every numeric leaf, no baseline."""
+    out = []
+    for key, value in r.items():
+        if key in ("envelope", "figures"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out.append(fig(name, value, ""))
+        elif isinstance(value, dict):
+            out += generic(value, f"{name}.")
+    return out
+
+
+EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
+    "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
+    "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
+}
+
+
+def figures_for(name: str, result: dict) -> list[dict]:
+    return EXTRACTORS.get(name, generic)(result)
