@@ -278,3 +278,27 @@ def test_a_client_gone_while_the_teacher_is_slow_frees_its_queue_slot(student, t
         assert reply.distill["route"] == "teacher" and reply.choices[0].message.content == answer_for("next")
     # Only the answered request reached the training log.
     assert [r["messages"][-1]["content"] for r in read_lines(tmp_path / "esc.jsonl")] == [answer_for("next")]
+
+
+def test_in_shadow_mode_the_client_never_waits_for_the_student(student, tmp_path):
+    # Shadow adds no latency by construction, shown without timing anything: the student is held
+    # behind a gate the test opens only after the client already has the teacher's answer; the
+    # shadow record lands once the student is let go.
+    from fault_server import FaultServer, answer_for
+    from test_router_escalation import app_for, read_lines, teacher_for
+
+    gated, log_path = _GatedStudent(student), tmp_path / "esc.jsonl"
+    with FaultServer() as server, running(app_for(gated, Policy(threshold=0.0), teacher_for(server), log_path,
+                                                  mode="shadow")) as url:
+        try:
+            reply = client(url).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "shadowed"}], max_tokens=4, timeout=30)
+            assert reply.distill["route"] == "teacher" and reply.choices[0].message.content == answer_for("shadowed")
+            _wait_for(lambda: gated.asked == ["shadowed"], "the student was asked in the background")
+            assert not gated.gate.is_set() and read_lines(log_path) == []  # the student has not answered yet
+        finally:
+            gated.gate.set()
+        _wait_for(lambda: read_lines(log_path), "the shadow record landed after the student answered")
+    (record,) = read_lines(log_path)
+    assert record["meta"]["student_answer"] is not None
+    assert [m["content"] for m in record["messages"] if m["role"] == "user"] == ["shadowed"]
