@@ -475,15 +475,9 @@ def plot_scores(path: Path, plan: SweepPlan, results: list[TrialResult], winner:
     ax.set_ylabel("validation agreement")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{plan.base.name}: sweep {plan.folder.name}")
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        plt.close(fig)
+    from pipeline.evaluation.plots import save_png
+
+    save_png(plt, fig, path)
 
 
 def _log_summary(mlflow, plan: SweepPlan, results: list[TrialResult], winner: TrialResult) -> None:

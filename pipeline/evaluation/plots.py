@@ -24,7 +24,8 @@ def _figure(size=(5.0, 4.0)):
     return plt, *plt.subplots(figsize=size)
 
 
-def _save(plt, fig, path: Path) -> None:
+def save_png(plt, fig, path: Path) -> None:
+    """Tight layout, then written to a temp file and renamed: never a half-written PNG."""
     import os
     import tempfile
 
@@ -51,7 +52,7 @@ def confusion_png(path: Path, axis: list[str], matrix: list[list[int]], title: s
     ax.set_xlabel("tuned student")
     ax.set_ylabel("teacher")
     ax.set_title(title, fontsize=9)
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def reliability_png(path: Path, bins: list[dict], signal_name: str, ece: float | None) -> None:
@@ -65,7 +66,7 @@ def reliability_png(path: Path, bins: list[dict], signal_name: str, ece: float |
     ax.set_ylim(0, 1)
     ax.set_title(f"reliability (test), ECE {ece:.3f}" if ece is not None else "reliability (test)", fontsize=9)
     ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def risk_coverage_png(path: Path, curves: dict[str, list[dict]], chosen: tuple[float, float] | None,
@@ -82,7 +83,7 @@ def risk_coverage_png(path: Path, curves: dict[str, list[dict]], chosen: tuple[f
     ax.set_xlim(0, 1)
     ax.set_title("risk-coverage (test)", fontsize=9)
     ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def cost_quality_png(path: Path, points: list[tuple[float, float]], chosen: tuple[float, float] | None,
@@ -98,4 +99,4 @@ def cost_quality_png(path: Path, points: list[tuple[float, float]], chosen: tupl
     ax.set_ylabel("system agreement with the teacher (test)")
     ax.set_title("cost-quality", fontsize=9)
     ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    save_png(plt, fig, path)

@@ -46,25 +46,20 @@ class TeacherCache:
         self._db.commit()
 
     def get_many(self, keys: list[str]) -> dict[str, Completion]:
-        found = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            rows = self._db.execute(
-                f"SELECT key, completion FROM answers WHERE key IN ({','.join('?' * len(chunk))})", chunk
-            )
-            found.update({k: Completion.from_json(json.loads(v)) for k, v in rows})
-        return found
+        return {k: Completion.from_json(json.loads(v)) for k, v in self._rows("completion", keys)}
 
     def costs(self, keys: list[str]) -> dict[str, float]:
         """key -> what that cached answer cost, for the keys present (without loading the answers)."""
-        found: dict[str, float] = {}
+        return {k: float(cost or 0.0) for k, cost in self._rows("json_extract(completion, '$.cost_usd')", keys)}
+
+    def _rows(self, column: str, keys: list[str], where: str = "") -> list[tuple[str, object]]:
+        """(key, column) for the keys present, queried in chunks (SQLite caps a statement's parameters)."""
+        found = []
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
-            rows = self._db.execute(
-                f"SELECT key, json_extract(completion, '$.cost_usd') FROM answers WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            found.update({k: float(cost or 0.0) for k, cost in rows})
+            found += self._db.execute(
+                f"SELECT key, {column} FROM answers WHERE {where}key IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
         return found
 
     def put_many(self, items: dict[str, Completion]) -> None:
@@ -75,15 +70,7 @@ class TeacherCache:
 
     def provenance(self, keys: list[str]) -> dict[str, str]:
         """key -> where its answer came from ("batch:<id>"), for the keys answered other than by a sync call."""
-        found: dict[str, str] = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            rows = self._db.execute(
-                f"SELECT key, provenance FROM answers WHERE provenance IS NOT NULL AND key IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            found.update(dict(rows))
-        return found
+        return dict(self._rows("provenance", keys, where="provenance IS NOT NULL AND "))
 
     # ------------------------------------------------------------ batches
 
