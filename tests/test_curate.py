@@ -46,6 +46,12 @@ def test_normalise_folds_unicode_and_whitespace():
     assert normalize_text("  Ｗhere\u00a0is   my\n\torder？ ") == "Where is my order?"
 
 
+def test_normalise_repairs_mojibake_and_keeps_what_users_type():
+    # UTF-8 read as cp1252 somewhere upstream (a CSV export): repaired, not learned as is.
+    assert normalize_text("I donâ€™t see my refund â€” cafÃ© order") == "I don\u2019t see my refund \u2014 café order"
+    assert normalize_text("“Where” is it?") == "“Where” is it?"  # curly quotes are real user text
+
+
 def test_normalise_drops_failed_empty_refusals_and_cut_off_answers(task):
     raw = [
         rec("ok", "where is my parcel", "track_order"),

@@ -36,8 +36,13 @@ def removal(ex: dict, reason: str, detail: str = "") -> Removal:
 
 
 def normalize_text(text: str) -> str:
-    """NFKC (full-width forms, ligatures, odd spaces) and collapsed whitespace."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    """Mojibake repaired (ftfy: "donâ€™t" -> "don’t", text decoded with the wrong codec somewhere
+    upstream), then NFKC (full-width forms, ligatures, odd spaces) and collapsed whitespace.
+    Curly quotes are kept: they are what users type, and what the served student will see."""
+    import ftfy
+
+    repaired = ftfy.fix_text(text, uncurl_quotes=False)
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", repaired)).strip()
 
 
 def mean_logprob(value: Any) -> float | None:
