@@ -7,7 +7,7 @@ import pytest
 from pipeline.llm.completion import Completion
 from pipeline.router.policy import Policy
 
-LABELS = ["track_order", "return_item", "refund_status"]
+LABELS = ["track_order", "return_item", "refund_status", "x", "cancel_my_yearly_subscription_and_refund_it"]  # several lengths
 CONVS = [[{"role": "user", "content": "where is my parcel"}],
          [{"role": "user", "content": "I want my money back for the broken mug I sent you last week"}]]
 

@@ -9,7 +9,7 @@ softmax(log p(label | prompt)) compares every label on equal terms; the policy r
 (pipeline/router/policy.py, signals label_prob and label_margin).
 
 Each prompt is encoded once; its KV cache is repeated for the labels, so scoring 12 labels
-costs one prompt pass plus 12 short continuations, in one batched call.
+costs one prompt pass plus 12 short continuations, batched by label length.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ def label_token_ids(tokenizer, labels: list[str]) -> list[list[int]]:
 
 def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: list[str]) -> list[dict[str, float]]:
     """For each conversation, {label: sum of log p(token) over the label's tokens + EOS}."""
+    import copy
+
     import torch
 
     if not conversations:
@@ -29,32 +31,39 @@ def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: li
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    n_prompts, n_labels = len(prompts), len(labels)
+    n_prompts = len(prompts)
     seqs = label_token_ids(tokenizer, labels)
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    label_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=model.device)
-    label_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
-
     prompt_mask = enc["attention_mask"]
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    totals = torch.zeros(n_prompts, len(labels))
     with torch.inference_mode():
         first = model(input_ids=enc["input_ids"], attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
-        # Row i*L + j: prompt i continued by label j. transformers renamed `past_key_values` to
-        # `cache` during 5.x (the old name warns, then goes): use whichever this version returns.
+        # transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then
+        # goes): use whichever this version returns.
         cache_name = "cache" if "cache" in first else "past_key_values"
-        cache = first[cache_name]
-        cache.batch_repeat_interleave(n_labels)
-        next_logits = first.logits[:, -1, :].float().log_softmax(-1).repeat_interleave(n_labels, dim=0)
-        ids = label_ids.repeat(n_prompts, 1)
-        mask = label_mask.repeat(n_prompts, 1)
-        lengths = prompt_mask.sum(-1).repeat_interleave(n_labels)
-        positions = lengths[:, None] + torch.arange(width, device=model.device)[None, :]
-        full_mask = torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0), mask], dim=1)
-        out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{cache_name: cache})
-        logprobs = out.logits.float().log_softmax(-1)
-    # Token 0 of each label is predicted by the prompt's last position, token t by label token t-1.
-    first_lp = next_logits.gather(-1, ids[:, :1]).squeeze(-1)
-    rest_lp = logprobs[:, :-1, :].gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
-    totals = (first_lp + rest_lp.sum(-1)).view(n_prompts, n_labels).tolist()
-    return [dict(zip(labels, row)) for row in totals]
+        next_logprobs = first.logits[:, -1, :].float().log_softmax(-1)
+        buckets = _by_length(seqs)
+        for n, (length, members) in enumerate(buckets):
+            # Labels of one token length together: no label pays for the longest one's padding
+            # (Banking77's labels are 4-18 tokens, 7 on average). The last bucket takes the cache itself.
+            cache = first[cache_name] if n == len(buckets) - 1 else copy.deepcopy(first[cache_name])
+            cache.batch_repeat_interleave(len(members))  # row i*m + j: prompt i continued by label members[j]
+            ids = torch.tensor([seqs[j] for j in members], device=model.device).repeat(n_prompts, 1)
+            lengths = prompt_mask.sum(-1).repeat_interleave(len(members))
+            positions = lengths[:, None] + torch.arange(length, device=model.device)[None, :]
+            full_mask = torch.cat([prompt_mask.repeat_interleave(len(members), dim=0),
+                                   torch.ones_like(ids)], dim=1)
+            out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{cache_name: cache})
+            # Token 0 of each label is predicted by the prompt's last position, token t by label token t-1.
+            first_lp = next_logprobs.repeat_interleave(len(members), dim=0).gather(-1, ids[:, :1]).squeeze(-1)
+            rest_lp = out.logits[:, :-1, :].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            totals[:, members] = (first_lp + rest_lp.sum(-1)).view(n_prompts, len(members)).cpu()
+    return [dict(zip(labels, row)) for row in totals.tolist()]
+
+
+def _by_length(seqs: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """(token length, indices of the labels that long), shortest first."""
+    groups: dict[int, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        groups.setdefault(len(seq), []).append(i)
+    return sorted(groups.items())
