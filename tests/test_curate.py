@@ -288,6 +288,16 @@ def test_selection_to_target_and_warning_when_target_exceeds_survivors(task):
     assert notes and "curate.target_size=50" in notes[0] and "only 11" in notes[0]
 
 
+def test_random_selection_keeps_label_quotas_is_seeded_and_differs_from_k_center(task):
+    items = examples(task, *(rec(f"t{i:02d}", f"where is order number {i} today", "track_order") for i in range(30)),
+                     *(rec(f"r{i:02d}", f"refund for lamp {i}", "refund_status") for i in range(30)))
+    kept, removed, _ = step_select(items, 10, "tfidf", "random", seed=1)
+    assert sorted(ex["label"] for ex in kept) == ["refund_status"] * 5 + ["track_order"] * 5
+    assert ids(kept) == ids(step_select(items, 10, "tfidf", "random", seed=1)[0])  # same seed, same sample
+    assert ids(kept) != ids(step_select(items, 10, "tfidf", "random", seed=2)[0])
+    assert {r.detail for r in removed} == {"random sample (seed 1)"} and len(removed) == 50
+
+
 def test_embeddings_minilm_is_an_error_when_the_package_is_missing(monkeypatch):
     import importlib.util
 

@@ -98,10 +98,12 @@ def balanced_quotas(counts: dict[str, int], target: int) -> dict[str, int]:
 
 
 def step_select(
-    examples: list[dict], target: int | None, embeddings: Literal["auto", "minilm", "tfidf"]
+    examples: list[dict], target: int | None, embeddings: Literal["auto", "minilm", "tfidf"],
+    strategy: Literal["kcenter", "random"] = "kcenter", seed: int = 0,
 ) -> tuple[list[dict], list[Removal], list[str]]:
     """Step 8: keep `target` examples: per-label quotas (balanced) when labelled, chosen inside
-    each label by k-center; without labels k-center over all. Returns notes (warnings)."""
+    each label by k-center (or a seeded random sample); without labels over all. Returns notes
+    (warnings)."""
     if target is None or target == len(examples):
         return list(examples), [], []
     if target > len(examples):
@@ -110,17 +112,21 @@ def step_select(
         log.warning(note)
         return list(examples), [], [note]
     ordered = sorted(examples, key=lambda ex: ex["id"])
-    backend = embedding_backend(embeddings)
-    vectors = embed([ex["prompt"] for ex in ordered], backend)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, ex in enumerate(ordered):
         groups[ex["label"]].append(i)
     quotas = balanced_quotas({label: len(idx) for label, idx in groups.items()}, target)
     chosen: set[int] = set()
-    for label, idx in sorted(groups.items()):
-        picked = k_center(vectors[idx], quotas[label])
-        chosen.update(idx[p] for p in picked)
-    removed = [removal(ex, "not_selected", f"k-center on {backend}") for i, ex in enumerate(ordered) if i not in chosen]
+    if strategy == "random":
+        rng, how = random.Random(seed), f"random sample (seed {seed})"
+        for label, idx in sorted(groups.items()):
+            chosen.update(rng.sample(idx, quotas[label]))
+    else:
+        backend = embedding_backend(embeddings)
+        vectors, how = embed([ex["prompt"] for ex in ordered], backend), f"k-center on {backend}"
+        for label, idx in sorted(groups.items()):
+            chosen.update(idx[p] for p in k_center(vectors[idx], quotas[label]))
+    removed = [removal(ex, "not_selected", how) for i, ex in enumerate(ordered) if i not in chosen]
     kept_objects = {id(ordered[i]) for i in chosen}  # object identity: ids need not be unique
     return [ex for ex in examples if id(ex) in kept_objects], removed, []
 

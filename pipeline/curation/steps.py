@@ -132,7 +132,8 @@ def frozen_test_decontaminate(examples: list[dict], ctx: CurateContext) -> StepR
 
 
 def select(examples: list[dict], ctx: CurateContext) -> StepResult:
-    kept, removed, notes = step_select(examples, ctx.cfg.target_size, ctx.cfg.embeddings)
+    kept, removed, notes = step_select(examples, ctx.cfg.target_size, ctx.cfg.embeddings, ctx.cfg.selection,
+                                       ctx.cfg.seed)
     return StepResult(kept, removed, notes=notes)
 
 
