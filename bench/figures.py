@@ -168,6 +168,23 @@ def gpu(r: dict) -> list[dict]:
     return out
 
 
+def serving(r: dict) -> list[dict]:
+    arms, merged = r["arms"], "merged (transformers)"
+    base = arms[merged]["tokens_per_s_batch1"]
+    out = []
+    for arm, run in arms.items():
+        out.append(fig(f"serving {arm}: first-token latency, batch 1 (p50)", run["first_token_ms_p50"], "ms",
+                       better="lower", headline=True))
+        out.append(fig(f"serving {arm}: generation tokens/s, batch 1", run["tokens_per_s_batch1"], "tok/s",
+                       baseline=None if arm == merged else base, baseline_name=f"{merged}, batch 1",
+                       headline=True))
+        batched = [k for k in run if k.startswith("tokens_per_s_batch") and k != "tokens_per_s_batch1"]
+        for key in batched:
+            out.append(fig(f"serving {arm}: generation tokens/s, batch {run['batch']}", run[key], "tok/s",
+                           baseline=run["tokens_per_s_batch1"], baseline_name="batch 1", headline=True))
+    return out
+
+
 def generic(r: dict, prefix: str = "") -> list[dict]:
     """A result no extractor knows (e.g. the GPU tier's): every numeric leaf, no baseline."""
     out = []
@@ -187,6 +204,7 @@ def generic(r: dict, prefix: str = "") -> list[dict]:
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
+    "serving": serving,
 }
 
 

@@ -94,6 +94,19 @@ def test_quick_benches_write_every_envelope_field_and_sane_figures(quick_results
     assert all(f["baseline_name"] == "bare_uvicorn" for f in router["figures"])
 
 
+def test_quick_serving_bench_measures_each_artifact_kind(tmp_path):
+    # No export in quick mode: the embedded model's safetensors as "merged" and its shipped GGUF.
+    run_bench("bench_serving.py", "--quick", "--out-dir", str(tmp_path))
+    data = json.loads((tmp_path / "serving.json").read_text())
+    assert_envelope_complete(data["envelope"], "bench_serving.py")
+    assert_figures_sane(data["figures"])
+    assert data["figures"] == figures.figures_for("serving", data)
+    assert set(data["arms"]) == {"merged (transformers)", "embedded-q4_1 (llama.cpp)"}
+    assert data["prompts"] == 2 and data["tokens_per_prompt"] == 4 and "embedded" in data["source"]
+    batched = [f for f in data["figures"] if f["name"].endswith("tokens/s, batch 8")]
+    assert len(batched) == 1 and batched[0]["baseline_name"] == "batch 1"
+
+
 def test_quick_runs_default_to_the_ignored_folder(monkeypatch):
     import argparse
 
