@@ -99,7 +99,7 @@ def run_stage(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerP
               force: bool = False, ranks: Ranks = Ranks()) -> StageOutcome:
     if ranks.count > 1 and not stage.ALL_RANKS:
         return _on_main_only(stage, recipe, layout, tracker, force, ranks)
-    inputs, input_hashes = _resolve_inputs(stage, recipe, layout)
+    inputs, input_hashes = resolve_inputs(stage, recipe, layout)
     fingerprint_ = fingerprint(stage, recipe, input_hashes)
     final = layout.stage_dir(stage.NAME)
     previous = read_manifest(final)
@@ -148,7 +148,7 @@ def write_resolved_config(folder: Path, recipe: Recipe) -> None:
                       yaml.safe_dump(redact_tree(recipe.model_dump(mode="json")), sort_keys=False))
 
 
-def _resolve_inputs(stage: Stage, recipe: Recipe, layout: RunLayout) -> tuple[dict[str, Path], dict[str, str]]:
+def resolve_inputs(stage: Stage, recipe: Recipe, layout: RunLayout) -> tuple[dict[str, Path], dict[str, str]]:
     inputs: dict[str, Path] = {}
     hashes: dict[str, str] = {}
     for name, path in stage.file_inputs(recipe).items():

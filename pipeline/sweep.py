@@ -46,7 +46,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import Recipe, load_recipe
 from pipeline.errors import DistillError
-from pipeline.runner import STAGES, _resolve_inputs, fingerprint, run_stage
+from pipeline.runner import STAGES, resolve_inputs, fingerprint, run_stage
 from pipeline.stages import Stage
 from pipeline.tracking import Tracker, resolve_uri
 
@@ -292,7 +292,7 @@ def run_trial(mlflow, tracker: Tracker, plan: SweepPlan, trial: Trial, base_layo
 def stage_fingerprint(stage: Stage, recipe: Recipe, layout: RunLayout) -> str | None:
     """What the runner would compare with the stage's manifest; None while an upstream is missing."""
     try:
-        _, hashes = _resolve_inputs(stage, recipe, layout)
+        _, hashes = resolve_inputs(stage, recipe, layout)
     except DistillError:
         return None
     return fingerprint(stage, recipe, hashes)
