@@ -24,7 +24,7 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
     """Mask values whose key names a secret, and anything that looks like a key."""
     out = {}
     for key, value in params.items():
-        if _SECRET_KEY.search(key) and not key.endswith("_env"):
+        if _SECRET_KEY.search(key) and not key.endswith(("_env", "_file")):
             out[key] = "***"
         else:
             out[key] = _SECRET_VALUE.sub("***", str(value))
@@ -37,7 +37,7 @@ def redact_tree(obj: Any, key: str = "") -> Any:
         return {k: redact_tree(v, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact_tree(v, key) for v in obj]
-    if key and _SECRET_KEY.search(key) and not key.endswith("_env") and obj is not None:
+    if key and _SECRET_KEY.search(key) and not key.endswith(("_env", "_file")) and obj is not None:
         return "***"
     if isinstance(obj, str):
         return _SECRET_VALUE.sub("***", obj)
