@@ -258,7 +258,7 @@ def serve(
     recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default)."""
     from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
-    from pipeline.router.app import check_policy_matches_export, student_only_policy
+    from pipeline.router.app import check_policy_matches_export
     from pipeline.router.app import serve as serve_app
     from pipeline.router.policy import Policy
 
@@ -273,7 +273,7 @@ def serve(
     if policy_path is None:
         logging.getLogger(__name__).warning("no evaluated policy for %s: serving student-only, nothing escalates",
                                             model_dir)
-        policy = student_only_policy(cfg.router.signal)
+        policy = Policy.student_only(cfg.router.signal)
     else:
         policy = Policy.load(policy_path)
     model_dir = model_dir or completed_stage(run_dir, "export", EXPORT_MERGED)

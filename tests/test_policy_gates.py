@@ -109,6 +109,7 @@ def test_logistic_needs_weights_and_all_agreeing_has_nothing_to_fit():
     answers, _ = synthetic(20, seed=3)
     assert calibration.fit_logistic(answers, [True] * 20) is None
     assert Policy.student_only("logistic").signal == "mean_logprob"
+    assert Policy.student_only("label_prob").signal == "mean_logprob"  # labels come only with an evaluated policy
 
 
 def test_threshold_choice_never_answers_a_gated_answer():

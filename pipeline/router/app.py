@@ -60,7 +60,6 @@ from pipeline.router.follow import Follower, Loaded
 from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from pipeline.router.modes import Mode, Rollback
 from pipeline.router.policy import Policy
-from pipeline.router.policy import signal as policy_signal
 from pipeline.router.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -555,12 +554,6 @@ def load_checked_policy(policy_path: Path, export_dir: Path) -> Policy:
     return Policy.load(policy_path)
 
 
-def student_only_policy(signal_name: str) -> Policy:
-    """Never escalates; confidence reported in the recipe's signal, unless that one needs the label
-    set, which only an evaluated policy carries: then in mean_logprob."""
-    return Policy.student_only("mean_logprob" if policy_signal(signal_name).needs_label_scores else signal_name)
-
-
 def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> Backend:
     """The student `serve.student` names, answering for the export in `model_dir` (whose policy it is)."""
     if cfg.student == "transformers":
@@ -685,7 +678,7 @@ def load_version(version: ServedVersion, cfg: ServeConfig, signal_name: str = "m
     if version.policy_path is None:
         log.warning("%s version %s: no evaluated policy beside %s; serving it student-only, nothing escalates",
                     version.name, version.version, version.source)
-        policy = student_only_policy(signal_name)
+        policy = Policy.student_only(signal_name)
     else:
         policy = load_checked_policy(version.policy_path, version.source.parent)
     return Loaded.of(version.version, student_for(version.source, policy, cfg), policy)

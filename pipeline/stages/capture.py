@@ -85,9 +85,9 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     check_recipe_models(recipe)  # later stages load them: a typo fails now, not after the bill
     if "records" in inputs:
         return run_records(inputs["records"], out, tracker)
-    provider, _ = parse_spec(recipe.teacher.spec)
-    if provider == "logs":  # not a teacher: answers to import
-        return run_logs(recipe, inputs.get("logs", Path(parse_spec(recipe.teacher.spec)[1])), out, tracker)
+    provider, ref = parse_spec(recipe.teacher.spec)
+    if provider == "logs":  # not a teacher: answers to import (a file input, else the spec's folder or hub id)
+        return run_logs(recipe, inputs.get("logs", Path(ref)), out, tracker)
     task = load_task(inputs["task"])
     prompts = load_prompts(inputs.get("prompts", recipe.capture.prompts), recipe.capture)
     labels = task.labels if task.kind == "classification" else None
