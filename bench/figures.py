@@ -185,6 +185,51 @@ def serving(r: dict) -> list[dict]:
     return out
 
 
+def _usd(v: float) -> str:
+    return f"${v:.3g}"
+
+
+def cost(r: dict) -> list[dict]:
+    """$ per 1,000 requests from an evaluate report, each figure's note giving the prices it rests on."""
+    p, usd, share = r["prices"], r["usd_per_1k"], r["local_share"]
+    hourly = p["student_usd_per_hour"]
+    per_hour = f"${hourly:,.2f}/h" if hourly >= 0.01 else f"{_usd(hourly)}/h"
+    if p["teacher_basis"] == "ledger":
+        teacher_short = f"teacher {_usd(p['teacher_usd_per_request'])}/request (captured meta.cost_usd)"
+        teacher = (f"teacher {_usd(p['teacher_usd_per_request'])}/request = the mean captured meta.cost_usd "
+                   f"(the ledger's tokens x price)")
+    else:
+        seconds = p.get("teacher_s_per_request")
+        took = f"{seconds:.3g} s" if seconds is not None else "latency"
+        teacher_short = f"teacher {_usd(p['teacher_usd_per_request'])}/request ({took} x {per_hour})"
+        teacher = (f"teacher {_usd(p['teacher_usd_per_request'])}/request = the local teacher's measured "
+                   f"{took} per request x {per_hour} (eval.cost.student_usd_per_hour; nobody bills a local teacher)")
+    rps = p.get("student_requests_per_s")
+    student = (f"student {_usd(p['student_usd_per_request'])}/request = {per_hour} (eval.cost.student_usd_per_hour)"
+               + (f" / {rps:.3g} requests/s measured by evaluate" if rps else ""))
+    escalated = 1 - share["value"]
+    where = r["source"].get("recipe") or r["source"]["report"]
+    return [
+        fig(f"cost, teacher only: $ per 1,000 requests ({where})", usd["teacher_only"], "$", better="lower",
+            headline=True, note=teacher),
+        fig(f"cost, routed: $ per 1,000 requests ({where})", usd["routed"], "$", better="lower",
+            baseline=usd["teacher_only"], baseline_name="teacher only", headline=True,
+            note=f"{student}, on every request; + {teacher_short} on the {escalated:.1%} escalated"),
+        fig(f"cost, student only: $ per 1,000 requests ({where})", usd["student_only"], "$", better="lower",
+            baseline=usd["teacher_only"], baseline_name="teacher only", headline=True, note=student),
+        fig(f"cost: local share at the chosen threshold ({share['split']} split)", share["value"], "fraction",
+            headline=True,
+            note=", ".join(x for x in (
+                f"95% CI [{share['lo']:.3f}, {share['hi']:.3f}], n={share['n']}"
+                if share.get("lo") is not None and share.get("hi") is not None else None,
+                f"threshold {r['threshold']:.3g}" if r.get("threshold") is not None else None,
+                f"quality target {r['quality_target']:g} agreement with the teacher" +
+                (f" (routed: {r['system_agreement']:.1%})" if r.get("system_agreement") is not None else "")
+                if r.get("quality_target") is not None else None,
+            ) if x) or None),
+    ]
+
+
 def generic(r: dict, prefix: str = "") -> list[dict]:
     """A result no extractor knows (e.g. the GPU tier's): every numeric leaf, no baseline."""
     out = []
@@ -204,7 +249,7 @@ def generic(r: dict, prefix: str = "") -> list[dict]:
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
-    "serving": serving,
+    "serving": serving, "cost": cost,
 }
 
 

@@ -50,10 +50,11 @@ def assert_figures_sane(figs: list[dict]) -> None:
     assert len({f["name"] for f in figs}) == len(figs), "figure names must be unique within a bench"
 
 
-def assert_envelope_complete(env: dict, script: str) -> None:
+def assert_envelope_complete(env: dict, script: str, *, instant: bool = False) -> None:
+    """instant: a bench that only reads a file (cost) may round its wall time to 0.0 s."""
     assert env["quick"] is True
     assert script in env["command"] and "--quick" in env["command"]
-    assert env["wall_s"] > 0 and env["started_at"]
+    assert (env["wall_s"] >= 0 if instant else env["wall_s"] > 0) and env["started_at"]
     for when in ("start", "end"):
         load = env["load_average"][when]
         assert len(load) == 3 and all(isinstance(v, float) and v >= 0 for v in load)
@@ -189,3 +190,109 @@ def test_bench_gpu_skips_cleanly_without_cuda(tmp_path):
         pytest.skip("CUDA present: make bench-gpu would run the GPU tier")
     proc = run_bench("bench_gpu.py", "--out-dir", str(tmp_path))
     assert "skipped" in proc.stdout and not list(tmp_path.iterdir())
+
+
+def synthetic_evaluate_run(folder: Path, *, basis: str = "latency") -> Path:
+    """An evaluate folder as the stage writes it: report.json (cost + router), manifest, resolved config."""
+    folder.mkdir(parents=True)
+    teacher_usd, student_usd, share = 2e-05, 5e-06, 0.75
+    rows = [{"system": "teacher only", "usd_per_1k": 1000 * teacher_usd, "local_share": 0.0,
+             "saving_vs_teacher": 0.0},
+            {"system": "routed", "usd_per_1k": 1000 * (student_usd + (1 - share) * teacher_usd),
+             "local_share": share, "saving_vs_teacher": 0.5},
+            {"system": "student only", "usd_per_1k": 1000 * student_usd, "local_share": 1.0,
+             "saving_vs_teacher": 0.75}]
+    report = {"cost": {"teacher_usd_per_request": teacher_usd, "teacher_basis": basis,
+                       "student_usd_per_request": student_usd, "student_usd_per_hour": 0.36,
+                       "student_requests_per_s": 20.0, "rows": rows, "curve": [[0.03, 1.0]]},
+              "router": {"threshold": 0.5, "quality_target": 0.9,
+                         "test": {"local_share": {"value": share, "lo": 0.7, "hi": 0.8, "n": 200},
+                                  "system_agreement": {"value": 0.93}}}}
+    text = json.dumps(report)
+    (folder / "report.json").write_text(text)
+    import hashlib
+
+    (folder / "manifest.json").write_text(json.dumps({
+        "stage": "evaluate", "fingerprint": "f" * 64, "created_at": "2026-01-02T03:04:05+00:00",
+        "inputs": {"capture": "c" * 64}, "outputs": {"report.json": hashlib.sha256(text.encode()).hexdigest()}}))
+    (folder / "resolved_config.yaml").write_text("name: synthetic-recipe\nteacher:\n  spec: local:tiny\n")
+    return folder / "report.json"
+
+
+@pytest.mark.parametrize("basis", ["latency", "ledger"])
+def test_cost_bench_reads_an_evaluate_report_and_states_its_prices(tmp_path, basis):
+    report_path = synthetic_evaluate_run(tmp_path / "run" / "evaluate", basis=basis)
+    out = tmp_path / "results"
+    run_bench("bench_cost.py", "--quick", "--report", str(report_path), "--out-dir", str(out))
+    data = json.loads((out / "cost.json").read_text())
+    assert_envelope_complete(data["envelope"], "bench_cost.py", instant=True)
+    assert_figures_sane(data["figures"])
+    assert data["figures"] == figures.figures_for("cost", data)
+
+    src = data["source"]
+    assert src["report"] == str(report_path) and len(src["report_sha256"]) == 64
+    assert src["manifest"]["fingerprint"] == "f" * 64
+    assert src["manifest"]["created_at"] == "2026-01-02T03:04:05+00:00"
+    assert src["report_matches_manifest"] is True
+    assert src["recipe"] == "synthetic-recipe" and src["teacher_spec"] == "local:tiny"
+    assert data["usd_per_1k"] == pytest.approx({"teacher_only": 0.02, "routed": 0.01, "student_only": 0.005})
+    p = data["prices"]
+    assert p["teacher_basis"] == basis and p["student_usd_per_hour"] == 0.36
+    assert p["student_requests_per_s"] == 20.0 and p["student_s_per_request"] == pytest.approx(0.05)
+    # Latency basis: $2e-05 at $0.36/h is 0.2 s of the machine; a ledger price has no seconds behind it.
+    assert p["teacher_s_per_request"] == (pytest.approx(0.2) if basis == "latency" else None)
+
+    by_name = {f["name"].split(":")[0]: f for f in data["figures"]}
+    assert set(by_name) == {"cost, teacher only", "cost, routed", "cost, student only", "cost"}
+    teacher, routed, student = by_name["cost, teacher only"], by_name["cost, routed"], by_name["cost, student only"]
+    assert teacher["value"] == pytest.approx(0.02) and teacher["baseline"] is None
+    for f, ratio in ((routed, 0.5), (student, 0.25)):
+        assert f["baseline"] == teacher["value"] and f["baseline_name"] == "teacher only"
+        assert f["ratio"] == pytest.approx(f["value"] / f["baseline"]) == pytest.approx(ratio)
+        assert f["better"] == "lower" and f["unit"] == "$" and f["headline"]
+    assert "synthetic-recipe" in routed["name"]
+    # The price assumptions, next to each figure that rests on them.
+    teacher_source = "0.2 s" if basis == "latency" else "meta.cost_usd"
+    for f in (teacher, routed):
+        assert "$2e-05/request" in f["note"] and teacher_source in f["note"]
+    for f in (routed, student):
+        assert "$5e-06/request" in f["note"] and "$0.36/h" in f["note"] and "20 requests/s" in f["note"]
+    assert "25.0% escalated" in routed["note"]
+    share = by_name["cost"]
+    assert share["value"] == 0.75 and share["unit"] == "fraction" and "n=200" in share["note"]
+
+    # The report prints the notes next to the figures, in RESULTS.md and in the README block.
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    assert report.main(["--results", str(out), "--readme", str(readme)]) == 0
+    docs = report.load(out)
+    for text, block in (((tmp_path / "RESULTS.md").read_text(), False), (readme.read_text(), True)):
+        rendered_figures_present(text, docs, readme_block=block)
+        for f in data["figures"]:
+            row = next(line for line in text.splitlines() if f"| {f['name']} |" in line)
+            assert f"| {f['note']} |" in row
+
+
+def test_cost_bench_without_a_report_writes_nothing_and_exits_0(tmp_path):
+    out = tmp_path / "results"
+    for quick in ((), ("--quick",)):
+        proc = run_bench("bench_cost.py", *quick, "--report", str(tmp_path / "none" / "report.json"),
+                         "--out-dir", str(out))
+        assert "no evaluate report" in proc.stderr and "nothing written" in proc.stderr
+        assert not out.exists() and "wrote" not in proc.stdout
+    # The default destination too: the committed measurement stays as it is.
+    committed = BENCH / "results" / "cost.json"
+    before = (committed.read_bytes(), committed.stat().st_mtime_ns) if committed.exists() else None
+    proc = run_bench("bench_cost.py", "--report", str(tmp_path / "none" / "report.json"))
+    assert "nothing written" in proc.stderr
+    assert before == ((committed.read_bytes(), committed.stat().st_mtime_ns) if committed.exists() else None)
+
+
+def test_cost_bench_refuses_a_report_without_a_cost_section(tmp_path):
+    report_path = tmp_path / "report.json"
+    report_path.write_text(json.dumps({"metrics": {}}))
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_cost.py"), "--report", str(report_path),
+                           "--out-dir", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "no `cost` section" in proc.stderr
+    assert not (tmp_path / "results").exists()
