@@ -460,6 +460,13 @@ class RouterConfig(Section):
         "label_prob / label_margin (classification) = temperature-scaled posterior of the answered label "
         "over the label set / its lead over the runner-up.",
     )
+    decode: Literal["generate", "label_posterior"] = Field(
+        "generate",
+        description="How the student answers (evaluate and serve alike; written into router_policy.json): "
+        "generate = greedy text; label_posterior (classification) = the label with the highest "
+        "teacher-forced likelihood, read off one scoring pass over every label (no generation; every "
+        "answer is a label).",
+    )
 
 
 class TierConfig(Section):

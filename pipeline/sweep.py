@@ -342,9 +342,15 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def validation_agreement(recipe: Recipe, layout: RunLayout) -> dict:
     """The tuned student's agreement with the teacher on the validation split, with its
-    bootstrap 95% CI. Evaluate answers validation too but records only its routing figures
-    (expected_system_agreement is high for a student that escalates everything), so the
-    answers are regenerated here the way evaluate's tuned student gives them."""
+    bootstrap 95% CI: evaluate's `tuned_validation_agreement` (its tuned student's answers to
+    validation, as served); regenerated here for a report written before evaluate recorded it."""
+    figures = json.loads((layout.stage_dir("evaluate") / EVAL_REPORT).read_text()).get("figures", {})
+    if "tuned_validation_agreement" in figures:
+        return figures["tuned_validation_agreement"]
+    return _regenerated_validation_agreement(recipe, layout)
+
+
+def _regenerated_validation_agreement(recipe: Recipe, layout: RunLayout) -> dict:
     from datasets import load_from_disk
     from peft import PeftModel
 
@@ -361,21 +367,23 @@ def validation_agreement(recipe: Recipe, layout: RunLayout) -> dict:
     tokenizer = load_tokenizer(recipe.model.base, recipe.model.chat_template)
     base = load_model(recipe.model.base, device_plan())
     model = PeftModel.from_pretrained(base, str(layout.stage_dir("finetune") / FINETUNE_ADAPTER)).eval()
-    answers = _answers(model, tokenizer, [r["prompt"] for r in rows], recipe)
+    answers = _answers(model, tokenizer, [r["prompt"] for r in rows], recipe, task)
     figure = mean_figure([agrees(task, a, r["completion"]) for a, r in zip(answers, rows)],
                          recipe.eval.bootstrap, recipe.eval.seed)
     return figure.to_json()
 
 
-def _answers(model, tokenizer, prompts: list[str], recipe: Recipe) -> list[str]:
+def _answers(model, tokenizer, prompts: list[str], recipe: Recipe, task) -> list[str]:
     from pipeline.llm.generate import generate_batch
     from pipeline.task import Task
 
+    labels = task.labels if recipe.router.decode == "label_posterior" else None
     texts, size = [], recipe.eval.batch_size
     for i in range(0, len(prompts), size):
         convs = [Task.student_messages(p) for p in prompts[i : i + size]]
         texts += [c.text for c in generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens,
-                                                 source="sweep (validation)")]
+                                                 source="sweep (validation)", score_labels=labels,
+                                                 decode=recipe.router.decode)]
     return texts
 
 

@@ -74,3 +74,48 @@ def test_label_posterior_signals_and_invalid_answers_escalate():
     hot = Policy(threshold=0.0, signal="label_prob", labels=("a", "b", "c"), temperature=2.0)
     expected = math.sqrt(0.7) / (math.sqrt(0.7) + math.sqrt(0.2) + math.sqrt(0.1))
     assert hot.decide(Completion(text="a", label_logprobs=lp)).score == pytest.approx(expected)
+
+
+def test_label_posterior_decoding_answers_the_argmax_label_and_never_a_non_label(tiny):
+    """An untrained tiny model generates junk; decoded by label posterior, every answer is the
+    label with the highest teacher-forced likelihood, stops, and carries that label's token log-probs."""
+    from pipeline.llm.generate import generate_batch
+    from pipeline.llm.scoring import label_token_ids
+
+    model, tokenizer = tiny
+    free = generate_batch(model, tokenizer, CONVS, 8)
+    assert not any(c.text in LABELS for c in free)  # what the posterior decoding is there to prevent
+    decoded = generate_batch(model, tokenizer, CONVS, 30, score_labels=LABELS, decode="label_posterior")
+    for conv, c in zip(CONVS, decoded):
+        best = max(LABELS, key=lambda label: brute_force(model, tokenizer, conv, label))
+        assert c.text == best and c.stopped
+        ids = label_token_ids(tokenizer, [best])[0][:-1]
+        assert c.token_ids == ids and len(c.token_logprobs) == len(ids)
+        assert sum(c.token_logprobs) > c.label_logprobs[best]  # the label's total also has its EOS term
+        assert c.label_logprobs[best] == pytest.approx(brute_force(model, tokenizer, conv, best), abs=1e-3)
+        policy = Policy(threshold=0.0, signal="label_prob", labels=tuple(LABELS), decode="label_posterior")
+        assert policy.needs_label_scores and policy.gate_failure(c) is None
+
+
+def test_label_posterior_decoding_cut_at_max_tokens_ends_by_length(tiny):
+    from pipeline.llm.generate import generate_batch
+
+    model, tokenizer = tiny
+    long_label = ["cancel_my_yearly_subscription_and_refund_it"]
+    [c] = generate_batch(model, tokenizer, CONVS[:1], 3, score_labels=long_label, decode="label_posterior")
+    assert c.finish_reason == "length" and c.completion_tokens == 3 and c.text != long_label[0]
+    with pytest.raises(ValueError, match="needs the labels"):
+        generate_batch(model, tokenizer, CONVS[:1], 3, decode="label_posterior")
+
+
+def test_policy_records_its_decoding_and_refuses_label_posterior_without_labels(tmp_path):
+    from pipeline.errors import DistillError
+
+    policy = Policy(threshold=0.5, signal="mean_logprob", labels=("a", "b"), decode="label_posterior")
+    assert policy.needs_label_scores  # the backend must score labels to answer at all
+    assert Policy.from_json(policy.to_json()).decode == "label_posterior"
+    assert Policy.from_json({"threshold": 0.5}).decode == "generate"  # policies written before the field
+    with pytest.raises(DistillError, match="needs the task's labels"):
+        Policy(threshold=0.5, decode="label_posterior")
+    with pytest.raises(DistillError, match="decode must be"):
+        Policy(threshold=0.5, decode="beam")

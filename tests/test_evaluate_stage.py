@@ -55,8 +55,10 @@ def test_every_headline_figure_has_a_ci_and_the_threshold_meets_its_bound(assess
     recipe, result, _ = assessed
     figs = result["figures"]
     for name in ("base_agreement", "tuned_agreement", "tuned_macro_f1", "teacher_accuracy", "tuned_accuracy",
-                 "local_share", "system_agreement", "system_accuracy"):
+                 "local_share", "system_agreement", "system_accuracy", "tuned_validation_agreement"):
         assert figs[name].lo <= figs[name].value <= figs[name].hi, name
+    validation_right = [a.text == r["completion"] for a, r in zip(result["validation_answers"], result["validation"])]
+    assert figs["tuned_validation_agreement"].value == sum(validation_right) / len(validation_right)  # what sweep reads
     assert figs["tuned_agreement"].value == pytest.approx(0.8, abs=0.08)
     choice = result["choice"]
     assert choice.reason == "met" and choice.bound >= 0.7 and 0 < figs["local_share"].value <= 1
@@ -91,6 +93,23 @@ def test_unknown_gate_figure_and_label_signal_on_free_text_fail_early():
     free = task.model_copy(update={"kind": "generation", "labels": []})
     with pytest.raises(DistillError, match="needs a classification task"):
         evaluate._check_recipe_fits_task(validate_recipe({"name": "t", "router": {"signal": "label_prob"}}, "t"), free)
+    with pytest.raises(DistillError, match="router.decode=label_posterior answers with one of the task's labels"):
+        evaluate._check_recipe_fits_task(validate_recipe({"name": "t", "router": {"decode": "label_posterior"}},
+                                                         "t"), free)
+
+
+def test_the_policy_file_carries_the_recipes_decoding(tmp_path):
+    """What evaluate decoded with is what serve decodes with: the policy file says which."""
+    task = load_task(ROOT / "data" / "task.yaml")
+    recipe = validate_recipe({"name": "t", "router": {"signal": "label_prob", "quality_target": 0.7,
+                                                      "decode": "label_posterior"}, "eval": {"bootstrap": 100}}, "t")
+    rng = np.random.default_rng(1)
+    test, base, tuned = synthetic(task, 160, rng)
+    validation, _, val = synthetic(task, 160, rng)
+    result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0), evaluate.Answers(tuned, 2.0),
+                             evaluate.Answers(val, 2.0), [{"meta": {"cost_usd": 0.001}}] * 10)
+    evaluate.write_outputs(tmp_path, recipe, task, result, adapter_sha="abc")
+    assert Policy.load(tmp_path / "router_policy.json").decode == "label_posterior"
 
 
 def free_text(n: int, rng) -> tuple[list[dict], list, list]:

@@ -453,6 +453,16 @@ def test_student_backend_scores_labels_for_label_signals(tiny_llama_dir):
     assert all(v < 0 for v in answer.label_logprobs.values())
 
 
+def test_student_backend_decoding_by_label_posterior_answers_a_label(tiny_llama_dir):
+    import asyncio
+
+    from pipeline.router.backends import StudentBackend
+
+    backend = StudentBackend(tiny_llama_dir, score_labels=["damaged", "late"], decode="label_posterior")
+    answer = asyncio.run(backend.complete([{"role": "user", "content": PROMPT}], 8))
+    assert answer.text == max(answer.label_logprobs, key=answer.label_logprobs.get) and answer.stopped
+
+
 def test_concurrent_requests_share_a_generate_call_with_batch_of_one_answers(tiny_llama_dir):
     from pipeline.llm.generate import generate_batch
     from pipeline.router.backends import StudentBackend

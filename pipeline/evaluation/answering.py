@@ -30,8 +30,9 @@ def base_conversation(task: Task, prompt: str, form: str) -> list[dict]:
 
 def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, desc: str,
                base_prompt: str | None = None) -> Answers:
-    """Greedy answers in batches. The tuned student answers as served (user message only) and,
-    on a classification task, with every label scored, which the label signals read."""
+    """Greedy answers in batches. The tuned student answers as served (user message only, decoded
+    as `router.decode` says) and, on a classification task, with every label scored, which the
+    label signals read."""
     from pipeline.llm.generate import PrefixCache, generate_batch
 
     labels = task.labels if task.kind == "classification" else None
@@ -42,7 +43,7 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
         if base_prompt is None:
             convs = [Task.student_messages(r["prompt"]) for r in batch]
             completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, source=desc,
-                                          score_labels=labels)
+                                          score_labels=labels, decode=recipe.router.decode)
         else:
             convs = [base_conversation(task, r["prompt"], base_prompt) for r in batch]
             completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, labels=labels,

@@ -48,7 +48,7 @@ def policy_template(recipe: Recipe, task: Task, validation: list[dict], val: lis
     gates = Gates.for_task(task, recipe.curate.refusal_patterns)
     weights = {"intercept": 0.0} if recipe.router.signal == "logistic" else None  # replaced by the fit
     return Policy(threshold=None, signal=recipe.router.signal, labels=labels, temperature=temperature, gates=gates,
-                  weights=weights)
+                  weights=weights, decode=recipe.router.decode)
 
 
 def routing(recipe: Recipe, task: Task, test: list[dict], validation: list[dict], tuned: list[Completion],

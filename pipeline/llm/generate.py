@@ -21,16 +21,22 @@ from pipeline.llm.completion import Completion
 def generate_batch(
     model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, labels: list[str] | None = None,
     source: str = "", score_labels: list[str] | None = None, prefix_cache: PrefixCache | None = None,
+    decode: str = "generate",
 ) -> list[Completion]:
     """Greedy, batched generation (left padding). With `labels`, decoding is constrained to
     those strings (see constrained.py). With `score_labels`, each Completion also carries every
-    label's teacher-forced log-likelihood (scoring.py), which the label-posterior signals read.
+    label's teacher-forced log-likelihood (scoring.py), which the label-posterior signals read;
+    `decode="label_posterior"` then answers with the most likely of them and generates nothing.
     Latency is the batch's wall time split evenly."""
     import torch
 
     from pipeline.llm.constrained import allowed_tokens_fn
 
     start = time.perf_counter()
+    if decode == "label_posterior":
+        return _answer_by_label_posterior(model, tokenizer, conversations, max_new_tokens, score_labels, source, start)
+    if decode != "generate":
+        raise ValueError(f"decode must be generate or label_posterior, not {decode!r}")
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     enc = _encode(model, tokenizer, prompts, prefix_cache)
     constraint = {}
@@ -71,6 +77,40 @@ def generate_batch(
             finish_reason="stop" if length is not None else "length",
             latency_ms=per_item_ms,
             label_logprobs=label_lp,
+        ))
+    return results
+
+
+def _answer_by_label_posterior(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                               labels: list[str] | None, source: str, start: float) -> list[Completion]:
+    """The label whose tokens (EOS included) are most likely after the prompt: what a closed-set
+    classifier answers. The answer's token log-probs are that label's teacher-forced ones, so the
+    token signals read the same kind of numbers as after generation. A label longer than
+    `max_new_tokens` is cut there and ends by length, as a generated one would."""
+    from pipeline.llm.scoring import label_token_ids, label_token_logprobs
+
+    if not labels:
+        raise ValueError("decode=label_posterior needs the labels to score (score_labels)")
+    scored = label_token_logprobs(model, tokenizer, conversations, labels)
+    token_ids = dict(zip(labels, label_token_ids(tokenizer, labels)))
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    per_item_ms = int((time.perf_counter() - start) * 1000 / max(len(conversations), 1))
+    results = []
+    for prompt, scores in zip(prompts, scored):
+        best = max(labels, key=lambda label: sum(scores[label]))  # ties: the first label of the task's list
+        ids = token_ids[best][:-1]  # the label's tokens; EOS is scored but, as after generation, not kept
+        stopped = len(ids) < max_new_tokens  # room for the label and its EOS
+        n = len(ids) if stopped else max_new_tokens
+        results.append(Completion(
+            text=best if stopped else tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
+            source=source,
+            prompt_tokens=len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+            completion_tokens=n,
+            token_ids=ids[:n],
+            token_logprobs=scores[best][: max(n, 1)],
+            finish_reason="stop" if stopped else "length",
+            latency_ms=per_item_ms,
+            label_logprobs={label: sum(v) for label, v in scores.items()},
         ))
     return results
 

@@ -22,6 +22,13 @@ def label_token_ids(tokenizer, labels: list[str]) -> list[list[int]]:
 
 def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: list[str]) -> list[dict[str, float]]:
     """For each conversation, {label: sum of log p(token) over the label's tokens + EOS}."""
+    return [{label: sum(lps) for label, lps in row.items()}
+            for row in label_token_logprobs(model, tokenizer, conversations, labels)]
+
+
+def label_token_logprobs(model, tokenizer, conversations: list[list[dict]],
+                         labels: list[str]) -> list[dict[str, list[float]]]:
+    """For each conversation, {label: log p of each of the label's tokens, EOS last}."""
     import copy
 
     import torch
@@ -35,7 +42,7 @@ def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: li
     seqs = label_token_ids(tokenizer, labels)
     prompt_mask = enc["attention_mask"]
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    totals = torch.zeros(n_prompts, len(labels))
+    per_label: list[dict[int, list[float]]] = [{} for _ in range(n_prompts)]
     with torch.inference_mode():
         first = model(input_ids=enc["input_ids"], attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
         # transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then
@@ -57,8 +64,10 @@ def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: li
             # Token 0 of each label is predicted by the prompt's last position, token t by label token t-1.
             first_lp = next_logprobs.repeat_interleave(len(members), dim=0).gather(-1, ids[:, :1]).squeeze(-1)
             rest_lp = out.logits[:, :-1, :].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            totals[:, members] = (first_lp + rest_lp.sum(-1)).view(n_prompts, len(members)).cpu()
-    return [dict(zip(labels, row)) for row in totals.tolist()]
+            token_lp = torch.cat([first_lp[:, None], rest_lp], dim=1).view(n_prompts, len(members), length)
+            for i, row in enumerate(token_lp.tolist()):
+                per_label[i].update(zip(members, row))
+    return [{label: row[j] for j, label in enumerate(labels)} for row in per_label]
 
 
 def _by_length(seqs: list[list[int]]) -> list[tuple[int, list[int]]]:

@@ -559,11 +559,11 @@ def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> Backend:
     if cfg.student == "transformers":
         labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
         return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
-                              window_s=cfg.batch_window_ms / 1000)
+                              window_s=cfg.batch_window_ms / 1000, decode=policy.decode)
     if policy.needs_label_scores:
-        raise DistillError(f"router signal '{policy.signal}' scores every label by teacher forcing, which only "
-                           f"serve.student=transformers does; serve with it, or evaluate with router.signal="
-                           "mean_logprob")
+        raise DistillError(f"router signal '{policy.signal}' (decode {policy.decode}) scores every label by "
+                           f"teacher forcing, which only serve.student=transformers does; serve with it, or "
+                           "evaluate with router.signal=mean_logprob router.decode=generate")
     if cfg.student == "llama.cpp":
         return GgufBackend(cfg.student_gguf or export_gguf_file(Path(model_dir).parent))
     from pipeline.config import TeacherConfig

@@ -67,7 +67,7 @@ class StudentBackend:
     max_top_logprobs = 20  # OpenAI's ceiling
 
     def __init__(self, model_dir: Path, score_labels: list[str] | None = None, max_batch: int = 8,
-                 window_s: float = 0.0):
+                 window_s: float = 0.0, decode: str = "generate"):
         from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
         self.model_dir = Path(model_dir)
@@ -77,6 +77,8 @@ class StudentBackend:
         self.max_batch = max_batch
         self.window_s = window_s
         self._extra = {"score_labels": list(score_labels)} if score_labels else {}
+        if decode != "generate":  # label_posterior: answered by scoring the labels, not generated
+            self._extra["decode"] = decode
         # generate() mutates the tokenizer (padding side) and shares the model's caches:
         # one generate call at a time on this model.
         self._lock = threading.Lock()

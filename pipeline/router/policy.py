@@ -190,11 +190,16 @@ class Policy:
     temperature: float = 1.0  # label signals: posterior temperature, fitted on validation
     gates: Gates = field(default_factory=Gates)  # answers escalated whatever their score
     weights: dict[str, float] | None = None  # the logistic signal's coefficients, fitted on validation
+    decode: str = "generate"  # how the student answers (router.decode): generate, or label_posterior
 
     def __post_init__(self) -> None:
         read = signal(self.signal)  # unknown signal names fail at construction, not per request
         if read.needs_label_scores and not self.labels:
             raise DistillError(f"router signal '{self.signal}' needs the task's labels in the policy")
+        if self.decode not in ("generate", "label_posterior"):
+            raise DistillError(f"router policy decode must be generate or label_posterior, not '{self.decode}'")
+        if self.decode == "label_posterior" and not self.labels:
+            raise DistillError("router policy decode=label_posterior needs the task's labels in the policy")
         if not self.temperature > 0:
             raise DistillError(f"router policy temperature must be > 0, got {self.temperature}")
         if self.signal == "logistic" and not self.weights:
@@ -203,7 +208,7 @@ class Policy:
     @property
     def needs_label_scores(self) -> bool:
         """The student backend must pass `score_labels=list(policy.labels)` to generate_batch."""
-        return signal(self.signal).needs_label_scores
+        return signal(self.signal).needs_label_scores or self.decode == "label_posterior"
 
     @classmethod
     def student_only(cls, signal_name: str = "mean_logprob") -> Policy:
@@ -255,7 +260,7 @@ class Policy:
         return cls(threshold=data["threshold"], signal=data.get("signal", "mean_logprob"),
                    quality_target=data.get("quality_target"), labels=tuple(labels) if labels else None,
                    temperature=data.get("temperature") or 1.0, gates=Gates.from_json(data.get("gates")),
-                   weights=data.get("weights"))
+                   weights=data.get("weights"), decode=data.get("decode", "generate"))
 
     @classmethod
     def load(cls, path: Path) -> Policy:

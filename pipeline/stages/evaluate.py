@@ -37,7 +37,8 @@ from pipeline.evaluation.gate import check_gate
 from pipeline.evaluation.metrics import agrees
 from pipeline.evaluation.outputs import log_outputs, write_outputs
 from pipeline.evaluation.quality import GATE_FIGURES, flatten_figures, quality_figures
-from pipeline.evaluation.routing import replay_figures, routing, signal_quality
+from pipeline.evaluation.routing import agreement, replay_figures, routing, signal_quality
+from pipeline.evaluation.stats import mean_figure
 from pipeline.router.policy import SIGNALS
 from pipeline.task import Task, load_task
 
@@ -144,6 +145,9 @@ def _check_recipe_fits_task(recipe: Recipe, task: Task) -> None:
     if SIGNALS[recipe.router.signal].needs_label_scores and task.kind != "classification":
         raise DistillError(f"router.signal={recipe.router.signal} needs a classification task; "
                            f"{task.name} is {task.kind}: use mean_logprob or min_logprob")
+    if recipe.router.decode == "label_posterior" and task.kind != "classification":
+        raise DistillError(f"router.decode=label_posterior answers with one of the task's labels; {task.name} is "
+                           f"{task.kind}: use router.decode=generate")
     unknown = sorted(set(recipe.eval.gate) - set(GATE_FIGURES))
     if unknown:
         raise DistillError(f"eval.gate: unknown figure {', '.join(unknown)}; known: {', '.join(GATE_FIGURES)}")
@@ -156,6 +160,8 @@ def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict],
     routed = routing(recipe, task, test, validation, tuned.completions, val.completions)
     choice, expected, confirmed = routed.choice, routed.expected, routed.confirmed
     figures.update(confirmed)
+    # What `distill sweep` chooses on: the tuned student's agreement on validation, never test.
+    figures["tuned_validation_agreement"] = mean_figure(agreement(task, val.completions, validation), reps, seed)
     signals = signal_quality(task, test, tuned.completions, validation, val.completions, choice.policy)
     chosen_curve = signals["signals"][recipe.router.signal]["curve"]
     money = cost_figures(records, tuned.wall_s, len(test), recipe.eval.cost.student_usd_per_hour,
@@ -172,6 +178,6 @@ def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict],
     return {"figures": figures, "detail": detail, "choice": choice, "expected": expected, "confirmed": confirmed,
             "signals": signals, "cost": money, "flat": flat, "on_test": routed.on_test, "chosen_on": routed.chosen_on,
             "test": test, "validation": validation,
-            "base": base.completions, "tuned": tuned.completions}
+            "base": base.completions, "tuned": tuned.completions, "validation_answers": val.completions}
 
 
