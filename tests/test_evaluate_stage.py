@@ -59,6 +59,12 @@ def test_every_headline_figure_has_a_ci_and_the_threshold_meets_its_bound(assess
         assert figs[name].lo <= figs[name].value <= figs[name].hi, name
     validation_right = [a.text == r["completion"] for a, r in zip(result["validation_answers"], result["validation"])]
     assert figs["tuned_validation_agreement"].value == sum(validation_right) / len(validation_right)  # what sweep reads
+    # The 70% most confident answers (label_prob), ranked by hand: confident == right by construction.
+    scored = sorted(((result["choice"].policy.score(a), a.text == r["completion"])
+                     for a, r in zip(result["tuned"], result["test"])), key=lambda p: -p[0])
+    top = scored[: int(0.7 * len(scored))]
+    assert result["flat"]["tuned_agreement_top70pct"] == pytest.approx(sum(ok for _, ok in top) / len(top))
+    assert result["flat"]["tuned_agreement_top70pct"] > figs["tuned_agreement"].value
     assert figs["tuned_agreement"].value == pytest.approx(0.8, abs=0.08)
     choice = result["choice"]
     assert choice.reason == "met" and choice.bound >= 0.7 and 0 < figs["local_share"].value <= 1

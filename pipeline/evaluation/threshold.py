@@ -104,6 +104,13 @@ def measure(policy: Policy, completions: list[Completion], agree: list[bool]) ->
                     sum(answered), len(completions))
 
 
+def agreement_at_coverage(curve: list[dict], coverage: float) -> float | None:
+    """Agreement on the answers kept when the most confident `coverage` share of prompts is kept
+    (the largest curve point not above it; ties in the signal are kept or dropped together)."""
+    kept = [row for row in curve if row["coverage"] <= coverage + 1e-9]
+    return kept[-1]["agreement_answered"] if kept else None
+
+
 def sweep(scores: list[float | None], agree: list[bool]) -> list[dict]:
     """Coverage, answered and system agreement at every distinct threshold (for the curves)."""
     n = len(scores)

@@ -39,6 +39,7 @@ from pipeline.evaluation.outputs import log_outputs, write_outputs
 from pipeline.evaluation.quality import GATE_FIGURES, flatten_figures, quality_figures
 from pipeline.evaluation.routing import agreement, replay_figures, routing, signal_quality
 from pipeline.evaluation.stats import mean_figure
+from pipeline.evaluation.threshold import agreement_at_coverage
 from pipeline.router.policy import SIGNALS
 from pipeline.task import Task, load_task
 
@@ -175,6 +176,8 @@ def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict],
     flat["tuned_stop_rate"] = sum(a.stopped for a in tuned.completions) / len(test)
     for name, s in signals["signals"].items():
         flat[f"auroc_{name}"] = s["auroc"]
+    for share in (50, 70, 90):  # selective agreement on test: the most confident share by the chosen signal
+        flat[f"tuned_agreement_top{share}pct"] = agreement_at_coverage(chosen_curve, share / 100)
     return {"figures": figures, "detail": detail, "choice": choice, "expected": expected, "confirmed": confirmed,
             "signals": signals, "cost": money, "flat": flat, "on_test": routed.on_test, "chosen_on": routed.chosen_on,
             "test": test, "validation": validation,
