@@ -304,6 +304,10 @@ class TrainConfig(Section):
         "cosine", description="LR schedule."
     )
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. paged_adamw_8bit.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this before each optimizer step (0: no clipping); "
+        "1.0 is transformers' default, the QLoRA paper uses 0.3."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     packing: bool = Field(False, description="Pack examples into full max_seq_len sequences (best-fit, padding-free).")
     padding_free: bool = Field(False, description="Concatenate each batch into one sequence without padding.")
@@ -312,6 +316,11 @@ class TrainConfig(Section):
     )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point).")
     logging_steps: int = Field(5, ge=1, description="Log loss every N steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Compute the loss on the validation split every N optimizer steps, logged as "
+        "eval_loss beside the training loss (MLflow, train_log.jsonl, the manifest's last value); monitoring "
+        "only, nothing is chosen on it. null: never."
+    )
     seed: int = Field(0, description="Training seed.")
     eos_check: Literal["fail", "warn", "off"] = Field(
         "fail",
@@ -404,6 +413,19 @@ class ExportConfig(Section):
     )
     verify_prompts: int = Field(4, ge=1, description="Validation prompts re-generated to verify the export.")
     verify_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per verification prompt.")
+    verify_logprob_tolerance: float | None = Field(
+        None, gt=0,
+        description="Largest |difference| of next-token log-probabilities (nats, any vocabulary token, at each "
+        "position of base + adapter's greedy answer to a verification prompt) allowed between the reloaded "
+        "merged folder and base + adapter, both run in the compute dtype on the compute device; over it the "
+        "export fails. null: 0.001 when the merged weights and the check are fp32, 2.0 when either is bf16/fp16 "
+        "(rounding noise measured 8e-5 / 0.24-0.93 nats; a dropped adapter 3.4+; pipeline/export/merged.py).",
+    )
+    verify_min_agreement: float = Field(
+        0.75, ge=0, le=1,
+        description="Share of verification prompts on which the merged folder must give base + adapter's "
+        "greedy answer token for token (bf16 rounding may flip a near-tie); under it the export fails.",
+    )
     parity_limit: int | None = Field(
         None, ge=1, description="Test examples every artifact is scored on (the first N, as eval.limit takes "
         "them); null: the whole test split."

@@ -10,14 +10,29 @@ download and an OOM. The estimate is deliberately simple and a little pessimisti
   per 64-weight block = 0.5 bit/param; with double quantization 8-bit absmax + fp32 per 256
   blocks = 0.127 bit/param, QLoRA paper section 3). Embeddings, lm_head and norms are not
   quantized and stay in the compute dtype (finetune does not upcast them to fp32).
-- LoRA: r*(in+out) params per adapted linear; weight + grad in the compute dtype (TRL casts
-  LoRA weights of a quantized model to bf16), AdamW states 8 bytes/param fp32, 2 for 8-bit.
-- activations per token per layer, in the compute dtype: ~(18*hidden + 6*intermediate)
-  elements for a LLaMA-style block with LoRA dropout copies and memory-efficient attention
-  (no seq^2 term); with gradient checkpointing only each layer's input is kept plus one
-  layer recomputed in backward. Logits: bf16 logits + an fp32 copy + its gradient.
+- LoRA: r*(in+out) params per adapted linear. On a 4-bit base TRL casts them to bf16 (weight +
+  grad 2+2 bytes); on a bf16 base PEFT keeps them fp32 (4+4). AdamW states 8 bytes/param, 2 for 8-bit.
+- activations, per token, in compute-dtype elements (ACTIVATION_COEFFICIENTS), measured on CPU
+  with torch's memory profiler over the backbone's forward + backward in bf16 autocast, LoRA
+  r=16 with dropout on all seven linears, non-reentrant checkpointing (tests/test_planner.py
+  re-measures it): with checkpointing, each layer's input (1 x hidden per layer) plus the one
+  layer recomputed in backward with its gradients in flight: 21.2 x hidden + 8 x intermediate
+  on a 4-bit base (bf16 LoRA), 30.6 x hidden + 11 x intermediate on a bf16 base (fp32 LoRA:
+  PEFT casts each linear's input up for the adapter, so its dropout copies are fp32). Plus
+  2 x (q - kv) width where GQA keys/values are repeated to full heads (SDPA with a padding
+  mask). Without checkpointing every layer keeps that much (a little pessimistic: the
+  in-flight gradients are counted per layer). Memory-efficient attention: no seq^2 term.
+- logits: TRL's fused LM head (trl/kernels/chunked_logprob.py) never materializes the
+  (tokens, vocab) logits: one (<=4096 tokens, <=32768 vocab) tile in the compute dtype, the
+  scored hidden states (a copy), their fp32 gradient and the final norm's fp32 input. An older
+  TRL without it computes full logits + an fp32 copy + its gradient (10 bytes/token/vocab).
 - overhead: CUDA context and cuBLAS workspaces (~0.8 GiB, not in max_memory_allocated) and
   10% for allocator fragmentation.
+
+For mistral7b at 4 x 2048 this gives ~11.9 GiB. An earlier version said 12.9 with 2.5 GiB of
+full-vocab logits and ~18h+6i activations; with peft.prepare_model_for_kbit_training the
+residual stream ran fp32 and checkpoints + recomputed layer doubled (~15-17 GiB, issue 17);
+finetune no longer calls it (tests/test_finetune.py checks the dtypes).
 """
 
 from __future__ import annotations
@@ -67,6 +82,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT_GIB = 0.8
 FRAGMENTATION = 1.10
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Per token, in compute-dtype elements: (x hidden, x intermediate) of the layer recomputed in
+# backward with its gradients in flight, by whether the base is 4-bit (see the docstring).
+ACTIVATION_COEFFICIENTS = {True: (21.2, 8.0), False: (30.6, 11.0)}
+# TRL's fused LM head tile: tokens x vocab per projection (trl/kernels/chunked_logprob.py).
+LM_HEAD_TILE = (4096, 32768)
 
 
 @dataclass(frozen=True)
@@ -168,19 +188,36 @@ def estimate(arch: Architecture, train, compute_dtype: str = "bfloat16") -> Esti
     else:
         weights = arch.params * act_bytes
     n_lora = lora_params(arch, train.lora.r, train.lora.targets)
-    lora = n_lora * 2 * act_bytes  # weight + grad
+    quantized = train.quant.load_in_4bit
+    lora = n_lora * 2 * (act_bytes if quantized else 4)  # weight + grad: bf16 on a 4-bit base, else fp32
     optim_bytes = 2 if "8bit" in train.optim else 8
     optimizer = n_lora * optim_bytes
-    tokens = train.batch_size * train.max_seq_len  # padding-free / packing: at most this many
-    per_layer = tokens * (18 * arch.hidden + 6 * arch.intermediate) * act_bytes
+    tokens = train.batch_size * train.max_seq_len  # padding-free / packing / padded: at most this many
+    per_token_hidden, per_token_inter = ACTIVATION_COEFFICIENTS[quantized]
+    repeated_kv = 2 * (arch.heads - arch.kv_heads) * arch.head_dim
+    per_layer = tokens * (per_token_hidden * arch.hidden + per_token_inter * arch.intermediate + repeated_kv) * act_bytes
     if train.gradient_checkpointing:
         activations = arch.layers * tokens * arch.hidden * act_bytes + per_layer
     else:
         activations = arch.layers * per_layer
-    logits = tokens * arch.vocab * (act_bytes + 4 + 4)
+    if tiled_lm_head():
+        tile = min(tokens, LM_HEAD_TILE[0]) * min(arch.vocab, LM_HEAD_TILE[1]) * act_bytes
+        logits = tile + tokens * arch.hidden * (act_bytes + 4 + 4)
+    else:
+        logits = tokens * arch.vocab * (act_bytes + 4 + 4)
     subtotal = (weights + lora + optimizer + activations + logits) / GIB
     overhead = CUDA_CONTEXT_GIB + subtotal * (FRAGMENTATION - 1)
     return Estimate(weights / GIB, lora / GIB, optimizer / GIB, activations / GIB, logits / GIB, overhead, tokens)
+
+
+def tiled_lm_head() -> bool:
+    """Whether the installed TRL scores the loss through its fused LM head (found, not imported:
+    importing TRL pulls in torch, seconds `distill plan` should not spend)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    return bool(spec and spec.submodule_search_locations and any(
+        (Path(p) / "kernels" / "chunked_logprob.py").is_file() for p in spec.submodule_search_locations))
 
 
 def advice(arch: Architecture, train, budget_gib: float, compute_dtype: str = "bfloat16") -> list[str]:

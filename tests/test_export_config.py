@@ -44,6 +44,8 @@ def test_a_good_gguf_recipe_validates(tmp_path, capsys):
     ({"formats": ["merged", "gguf"], "gguf_types": ["f16", "q8_0", "q8_0"]}, "listed twice: q8_0"),
     ({"formats": ["merged"], "require": ["gguf-q8_0"]}, "'gguf-q8_0' is not produced"),
     ({"formats": ["merged", "megred"]}, "export.formats.1"),
+    ({"verify_min_agreement": 1.5}, "export.verify_min_agreement"),
+    ({"verify_logprob_tolerance": 0}, "export.verify_logprob_tolerance"),
 ])
 def test_inconsistent_export_sections_are_refused(export, message):
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):

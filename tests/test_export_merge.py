@@ -1,9 +1,12 @@
 """Merge equivalence: base + adapter and the merged folder, reloaded with plain transformers, give
-the same greedy tokens and logits; the folder carries its dtype, chat template and EOS.
+the same greedy tokens and logits; the folder carries its dtype, chat template and EOS. The
+export's own check (logits within a tolerance + greedy agreement, in the compute dtype on the
+compute device) passes a correct merge and fails a wrong one.
 
     .venv/bin/pytest -q tests/test_export_merge.py
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,88 @@ def test_merging_into_a_4bit_base_is_refused(tmp_path):
 
     with pytest.raises(DistillError, match="refusing to merge into a quantized base"):
         export_merged(Quantized(), None, CONVS, 3, tmp_path)
+
+
+# ---------------------------------------------------------------- the export's own check
+
+
+def wrong_merge(adapted, monkeypatch, damage):
+    """Let the real merge run, then damage what it returns before export_merged saves it."""
+    real = adapted.merge_and_unload
+
+    def merge_and_unload():
+        merged = real()
+        with torch.no_grad():
+            damage(merged)
+        return merged
+
+    monkeypatch.setattr(adapted, "merge_and_unload", merge_and_unload)
+
+
+def tiny_adapted(base_dir: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir), random_adapter(AutoModelForCausalLM.from_pretrained(base_dir,
+                                                                                                       dtype=dtype))
+
+
+def test_a_correct_merge_passes_with_its_figures_recorded(tiny_llama_dir, tmp_path):
+    import json
+
+    tokenizer, adapted = tiny_adapted(tiny_llama_dir)
+    result = export_merged(adapted, tokenizer, CONVS, 6, tmp_path, base_dtype(str(tiny_llama_dir)))
+    # fp32 weights and compute: only summation order differs, so the strict default bar applies
+    assert result.logprob_tolerance == 1e-3
+    assert 0 <= result.max_logprob_delta < 1e-4 and result.greedy_agreement == 1.0
+    figures = json.loads((tmp_path / "verification.json").read_text())
+    assert figures["mismatches"] == 0 and figures["compute"] == "float32 on cpu" and figures["saved_dtype"] == "float32"
+    assert figures["max_logprob_delta"] == max(figures["logprob_deltas"]) == result.max_logprob_delta
+    assert len(figures["logprob_deltas"]) == 2 and figures["logprob_tolerance"] == 1e-3
+
+
+def test_one_wrong_weight_in_the_merged_model_fails_the_export(tiny_llama_dir, tmp_path, monkeypatch):
+    tokenizer, adapted = tiny_adapted(tiny_llama_dir)
+
+    def one_weight(merged):
+        merged.model.layers[1].mlp.down_proj.weight[0, 0] += 0.5
+
+    wrong_merge(adapted, monkeypatch, one_weight)
+    with pytest.raises(DistillError, match=r"log-probabilities differ from base\+adapter's by up to .* nats, over "
+                                           r"export.verify_logprob_tolerance=0.001, on .*float32 on cpu"):
+        export_merged(adapted, tokenizer, CONVS, 6, tmp_path, base_dtype(str(tiny_llama_dir)))
+    figures = json.loads((tmp_path / "verification.json").read_text())
+    assert figures["max_logprob_delta"] > 1e-3  # left behind for inspection
+
+
+def test_the_check_runs_in_the_compute_dtype_and_a_dropped_adapter_fails_in_bf16(tiny_llama_dir, tmp_path,
+                                                                               monkeypatch, caplog):
+    tokenizer, adapted = tiny_adapted(tiny_llama_dir, torch.bfloat16)
+    result = export_merged(adapted, tokenizer, CONVS, 6, tmp_path / "good", torch.bfloat16)
+    assert next(result.model.parameters()).dtype == torch.bfloat16  # reloaded as base + adapter ran, not fp32
+    assert result.logprob_tolerance == 2.0 and result.max_logprob_delta < 0.1 < 1.0 < result.adapter_logprob_effect
+    assert json.loads((tmp_path / "good" / "verification.json").read_text())["compute"] == "bfloat16 on cpu"
+
+    tokenizer, adapted = tiny_adapted(tiny_llama_dir, torch.bfloat16)
+    monkeypatch.setattr(adapted, "merge_and_unload", adapted.unload)  # the LoRA removed instead of merged
+    # This 2-layer random model's flat distributions move only ~1.4 nats without the adapter, under
+    # the bf16 bar (said in a warning); greedy agreement is what fails it.
+    with pytest.raises(DistillError, match=r"greedy answer on 0% of 2 .*bfloat16 on cpu"):
+        export_merged(adapted, tokenizer, CONVS, 6, tmp_path / "bad", torch.bfloat16)
+    figures = json.loads((tmp_path / "bad" / "verification.json").read_text())
+    assert figures["max_logprob_delta"] == pytest.approx(figures["adapter_logprob_effect"])  # merged == the base
+    assert "cannot tell a dropped adapter from a correct merge" in caplog.text
+
+
+def test_a_dropped_adapter_fails_the_logits_bar_in_fp32(tiny_llama_dir, tmp_path, monkeypatch):
+    tokenizer, adapted = tiny_adapted(tiny_llama_dir)
+    monkeypatch.setattr(adapted, "merge_and_unload", adapted.unload)
+    with pytest.raises(DistillError, match=r"over export.verify_logprob_tolerance=0.001"):
+        export_merged(adapted, tokenizer, CONVS, 6, tmp_path, min_agreement=0.0)
+
+
+def test_greedy_answers_below_the_agreement_bar_fail_the_export(tiny_llama_dir, tmp_path, monkeypatch):
+    tokenizer, adapted = tiny_adapted(tiny_llama_dir)
+    monkeypatch.setattr(adapted, "merge_and_unload", adapted.unload)
+    with pytest.raises(DistillError, match=r"greedy answer on 0% of 2 verification prompts, under "
+                                           r"export.verify_min_agreement=0.75"):
+        export_merged(adapted, tokenizer, CONVS, 6, tmp_path, logprob_tolerance=1e9)

@@ -122,6 +122,16 @@ def test_each_artifact_was_rescored_and_f16_reproduced_merged_exactly(exported):
     assert table.startswith("| artifact | size | bits/weight | load s | tok/s | agreement [95% CI] | Δ vs merged")
 
 
+def test_the_merge_check_figures_are_in_the_manifest_and_verification_json(exported):
+    out, manifest, _, _ = exported
+    figures = json.loads((out / "verification.json").read_text())
+    # the tiny Llama is fp32, as is the CPU compute: the strict bar
+    assert figures["compute"] == "float32 on cpu" and figures["logprob_tolerance"] == 1e-3
+    assert manifest.metrics["merged_verify_logprob_tolerance"] == 1e-3
+    assert manifest.metrics["merged_verify_max_logprob_delta"] == figures["max_logprob_delta"] < 1e-3
+    assert manifest.metrics["merged_verify_greedy_agreement"] == figures["greedy_agreement"] == 1.0
+
+
 def test_the_parity_gate_rejects_the_planted_broken_gguf_with_a_clear_message(exported):
     out, manifest, _, _ = exported
     assert manifest.notes == ["gguf-q8_0 rejected: EOS id 3 in the GGUF, but the tokenizer's EOS is 2 ('<|im_end|>'): "

@@ -83,7 +83,7 @@ LLAMA31_OFFICIAL = """\
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
 """
-SHIPPED = {"mistral": "mistral-v0.3.jinja", "llama3": "llama3.jinja"}
+SHIPPED = {"mistral": "mistral-v0.3.jinja", "llama3": "llama3.jinja", "llama3.2": "llama3.2.jinja"}
 OFFICIAL = {"mistral-official": MISTRAL_V03_OFFICIAL, "llama3-official": LLAMA3_OFFICIAL,
             "llama3.1-official": LLAMA31_OFFICIAL}
 # How each family's assistant turn ends: the labels must be exactly this, tokenized on its own.

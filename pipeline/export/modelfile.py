@@ -4,7 +4,8 @@
 
 Ollama cannot run the Jinja template the model was trained with, so the chat format is read
 back from it: the template is rendered with marker contents, which gives the text before each
-role's content, after it, the generation prompt and any default system prompt. The Go template
+role's content, after it, the generation prompt, any default system prompt and any text only
+the first system block carries (Llama 3.1/3.2's knowledge-cutoff and date lines). The Go template
 is built from those pieces, and a Python twin of it must reproduce the Jinja rendering on probe
 conversations and the verification prompts, or no TEMPLATE is written (Ollama then falls back
 to its own detection from the GGUF) and the Modelfile says so.
@@ -28,13 +29,15 @@ PROBES = [
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """A template of the form: prelude, [default system], then per message before[role] + content + after."""
+    """A template of the form: prelude, [default system], then per message before[role] + content + after;
+    the first system block (given or default) has `intro` between its header and its content."""
 
     prelude: str
     default_system: str | None  # rendered when the first message is not a system message
     before: dict[str, str]
     after: str
     generation: str
+    intro: str = ""
 
     def render(self, messages: list[dict]) -> str:
         """Python twin of `go_template`: the same branches, in the same order."""
@@ -44,8 +47,8 @@ class ChatFormat:
             if i == 0:
                 out.append(self.prelude)
                 if m["role"] != "system" and self.default_system is not None:
-                    out.append(self.before["system"] + self.default_system + self.after)
-            out.append(self.before[m["role"]] + m["content"])
+                    out.append(self.before["system"] + self.intro + self.default_system + self.after)
+            out.append(self.before[m["role"]] + (self.intro if i == 0 and m["role"] == "system" else "") + m["content"])
             if m["role"] != "assistant" or not last:
                 out.append(self.after)
             if last and m["role"] != "assistant":
@@ -56,11 +59,13 @@ class ChatFormat:
         # No `{{-` trim markers anywhere: the literal pieces end in newlines that must survive.
         default = ""
         if self.default_system is not None:
-            default = f'{{{{ if ne .Role "system" }}}}{self.before["system"]}{self.default_system}{self.after}{{{{ end }}}}'
+            default = (f'{{{{ if ne .Role "system" }}}}{self.before["system"]}{self.intro}{self.default_system}'
+                       f"{self.after}{{{{ end }}}}")
+        intro = f"{{{{ if eq $i 0 }}}}{self.intro}{{{{ end }}}}" if self.intro else ""
         return (
             "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
             f"{{{{ if eq $i 0 }}}}{self.prelude}{default}{{{{ end }}}}"
-            f'{{{{ if eq .Role "system" }}}}{self.before["system"]}{{{{ .Content }}}}{self.after}'
+            f'{{{{ if eq .Role "system" }}}}{self.before["system"]}{intro}{{{{ .Content }}}}{self.after}'
             f'{{{{ else if eq .Role "user" }}}}{self.before["user"]}{{{{ .Content }}}}{self.after}'
             f'{{{{ else if eq .Role "assistant" }}}}{self.before["assistant"]}{{{{ .Content }}}}'
             f"{{{{ if not $last }}}}{self.after}{{{{ end }}}}{{{{ end }}}}"
@@ -76,7 +81,7 @@ def infer_chat_format(tokenizer, conversations: list[list[dict]] = ()) -> ChatFo
     except (ValueError, KeyError, IndexError):
         return None
     for fmt in candidates:
-        pieces = [fmt.prelude, fmt.default_system or "", fmt.after, fmt.generation, *fmt.before.values()]
+        pieces = [fmt.prelude, fmt.default_system or "", fmt.after, fmt.generation, fmt.intro, *fmt.before.values()]
         if any("{{" in p or '"""' in p for p in pieces):
             continue  # cannot be written literally into a Go template inside """ quotes
         if all(_same(fmt, tokenizer, conv) for conv in [*PROBES, *conversations]):
@@ -125,6 +130,7 @@ def _infer(tokenizer) -> list[ChatFormat]:
     if not alone.endswith(tail):
         return []
     lead = alone[: -len(tail)]
+    later_system = _later_system_header(tokenizer, after)
     bos = tokenizer.bos_token or ""
     found = []
     for prelude in ["", bos] if bos and head.startswith(bos) else [""]:
@@ -134,9 +140,29 @@ def _infer(tokenizer) -> list[ChatFormat]:
             default = lead[len(head) : -len(after)]
         else:
             continue
-        before = {"system": head[len(prelude):], "user": before_user, "assistant": before_assistant}
-        found.append(ChatFormat(prelude, default, before, after, generation))
+        system, intro = head[len(prelude):], ""
+        if later_system is not None and system.startswith(later_system):
+            system, intro = later_system, system[len(later_system):]
+        before = {"system": system, "user": before_user, "assistant": before_assistant}
+        found.append(ChatFormat(prelude, default, before, after, generation, intro))
     return found
+
+
+def _later_system_header(tokenizer, after: str) -> str | None:
+    """What a system message after the first is preceded by (None: the template refuses one)."""
+    from jinja2 import TemplateError
+
+    m = _MARK
+    try:
+        mid = _render(tokenizer, [{"role": "user", "content": m["user1"]}, {"role": "system", "content": m["system"]},
+                                  {"role": "user", "content": m["user2"]}], False)
+    except TemplateError:
+        return None
+    start = mid.find(m["user1"] + after)
+    end = mid.find(m["system"])
+    if start < 0 or end < start:
+        return None
+    return mid[start + len(m["user1"] + after) : end]
 
 
 def stop_strings(fmt: ChatFormat | None, tokenizer) -> list[str]:

@@ -3,9 +3,11 @@
     distill export RECIPE [export.formats=[merged,adapter,gguf]]
 
 merged/ (safetensors in the base's dtype, tokenizer, chat template, generation config): the
-adapter merged into an unquantized base, reloaded with plain transformers and required to give
-base + adapter's greedy tokens on validation prompts, else the stage fails. adapter/: the PEFT
-adapter alone. gguf/: llama.cpp files of `export.gguf_types` and an Ollama Modelfile.
+adapter merged into an unquantized base, reloaded with plain transformers in the compute dtype
+on the compute device and compared with base + adapter on validation prompts: next-token
+log-probabilities within `export.verify_logprob_tolerance` and greedy answers alike on at least
+`export.verify_min_agreement` of them, else the stage fails (verification.json, and the stage's
+merged_verify_* metrics). adapter/: the PEFT adapter alone. gguf/: llama.cpp files of `export.gguf_types` and an Ollama Modelfile.
 
 Then parity: every artifact answers the test split again in its own runtime and is scored
 against the teacher (parity.json, parity.md); F16 must reproduce merged's tokens exactly, the
@@ -69,7 +71,8 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     test = list(dataset["test"])[: cfg.parity_limit]
     if not test:
         raise DistillError("export: the test split is empty, so no artifact can be re-scored")
-    rows, counts, modelfile = build_artifacts(recipe, inputs, out, verify, test, task)
+    rows, counts, modelfile, verify_figures = build_artifacts(recipe, inputs, out, verify, test, task)
+    tracker.metrics(verify_figures)
 
     meta = {"test_examples": len(test), "tolerance": cfg.parity_tolerance, "batch_size": cfg.batch_size,
             "verify_prompts": len(verify), "max_new_tokens": cfg.parity_max_new_tokens}
@@ -84,7 +87,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     check_required(rows, cfg.require, out / PARITY_MD)
     versions = register(recipe, inputs, out, rows, tracker) if cfg.registry else {}
     counts["registered_versions"] = len(versions)
-    metrics = {f"{r.artifact}_agreement": r.agreement["value"] for r in rows if r.agreement}
+    metrics = {**verify_figures, **{f"{r.artifact}_agreement": r.agreement["value"] for r in rows if r.agreement}}
     return Manifest(stage=NAME, counts=counts, metrics=metrics, notes=notes)
 
 
@@ -115,21 +118,24 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
     # exported copy, so the files shipped are the ones verified.
     adapted = PeftModel.from_pretrained(load_model(recipe.model.base, device_plan()), str(adapter)).eval()
     merged = export_merged(adapted, tokenizer, verify, cfg.verify_max_new_tokens, out,
-                           base_dtype(resolve_model(recipe.model.base)))
+                           base_dtype(resolve_model(recipe.model.base)), cfg.verify_logprob_tolerance,
+                           cfg.verify_min_agreement)
     del adapted
     convs = [Task.student_messages(r["prompt"]) for r in test]
     references = [r["completion"] for r in test]
     merged_row = ArtifactParity("merged", EXPORT_MERGED, _size(out / EXPORT_MERGED), runtime="transformers",
-                                exact_on_verify=True)
+                                exact_on_verify=merged.greedy_agreement == 1.0)
     score(merged_row, hf_answers(merged.model, tokenizer, convs, cfg.parity_max_new_tokens, cfg.batch_size,
                                  merged.load_s), references, task)
     merged_row.delta_vs_merged = 0.0
     rows.append(merged_row)
     if "adapter" in cfg.formats:
         rows.append(ArtifactParity("adapter", adapter.name, _size(adapter), runtime="transformers+peft",
-                                   exact_on_verify=True,
-                                   note=f"base + this adapter gave merged's greedy tokens on {len(verify)} "
-                                        "verification prompts; its agreement is merged's"))
+                                   exact_on_verify=merged.greedy_agreement == 1.0,
+                                   note=f"base + this adapter gave merged's greedy tokens on "
+                                        f"{merged.greedy_agreement:.0%} of {len(verify)} verification prompts, "
+                                        f"log-probabilities within {merged.max_logprob_delta:.2g} nats; "
+                                        "its agreement is merged's"))
     reference = merged.answers  # the reloaded folder's greedy tokens: what F16 must reproduce
     if next(merged.model.parameters()).dtype != torch.float32:
         # On CUDA the merge ran in bf16, whose 8-bit mantissa flips near-tied tokens that F16 keeps:
@@ -138,6 +144,9 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
         from pipeline.llm.generate import generate_batch
 
         reference = generate_batch(reload_plain(out / EXPORT_MERGED), tokenizer, verify, cfg.verify_max_new_tokens)
+    verify_figures = {"merged_verify_max_logprob_delta": merged.max_logprob_delta,
+                      "merged_verify_logprob_tolerance": merged.logprob_tolerance,
+                      "merged_verify_greedy_agreement": merged.greedy_agreement}
     del merged
     counts = {"verified_prompts": len(verify), "parity_test_examples": len(test)}
     modelfile = None
@@ -147,7 +156,7 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
         rows += gguf_rows
     counts["accepted"] = sum(r.status == "accepted" for r in rows)
     counts["rejected"] = sum(r.status == "rejected" for r in rows)
-    return rows, counts, modelfile
+    return rows, counts, modelfile, verify_figures
 
 
 def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, reference, convs, references, task, merged_row):

@@ -11,6 +11,7 @@ labels are the answer tokens plus EOS and nothing else. TRL turns `completion_ma
 labels. On CUDA the VRAM planner checks the recipe fits before anything is loaded. After
 training, the EOS check makes sure the student stops by itself. Checkpoints go to
 `checkpoints/` every train.save_steps; an interrupted run resumes from the last one.
+With train.eval_steps the validation split's loss is logged beside the training loss.
 Writes `adapter/` (PEFT adapter + tokenizer) and `train_log.jsonl`.
 """
 
@@ -61,6 +62,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
     tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
     train = tokenize_dataset(to_prompt_completion(dataset["train"]), tokenizer, cfg.max_seq_len)
+    validation = validation_set(dataset, tokenizer, cfg) if cfg.eval_steps else None
     # No peft.prepare_model_for_kbit_training for a 4-bit base: it upcasts embeddings, norms and
     # lm_head to fp32, and 4-bit layers return their input's dtype, so the whole residual stream
     # would run fp32 under bf16 (twice the activation memory the planner assumes, slower steps).
@@ -77,6 +79,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         model=model,
         args=build_sft_config(cfg, out / "checkpoints", plan),
         train_dataset=train,
+        eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=None if cfg.init_adapter is not None else build_lora_config(cfg.lora),
         callbacks=[_metrics_callback(tracker, log_rows, state.is_main_process)],
@@ -101,10 +104,13 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     tokenizer.save_pretrained(out / FINETUNE_ADAPTER)
     write_jsonl(out / "train_log.jsonl", log_rows)
     tokens = trainer.state.num_input_tokens_seen - tokens_before
+    losses = [r["loss"] for r in log_rows if "loss" in r]
+    eval_losses = [r["eval_loss"] for r in log_rows if "eval_loss" in r]
     metrics = {
         "train_loss": result.training_loss,
-        "first_loss": log_rows[0]["loss"] if log_rows else None,
-        "last_loss": log_rows[-1]["loss"] if log_rows else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        **({"eval_loss": eval_losses[-1]} if eval_losses else {}),
         "train_wall_s": wall,
         "tokens_per_s": tokens / wall if wall else 0.0,
         "trainable_params": trainable,
@@ -174,6 +180,14 @@ def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[d
     return {"input_ids": prompt_ids + answer, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer)}
 
 
+def validation_set(dataset, tokenizer, cfg: TrainConfig):
+    """The validation split, tokenized as training is, for train.eval_steps."""
+    if "validation" not in dataset or not len(dataset["validation"]):
+        raise DistillError("finetune: train.eval_steps is set but the curated dataset has no validation examples; "
+                           "unset it or give curate enough data for a validation split")
+    return tokenize_dataset(to_prompt_completion(dataset["validation"]), tokenizer, cfg.max_seq_len)
+
+
 def tokenize_dataset(pairs, tokenizer, max_len: int):
     """Tokenize every pair; drop, never truncate, those longer than max_len: a cut answer loses its
     EOS and teaches the student to stop mid-answer (or never)."""
@@ -237,8 +251,11 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
         optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        # Non-reentrant explicitly (reentrant checkpointing drops gradients of frozen-input LoRA layers).
+        # Non-reentrant explicitly, not by the default of whichever transformers / TRL is installed:
+        # reentrant checkpointing needs an input that requires grad and drops the LoRA gradients
+        # when the layer's input is frozen.
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         # Our tokenizer already cut to max_seq_len; TRL refuses max_length with padding-free unpacked batches.
         max_length=cfg.max_seq_len if cfg.packing or not cfg.padding_free else None,
@@ -253,6 +270,9 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
         save_steps=cfg.save_steps,
         save_total_limit=2,
         logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps,
+        per_device_eval_batch_size=cfg.batch_size,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         seed=cfg.seed,
@@ -338,10 +358,11 @@ def _metrics_callback(tracker, rows: list[dict], main: bool):
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             now, tokens = time.perf_counter(), state.num_input_tokens_seen
-            if self.last[1] is not None and now > self.last[0]:
-                numeric["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
-            self.last = (now, tokens)
-            if "loss" in numeric:
+            if "eval_loss" not in numeric:  # an eval log (train.eval_steps) trains no tokens
+                if self.last[1] is not None and now > self.last[0]:
+                    numeric["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
+                self.last = (now, tokens)
+            if "loss" in numeric or "eval_loss" in numeric:
                 rows.append({"step": state.global_step, **numeric})
             if main:
                 tracker.metrics(numeric, step=state.global_step)
