@@ -15,7 +15,7 @@ one child run per trial (tag mlflow.parentRunId) holding its stages' runs. The p
 comparison table (results.md), a plot (results.png) and the winner's tags.
 
 The winner is the trial whose tuned student agrees most with the teacher on the **validation**
-split (answered exactly as evaluate's tuned student: user message only, greedy); test stays the
+split (evaluate's tuned_validation_agreement: its tuned student's answers, as served); test stays the
 untouched report of the chosen recipe. Ties go to the earlier trial of the grid. A rerun skips
 every trial already scored under this parent whose stages are unchanged (fingerprints).
 """
