@@ -5,7 +5,7 @@
 `make test` deselects the `gpu` tests and they skip themselves without CUDA. The model is
 Mistral-7B-Instruct-v0.3's exact shape (the planner's KNOWN_ARCHITECTURES entry) with random
 bf16 weights, saved to a folder and loaded back by the project's own loader, so the path is
-the finetune stage's: `device_plan` -> `load_model` (NF4 through `build_bnb_config`) ->
+the finetune stage's: `device_plan` -> `attention_plan` -> `load_model` (NF4 through `build_bnb_config`) ->
 TRL's SFTTrainer with `build_sft_config` /
 `build_lora_config` from recipes/mistral7b.yaml's train section. Only what a smoke run must
 change is overridden: 3 steps, grad_accum 1 (accumulation reuses the same buffers, so the
@@ -17,12 +17,19 @@ row, the most positions TRL's fused LM head scores, so the peak is the recipe's 
 
 Set DISTILL_GPU_MODEL_DIR to keep the random checkpoint (14.5 GB) for a rerun; otherwise
 it lives in a temp folder removed afterwards. The same harness runs at a tiny shape on the
-CPU in `make test` (the last test here), so it cannot rot unseen between GPU loans.
+CPU in `make test` (the last tests here), so it cannot rot unseen between GPU loans.
+
+Issue 17's defects 3-6 run on a small random Mistral (SMALL) beside it, each adding a section
+to bench/gpu.json: `residual_stream` (dtypes in the trainer's forwards), `padding_free_vs_padded`
+(same-rows loss, tokens/s, peak memory, whether flash-attn varlen was used), `export_bf16`
+(the export check in bf16 on the GPU) and `nf4_vs_bf16` (the NF4-trained adapter's greedy
+agreement on the NF4 and the bf16 base). Each has a CPU rehearsal at the tiny shape.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -40,6 +47,13 @@ PROMPT_TOKENS = 64
 SMOKE = ["train.max_steps=3", "train.grad_accum=1", "train.logging_steps=1", "train.eos_check='off'"]
 # The CPU rehearsal: tiny rows, and a plain optimizer (paged 8-bit AdamW is CUDA-only).
 CPU_SMOKE = SMOKE + ["train.max_seq_len=96", "train.batch_size=2", "train.optim=adamw_torch", "train.quant.on_cpu=run"]
+# Defects 3-6 on the GPU: a small Mistral (Mistral's vocabulary, ~50M parameters): seconds a run.
+SMALL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+             intermediate_size=1536, vocab_size=32768, tie_word_embeddings=False, head_dim=64)
+SMALL_SMOKE = SMOKE + ["train.max_seq_len=512", "train.batch_size=4", "train.lr=2e-3"]
+SMALL_PADDING = SMOKE + ["train.max_steps=6", "train.max_seq_len=1024", "train.batch_size=8"]
+# padding-free vs padded: the same rows' loss, relative (bf16 kernels differ in summation order)
+LOSS_RTOL = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-4}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=1024, tie_word_embeddings=False, head_dim=16)
 
@@ -142,28 +156,33 @@ def same_bytes(a, b) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-def qlora_run(folder: Path, overrides: list[str]) -> dict:
-    """Train like the finetune stage for max_steps on random rows; return what happened and what it cost."""
+def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = None, rows=None) -> dict:
+    """Train like the finetune stage for max_steps on random rows; return what happened and what it cost.
+    The residual stream's dtypes are recorded during the training forwards (defect 3); with
+    `adapter_out` the trained adapter is saved there (defect 6 reads it); `rows` replaces the random rows."""
     import torch
     from trl import SFTTrainer
 
     from pipeline.config import load_recipe
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.planner import CUDA_CONTEXT_GIB, GIB, estimate, load_architecture
-    from pipeline.stages.finetune import build_lora_config, build_sft_config
+    from pipeline.stages.finetune import attention_plan, build_lora_config, build_sft_config
 
     cfg = load_recipe("mistral7b", root=ROOT, overrides=overrides).train  # the model is `folder`
     plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
     cuda = plan.device == "cuda"
+    # As the stage: padding-free only with a varlen kernel on CUDA (flash-attn), else padded SDPA.
+    cfg, attention = attention_plan(cfg, plan, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None)
     arch = load_architecture(str(folder))
     est = estimate(arch, cfg, plan.dtype_name)
     tokenizer = load_tokenizer(str(folder))
-    rows = random_rows(cfg.max_steps * cfg.batch_size * cfg.grad_accum, cfg.max_seq_len, arch.vocab)
+    if rows is None:
+        rows = random_rows(cfg.max_steps * cfg.batch_size * cfg.grad_accum, cfg.max_seq_len, arch.vocab)
 
     alloc = (lambda: torch.cuda.memory_allocated() / GIB) if cuda else (lambda: 0.0)  # CPU: not measured
     before_load = alloc()
     start = time.perf_counter()
-    model = load_model(str(folder), plan, cfg.quant)
+    model = load_model(str(folder), plan, cfg.quant, attention)
     weights = alloc() - before_load  # as the stage does: no k-bit preparation (it would upcast to fp32)
     load_s = time.perf_counter() - start
 
@@ -177,9 +196,14 @@ def qlora_run(folder: Path, overrides: list[str]) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    hooks, dtypes = residual_hooks(trainer.model)
     start = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - start
+    for hook in hooks:
+        hook.remove()
+    if adapter_out is not None:
+        trainer.save_model(str(adapter_out))
     peak = torch.cuda.max_memory_allocated() / GIB - before_load if cuda else None
     reserved = torch.cuda.max_memory_reserved() / GIB if cuda else None
 
@@ -199,7 +223,8 @@ def qlora_run(folder: Path, overrides: list[str]) -> dict:
         "arch": asdict(arch), "params": arch.params,
         "train": {k: getattr(cfg, k) for k in ("max_seq_len", "batch_size", "grad_accum", "max_steps", "optim",
                                                 "gradient_checkpointing", "padding_free", "packing")}
-        | {"lora_r": cfg.lora.r, "compute_dtype": plan.dtype_name, "tokens_per_step": tokens},
+        | {"lora_r": cfg.lora.r, "compute_dtype": plan.dtype_name, "tokens_per_step": tokens,
+           "attention": attention or "sdpa"},
         "estimate_gib": est.parts() | {"total": est.total, "comparable_to_allocated": est_alloc},
         "measured_gib": {"weights_after_load": weights,
                          "peak_allocated": peak, "peak_reserved": reserved} if cuda else None,
@@ -211,6 +236,7 @@ def qlora_run(folder: Path, overrides: list[str]) -> dict:
         "step_s": [b - a for a, b in zip([start, *timer.ends], timer.ends)],
         "tokens_per_s": tokens * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else None,
         "load_s": load_s, "train_s": train_s,
+        "residual_dtypes": {k: sorted(v) for k, v in dtypes.items()},
         # for the assertions; dropped from the JSON
         "_types": types, "_lora": lora, "_frozen": frozen, "_frozen_moved": frozen_moved, "_lora_moved": lora_moved,
         "_lora_b_zero_at_start": all(begin[n].abs().sum() == 0 for n in lora if "lora_B" in n),
@@ -226,10 +252,275 @@ def _versions() -> dict:
     return out | {"cuda": torch.version.cuda}
 
 
+_SECTIONS: dict[Path, dict] = {}  # per results file: the sections (defects 3-6) written in this session
+
+
+def _public(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
 def write_results(record: dict, path: Path) -> None:
+    """The mistral7b record at the top level, with the sections this session already wrote kept beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    public = {k: v for k, v in record.items() if not k.startswith("_")}
-    path.write_text(json.dumps(public, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(_public(record) | _SECTIONS.get(path, {}), indent=2, default=str) + "\n")
+
+
+def write_section(name: str, record: dict, path: Path) -> None:
+    """One measurement (defects 3-6) under its own key of the same file, beside whatever is there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _SECTIONS.setdefault(path, {})[name] = _public(record)
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(current | _SECTIONS[path], indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- defects 3-6 (issue 17), shared with the CPU rehearsal
+
+
+def residual_hooks(model):
+    """Forward hooks recording the dtypes of the residual stream (defect 3): the embeddings' output,
+    every decoder layer's input and output, every gate_proj's output (LoRA included) and the final
+    norm's output. Returns (hooks, {name: set of dtype names})."""
+    import torch
+
+    seen: dict[str, set[str]] = {}
+
+    def record(name, tensor) -> None:  # hooks must return None, or they replace the module's input/output
+        if isinstance(tensor, tuple):
+            tensor = tensor[0] if tensor else None
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            seen.setdefault(name, set()).add(str(tensor.dtype).removeprefix("torch."))
+
+    hooks = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs: record("layer_input", args[0] if args else kwargs.get("hidden_states")),
+                with_kwargs=True))
+            hooks.append(module.register_forward_hook(lambda m, args, out: record("layer_output", out)))
+        elif name.endswith("mlp.gate_proj"):
+            hooks.append(module.register_forward_hook(lambda m, args, out: record("gate_proj", out)))
+        elif name.endswith("embed_tokens"):
+            hooks.append(module.register_forward_hook(lambda m, args, out: record("embeddings", out)))
+        elif name.endswith("model.norm"):
+            hooks.append(module.register_forward_hook(lambda m, args, out: record("final_norm", out)))
+    return hooks, seen
+
+
+def assert_residual_stream_in(record: dict, dtype_name: str) -> None:
+    seen = record["residual_dtypes"]
+    assert {"embeddings", "layer_input", "layer_output", "gate_proj", "final_norm"} <= seen.keys(), seen
+    wrong = {k: v for k, v in seen.items() if v != [dtype_name]}
+    assert not wrong, (f"residual stream not in {dtype_name} during training (defect 3: a k-bit preparation "
+                       f"upcast?): {wrong}")
+
+
+def variable_rows(n: int, max_len: int, vocab: int, seed: int = 0):
+    """Pre-tokenized rows of different lengths (a quarter to all of max_len): padding has something to pad."""
+    import torch
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max_len // 4, max_len + 1, (n,), generator=gen).tolist()
+    ids = [torch.randint(3, vocab, (n_,), generator=gen).tolist() for n_ in lengths]
+    masks = [[0] * (n_ // 4) + [1] * (n_ - n_ // 4) for n_ in lengths]
+    return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+
+
+def padding_comparison(folder: Path, overrides: list[str]) -> dict:
+    """Defect 4: the same rows as one padding-free micro-batch (with the attention implementation
+    attention_plan picks: flash_attention_2 varlen when flash-attn is installed, else SDPA over a
+    block-diagonal mask) and as a padded one (SDPA): the loss on the first micro-batch before any
+    step, then max_steps of training for tokens/s and peak memory."""
+    import torch
+    from trl import SFTTrainer
+
+    from pipeline.config import load_recipe
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.planner import GIB, load_architecture
+    from pipeline.stages.finetune import attention_plan, build_lora_config, build_sft_config
+
+    cfg = load_recipe("mistral7b", root=ROOT, overrides=overrides).train
+    plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
+    cuda = plan.device == "cuda"
+    flash = importlib.util.find_spec("flash_attn") is not None
+    staged, attention = attention_plan(cfg, plan, flash_attn_installed=flash)
+    arch = load_architecture(str(folder))
+    tokenizer = load_tokenizer(str(folder))
+    rows = variable_rows(cfg.max_steps * cfg.batch_size * cfg.grad_accum, cfg.max_seq_len, arch.vocab)
+    real_tokens = sum(len(r) for r in rows["input_ids"])
+    out = {"device": plan.reason, "gpu": torch.cuda.get_device_name(0) if cuda else None,
+           "flash_attn_installed": flash, "padding_free_attention": attention or "sdpa",
+           "flash_attn_varlen": attention == "flash_attention_2",
+           "stage_trains_padding_free": staged.padding_free,  # what the finetune stage would do on this machine
+           "rows": len(rows), "real_tokens": real_tokens, "max_seq_len": cfg.max_seq_len,
+           "batch_size": cfg.batch_size, "steps": cfg.max_steps, "compute_dtype": plan.dtype_name}
+    for arm, padding_free, attn in (("padding_free", True, attention), ("padded", False, None)):
+        arm_cfg = cfg.model_copy(update={"padding_free": padding_free})
+        model = load_model(str(folder), plan, arm_cfg.quant, attn)
+        args = build_sft_config(arm_cfg, folder.parent / f"{folder.name}-{arm}", plan)
+        args.save_strategy, args.disable_tqdm = "no", True
+        torch.manual_seed(cfg.seed)
+        timer = step_timer()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                             peft_config=build_lora_config(cfg.lora), callbacks=[timer])
+        first = [trainer.train_dataset[i] for i in range(cfg.batch_size)]
+        batch = trainer._prepare_inputs(trainer.data_collator(first))
+        trainer.model.eval()
+        with torch.no_grad(), trainer.compute_loss_context_manager():
+            loss = float(trainer.compute_loss(trainer.model, batch))
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - start
+        ends = timer.ends
+        per_step = real_tokens / cfg.max_steps
+        out[arm] = {"attention": attn or "sdpa", "batch_shape": list(batch["input_ids"].shape),
+                    "first_batch_loss": loss,
+                    "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
+                    "train_s": train_s,
+                    "tokens_per_s": per_step * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else None,
+                    "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None}
+        del trainer, model, batch
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    a, b = out["padding_free"]["first_batch_loss"], out["padded"]["first_batch_loss"]
+    out["loss_rel_diff"] = abs(a - b) / abs(b)
+    return out
+
+
+def prompts(n: int, vocab: int, length: int = 12, seed: int = 5) -> list[list[dict]]:
+    """User turns of in-vocabulary words for the word-level tokenizer of write_random_model."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=gen).tolist()
+    return [[{"role": "user", "content": " ".join(f"t{i}" for i in row)}] for row in ids]
+
+
+def export_check(folder: Path, out: Path, device: str, dtype_name: str, drop_adapter: bool = False,
+                 n_prompts: int = 8, max_new_tokens: int = 4):
+    """Defect 5: pipeline.export.merged.export_merged on base + a LoRA in `dtype_name` on `device`, the
+    way the export stage runs it (merged weights saved in the base's dtype, reloaded in the compute
+    dtype on the compute device). The LoRA has random non-zero A and B: a 3-step adapter from B=0
+    moves nothing, so a dropped one could not be told apart. `drop_adapter`: the LoRA is removed
+    instead of merged. Returns export_merged's MergedExport; raises DistillError when the check fails."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.export.merged import export_merged
+    from pipeline.llm.loading import load_tokenizer
+    from pipeline.planner import load_architecture
+
+    dtype = getattr(torch, dtype_name)
+    tokenizer = load_tokenizer(str(folder))
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    torch.manual_seed(1)
+    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                              init_lora_weights=False)).eval()
+    if drop_adapter:
+        adapted.merge_and_unload = adapted.unload
+    convs = prompts(n_prompts, load_architecture(str(folder)).vocab)
+    return export_merged(adapted, tokenizer, convs, max_new_tokens, out, save_dtype=dtype)
+
+
+def export_record(result, out: Path) -> dict:
+    figures = json.loads((out / "verification.json").read_text())
+    return {k: figures[k] for k in ("compute", "saved_dtype", "prompts", "greedy_agreement", "min_agreement",
+                                    "max_logprob_delta", "logprob_tolerance", "adapter_logprob_effect")} | (
+        {"reload_s": result.load_s} if result is not None else {})
+
+
+def answers_to_learn(folder: Path, n: int, length: int = 6, seed: int = 7) -> list[list[dict]]:
+    """n prompts (as nf4_vs_bf16 asks them) with a random answer each: what the defect-6 adapter memorises."""
+    import torch
+
+    from pipeline.planner import load_architecture
+
+    vocab = load_architecture(str(folder)).vocab
+    gen = torch.Generator().manual_seed(seed + 1)
+    answers = torch.randint(3, vocab, (n, length), generator=gen).tolist()
+    return [[{"role": "assistant", "content": " ".join(f"t{i}" for i in a)}] for a in answers]
+
+
+def memorise_rows(folder: Path, n: int, repeats: int, seed: int = 7):
+    """The chat-rendered prompt/answer pairs, tokenized as the finetune stage does, each row `repeats` times."""
+    from datasets import Dataset
+
+    from pipeline.llm.loading import load_tokenizer
+    from pipeline.planner import load_architecture
+    from pipeline.stages.finetune import tokenize_prompt_completion
+
+    tokenizer = load_tokenizer(str(folder))
+    convs = prompts(n, load_architecture(str(folder)).vocab, seed=seed)
+    pairs = [tokenize_prompt_completion(tokenizer, c, a, 4096) for c, a in zip(convs, answers_to_learn(folder, n))]
+    rows = [pair for _ in range(repeats) for pair in pairs]
+    return Dataset.from_dict({k: [r[k] for r in rows] for k in ("input_ids", "completion_mask")})
+
+
+def nf4_vs_bf16(folder: Path, adapter: Path, overrides: list[str], n_prompts: int = 8,
+                max_new_tokens: int = 8) -> dict:
+    """Defect 6: an adapter trained on the NF4 base, greedy on that NF4 base and on the unquantized
+    base (bf16 on CUDA; fp32 on the CPU) the evaluate and export stages load. Figures: the share
+    of prompts answered token for token alike (greedy_agreement) and the mean share of leading
+    tokens alike (token_agreement), with the adapter and, for scale, for the base alone; and, for
+    an adapter trained on memorise_rows, the share of its answers each base reproduces."""
+    from dataclasses import replace
+
+    import torch
+    from peft import PeftModel
+
+    from pipeline.config import load_recipe
+    from pipeline.llm.generate import generate_batch
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.planner import load_architecture
+
+    cfg = load_recipe("mistral7b", root=ROOT, overrides=overrides).train
+    nf4 = device_plan(want_4bit=True, allow_cpu_4bit=cfg.quant.on_cpu == "run")
+    assert nf4.load_in_4bit, nf4.reason
+    plans = {"nf4": nf4, "unquantized": replace(nf4, load_in_4bit=False)}
+    tokenizer = load_tokenizer(str(folder))
+    convs = prompts(n_prompts, load_architecture(str(folder)).vocab, seed=7)
+    answers: dict[str, list[list[int]]] = {}
+    for name, plan in plans.items():
+        model = PeftModel.from_pretrained(load_model(str(folder), plan, cfg.quant), str(adapter)).eval()
+        answers[f"{name}+adapter"] = [g.token_ids for g in generate_batch(model, tokenizer, convs, max_new_tokens)]
+        with model.disable_adapter():
+            answers[name] = [g.token_ids for g in generate_batch(model, tokenizer, convs, max_new_tokens)]
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
+        same = sum(x == y for x, y in zip(a, b)) / len(a)
+        leading = []
+        for x, y in zip(a, b):
+            k = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+            leading.append(k / max(len(x), len(y), 1))
+        return same, sum(leading) / len(leading)
+
+    target = [tokenizer(a[0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+              for a in answers_to_learn(folder, n_prompts)]
+    with_adapter = agreement(answers["nf4+adapter"], answers["unquantized+adapter"])
+    base_only = agreement(answers["nf4"], answers["unquantized"])
+    return {"device": nf4.reason, "unquantized_dtype": nf4.dtype_name,
+            "prompts": n_prompts, "max_new_tokens": max_new_tokens,
+            "greedy_agreement": with_adapter[0], "token_agreement": with_adapter[1],
+            "base_greedy_agreement": base_only[0], "base_token_agreement": base_only[1],
+            "learned_answer_agreement": {"nf4": agreement(answers["nf4+adapter"], target)[1],
+                                         "unquantized": agreement(answers["unquantized+adapter"], target)[1]},
+            "adapter_changes_nf4_answers": answers["nf4+adapter"] != answers["nf4"]}
+
+
+def assert_agreement_figures(record: dict) -> None:
+    figures = {k: record[k] for k in ("greedy_agreement", "token_agreement", "base_greedy_agreement",
+                                      "base_token_agreement")} | record["learned_answer_agreement"]
+    for key, value in figures.items():
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
 
 
 def assert_trained_lora_only(record: dict) -> None:
@@ -298,19 +589,151 @@ def test_vram_planner_estimate_brackets_the_measured_peak(mistral7b_run):
         f"peak {peak:.2f} GiB allocated: ratio {planned / peak:.2f}, outside [{LOW}, {HIGH}]; parts {est}; see {RESULTS}")
 
 
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small-random") / "model"
+    write_random_model(folder, SMALL, "cuda")
+    yield folder
+    shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def small_run(small_dir):
+    record = qlora_run(small_dir, SMALL_SMOKE)
+    write_section("residual_stream", {k: record[k] for k in ("device", "gpu", "arch", "train", "residual_dtypes",
+                                                            "losses", "tokens_per_s")}, RESULTS)
+    return record
+
+
+@gpu
+@needs_cuda
+def test_qlora_keeps_the_residual_stream_in_bf16_on_cuda(small_run):
+    """Defect 3: no k-bit preparation upcasting embeddings / norms / lm_head, so under bf16 the decoder
+    layers' inputs and outputs and gate_proj's outputs stay bfloat16 in the trainer's own forwards."""
+    assert small_run["train"]["compute_dtype"] == "bfloat16", small_run["device"]
+    assert_trained_lora_only(small_run)
+    assert_residual_stream_in(small_run, "bfloat16")
+
+
+@gpu
+@needs_cuda
+def test_padding_free_and_padded_batches_give_the_same_loss_on_cuda(small_dir):
+    """Defect 4: same rows, same loss; tokens/s, peak memory and the attention kernel go to bench/gpu.json
+    (a measurement: no timing is asserted)."""
+    record = padding_comparison(small_dir, SMALL_PADDING)
+    write_section("padding_free_vs_padded", record, RESULTS)
+    print(json.dumps(record, indent=1, default=str))
+    assert record["padding_free"]["batch_shape"][0] == 1 and record["padded"]["batch_shape"][0] > 1
+    assert record["loss_rel_diff"] <= LOSS_RTOL[record["compute_dtype"]], record
+    assert record["stage_trains_padding_free"] == record["flash_attn_varlen"]  # no dense-mask SDPA on CUDA
+    for arm in ("padding_free", "padded"):
+        assert all(math.isfinite(x) for x in record[arm]["losses"]) and record[arm]["peak_allocated_gib"] > 0
+
+
+@gpu
+@needs_cuda
+def test_export_check_in_bf16_on_cuda_passes_a_merge_and_fails_a_dropped_adapter(small_dir, tmp_path):
+    """Defect 5: the merged folder reloaded in bf16 on the GPU, as base + adapter ran, within the logits
+    tolerance and greedy agreement; the same check refuses a merge that dropped the adapter."""
+    import torch
+
+    from pipeline.errors import DistillError
+
+    good = export_check(small_dir, tmp_path / "good", "cuda", "bfloat16")
+    record = {"correct_merge": export_record(good, tmp_path / "good")}
+    param = next(good.model.parameters())
+    try:
+        assert param.device.type == "cuda" and param.dtype == torch.bfloat16
+        assert record["correct_merge"]["compute"].startswith("bfloat16 on cuda")
+        with pytest.raises(DistillError, match=r"export: merged model"):
+            export_check(small_dir, tmp_path / "dropped", "cuda", "bfloat16", drop_adapter=True)
+    finally:
+        if (tmp_path / "dropped" / "verification.json").is_file():
+            record["dropped_adapter"] = export_record(None, tmp_path / "dropped")
+        write_section("export_bf16", record, RESULTS)
+
+
+MEMORISE = ["train.max_steps=40", "train.batch_size=8", "train.max_seq_len=512", "train.lr=5e-3",
+            "train.warmup_ratio=0", "train.lora.dropout=0"]
+
+
+@gpu
+@needs_cuda
+def test_nf4_trained_adapter_on_the_nf4_and_the_bf16_base(small_dir, tmp_path):
+    """Defect 6 (a measurement): an adapter trained on NF4 to answer 8 prompts, greedy on the NF4 base
+    it trained against and on the bf16 base evaluate / export load: their agreement, and how much of
+    the learned answers each reproduces."""
+    overrides = SMOKE + MEMORISE
+    qlora_run(small_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(small_dir, 8, 40))
+    record = nf4_vs_bf16(small_dir, tmp_path / "adapter", overrides)
+    write_section("nf4_vs_bf16", record, RESULTS)
+    print(json.dumps(record, indent=1))
+    assert record["unquantized_dtype"] == "bfloat16"
+    assert_agreement_figures(record)
+
+
 # ---------------------------------------------------------------- the same harness on the CPU (in make test)
 
 
-def test_gpu_harness_rehearses_on_a_tiny_shape_on_cpu(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_random_model(tmp_path_factory.mktemp("tiny-random") / "tiny", TINY, "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir):
+    record = qlora_run(tiny_dir, CPU_SMOKE, adapter_out=tiny_dir.parent / "adapter")
+    return record | {"_adapter": tiny_dir.parent / "adapter"}
+
+
+def test_gpu_harness_rehearses_on_a_tiny_shape_on_cpu(tiny_dir, tiny_run, tmp_path):
     """What the GPU tests run, at hidden 64 on the CPU's bitsandbytes NF4: keeps the harness honest."""
     from pipeline.planner import Architecture, load_architecture
 
-    folder = write_random_model(tmp_path / "tiny", TINY, "cpu")
-    assert write_random_model(folder, TINY, "cpu") == folder  # reused, not rewritten
-    assert load_architecture(str(folder)) == Architecture.from_config(TINY)
-    record = qlora_run(folder, CPU_SMOKE)
+    assert write_random_model(tiny_dir, TINY, "cpu") == tiny_dir  # reused, not rewritten
+    assert load_architecture(str(tiny_dir)) == Architecture.from_config(TINY)
+    record = tiny_run
     assert_trained_lora_only(record)
     assert record["train"]["tokens_per_step"] == 2 * 96 and record["estimate_gib"]["total"] > 0
+    assert_residual_stream_in(record, "float32")  # defect 3's hooks; the CPU plan computes in fp32
+    assert (record["_adapter"] / "adapter_model.safetensors").is_file()
     write_results(record, tmp_path / "gpu.json")
+    write_section("residual_stream", {"residual_dtypes": record["residual_dtypes"]}, tmp_path / "gpu.json")
+    write_results(record, tmp_path / "gpu.json")  # the top-level record rewritten keeps the section
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert not any(k.startswith("_") for k in saved) and saved["losses"] == record["losses"]
+    assert saved["residual_stream"]["residual_dtypes"] == record["residual_dtypes"]
+
+
+def test_padding_comparison_rehearses_on_cpu(tiny_dir, tmp_path):
+    """Defect 4's harness on the CPU: padding-free (SDPA over the block-diagonal mask) and padded, same loss."""
+    record = padding_comparison(tiny_dir, CPU_SMOKE)
+    write_section("padding_free_vs_padded", record, tmp_path / "gpu.json")
+    assert json.loads((tmp_path / "gpu.json").read_text())["padding_free_vs_padded"]["rows"] == 6
+    assert record["padding_free"]["batch_shape"][0] == 1 and record["padded"]["batch_shape"][0] == 2
+    assert record["loss_rel_diff"] <= LOSS_RTOL["float32"], record
+    assert record["stage_trains_padding_free"] and not record["flash_attn_varlen"]  # CPU: attention_plan keeps it
+    assert all(record[arm]["tokens_per_s"] > 0 and len(record[arm]["losses"]) == 3
+               for arm in ("padding_free", "padded"))
+
+
+def test_export_check_rehearses_on_cpu_in_bf16(tiny_dir, tmp_path):
+    """Defect 5's harness on the CPU in the GPU's dtype: a correct merge passes, a dropped adapter fails."""
+    from pipeline.errors import DistillError
+
+    good = export_check(tiny_dir, tmp_path / "good", "cpu", "bfloat16", n_prompts=4)
+    assert export_record(good, tmp_path / "good")["compute"] == "bfloat16 on cpu"
+    with pytest.raises(DistillError, match=r"export: merged model"):
+        export_check(tiny_dir, tmp_path / "dropped", "cpu", "bfloat16", drop_adapter=True, n_prompts=4)
+    assert export_record(None, tmp_path / "dropped")["greedy_agreement"] <= 1.0
+
+
+def test_nf4_vs_unquantized_rehearses_on_cpu(tiny_dir, tmp_path):
+    """Defect 6's harness on the CPU: an NF4-trained adapter on the NF4 and the (fp32) unquantized base."""
+    overrides = CPU_SMOKE + ["train.max_steps=12", "train.lr=1e-2", "train.warmup_ratio=0",
+                                             "train.lora.dropout=0"]
+    qlora_run(tiny_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(tiny_dir, 4, 6))
+    record = nf4_vs_bf16(tiny_dir, tmp_path / "adapter", overrides, n_prompts=4, max_new_tokens=8)
+    print(record)
+    assert record["unquantized_dtype"] == "float32" and record["prompts"] == 4
+    assert_agreement_figures(record)
