@@ -50,7 +50,7 @@ def policy_file(recipe: Recipe, result: dict, adapter_sha: str) -> dict:
         "expected": {k: f.to_json() for k, f in result["expected"].items()},
         "test": {k: f.to_json() for k, f in result["confirmed"].items()},
         "settings": {"max_new_tokens": recipe.eval.max_new_tokens, "prompt_form": "student_messages (user message only)",
-                     "decoding": "greedy", "temperature": choice.policy.temperature,
+                     "decoding": "greedy" if recipe.router.decode == "generate" else recipe.router.decode, "temperature": choice.policy.temperature,
                      "label_scoring": bool(choice.policy.labels)},
         "adapter_sha256": adapter_sha,
     }
