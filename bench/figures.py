@@ -165,6 +165,26 @@ def gpu(r: dict) -> list[dict]:
     if measured.get("weights_after_load") is not None and est.get("weights") is not None:
         out.append(fig("NF4 base weights after load: planner vs measured", est["weights"], "GiB",
                        better="closer to 1x", baseline=measured["weights_after_load"], baseline_name="measured"))
+    return out + gpu_defect_sections(r)
+
+
+def gpu_defect_sections(r: dict) -> list[dict]:
+    """Issue 17's defects 4-6, each a section tests/test_gpu.py adds to the same record."""
+    out = []
+    packed = r.get("padding_free_vs_padded") or {}
+    if (packed.get("padding_free") or {}).get("tokens_per_s") and (packed.get("padded") or {}).get("tokens_per_s"):
+        out.append(fig(f"padding-free ({packed['padding_free']['attention']}) vs padded batches: tokens/s",
+                       packed["padding_free"]["tokens_per_s"], "tok/s", baseline=packed["padded"]["tokens_per_s"],
+                       baseline_name="padded, sdpa"))
+    merge = (r.get("export_bf16") or {}).get("correct_merge")
+    if merge:
+        out.append(fig("export check in bf16 on the GPU: max |delta log-softmax|, merged vs base + adapter",
+                       merge["max_logprob_delta"], "nats", better="lower", baseline=merge["logprob_tolerance"],
+                       baseline_name="tolerance"))
+    nf4 = r.get("nf4_vs_bf16")
+    if nf4:
+        out.append(fig("NF4-trained adapter: greedy agreement, NF4 base vs bf16 base", nf4["greedy_agreement"],
+                       "fraction", note=f"{nf4['prompts']} prompts, {nf4['max_new_tokens']} tokens each"))
     return out
 
 

@@ -157,3 +157,14 @@ def test_free_text_routes_on_a_logistic_signal_fitted_on_half_of_validation(tmp_
     assert all("refusal" in p["route_reason"] for p in refusals)
     assert result["signals"]["signals"]["logistic"]["auroc"] > 0.85
     assert "Logistic weights" in (tmp_path / "report.md").read_text()
+
+
+def test_report_says_an_nf4_trained_adapter_is_evaluated_on_the_unquantised_base():
+    from pipeline.evaluation.render import base_weight_lines
+
+    weights = evaluate.base_weights(1.0, "bfloat16")
+    assert weights == {"trained_against": "NF4 4-bit (bitsandbytes)", "evaluated_on": "unquantised bfloat16",
+                       "same": False}
+    line = base_weight_lines({"base_weights": weights})[0]
+    assert "trained against the NF4 4-bit (bitsandbytes) base" in line and "unquantised bfloat16 base" in line
+    assert evaluate.base_weights(None, "float32")["trained_against"] == "not recorded"  # an older finetune manifest

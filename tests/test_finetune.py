@@ -94,6 +94,7 @@ def test_qlora_on_cpu_trains_lora_only_and_the_adapter_reloads(tiny_mistral_dir,
     manifest = finetune.run(cfg, {"curate": curated}, tmp_path, NullTracker())
 
     assert manifest.counts["steps"] == 2
+    assert manifest.metrics["base_4bit"] == 1.0  # evaluate's report says the adapter learned against NF4
     plain = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
     expected_total = sum(p.numel() for p in plain.parameters()) + manifest.metrics["trainable_params"]
     assert manifest.metrics["total_params"] == expected_total, "4-bit packed weights were under-counted"

@@ -117,6 +117,9 @@ def test_evaluation_report_matches_predictions(pipeline_run):
     md = (run / "evaluate" / "report.md").read_text()
     assert md.index("| system | agreement with teacher") < md.index("## Routing threshold")
     assert all(f"]({png})" in md for png in report["plots"]) and len(report["plots"]) == 4
+    assert report["base_weights"] == {"trained_against": "unquantised", "evaluated_on": "unquantised float32",
+                                      "same": True}
+    assert "Base weights: the adapter was trained against the unquantised base" in md
 
 
 def test_router_policy_names_its_signal_settings_and_adapter(pipeline_run):

@@ -66,6 +66,7 @@ def write_outputs(out: Path, recipe: Recipe, task: Task, result: dict, adapter_s
         "base_prompt": recipe.eval.base_prompt, "bootstrap": {"reps": recipe.eval.bootstrap, "seed": recipe.eval.seed},
         "plots": sorted(p.name for p in out.glob("*.png")),
         "heldout": result.get("heldout"),
+        "base_weights": result.get("base_weights"),
     }
     write_jsonl(out / PREDICTIONS, prediction_rows(task, result))
     atomic_write_json(out / EVAL_POLICY, router)

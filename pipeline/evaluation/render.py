@@ -47,6 +47,17 @@ def headline_rows(report: dict, prefix: str = "") -> list[str]:
     return rows
 
 
+def base_weight_lines(report: dict) -> list[str]:
+    w = report.get("base_weights")
+    if not w:
+        return []
+    line = f"Base weights: the adapter was trained against the {w['trained_against']} base; " \
+           f"this evaluation answered on the {w['evaluated_on']} base, which export merges and the router serves."
+    if w["trained_against"].startswith("NF4"):
+        line += " The GPU tier measures the difference (tests/test_gpu.py, NF4 vs bf16 base)."
+    return [line, ""]
+
+
 def routing_lines(report: dict) -> list[str]:
     r = report["router"]
     target, conf = r["quality_target"], r["confidence"]
@@ -156,6 +167,7 @@ def report_markdown(report: dict, recipe: Recipe, task: Task) -> str:
              f"{n} test and {nv} validation prompts. Brackets: 95% bootstrap CI over prompts "
              f"({report['bootstrap']['reps']} resamples, seed {report['bootstrap']['seed']}).", ""]
     lines += headline_rows(report) + [""]
+    lines += base_weight_lines(report)
     if report.get("heldout"):
         h = report["heldout"]
         lines += [f"## On your held-out file ({h['file']}, {h['n']} prompts; teacher answers cost "

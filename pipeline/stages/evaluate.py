@@ -74,7 +74,8 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     if not test or not validation:
         raise DistillError("evaluate: the test or validation split is empty; lower curate.split or add prompts")
     tokenizer = load_tokenizer(recipe.model.base, recipe.model.chat_template)
-    base = load_model(recipe.model.base, device_plan()).eval()
+    plan = device_plan()
+    base = load_model(recipe.model.base, plan).eval()
 
     base_answers = answer_all(base, tokenizer, test, recipe, task, "base student", base_prompt=recipe.eval.base_prompt)
     tuned = PeftModel.from_pretrained(base, str(inputs["finetune"] / FINETUNE_ADAPTER)).eval()
@@ -88,7 +89,9 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         spent += judge_test(recipe, task, result)
     if "eval_file" in inputs:
         spent += assess_heldout(recipe, task, inputs["eval_file"], tuned, tokenizer, result)
-    adapter_sha = sha256_json(read_manifest(inputs["finetune"]).outputs)
+    trained = read_manifest(inputs["finetune"])
+    adapter_sha = sha256_json(trained.outputs)
+    result["base_weights"] = base_weights(trained.metrics.get("base_4bit"), plan.dtype_name)
     write_outputs(out, recipe, task, result, adapter_sha)
     log_outputs(tracker, out, result["flat"])
     check_gate(result["figures"], recipe.eval.gate)
@@ -96,6 +99,15 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     if "heldout" in result:
         counts["eval_file_examples"] = result["heldout"]["n"]
     return Manifest(stage=NAME, counts=counts, metrics=result["flat"], cost_usd=spent)
+
+
+def base_weights(trained_4bit: float | None, evaluated_dtype: str) -> dict:
+    """Which base the adapter learned against and which one this evaluation answered with.
+    QLoRA trains against dequantised NF4 weights; evaluate, export and serving use the unquantised
+    base, so a QLoRA run's figures are for the model that is served, not the one that was trained."""
+    trained = {None: "not recorded", 0.0: "unquantised", 1.0: "NF4 4-bit (bitsandbytes)"}[trained_4bit]
+    return {"trained_against": trained, "evaluated_on": f"unquantised {evaluated_dtype}",
+            "same": trained_4bit == 0.0}
 
 
 def judge_test(recipe: Recipe, task: Task, result: dict) -> float:

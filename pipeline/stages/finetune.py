@@ -117,6 +117,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         "total_params": total,
         "peak_memory_gib": _peak_memory_gib(plan),
         "vram_estimate_gib": planned,
+        "base_4bit": float(plan.load_in_4bit),  # evaluate says which base the adapter learned against
     }
     _check_loss(metrics)
     tracker.metrics(metrics)
