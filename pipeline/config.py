@@ -77,6 +77,10 @@ class TeacherConfig(Section):
         ),
     )
     logprobs: bool = Field(True, description="Ask for token logprobs (openai:); dropped if the server refuses them.")
+    label_distribution: bool = Field(
+        False, description="Classification, local: teacher: also score every label after the prompt and record "
+        "the teacher's distribution over the labels, for train.soft_labels."
+    )
     concurrency: int = Field(8, ge=1, description="Teacher calls in flight at once (remote teachers).")
     rpm: int | None = Field(None, ge=1, description="Requests-per-minute limit (remote teachers).")
     tpm: int | None = Field(None, ge=1, description="Tokens-per-minute limit, prompt estimate + max_new_tokens.")
@@ -308,6 +312,15 @@ class TrainConfig(Section):
         1.0, ge=0, description="Clip the global gradient norm to this before each optimizer step (0: no clipping); "
         "1.0 is transformers' default, the QLoRA paper uses 0.3."
     )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the answer tokens' targets (transformers' "
+        "label_smoothing_factor); 0: none."
+    )
+    soft_labels: float = Field(
+        0.0, ge=0, le=1, description="Classification: weight of the teacher's label distribution in each answer "
+        "token's target, where curate has one (teacher.label_distribution, or several samples per prompt); the "
+        "rest stays on the teacher's answer. 0: hard labels only; 1: the distribution only."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     packing: bool = Field(False, description="Pack examples into full max_seq_len sequences (best-fit, padding-free).")
     padding_free: bool = Field(False, description="Concatenate each batch into one sequence without padding.")
@@ -345,6 +358,8 @@ class TrainConfig(Section):
             hint = difflib.get_close_matches(self.optim, sorted(known), n=1)
             errors.append(f"train.optim: '{self.optim}' is not a transformers optimizer"
                           + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        if self.soft_labels and self.label_smoothing:
+            errors.append("train.soft_labels and train.label_smoothing both reshape the targets; set one of them")
         if self.method == "qlora" and not self.quant.load_in_4bit:
             errors.append("train.quant.load_in_4bit must be true when train.method='qlora'")
         if self.method == "lora" and self.quant.load_in_4bit:

@@ -216,6 +216,9 @@ def test_self_consistency_keeps_agreeing_prompts_and_records_confidence(task):
     assert [(e["id"], e["completion"], round(e["confidence"], 2)) for e in kept] == [
         ("p1-0", "track_order", 0.67), ("p3", "return_item", 1.0)]
     assert kept[0]["teacher_logprob"] == -0.1, "representative is the most confident agreeing sample"
+    # The samples' vote shares are the teacher's label distribution for train.soft_labels.
+    assert kept[0]["label_probs"] == pytest.approx({"track_order": 2 / 3, "refund_status": 1 / 3})
+    assert "label_probs" not in kept[1] or kept[1]["label_probs"] is None  # one answer: no distribution
     assert [(r.id, r.reason) for r in removed] == [("p2-0", "low_agreement")]
     assert "1/3" in removed[0].detail, "the off-label sample counts against agreement"
 

@@ -170,6 +170,10 @@ def step_consistency(
         if agreement < threshold:
             removed.append(removal(ex, "low_agreement", f"{votes[winner]}/{total} samples agree < {threshold}"))
             continue
+        labelled = [s["label"] for s in ex["samples"] if s["label"]]
+        if task.kind == "classification" and labelled and not ex.get("label_probs"):
+            # The samples' vote shares are the teacher's label distribution (train.soft_labels).
+            ex["label_probs"] = {label: n / len(labelled) for label, n in Counter(labelled).items()}
         agreeing = [s for s, k in zip(ex["samples"], keys) if k == winner]
         _adopt(ex, min(agreeing, key=lambda s: (-_lp(s), s["id"])), labels_only and task.kind == "classification")
         kept.append(ex)

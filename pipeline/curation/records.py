@@ -1,7 +1,8 @@
 """The example record that flows through curation, and step 1: normalise.
 
 An example is a plain dict (it ends up in `datasets.Dataset.from_list`):
-`id, prompt, completion, label, gold, teacher, teacher_logprob, confidence` plus working
+`id, prompt, completion, label, gold, teacher, teacher_logprob, confidence, teacher_label_probs`
+(the teacher's distribution over the labels as JSON, "" when it gave none) plus working
 fields: `samples` (one per teacher answer to this prompt), `finish_reason`, `sample`,
 `gold_agrees`, token counts.
 """
@@ -68,6 +69,17 @@ def _last(messages: list[dict], role: str) -> str:
     return ""
 
 
+def label_distribution(label_logprobs: dict | None) -> dict[str, float] | None:
+    """Each label's log-likelihood (a local teacher with teacher.label_distribution) -> the
+    teacher's posterior over the labels."""
+    if not label_logprobs:
+        return None
+    top = max(label_logprobs.values())
+    weights = {label: math.exp(lp - top) for label, lp in label_logprobs.items()}
+    total = sum(weights.values())
+    return {label: w / total for label, w in weights.items()}
+
+
 def to_example(record: dict, task: Task) -> dict:
     """A capture record -> a working example with one sample (normalised text)."""
     meta = record.get("meta") or {}
@@ -88,6 +100,7 @@ def to_example(record: dict, task: Task) -> dict:
         "teacher": str(meta.get("teacher") or ""),
         "teacher_logprob": logprob,
         "confidence": 1.0,
+        "label_probs": label_distribution(meta.get("label_logprobs")) if task.kind == "classification" else None,
         "finish_reason": sample["finish_reason"],
         "error": meta.get("error"),
         "sample": meta.get("sample"),

@@ -45,7 +45,7 @@ NAME = "capture"
 # What changes the answers; not where they are cached, nor how fast or how often they are asked.
 READS = (
     "teacher.spec", "teacher.max_new_tokens", "teacher.temperature", "teacher.n", "teacher.few_shot",
-    "teacher.constrain_to_labels", "teacher.base_url", "teacher.logprobs", "teacher.prompt_col", "teacher.label_col",
+    "teacher.constrain_to_labels", "teacher.label_distribution", "teacher.base_url", "teacher.logprobs", "teacher.prompt_col", "teacher.label_col",
     "capture.prompts", "capture.prompts_split", "capture.prompt_field", "capture.gold_field", "capture.limit",
     "capture.records",
 )
@@ -177,6 +177,7 @@ def make_record(prompt: dict, completion: Completion, spec: str, identity: dict,
         "usage": completion.usage,
         "logprobs": completion.mean_logprob,  # the mean, as older readers expect
         "token_logprobs": completion.token_logprobs,  # per token: evaluate's and the router's signals
+        "label_logprobs": completion.label_logprobs,  # each label's log-likelihood: the soft labels' source
         "finish_reason": completion.finish_reason,
         "error": completion.error,
         "created_at": completion.created_at,

@@ -28,6 +28,7 @@ Same input and config give byte-identical outputs (nothing depends on time or ha
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ ALL_RANKS = False
 SYSTEM_METRICS = False
 FIGURE = "lengths.png"
 CARD = "card.md"
-COLUMNS = ("id", "prompt", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence")
+COLUMNS = ("id", "prompt", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence",
+           "teacher_label_probs")
 
 
 def file_inputs(recipe: Recipe) -> dict[str, Path]:
@@ -169,7 +171,8 @@ def load_frozen_test(path: Path) -> list[dict]:
             user, answer = (m["content"] for m in record["messages"])
             meta = record["meta"]
             examples.append({"id": record["id"], "prompt": user, "completion": answer,
-                             **{c: meta[c] for c in COLUMNS[3:]}})
+                             **{c: meta[c] for c in COLUMNS[3:-1]},
+                             "teacher_label_probs": meta.get("teacher_label_probs", "")})  # older test.jsonl: none
         except (KeyError, TypeError, ValueError) as err:
             raise DistillError(f"{path}:{lineno}: not a curated test record ({err!r}); curate.frozen_test "
                                "takes the test.jsonl of an earlier curate") from None
@@ -195,10 +198,13 @@ def _save(splits: dict[str, list[dict]], out: Path) -> None:
     from datasets import Dataset, DatasetDict, Features, Value
 
     features = Features({
-        **{c: Value("string") for c in ("id", "prompt", "completion", "label", "gold", "teacher")},
+        **{c: Value("string") for c in ("id", "prompt", "completion", "label", "gold", "teacher",
+                                        "teacher_label_probs")},
         "teacher_logprob": Value("float64"),
         "confidence": Value("float64"),
     })
+    for ex in (ex for s in SPLITS for ex in splits[s]):  # a frozen test split's rows already carry it
+        ex.setdefault("teacher_label_probs", json.dumps(ex["label_probs"], sort_keys=True) if ex.get("label_probs") else "")
     rows = {s: [{c: ex[c] for c in COLUMNS} for ex in splits[s]] for s in SPLITS}
     dataset = DatasetDict({s: Dataset.from_list(rows[s], features=features) for s in SPLITS})
     dataset.save_to_disk(str(out / CURATED_DATASET))
@@ -211,5 +217,6 @@ def to_chat_record(ex: dict) -> dict:
         "id": ex["id"],
         "messages": Task.student_example(ex["prompt"], ex["completion"]),
         "meta": {"label": ex["label"], "gold": ex["gold"], "teacher": ex["teacher"],
-                 "teacher_logprob": ex["teacher_logprob"], "confidence": ex["confidence"]},
+                 "teacher_logprob": ex["teacher_logprob"], "confidence": ex["confidence"],
+                 "teacher_label_probs": ex["teacher_label_probs"]},
     }

@@ -28,6 +28,7 @@ from pipeline.artifacts import CURATED_DATASET, FINETUNE_ADAPTER, Manifest, writ
 from pipeline.config import LoraConfig, Recipe, TrainConfig
 from pipeline.distributed import accelerate_state
 from pipeline.errors import DistillError
+from pipeline.llm import soft_labels
 from pipeline.task import Task
 from pipeline.llm.loading import DevicePlan
 
@@ -61,7 +62,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     planned = check_vram(recipe, plan) if plan.device == "cuda" else None
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
     tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
-    train = tokenize_dataset(to_prompt_completion(dataset["train"]), tokenizer, cfg.max_seq_len)
+    train = tokenize_dataset(to_prompt_completion(dataset["train"]), tokenizer, cfg.max_seq_len, cfg.soft_labels)
     validation = validation_set(dataset, tokenizer, cfg) if cfg.eval_steps else None
     # No peft.prepare_model_for_kbit_training for a 4-bit base: it upcasts embeddings, norms and
     # lm_head to fp32, and 4-bit layers return their input's dtype, so the whole residual stream
@@ -75,7 +76,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         model = PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
 
     log_rows: list[dict] = []
-    trainer = SFTTrainer(
+    trainer = (soft_labels.trainer_class() if cfg.soft_labels else SFTTrainer)(
         model=model,
         args=build_sft_config(cfg, out / "checkpoints", plan),
         train_dataset=train,
@@ -84,6 +85,8 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         peft_config=None if cfg.init_adapter is not None else build_lora_config(cfg.lora),
         callbacks=[_metrics_callback(tracker, log_rows, state.is_main_process)],
     )
+    if cfg.soft_labels:
+        trainer.data_collator = soft_labels.collate(trainer.data_collator)
     if state.is_main_process:
         tracker.params({"model": recipe.model.model_dump(mode="json"), "train": cfg.model_dump(mode="json"),
                         "device": plan.reason, "world_size": state.num_processes})
@@ -141,6 +144,7 @@ def to_prompt_completion(split):
         lambda ex: {
             "prompt": Task.student_messages(ex["prompt"]),
             "completion": [{"role": "assistant", "content": ex["completion"]}],
+            "label_probs": ex.get("teacher_label_probs") or "",  # curated datasets before soft labels: none
         },
         remove_columns=split.column_names,
         keep_in_memory=True,
@@ -181,6 +185,20 @@ def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[d
     return {"input_ids": prompt_ids + answer, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer)}
 
 
+def soft_targets(tokenizer, ex: dict, row: dict, max_len: int, weight: float) -> dict:
+    """The answer tokens' soft targets from the teacher's label distribution; one-hot where it has none."""
+    answer = [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]
+    probs = soft_labels.parse_probs(ex["label_probs"], "finetune: curated training row")
+    label_answers = {}
+    if probs:
+        probs = soft_labels.top_labels(probs)
+        for label in probs:
+            r = tokenize_prompt_completion(tokenizer, ex["prompt"], [{"role": "assistant", "content": label}], max_len)
+            label_answers[label] = [t for t, m in zip(r["input_ids"], r["completion_mask"]) if m]
+    ids, targets = soft_labels.token_targets(answer, label_answers, probs or {}, weight)
+    return {soft_labels.SOFT_IDS: ids, soft_labels.SOFT_PROBS: targets}
+
+
 def validation_set(dataset, tokenizer, cfg: TrainConfig):
     """The validation split, tokenized as training is, for train.eval_steps."""
     if "validation" not in dataset or not len(dataset["validation"]):
@@ -189,14 +207,19 @@ def validation_set(dataset, tokenizer, cfg: TrainConfig):
     return tokenize_dataset(to_prompt_completion(dataset["validation"]), tokenizer, cfg.max_seq_len)
 
 
-def tokenize_dataset(pairs, tokenizer, max_len: int):
+def tokenize_dataset(pairs, tokenizer, max_len: int, soft_weight: float = 0.0):
     """Tokenize every pair; drop, never truncate, those longer than max_len: a cut answer loses its
-    EOS and teaches the student to stop mid-answer (or never)."""
-    tokenized = pairs.map(
-        lambda ex: tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"], max_len),
-        remove_columns=pairs.column_names,
-        keep_in_memory=True,
-    )
+    EOS and teaches the student to stop mid-answer (or never). With soft_weight (train.soft_labels)
+    each row also gets its answer tokens' soft targets (llm/soft_labels.py)."""
+    def tokenize(ex):
+        row = tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"], max_len)
+        return row | (soft_targets(tokenizer, ex, row, max_len, soft_weight) if soft_weight else {})
+
+    tokenized = pairs.map(tokenize, remove_columns=pairs.column_names, keep_in_memory=True)
+    if soft_weight and not any(p for p in pairs["label_probs"]):
+        raise DistillError("finetune: train.soft_labels is set but no curated training example carries the "
+                           "teacher's label distribution; set teacher.label_distribution=true (local teacher) "
+                           "or sample several answers per prompt (teacher.n > 1, teacher.temperature > 0)")
     kept = tokenized.filter(lambda ex: len(ex["input_ids"]) <= max_len, keep_in_memory=True)
     if len(kept) < len(tokenized):
         log.warning("finetune: %d examples dropped, not truncated: longer than train.max_seq_len=%d tokens",
@@ -263,6 +286,7 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
         packing=cfg.packing,
         padding_free=cfg.padding_free,
         completion_only_loss=True,
+        label_smoothing_factor=cfg.label_smoothing,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         bf16=plan.dtype_name == "bfloat16",
         fp16=plan.dtype_name == "float16",

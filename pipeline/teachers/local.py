@@ -17,13 +17,15 @@ class LocalTeacher:
     in_process = True
     price = None  # nothing to pay for
 
-    def __init__(self, model_ref: str, max_new_tokens: int, temperature: float = 0.0, labels: list[str] | None = None):
+    def __init__(self, model_ref: str, max_new_tokens: int, temperature: float = 0.0, labels: list[str] | None = None,
+                 score_labels: list[str] | None = None):
         if temperature != 0.0:
             raise DistillError("the local teacher decodes greedily; set teacher.temperature=0 (and teacher.n=1)")
         self.spec = f"local:{model_ref}"
         self.model_ref = model_ref
         self.max_new_tokens = max_new_tokens
         self.labels = labels  # decode only these strings (guided decoding for classification)
+        self.score_labels = score_labels  # also record each label's log-likelihood (train.soft_labels)
         self.notes: list[str] = []
         self._model = None
         self._tokenizer = None
@@ -36,7 +38,12 @@ class LocalTeacher:
     @classmethod
     def from_config(cls, model: str, cfg, labels: list[str] | None = None) -> LocalTeacher:
         constrain = labels if cfg.constrain_to_labels else None
-        return cls(model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, labels=constrain)
+        if cfg.label_distribution and not labels:
+            raise DistillError("teacher.label_distribution scores the task's labels; this task has none "
+                               "(a classification task only)")
+        score = labels if cfg.label_distribution else None
+        return cls(model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, labels=constrain,
+                   score_labels=score)
 
     def __repr__(self) -> str:
         return f"LocalTeacher({self.spec!r})"
@@ -51,6 +58,8 @@ class LocalTeacher:
             identity["content"] = content
         if self.labels:
             identity["constrained_to"] = self.labels
+        if self.score_labels:
+            identity["scores_labels"] = True
         return identity
 
     async def complete(self, messages: list[dict]) -> Completion:
@@ -69,7 +78,7 @@ class LocalTeacher:
         with self._lock:
             self._load()
             return generate_batch(self._model, self._tokenizer, conversations, self.max_new_tokens, self.labels,
-                                  source=self.spec, prefix_cache=self._prefix_cache)
+                                  source=self.spec, score_labels=self.score_labels, prefix_cache=self._prefix_cache)
 
     def _load(self) -> None:
         if self._model is None:
