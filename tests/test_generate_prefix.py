@@ -51,3 +51,23 @@ def test_unconstrained_answers_also_match(teacher):
     cached = generate_batch(model, tokenizer, conversations[:3], 5, prefix_cache=PrefixCache())
     assert [c.text for c in cached] == [c.text for c in plain]
     assert [c.finish_reason for c in cached] == [c.finish_reason for c in plain]
+
+
+def test_label_scores_with_the_prefix_cache_equal_plain_ones(teacher):
+    """teacher.label_distribution scores every label after the teacher's long prompt: with the prefix
+    cache each label's log-likelihood is the plain pass's (and the cache is reused, not rebuilt)."""
+    from pipeline.llm.scoring import label_token_logprobs
+
+    model, tokenizer, task, conversations = teacher
+    cache = PrefixCache()
+    plain = label_token_logprobs(model, tokenizer, conversations[:3], task.labels)
+    cached = label_token_logprobs(model, tokenizer, conversations[:3], task.labels, cache)
+    again = label_token_logprobs(model, tokenizer, conversations[3:5], task.labels, cache)
+    for a, b in zip(plain, cached):
+        assert set(a) == set(b) == set(task.labels)
+        for label in task.labels:
+            assert b[label] == pytest.approx(a[label], abs=2e-4)
+    alone = label_token_logprobs(model, tokenizer, conversations[4:5], task.labels)[0]
+    for label in task.labels:  # a second batch, on the kept prefix
+        assert again[1][label] == pytest.approx(alone[label], abs=2e-4)
+    assert cache.hits == 1 and len(cache.ids) >= MIN_SHARED_PREFIX

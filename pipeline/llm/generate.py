@@ -61,7 +61,7 @@ def generate_batch(
     if score_labels:
         from pipeline.llm.scoring import label_logprobs
 
-        scores = label_logprobs(model, tokenizer, conversations, score_labels)
+        scores = label_logprobs(model, tokenizer, conversations, score_labels, prefix_cache)
     per_item_ms = int((time.perf_counter() - start) * 1000 / max(len(conversations), 1))
     results = []
     for row, lp, prompt_len, label_lp in zip(new_tokens.tolist(), chosen.tolist(), prompt_lengths, scores):

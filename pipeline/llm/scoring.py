@@ -20,31 +20,39 @@ def label_token_ids(tokenizer, labels: list[str]) -> list[list[int]]:
     return [tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for label in labels]
 
 
-def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: list[str]) -> list[dict[str, float]]:
+def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: list[str],
+                   prefix_cache=None) -> list[dict[str, float]]:
     """For each conversation, {label: sum of log p(token) over the label's tokens + EOS}."""
     return [{label: sum(lps) for label, lps in row.items()}
-            for row in label_token_logprobs(model, tokenizer, conversations, labels)]
+            for row in label_token_logprobs(model, tokenizer, conversations, labels, prefix_cache)]
 
 
-def label_token_logprobs(model, tokenizer, conversations: list[list[dict]],
-                         labels: list[str]) -> list[dict[str, list[float]]]:
-    """For each conversation, {label: log p of each of the label's tokens, EOS last}."""
+def label_token_logprobs(model, tokenizer, conversations: list[list[dict]], labels: list[str],
+                         prefix_cache=None) -> list[dict[str, list[float]]]:
+    """For each conversation, {label: log p of each of the label's tokens, EOS last}. With a
+    `prefix_cache` (generate.PrefixCache) the prompts' shared prefix (a teacher's instructions)
+    is not recomputed."""
     import copy
 
     import torch
 
+    from pipeline.llm.generate import _cache_kwarg, _encode
+
     if not conversations:
         return []
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    enc = _encode(model, tokenizer, prompts, prefix_cache)
     n_prompts = len(prompts)
     seqs = label_token_ids(tokenizer, labels)
     prompt_mask = enc["attention_mask"]
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    cached = enc.get(_cache_kwarg(model))
+    shared = cached.get_seq_length() if cached is not None else 0  # positions the prefix cache already holds
     per_label: list[dict[int, list[float]]] = [{} for _ in range(n_prompts)]
     with torch.inference_mode():
-        first = model(input_ids=enc["input_ids"], attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
+        first = model(input_ids=enc["input_ids"][:, shared:], attention_mask=prompt_mask,
+                      position_ids=prompt_pos[:, shared:], use_cache=True,
+                      **({_cache_kwarg(model): cached} if cached is not None else {}))
         # transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then
         # goes): use whichever this version returns.
         cache_name = "cache" if "cache" in first else "past_key_values"
