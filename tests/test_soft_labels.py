@@ -11,7 +11,7 @@ from pipeline.llm import soft_labels
 from pipeline.stages import finetune
 from pipeline.tracking import NullTracker
 
-from tests.test_finetune import LABELS, PROMPTS, recipe
+from test_finetune import LABELS, PROMPTS, recipe
 
 # ---------------------------------------------------------------- targets along the label trie
 
