@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import CurateConfig
+from pipeline.llm.scoring import posterior
 from pipeline.task import Task
 
 _SPACE = re.compile(r"\s+")
@@ -69,17 +70,6 @@ def _last(messages: list[dict], role: str) -> str:
     return ""
 
 
-def label_distribution(label_logprobs: dict | None) -> dict[str, float] | None:
-    """Each label's log-likelihood (a local teacher with teacher.label_distribution) -> the
-    teacher's posterior over the labels."""
-    if not label_logprobs:
-        return None
-    top = max(label_logprobs.values())
-    weights = {label: math.exp(lp - top) for label, lp in label_logprobs.items()}
-    total = sum(weights.values())
-    return {label: w / total for label, w in weights.items()}
-
-
 def to_example(record: dict, task: Task) -> dict:
     """A capture record -> a working example with one sample (normalised text)."""
     meta = record.get("meta") or {}
@@ -100,7 +90,9 @@ def to_example(record: dict, task: Task) -> dict:
         "teacher": str(meta.get("teacher") or ""),
         "teacher_logprob": logprob,
         "confidence": 1.0,
-        "label_probs": label_distribution(meta.get("label_logprobs")) if task.kind == "classification" else None,
+        # Each label's log-likelihood (a local teacher with teacher.label_distribution) -> its posterior.
+        "label_probs": posterior(meta["label_logprobs"])
+        if task.kind == "classification" and meta.get("label_logprobs") else None,
         "finish_reason": sample["finish_reason"],
         "error": meta.get("error"),
         "sample": meta.get("sample"),

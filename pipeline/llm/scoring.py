@@ -14,6 +14,16 @@ costs one prompt pass plus 12 short continuations, batched by label length.
 
 from __future__ import annotations
 
+import math
+
+
+def posterior(label_logprobs: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
+    """softmax(log p(label | prompt) / temperature) over the labels."""
+    top = max(label_logprobs.values())
+    weights = {label: math.exp((v - top) / temperature) for label, v in label_logprobs.items()}
+    total = sum(weights.values())
+    return {label: w / total for label, w in weights.items()}
+
 
 def label_token_ids(tokenizer, labels: list[str]) -> list[list[int]]:
     """Each label's tokens as the constrained decoder emits them (constrained.py), EOS included."""

@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol
 
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
+from pipeline.llm.scoring import posterior
 from pipeline.router.gates import Gates
 
 Route = Literal["student", "escalate"]
@@ -127,10 +128,7 @@ def label_posterior(completion: Completion, temperature: float = 1.0) -> tuple[s
     answered = by_fold.get(_fold(completion.text))
     if answered is None:
         return None
-    top = max(scores.values())
-    weights = {label: math.exp((v - top) / temperature) for label, v in scores.items()}
-    total = sum(weights.values())
-    return answered, {label: w / total for label, w in weights.items()}
+    return answered, posterior(scores, temperature)
 
 
 class LabelProb:

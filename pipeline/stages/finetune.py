@@ -215,11 +215,11 @@ def tokenize_dataset(pairs, tokenizer, max_len: int, soft_weight: float = 0.0):
         row = tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"], max_len)
         return row | (soft_targets(tokenizer, ex, row, max_len, soft_weight) if soft_weight else {})
 
-    tokenized = pairs.map(tokenize, remove_columns=pairs.column_names, keep_in_memory=True)
-    if soft_weight and not any(p for p in pairs["label_probs"]):
+    if soft_weight and not any(p for p in pairs["label_probs"]):  # before tokenizing anything
         raise DistillError("finetune: train.soft_labels is set but no curated training example carries the "
                            "teacher's label distribution; set teacher.label_distribution=true (local teacher) "
                            "or sample several answers per prompt (teacher.n > 1, teacher.temperature > 0)")
+    tokenized = pairs.map(tokenize, remove_columns=pairs.column_names, keep_in_memory=True)
     kept = tokenized.filter(lambda ex: len(ex["input_ids"]) <= max_len, keep_in_memory=True)
     if len(kept) < len(tokenized):
         log.warning("finetune: %d examples dropped, not truncated: longer than train.max_seq_len=%d tokens",
