@@ -6,9 +6,11 @@
 #   serve  base + FastAPI/uvicorn                        serve loop-demo
 #   pytest base + pytest                                 test-gpu
 #   dev    serve + pytest + llama-cpp-python's server    test bench setup
-#          + MiniLM (curate.embeddings)
-# Only `dev` compiles llama-cpp-python (~9 min on 2 cores, once; pip's wheel cache keeps it):
-# the capture tests use its OpenAI-compatible server as a real teacher, the pipeline never imports it.
+#          + MiniLM (curate.embeddings) + the files the
+#          tests read offline (DISTILL_CACHE/downloads)
+# Only `dev` compiles llama-cpp-python (~6-9 min on 2 cores, once per machine: the wheel is kept in
+# DISTILL_CACHE/wheels). The capture tests use its OpenAI-compatible server as a real teacher;
+# export's GGUF path and `serve.student=llama.cpp` load it in process.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,6 +24,23 @@ SERVE := $(VENV)/.stamp-serve
 PYTEST := $(VENV)/.stamp-pytest
 DEV := $(VENV)/.stamp-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
+DISTILL_CACHE ?= $(HOME)/.cache/distill
+export DISTILL_CACHE
+DOWNLOADS := $(DISTILL_CACHE)/downloads
+
+# llama.cpp is compiled for this machine's CPU (-march=native) but without its AMX kernels: on
+# AMX Xeon VMs (Sapphire/Emerald Rapids) they crash on the first decode of a quantized GGUF.
+# GCC and clang let an explicit -mno-* win over -march=native. The wheel is built by us, not
+# taken from pip's cache (which may hold a native AMX build), and kept per CPU and flags.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_SDIST_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_SDIST := $(DOWNLOADS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_CFLAGS ?= $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_KEY := $(shell (grep -m1 -E '^(flags|Features)' /proc/cpuinfo; echo '$(LLAMA_CFLAGS)') | sha1sum | cut -c1-10)
+LLAMA_WHEELS := $(DISTILL_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
+LLAMA_WHEEL := $(LLAMA_WHEELS)/.built
+# Read by the tests offline: Mistral v0.3's tokenizer (tests/real_tokenizers.py).
+MISTRAL_COMMON_WHEEL := $(DOWNLOADS)/mistral_common-1.13.1-py3-none-any.whl
 
 .PHONY: setup distill finetune plan sweep evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench bench-gpu lint schema clean
 
@@ -44,9 +63,26 @@ $(PYTEST): $(BASE)
 	$(BIN)/pip install -q --no-warn-conflicts -e ".[test]"
 	@touch $@
 
-$(DEV): $(SERVE) $(PYTEST)
+$(DEV): $(SERVE) $(PYTEST) $(LLAMA_WHEEL) $(MISTRAL_COMMON_WHEEL)
+	$(BIN)/pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install -q --no-warn-conflicts -e ".[dev]"
 	@touch $@
+
+$(LLAMA_SDIST): | $(BASE)
+	@mkdir -p $(DOWNLOADS)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(DOWNLOADS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	@echo "$(LLAMA_SDIST_SHA256)  $@" | sha256sum -c --quiet || { rm -f $@; exit 1; }
+
+$(LLAMA_WHEEL): $(LLAMA_SDIST) | $(BASE)
+	@rm -rf $(LLAMA_WHEELS).tmp
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(BIN)/pip wheel -q --no-deps --no-cache-dir \
+		-w $(LLAMA_WHEELS).tmp $(LLAMA_SDIST)
+	@touch $(LLAMA_WHEELS).tmp/.built
+	@rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS)
+
+$(MISTRAL_COMMON_WHEEL): | $(BASE)
+	@mkdir -p $(DOWNLOADS)
+	$(BIN)/pip download -q --no-deps --only-binary :all: -d $(DOWNLOADS) "mistral-common==1.13.1"
 
 distill: $(BASE)
 	$(BIN)/distill run $(RECIPE) $(ARGS)

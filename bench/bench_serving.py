@@ -69,7 +69,7 @@ def hf_arm(model_dir: str, conversations: list[list[dict]], tokens: int, batch: 
 
 
 def gguf_arm(path: Path, conversations: list[list[dict]], tokens: int) -> dict:
-    from pipeline.export.parity import GgufModel
+    from pipeline.llm.gguf_runtime import GgufModel
 
     model = GgufModel(path, n_ctx=2048)
     try:

@@ -8,19 +8,16 @@ Meta's tokenizer.json), is set back, which the reference ids check.
 
 Mistral v0.3: the sentencepiece model mistral-common ships as its v3 tokenizer
 (data/mistral_instruct_tokenizer_240323.model.v3, the 32768-token vocabulary of
-Mistral-7B-Instruct-v0.3), taken from its wheel with `pip download --no-deps`: installing
-mistral-common would pin numpy<2.4.
+Mistral-7B-Instruct-v0.3), taken from its wheel: installing mistral-common would pin numpy<2.4.
 
-Each is built once into DISTILL_CACHE/tokenizers/ and loaded from there (~2 s; the first GGUF
-read takes ~30 s). Both downloads are checked against PyPI's sha256.
+Both files are fetched by `make setup` into DISTILL_CACHE/downloads/ (the tests themselves never
+touch the network) and checked here against PyPI's sha256. Each tokenizer is built once into
+DISTILL_CACHE/tokenizers/ and loaded from there (~2 s; the first GGUF read takes ~30 s).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -41,8 +38,8 @@ def mistral_v03_dir() -> Path:
         return target
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as download, atomic_dir(target) as tmp:
-        wheel = _pip_wheel(f"mistral-common=={version}", Path(download))
+    with atomic_dir(target) as tmp:
+        wheel = downloaded(f"mistral_common-{version}-py3-none-any.whl")
         if sha256_file(wheel) != digest:
             raise RuntimeError(f"{wheel.name}: sha256 is not PyPI's {digest}")
         with zipfile.ZipFile(wheel) as zf:
@@ -65,8 +62,9 @@ def llama3_dir() -> Path:
     from transformers import AutoTokenizer
 
     members = [f"models/{LLAMA3_VOCAB}{suffix}" for suffix in ("", ".inp", ".out")]
-    with tempfile.TemporaryDirectory() as download, atomic_dir(target) as tmp:
-        sdist = converter._download_sdist(version, Path(download))  # pinned sha256, as the export stage
+    with atomic_dir(target) as tmp:
+        downloaded(f"llama_cpp_python-{version}.tar.gz")
+        sdist = converter.llama_cpp_sdist(cache_root(), version)  # checks the pinned sha256
         with tarfile.open(sdist) as tar:
             for member in members:
                 src = tar.extractfile(f"llama_cpp_python-{version}/vendor/llama.cpp/{member}")
@@ -82,11 +80,9 @@ def llama3_dir() -> Path:
     return target
 
 
-def _pip_wheel(requirement: str, folder: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
-           requirement, "-d", str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(folder.iterdir())
-    if done.returncode != 0 or len(found) != 1:
-        raise RuntimeError(f"pip download {requirement} failed: {(done.stderr or done.stdout).strip()[-300:]}")
-    return found[0]
+def downloaded(name: str) -> Path:
+    """A file `make setup` put in DISTILL_CACHE/downloads/."""
+    path = cache_root() / "downloads" / name
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: `make setup` downloads it (the tests do not touch the network)")
+    return path

@@ -11,8 +11,9 @@ its own top-level `gguf` over PyPI's, which transformers imports to read GGUF: n
 Isolation: only three paths of the sdist (the script, `conversion/`, `gguf-py/`) are unpacked
 into the distill cache, and the script runs as a subprocess; it puts its own `gguf-py` first
 on its path, so the vendored `gguf` never enters this process or site-packages. The sdist is
-fetched once with pip (`pip download --no-binary :all:`, ~1 min) and checked against the
-pinned sha256 before anything in it runs.
+the one `make setup` compiles llama-cpp-python from (`<cache>/downloads/`); when it is not
+there it is fetched once with pip (`pip download --no-binary :all:`, ~1 min). Either way it is
+checked against the pinned sha256 before anything in it runs.
 """
 
 from __future__ import annotations
@@ -63,27 +64,34 @@ def converter_dir(cache: Path) -> Path:
     target = cache / "llama.cpp" / version
     if (target / SCRIPT).is_file():
         return target
-    log.info("fetching llama.cpp's converter from the llama-cpp-python %s sdist (one time, ~1 min)", version)
-    with tempfile.TemporaryDirectory() as download, atomic_dir(target) as tmp:
-        sdist = _download_sdist(version, Path(download))
-        _unpack(sdist, tmp)
+    with atomic_dir(target) as tmp:
+        _unpack(llama_cpp_sdist(cache, version), tmp)
     return target
 
 
-def _download_sdist(version: str, folder: Path) -> Path:
+def llama_cpp_sdist(cache: Path, version: str = LLAMA_CPP_VERSION) -> Path:
+    """`<cache>/downloads/llama_cpp_python-<version>.tar.gz`, sha256-checked; fetched with pip when missing."""
     from pipeline.artifacts import sha256_file
 
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           f"llama-cpp-python=={version}", "-d", str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(folder.glob(f"llama_cpp_python-{version}.tar.gz"))
-    if done.returncode != 0 or not found:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise DistillError(f"export: could not fetch the llama-cpp-python {version} sdist with pip ({tail[0]})")
-    digest = sha256_file(found[0])
+    folder = cache / "downloads"
+    sdist = folder / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        log.info("fetching the llama-cpp-python %s sdist (one time, ~1 min)", version)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as download:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                   f"llama-cpp-python=={version}", "-d", download]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            found = sorted(Path(download).glob(sdist.name))
+            if done.returncode != 0 or not found:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise DistillError(f"export: could not fetch the llama-cpp-python {version} sdist with pip ({tail[0]})")
+            os.replace(found[0], sdist)
+    digest = sha256_file(sdist)
     if digest != SDIST_SHA256[version]:
-        raise DistillError(f"export: {found[0].name} has sha256 {digest}, pinned {SDIST_SHA256[version]}; refusing it")
-    return found[0]
+        raise DistillError(f"export: {sdist} has sha256 {digest}, pinned {SDIST_SHA256[version]}; refusing it "
+                           "(delete it to fetch it again)")
+    return sdist
 
 
 def _unpack(sdist: Path, into: Path) -> None:

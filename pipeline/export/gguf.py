@@ -61,6 +61,8 @@ def quantize(source: Path, target: Path, gguf_type: str) -> None:
 
     import llama_cpp
 
+    from pipeline.llm.gguf_runtime import quiet_llama_cpp
+
     quiet_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTIZED[gguf_type]
@@ -145,11 +147,3 @@ def gguf_metadata(llm) -> dict:
         "tokenizer.chat_template": meta.get("tokenizer.chat_template"),
         "tokenizer.ggml.pre": meta.get("tokenizer.ggml.pre"),
     }
-
-
-def quiet_llama_cpp() -> None:
-    """llama-cpp-python routes llama.cpp's C logging through this logger, but its level table
-    is one off from today's ggml enum (INFO arrives as WARNING, WARN as ERROR), and the per-tensor
-    lines (metadata dumps, one k-quant fallback warning per tensor) would bury the stage's output.
-    Only CRITICAL passes: failures surface as return codes we check, fallbacks in the parity table."""
-    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)

@@ -30,7 +30,7 @@ REFUSED = {
     "q1_0": "is an experimental format", "q2_0": "is an experimental format",
 }
 GGUF_TYPES = {**CONVERTED, **QUANTIZED}
-REFERENCE_TYPE = "f16"  # the exact-parity anchor every quantized file is made from
+REFERENCE_TYPE = "f16"  # every quantized file is made from it; held to the merged model's log-probabilities
 
 
 def gguf_type_errors(types: list[str], where: str = "export.gguf_types") -> list[str]:
@@ -53,5 +53,5 @@ def gguf_type_errors(types: list[str], where: str = "export.gguf_types") -> list
         errors.append(f"{where}: listed twice: {', '.join(dupes)}")
     if REFERENCE_TYPE not in types:
         errors.append(f"{where}: must include '{REFERENCE_TYPE}': every quantized file is made from it and "
-                      "it is the one checked token-for-token against the merged model")
+                      "it is the one held to the merged model's log-probabilities")
     return errors

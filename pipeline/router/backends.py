@@ -191,7 +191,7 @@ class StudentBackend:
 
 class GgufBackend:
     """The GGUF export in llama.cpp, in process (`serve.student=llama.cpp`), prompted as the
-    export's parity check prompts it (pipeline/export/parity.py GgufModel: the file's own chat
+    export's parity check prompts it (pipeline/llm/gguf_runtime.py GgufModel: the file's own chat
     template and BOS rule). Greedy decoding, one token at a time, so each token's log-prob and
     top alternatives are read off its logits row: the policy's confidence signal works as on
     the transformers student. One llama.cpp context: one request at a time."""
@@ -199,14 +199,10 @@ class GgufBackend:
     max_top_logprobs = 20
 
     def __init__(self, path: Path, n_ctx: int = 2048):
-        import llama_cpp
-
-        from pipeline.export.parity import GgufModel
+        from pipeline.llm.gguf_runtime import GgufModel
 
         self.path = Path(path)
         self.gguf = GgufModel(self.path, n_ctx=n_ctx)
-        vocab = llama_cpp.llama_model_get_vocab(self.gguf.llm.model)
-        self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)  # EOS, <|im_end|>, ...
         self._lock = threading.Lock()
         self.ready = True
         log.info("student loaded from %s (llama.cpp)", self.path)
@@ -238,7 +234,6 @@ class GgufBackend:
     def _decode(self, prompt: list[int], max_tokens: int, top: int):
         """Greedy tokens, their log-probs (of the EOS when the answer is empty, as generate_batch
         records it), per token the `top` (id, log-prob) alternatives, and the finish reason."""
-        import llama_cpp
         import numpy as np
 
         llm = self.gguf.llm
@@ -246,10 +241,9 @@ class GgufBackend:
         llm.eval(prompt)
         ids, logprobs, rows = [], [], []
         while True:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-            row = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64))
+            row = self.gguf.next_logprobs()
             token = int(np.argmax(row))
-            if self._is_eog(token):
+            if self.gguf.is_eog(token):
                 logprobs = logprobs or [float(row[token])]
                 return ids, logprobs, rows, "stop"
             ids.append(token)

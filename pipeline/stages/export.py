@@ -106,7 +106,7 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
 
     from pipeline.export.adapter import export_adapter
     from pipeline.export.merged import base_dtype, export_merged
-    from pipeline.export.parity import ArtifactParity, hf_answers, score
+    from pipeline.export.parity import ArtifactParity, forced_references, hf_answers, score
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer, resolve_model
 
     cfg = recipe.export
@@ -122,28 +122,31 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
                            cfg.verify_min_agreement)
     del adapted
     convs = [Task.student_messages(r["prompt"]) for r in test]
-    references = [r["completion"] for r in test]
+    test_references = [r["completion"] for r in test]
     merged_row = ArtifactParity("merged", EXPORT_MERGED, _size(out / EXPORT_MERGED), runtime="transformers",
-                                exact_on_verify=merged.greedy_agreement == 1.0)
+                                verify_max_logprob_delta=merged.max_logprob_delta,
+                                verify_logprob_tolerance=merged.logprob_tolerance)
     score(merged_row, hf_answers(merged.model, tokenizer, convs, cfg.parity_max_new_tokens, cfg.batch_size,
-                                 merged.load_s), references, task)
+                                 merged.load_s), test_references, task)
     merged_row.delta_vs_merged = 0.0
     rows.append(merged_row)
     if "adapter" in cfg.formats:
         rows.append(ArtifactParity("adapter", adapter.name, _size(adapter), runtime="transformers+peft",
-                                   exact_on_verify=merged.greedy_agreement == 1.0,
+                                   verify_max_logprob_delta=merged.max_logprob_delta,
+                                   verify_logprob_tolerance=merged.logprob_tolerance,
                                    note=f"base + this adapter gave merged's greedy tokens on "
                                         f"{merged.greedy_agreement:.0%} of {len(verify)} verification prompts, "
                                         f"log-probabilities within {merged.max_logprob_delta:.2g} nats; "
                                         "its agreement is merged's"))
-    reference = merged.answers  # the reloaded folder's greedy tokens: what F16 must reproduce
+    reference_model = merged.model
     if next(merged.model.parameters()).dtype != torch.float32:
-        # On CUDA the merge ran in bf16, whose 8-bit mantissa flips near-tied tokens that F16 keeps:
-        # F16 is held to the folder's fp32 answers on the CPU instead.
+        # F16 is held to fp32 log-probabilities: bf16's 8-bit mantissa is coarser than F16's.
         from pipeline.export.merged import reload_plain
-        from pipeline.llm.generate import generate_batch
 
-        reference = generate_batch(reload_plain(out / EXPORT_MERGED), tokenizer, verify, cfg.verify_max_new_tokens)
+        reference_model = reload_plain(out / EXPORT_MERGED)
+    references = (forced_references(reference_model, tokenizer, verify, cfg.verify_max_new_tokens)
+                  if "gguf" in cfg.formats else [])
+    del reference_model
     verify_figures = {"merged_verify_max_logprob_delta": merged.max_logprob_delta,
                       "merged_verify_logprob_tolerance": merged.logprob_tolerance,
                       "merged_verify_greedy_agreement": merged.greedy_agreement}
@@ -151,7 +154,7 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
     counts = {"verified_prompts": len(verify), "parity_test_examples": len(test)}
     modelfile = None
     if "gguf" in cfg.formats:
-        gguf_rows, modelfile = build_gguf(recipe, out, tokenizer, verify, reference, convs, references, task,
+        gguf_rows, modelfile = build_gguf(recipe, out, tokenizer, verify, references, convs, test_references, task,
                                           merged_row)
         rows += gguf_rows
     counts["accepted"] = sum(r.status == "accepted" for r in rows)
@@ -159,12 +162,15 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
     return rows, counts, modelfile, verify_figures
 
 
-def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, reference, convs, references, task, merged_row):
-    """Convert and quantize, check each file, score it in llama.cpp; write the Modelfile."""
+def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, test_references, task, merged_row):
+    """Convert and quantize, check each file, score it in llama.cpp; write the Modelfile. A file
+    this llama.cpp cannot decode on this machine is rejected with the reason; the rest go on."""
     from pipeline.export.gguf import EXPORT_GGUF, export_gguf, gguf_metadata
     from pipeline.export.gguf_types import REFERENCE_TYPE
     from pipeline.export.modelfile import MODELFILE, infer_chat_format, modelfile_text, stop_strings
-    from pipeline.export.parity import ArtifactParity, GgufModel, exact_tokens, gguf_problems, judge, score
+    from pipeline.export.parity import (ArtifactParity, check_reference_type, gguf_answers, gguf_problems, judge,
+                                        score)
+    from pipeline.llm.gguf_runtime import GgufModel, GgufUnusable
     from pipeline.llm.loading import cache_root
 
     cfg = recipe.export
@@ -176,17 +182,21 @@ def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, reference, convs, r
     for f in files:
         row = ArtifactParity(f"gguf-{f.type}", str(f.path.relative_to(out)), f.size_bytes, runtime="llama.cpp",
                              bits_per_weight=f.bits_per_weight, tensor_types=f.tensor_types)
-        model = GgufModel(f.path, n_ctx)
+        rows.append(row)
+        try:
+            model = GgufModel(f.path, n_ctx)
+        except GgufUnusable as e:
+            row.reject(str(e))
+            continue
         try:
             for problem in gguf_problems(model, gguf_metadata(model.llm), tokenizer, verify):
                 row.reject(problem)
             if f.type == REFERENCE_TYPE:
-                exact_tokens(row, model.answer_all(verify, cfg.verify_max_new_tokens).completions, reference, verify)
-            score(row, model.answer_all(convs, cfg.parity_max_new_tokens), references, task)
+                check_reference_type(row, model, references, cfg.f16_logprob_tolerance)
+            score(row, gguf_answers(model, convs, cfg.parity_max_new_tokens), test_references, task)
         finally:
             model.close()
         judge(row, merged_row, cfg.parity_tolerance)
-        rows.append(row)
     accepted = sorted((r for r in rows if r.status == "accepted"), key=lambda r: r.size_bytes)
     if not accepted:
         return rows, None
