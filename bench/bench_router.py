@@ -68,7 +68,7 @@ class NullStudent:
 
 def _app(kind: str, arg: str | None):
     from pipeline.router.app import ServeSettings, create_app
-    from pipeline.router.policy import Policy
+    from pipeline.llm.policy import Policy
 
     if kind == "bare":
         from fastapi import FastAPI

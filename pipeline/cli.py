@@ -178,7 +178,7 @@ def promote(
     """Point the `champion` alias at VERSION (the old champion becomes `previous`); a router serving
     models:/<name>@champion follows within serve.registry_poll_s."""
     from pipeline.config import load_recipe
-    from pipeline.loop.registry import Registry
+    from pipeline.registry import Registry
     from pipeline.loop.retrain import registered_name
     from pipeline.tracking import resolve_uri
 
@@ -191,7 +191,7 @@ def promote(
 def rollback(recipe: str = RecipeArg):
     """Point the `champion` alias back at the version it replaced."""
     from pipeline.config import load_recipe
-    from pipeline.loop.registry import Registry
+    from pipeline.registry import Registry
     from pipeline.loop.retrain import registered_name
     from pipeline.tracking import resolve_uri
 
@@ -260,7 +260,7 @@ def serve(
     from pipeline.config import load_recipe
     from pipeline.router.app import check_policy_matches_export
     from pipeline.router.app import serve as serve_app
-    from pipeline.router.policy import Policy
+    from pipeline.llm.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
     if model is not None:
@@ -284,7 +284,7 @@ def serve(
 
 
 def _serve_alias(cfg, model: str, model_dir: Path | None, policy_file: Path | None) -> None:
-    from pipeline.loop.registry import Registry, parse_model_uri
+    from pipeline.registry import Registry, parse_model_uri
     from pipeline.router.app import serve_alias
     from pipeline.tracking import resolve_uri
 
@@ -296,7 +296,7 @@ def _serve_alias(cfg, model: str, model_dir: Path | None, policy_file: Path | No
     serve_alias(Registry(resolve_uri(cfg.tracking.uri)), name, alias, cfg.serve, recipe=cfg)
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "datasets", "transformers", "peft", "bitsandbytes",
                   "httpx2", "openai", "anthropic"):
@@ -325,7 +325,7 @@ def _interrupt_on_sigterm() -> Callable[[], None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (testable without a subprocess)."""
-    _configure_logging()
+    configure_logging()
     restore = _interrupt_on_sigterm()
     try:
         return _main(argv)

@@ -468,7 +468,7 @@ class ExportConfig(Section):
 
     @model_validator(mode="after")
     def _formats_consistent(self) -> ExportConfig:
-        from pipeline.export.gguf_types import gguf_type_errors
+        from pipeline.gguf_types import gguf_type_errors
 
         errors = [f"export.formats: listed twice: {f}" for f in sorted(set(self.formats))
                   if self.formats.count(f) > 1]
@@ -498,7 +498,7 @@ class RouterConfig(Section):
     )
     signal: Literal["mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin"] = Field(
         "mean_logprob",
-        description="Confidence signal the threshold is set on (pipeline/router/policy.py SIGNALS): "
+        description="Confidence signal the threshold is set on (pipeline/llm/policy.py SIGNALS): "
         "mean_logprob / min_logprob / p10_logprob = average / lowest / 10th-percentile log-probability of the "
         "answer's tokens (min and p10 are not biased by length); logistic = a logistic regression over those "
         "features, fitted on half of validation (threshold chosen on the other half); "

@@ -354,8 +354,8 @@ def _regenerated_validation_agreement(recipe: Recipe, layout: RunLayout) -> dict
     from datasets import load_from_disk
     from peft import PeftModel
 
-    from pipeline.evaluation.metrics import agrees
-    from pipeline.evaluation.stats import mean_figure
+    from pipeline.task import agrees
+    from pipeline.stats import mean_figure
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.task import load_task
 
@@ -374,17 +374,13 @@ def _regenerated_validation_agreement(recipe: Recipe, layout: RunLayout) -> dict
 
 
 def _answers(model, tokenizer, prompts: list[str], recipe: Recipe, task) -> list[str]:
-    from pipeline.llm.generate import generate_batch
+    from pipeline.llm.answer import Serving, answer_as_served
     from pipeline.task import Task
 
-    labels = task.labels if recipe.router.decode == "label_posterior" else None
-    texts, size = [], recipe.eval.batch_size
-    for i in range(0, len(prompts), size):
-        convs = [Task.student_messages(p) for p in prompts[i : i + size]]
-        texts += [c.text for c in generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens,
-                                                 source="sweep (validation)", score_labels=labels,
-                                                 decode=recipe.router.decode)]
-    return texts
+    labels = task.labels if task.kind == "classification" else None
+    convs = [Task.student_messages(p) for p in prompts]
+    return [c.text for c in answer_as_served(model, tokenizer, convs, Serving.of(recipe, labels),
+                                             source="sweep (validation)")]
 
 
 def trial_metrics(layout: RunLayout) -> dict:

@@ -46,7 +46,7 @@ def serve_round_zero(recipe_path: Path, run: Path, prompts: list[str]) -> None:
     from pipeline.router.app import ServeSettings, create_app
     from pipeline.router.backends import StudentBackend, TeacherBackend
     from pipeline.router.escalations import EscalationLog
-    from pipeline.router.policy import Policy
+    from pipeline.llm.policy import Policy
     from pipeline.task import load_task
 
     cfg = load_recipe(str(recipe_path))
@@ -111,7 +111,7 @@ def test_the_round_trained_on_the_new_escalations_without_asking_the_teacher(loo
 
 
 def test_registry_holds_both_rounds_with_their_aliases_and_tags(loop_run):
-    from pipeline.loop.registry import CANDIDATE, CHAMPION, Registry
+    from pipeline.registry import CANDIDATE, CHAMPION, Registry
 
     folder, _, run = loop_run
     reg = Registry(f"sqlite:///{folder / 'mlflow.db'}")
@@ -141,7 +141,7 @@ def test_retraining_on_the_same_log_again_adds_nothing_and_is_refused(loop_run, 
 
 
 def test_promote_and_rollback_move_the_champion(loop_run, capsys):
-    from pipeline.loop.registry import CHAMPION, PREVIOUS, Registry
+    from pipeline.registry import CHAMPION, PREVIOUS, Registry
 
     folder, recipe, _ = loop_run
     reg = Registry(f"sqlite:///{folder / 'mlflow.db'}")

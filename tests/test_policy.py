@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import DistillError
 from pipeline.evaluation.threshold import choose_threshold, measure
 from pipeline.llm.completion import Completion
-from pipeline.router.policy import Policy, replay
+from pipeline.llm.policy import Policy, replay
 
 
 def answer(mean: float | None) -> Completion:

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from pipeline.errors import DistillError
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 
 MODEL = "distill-student"
 KEY = "sk-test-router"

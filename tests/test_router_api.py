@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from test_router import MESSAGES, MODEL, client, running
 
 KEYS = ("sk-env-one-1111", "sk-env-two-2222", "sk-file-three-3333", "sk-file-four-4444")

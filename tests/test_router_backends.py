@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from pipeline.config import TeacherConfig
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from capture_helpers import LLAMA_ALIAS, llama_server
 from fault_server import FaultServer, answer_for
 from test_router import MESSAGES, MODEL, client, running

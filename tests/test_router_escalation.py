@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from pipeline.config import PriceConfig, TeacherConfig
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.task import Task, WorkedExample
 from fault_server import FaultServer, answer_for
 from test_router import MODEL, client, running

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import ServeConfig
-from pipeline.loop.registry import Registry
+from pipeline.registry import Registry
 from test_router import MODEL, client, running
 
 PROMPT = [{"role": "user", "content": "Classify: the parcel arrived broken."}]

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.config import ServeConfig, validate_recipe
 from pipeline.errors import DistillError
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.router.routing import policy_hash
 from capture_helpers import LLAMA_ALIAS, free_port, llama_server
 from fault_server import FaultServer, answer_for

@@ -59,7 +59,7 @@ from pipeline.router.escalations import EscalationLog
 from pipeline.router.follow import Follower, Loaded
 from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from pipeline.router.modes import Mode, Rollback
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.router.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -78,7 +78,7 @@ from pipeline.router.routing import Ask, Routed, Router, Tier
 
 if TYPE_CHECKING:
     from pipeline.config import Recipe
-    from pipeline.loop.registry import Registry, ServedVersion
+    from pipeline.registry import Registry, ServedVersion
     from pipeline.task import Task
 
 log = logging.getLogger(__name__)
@@ -575,7 +575,7 @@ def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> Backend:
 
 def export_gguf_file(export_dir: Path) -> Path:
     """The export's GGUF for serve.student=llama.cpp: the only one, else the q8_0 one (near-lossless)."""
-    from pipeline.export.gguf import EXPORT_GGUF, gguf_name
+    from pipeline.artifacts import EXPORT_GGUF, gguf_name
 
     found = sorted((export_dir / EXPORT_GGUF).glob("*.gguf"))
     if len(found) == 1:

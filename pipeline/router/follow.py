@@ -19,13 +19,13 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.loop.registry import CANDIDATE
+from pipeline.registry import CANDIDATE
 from pipeline.router.modes import Mode
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.router.routing import policy_hash
 
 if TYPE_CHECKING:
-    from pipeline.loop.registry import Registry, ServedVersion
+    from pipeline.registry import Registry, ServedVersion
     from pipeline.router.backends import Backend
 
 log = logging.getLogger(__name__)
