@@ -67,7 +67,8 @@ class NullStudent:
 
 
 def _app(kind: str, arg: str | None):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.llm.policy import Policy
 
     if kind == "bare":

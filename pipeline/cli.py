@@ -258,8 +258,8 @@ def serve(
     recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default)."""
     from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
-    from pipeline.router.app import check_policy_matches_export
-    from pipeline.router.app import serve as serve_app
+    from pipeline.router.wiring import check_policy_matches_export
+    from pipeline.router.wiring import serve as serve_app
     from pipeline.llm.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
@@ -285,7 +285,7 @@ def serve(
 
 def _serve_alias(cfg, model: str, model_dir: Path | None, policy_file: Path | None) -> None:
     from pipeline.registry import Registry, parse_model_uri
-    from pipeline.router.app import serve_alias
+    from pipeline.router.wiring import serve_alias
     from pipeline.tracking import resolve_uri
 
     if model_dir is not None or policy_file is not None:

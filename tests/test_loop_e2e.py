@@ -43,7 +43,8 @@ def unseen_prompts(limit: int) -> list[str]:
 def serve_round_zero(recipe_path: Path, run: Path, prompts: list[str]) -> None:
     """The evaluated policy of round 0 decides; the teacher answers what it escalates."""
     from pipeline.config import load_recipe
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.router.backends import StudentBackend, TeacherBackend
     from pipeline.router.escalations import EscalationLog
     from pipeline.llm.policy import Policy

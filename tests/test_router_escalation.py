@@ -45,7 +45,8 @@ def teacher_for(server: FaultServer, **overrides):
 
 
 def app_for(student, policy, teacher=None, escalations=None, **settings):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
     from pipeline.router.modes import Mode
 
@@ -333,7 +334,7 @@ def test_saved_dollars_are_estimated_for_student_answers():
 def test_policy_for_another_adapter_refuses_to_start(tmp_path):
     from pipeline.artifacts import Manifest, write_manifest
     from pipeline.errors import DistillError
-    from pipeline.router.app import check_policy_matches_export
+    from pipeline.router.wiring import check_policy_matches_export
 
     export = tmp_path / "export"
     export.mkdir()
@@ -417,7 +418,8 @@ def test_policy_reload_under_load_fails_no_request(tmp_path):
     def reload() -> Policy:
         return Policy.load(path)
 
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     with FaultServer() as server:
         app = create_app(ServeSettings(max_tokens=8), {MODEL: FixedStudent()}, reload(), teacher=teacher_for(server),

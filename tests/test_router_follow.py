@@ -152,7 +152,7 @@ class Traffic:
 
 
 def test_follows_promote_and_rollback_under_load_with_no_failed_request(uri, sources):
-    from pipeline.router.app import alias_app
+    from pipeline.router.wiring import alias_app
 
     registry = registered(uri, "swap", sources)
     app = alias_app(registry, "swap", "champion", settings())
@@ -184,7 +184,7 @@ def test_follows_promote_and_rollback_under_load_with_no_failed_request(uri, sou
 
 
 def test_candidate_answers_its_share_deterministically_per_user_with_its_own_policy(uri, sources):
-    from pipeline.router.app import alias_app
+    from pipeline.router.wiring import alias_app
 
     registry = registered(uri, "canary", sources)
     registry.set_alias("canary", "candidate", "2")
@@ -213,7 +213,7 @@ def test_candidate_answers_its_share_deterministically_per_user_with_its_own_pol
 
 
 def test_a_version_that_does_not_load_keeps_the_current_one_and_counts_an_error(uri, sources):
-    from pipeline.router.app import alias_app
+    from pipeline.router.wiring import alias_app
 
     registry = registered(uri, "broken", sources)
     registry.set_alias("broken", "candidate", "3")
@@ -234,7 +234,9 @@ def test_escalations_carry_the_model_version_and_still_import(uri, sources, tmp_
     from fault_server import FaultServer
     from test_router_escalation import teacher_for
 
-    from pipeline.router.app import ServeSettings, create_app, load_version
+    from pipeline.router.wiring import load_version
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
     from pipeline.router.follow import Follower
     from pipeline.teachers.logs import import_logs

@@ -11,7 +11,6 @@ that are multiples of 256; SmolLM2's hidden size is 576).
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path

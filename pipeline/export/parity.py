@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from pipeline.llm.completion import Completion
 from pipeline.llm.gguf_runtime import GgufModel
