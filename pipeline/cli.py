@@ -136,7 +136,9 @@ def sweep(
 ):
     """Recipe search: train and evaluate every combination of the axes, each trial a child MLflow run
     under one parent; the best is chosen on validation agreement (never test). Reruns skip finished trials."""
-    from pipeline.sweep import parse_shard, plan_sweep, print_table, run_sweep
+    from pipeline.sweep.plan import parse_shard, plan_sweep
+    from pipeline.sweep.run import run_sweep
+    from pipeline.sweep.table import print_table
 
     plan = plan_sweep(recipe, list(axes or []), runs_dir, name)
     outcome = run_sweep(plan, parse_shard(shard), prepare)
@@ -203,9 +205,10 @@ def rollback(recipe: str = RecipeArg):
 @app.command()
 def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg):
     """Check a recipe (and overrides) without running anything."""
-    from pipeline.config import load_recipe
+    from pipeline.config import check_input_files, load_recipe
 
     cfg = load_recipe(recipe, overrides)
+    check_input_files(cfg, recipe)
     typer.echo(f"{recipe}: ok ({cfg.model.base}, train.method={cfg.train.method})")
 
 

@@ -691,6 +691,22 @@ class Recipe(Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    def input_files(self) -> dict[str, Path]:
+        """The files this recipe reads that must exist before anything runs, by dotted key.
+        (capture.prompts may be a hub dataset id, so the capture stage checks it.)"""
+        named = {"model.chat_template": self.model.chat_template, "capture.task": self.capture.task,
+                 "capture.records": self.capture.records, "curate.frozen_test": self.curate.frozen_test,
+                 "train.init_adapter": self.train.init_adapter, "eval.file": self.eval.file,
+                 "serve.student_gguf": self.serve.student_gguf, "serve.api_keys_file": self.serve.api_keys_file}
+        return {key: path for key, path in named.items() if path is not None}
+
+
+def check_input_files(recipe: Recipe, source: str) -> None:
+    """Every missing input file named at once, in one line, before any stage (or teacher) runs."""
+    missing = [f"{key}: {path} does not exist" for key, path in recipe.input_files().items() if not Path(path).exists()]
+    if missing:
+        raise DistillError(f"{source}: " + "; ".join(missing))
+
 
 # ---------------------------------------------------------------- loading
 

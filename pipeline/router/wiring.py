@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
     """Refuse to serve a policy evaluated on another adapter than the one exported: its
-    threshold would mean nothing for this model. Tolerant of policies written before they
-    carried `adapter_sha256` (logged, not refused)."""
+    threshold would mean nothing for this model. A folder that is no export (no manifest) is
+    served with a warning: nothing says which adapter it holds."""
     from pipeline.artifacts import read_manifest
 
     try:
@@ -41,9 +41,11 @@ def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
         raise DistillError(f"{policy_path}: not a router policy ({type(err).__name__}: {err})") from None
     manifest = read_manifest(Path(export_dir))
     served = manifest.inputs.get("finetune") if manifest is not None else None
-    if expected is None or served is None:
-        log.warning("cannot check the policy against the export (%s has no adapter_sha256 or %s no finetune "
-                    "input hash); rerun `distill evaluate` to record it", policy_path, export_dir)
+    if expected is None:
+        raise DistillError(f"{policy_path}: no adapter_sha256, so not a policy `distill evaluate` wrote; rerun it")
+    if served is None:
+        log.warning("cannot check the policy against %s: it is no export folder (no manifest naming its adapter)",
+                    export_dir)
         return
     if expected != served:
         raise DistillError(
