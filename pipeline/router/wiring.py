@@ -41,12 +41,12 @@ def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
         raise DistillError(f"{policy_path}: not a router policy ({type(err).__name__}: {err})") from None
     manifest = read_manifest(Path(export_dir))
     served = manifest.inputs.get("finetune") if manifest is not None else None
-    if expected is None:
-        raise DistillError(f"{policy_path}: no adapter_sha256, so not a policy `distill evaluate` wrote; rerun it")
     if served is None:
         log.warning("cannot check the policy against %s: it is no export folder (no manifest naming its adapter)",
                     export_dir)
         return
+    if expected is None:
+        raise DistillError(f"{policy_path}: no adapter_sha256, so not a policy `distill evaluate` wrote; rerun it")
     if expected != served:
         raise DistillError(
             f"{policy_path} was evaluated on adapter {expected[:12]} but {export_dir} was exported from "
