@@ -105,7 +105,7 @@ def main() -> None:
 
     from pipeline.artifacts import read_jsonl
     from pipeline.config import load_recipe
-    from pipeline.evaluation.stats import mean_figure
+    from pipeline.stats import mean_figure
     from pipeline.llm.generate import PrefixCache, generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.task import Task

@@ -468,7 +468,7 @@ class ExportConfig(Section):
 
     @model_validator(mode="after")
     def _formats_consistent(self) -> ExportConfig:
-        from pipeline.export.gguf_types import gguf_type_errors
+        from pipeline.gguf_types import gguf_type_errors
 
         errors = [f"export.formats: listed twice: {f}" for f in sorted(set(self.formats))
                   if self.formats.count(f) > 1]
@@ -498,7 +498,7 @@ class RouterConfig(Section):
     )
     signal: Literal["mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin"] = Field(
         "mean_logprob",
-        description="Confidence signal the threshold is set on (pipeline/router/policy.py SIGNALS): "
+        description="Confidence signal the threshold is set on (pipeline/llm/policy.py SIGNALS): "
         "mean_logprob / min_logprob / p10_logprob = average / lowest / 10th-percentile log-probability of the "
         "answer's tokens (min and p10 are not biased by length); logistic = a logistic regression over those "
         "features, fitted on half of validation (threshold chosen on the other half); "
@@ -690,6 +690,22 @@ class Recipe(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def input_files(self) -> dict[str, Path]:
+        """The files this recipe reads that must exist before anything runs, by dotted key.
+        (capture.prompts may be a hub dataset id, so the capture stage checks it.)"""
+        named = {"model.chat_template": self.model.chat_template, "capture.task": self.capture.task,
+                 "capture.records": self.capture.records, "curate.frozen_test": self.curate.frozen_test,
+                 "train.init_adapter": self.train.init_adapter, "eval.file": self.eval.file,
+                 "serve.student_gguf": self.serve.student_gguf, "serve.api_keys_file": self.serve.api_keys_file}
+        return {key: path for key, path in named.items() if path is not None}
+
+
+def check_input_files(recipe: Recipe, source: str) -> None:
+    """Every missing input file named at once, in one line, before any stage (or teacher) runs."""
+    missing = [f"{key}: {path} does not exist" for key, path in recipe.input_files().items() if not Path(path).exists()]
+    if missing:
+        raise DistillError(f"{source}: " + "; ".join(missing))
 
 
 # ---------------------------------------------------------------- loading

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import validate_recipe
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.stages import evaluate
 from pipeline.task import load_task
 

@@ -34,13 +34,13 @@ from pipeline.errors import DistillError
 from pipeline.evaluation.answering import Answers, answer_all
 from pipeline.evaluation.cost import cost_figures
 from pipeline.evaluation.gate import check_gate
-from pipeline.evaluation.metrics import agrees
+from pipeline.task import agrees
 from pipeline.evaluation.outputs import log_outputs, write_outputs
 from pipeline.evaluation.quality import GATE_FIGURES, flatten_figures, quality_figures
 from pipeline.evaluation.routing import agreement, replay_figures, routing, signal_quality
-from pipeline.evaluation.stats import mean_figure
+from pipeline.stats import mean_figure
 from pipeline.evaluation.threshold import agreement_at_coverage
-from pipeline.router.policy import SIGNALS
+from pipeline.llm.policy import SIGNALS
 from pipeline.task import Task, load_task
 
 NAME = "evaluate"
