@@ -181,6 +181,12 @@ def gpu_defect_sections(r: dict) -> list[dict]:
         out.append(fig("export check in bf16 on the GPU: max |delta log-softmax|, merged vs base + adapter",
                        merge["max_logprob_delta"], "nats", better="lower", baseline=merge["logprob_tolerance"],
                        baseline_name="tolerance"))
+    export = r.get("export_a10g") or {}
+    if export.get("peak_allocated_gib") is not None:
+        out.append(fig(f"export check of a random-weight 7B in bf16 under a {export['cap_gib']:g} GiB cap: peak "
+                       "allocated", export["peak_allocated_gib"], "GiB", better="lower",
+                       baseline=export["one_copy_gib"], baseline_name="one bf16 copy of the weights",
+                       note=f"check {export['check'][:60]}"))
     nf4 = r.get("nf4_vs_bf16")
     if nf4:
         out.append(fig("NF4-trained adapter: greedy agreement, NF4 base vs bf16 base", nf4["greedy_agreement"],

@@ -266,10 +266,16 @@ def _public(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
+SECTIONS = ("residual_stream", "padding_free_vs_padded", "export_bf16", "nf4_vs_bf16")
+
+
 def write_results(record: dict, path: Path) -> None:
-    """The mistral7b record at the top level, with the sections this session already wrote kept beside it."""
+    """The mistral7b record at the top level, with the sections already in the file (bench/bench_gpu.py
+    runs the small-model tests first, in another process) and those this session wrote kept beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_public(record) | _SECTIONS.get(path, {}), indent=2, default=str) + "\n")
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {k: v for k, v in current.items() if k in SECTIONS}
+    path.write_text(json.dumps(_public(record) | kept | _SECTIONS.get(path, {}), indent=2, default=str) + "\n")
 
 
 def write_section(name: str, record: dict, path: Path) -> None:
