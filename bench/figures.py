@@ -272,10 +272,17 @@ def generic(r: dict, prefix: str = "") -> list[dict]:
     return out
 
 
+def f16_reference(r: dict) -> list[dict]:
+    gaps = r["f16_gap_nats"]
+    where = f"{r['model']}, {r['prompts']} prompts x {r['max_new_tokens']} tokens"
+    return [fig(f"F16 GGUF gap from bf16 merged-model references ({where})", gaps["bfloat16"]["max"], "nats",
+                better="lower", baseline=gaps["float32"]["max"], baseline_name="from fp32 references")]
+
+
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
-    "serving": serving, "cost": cost,
+    "serving": serving, "cost": cost, "f16_reference": f16_reference,
 }
 
 

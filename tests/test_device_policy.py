@@ -148,7 +148,7 @@ def test_qlora_without_cuda_is_refused_naming_the_build_the_driver_and_the_fix(t
     msg = str(err.value)
     assert "no CUDA device" in msg and f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)" in msg
     assert "NVIDIA driver" in msg and "the recipe is QLoRA" in msg
-    assert "TORCH_INDEX=https://download.pytorch.org/whl/cu124" in msg and "train.quant.on_cpu=skip" in msg
+    assert "TORCH_INDEX=https://download.pytorch.org/whl/cu126" in msg and "train.quant.on_cpu=skip" in msg
     # The recipe insisting: fp32 LoRA instead, or real 4-bit on the CPU.
     for on_cpu in ("skip", "run"):
         loading.check_training_device(recipe(str(tiny_base), method="qlora", quant={"load_in_4bit": True, "on_cpu": on_cpu}))

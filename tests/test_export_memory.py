@@ -155,5 +155,5 @@ def test_the_f16_tolerance_follows_the_merged_models_dtype_unless_set():
     from pipeline.export.merged import f16_tolerance
 
     assert f16_tolerance(None, torch.float32) == 0.25
-    assert f16_tolerance(None, torch.bfloat16) == f16_tolerance(None, torch.float16) == 1.0
+    assert f16_tolerance(None, torch.bfloat16) == f16_tolerance(None, torch.float16) == 0.5
     assert f16_tolerance(0.5, torch.bfloat16) == 0.5

@@ -45,15 +45,16 @@ DEFAULT_LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 2.0, "float16": 2.0}
 
 
 # Default `export.f16_logprob_tolerance` by the dtype the merged model ran the check in (nats). F16
-# is held to the merged model as it ran there (never a second, fp32 copy of a 7B on the host). fp32:
-# 0.023 nats measured on SmolLM2-135M, a wrong tensor moves whole nats. bf16 compute moves the
-# reference itself (see DEFAULT_LOGPROB_TOLERANCE): measured with bench/f16_reference.py.
-DEFAULT_F16_LOGPROB_TOLERANCE = {"float32": 0.25, "bfloat16": 1.0, "float16": 1.0}
+# is held to the merged model as it ran there, never to a second, fp32 copy of a 7B on the host.
+# Measured on SmolLM2-135M, 4 prompts x 12 tokens (bench/bench_f16_reference.py, bench/results/
+# f16_reference.json): the F16 file's gap is 0.015 nats from fp32 references, 0.11 from bf16 ones;
+# a wrong tensor moves whole nats. Each bar is ~4-17x what rounding alone gave.
+DEFAULT_F16_LOGPROB_TOLERANCE = {"float32": 0.25, "bfloat16": 0.5, "float16": 0.5}
 
 
 def f16_tolerance(configured: float | None, dtype) -> float:
     """`export.f16_logprob_tolerance`, or its default for the dtype merged ran in."""
-    return configured if configured is not None else DEFAULT_F16_LOGPROB_TOLERANCE.get(_dtype_name(dtype), 1.0)
+    return configured if configured is not None else DEFAULT_F16_LOGPROB_TOLERANCE.get(_dtype_name(dtype), 0.5)
 
 
 @dataclass(frozen=True)

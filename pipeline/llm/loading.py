@@ -160,7 +160,7 @@ def nvidia_driver_version() -> str | None:
 
 # CUDA 12.x wheels run on a driver >= 525.60.13 (minor-version compatibility); PyPI's default CUDA 13
 # wheel needs >= 580, which older GPU images do not have.
-TORCH_INDEX_HINT = ("make setup TORCH_INDEX=https://download.pytorch.org/whl/cu124 (any driver >= 525.60.13; "
+TORCH_INDEX_HINT = ("make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126 (any driver >= 525.60.13; "
                     "PyPI's default torch is built for CUDA 13, which needs driver >= 580); see docs/gpu.md")
 
 

@@ -9,8 +9,14 @@ log-probabilities within `export.verify_logprob_tolerance` and greedy answers al
 `export.verify_min_agreement` of them, else the stage fails (verification.json, and the stage's
 merged_verify_* metrics). adapter/: the PEFT adapter alone. gguf/: llama.cpp files of `export.gguf_types` and an Ollama Modelfile.
 
-Then parity: every artifact answers the test split again in its own runtime and is scored
-against the teacher (parity.json, parity.md); F16 must reproduce merged's tokens exactly, the
+One copy of the model is in memory at a time (a bf16 7B is 13.5 GiB; an A10G has 22.5): base +
+adapter are freed before the merged folder is reloaded, and the reloaded model is freed before
+llama.cpp loads the GGUF files (onto the GPU where its build can). Before any of it, the disk the
+formats need is compared with what is free.
+
+Then parity: every artifact answers the first `export.parity_limit` test examples again in its own
+runtime and is scored against the teacher (parity.json, parity.md); F16 is held to the reloaded merged
+model's teacher-forced log-probabilities, in the dtype it ran in (`export.f16_logprob_tolerance`), the
 quantized files must stay within `export.parity_tolerance` of merged's agreement. A rejected
 artifact is kept for inspection, named in the stage's notes and not registered; the stage fails
 only when `export.require` names it. README.md (the model card) is written last, and accepted

@@ -8,7 +8,9 @@ pair that we tokenize here with the chat template (`tokenize_prompt_completion`)
 prompt is rendered exactly as at inference (add_generation_prompt=True), the completion is
 what the template appends, cut after the end-of-turn token (the tokenizer's EOS), so the
 labels are the answer tokens plus EOS and nothing else. TRL turns `completion_mask` into
-labels. On CUDA the VRAM planner checks the recipe fits before anything is loaded. After
+labels. Before anything is loaded, a machine that would fail or crawl is refused (no CUDA for a
+QLoRA or 1B+ recipe, several GPUs without a launcher: llm.loading.check_training_device), and on
+CUDA the VRAM planner checks the recipe fits. After
 training, the EOS check makes sure the student stops by itself. Checkpoints go to
 `checkpoints/` every train.save_steps; an interrupted run resumes from the last one.
 With train.eval_steps the validation split's loss is logged beside the training loss.
