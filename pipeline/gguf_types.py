@@ -30,6 +30,13 @@ REFUSED = {
     "q1_0": "is an experimental format", "q2_0": "is an experimental format",
 }
 GGUF_TYPES = {**CONVERTED, **QUANTIZED}
+# Bits per weight of each type's blocks (ggml's block layouts: e.g. q8_0 is 34 bytes per 32 weights);
+# the _m mixes keep some tensors a size up, so theirs are taken one step higher. For disk estimates.
+NOMINAL_BITS = {
+    "f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 6.0, "q5_k_s": 5.5, "q5_0": 5.5,
+    "q5_1": 6.0, "q4_k_m": 5.0, "q4_k_s": 4.5, "q4_0": 4.5, "q4_1": 5.0, "iq4_nl": 4.5, "iq4_xs": 4.25,
+    "q3_k_l": 4.5, "q3_k_m": 4.0, "q3_k_s": 3.4375, "iq3_m": 3.75, "iq3_s": 3.4375, "q2_k": 3.0,
+}
 REFERENCE_TYPE = "f16"  # every quantized file is made from it; held to the merged model's log-probabilities
 
 

@@ -33,6 +33,7 @@ from pipeline.artifacts import (
 from pipeline.config import Recipe, check_input_files, field_values
 from pipeline.distributed import Ranks
 from pipeline.errors import DistillError
+from pipeline.llm.loading import check_training_device, free_memory
 from pipeline.stages import Stage, capture, curate, evaluate, export, finetune
 from pipeline.tracking import NullTracker, Tracker, TrackerProtocol, redact_tree, resolve_uri
 
@@ -77,14 +78,18 @@ def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Pat
     process writes folders and MLflow runs; the other ranks get a NullTracker and join ALL_RANKS stages."""
     check_input_files(recipe, recipe.name)
     ranks = ranks or Ranks.detect()
+    stages = stages_until(until)
     layout = RunLayout(runs_root, run_name or recipe.name)
+    if finetune in stages and (force or read_manifest(layout.stage_dir(finetune.NAME)) is None):
+        # A CPU-only torch, or several GPUs without a launcher: said now, not after capture has spent.
+        check_training_device(recipe, ranks.count)
     if ranks.main:
         layout.root.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(resolve_uri(recipe.tracking.uri), recipe.tracking.experiment) if ranks.main else NullTracker()
     result = PipelineResult(layout.root)
     with tracker.run(recipe.name if run_name is None else f"{recipe.name}/{run_name}"):
         tracker.params({"recipe": recipe.model_dump(mode="json")})
-        for stage in stages_until(until):
+        for stage in stages:
             result.outcomes.append(run_stage(stage, recipe, layout, tracker, force, ranks))
         tracker.metrics({f"{o.name}_wall_s": o.wall_s for o in result.outcomes})
     if ranks.main:
@@ -115,7 +120,12 @@ def run_stage(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerP
     log.info("%s: running", stage.NAME)
     start = time.perf_counter()
     with tracker.run(stage.NAME, nested=True, system_metrics=stage.SYSTEM_METRICS):
-        manifest = stage.run(recipe, inputs, partial, tracker)
+        try:
+            manifest = stage.run(recipe, inputs, partial, tracker)
+        finally:
+            # The stage's models must not sit in GPU memory while the next stage loads its own: its
+            # locals are gone, but the Trainer and accelerate's hooks leave cycles only gc frees.
+            free_memory()
         if ranks.main:
             write_resolved_config(partial, recipe)
             manifest.fingerprint = fingerprint_

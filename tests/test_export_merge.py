@@ -51,7 +51,7 @@ def check_merge(base_dir: Path, out: Path, max_new_tokens: int = 6) -> None:
                                         return_dict=True)["input_ids"]
     with torch.no_grad():
         expected = adapted(ids).logits
-    result = export_merged(adapted, tokenizer, CONVS, max_new_tokens, out, base_dtype(str(base_dir)))
+    result = export_merged(lambda: adapted, tokenizer, CONVS, max_new_tokens, out, base_dtype(str(base_dir)))
     merged = AutoModelForCausalLM.from_pretrained(out / EXPORT_MERGED, dtype=torch.float32).eval()
     with torch.no_grad():
         # fp32 summation order differs between W·x + B·A·x and (W + BA)·x: 1e-5 relative, logits ~20
@@ -87,7 +87,7 @@ def test_merged_weights_are_saved_in_the_bases_dtype(tiny_llama_dir, tmp_path):
         if hasattr(module, "lora_B"):
             for b in module.lora_B.values():
                 torch.nn.init.zeros_(b.weight)
-    export_merged(adapted, tokenizer, CONVS[:1], 3, tmp_path, torch.bfloat16)
+    export_merged(lambda: adapted, tokenizer, CONVS[:1], 3, tmp_path, torch.bfloat16)
     with safe_open(tmp_path / EXPORT_MERGED / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
 
@@ -114,7 +114,7 @@ def test_merging_into_a_4bit_base_is_refused(tmp_path):
         is_loaded_in_4bit = True
 
     with pytest.raises(DistillError, match="refusing to merge into a quantized base"):
-        export_merged(Quantized(), None, CONVS, 3, tmp_path)
+        export_merged(Quantized, None, CONVS, 3, tmp_path)
 
 
 # ---------------------------------------------------------------- the export's own check
@@ -144,7 +144,7 @@ def test_a_correct_merge_passes_with_its_figures_recorded(tiny_llama_dir, tmp_pa
     import json
 
     tokenizer, adapted = tiny_adapted(tiny_llama_dir)
-    result = export_merged(adapted, tokenizer, CONVS, 6, tmp_path, base_dtype(str(tiny_llama_dir)))
+    result = export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path, base_dtype(str(tiny_llama_dir)))
     # fp32 weights and compute: only summation order differs, so the strict default bar applies
     assert result.logprob_tolerance == 1e-3
     assert 0 <= result.max_logprob_delta < 1e-4 and result.greedy_agreement == 1.0
@@ -163,7 +163,7 @@ def test_one_wrong_weight_in_the_merged_model_fails_the_export(tiny_llama_dir, t
     wrong_merge(adapted, monkeypatch, one_weight)
     with pytest.raises(DistillError, match=r"log-probabilities differ from base\+adapter's by up to .* nats, over "
                                            r"export.verify_logprob_tolerance=0.001, on .*float32 on cpu"):
-        export_merged(adapted, tokenizer, CONVS, 6, tmp_path, base_dtype(str(tiny_llama_dir)))
+        export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path, base_dtype(str(tiny_llama_dir)))
     figures = json.loads((tmp_path / "verification.json").read_text())
     assert figures["max_logprob_delta"] > 1e-3  # left behind for inspection
 
@@ -171,7 +171,7 @@ def test_one_wrong_weight_in_the_merged_model_fails_the_export(tiny_llama_dir, t
 def test_the_check_runs_in_the_compute_dtype_and_a_dropped_adapter_fails_in_bf16(tiny_llama_dir, tmp_path,
                                                                                monkeypatch, caplog):
     tokenizer, adapted = tiny_adapted(tiny_llama_dir, torch.bfloat16)
-    result = export_merged(adapted, tokenizer, CONVS, 6, tmp_path / "good", torch.bfloat16)
+    result = export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path / "good", torch.bfloat16)
     assert next(result.model.parameters()).dtype == torch.bfloat16  # reloaded as base + adapter ran, not fp32
     assert result.logprob_tolerance == 2.0 and result.max_logprob_delta < 0.1 < 1.0 < result.adapter_logprob_effect
     assert json.loads((tmp_path / "good" / "verification.json").read_text())["compute"] == "bfloat16 on cpu"
@@ -181,7 +181,7 @@ def test_the_check_runs_in_the_compute_dtype_and_a_dropped_adapter_fails_in_bf16
     # This 2-layer random model's flat distributions move only ~1.4 nats without the adapter, under
     # the bf16 bar (said in a warning); greedy agreement is what fails it.
     with pytest.raises(DistillError, match=r"greedy answer on 0% of 2 .*bfloat16 on cpu"):
-        export_merged(adapted, tokenizer, CONVS, 6, tmp_path / "bad", torch.bfloat16)
+        export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path / "bad", torch.bfloat16)
     figures = json.loads((tmp_path / "bad" / "verification.json").read_text())
     assert figures["max_logprob_delta"] == pytest.approx(figures["adapter_logprob_effect"])  # merged == the base
     assert "cannot tell a dropped adapter from a correct merge" in caplog.text
@@ -191,7 +191,7 @@ def test_a_dropped_adapter_fails_the_logits_bar_in_fp32(tiny_llama_dir, tmp_path
     tokenizer, adapted = tiny_adapted(tiny_llama_dir)
     monkeypatch.setattr(adapted, "merge_and_unload", adapted.unload)
     with pytest.raises(DistillError, match=r"over export.verify_logprob_tolerance=0.001"):
-        export_merged(adapted, tokenizer, CONVS, 6, tmp_path, min_agreement=0.0)
+        export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path, min_agreement=0.0)
 
 
 def test_greedy_answers_below_the_agreement_bar_fail_the_export(tiny_llama_dir, tmp_path, monkeypatch):
@@ -199,4 +199,4 @@ def test_greedy_answers_below_the_agreement_bar_fail_the_export(tiny_llama_dir, 
     monkeypatch.setattr(adapted, "merge_and_unload", adapted.unload)
     with pytest.raises(DistillError, match=r"greedy answer on 0% of 2 verification prompts, under "
                                            r"export.verify_min_agreement=0.75"):
-        export_merged(adapted, tokenizer, CONVS, 6, tmp_path, logprob_tolerance=1e9)
+        export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path, logprob_tolerance=1e9)

@@ -263,15 +263,34 @@ def test_mlflow_gets_the_recipe_curves_speed_memory_and_adapter(tiny_llama_dir, 
     assert [row["step"] for row in log] == [1, 2, 3]
 
 
-def test_padding_free_on_cuda_needs_flash_attention():
-    """Decided from the plan alone, so it is testable without a GPU: CPU keeps padding-free, CUDA
-    without flash-attn falls back to padded SDPA batches, CUDA with it asks for the varlen kernel."""
-    from pipeline.llm.loading import DevicePlan
+def test_padding_free_on_cuda_needs_a_varlen_kernel_else_padded_sdpa_with_one_line(caplog):
+    """Decided from the plan alone, so it is testable without a GPU: CPU keeps padding-free; CUDA with a
+    varlen kernel that loaded (flash-attn, or the hub's prebuilt one) asks for it; CUDA without one
+    falls back to padded SDPA batches, says why in one line, and no longer claims padding-free."""
+    from pipeline.llm.loading import HUB_FLASH_ATTENTION, DevicePlan
 
     train = Recipe(name="t", train={"padding_free": True}).train
     cpu = DevicePlan("cpu", "float32", False, "cpu")
     cuda = DevicePlan("cuda", "bfloat16", True, "cuda")
-    assert finetune.attention_plan(train, cpu, flash_attn_installed=False) == (train, None)
-    padded, attention = finetune.attention_plan(train, cuda, flash_attn_installed=False)
+    assert not finetune.needs_varlen(train, cpu) and finetune.needs_varlen(train, cuda)
+    assert finetune.attention_plan(train, cpu, None) == (train, None)
+    caplog.clear()
+    padded, attention = finetune.attention_plan(train, cuda, None, "the hub kernel did not load (offline)")
     assert attention is None and padded.padding_free is False and train.padding_free is True
-    assert finetune.attention_plan(train, cuda, flash_attn_installed=True) == (train, "flash_attention_2")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "offline" in warnings[0] and "padded batches with SDPA" in warnings[0]
+    assert finetune.attention_plan(train, cuda, "flash_attention_2", "installed") == (train, "flash_attention_2")
+    assert finetune.attention_plan(train, cuda, HUB_FLASH_ATTENTION, "loaded") == (train, HUB_FLASH_ATTENTION)
+
+
+def test_without_flash_attn_or_the_hub_the_varlen_probe_says_why_none_loads():
+    """This machine: no flash-attn, the hub offline (conftest): the hub kernel cannot load, and the
+    reason names it; on a CUDA box with the hub reachable the same call returns the kernel's name."""
+    import importlib.util
+
+    from pipeline.llm.loading import HUB_FLASH_ATTENTION, varlen_attention
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    name, why = varlen_attention()
+    assert name is None and HUB_FLASH_ATTENTION in why and "did not load" in why

@@ -61,9 +61,16 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 # The estimate's CUDA-context share (planner.CUDA_CONTEXT_GIB) is not a tensor, so it is taken
 # off before comparing. Lower bound 1.0: `check_fits` passes or refuses a recipe on this number,
 # and an underestimate is the OOM an hour into a run that the planner exists to prevent. Upper
-# bound 1.5: the planner keeps 10% for allocator fragmentation and rounds up where it cannot see
-# (the chunked LM head's tiles); past 1.5x it would turn away recipes that fit easily.
-LOW, HIGH = 1.0, 1.5
+# bound 1.3: the planner keeps 10% for allocator fragmentation and rounds up where it cannot see
+# (the chunked LM head's tiles); past 1.3x it would turn away recipes that fit (a 24 GB card
+# refused for a 19 GB step).
+LOW, HIGH = 1.0, 1.3
+# NF4-trained adapter, greedy on 8 prompts it memorised: the bf16 base must give the NF4 base's
+# answers on at least this share (a base that differs by more than quantization noise, or an
+# adapter that does not carry over, falls under it). Not yet measured on a GPU: the first run says.
+NF4_VS_BF16_FLOOR = 0.75
+# CPU rehearsal of the same (NF4 vs fp32 base, 4 prompts, tiny model): see test_nf4_vs_unquantized_*.
+NF4_VS_FP32_FLOOR = 0.75
 WEIGHTS_TOLERANCE = 0.10  # the NF4 layout is plain arithmetic; 10% covers quant-state bookkeeping
 
 
@@ -155,7 +162,8 @@ def same_bytes(a, b) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = None, rows=None) -> dict:
+def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = None, rows=None,
+              device: str | None = None) -> dict:
     """Train like the finetune stage for max_steps on random rows; return what happened and what it cost.
     The residual stream's dtypes are recorded during the training forwards (defect 3); with
     `adapter_out` the trained adapter is saved there (defect 6 reads it); `rows` replaces the random rows."""
@@ -163,15 +171,15 @@ def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = Non
     from trl import SFTTrainer
 
     from pipeline.config import load_recipe
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer, varlen_attention
     from pipeline.planner import CUDA_CONTEXT_GIB, GIB, estimate, load_architecture
-    from pipeline.stages.finetune import attention_plan, build_lora_config, build_sft_config
+    from pipeline.stages.finetune import attention_plan, build_lora_config, build_sft_config, needs_varlen
 
     cfg = load_recipe("mistral7b", root=ROOT, overrides=overrides).train  # the model is `folder`
-    plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
+    plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run", device=device)
     cuda = plan.device == "cuda"
-    # As the stage: padding-free only with a varlen kernel on CUDA (flash-attn), else padded SDPA.
-    cfg, attention = attention_plan(cfg, plan, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None)
+    # As the stage: padding-free only with a varlen kernel on CUDA (flash-attn or the hub's), else padded SDPA.
+    cfg, attention = attention_plan(cfg, plan, *(varlen_attention() if needs_varlen(cfg, plan) else (None, "")))
     arch = load_architecture(str(folder))
     est = estimate(arch, cfg, plan.dtype_name)
     tokenizer = load_tokenizer(str(folder))
@@ -258,10 +266,16 @@ def _public(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
+SECTIONS = ("residual_stream", "padding_free_vs_padded", "export_bf16", "nf4_vs_bf16")
+
+
 def write_results(record: dict, path: Path) -> None:
-    """The mistral7b record at the top level, with the sections this session already wrote kept beside it."""
+    """The mistral7b record at the top level, with the sections already in the file (bench/bench_gpu.py
+    runs the small-model tests first, in another process) and those this session wrote kept beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_public(record) | _SECTIONS.get(path, {}), indent=2, default=str) + "\n")
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {k: v for k, v in current.items() if k in SECTIONS}
+    path.write_text(json.dumps(_public(record) | kept | _SECTIONS.get(path, {}), indent=2, default=str) + "\n")
 
 
 def write_section(name: str, record: dict, path: Path) -> None:
@@ -325,31 +339,32 @@ def variable_rows(n: int, max_len: int, vocab: int, seed: int = 0):
     return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
 
 
-def padding_comparison(folder: Path, overrides: list[str]) -> dict:
+def padding_comparison(folder: Path, overrides: list[str], device: str | None = None) -> dict:
     """Defect 4: the same rows as one padding-free micro-batch (with the attention implementation
-    attention_plan picks: flash_attention_2 varlen when flash-attn is installed, else SDPA over a
+    attention_plan picks: a varlen flash-attention kernel when one loads, else SDPA over a
     block-diagonal mask) and as a padded one (SDPA): the loss on the first micro-batch before any
     step, then max_steps of training for tokens/s and peak memory."""
     import torch
     from trl import SFTTrainer
 
     from pipeline.config import load_recipe
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer, varlen_attention
     from pipeline.planner import GIB, load_architecture
-    from pipeline.stages.finetune import attention_plan, build_lora_config, build_sft_config
+    from pipeline.stages.finetune import attention_plan, build_lora_config, build_sft_config, needs_varlen
 
     cfg = load_recipe("mistral7b", root=ROOT, overrides=overrides).train
-    plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
+    plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run", device=device)
     cuda = plan.device == "cuda"
     flash = importlib.util.find_spec("flash_attn") is not None
-    staged, attention = attention_plan(cfg, plan, flash_attn_installed=flash)
+    varlen, why = varlen_attention() if needs_varlen(cfg, plan) else (None, "")
+    staged, attention = attention_plan(cfg, plan, varlen, why)
     arch = load_architecture(str(folder))
     tokenizer = load_tokenizer(str(folder))
     rows = variable_rows(cfg.max_steps * cfg.batch_size * cfg.grad_accum, cfg.max_seq_len, arch.vocab)
     real_tokens = sum(len(r) for r in rows["input_ids"])
     out = {"device": plan.reason, "gpu": torch.cuda.get_device_name(0) if cuda else None,
            "flash_attn_installed": flash, "padding_free_attention": attention or "sdpa",
-           "flash_attn_varlen": attention == "flash_attention_2",
+           "flash_attn_varlen": attention is not None, "varlen_why": why,
            "stage_trains_padding_free": staged.padding_free,  # what the finetune stage would do on this machine
            "rows": len(rows), "real_tokens": real_tokens, "max_seq_len": cfg.max_seq_len,
            "batch_size": cfg.batch_size, "steps": cfg.max_steps, "compute_dtype": plan.dtype_name}
@@ -416,14 +431,18 @@ def export_check(folder: Path, out: Path, device: str, dtype_name: str, drop_ada
 
     dtype = getattr(torch, dtype_name)
     tokenizer = load_tokenizer(str(folder))
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    torch.manual_seed(1)
-    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                              init_lora_weights=False)).eval()
-    if drop_adapter:
-        adapted.merge_and_unload = adapted.unload
+
+    def load_adapted():  # a loader: export_merged frees base + adapter before it reloads the merged folder
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
+        torch.manual_seed(1)
+        adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False)).eval()
+        if drop_adapter:
+            adapted.merge_and_unload = adapted.unload
+        return adapted
+
     convs = prompts(n_prompts, load_architecture(str(folder)).vocab)
-    return export_merged(adapted, tokenizer, convs, max_new_tokens, out, save_dtype=dtype)
+    return export_merged(load_adapted, tokenizer, convs, max_new_tokens, out, save_dtype=dtype)
 
 
 def export_record(result, out: Path) -> dict:
@@ -461,7 +480,7 @@ def memorise_rows(folder: Path, n: int, repeats: int, seed: int = 7):
 
 
 def nf4_vs_bf16(folder: Path, adapter: Path, overrides: list[str], n_prompts: int = 8,
-                max_new_tokens: int = 8) -> dict:
+                max_new_tokens: int = 8, device: str | None = None) -> dict:
     """Defect 6: an adapter trained on the NF4 base, greedy on that NF4 base and on the unquantized
     base (bf16 on CUDA; fp32 on the CPU) the evaluate and export stages load. Figures: the share
     of prompts answered token for token alike (greedy_agreement) and the mean share of leading
@@ -478,7 +497,7 @@ def nf4_vs_bf16(folder: Path, adapter: Path, overrides: list[str], n_prompts: in
     from pipeline.planner import load_architecture
 
     cfg = load_recipe("mistral7b", root=ROOT, overrides=overrides).train
-    nf4 = device_plan(want_4bit=True, allow_cpu_4bit=cfg.quant.on_cpu == "run")
+    nf4 = device_plan(want_4bit=True, allow_cpu_4bit=cfg.quant.on_cpu == "run", device=device)
     assert nf4.load_in_4bit, nf4.reason
     plans = {"nf4": nf4, "unquantized": replace(nf4, load_in_4bit=False)}
     tokenizer = load_tokenizer(str(folder))
@@ -515,11 +534,19 @@ def nf4_vs_bf16(folder: Path, adapter: Path, overrides: list[str], n_prompts: in
             "adapter_changes_nf4_answers": answers["nf4+adapter"] != answers["nf4"]}
 
 
-def assert_agreement_figures(record: dict) -> None:
+def assert_agreement_figures(record: dict, floor: float) -> None:
+    """Every figure is a share; the NF4-trained adapter's answers on the unquantized base agree with its
+    answers on the NF4 base on at least `floor` of the prompts, and it learned its answers on both."""
     figures = {k: record[k] for k in ("greedy_agreement", "token_agreement", "base_greedy_agreement",
                                       "base_token_agreement")} | record["learned_answer_agreement"]
     for key, value in figures.items():
         assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
+    assert record["adapter_changes_nf4_answers"], "the adapter changed nothing: the comparison says nothing"
+    learned = record["learned_answer_agreement"]
+    assert learned["nf4"] >= floor, f"the adapter did not learn its answers on the NF4 base it trained on: {record}"
+    assert record["greedy_agreement"] >= floor and learned["unquantized"] >= floor, (
+        f"NF4-trained adapter on the unquantized base: greedy agreement {record['greedy_agreement']:.2f}, learned "
+        f"answers {learned['unquantized']:.2f}, under the floor {floor}: {record}")
 
 
 def assert_trained_lora_only(record: dict) -> None:
@@ -557,7 +584,7 @@ def mistral7b_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mistral7b_run(mistral7b_dir):
-    record = qlora_run(mistral7b_dir, SMOKE)
+    record = qlora_run(mistral7b_dir, SMOKE, device="cuda")
     write_results(record, RESULTS)  # before any assertion: a failing run's numbers are the interesting ones
     print(json.dumps({k: record[k] for k in ("gpu", "estimate_gib", "measured_gib", "estimate_over_measured",
                                              "losses", "tokens_per_s")}, indent=1, default=str))
@@ -598,7 +625,7 @@ def small_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_run(small_dir):
-    record = qlora_run(small_dir, SMALL_SMOKE)
+    record = qlora_run(small_dir, SMALL_SMOKE, device="cuda")
     write_section("residual_stream", {k: record[k] for k in ("device", "gpu", "arch", "train", "residual_dtypes",
                                                             "losses", "tokens_per_s")}, RESULTS)
     return record
@@ -619,12 +646,13 @@ def test_qlora_keeps_the_residual_stream_in_bf16_on_cuda(small_run):
 def test_padding_free_and_padded_batches_give_the_same_loss_on_cuda(small_dir):
     """Defect 4: same rows, same loss; tokens/s, peak memory and the attention kernel go to bench/gpu.json
     (a measurement: no timing is asserted)."""
-    record = padding_comparison(small_dir, SMALL_PADDING)
+    record = padding_comparison(small_dir, SMALL_PADDING, device="cuda")
     write_section("padding_free_vs_padded", record, RESULTS)
     print(json.dumps(record, indent=1, default=str))
     assert record["padding_free"]["batch_shape"][0] == 1 and record["padded"]["batch_shape"][0] > 1
     assert record["loss_rel_diff"] <= LOSS_RTOL[record["compute_dtype"]], record
-    assert record["stage_trains_padding_free"] == record["flash_attn_varlen"]  # no dense-mask SDPA on CUDA
+    # No dense-mask SDPA on CUDA: padding-free only with a varlen kernel, and then it is the one used.
+    assert record["stage_trains_padding_free"] == record["flash_attn_varlen"], record["varlen_why"]
     for arm in ("padding_free", "padded"):
         assert all(math.isfinite(x) for x in record[arm]["losses"]) and record[arm]["peak_allocated_gib"] > 0
 
@@ -637,6 +665,7 @@ def test_export_check_in_bf16_on_cuda_passes_a_merge_and_fails_a_dropped_adapter
     import torch
 
     from pipeline.errors import DistillError
+    from pipeline.export.merged import DEFAULT_LOGPROB_TOLERANCE
 
     good = export_check(small_dir, tmp_path / "good", "cuda", "bfloat16")
     record = {"correct_merge": export_record(good, tmp_path / "good")}
@@ -644,6 +673,7 @@ def test_export_check_in_bf16_on_cuda_passes_a_merge_and_fails_a_dropped_adapter
     try:
         assert param.device.type == "cuda" and param.dtype == torch.bfloat16
         assert record["correct_merge"]["compute"].startswith("bfloat16 on cuda")
+        assert record["correct_merge"]["max_logprob_delta"] < DEFAULT_LOGPROB_TOLERANCE["bfloat16"]
         with pytest.raises(DistillError, match=r"export: merged model"):
             export_check(small_dir, tmp_path / "dropped", "cuda", "bfloat16", drop_adapter=True)
     finally:
@@ -663,15 +693,19 @@ def test_nf4_trained_adapter_on_the_nf4_and_the_bf16_base(small_dir, tmp_path):
     it trained against and on the bf16 base evaluate / export load: their agreement, and how much of
     the learned answers each reproduces."""
     overrides = SMOKE + MEMORISE
-    qlora_run(small_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(small_dir, 8, 40))
-    record = nf4_vs_bf16(small_dir, tmp_path / "adapter", overrides)
-    write_section("nf4_vs_bf16", record, RESULTS)
+    qlora_run(small_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(small_dir, 8, 40),
+              device="cuda")
+    record = nf4_vs_bf16(small_dir, tmp_path / "adapter", overrides, device="cuda")
+    write_section("nf4_vs_bf16", record | {"floor": NF4_VS_BF16_FLOOR}, RESULTS)
     print(json.dumps(record, indent=1))
     assert record["unquantized_dtype"] == "bfloat16"
-    assert_agreement_figures(record)
+    assert_agreement_figures(record, NF4_VS_BF16_FLOOR)
 
 
-# ---------------------------------------------------------------- the same harness on the CPU (in make test)
+# ---------------------------------------------------------------- CPU rehearsals of the same harness (in make test)
+# Pinned to the CPU (device="cpu"), so on a CUDA box they still rehearse what they say. They check the
+# harness itself, not what only a GPU shows: no memory is measured, paged 8-bit AdamW (CUDA-only) is
+# replaced by adamw_torch, and compute is fp32.
 
 
 @pytest.fixture(scope="module")
@@ -681,20 +715,22 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_dir):
-    record = qlora_run(tiny_dir, CPU_SMOKE, adapter_out=tiny_dir.parent / "adapter")
+    record = qlora_run(tiny_dir, CPU_SMOKE, adapter_out=tiny_dir.parent / "adapter", device="cpu")
     return record | {"_adapter": tiny_dir.parent / "adapter"}
 
 
-def test_gpu_harness_rehearses_on_a_tiny_shape_on_cpu(tiny_dir, tiny_run, tmp_path):
-    """What the GPU tests run, at hidden 64 on the CPU's bitsandbytes NF4: keeps the harness honest."""
+def test_cpu_rehearsal_qlora_steps_train_lora_only_on_an_nf4_base_and_write_gpu_json(tiny_dir, tiny_run, tmp_path):
+    """The mistral7b-shape harness at hidden 64 on the CPU's bitsandbytes NF4: LoRA moves, the NF4 base
+    does not, the residual-stream hooks fire (fp32 here), and the results file keeps its sections."""
     from pipeline.planner import Architecture, load_architecture
 
     assert write_random_model(tiny_dir, TINY, "cpu") == tiny_dir  # reused, not rewritten
     assert load_architecture(str(tiny_dir)) == Architecture.from_config(TINY)
     record = tiny_run
+    assert record["device"].startswith("CPU") and record["train"]["optim"] == "adamw_torch"
     assert_trained_lora_only(record)
-    assert record["train"]["tokens_per_step"] == 2 * 96 and record["estimate_gib"]["total"] > 0
-    assert_residual_stream_in(record, "float32")  # defect 3's hooks; the CPU plan computes in fp32
+    assert record["train"]["tokens_per_step"] == 2 * 96 and record["measured_gib"] is None
+    assert_residual_stream_in(record, "float32")
     assert (record["_adapter"] / "adapter_model.safetensors").is_file()
     write_results(record, tmp_path / "gpu.json")
     write_section("residual_stream", {"residual_dtypes": record["residual_dtypes"]}, tmp_path / "gpu.json")
@@ -712,9 +748,10 @@ def bench_figure_names(path: Path) -> list[str]:
     return [f["name"] for f in figures.gpu(json.loads(path.read_text()))]
 
 
-def test_padding_comparison_rehearses_on_cpu(tiny_dir, tmp_path):
-    """Defect 4's harness on the CPU: padding-free (SDPA over the block-diagonal mask) and padded, same loss."""
-    record = padding_comparison(tiny_dir, CPU_SMOKE)
+def test_cpu_rehearsal_padding_free_and_padded_batches_give_the_same_loss(tiny_dir, tmp_path):
+    """Padding-free (SDPA over the block-diagonal mask on the CPU) and padded batches of the same rows:
+    the same loss within the fp32 tolerance, and the section bench/report.py reads."""
+    record = padding_comparison(tiny_dir, CPU_SMOKE, device="cpu")
     write_section("padding_free_vs_padded", record, tmp_path / "gpu.json")
     assert json.loads((tmp_path / "gpu.json").read_text())["padding_free_vs_padded"]["rows"] == 6
     assert record["padding_free"]["batch_shape"][0] == 1 and record["padded"]["batch_shape"][0] == 2
@@ -725,27 +762,31 @@ def test_padding_comparison_rehearses_on_cpu(tiny_dir, tmp_path):
                for arm in ("padding_free", "padded"))
 
 
-def test_export_check_rehearses_on_cpu_in_bf16(tiny_dir, tmp_path):
-    """Defect 5's harness on the CPU in the GPU's dtype: a correct merge passes, a dropped adapter fails."""
+def test_cpu_rehearsal_bf16_export_check_passes_a_merge_and_fails_a_dropped_adapter(tiny_dir, tmp_path):
+    """The export check in the GPU's dtype (bf16) on the CPU: a correct merge stays under the bf16
+    tolerance, a dropped adapter fails."""
     from pipeline.errors import DistillError
+    from pipeline.export.merged import DEFAULT_LOGPROB_TOLERANCE
 
     good = export_check(tiny_dir, tmp_path / "good", "cpu", "bfloat16", n_prompts=4)
-    assert export_record(good, tmp_path / "good")["compute"] == "bfloat16 on cpu"
+    figures = export_record(good, tmp_path / "good")
+    assert figures["compute"] == "bfloat16 on cpu"
+    assert figures["max_logprob_delta"] < DEFAULT_LOGPROB_TOLERANCE["bfloat16"]
     with pytest.raises(DistillError, match=r"export: merged model"):
         export_check(tiny_dir, tmp_path / "dropped", "cpu", "bfloat16", drop_adapter=True, n_prompts=4)
-    assert export_record(None, tmp_path / "dropped")["greedy_agreement"] <= 1.0
-    write_section("export_bf16", {"correct_merge": export_record(good, tmp_path / "good")}, tmp_path / "gpu.json")
+    assert export_record(None, tmp_path / "dropped")["greedy_agreement"] < 0.75
+    write_section("export_bf16", {"correct_merge": figures}, tmp_path / "gpu.json")
     assert any(n.startswith("export check in bf16") for n in bench_figure_names(tmp_path / "gpu.json"))
 
 
-def test_nf4_vs_unquantized_rehearses_on_cpu(tiny_dir, tmp_path):
-    """Defect 6's harness on the CPU: an NF4-trained adapter on the NF4 and the (fp32) unquantized base."""
-    overrides = CPU_SMOKE + ["train.max_steps=12", "train.lr=1e-2", "train.warmup_ratio=0",
-                                             "train.lora.dropout=0"]
-    qlora_run(tiny_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(tiny_dir, 4, 6))
-    record = nf4_vs_bf16(tiny_dir, tmp_path / "adapter", overrides, n_prompts=4, max_new_tokens=8)
+def test_cpu_rehearsal_nf4_trained_adapter_answers_alike_on_the_fp32_base(tiny_dir, tmp_path):
+    """An adapter trained on the NF4 base to memorise 4 answers, greedy on NF4 and on the unquantized
+    (fp32 here) base: both reproduce what it learned, above the stated floor."""
+    overrides = CPU_SMOKE + ["train.max_steps=80", "train.lr=3e-3", "train.warmup_ratio=0", "train.lora.dropout=0"]
+    qlora_run(tiny_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(tiny_dir, 4, 6), device="cpu")
+    record = nf4_vs_bf16(tiny_dir, tmp_path / "adapter", overrides, n_prompts=4, max_new_tokens=8, device="cpu")
     print(record)
     assert record["unquantized_dtype"] == "float32" and record["prompts"] == 4
-    assert_agreement_figures(record)
+    assert_agreement_figures(record, NF4_VS_FP32_FLOOR)
     write_section("nf4_vs_bf16", record, tmp_path / "gpu.json")
     assert "NF4-trained adapter: greedy agreement, NF4 base vs bf16 base" in bench_figure_names(tmp_path / "gpu.json")

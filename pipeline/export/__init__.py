@@ -6,7 +6,6 @@ file names below are what `distill serve` and users read, beside EXPORT_MERGED i
   adapter.py    the PEFT adapter alone
   gguf.py       llama.cpp files: F16 from the converter, the rest from llama.cpp's quantizer
   converter.py  llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python sdist, isolated
-  gguf_types.py the llama.cpp types export.gguf_types accepts (checked by `distill validate`)
   parity.py     every artifact re-scored in its runtime; tokenizer/template/EOS checks; the gate
   modelfile.py  the Ollama Modelfile (chat template as a Go template, stops)
   card.py       the model card (README.md)

@@ -82,18 +82,28 @@ def probe_verdict(path: Path, returncode: int, stderr: str) -> str | None:
     return f"llama.cpp could not load or decode {path.name} ({last[0][:200]})"
 
 
+def gpu_layers() -> int:
+    """-1 (every layer) when the installed llama.cpp was built with a GPU backend that found a device, else 0."""
+    import llama_cpp
+
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
 class GgufModel:
     """A GGUF file loaded in llama.cpp, prompted exactly as a llama.cpp server prompts it:
     the chat template read from the file, rendered by llama-cpp-python's formatter, tokenized
     by llama.cpp with the model's own BOS rule, decoded greedily until an end-of-generation token."""
 
-    def __init__(self, path: Path, n_ctx: int):
+    def __init__(self, path: Path, n_ctx: int, n_gpu_layers: int | None = None):
+        """`n_gpu_layers`: None offloads every layer to the GPU when this llama.cpp build can (a CUDA
+        build on a machine with a GPU: a 7B's parity run in minutes instead of hours), else none."""
         import llama_cpp
 
         probe(path)
         start = time.perf_counter()
         self.path = Path(path)
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+        self.n_gpu_layers = gpu_layers() if n_gpu_layers is None else n_gpu_layers
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=self.n_gpu_layers, verbose=False)
         quiet_llama_cpp()  # after: Llama(verbose=False) resets the logger's level
         self.load_s = time.perf_counter() - start
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)

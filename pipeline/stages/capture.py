@@ -64,7 +64,7 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
     # A local model folder's content, not its path: retrained in place, it re-captures.
     files |= {f"teacher_model/{name}": path for name, path in content_files(recipe.teacher.spec).items()}
     if provider == "logs":
-        if is_table_file(Path(ref)):  # a hub id or dataset folder is named by the spec, which the fingerprint covers
+        if is_table_file(ref):  # a hub id, dataset folder or URL is named by the spec, which the fingerprint covers
             files["logs"] = Path(ref)
     elif is_table_file(recipe.capture.prompts):
         files["prompts"] = recipe.capture.prompts
@@ -87,7 +87,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         return run_records(inputs["records"], out, tracker)
     provider, ref = parse_spec(recipe.teacher.spec)
     if provider == "logs":  # not a teacher: answers to import (a file input, else the spec's folder or hub id)
-        return run_logs(recipe, inputs.get("logs", Path(ref)), out, tracker)
+        return run_logs(recipe, inputs.get("logs", ref), out, tracker)
     task = load_task(inputs["task"])
     prompts = load_prompts(inputs.get("prompts", recipe.capture.prompts), recipe.capture)
     labels = task.labels if task.kind == "classification" else None
@@ -282,7 +282,7 @@ def _check(report: ServiceReport, completions: list[Completion], records: int, c
 # ---------------------------------------------------------------- logs:
 
 
-def run_logs(recipe: Recipe, path: Path, out: Path, tracker) -> Manifest:
+def run_logs(recipe: Recipe, path: Path | str, out: Path, tracker) -> Manifest:
     """Import existing answers: no teacher calls, no cost."""
     imported = import_logs(path, recipe.teacher.prompt_col, recipe.teacher.label_col)
     rows = imported.records[: recipe.capture.limit] if recipe.capture.limit else imported.records

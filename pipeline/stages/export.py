@@ -9,8 +9,14 @@ log-probabilities within `export.verify_logprob_tolerance` and greedy answers al
 `export.verify_min_agreement` of them, else the stage fails (verification.json, and the stage's
 merged_verify_* metrics). adapter/: the PEFT adapter alone. gguf/: llama.cpp files of `export.gguf_types` and an Ollama Modelfile.
 
-Then parity: every artifact answers the test split again in its own runtime and is scored
-against the teacher (parity.json, parity.md); F16 must reproduce merged's tokens exactly, the
+One copy of the model is in memory at a time (a bf16 7B is 13.5 GiB; an A10G has 22.5): base +
+adapter are freed before the merged folder is reloaded, and the reloaded model is freed before
+llama.cpp loads the GGUF files (onto the GPU where its build can). Before any of it, the disk the
+formats need is compared with what is free.
+
+Then parity: every artifact answers the first `export.parity_limit` test examples again in its own
+runtime and is scored against the teacher (parity.json, parity.md); F16 is held to the reloaded merged
+model's teacher-forced log-probabilities, in the dtype it ran in (`export.f16_logprob_tolerance`), the
 quantized files must stay within `export.parity_tolerance` of merged's agreement. A rejected
 artifact is kept for inspection, named in the stage's notes and not registered; the stage fails
 only when `export.require` names it. README.md (the model card) is written last, and accepted
@@ -100,27 +106,32 @@ def check_required(rows, require: list[str], table: Path) -> None:
 
 
 def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, test, task):
-    """Write every format and score it; returns the parity rows, counts and the Modelfile (or None)."""
-    import torch
+    """Write every format and score it; returns the parity rows, counts and the Modelfile (or None).
+    One copy of the model is in memory at a time: base + adapter until the merged folder is saved,
+    then the reloaded merged model until the GGUF files are checked (without it)."""
     from peft import PeftModel
 
     from pipeline.export.adapter import export_adapter
-    from pipeline.export.merged import base_dtype, export_merged
+    from pipeline.export.merged import base_dtype, export_merged, f16_tolerance
     from pipeline.export.parity import ArtifactParity, forced_references, hf_answers, score
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer, resolve_model
+    from pipeline.llm.loading import device_plan, free_memory, load_model, load_tokenizer, resolve_model
 
     cfg = recipe.export
     source = inputs["finetune"] / FINETUNE_ADAPTER
     tokenizer = load_tokenizer(str(source))
+    plan = device_plan()
+    save_dtype = base_dtype(resolve_model(recipe.model.base))
+    check_disk(out, disk_needed(recipe, plan, save_dtype))
     rows: list[ArtifactParity] = []
     adapter = export_adapter(source, out) if "adapter" in cfg.formats else source
-    # Merging needs an unquantized base, whatever training used; the adapter is read from the
-    # exported copy, so the files shipped are the ones verified.
-    adapted = PeftModel.from_pretrained(load_model(recipe.model.base, device_plan()), str(adapter)).eval()
-    merged = export_merged(adapted, tokenizer, verify, cfg.verify_max_new_tokens, out,
-                           base_dtype(resolve_model(recipe.model.base)), cfg.verify_logprob_tolerance,
-                           cfg.verify_min_agreement)
-    del adapted
+
+    def load_adapted():
+        # Merging needs an unquantized base, whatever training used; the adapter is read from the
+        # exported copy, so the files shipped are the ones verified.
+        return PeftModel.from_pretrained(load_model(recipe.model.base, plan), str(adapter)).eval()
+
+    merged = export_merged(load_adapted, tokenizer, verify, cfg.verify_max_new_tokens, out, save_dtype,
+                           cfg.verify_logprob_tolerance, cfg.verify_min_agreement)
     convs = [Task.student_messages(r["prompt"]) for r in test]
     test_references = [r["completion"] for r in test]
     merged_row = ArtifactParity("merged", EXPORT_MERGED, _size(out / EXPORT_MERGED), runtime="transformers",
@@ -138,31 +149,64 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
                                         f"{merged.greedy_agreement:.0%} of {len(verify)} verification prompts, "
                                         f"log-probabilities within {merged.max_logprob_delta:.2g} nats; "
                                         "its agreement is merged's"))
-    reference_model = merged.model
-    if next(merged.model.parameters()).dtype != torch.float32:
-        # F16 is held to fp32 log-probabilities: bf16's 8-bit mantissa is coarser than F16's.
-        from pipeline.export.merged import reload_plain
-
-        reference_model = reload_plain(out / EXPORT_MERGED)
-    references = (forced_references(reference_model, tokenizer, verify, cfg.verify_max_new_tokens)
+    # F16 is held to the merged model as it runs here, in the compute dtype on the compute device
+    # (a bf16 reference gets a bf16 tolerance); never a second, fp32 copy of the model on the host.
+    compute_dtype = next(merged.model.parameters()).dtype
+    references = (forced_references(merged.model, tokenizer, verify, cfg.verify_max_new_tokens)
                   if "gguf" in cfg.formats else [])
-    del reference_model
     verify_figures = {"merged_verify_max_logprob_delta": merged.max_logprob_delta,
                       "merged_verify_logprob_tolerance": merged.logprob_tolerance,
                       "merged_verify_greedy_agreement": merged.greedy_agreement}
     del merged
+    free_memory()  # before llama.cpp loads the GGUF files (onto the GPU where its build can)
     counts = {"verified_prompts": len(verify), "parity_test_examples": len(test)}
     modelfile = None
     if "gguf" in cfg.formats:
         gguf_rows, modelfile = build_gguf(recipe, out, tokenizer, verify, references, convs, test_references, task,
-                                          merged_row)
+                                          merged_row, f16_tolerance(cfg.f16_logprob_tolerance, compute_dtype))
         rows += gguf_rows
     counts["accepted"] = sum(r.status == "accepted" for r in rows)
     counts["rejected"] = sum(r.status == "rejected" for r in rows)
     return rows, counts, modelfile, verify_figures
 
 
-def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, test_references, task, merged_row):
+def disk_needed(recipe: Recipe, plan, save_dtype) -> dict[str, float]:
+    """Bytes each export format will write, from the base's parameter count (empty when unknown)."""
+    from pipeline.gguf_types import NOMINAL_BITS
+    from pipeline.llm.loading import parameter_count
+
+    params = parameter_count(recipe.model.base, recipe.model.architecture)
+    if params is None:
+        return {}
+    dtype_bytes = (save_dtype or plan.dtype).itemsize
+    needs = {f"merged ({_dtype_label(save_dtype or plan.dtype)})": params * dtype_bytes}
+    if "gguf" in recipe.export.formats:
+        needs |= {f"gguf {t}": params * NOMINAL_BITS[t] / 8 for t in recipe.export.gguf_types}
+    return needs
+
+
+def check_disk(out: Path, needs: dict[str, float], margin: float = 1.1) -> None:
+    """Refuse before minutes of merging when the files cannot fit where they go."""
+    import shutil
+
+    total = sum(needs.values()) * margin
+    free = shutil.disk_usage(out).free
+    parts = ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in needs.items())
+    if needs:
+        log.info("export: writes about %.1f GB (%s, +%d%%); %.1f GB free", total / 1e9, parts,
+                 round(100 * (margin - 1)), free / 1e9)
+    if total > free:
+        raise DistillError(f"export: needs about {total / 1e9:.1f} GB of disk ({parts}, +{round(100 * (margin - 1))}%) "
+                           f"under {out}, but only {free / 1e9:.1f} GB is free; free some, or drop formats "
+                           "(export.formats, export.gguf_types)")
+
+
+def _dtype_label(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, test_references, task, merged_row,
+               f16_tolerance: float):
     """Convert and quantize, check each file, score it in llama.cpp; write the Modelfile. A file
     this llama.cpp cannot decode on this machine is rejected with the reason; the rest go on."""
     from pipeline.artifacts import EXPORT_GGUF
@@ -193,7 +237,7 @@ def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, 
             for problem in gguf_problems(model, gguf_metadata(model.llm), tokenizer, verify):
                 row.reject(problem)
             if f.type == REFERENCE_TYPE:
-                check_reference_type(row, model, references, cfg.f16_logprob_tolerance)
+                check_reference_type(row, model, references, f16_tolerance)
             score(row, gguf_answers(model, convs, cfg.parity_max_new_tokens), test_references, task)
         finally:
             model.close()

@@ -8,7 +8,9 @@ pair that we tokenize here with the chat template (`tokenize_prompt_completion`)
 prompt is rendered exactly as at inference (add_generation_prompt=True), the completion is
 what the template appends, cut after the end-of-turn token (the tokenizer's EOS), so the
 labels are the answer tokens plus EOS and nothing else. TRL turns `completion_mask` into
-labels. On CUDA the VRAM planner checks the recipe fits before anything is loaded. After
+labels. Before anything is loaded, a machine that would fail or crawl is refused (no CUDA for a
+QLoRA or 1B+ recipe, several GPUs without a launcher: llm.loading.check_training_device), and on
+CUDA the VRAM planner checks the recipe fits. After
 training, the EOS check makes sure the student stops by itself. Checkpoints go to
 `checkpoints/` every train.save_steps; an interrupted run resumes from the last one.
 With train.eval_steps the validation split's loss is logged beside the training loss.
@@ -17,7 +19,6 @@ Writes `adapter/` (PEFT adapter + tokenizer) and `train_log.jsonl`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -54,10 +55,11 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     from datasets import load_from_disk
     from trl import SFTTrainer
 
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.llm.loading import check_training_device, device_plan, load_model, load_tokenizer, varlen_attention
 
     cfg = recipe.train
     state = accelerate_state()  # one process normally; one per GPU (or CPU process) under a launcher
+    check_training_device(recipe, state.num_processes)
     plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
     planned = check_vram(recipe, plan) if plan.device == "cuda" else None
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
@@ -68,7 +70,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     # lm_head to fp32, and 4-bit layers return their input's dtype, so the whole residual stream
     # would run fp32 under bf16 (twice the activation memory the planner assumes, slower steps).
     # TRL already freezes the base and enables input gradients for checkpointing.
-    cfg, attention = attention_plan(cfg, plan, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None)
+    cfg, attention = attention_plan(cfg, plan, *(varlen_attention() if needs_varlen(cfg, plan) else (None, "")))
     model = load_model(recipe.model.base, plan, cfg.quant, attention)
     if cfg.init_adapter is not None:  # warm start (`retrain.warm_start`): keep training that adapter
         from peft import PeftModel
@@ -229,20 +231,26 @@ def tokenize_dataset(pairs, tokenizer, max_len: int, soft_weight: float = 0.0):
     return kept
 
 
-def attention_plan(cfg: TrainConfig, plan: DevicePlan, flash_attn_installed: bool) -> tuple[TrainConfig, str | None]:
-    """Padding-free batches need a varlen attention kernel on CUDA.
+def needs_varlen(cfg: TrainConfig, plan: DevicePlan) -> bool:
+    return cfg.padding_free and plan.device == "cuda"
 
-    Without flash attention, transformers turns the concatenated batch's position_ids into a
-    dense block-diagonal mask, so SDPA gets no flash kernel and attends over every token of
-    the micro-batch at once: padded batches are then the faster choice. On CPU the mask path
-    is what was measured fastest (bench/bench_finetune.py), so nothing changes there."""
-    if not cfg.padding_free or plan.device != "cuda":
+
+def attention_plan(cfg: TrainConfig, plan: DevicePlan, varlen: str | None, why: str = "") -> tuple[TrainConfig, str | None]:
+    """Padding-free batches need a varlen attention kernel on CUDA; `varlen` is the one that loads
+    here (llm.loading.varlen_attention), `why` says which or why none did.
+
+    Without one, transformers turns the concatenated batch's position_ids into a dense
+    block-diagonal mask, so SDPA gets no flash kernel and attends over every token of the
+    micro-batch at once: padded batches are then the faster choice, and padding-free is not
+    claimed. On CPU the mask path is what was measured fastest (bench/bench_finetune.py), so
+    nothing changes there."""
+    if not needs_varlen(cfg, plan):
         return cfg, None
-    if flash_attn_installed:
-        log.info("padding-free batches with flash_attention_2 (varlen kernels)")
-        return cfg, "flash_attention_2"
-    log.warning("train.padding_free: flash-attn is not installed, so padded batches with SDPA are used instead "
-                "(pip install flash-attn for varlen kernels)")
+    if varlen is not None:
+        log.info("padding-free batches with %s varlen kernels (%s)", varlen, why)
+        return cfg, varlen
+    log.warning("train.padding_free: %s, so padded batches with SDPA are used instead (pip install flash-attn, or "
+                "reach the hub once so the kernel is cached)", why or "no varlen flash-attention kernel loads here")
     return cfg.model_copy(update={"padding_free": False}), None
 
 

@@ -1,5 +1,6 @@
 """Read prompt and log tables: JSONL, CSV, Parquet, or anything `datasets.load_dataset` reads
-(a hub id such as `PolyAI/banking77`, which needs the hub: offline, the error says to pass a file).
+(a hub id such as `PolyAI/banking77`, which needs the hub: offline, the error says to pass a file);
+a table at an https:// URL is downloaded once into DISTILL_CACHE/downloads (`fetch`).
 
 Used by the capture stage (`distill capture RECIPE`). Every row comes with where it came
 from (`file:line` for JSONL and CSV, `file row N` otherwise) so an error can point at it.
@@ -18,13 +19,49 @@ from pipeline.errors import DistillError
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet", ".json")
 
 
-def is_table_file(path: Path) -> bool:
-    """Files we hash as stage inputs; a folder or hub id goes through datasets and is named only."""
+def is_table_file(path: Path | str) -> bool:
+    """Files we hash as stage inputs; a folder, hub id or URL is named only (by the spec the fingerprint covers)."""
+    if is_url(str(path)):
+        return False
     return Path(path).suffix.lower() in TABLE_SUFFIXES or Path(path).is_file()
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("https://", "http://"))
+
+
+def fetch(url: str, timeout_s: float = 60.0) -> Path:
+    """A table published at a URL (a dataset's own CSV), downloaded once into DISTILL_CACHE/downloads
+    and read from there after: the project never commits the data, and a rerun needs no network."""
+    import hashlib
+    import os
+    import urllib.error
+    import urllib.request
+
+    from pipeline.llm.loading import cache_root
+
+    name = Path(url.split("?", 1)[0]).name or "download"
+    target = cache_root() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as err:
+        tmp.unlink(missing_ok=True)
+        raise DistillError(f"{url}: could not download it ({getattr(err, 'reason', err)}); without network, download "
+                           "it elsewhere and pass the local file (e.g. teacher.spec=logs:data/train.csv)") from None
+    os.replace(tmp, target)
+    return target
 
 
 def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (where, row) for every record in the source, in order."""
+    if is_url(str(source)):
+        source = fetch(str(source))
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES and not path.is_file():
