@@ -399,7 +399,8 @@ class EvalConfig(Section):
     )
     file: Path | None = Field(
         None,
-        description="Your own held-out eval set (JSONL with a prompt field or a chat 'messages' conversation, or CSV), scored "
+        description="Your own held-out eval set (JSONL with a prompt field or a chat 'messages' conversation, or "
+        "CSV), scored "
         "besides the test split; the teacher answers it through the teacher cache. Curate keeps its prompts "
         "out of training.",
     )

@@ -44,6 +44,11 @@ class Unsupported(ValueError):
         self.kind = kind
 
 
+def skipped_lines(kinds: dict[str, int]) -> list[str]:
+    """One line per kind of unsupported content: what was skipped and why, never dropped without a word."""
+    return [f"skipped {n} record{'s' if n != 1 else ''}: {kind} are not supported" for kind, n in sorted(kinds.items())]
+
+
 def user_turn(text: str) -> list[dict[str, str]]:
     """A one-turn conversation: what a prompts file's row (or an old single-prompt record) is."""
     return [{"role": "user", "content": text}]

@@ -174,7 +174,8 @@ def _percentile(values: list[int], q: float) -> int:
 
 def _value(value: Any) -> str:
     """A YAML value on one line (flow style), quoted where YAML needs it."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True)
+    return text.strip().removesuffix("...").strip()
 
 
 def _comment(text: str, indent: int = 0) -> str:

@@ -34,7 +34,9 @@ from collections import Counter
 
 from pipeline.artifacts import CAPTURE_RECORDS, Manifest, sha256_json, write_jsonl
 from pipeline.config import CaptureConfig, Recipe, TeacherConfig
-from pipeline.conversation import Unsupported, check_conversation, read_messages, split_answer, user_turn
+from pipeline.conversation import (
+    Unsupported, check_conversation, read_messages, skipped_lines, split_answer, user_turn,
+)
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.loading import check_recipe_models
@@ -166,10 +168,6 @@ def _prompt_conversation(where: str, rec: dict, prompt_field: str) -> list[dict]
         raise DistillError(f"{where}: no '{prompt_field}' text (set capture.prompt_field to the right column, "
                            "or give each row a `messages` conversation)")
     return user_turn(text)
-
-
-def skipped_lines(skipped: Counter) -> list[str]:
-    return [f"skipped {n} record{'s' if n != 1 else ''}: {kind} are not supported" for kind, n in sorted(skipped.items())]
 
 
 def _add_skipped(manifest: Manifest, skipped: Counter) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.conversation import Unsupported, read_messages, request_params, split_answer, user_turn
+from pipeline.conversation import Unsupported, read_messages, request_params, skipped_lines, split_answer, user_turn
 from pipeline.errors import DistillError
 from pipeline.teachers.sources import read_rows
 
@@ -66,11 +66,6 @@ class LogImport:
         more = f" and {len(self.rejected) - SHOWN_REJECTS} more" if len(self.rejected) > SHOWN_REJECTS else ""
         return f"{len(self.rejected)} log records rejected: {shown}{more}"
 
-    def unsupported_summary(self) -> list[str]:
-        """One line per kind: what was skipped and why, never dropped without a word."""
-        return [f"skipped {n} record{'s' if n != 1 else ''}: {kind} are not supported"
-                for kind, n in sorted(self.unsupported.items())]
-
 
 def log_files(ref: str) -> list[Path]:
     """The files a `logs:` spec names: one, or an OpenAI Batch input+output pair."""
@@ -99,8 +94,8 @@ def import_logs(path: Path | str, prompt_col: str, label_col: str, split: str = 
         record_id = str(row["id"]) if row.get("id") is not None else f"l{n:06d}"
         result.records.append(LogRecord(where, record_id, messages, answer, request, row))
     if not result.records:
-        detail = "; ".join([result.rejected_summary(), *result.unsupported_summary()]) if result.rejected \
-            else "it is empty"
+        detail = "; ".join([result.rejected_summary(), *skipped_lines(result.unsupported)]) if result.rejected \
+            else "it holds no records"
         raise DistillError(f"{path}: no usable log records; {detail}")
     return result
 
