@@ -65,7 +65,7 @@ def run_baseline(rows, base: str, lora, out: Path, bf16: bool | None = None) -> 
         args=SFTConfig(output_dir=str(out), num_train_epochs=1, report_to="none", use_cpu=True,
                        save_strategy="no", logging_steps=1000, disable_tqdm=True,
                        **({} if bf16 is None else {"bf16": bf16})),
-        train_dataset=to_prompt_completion(Dataset.from_list(rows)),
+        train_dataset=to_prompt_completion(Dataset.from_list(rows), "user"),
         processing_class=AutoTokenizer.from_pretrained(base),
         peft_config=build_lora_config(lora),
     )
@@ -89,7 +89,7 @@ def run_ours(rows, base: str, train, out: Path) -> dict:
     trainer = SFTTrainer(
         model=load_model(base, plan),
         args=args,
-        train_dataset=tokenize_dataset(to_prompt_completion(Dataset.from_list(rows)), tokenizer, train.max_seq_len),
+        train_dataset=tokenize_dataset(to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, train.max_seq_len),
         processing_class=tokenizer,
         peft_config=build_lora_config(train.lora),
     )

@@ -42,11 +42,12 @@ def main() -> None:
     from pipeline.artifacts import read_jsonl
     from pipeline.llm.generate import PrefixCache, generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.conversation import user_turn
     from pipeline.task import load_task
 
     task = load_task(ROOT / "data" / "task.yaml")
     rows = read_jsonl(ROOT / "data" / "prompts.jsonl")[: args.prompts]
-    conversations = [task.teacher_messages(r["prompt"]) for r in rows]
+    conversations = [task.teacher_messages(user_turn(r["prompt"])) for r in rows]
     tokenizer, model = load_tokenizer(MODEL), load_model(MODEL, device_plan()).eval()
 
     def run(cache: PrefixCache | None) -> tuple[float, list[str]]:

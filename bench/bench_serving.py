@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
 
     from pipeline.artifacts import read_jsonl
-    from pipeline.task import Task
+    from pipeline.conversation import user_turn
 
     rows = read_jsonl(ROOT / "data" / "prompts.jsonl")[: args.prompts]
-    conversations = [Task.student_messages(r["prompt"]) for r in rows]
+    conversations = [user_turn(r["prompt"]) for r in rows]
     merged, ggufs, source = artifacts(args.export)
     result = {"source": source, "prompts": len(conversations), "tokens_per_prompt": args.tokens,
               "arms": {"merged (transformers)": hf_arm(merged, conversations, args.tokens, args.batch)}}

@@ -108,6 +108,7 @@ def main() -> None:
     from pipeline.stats import mean_figure
     from pipeline.llm.generate import PrefixCache, generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.conversation import user_turn
     from pipeline.task import Task
 
     task_data = yaml.safe_load((ROOT / "data" / "task.yaml").read_text())
@@ -120,7 +121,7 @@ def main() -> None:
     for wording, per_label in arms_wanted:
         task = Task(**variant(task_data, wording, per_label))
         start, cache, answers = time.perf_counter(), PrefixCache(), []
-        conversations = [task.teacher_messages(r["prompt"]) for r in rows]
+        conversations = [task.teacher_messages(user_turn(r["prompt"])) for r in rows]
         for i in range(0, len(conversations), args.batch):
             answers += generate_batch(model, tokenizer, conversations[i : i + args.batch], 8, task.labels,
                                       prefix_cache=cache)
@@ -128,7 +129,7 @@ def main() -> None:
         figure = mean_figure(correct, resamples, 0)
         arm = {"wording": wording, "examples_per_label": per_label, "gold_accuracy": figure.value,
                "ci95": [figure.lo, figure.hi], "prefix_tokens": len(tokenizer.apply_chat_template(
-                   task.teacher_messages("")[:-1])["input_ids"]),
+                   task.teacher_messages(user_turn(""))[:-1])["input_ids"]),
                "wall_s": round(time.perf_counter() - start, 1)}
         arms.append(arm)
         print(json.dumps(arm), flush=True)

@@ -51,6 +51,9 @@ class Manifest(BaseModel):
     cost_usd: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = Field(default_factory=list)
+    student_input: str | None = Field(
+        None, description="export: what the shipped student reads (conversation | user), as it was trained and "
+        "evaluated; the router refuses a policy that says otherwise.")
 
 
 # ---------------------------------------------------------------- hashing

@@ -3,6 +3,7 @@
     distill run [RECIPE] [key=value ...]      every stage (what `make distill` runs)
     distill finetune mistral7b train.epochs=2  stages up to finetune, unchanged ones skipped
     distill validate RECIPE                    check a recipe without running anything
+    distill init NAME --from chat.jsonl        a task file and a recipe inferred from logs
     distill sweep RECIPE train.lr=3e-4,1e-3    recipe search: one trial per combination, best on validation
     distill plan mistral7b                     estimated peak GPU memory on A10G / A100 (no GPU needed)
     distill retrain RECIPE                     the loop's next round from the router's escalations
@@ -203,6 +204,26 @@ def rollback(recipe: str = RecipeArg):
 
 
 @app.command()
+def init(
+    name: str = typer.Argument(..., help="Name of the recipe (and of its task file) to write."),
+    source: str = typer.Option(..., "--from", help="The logs to learn from: chat JSONL, ShareGPT, an OpenAI Batch "
+                               "input+output pair (a.jsonl+b.jsonl), CSV/JSONL columns, or a datasets folder."),
+    prompt_col: Optional[str] = typer.Option(None, help="Column holding the prompt (tables); default: guessed."),
+    label_col: Optional[str] = typer.Option(None, help="Column holding the answer (tables); default: guessed."),
+    base: str = typer.Option("embedded:smollm2-135m-instruct", help="Student base model (its tokenizer counts "
+                             "the lengths)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing recipe or task file of that name."),
+):
+    """Write a task file and a recipe from logs: kind, labels or JSON Schema, student input, lengths, size."""
+    from pipeline.scaffold import init as scaffold
+
+    task_path, recipe_path = scaffold(name, source, prompt_col=prompt_col, label_col=label_col, base=base,
+                                      force=force)
+    typer.echo(f"wrote {task_path} and {recipe_path} (each inferred choice is commented there)")
+    typer.echo(f"next: make distill RECIPE={name}    (or: distill run {name})")
+
+
+@app.command()
 def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg):
     """Check a recipe (and overrides) without running anything."""
     from pipeline.config import check_input_files, load_recipe
@@ -261,7 +282,7 @@ def serve(
     recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default)."""
     from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
-    from pipeline.router.wiring import check_policy_matches_export
+    from pipeline.router.wiring import check_policy_matches_export, exported_student_input
     from pipeline.router.wiring import serve as serve_app
     from pipeline.llm.policy import Policy
 
@@ -273,13 +294,13 @@ def serve(
     policy_path = policy_file
     if policy_path is None and not (model_dir is not None and not (run_dir / "evaluate" / EVAL_POLICY).is_file()):
         policy_path = completed_stage(run_dir, "evaluate", EVAL_POLICY)
+    model_dir = model_dir or completed_stage(run_dir, "export", EXPORT_MERGED)
     if policy_path is None:
         logging.getLogger(__name__).warning("no evaluated policy for %s: serving student-only, nothing escalates",
                                             model_dir)
-        policy = Policy.student_only(cfg.router.signal)
+        policy = Policy.student_only(cfg.router.signal, exported_student_input(Path(model_dir).parent))
     else:
         policy = Policy.load(policy_path)
-    model_dir = model_dir or completed_stage(run_dir, "export", EXPORT_MERGED)
     if policy_path is not None:
         # Before the slow model load: a policy evaluated on another adapter is refused at once.
         check_policy_matches_export(policy_path, Path(model_dir).parent)

@@ -39,6 +39,14 @@ class ModelConfig(Section):
         description="Known architecture for the VRAM planner when the base's config.json is not on disk "
         "(see `distill plan --help`); default: the base's hub id.",
     )
+    student_input: Literal["conversation", "user", "auto"] = Field(
+        "auto",
+        description="What the student is fed: conversation = the messages as the app sends them (system "
+        "prompt and history kept: a drop-in replacement); user = the user and assistant turns, a static "
+        "instruction prompt learned away; auto = user when every record shares one system prompt (or has "
+        "none), else conversation. Curate resolves it (card, student_input.json); training, evaluation, "
+        "export and the router all use that, and router_policy.json records it.",
+    )
 
 
 class PriceConfig(Section):
@@ -52,7 +60,8 @@ class TeacherConfig(Section):
         description=(
             "Teacher spec: local:<model-ref> (in-process transformers model), openai:<model> (any "
             "OpenAI-compatible chat-completions API), anthropic:<model> (Messages API), or "
-            "logs:<path> (import existing answers; no calls)."
+            "logs:<path> (import existing answers, no calls: a chat log or fine-tuning JSONL, ShareGPT, a table, "
+            "a datasets folder, or an OpenAI Batch pair <input>.jsonl+<output>.jsonl)."
         ),
     )
     max_new_tokens: int = Field(12, ge=1, description="Longest teacher answer, in tokens.")
@@ -420,11 +429,12 @@ class EvalConfig(Section):
     base_prompt: Literal["zero_shot", "few_shot", "bare"] = Field(
         "zero_shot",
         description="How the base-student baseline is prompted: the task's instructions (zero_shot), plus its "
-        "worked examples (few_shot), or the user message alone as the tuned student is served (bare).",
+        "worked examples (few_shot), or exactly what the tuned student is shown (bare).",
     )
     file: Path | None = Field(
         None,
-        description="Your own held-out eval set (JSONL with a prompt field or chat 'messages', or CSV), scored "
+        description="Your own held-out eval set (JSONL with a prompt field or a chat 'messages' conversation, or "
+        "CSV), scored "
         "besides the test split; the teacher answers it through the teacher cache. Curate keeps its prompts "
         "out of training.",
     )

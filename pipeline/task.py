@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.conversation import SYSTEM_ROLES
 from pipeline.errors import DistillError
 
 
@@ -24,7 +25,8 @@ class Task(BaseModel):
     name: str
     kind: Literal["classification", "generation", "extraction"] = "classification"
     description: str = ""
-    instructions: str = Field(description="System prompt given to the teacher.")
+    instructions: str = Field(description="System prompt given to the teacher when the app sends none of its own; "
+                              "'' for none.")
     labels: list[str] = Field(default_factory=list, description="Label set (classification).")
     examples: list[WorkedExample] = Field(default_factory=list)
     output_schema: dict[str, Any] | None = Field(
@@ -52,24 +54,20 @@ class Task(BaseModel):
             raise ValueError(f"examples use labels not in the label set: {sorted(set(unknown))}")
         return self
 
-    def teacher_messages(self, prompt: str, few_shot: bool = True) -> list[dict[str, str]]:
-        """The full teacher context: instructions, worked examples as prior turns, the prompt."""
-        messages = [{"role": "system", "content": self.instructions}]
+    def teacher_messages(self, conversation: list[dict], few_shot: bool = True) -> list[dict[str, str]]:
+        """What the teacher is asked: the conversation as the app sent it (`developer` read as
+        `system`). When the app sent no system prompt of its own, the task's instructions and
+        worked examples come first: what capture sends for a prompts file, and what the router
+        sends on escalation, so a teacher answers live what it answered at capture."""
+        turns = [{"role": "system" if m["role"] in SYSTEM_ROLES else m["role"], "content": m["content"]}
+                 for m in conversation]
+        if any(m["role"] == "system" for m in turns):
+            return turns
+        prefix = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if few_shot:
             for ex in self.examples:
-                messages += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.label}]
-        return messages + self.student_messages(prompt)
-
-    @staticmethod
-    def student_messages(prompt: str) -> list[dict[str, str]]:
-        """What the student sees: the user's message alone. It is trained, evaluated, exported
-        and served on exactly this, so this is the one place the student's prompt is built."""
-        return [{"role": "user", "content": prompt}]
-
-    @staticmethod
-    def student_example(prompt: str, answer: str) -> list[dict[str, str]]:
-        """One training conversation: the student's turn exactly as it is served, then the answer."""
-        return Task.student_messages(prompt) + [{"role": "assistant", "content": answer}]
+                prefix += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.label}]
+        return prefix + turns
 
     def normalize_label(self, answer: str) -> str | None:
         """Map a free-text answer to a label: exact after case/punctuation folding, else None."""

@@ -95,7 +95,7 @@ def write_hub_shaped(folder: Path) -> Path:
 
 def test_a_hub_shaped_dataset_gives_label_names_not_integers(tmp_path):
     imported = import_logs(write_hub_shaped(tmp_path / "banking77"), "text", "label")
-    assert [(r.prompt, r.answer) for r in imported.records] == [("where is my card", "card_arrival"),
+    assert [(r.messages[-1]["content"], r.answer) for r in imported.records] == [("where is my card", "card_arrival"),
                                                                  ("my refund is missing", "Refund_not_showing_up")]
     assert len(imported.rejected) == 1 and "no 'label'" in imported.rejected[0][1]  # -1: unlabelled, not index -1
 

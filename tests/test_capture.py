@@ -274,7 +274,7 @@ def test_prompts_from_csv_parquet_and_a_dataset_folder_match_jsonl(tmp_path):
     (folder / "train.jsonl").write_text((tmp_path / "p.jsonl").read_text())
     cfg = CaptureConfig(prompt_field="text")
     sources = [tmp_path / "p.csv", tmp_path / "p.parquet", tmp_path / "p.jsonl", folder]
-    loaded = [[(p["id"], p["prompt"]) for p in load_prompts(source, cfg)] for source in sources]
+    loaded = [[(p["id"], p["messages"][0]["content"]) for p in load_prompts(source, cfg)[0]] for source in sources]
     assert all(rows == [("a", "first"), ("b", "second")] for rows in loaded)
 
 
@@ -299,8 +299,7 @@ def test_logs_import_chat_jsonl_rejects_records_without_an_answer(tmp_path, trac
     recipe = write_recipe(tmp_path, {"spec": f"logs:{log}"}, tracking_uri=tracking_uri)
     assert run_capture(recipe, runs) == 0
     records = read_records(runs)
-    assert [r["messages"] for r in records] == [[{"role": "user", "content": "where is my parcel"},
-                                                 {"role": "assistant", "content": "track_order"}]] * 2
+    assert [r["messages"] for r in records] == [good["messages"]] * 2  # the system prompt kept
     assert all(r["meta"]["source"] == "logs" and r["meta"]["cost_usd"] == 0 for r in records)
     manifest = read_manifest(runs / "cap" / "capture")
     assert manifest.counts["rejected"] == 2 and manifest.counts["teacher_calls"] == 0

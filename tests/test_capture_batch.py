@@ -154,6 +154,7 @@ def test_budget_is_a_ceiling_across_batches_reserving_each_batchs_worst_case(tmp
 def test_failed_requests_are_retried_sync_and_ledger_card_and_mlflow_show_batch_prices(tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from pipeline.conversation import StudentView
     from pipeline.curation.card import render_card
 
     n = 20
@@ -186,7 +187,8 @@ def test_failed_requests_are_retried_sync_and_ledger_card_and_mlflow_show_batch_
     assert any("batch price $0.5/$1.0 per 1M tokens" in note for note in manifest.notes)
 
     card = render_card(task_name="t", raw=records, steps=[], labels_before=Counter(),
-                       splits={"train": [], "validation": [], "test": []}, pii_counts=None, figures=[], notes=[])
+                       splits={"train": [], "validation": [], "test": []}, pii_counts=None, figures=[], notes=[],
+                       view=StudentView("user", "auto", 1, None, "auto: no system prompt"))
     assert f"{n - 2} answers came from provider batches at ${paid:.4f}" in card
     assert f"saved ${paid:.4f} (50%)" in card
 

@@ -31,8 +31,8 @@ def rec(id, prompt, answer, *, logprob=-0.5, finish="stop", error=None, gold=Non
             "meta": meta}
 
 
-def examples(task, *records) -> list[dict]:
-    return [to_example(r, task) for r in records]
+def examples(task, *records, shape="user") -> list[dict]:
+    return [to_example(r, task, shape) for r in records]
 
 
 def ids(items) -> list[str]:
@@ -63,7 +63,7 @@ def test_normalise_drops_failed_empty_refusals_and_cut_off_answers(task):
         rec("cut_but_label", "has my refund gone through", "refund_status", finish="length"),
         rec("polite", "return it", "return_item"),  # no apology phrase, kept
     ]
-    kept, removed = step_normalise(raw, task, CurateConfig())
+    kept, removed = step_normalise(raw, task, CurateConfig(), "user")
     assert ids(kept) == ["ok", "cut_but_label", "polite"]
     assert {r.id: r.reason for r in removed} == {
         "failed": "failed_call", "empty_p": "empty_prompt", "empty_a": "empty_answer",
@@ -73,7 +73,7 @@ def test_normalise_drops_failed_empty_refusals_and_cut_off_answers(task):
 
 def test_refusal_patterns_are_configurable(task):
     raw = [rec("a", "q", "Unfortunately that is not possible"), rec("b", "q2", "track_order")]
-    kept, removed = step_normalise(raw, task, CurateConfig(refusal_patterns=[r"^unfortunately\b"]))
+    kept, removed = step_normalise(raw, task, CurateConfig(refusal_patterns=[r"^unfortunately\b"]), "user")
     assert ids(kept) == ["b"] and removed[0].reason == "refusal"
 
 
@@ -113,15 +113,66 @@ def test_length_filter_counts_student_tokens_and_drops_instead_of_truncating(tas
     assert kept[0]["prompt"] == "where is it"  # never truncated
 
 
-def test_sequence_length_renders_the_students_turn_from_the_task(task, tokenizer, monkeypatch):
+def test_lengths_count_what_the_student_reads_of_the_conversation(task, tokenizer):
+    """A system prompt the student keeps (conversation) counts in its prompt and sequence; one
+    learned away (user) does not."""
+    briefed = chat("a", "Answer briefly. " * 20, [("where is it", None)], "track_order")
+    kept, dropped = examples(task, briefed, shape="conversation"), examples(task, briefed, shape="user")
     plain = examples(task, rec("a", "where is it", "track_order"))
-    count_tokens(plain, tokenizer)
-    briefed = [{"role": "system", "content": "Answer briefly. " * 20}]
-    monkeypatch.setattr(Task, "student_messages", staticmethod(lambda prompt: briefed + [{"role": "user", "content": prompt}]))
-    longer = examples(task, rec("a", "where is it", "track_order"))
-    count_tokens(longer, tokenizer)
-    assert longer[0]["seq_tokens"] > plain[0]["seq_tokens"] + 20, "the full sequence follows Task.student_messages"
-    assert longer[0]["prompt_tokens"] == plain[0]["prompt_tokens"]
+    for items in (kept, dropped, plain):
+        count_tokens(items, tokenizer)
+    assert kept[0]["seq_tokens"] > plain[0]["seq_tokens"] + 20 and kept[0]["prompt_tokens"] > 20
+    assert (dropped[0]["seq_tokens"], dropped[0]["prompt_tokens"]) == (plain[0]["seq_tokens"], plain[0]["prompt_tokens"])
+
+
+def chat(id, system, turns, answer, **meta) -> dict:
+    """A capture record of a conversation: an optional system prompt, (user, assistant) turns whose
+    last assistant is None, then the answer."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, assistant in turns:
+        messages.append({"role": "user", "content": user})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+    record = rec(id, "", answer, **meta)
+    return {**record, "messages": [*messages, {"role": "assistant", "content": answer}]}
+
+
+def test_dedupe_compares_whole_conversations_as_the_student_reads_them(task):
+    """The same last message is no duplicate with another customer's context (kept as the student
+    reads it) or another earlier exchange; it is when the context is learned away."""
+    same_question = [chat("a", "Customer: Premium since 2015.", [("where is my refund", None)], "refund_status"),
+                     chat("b", "Customer: Basic, joined 2023.", [("where is my refund", None)], "refund_status"),
+                     chat("c", None, [("I returned boots", "Got it."), ("where is my refund", None)], "refund_status"),
+                     chat("d", None, [("where is my refund", None)], "refund_status")]
+    kept, _ = step_exact_dedupe(examples(task, *same_question, shape="conversation"))
+    assert ids(kept) == ["a", "b", "c", "d"]
+    kept, removed = step_exact_dedupe(examples(task, *same_question, shape="user"))
+    assert ids(kept) == ["a", "c"] and {r.id for r in removed} == {"b", "d"}
+
+
+def test_near_dup_ignores_a_templated_system_prompt_and_compares_the_dialogue(task):
+    template = "You are the support agent of an online store. Be polite and brief. Customer profile: {}."
+    questions = ["where is my parcel", "I want to return the green boots", "my card was declined at checkout",
+                 "please change my delivery address"]
+    records = [chat(f"r{i}", template.format(f"customer #{i}"), [(q, None)], "track_order")
+               for i, q in enumerate(questions)]
+    kept, removed = step_near_dedupe(examples(task, *records, shape="conversation"), 0.7, 128, 0)
+    assert ids(kept) == ["r0", "r1", "r2", "r3"] and not removed
+    twice = records + [chat("r9", template.format("customer #0"), [("where is my parcel??", None)], "track_order")]
+    kept, removed = step_near_dedupe(examples(task, *twice, shape="conversation"), 0.7, 128, 0)
+    assert [r.id for r in removed] == ["r9"]
+
+
+def test_pii_is_scrubbed_in_every_turn(task):
+    from pipeline.curation.pii import scrub_records
+
+    record = chat("a", "Customer email: ann@example.com", [("my phone is +44 20 7946 0958", "Thanks, noted."),
+                                                           ("card 4111 1111 1111 1111 was charged twice", None)],
+                  "Refunded to ann@example.com.")
+    (scrubbed,), changed, counts = scrub_records([record])
+    text = " ".join(m["content"] for m in scrubbed["messages"])
+    assert "ann@example.com" not in text and "4111" not in text and "7946" not in text
+    assert counts == Counter({"email": 2, "phone": 1, "card": 1}) and len(changed) == 1
 
 
 # ---------------------------------------------------------------- 3. dedupe

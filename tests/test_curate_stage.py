@@ -89,7 +89,7 @@ def test_stage_writes_the_contract_and_a_card(setup):
     assert {"train.jsonl", "validation.jsonl", "test.jsonl", "card.md", "lengths.png", "dataset/dataset_dict.json"} <= {
         str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     dataset = load_from_disk(str(out / "dataset"))
-    assert {"id", "prompt", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence"} <= set(
+    assert {"id", "messages", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence"} <= set(
         dataset["train"].column_names)
     rows = [r for split in dataset.values() for r in split]
     assert all(r["completion"] == r["label"] and r["label"] in LABELS for r in rows), "answers normalised to labels"
@@ -222,12 +222,31 @@ def test_optional_steps_decide_from_the_context(ctx):
     assert all(s.enabled(ctx) for s in STEPS if s.name not in OPTIONAL)
 
 
-def test_chat_records_take_the_students_turn_from_the_task(setup, monkeypatch):
-    def with_marker(prompt: str) -> list[dict]:
-        return [{"role": "user", "content": f"<<{prompt}>>"}]
+def with_system(records: list[dict], system) -> list[dict]:
+    """The records as an app sends them: a system prompt (`system(i)`) first."""
+    return [{**r, "messages": [{"role": "system", "content": system(i)}, *r["messages"]]} for i, r in enumerate(records)]
 
-    monkeypatch.setattr(Task, "student_messages", staticmethod(with_marker))
+
+@pytest.mark.parametrize("system,shape", [(lambda i: "You triage support messages. Reply with one label.", "user"),
+                                          (lambda i: f"Reply with one label. Customer #{i}, tier {i % 3}.",
+                                           "conversation"),
+                                          (None, "user")])
+def test_auto_learns_a_shared_system_prompt_away_and_keeps_a_varying_one(setup, tmp_path, system, shape):
+    """student_input=auto: one system prompt shared by every record is learned away (and named in the
+    card); one carrying per-request data is kept. The splits keep the conversation as sent either way."""
+    from datasets import load_from_disk
+
+    records = capture_records() if system is None else with_system(capture_records(), system)
+    (tmp_path / "capture" / "teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _, out, _ = setup()
-    messages = read_jsonl(out / "train.jsonl")[0]["messages"]
-    assert [m["role"] for m in messages] == ["user", "assistant"]
-    assert messages[0]["content"].startswith("<<") and messages[0]["content"].endswith(">>")
+    view = json.loads((out / "student_input.json").read_text())
+    assert (view["requested"], view["shape"]) == ("auto", shape)
+    card = (out / "card.md").read_text()
+    assert f"The student reads: **{shape}**" in card
+    if system is not None and shape == "user":
+        assert view["static_system_prompt"] == system(0) and f"> {system(0)}" in card
+    first = read_jsonl(out / "train.jsonl")[0]
+    source = next(r for r in records if r["id"] == first["id"])
+    assert first["messages"][:-1] == source["messages"][:-1]  # as sent, whatever the student reads
+    row = load_from_disk(str(out / "dataset"))["train"][0]
+    assert row["messages"] == first["messages"][:-1]

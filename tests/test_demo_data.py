@@ -61,3 +61,33 @@ def test_generator_is_deterministic(tmp_path):
     subprocess.run([sys.executable, str(DATA / "generate_demo.py"), "--out", str(out)], check=True,
                    capture_output=True)
     assert out.read_bytes() == (DATA / "prompts.jsonl").read_bytes()
+
+
+# ---------------------------------------------------------------- the conversational demo (chats.jsonl)
+
+
+@pytest.fixture(scope="module")
+def chats() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "chats.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_chats_are_what_an_app_sends_with_context_that_varies(chats):
+    """A system prompt with per-request data, one or two earlier exchanges, the customer's message last."""
+    from pipeline.conversation import check_conversation, read_messages
+
+    assert len(chats) >= 240 and len({c["id"] for c in chats}) == len(chats)
+    for chat in chats:
+        messages = read_messages(chat["messages"])
+        check_conversation(messages)
+        assert messages[0]["role"] == "system" and "Customer:" in messages[0]["content"]
+        assert [m["role"] for m in messages[1:]] in (["user", "assistant", "user"], ["user", "assistant"] * 2 + ["user"])
+        assert chat["reference"].strip()
+    assert len({c["messages"][0]["content"] for c in chats}) == len(chats)  # per-request context
+    histories = Counter(len(c["messages"]) for c in chats)
+    assert histories[4] > 0 and histories[6] > 0
+
+
+def test_chats_generator_is_deterministic(tmp_path):
+    out = tmp_path / "chats.jsonl"
+    subprocess.run([sys.executable, str(DATA / "generate_chats.py"), "--out", str(out)], check=True, capture_output=True)
+    assert out.read_bytes() == (DATA / "chats.jsonl").read_bytes()

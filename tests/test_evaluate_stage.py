@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from pipeline.config import validate_recipe
+from pipeline.conversation import StudentView
 from pipeline.llm.policy import Policy
 from pipeline.stages import evaluate
 from pipeline.task import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
+VIEW = StudentView("user", "auto", 1, None, "auto: no system prompt in the data")
 
 
 def synthetic(task, n: int, rng) -> tuple[list[dict], list, list]:
@@ -45,7 +47,7 @@ def assessed(tmp_path_factory):
     validation, _, val = synthetic(task, 160, rng)
     records = [{"meta": {"cost_usd": 0.001}}] * 10
     result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0),
-                             evaluate.Answers(tuned, 2.0), evaluate.Answers(val, 2.0), records)
+                             evaluate.Answers(tuned, 2.0), evaluate.Answers(val, 2.0), records, VIEW)
     out = tmp_path_factory.mktemp("evaluate")
     evaluate.write_outputs(out, recipe, task, result, adapter_sha="abc")
     return recipe, result, out
@@ -113,9 +115,12 @@ def test_the_policy_file_carries_the_recipes_decoding(tmp_path):
     test, base, tuned = synthetic(task, 160, rng)
     validation, _, val = synthetic(task, 160, rng)
     result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0), evaluate.Answers(tuned, 2.0),
-                             evaluate.Answers(val, 2.0), [{"meta": {"cost_usd": 0.001}}] * 10)
+                             evaluate.Answers(val, 2.0), [{"meta": {"cost_usd": 0.001}}] * 10,
+                             StudentView("conversation", "auto", 7, None, "auto: 7 distinct system prompts"))
     evaluate.write_outputs(tmp_path, recipe, task, result, adapter_sha="abc")
-    assert Policy.load(tmp_path / "router_policy.json").decode == "label_posterior"
+    policy = Policy.load(tmp_path / "router_policy.json")
+    assert (policy.decode, policy.student_input) == ("label_posterior", "conversation")
+    assert "conversation" in json.loads((tmp_path / "router_policy.json").read_text())["settings"]["prompt_form"]
 
 
 def free_text(n: int, rng) -> tuple[list[dict], list, list]:
@@ -145,7 +150,7 @@ def test_free_text_routes_on_a_logistic_signal_fitted_on_half_of_validation(tmp_
     test, base, tuned = free_text(300, rng)
     validation, _, val = free_text(300, rng)
     result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0),
-                             evaluate.Answers(tuned, 2.0), evaluate.Answers(val, 2.0), [])
+                             evaluate.Answers(tuned, 2.0), evaluate.Answers(val, 2.0), [], VIEW)
     evaluate.write_outputs(tmp_path, recipe, task, result, adapter_sha="abc")
     policy = json.loads((tmp_path / "router_policy.json").read_text())
     assert policy["signal"] == "logistic" and policy["weights"]["min_logprob"] > 0
@@ -185,7 +190,7 @@ def test_teacher_priced_as_an_api_gives_the_hand_computed_dollars_per_thousand(t
     validation, _, val = synthetic(task, 160, rng)
     records = [{"meta": {"latency_ms": 100, "usage": {"prompt_tokens": 400, "completion_tokens": 10}}}] * 10
     result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0),
-                             evaluate.Answers(tuned, 16.0), evaluate.Answers(val, 2.0), records)
+                             evaluate.Answers(tuned, 16.0), evaluate.Answers(val, 2.0), records, VIEW)
     api, flat = result["cost"]["priced_as"], result["flat"]
     assert api["teacher_usd_per_1k"] == pytest.approx(0.066)
     student = 16.0 / 160 * 0.36 / 3600  # measured: 16 s for 160 answers at $0.36/h

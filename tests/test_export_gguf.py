@@ -19,7 +19,7 @@ from pipeline.export.parity import (ArtifactParity, check_reference_type, forced
                                     logprob_gap, table_markdown)
 from pipeline.llm.gguf_runtime import GgufModel, GgufUnusable, probe
 from pipeline.llm.loading import cache_root
-from pipeline.task import Task
+from pipeline.conversation import user_turn
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ TRICKY = "Ça  marche pas!!  Order #A-1029 😀 — refund?\n\ttabs and   spaces
 
 def prompts(n: int) -> list[list[dict]]:
     rows = [json.loads(line) for line in (ROOT / "data" / "prompts.jsonl").read_text().splitlines()[:n]]
-    return [Task.student_messages(r["prompt"]) for r in rows] + [Task.student_messages(TRICKY)]
+    return [user_turn(r["prompt"]) for r in rows] + [user_turn(TRICKY)]
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import torch
 from pipeline.artifacts import EXPORT_MERGED
 from pipeline.errors import DistillError
 from pipeline.export.merged import base_dtype, export_merged, set_generation_eos
-from pipeline.task import Task
+from pipeline.conversation import user_turn
 
-CONVS = [Task.student_messages("where is my order #1234?"), Task.student_messages("cancel my subscription")]
+CONVS = [user_turn("where is my order #1234?"), user_turn("cancel my subscription")]
 
 
 def random_adapter(model):

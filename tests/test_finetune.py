@@ -133,7 +133,7 @@ def test_qlora_keeps_the_residual_stream_in_the_compute_dtype(tiny_mistral_dir, 
     plan = DevicePlan("cpu", "bfloat16", True, "test: bf16 compute on CPU to see dtypes")
     tokenizer = load_tokenizer(str(tiny_mistral_dir))
     model = load_model(str(tiny_mistral_dir), plan, cfg.quant)
-    train = finetune.tokenize_dataset(finetune.to_prompt_completion(curated_split(curated)), tokenizer, cfg.max_seq_len)
+    train = finetune.tokenize_dataset(finetune.to_prompt_completion(curated_split(curated), "user"), tokenizer, cfg.max_seq_len)
     trainer = SFTTrainer(model=model, args=finetune.build_sft_config(cfg, tmp_path, plan), train_dataset=train,
                          processing_class=tokenizer, peft_config=finetune.build_lora_config(cfg.lora))
     base = trainer.model.get_base_model()
@@ -194,7 +194,7 @@ def test_eos_check_passes_a_student_that_stops(never_stopping_dir, curated):
     tok = AutoTokenizer.from_pretrained(never_stopping_dir)
     tok.eos_token = tok.convert_ids_to_tokens(0)
     validation = load_from_disk(str(curated / "dataset"))["validation"]
-    assert finetune.eos_check(model, tok, validation, TrainConfig(), Path("adapter")) == 1.0
+    assert finetune.eos_check(model, tok, validation, TrainConfig(), Path("adapter"), "user") == 1.0
 
 
 def test_eos_check_warn_lets_the_stage_finish(never_stopping_dir, curated, tmp_path):

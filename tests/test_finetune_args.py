@@ -63,7 +63,7 @@ def one_sgd_step(base_dir: Path, tmp_path: Path, max_grad_norm: float) -> float:
     rows = [{"prompt": p, "completion": c} for p, c in [("my card never arrived", "card_arrival"),
                                                         ("refund me", "refund"), ("top up failed", "top_up_failed"),
                                                         ("lost my card", "lost_or_stolen_card")]]
-    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(rows)), tokenizer, 128)
+    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, 128)
     cfg = TrainConfig(max_steps=1, batch_size=4, lr=1.0, optim="sgd", scheduler="constant", warmup_ratio=0.0,
                       max_grad_norm=max_grad_norm, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     torch.manual_seed(0)

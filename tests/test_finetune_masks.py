@@ -140,7 +140,7 @@ def _prepared(tokenizer, rows, tmp_path, system: str | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTTrainer
 
-    pairs = finetune.to_prompt_completion(Dataset.from_list(rows))
+    pairs = finetune.to_prompt_completion(Dataset.from_list(rows), "user")
     if system:
         pairs = pairs.map(lambda ex: {"prompt": [{"role": "system", "content": system}, *ex["prompt"]]})
     train = finetune.tokenize_dataset(pairs, tokenizer, max_len=256)
@@ -245,7 +245,81 @@ def test_an_example_longer_than_max_seq_len_is_dropped_not_truncated(tokenizers)
     tokenizer, _ = tokenizers["smollm2"]
     rows = [{"prompt": "where is my parcel", "completion": "track_order"},
             {"prompt": "where is my parcel", "completion": "track order " * 40}]  # fits but for its answer
-    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(rows)), tokenizer, max_len=64)
+    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, max_len=64)
     assert len(train) == 1
     (kept,) = list(train)
     assert kept["input_ids"][-1] == tokenizer.eos_token_id and kept["completion_mask"][-1] == 1
+
+
+# ---------------------------------------------------------------- whole conversations
+
+# Curated rows of conversations as apps send them: a system prompt with per-request data, earlier
+# exchanges; the loss must fall on the final answer only.
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "Customer profile: Premium since 2015."},
+                  {"role": "user", "content": "hi, it's about order A-12"},
+                  {"role": "assistant", "content": "Sure, what happened to it?"},
+                  {"role": "user", "content": "it never arrived"}], "completion": "track_order"},
+    {"messages": [{"role": "developer", "content": "Classify the banking request."},
+                  {"role": "user", "content": "my card"}, {"role": "assistant", "content": "Which card?"},
+                  {"role": "user", "content": "the new one, 2 weeks"}, {"role": "assistant", "content": "I see."},
+                  {"role": "user", "content": "Où est ma carte ?"}], "completion": "40 € manquants: card_arrival"},
+    {"messages": [{"role": "user", "content": "refund"}, {"role": "assistant", "content": "For which order?"},
+                  {"role": "user", "content": "the last one"}], "completion": "Request a refund, please."},
+]
+
+
+@pytest.mark.parametrize("shape", ["conversation", "user"])
+@pytest.mark.parametrize("family", ["smollm2", *SHIPPED, "llama3-official", "llama3.1-official"])
+def test_multi_turn_loss_is_on_the_final_answer_only(family, shape, tokenizers, tmp_path):
+    """Earlier assistant turns are context: in the input, masked out of the labels. The prompt the
+    loss follows is what inference renders for what the student sees (student_messages)."""
+    from datasets import Dataset
+
+    from pipeline.conversation import student_messages
+
+    tokenizer, answer_format = tokenizers[family]
+    pairs = finetune.to_prompt_completion(Dataset.from_list(CONVERSATIONS), shape)
+    train = finetune.tokenize_dataset(pairs, tokenizer, max_len=512)
+    assert len(train) == len(CONVERSATIONS)
+    for row, ex in zip(CONVERSATIONS, train):
+        ids, mask = ex["input_ids"], ex["completion_mask"]
+        trained = [t for t, m in zip(ids, mask) if m]
+        assert trained == tokenizer(answer_format.format(answer=row["completion"]), add_special_tokens=False)["input_ids"]
+        n = len(trained)
+        assert mask[-n:] == [1] * n and not any(mask[:-n])
+        prompt = tokenizer.apply_chat_template(student_messages(row["messages"], shape), add_generation_prompt=True,
+                                               tokenize=False)
+        assert ids[:-n] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        context = tokenizer.decode(ids[:-n])
+        for turn in row["messages"]:
+            shown = shape == "conversation" or turn["role"] not in ("system", "developer")
+            assert (turn["content"] in context) == shown, (turn, context)
+
+
+@pytest.mark.parametrize("shape", ["conversation", "user"])
+def test_multi_turn_mistral_ids_are_mistral_commons_v3_encoding(shape, tokenizers):
+    """mistral-common's v3 encoding of a conversation: every turn's pieces encoded on their own, the
+    system text before the LAST user message; labels on the final answer and its </s> only."""
+    import sentencepiece
+    from datasets import Dataset
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(real_tokenizers.mistral_v03_dir() / "tokenizer.model"))
+    tokenizer, _ = tokenizers["mistral"]
+    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(CONVERSATIONS), shape),
+                                      tokenizer, max_len=512)
+    for row, ex in zip(CONVERSATIONS, train):
+        system = "\n\n".join(m["content"] for m in row["messages"] if m["role"] in ("system", "developer"))
+        turns = [m for m in row["messages"] if m["role"] not in ("system", "developer")]
+        last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+        expected = [sp.bos_id()]
+        for i, m in enumerate(turns):
+            if m["role"] == "user":
+                text = f"{system}\n\n{m['content']}" if shape == "conversation" and system and i == last_user \
+                    else m["content"]
+                expected += [3, *sp.encode(text), 4]
+            else:
+                expected += [*sp.encode(m["content"]), sp.eos_id()]
+        answer = sp.encode(row["completion"]) + [sp.eos_id()]
+        assert ex["input_ids"] == expected + answer
+        assert [t for t, m in zip(ex["input_ids"], ex["completion_mask"]) if m] == answer

@@ -121,8 +121,10 @@ def test_the_cpu_twin_imports_curates_trains_evaluates_with_cis_and_exports(twin
 def test_the_cpu_twin_is_served_and_answers_with_an_intent(twin_run):
     from fastapi.testclient import TestClient
 
-    from pipeline.router.app import ServeSettings, create_app, student_for
-    from pipeline.router.policy import Policy
+    from pipeline.llm.policy import Policy
+    from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.wiring import student_for
 
     run, recipe = twin_run
     policy = Policy.load(run / "evaluate" / "router_policy.json")

@@ -22,12 +22,13 @@ def test_common_prefix_leaves_every_row_a_token_of_its_own():
 def teacher(embedded_dir):
     from pipeline.artifacts import read_jsonl
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.conversation import user_turn
     from pipeline.task import load_task
 
     task = load_task(ROOT / "data" / "task.yaml")
     prompts = [r["prompt"] for r in read_jsonl(ROOT / "data" / "prompts.jsonl")[:8]]
     model = load_model(str(embedded_dir), device_plan()).eval()
-    return model, load_tokenizer(str(embedded_dir)), task, [task.teacher_messages(p) for p in prompts]
+    return model, load_tokenizer(str(embedded_dir)), task, [task.teacher_messages(user_turn(p)) for p in prompts]
 
 
 def test_prefix_cached_answers_equal_plain_ones_and_the_cache_is_reused(teacher):

@@ -87,7 +87,8 @@ def test_frozen_test_split_is_used_verbatim_and_its_near_duplicates_do_not_train
     root = Path(__file__).resolve().parents[1]
     task = load_task(root / "data" / "task.yaml")
     labels = task.labels
-    frozen = [{"id": f"f{i}", "prompt": f"frozen question number {i} about my account and its settings today",
+    frozen = [{"id": f"f{i}", "messages": [{"role": "user", "content":
+                                           f"frozen question number {i} about my account and its settings today"}],
                "completion": labels[i % 3], "label": labels[i % 3], "gold": None, "teacher": "t",
                "teacher_logprob": None, "confidence": None} for i in range(6)]
     raw = [record(f"r{i:03d}", f"Question {i}: how do I do thing {i} with order {1000 + i}?", labels[i % 4])
@@ -229,16 +230,17 @@ def test_the_slice_is_answered_as_served_by_label_posterior(tiny_llama_dir, tmp_
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.llm.scoring import label_logprobs
     from pipeline.loop.retrain import slice_outcomes
-    from pipeline.task import Task, load_task
+    from pipeline.conversation import user_turn
+    from pipeline.task import load_task
 
     task_file = Path(__file__).resolve().parents[1] / "data" / "task.yaml"
     task = load_task(task_file)
     prompts = [f"My order {i} never arrived, what now?" for i in range(6)]
     model, tokenizer = load_model(str(tiny_llama_dir), device_plan()).eval(), load_tokenizer(str(tiny_llama_dir))
-    scores = label_logprobs(model, tokenizer, [Task.student_messages(p) for p in prompts], task.labels)
+    scores = label_logprobs(model, tokenizer, [user_turn(p) for p in prompts], task.labels)
     likeliest = [max(task.labels, key=s.__getitem__) for s in scores]  # the oracle: brute-force scoring
     records = [record(f"s{i}", p, label) for i, (p, label) in enumerate(zip(prompts, likeliest))]
     served = Recipe(name="t", router={"decode": "label_posterior", "signal": "label_prob"})
-    assert slice_outcomes(tiny_llama_dir, records, task_file, served) == [True] * len(prompts)
+    assert slice_outcomes(tiny_llama_dir, records, task_file, served, "user") == [True] * len(prompts)
     greedy = Recipe(name="t", router={"decode": "generate"})
-    assert slice_outcomes(tiny_llama_dir, records, task_file, greedy) != [True] * len(prompts)
+    assert slice_outcomes(tiny_llama_dir, records, task_file, greedy, "user") != [True] * len(prompts)

@@ -1,5 +1,6 @@
 """The whole loop at tiny size: round 0, the router serving it (real HTTP, real `openai` SDK,
-the embedded teacher answering escalations), `distill retrain`, the registry's aliases."""
+the embedded teacher answering escalations, half of them multi-turn conversations with their own
+system prompt), `distill retrain`, the registry's aliases."""
 
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ def loop_run(tmp_path_factory, tiny_llama_dir):
     return folder, recipe_path, runs / "e2e"
 
 
+def conversation_for(i: int, prompt: str) -> list[dict]:
+    """Every other request as an app sends it: per-request context and an earlier exchange."""
+    if i % 2:
+        return [{"role": "user", "content": prompt}]
+    return [{"role": "system", "content": f"Customer #{i}: Premium since {2010 + i}. Classify the last message."},
+            {"role": "user", "content": "hi, I have a question"},
+            {"role": "assistant", "content": "Hello! How can I help you today?"},
+            {"role": "user", "content": prompt}]
+
+
 def unseen_prompts(limit: int) -> list[str]:
     rows = read_jsonl(ROOT / "data" / "prompts.jsonl")
     return [r["prompt"] for r in rows[limit : limit + SERVED_PROMPTS]]
@@ -57,9 +68,9 @@ def serve_round_zero(recipe_path: Path, run: Path, prompts: list[str]) -> None:
                      policy, teacher=teacher, escalations=EscalationLog(cfg.serve.escalations))
     with running(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             client.chat.completions.create(model="distill-student", max_tokens=8,
-                                           messages=[{"role": "user", "content": prompt}])
+                                           messages=conversation_for(i, prompt))
 
 
 def append_escalation(path: Path, prompt: str) -> None:
@@ -71,7 +82,7 @@ def append_escalation(path: Path, prompt: str) -> None:
 
 
 def prompts_of(path: Path) -> set[str]:
-    return {r["messages"][0]["content"] for r in read_jsonl(path)}
+    return {json.dumps(r["messages"][:-1]) for r in read_jsonl(path)}
 
 
 def test_every_served_request_that_escalated_was_logged_as_a_record(loop_run):
@@ -79,6 +90,24 @@ def test_every_served_request_that_escalated_was_logged_as_a_record(loop_run):
     logged = read_jsonl(folder / "escalations.jsonl")
     assert len(logged) == SERVED_PROMPTS + 1  # the policy of a tiny random student escalates everything
     assert all(r["meta"]["source"] == "router" for r in logged)
+    prompts = unseen_prompts(32)
+    assert [r["messages"][:-1] for r in logged[:-1]] == [conversation_for(i, p) for i, p in enumerate(prompts)]
+
+
+def test_the_round_trained_on_whole_conversations(loop_run):
+    """The escalated conversations train round 1 as they were sent; their system prompts vary, so
+    the candidate reads conversations, and its policy and export say so."""
+    from pipeline.llm.policy import Policy
+
+    _, _, run = loop_run
+    r1 = run / "rounds" / "r1"
+    trained = [r for s in ("train", "validation") for r in read_jsonl(r1 / "curate" / f"{s}.jsonl")]
+    multi = [r for r in trained if r["messages"][0]["role"] == "system"]
+    assert multi and all(len(r["messages"]) == 5 and r["messages"][2]["role"] == "assistant" for r in multi)
+    assert json.loads((r1 / "curate" / "student_input.json").read_text())["shape"] == "conversation"
+    assert Policy.load(r1 / "evaluate" / "router_policy.json").student_input == "conversation"
+    assert read_manifest(r1 / "export").student_input == "conversation"
+    assert Policy.load(run / "evaluate" / "router_policy.json").student_input == "user"  # round 0 read user turns
 
 
 def test_round_one_is_judged_on_round_zeros_test_ids(loop_run):

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from pipeline.config import PriceConfig, TeacherConfig
+from pipeline.conversation import user_turn
 from pipeline.llm.policy import Policy
 from pipeline.task import Task, WorkedExample
 from fault_server import FaultServer, answer_for
@@ -93,7 +94,7 @@ def test_escalation_returns_the_teachers_answer_and_logs_it(student, tmp_path, m
     assert reply.distill["policy"] == raw.headers["x-distill-policy"] and reply.distill["request_id"] == "req-abc.1"
     # The teacher was asked what capture asks it: instructions, worked examples, then the prompt.
     (body,) = server.bodies
-    assert body["messages"] == TASK.teacher_messages(PROMPT)
+    assert body["messages"] == TASK.teacher_messages(user_turn(PROMPT))
     (record,) = read_lines(log_path)
     assert record["id"] == "req-abc.1"
     assert record["messages"] == [{"role": "user", "content": PROMPT},
@@ -104,6 +105,69 @@ def test_escalation_returns_the_teachers_answer_and_logs_it(student, tmp_path, m
     assert meta["reason"] == reply.distill["reason"] and isinstance(meta["student_answer"], str)
     assert {"cost_usd", "latency_ms"} <= set(meta)
     assert "sk-teacher-secret" not in log_path.read_text()
+
+
+# An app's request as it is sent: per-request context in its system prompt, an earlier exchange.
+CONVERSATION = [{"role": "developer", "content": "Customer profile: Premium since 2015; order A-12 in transit."},
+                {"role": "user", "content": "hi, it's about my order"},
+                {"role": "assistant", "content": "Sure, what happened?"},
+                {"role": "user", "content": "the parcel arrived broken"}]
+
+
+class Seen:
+    """The real student backend, noting the messages it is handed (what the student is fed)."""
+
+    def __init__(self, backend):
+        self.backend, self.messages = backend, []
+        self.max_top_logprobs = backend.max_top_logprobs
+
+    async def complete(self, messages, max_tokens, top_logprobs=None):
+        self.messages.append(messages)
+        return await self.backend.complete(messages, max_tokens, top_logprobs)
+
+
+def converse(url: str, messages: list[dict]):
+    return client(url).chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6)
+
+
+def test_a_multi_turn_request_reaches_the_teacher_whole_and_is_logged_whole(student, tmp_path):
+    """student_input=conversation: the student answers every turn; on escalation the teacher is asked
+    every turn the app sent (developer read as system), the log holds them as sent, and logs:
+    imports the log with zero rejects. Before, the teacher and the log got the last user message."""
+    from pipeline.teachers.logs import import_logs
+
+    log_path, seen = tmp_path / "escalations.jsonl", Seen(student)
+    with FaultServer() as server, running(app_for(seen, Policy(threshold=0.0, student_input="conversation"),
+                                                  teacher_for(server), log_path)) as url:
+        raw = converse(url, CONVERSATION)
+    assert raw.headers["x-distill-route"] == "teacher"
+    (body,) = server.bodies
+    assert body["messages"] == [{"role": "system", "content": CONVERSATION[0]["content"]}, *CONVERSATION[1:]]
+    assert seen.messages == [[{"role": "system", "content": CONVERSATION[0]["content"]}, *CONVERSATION[1:]]]
+    (record,) = read_lines(log_path)
+    answer = answer_for(CONVERSATION[-1]["content"])
+    assert record["messages"] == [*CONVERSATION, {"role": "assistant", "content": answer}]
+    assert record["meta"]["request"] == {"max_tokens": 6}
+    imported = import_logs(log_path, prompt_col="prompt", label_col="label")
+    assert imported.rejected == [] and [(r.messages, r.answer) for r in imported.records] == [(CONVERSATION, answer)]
+
+
+def test_in_user_mode_the_task_instructions_come_first_and_the_student_reads_no_system_prompt(student, tmp_path):
+    """student_input=user: the student reads the user and assistant turns; the teacher gets the task's
+    instructions and worked examples before a conversation that has no system prompt (what capture
+    sent it), and a conversation that has its own as it came. Both are logged as sent."""
+    log_path, seen = tmp_path / "escalations.jsonl", Seen(student)
+    history = CONVERSATION[1:]
+    with FaultServer() as server, running(app_for(seen, ESCALATE, teacher_for(server), log_path)) as url:
+        converse(url, history)
+        converse(url, CONVERSATION)
+    without, with_system = server.bodies
+    assert without["messages"] == [{"role": "system", "content": TASK.instructions},
+                                   {"role": "user", "content": TASK.examples[0].prompt},
+                                   {"role": "assistant", "content": TASK.examples[0].label}, *history]
+    assert with_system["messages"] == [{"role": "system", "content": CONVERSATION[0]["content"]}, *history]
+    assert seen.messages == [history, history]
+    assert [r["messages"][:-1] for r in read_lines(log_path)] == [history, CONVERSATION]
 
 
 def test_never_escalate_policy_never_asks_the_teacher(student, tmp_path):
@@ -189,7 +253,7 @@ def test_escalations_import_through_logs_with_zero_rejects(student, tmp_path):
             ask(url, p)
     imported = import_logs(log_path, prompt_col="prompt", label_col="label")
     assert imported.rejected == []
-    assert [(r.prompt, r.answer) for r in imported.records] == [(p, answer_for(p)) for p in prompts]
+    assert [(r.messages, r.answer) for r in imported.records] == [(user_turn(p), answer_for(p)) for p in prompts]
 
 
 def test_shadow_mode_answers_from_the_teacher_and_logs_both(student, tmp_path):
@@ -331,7 +395,7 @@ def test_saved_dollars_are_estimated_for_student_answers():
             assert ask(url).headers["x-distill-route"] == "student"
             text = httpx.get(f"{url}/metrics").text
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    expected = teacher.estimated_cost(PROMPT, 1)
+    expected = teacher.estimated_cost(user_turn(PROMPT), 1)
     assert expected > 0 and values["distill_saved_usd_estimate_total"] == pytest.approx(expected)
     assert server.total == 0  # estimated, not asked
 

@@ -62,7 +62,7 @@ def _rows(tokenizer, probs: list[dict | None], weight: float):
 
     pairs = Dataset.from_list([{"prompt": p, "completion": LABELS[i % 4], "teacher_label_probs":
                                 json.dumps(probs[i]) if probs[i] else ""} for i, p in enumerate(PROMPTS[:len(probs)])])
-    return finetune.tokenize_dataset(finetune.to_prompt_completion(pairs), tokenizer, 128, weight)
+    return finetune.tokenize_dataset(finetune.to_prompt_completion(pairs, "user"), tokenizer, 128, weight)
 
 
 def _trainer(model_dir, rows, tmp_path, padding_free: bool):
@@ -198,8 +198,9 @@ def test_a_local_teacher_records_its_label_distribution_and_curate_reads_it(tiny
     assert teacher.identity() != plain.identity(), "scored and unscored answers must not share a cache entry"
     completion = asyncio.run(teacher.complete([{"role": "user", "content": PROMPTS[0]}]))
     assert set(completion.label_logprobs) == set(LABELS) and all(v < 0 for v in completion.label_logprobs.values())
-    record = make_record({"id": "1", "prompt": PROMPTS[0]}, completion, cfg.spec, teacher.identity(), "capture", None)
-    probs = to_example(record, task)["label_probs"]
+    record = make_record({"id": "1", "messages": [{"role": "user", "content": PROMPTS[0]}]}, completion, cfg.spec,
+                         teacher.identity(), "capture", None)
+    probs = to_example(record, task, "user")["label_probs"]
     assert sum(probs.values()) == pytest.approx(1.0)
     assert max(probs, key=probs.get) == max(completion.label_logprobs, key=completion.label_logprobs.get)
     with pytest.raises(DistillError, match="teacher.label_distribution scores the task's labels"):

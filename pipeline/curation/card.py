@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.artifacts import SPLITS
+from pipeline.conversation import StudentView
 from pipeline.curation.records import Removal
 
 EXAMPLES_PER_REASON = 3
@@ -85,10 +86,12 @@ def render_card(
     pii_counts: Counter | None,
     figures: list[str],
     notes: list[str],
+    view: StudentView,
 ) -> str:
     kept = sum(len(v) for v in splits.values())
     lines = [f"# Dataset card: {task_name}", "", f"{len(raw)} teacher records in, {kept} examples kept.", ""]
     lines += [f"> **Warning:** {note}" for note in notes] + ([""] if notes else [])
+    lines += _student_input_section(view, splits)
     lines += _teachers_section(raw)
     lines += _steps_section(steps)
     if pii_counts is not None:
@@ -100,6 +103,19 @@ def render_card(
     lines += _length_stats(splits)
     lines += _removed_section(steps)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _student_input_section(view: StudentView, splits: dict[str, list[dict]]) -> list[str]:
+    """What the student reads, and why: the system prompt learned away is named in full."""
+    examples = [ex for s in SPLITS for ex in splits[s]]
+    history = sum(any(m["role"] == "assistant" for m in ex["messages"]) for ex in examples)
+    lines = ["## Student input", "", f"The student reads: **{view.shape}** ({view.reason}).", "",
+             f"{history} of {len(examples)} kept examples carry earlier turns (their loss is on the final answer "
+             "only)."]
+    if view.shape == "user" and view.static_system_prompt:
+        quoted = "\n".join(f"> {line}" for line in view.static_system_prompt.splitlines())
+        lines += ["", "Learned away, the system prompt every record shares:", "", quoted]
+    return lines + [""]
 
 
 def _teachers_section(raw: list[dict]) -> list[str]:

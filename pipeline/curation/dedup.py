@@ -1,11 +1,18 @@
-"""Step 3 (exact and near-duplicate prompts) and step 7 (decontamination by n-gram overlap)."""
+"""Step 3 (exact and near-duplicate prompts) and step 7 (decontamination by n-gram overlap).
+
+They compare what the student reads. Duplicates: a conversation's user and assistant turns
+(`ex["prompt"]`) and, when the student keeps it, its system prompt, which must then be the same
+too. Decontamination: every turn the student reads, less the word n-grams most of the reference
+shares (the template of an app's system prompt, a canned greeting), which would otherwise make
+every conversation look like every other."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
-from pipeline.curation.records import Removal, removal
+from pipeline.curation.records import Removal, removal, student_system, student_text
 
 _WORD = re.compile(r"\w+")
 
@@ -28,12 +35,12 @@ def quality_key(ex: dict) -> tuple:
 
 
 def step_exact_dedupe(examples: list[dict]) -> tuple[list[dict], list[Removal]]:
-    """Same normalised prompt (case-folded). Records that are numbered samples of one prompt
-    (`meta.sample`, capture with n>1) are merged into one example for step 5; other repeats
-    keep only the best-rated copy."""
-    groups: dict[str, list[dict]] = {}
+    """Same normalised conversation as the student reads it (case-folded). Records that are
+    numbered samples of one prompt (`meta.sample`, capture with n>1) are merged into one example
+    for step 5; other repeats keep only the best-rated copy."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for ex in examples:
-        groups.setdefault(ex["prompt"].casefold(), []).append(ex)
+        groups.setdefault((student_system(ex).casefold(), ex["prompt"].casefold()), []).append(ex)
     kept, removed = [], []
     for group in groups.values():
         if len(group) > 1 and all(ex["sample"] is not None for ex in group):
@@ -70,20 +77,23 @@ def jaccard(a: set, b: set) -> float:
 def step_near_dedupe(
     examples: list[dict], threshold: float | None, num_perm: int, seed: int
 ) -> tuple[list[dict], list[Removal]]:
-    """MinHash LSH finds candidate pairs; exact Jaccard on the shingle sets confirms them.
-    Examples are visited best-rated first, so each cluster keeps its best representative."""
+    """MinHash LSH finds candidate pairs; exact Jaccard on the shingle sets of their dialogues
+    confirms them, among examples with the same system prompt as the student reads it. Examples
+    are visited best-rated first, so each cluster keeps its best representative."""
     if threshold is None or len(examples) < 2:
         return list(examples), []
     from datasketch import MinHash, MinHashLSH
 
     sets = [shingles(ex["prompt"]) for ex in examples]
+    systems = [student_system(ex).casefold() for ex in examples]
     hashes = MinHash.bulk([[s.encode() for s in sorted(x)] for x in sets], num_perm=num_perm, seed=seed)
     # A lower LSH threshold than the real one trades a few more exact checks for fewer misses.
     lsh = MinHashLSH(threshold=max(0.1, threshold - 0.15), num_perm=num_perm)
     keep = [False] * len(examples)
     removed = []
     for i in sorted(range(len(examples)), key=lambda i: quality_key(examples[i])):
-        match = _closest(i, (int(k) for k in lsh.query(hashes[i])), sets, threshold)
+        same_system = (j for j in map(int, lsh.query(hashes[i])) if systems[j] == systems[i])
+        match = _closest(i, same_system, sets, threshold)
         if match is None:
             lsh.insert(str(i), hashes[i])
             keep[i] = True
@@ -107,13 +117,22 @@ def _closest(i: int, candidates: Iterable[int], sets: list[set], threshold: floa
 
 class NgramIndex:
     """Word n-grams of a reference set (train, or an external eval file). Texts shorter than n
-    words are indexed whole, so a short prompt only matches an identical short prompt."""
+    words are indexed whole, so a short prompt only matches an identical short prompt. With at
+    least MIN_FOR_TEMPLATE texts, an n-gram in more than `template_share` of them is template, not
+    content: left out of the index and of every overlap."""
 
-    def __init__(self, texts: Iterable[str], n: int):
+    MIN_FOR_TEMPLATE = 20
+
+    def __init__(self, texts: Iterable[str], n: int, template_share: float = 0.5):
         self.n = n
-        self.grams: set[tuple[str, ...]] = set()
+        counts: Counter = Counter()
+        total = 0
         for text in texts:
-            self.grams |= self._grams(words(text))
+            counts.update(self._grams(words(text)))
+            total += 1
+        limit = template_share * total if total >= self.MIN_FOR_TEMPLATE else float("inf")
+        self.template = {g for g, c in counts.items() if c > limit}
+        self.grams = set(counts) - self.template
 
     def _grams(self, tokens: list[str]) -> set[tuple[str, ...]]:
         if len(tokens) < self.n:
@@ -121,18 +140,19 @@ class NgramIndex:
         return {tuple(tokens[i : i + self.n]) for i in range(len(tokens) - self.n + 1)}
 
     def overlap(self, text: str) -> float:
-        """Share of text's n-grams found in the index (0 for an empty text)."""
-        grams = self._grams(words(text))
+        """Share of text's (non-template) n-grams found in the index (0 when it has none)."""
+        grams = self._grams(words(text)) - self.template
         return sum(g in self.grams for g in grams) / len(grams) if grams else 0.0
 
 
 def step_decontaminate(
     examples: list[dict], reference: NgramIndex, min_overlap: float, reason: str, against: str
 ) -> tuple[list[dict], list[Removal]]:
-    """Drop examples whose prompt shares at least `min_overlap` of its n-grams with the reference."""
+    """Drop examples whose text (as the student reads it) shares at least `min_overlap` of its n-grams
+    with the reference."""
     kept, removed = [], []
     for ex in examples:
-        share = reference.overlap(ex["prompt"])
+        share = reference.overlap(student_text(ex))
         if share >= min_overlap:
             removed.append(removal(ex, reason, f"{share:.0%} of its {reference.n}-grams occur in {against}"))
         else:

@@ -19,12 +19,13 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 def count_tokens(examples: list[dict], tokenizer) -> None:
     """Annotate prompt/completion/full-sequence token counts, batched (one tokenizer call per
-    side): the full count renders the same chat template training will use."""
+    side). The prompt is every turn the student reads (its `student` conversation: a system
+    prompt it keeps, earlier turns); the full count renders the chat template training will use."""
     if not examples:
         return
-    prompts = [ex["prompt"] for ex in examples]
+    prompts = ["\n".join(m["content"] for m in ex["student"]) for ex in examples]
     answers = [ex["completion"] for ex in examples]
-    conversations = [Task.student_example(p, a) for p, a in zip(prompts, answers)]
+    conversations = [[*ex["student"], {"role": "assistant", "content": ex["completion"]}] for ex in examples]
     rendered = tokenizer.apply_chat_template(conversations, tokenize=False)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]

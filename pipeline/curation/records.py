@@ -1,9 +1,12 @@
 """The example record that flows through curation, and step 1: normalise.
 
 An example is a plain dict (it ends up in `datasets.Dataset.from_list`):
-`id, prompt, completion, label, gold, teacher, teacher_logprob, confidence, teacher_label_probs`
-(the teacher's distribution over the labels as JSON, "" when it gave none) plus working
-fields: `samples` (one per teacher answer to this prompt), `finish_reason`, `sample`,
+`id, messages, completion, label, gold, teacher, teacher_logprob, confidence, teacher_label_probs`
+(`messages`: the conversation before the answer as the app sent it, normalised; the teacher's
+distribution over the labels as JSON, "" when it gave none) plus working fields: `student` (what
+the student sees of the conversation, `pipeline.conversation.student_messages`), `prompt` (its
+user and assistant turns as one text: what dedup, decontamination, selection and the card
+compare and show), `samples` (one per teacher answer to this prompt), `finish_reason`, `sample`,
 `gold_agrees`, token counts.
 """
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import CurateConfig
+from pipeline.conversation import SYSTEM_ROLES, Shape, dialogue_text, student_messages
 from pipeline.llm.scoring import posterior
 from pipeline.task import Task
 
@@ -61,29 +65,54 @@ def mean_logprob(value: Any) -> float | None:
     return None
 
 
-def _last(messages: list[dict], role: str) -> str:
-    """Content of the last message with this role ('' when there is none)."""
-    for message in reversed(messages or []):
-        if isinstance(message, dict) and message.get("role") == role:
-            content = message.get("content")
-            return content if isinstance(content, str) else ""
-    return ""
+def read_conversation(record: dict) -> tuple[list[dict], str]:
+    """A capture record's conversation (every turn before the answer) and its answer, normalised;
+    whatever is missing comes back empty for step 1 to judge."""
+    turns = [m for m in record.get("messages") or [] if isinstance(m, dict)]
+    answer = ""
+    if turns and turns[-1].get("role") == "assistant":
+        answer = _text(turns.pop()["content"])
+    return [{"role": str(m.get("role")), "content": _text(m.get("content"))} for m in turns], answer
 
 
-def to_example(record: dict, task: Task) -> dict:
+def _text(content) -> str:
+    return normalize_text(content) if isinstance(content, str) else ""
+
+
+def with_student_view(ex: dict, shape: Shape) -> dict:
+    """Add what the student sees of the example's conversation, and its dialogue as one text."""
+    ex["student"] = student_messages(ex["messages"], shape)
+    ex["prompt"] = dialogue_text(ex["messages"]) if _ends_with_user(ex["messages"]) else ""
+    return ex
+
+
+def student_text(ex: dict) -> str:
+    """Every turn the student reads, as one text: what decontamination looks for elsewhere."""
+    return "\n".join(m["content"] for m in ex["student"])
+
+
+def student_system(ex: dict) -> str:
+    """The system prompt the student reads ('' when it reads none): part of what makes two examples the same."""
+    return "\n\n".join(m["content"] for m in ex["student"] if m["role"] in SYSTEM_ROLES)
+
+
+def _ends_with_user(messages: list[dict]) -> bool:
+    return bool(messages) and messages[-1]["role"] == "user"
+
+
+def to_example(record: dict, task: Task, shape: Shape) -> dict:
     """A capture record -> a working example with one sample (normalised text)."""
     meta = record.get("meta") or {}
-    prompt = normalize_text(_last(record.get("messages", []), "user"))
-    answer = normalize_text(_last(record.get("messages", []), "assistant"))
+    messages, answer = read_conversation(record)
     label = task.normalize_label(answer) if task.kind == "classification" and answer else None
     gold = meta.get("gold")
     gold = "" if gold is None else str(gold)
     logprob = mean_logprob(meta.get("logprobs"))
     sample = {"id": str(record.get("id", "")), "completion": answer, "label": label, "logprob": logprob,
               "finish_reason": meta.get("finish_reason") or "stop"}
-    return {
+    return with_student_view({
         "id": str(record.get("id", "")),
-        "prompt": prompt,
+        "messages": messages,
         "completion": answer,
         "label": label or "",
         "gold": gold,
@@ -98,15 +127,17 @@ def to_example(record: dict, task: Task) -> dict:
         "sample": meta.get("sample"),
         "gold_agrees": bool(gold) and (label or answer) == gold,
         "samples": [sample],
-    }
+    }, shape)
 
 
-def step_normalise(records: list[dict], task: Task, cfg: CurateConfig) -> tuple[list[dict], list[Removal]]:
-    """Step 1: normalise text; drop failed calls, empty sides, refusals, cut-off answers."""
+def step_normalise(records: list[dict], task: Task, cfg: CurateConfig,
+                   shape: Shape) -> tuple[list[dict], list[Removal]]:
+    """Step 1: normalise text; drop failed calls, empty sides (a conversation must end with a
+    user turn), refusals, cut-off answers."""
     refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     kept, removed = [], []
     for record in records:
-        ex = to_example(record, task)
+        ex = to_example(record, task, shape)
         reason, detail = _normalise_verdict(ex, refusals, cfg.drop_truncated)
         if reason:
             removed.append(removal(ex, reason, detail))

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import CurateConfig, Recipe
+from pipeline.conversation import StudentInput, StudentView, student_messages
 from pipeline.curation.dedup import NgramIndex, step_decontaminate, step_exact_dedupe, step_near_dedupe
 from pipeline.curation.filters import FormatChecker, count_tokens, step_consistency, step_format, step_length
 from pipeline.curation.pii import scrub_records
-from pipeline.curation.records import Removal, step_normalise
+from pipeline.curation.records import Removal, step_normalise, student_text
 from pipeline.curation.selection import step_select, stratified_split
 from pipeline.task import Task
 
@@ -37,19 +38,28 @@ class CurateContext:
     cfg: CurateConfig
     max_seq_len: int  # train.max_seq_len: the length filter drops longer sequences
     tokenizer: Any  # the student's (transformers) tokenizer with its chat template
-    eval_prompts: tuple[str, ...] | None = None  # normalised prompts of eval.file, if any
+    eval_conversations: tuple[list[dict], ...] | None = None  # eval.file's conversations, normalised, if any
     frozen_test: tuple[dict, ...] | None = None  # curate.frozen_test's examples: this run's test split as is
+    student_input: StudentInput = "auto"  # model.student_input, as the recipe asks it
+    view: StudentView | None = None  # ... resolved over this run's records (curate_records sets it)
 
     @property
     def seed(self) -> int:
         return self.cfg.seed
 
+    @property
+    def shape(self):
+        if self.view is None:
+            raise RuntimeError("the student view is resolved before the steps run (curate_records)")
+        return self.view.shape
+
     @classmethod
-    def from_recipe(cls, recipe: Recipe, task: Task, tokenizer: Any, eval_prompts: list[str] | None,
+    def from_recipe(cls, recipe: Recipe, task: Task, tokenizer: Any, eval_conversations: list[list[dict]] | None,
                     frozen_test: list[dict] | None = None) -> CurateContext:
-        prompts = tuple(eval_prompts) if eval_prompts is not None else None
+        prompts = tuple(eval_conversations) if eval_conversations is not None else None
         frozen = tuple(frozen_test) if frozen_test is not None else None
-        return cls(task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts, frozen)
+        return cls(task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts, frozen,
+                   recipe.model.student_input)
 
 
 @dataclass
@@ -85,7 +95,7 @@ class CurateStep:
 
 def normalise(records: list[dict], ctx: CurateContext) -> StepResult:
     """Capture records in, working examples out (only the PII scrub, on records, may come before)."""
-    return StepResult(*step_normalise(records, ctx.task, ctx.cfg))
+    return StepResult(*step_normalise(records, ctx.task, ctx.cfg, ctx.shape))
 
 
 def length(examples: list[dict], ctx: CurateContext) -> StepResult:
@@ -119,14 +129,15 @@ def pii(records: list[dict], ctx: CurateContext) -> StepResult:
 
 
 def eval_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
-    reference = NgramIndex(ctx.eval_prompts or (), ctx.cfg.decontam_ngram)
+    texts = ("\n".join(m["content"] for m in student_messages(c, ctx.shape)) for c in ctx.eval_conversations or ())
+    reference = NgramIndex(texts, ctx.cfg.decontam_ngram)
     return StepResult(*step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "eval_overlap",
                                           "the eval file"))
 
 
 def frozen_test_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
     """Nothing that is, or nearly is, a frozen test prompt may train (an escalated copy of one included)."""
-    reference = NgramIndex((ex["prompt"] for ex in ctx.frozen_test or ()), ctx.cfg.decontam_ngram)
+    reference = NgramIndex((student_text(ex) for ex in ctx.frozen_test or ()), ctx.cfg.decontam_ngram)
     return StepResult(*step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "frozen_test_overlap",
                                           "the frozen test split"))
 
@@ -149,7 +160,7 @@ STEPS: tuple[CurateStep, ...] = (
     CurateStep("near-dup (MinHash)", near_dedupe),
     CurateStep("answer format", answer_format),
     CurateStep("self-consistency", consistency),
-    CurateStep("decontaminate (eval file)", eval_decontaminate, enabled=lambda ctx: ctx.eval_prompts is not None),
+    CurateStep("decontaminate (eval file)", eval_decontaminate, enabled=lambda ctx: ctx.eval_conversations is not None),
     CurateStep("decontaminate (frozen test)", frozen_test_decontaminate,
                enabled=lambda ctx: ctx.frozen_test is not None),
     CurateStep("select", select),
@@ -175,6 +186,6 @@ def decontaminate_test(splits: dict[str, list[dict]], ctx: CurateContext) -> Ste
     A frozen test split is never changed: train was decontaminated against it instead."""
     if ctx.frozen_test is not None:
         return StepResult(list(splits["test"]))
-    train_index = NgramIndex((ex["prompt"] for ex in splits["train"]), ctx.cfg.decontam_ngram)
+    train_index = NgramIndex((student_text(ex) for ex in splits["train"]), ctx.cfg.decontam_ngram)
     return StepResult(*step_decontaminate(splits["test"], train_index, ctx.cfg.decontam_overlap,
                                           "test_train_overlap", "train"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from pipeline.config import Recipe
+from pipeline.conversation import Shape, conversation_of, student_messages
 from pipeline.llm.answer import Serving, answer_as_served
 from pipeline.llm.completion import Completion
 from pipeline.llm.generate import PrefixCache, generate_batch
@@ -23,19 +24,20 @@ class Answers:
     wall_s: float
 
 
-def base_conversation(task: Task, prompt: str, form: str) -> list[dict]:
-    """The honest baseline: the base student told the task (zero/few-shot), or bare as the tuned one."""
+def base_conversation(task: Task, conversation: list[dict], form: str, shape: Shape) -> list[dict]:
+    """The honest baseline: the base student told the task (zero/few-shot, as the teacher is told
+    it), or bare, shown what the tuned one is shown."""
     if form == "bare":
-        return Task.student_messages(prompt)
-    return task.teacher_messages(prompt, few_shot=form == "few_shot")
+        return student_messages(conversation, shape)
+    return task.teacher_messages(conversation, few_shot=form == "few_shot")
 
 
-def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, desc: str,
+def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, desc: str, shape: Shape,
                base_prompt: str | None = None) -> Answers:
-    """Answers in batches, timed. The tuned student answers as served (`answer_as_served`: the
-    user message only, decoded as `router.decode` says, every label scored on a classification
-    task, which the label signals read); the base student, told the task, greedy and constrained
-    to the labels."""
+    """Answers in batches, timed. The tuned student answers as served (`answer_as_served` on what
+    it sees of each conversation, in `shape`, decoded as `router.decode` says, every label scored
+    on a classification task, which the label signals read); the base student, told the task,
+    greedy and constrained to the labels."""
     labels = task.labels if task.kind == "classification" else None
     start = time.perf_counter()
 
@@ -43,16 +45,14 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
         return tqdm(starts, desc=f"evaluate ({desc})", unit="batch")
 
     if base_prompt is None:
-        convs = [Task.student_messages(r["prompt"]) for r in rows]
+        convs = [student_messages(conversation_of(r), shape) for r in rows]
         completions = answer_as_served(model, tokenizer, convs, Serving.of(recipe, labels), source=desc,
                                        progress=progress)
         return Answers(completions, time.perf_counter() - start)
     prefix = PrefixCache()  # the instructions, run once for every batch
     completions, size = [], recipe.eval.batch_size
     for i in progress(range(0, len(rows), size)):
-        convs = [base_conversation(task, r["prompt"], base_prompt) for r in rows[i : i + size]]
+        convs = [base_conversation(task, conversation_of(r), base_prompt, shape) for r in rows[i : i + size]]
         completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, labels=labels,
                                       source=desc, prefix_cache=prefix)
     return Answers(completions, time.perf_counter() - start)
-
-

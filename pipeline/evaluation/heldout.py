@@ -2,32 +2,43 @@
 
     distill evaluate RECIPE eval.file=data/my_eval.jsonl
 
-JSONL (a prompt field, or chat `messages` whose last user turn is the prompt) or CSV. Curate
-keeps these prompts out of training (it reads the same `eval.file`). The teacher answers them
-through the teacher service, so its answers are cached, costed and budgeted like capture's.
+JSONL (a prompt field, or a chat conversation in `messages`, kept whole; an answer it ends with
+is dropped, the teacher answers anew) or CSV. Curate keeps these prompts out of training (it
+reads the same `eval.file`). The teacher answers them through the teacher service, so its
+answers are cached, costed and budgeted like capture's.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 from pipeline.artifacts import read_jsonl
+from pipeline.conversation import read_messages, user_turn
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.task import Task
 
+log = logging.getLogger(__name__)
 
-def _prompt_of(record: dict, field: str) -> str:
+
+def _conversation_of(record: dict, field: str) -> list[dict] | None:
+    """The row's conversation, or None when it has none the student could answer."""
     text = record.get(field)
     if isinstance(text, str):
-        return text.strip()
-    users = [m.get("content", "") for m in record.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-    return users[-1].strip() if users and isinstance(users[-1], str) else ""
+        return user_turn(text.strip()) if text.strip() else None
+    try:
+        messages = read_messages(record.get("messages"))
+    except ValueError:  # no messages, or content the student cannot read (Unsupported)
+        return None
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    return messages if messages and messages[-1]["role"] == "user" else None
 
 
 def read_heldout(path: Path, prompt_field: str, gold_field: str | None) -> list[dict]:
-    """Rows {id, prompt, gold}; a file without a single prompt is an error naming the field."""
+    """Rows {id, messages, gold}; a file without a single prompt is an error naming the field."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
         if not path.is_file():
@@ -38,13 +49,16 @@ def read_heldout(path: Path, prompt_field: str, gold_field: str | None) -> list[
         records = read_jsonl(path)
     rows = []
     for i, record in enumerate(records):
-        prompt = _prompt_of(record, prompt_field)
-        if prompt:
+        messages = _conversation_of(record, prompt_field)
+        if messages:
             gold = record.get(gold_field) if gold_field else None
-            rows.append({"id": str(record.get("id") or f"heldout-{i}"), "prompt": prompt,
+            rows.append({"id": str(record.get("id") or f"heldout-{i}"), "messages": messages,
                          "gold": "" if gold is None else str(gold)})
     if not rows:
         raise DistillError(f"{path}: no prompts (expected a '{prompt_field}' field/column or chat 'messages')")
+    if len(rows) < len(records):
+        log.warning("%s: %d of %d rows have no prompt or conversation the student can read; skipped", path,
+                    len(records) - len(rows), len(records))
     return rows
 
 
@@ -59,7 +73,7 @@ def teacher_answers(recipe, task: Task, rows: list[dict]) -> tuple[list[dict], f
     service = TeacherService.from_config(recipe.teacher, recipe.capture.cache, labels, progress="evaluate (eval.file teacher)")
     try:
         answers: list[Completion] = service.answer_sync(
-            [task.teacher_messages(r["prompt"], recipe.teacher.few_shot) for r in rows])
+            [task.teacher_messages(r["messages"], recipe.teacher.few_shot) for r in rows])
         spent = service.report.spent_usd
     finally:
         service.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.artifacts import EVAL_POLICY, EVAL_REPORT, atomic_write_json, atomic_write_text, write_jsonl
 from pipeline.config import Recipe
+from pipeline.conversation import StudentView, conversation_of
 from pipeline.evaluation import plots
 from pipeline.task import agrees
 from pipeline.evaluation.render import report_markdown
@@ -26,7 +27,7 @@ def prediction_rows(task: Task, result: dict) -> list[dict]:
         gold = ex.get("gold") or None
         decision = policy.decide(t)
         rows.append({
-            "id": ex["id"], "prompt": ex["prompt"], "teacher": ex["completion"], "gold": gold,
+            "id": ex["id"], "messages": conversation_of(ex), "teacher": ex["completion"], "gold": gold,
             "base": b.text, "tuned": t.text,
             "tuned_confidence": decision.score, "route": decision.route, "route_reason": decision.reason,
             "tuned_mean_logprob": t.mean_logprob, "tuned_label_logprobs": t.label_logprobs,
@@ -44,12 +45,15 @@ def policy_file(recipe: Recipe, result: dict, adapter_sha: str) -> dict:
     """router_policy.json: what the server loads (Policy.from_json) plus the evidence and the
     settings it was calibrated under; `adapter_sha256` ties it to one trained adapter."""
     choice: Choice = result["choice"]
+    view: StudentView = result["view"]
     return {
         **choice.policy.to_json(), **choice.to_json(),
         "confidence": recipe.eval.confidence, "chosen_on": result["chosen_on"],
         "expected": {k: f.to_json() for k, f in result["expected"].items()},
         "test": {k: f.to_json() for k, f in result["confirmed"].items()},
-        "settings": {"max_new_tokens": recipe.eval.max_new_tokens, "prompt_form": "student_messages (user message only)",
+        "student_input_resolved": view.to_json(),
+        "settings": {"max_new_tokens": recipe.eval.max_new_tokens,
+                     "prompt_form": f"student_messages, {view.shape} ({view.reason})",
                      "decoding": "greedy" if recipe.router.decode == "generate" else recipe.router.decode, "temperature": choice.policy.temperature,
                      "label_scoring": bool(choice.policy.labels)},
         "adapter_sha256": adapter_sha,

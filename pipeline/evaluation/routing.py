@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 from pipeline.config import Recipe
+from pipeline.conversation import Shape
 from pipeline.evaluation import calibration
 from pipeline.task import agrees
 from pipeline.stats import Figure, mean_figure
@@ -41,20 +42,22 @@ def agreement(task: Task, answers: list[Completion], rows: list[dict]) -> list[b
     return [agrees(task, a.text, ex["completion"]) for a, ex in zip(answers, rows)]
 
 
-def policy_template(recipe: Recipe, task: Task, validation: list[dict], val: list[Completion]) -> Policy:
-    """Everything of the policy but its threshold (and the logistic weights, fitted separately)."""
+def policy_template(recipe: Recipe, task: Task, validation: list[dict], val: list[Completion],
+                    shape: Shape) -> Policy:
+    """Everything of the policy but its threshold (and the logistic weights, fitted separately);
+    `shape`: what the student was shown (the router feeds it the same)."""
     labels = tuple(task.labels) if task.kind == "classification" else None
     temperature = calibration.fit_temperature(val, label_targets(task, validation)) if labels else 1.0
     gates = Gates.for_task(task, recipe.curate.refusal_patterns)
     weights = {"intercept": 0.0} if recipe.router.signal == "logistic" else None  # replaced by the fit
     return Policy(threshold=None, signal=recipe.router.signal, labels=labels, temperature=temperature, gates=gates,
-                  weights=weights, decode=recipe.router.decode)
+                  weights=weights, decode=recipe.router.decode, student_input=shape)
 
 
 def routing(recipe: Recipe, task: Task, test: list[dict], validation: list[dict], tuned: list[Completion],
-            val: list[Completion]) -> Routing:
+            val: list[Completion], shape: Shape) -> Routing:
     """Threshold chosen on validation, then the same policy replayed on test."""
-    template = policy_template(recipe, task, validation, val)
+    template = policy_template(recipe, task, validation, val, shape)
     val_agree, test_agree = agreement(task, val, validation), agreement(task, tuned, test)
     chosen, chosen_on = list(range(len(val))), "validation"
     if template.signal == "logistic":

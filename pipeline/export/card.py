@@ -83,11 +83,15 @@ def render_card(recipe, rows: list[ArtifactParity], parity_md: str, dataset_card
     if rejected:
         lines += ["", "Rejected (kept for inspection, not registered): "
                   + "; ".join(f"{r.artifact}: {'; '.join(r.reasons)}" for r in rejected)]
+    shape = ((report or {}).get("router") or {}).get("student_input", "user")
+    reads = ("the conversation as the app sends it, system prompt and earlier turns included" if shape == "conversation"
+             else "the user and assistant turns of a conversation, without a system prompt")
     lines += [
         "",
         "## Intended use and limits",
         "",
-        "Intended for the task it was distilled on, answering the user message alone, as the router serves it; "
+        f"Intended for the task it was distilled on, answering {reads} (student_input={shape}), as the router "
+        "serves it; "
         "the router escalates low-confidence requests to the teacher. Outside that task the student is the base "
         "model with a narrow fine-tune: expect the base's behaviour, not the teacher's. Agreement is measured "
         "against the teacher's answers, not ground truth, so it inherits the teacher's errors.",

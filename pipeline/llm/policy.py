@@ -189,6 +189,10 @@ class Policy:
     gates: Gates = field(default_factory=Gates)  # answers escalated whatever their score
     weights: dict[str, float] | None = None  # the logistic signal's coefficients, fitted on validation
     decode: str = "generate"  # how the student answers (router.decode): generate, or label_posterior
+    # What the student was trained and evaluated on, so what the router feeds it: the conversation
+    # as sent, or its user and assistant turns (pipeline/conversation.py student_messages). A
+    # policy written before this field existed was evaluated on the user turn alone: "user".
+    student_input: str = "user"
 
     def __post_init__(self) -> None:
         read = signal(self.signal)  # unknown signal names fail at construction, not per request
@@ -202,6 +206,8 @@ class Policy:
             raise DistillError(f"router policy temperature must be > 0, got {self.temperature}")
         if self.signal == "logistic" and not self.weights:
             raise DistillError("router signal 'logistic' needs its fitted weights in the policy")
+        if self.student_input not in ("conversation", "user"):
+            raise DistillError(f"router policy student_input must be conversation or user, not '{self.student_input}'")
 
     @property
     def needs_label_scores(self) -> bool:
@@ -209,11 +215,11 @@ class Policy:
         return signal(self.signal).needs_label_scores or self.decode == "label_posterior"
 
     @classmethod
-    def student_only(cls, signal_name: str = "mean_logprob") -> Policy:
+    def student_only(cls, signal_name: str = "mean_logprob", student_input: str = "user") -> Policy:
         # Labels and logistic weights come only with an evaluated policy: report mean_logprob then.
         if signal(signal_name).needs_label_scores or signal_name == "logistic":
             signal_name = "mean_logprob"
-        return cls(threshold=-math.inf, signal=signal_name)
+        return cls(threshold=-math.inf, signal=signal_name, student_input=student_input)
 
     def gate_failure(self, completion: Completion) -> str | None:
         """The hard gate this answer fails (escalated whatever its score), or None."""
@@ -258,7 +264,8 @@ class Policy:
         return cls(threshold=data["threshold"], signal=data.get("signal", "mean_logprob"),
                    quality_target=data.get("quality_target"), labels=tuple(labels) if labels else None,
                    temperature=data.get("temperature") or 1.0, gates=Gates.from_json(data.get("gates")),
-                   weights=data.get("weights"), decode=data.get("decode", "generate"))
+                   weights=data.get("weights"), decode=data.get("decode", "generate"),
+                   student_input=data.get("student_input", "user"))
 
     @classmethod
     def load(cls, path: Path) -> Policy:

@@ -1,7 +1,8 @@
 """Gather a round's data: the previous round's records plus the router's new escalations.
 
-Every escalation record already holds the teacher's answer (the router paid for it once), so
-nothing is asked again. A new prompt is one whose normalised text is in none of: the previous
+Every escalation record already holds the teacher's answer (the router paid for it once) and the
+whole conversation the client sent, so nothing is asked again. A new prompt is one whose
+normalised conversation is in none of: the previous
 round's records, an earlier round's escalated slice, the frozen test split, or an escalation
 already taken this round; so importing a file twice, or again next round, adds nothing.
 A stable hash of the prompt holds `holdout` of the new prompts back as the escalated slice,
@@ -16,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.conversation import read_messages, split_answer
 from pipeline.curation.records import normalize_text
 from pipeline.errors import DistillError
 from pipeline.teachers.sources import read_rows
@@ -34,13 +36,14 @@ class Gathered:
         return {
             "pool": len(self.pool), "added": len(self.added), "escalated_slice": len(self.slice),
             "skipped": dict(sorted(self.skipped.items())),
-            "added_by_label": _count(self.added, lambda r: r["messages"][1]["content"]),
+            "added_by_label": _count(self.added, lambda r: r["messages"][-1]["content"]),
             "added_by_reason": _count(self.added + self.slice, reason_kind),
         }
 
 
 def prompt_key(record: dict) -> str:
-    return normalize_text(record["messages"][0]["content"]).lower()
+    """Every turn before the answer, normalised: the same request whatever file it comes from."""
+    return "\n".join(f"{m['role']}: {normalize_text(m['content'])}" for m in record["messages"][:-1]).lower()
 
 
 def in_slice(key: str, holdout: float) -> bool:
@@ -61,7 +64,7 @@ def gather(previous: list[dict], escalation_files: list[Path], excluded: set[str
             if key in known or key in excluded:
                 out.skipped["test_or_slice" if key in excluded else "already_known"] += 1
                 continue
-            if record["meta"].get("error") or not record["messages"][1]["content"].strip():
+            if record["meta"].get("error") or not record["messages"][-1]["content"].strip():
                 out.skipped["no_answer"] += 1
                 continue
             known.add(key)
@@ -75,12 +78,12 @@ def gather(previous: list[dict], escalation_files: list[Path], excluded: set[str
 
 
 def _check_escalation(where: str, row: dict) -> dict:
-    messages = row.get("messages")
-    if not (isinstance(messages, list) and len(messages) == 2
-            and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-            and [m.get("role") for m in messages] == ["user", "assistant"]):
-        raise DistillError(f"{where}: not an escalation record (want messages [user, assistant]; "
-                           "the router's serve.escalations file has this shape)")
+    try:
+        messages = read_messages(row.get("messages"))
+        split_answer(messages)
+    except ValueError as err:
+        raise DistillError(f"{where}: not an escalation record ({err}; want messages [..., user, assistant]: "
+                           "the router's serve.escalations file has this shape)") from None
     return {"id": str(row.get("id") or ""), "messages": messages, "meta": dict(row.get("meta") or {})}
 
 

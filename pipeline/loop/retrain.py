@@ -189,8 +189,8 @@ def compare_round(recipe: Recipe, champion: ServedVersion, candidate: ServedVers
     sliced = None
     if held_back:
         task_file = recipe.capture.task
-        a_slice = slice_outcomes(champion.source, held_back, task_file, recipe)
-        b_slice = slice_outcomes(candidate.source, held_back, task_file, recipe)
+        a_slice = slice_outcomes(champion.source, held_back, task_file, recipe, served_shape(champion))
+        b_slice = slice_outcomes(candidate.source, held_back, task_file, recipe, served_shape(candidate))
         sliced = compare.paired(a_slice, b_slice, reps, seed)
     routing = {who: compare.Routing.from_report(v.run_dir / "evaluate") for who, v in
                (("champion", champion), ("candidate", candidate))}
@@ -198,20 +198,33 @@ def compare_round(recipe: Recipe, champion: ServedVersion, candidate: ServedVers
                               {"champion": champion.version, "candidate": candidate.version})
 
 
-def slice_outcomes(model_dir: Path, records: list[dict], task_file: Path, recipe: Recipe) -> list[bool]:
-    """Does the model, answering as served (`answer_as_served`), agree with the teacher?"""
+def served_shape(version: ServedVersion) -> str:
+    """What the router feeds this version: its evaluated policy's student_input, else its export's."""
+    from pipeline.artifacts import read_manifest
+    from pipeline.llm.policy import Policy
+
+    if version.policy_path is not None:
+        return Policy.load(version.policy_path).student_input
+    manifest = read_manifest(version.source.parent)
+    return (manifest.student_input if manifest is not None else None) or "user"
+
+
+def slice_outcomes(model_dir: Path, records: list[dict], task_file: Path, recipe: Recipe, shape: str) -> list[bool]:
+    """Does the model, answering as served (`answer_as_served` on the conversation in the shape the
+    router feeds it), agree with the teacher?"""
+    from pipeline.conversation import student_messages
     from pipeline.llm.answer import Serving, answer_as_served
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
-    from pipeline.task import Task, agrees, load_task
+    from pipeline.task import agrees, load_task
 
     task = load_task(task_file)
     model = load_model(str(model_dir), device_plan())
     tokenizer = load_tokenizer(str(model_dir))
     model.eval()
-    conversations = [Task.student_messages(r["messages"][0]["content"]) for r in records]
+    conversations = [student_messages(r["messages"][:-1], shape) for r in records]
     labels = task.labels if task.kind == "classification" else None
     answers = answer_as_served(model, tokenizer, conversations, Serving.of(recipe, labels), source="loop (slice)")
-    return [agrees(task, c.text, r["messages"][1]["content"]) for c, r in zip(answers, records)]
+    return [agrees(task, c.text, r["messages"][-1]["content"]) for c, r in zip(answers, records)]
 
 
 def publish(recipe: Recipe, registry: Registry, name: str, candidate: ServedVersion, report: dict,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pipeline.conversation import request_params
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.router.backends import (
@@ -179,9 +180,9 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
             metrics.rejected.labels("queue_full").inc()
             raise QueueFull(settings.max_queue, settings.retry_after_s)
         request_id = _request_id(raw.headers.get("x-request-id"))
-        ask = Ask(request_id=request_id, key=request.user or request_id, prompt=request.user_prompt(),
-                  messages=[m.as_template_message() for m in request.messages], max_tokens=max_tokens,
-                  deadline=started + settings.deadline_s, deadline_s=settings.deadline_s)
+        ask = Ask(request_id=request_id, key=request.user or request_id, conversation=request.conversation(),
+                  max_tokens=max_tokens, deadline=started + settings.deadline_s, deadline_s=settings.deadline_s,
+                  request=request_params(request.model_dump()))
         backend, ask = _pick(backend, ask)
         ask = replace(ask, top_logprobs=_checked_logprobs(request, backend))
         in_flight[0] += 1

@@ -1,10 +1,12 @@
 """What answers a request: the student (a local model folder) and the teacher (TeacherService).
 
-The student backend answers the client's messages as they came (the student was trained on
-exactly `Task.student_messages`). The teacher backend answers what capture sent the teacher
-(`Task.teacher_messages`: instructions, worked examples, the prompt), through the same
-TeacherService capture uses, so the router shares its cache, price table, ledger (budget
-reserved before each call), retries and circuit breaker.
+The student backend answers the messages it is given: the router hands it the client's
+conversation in the shape the student was trained on (`student_messages`, the policy's
+student_input). The teacher backend answers the conversation as the client sent it, after the
+task's instructions and worked examples when the client sent no system prompt
+(`Task.teacher_messages`, what capture sends), through the same TeacherService capture uses, so
+the router shares its cache, price table, ledger (budget reserved before each call), retries and
+circuit breaker.
 """
 
 from __future__ import annotations
@@ -378,15 +380,15 @@ class TeacherBackend:
         ledger = self.service.ledger if self.service is not None else None
         return ledger.spent_usd if ledger is not None else 0.0
 
-    def estimated_cost(self, prompt: str, completion_tokens: int) -> float:
-        """What the teacher would have charged to answer `prompt` at that length (0 when unpriced):
-        the saving when the student answered instead."""
+    def estimated_cost(self, conversation: list[dict[str, str]], completion_tokens: int) -> float:
+        """What the teacher would have charged to answer `conversation` at that length (0 when
+        unpriced): the saving when the student answered instead."""
         from pipeline.teachers.ledger import prompt_tokens_estimate
 
         price = self.service.price if self.service is not None else None
         if price is None:
             return 0.0
-        messages = self.task.teacher_messages(prompt, few_shot=self.cfg.few_shot)
+        messages = self.task.teacher_messages(conversation, few_shot=self.cfg.few_shot)
         return price.cost(prompt_tokens_estimate(messages), max(completion_tokens, 1))
 
     def start(self) -> None:
@@ -396,11 +398,11 @@ class TeacherBackend:
             labels = self.task.labels if self.task.kind == "classification" else None
             self.service = TeacherService.from_config(self.cfg, cache_path=self.cache_path, labels=labels)
 
-    async def answer(self, prompt: str, timeout_s: float) -> Completion:
-        """The teacher's answer to `prompt`, or a Completion with `error` set: failed after its
-        retries, over budget, past `timeout_s`, or refused (auth, circuit open)."""
+    async def answer(self, conversation: list[dict[str, str]], timeout_s: float) -> Completion:
+        """The teacher's answer to the client's `conversation`, or a Completion with `error` set:
+        failed after its retries, over budget, past `timeout_s`, or refused (auth, circuit open)."""
         self.start()
-        messages = self.task.teacher_messages(prompt, few_shot=self.cfg.few_shot)
+        messages = self.task.teacher_messages(conversation, few_shot=self.cfg.few_shot)
         try:
             async with asyncio.timeout(max(timeout_s, 0.001)):
                 (completion,) = await self.service.answer([messages])

@@ -3,11 +3,12 @@
     distill serve RECIPE                                   (appends to serve.escalations)
     distill capture RECIPE teacher.spec=logs:.distill/escalations.jsonl   (imports it)
 
-Records use the capture record format (`{"id", "messages": [user, assistant], "meta"}`), so
-`logs:` imports them with zero rejects and the next `make distill` learns from them. Each
+Records use the capture record format (`{"id", "messages": [...the conversation as the client
+sent it, assistant], "meta"}`, with the request's answer-changing parameters in meta.request),
+so `logs:` imports them with zero rejects and the next `make distill` learns from them. Each
 record is flushed as it is written (a crash loses at most the line in flight); the file is
 rotated to `<name>.1` past ROTATE_BYTES. Nothing secret is written: no headers, no keys, only
-the user's last message, the answers and routing facts.
+the conversation, the answers and routing facts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 from pipeline.artifacts import sha256_json
 from pipeline.llm.completion import Completion
-from pipeline.task import Task
 
 ROTATE_BYTES = 64 * 1024 * 1024
 
@@ -30,7 +30,7 @@ ROTATE_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True)
 class Escalation:
     request_id: str
-    prompt: str  # the user's message, exactly what the student saw
+    conversation: list[dict[str, str]]  # every turn as the client sent it
     teacher: Completion  # an answer without error
     route: str  # what the client got: teacher | student | student-fallback
     reason: str
@@ -41,6 +41,7 @@ class Escalation:
     # serve.tiers: every step before the teacher (student, then each tier: outcome, confidence,
     # reason, policy hash, answer); None without tiers, and the record has no meta.tiers then.
     tiers: tuple[dict[str, Any], ...] | None = None
+    request: dict[str, Any] | None = None  # the sent parameters that change the answer (meta.request)
 
     def record(self) -> dict[str, Any]:
         meta = {
@@ -51,7 +52,8 @@ class Escalation:
             "reason": self.reason,
             "policy": self.policy,
             "model_version": self.model_version,
-            "prompt_sha": sha256_json(self.prompt)[:16],
+            "request": self.request or {},
+            "prompt_sha": sha256_json(self.conversation)[:16],
             "student_answer": self.student.text if self.student else None,
             "agree": agrees(self.student, self.teacher) if self.student else None,
             "cost_usd": self.teacher.cost_usd,
@@ -62,7 +64,8 @@ class Escalation:
         }
         if self.tiers is not None:
             meta["tiers"] = list(self.tiers)
-        return {"id": self.request_id, "messages": Task.student_example(self.prompt, self.teacher.text), "meta": meta}
+        messages = [*self.conversation, {"role": "assistant", "content": self.teacher.text}]
+        return {"id": self.request_id, "messages": messages, "meta": meta}
 
 
 class EscalationLog:

@@ -33,11 +33,11 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
-    def as_template_message(self) -> dict[str, str]:
-        """The plain {role, content} dict a chat template expects."""
+    def as_record_message(self) -> dict[str, str]:
+        """{role, content} as the app sent it, text parts joined: a capture record's turn. What the
+        student and the teacher are shown of it is pipeline/conversation.py's business."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        # `developer` is OpenAI's newer name for `system`; chat templates only know the latter.
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {"role": self.role, "content": text}
 
 
 class ChatCompletionRequest(_Lenient):
@@ -63,10 +63,10 @@ class ChatCompletionRequest(_Lenient):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def user_prompt(self) -> str:
-        """The last user message: what the teacher is asked about (with the task's context)."""
-        users = [m for m in self.messages if m.role == "user"]
-        return users[-1].as_template_message()["content"] if users else ""
+    def conversation(self) -> list[dict[str, str]]:
+        """Every turn as the app sent it: what the student answers (in the shape it was trained on),
+        what the teacher is asked on escalation, and what the escalation log records."""
+        return [m.as_record_message() for m in self.messages]
 
     def ignored_fields(self) -> list[str]:
         """Names of fields sent that this server does not implement, top level and per message."""

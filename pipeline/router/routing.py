@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 
+from pipeline.conversation import student_messages
 from pipeline.llm.completion import Completion
 from pipeline.router.backends import Backend, TeacherBackend
 from pipeline.router.errors import DeadlineExceeded
@@ -49,8 +50,9 @@ class Ask:
 
     request_id: str
     key: str  # canary bucket key: the client's `user`, else the request id
-    prompt: str  # the last user message (the teacher is asked about this)
-    messages: list[dict[str, str]]  # what the student answers (the client's messages)
+    # Every turn as the client sent it. The student answers it in the shape its policy was
+    # evaluated on (`student_messages`, policy.student_input); the teacher is asked it as sent.
+    conversation: list[dict[str, str]]
     max_tokens: int
     deadline: float  # time.monotonic() by which an answer must be chosen
     deadline_s: float = 30.0  # the window that deadline closes (a teacher-only fallback gets a fresh one)
@@ -62,6 +64,7 @@ class Ask:
     model_version: str | None = None  # the registry version answering, when serving by alias
     # None: no token logprobs asked; k: the student returns its tokens, with k alternatives each.
     top_logprobs: int | None = None
+    request: dict | None = None  # the sent parameters that change the answer, for the escalation record
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class Router:
         decision = self._decide(ask, answer)
         if decision.route == "student":
             if self.teacher is not None:
-                self.metrics.saved_usd.inc(self.teacher.estimated_cost(ask.prompt, answer.completion_tokens or 1))
+                self.metrics.saved_usd.inc(self.teacher.estimated_cost(ask.conversation, answer.completion_tokens or 1))
             return Routed(answer, "student", decision.reason, decision.score)
         if self.tiers:
             return await self._tiered(ask, answer, decision)
@@ -177,7 +180,8 @@ class Router:
             reasons.append(f"{tier.name}: {verdict.reason}")
             if verdict.route == "student":
                 if self.teacher is not None:
-                    self.metrics.saved_usd.inc(self.teacher.estimated_cost(ask.prompt, answer.completion_tokens or 1))
+                    self.metrics.saved_usd.inc(self.teacher.estimated_cost(ask.conversation,
+                                                                           answer.completion_tokens or 1))
                 return Routed(answer, tier.route, "; ".join(reasons), verdict.score)
             route, best, last = tier.route, answer, verdict
         reason = "; ".join(reasons)
@@ -199,11 +203,12 @@ class Router:
             top = min(top, tier.backend.max_top_logprobs)
         else:
             top = None  # a tier that returns no tokens answers without them (logprobs null, as the teacher's)
+        messages = student_messages(ask.conversation, tier.policy.student_input)
         async with asyncio.timeout(window):
             if top is None:
-                answer = await tier.backend.complete(ask.messages, ask.max_tokens)
+                answer = await tier.backend.complete(messages, ask.max_tokens)
             else:
-                answer = await tier.backend.complete(ask.messages, ask.max_tokens, top_logprobs=top)
+                answer = await tier.backend.complete(messages, ask.max_tokens, top_logprobs=top)
         self.metrics.latency.labels(f"tier_{tier.name}").observe(time.monotonic() - started)
         self._count_tokens(tier.route, answer)
         return answer
@@ -274,12 +279,13 @@ class Router:
 
     async def _student(self, student: Backend, ask: Ask) -> Completion:
         started = time.monotonic()
+        messages = student_messages(ask.conversation, ask.policy.student_input)  # the shape it was trained on
         try:
             async with asyncio.timeout(max(ask.deadline - started, 0.001)):
                 if ask.top_logprobs is None:  # the plain call: any Backend, however minimal, takes it
-                    answer = await student.complete(ask.messages, ask.max_tokens)
+                    answer = await student.complete(messages, ask.max_tokens)
                 else:
-                    answer = await student.complete(ask.messages, ask.max_tokens, top_logprobs=ask.top_logprobs)
+                    answer = await student.complete(messages, ask.max_tokens, top_logprobs=ask.top_logprobs)
         except TimeoutError:
             self.metrics.errors.labels("student_deadline").inc()
             raise DeadlineExceeded("the student did not answer within serve.deadline_s") from None
@@ -289,7 +295,7 @@ class Router:
 
     async def _teacher(self, ask: Ask) -> Completion:
         started = time.monotonic()
-        answer = await self.teacher.answer(ask.prompt, ask.deadline - started)
+        answer = await self.teacher.answer(ask.conversation, ask.deadline - started)
         self.metrics.latency.labels("teacher").observe(time.monotonic() - started)
         if answer.error is not None:
             # The error text is the provider's (keys scrubbed), never the prompt.
@@ -310,9 +316,9 @@ class Router:
         if self.escalations is None:
             return
         self.escalations.append(Escalation(
-            request_id=ask.request_id, prompt=ask.prompt, teacher=teacher, route=route, reason=reason,
+            request_id=ask.request_id, conversation=ask.conversation, teacher=teacher, route=route, reason=reason,
             policy=ask.policy_hash, confidence=confidence, student=student, model_version=ask.model_version,
-            tiers=tiers))
+            tiers=tiers, request=ask.request))
 
     async def aclose(self) -> None:
         """Close the tiers' connections (upstream clients); in-process tiers hold none."""

@@ -30,16 +30,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
-    """Refuse to serve a policy evaluated on another adapter than the one exported: its
-    threshold would mean nothing for this model. A folder that is no export (no manifest) is
-    served with a warning: nothing says which adapter it holds."""
+    """Refuse to serve a policy evaluated on another adapter than the one exported (its threshold
+    would mean nothing for this model), or on another student input than the export was trained
+    on (the router would feed the student a shape it never saw). A folder that is no export (no
+    manifest) is served with a warning: nothing says which adapter it holds."""
     from pipeline.artifacts import read_manifest
 
     try:
-        expected = json.loads(Path(policy_path).read_text()).get("adapter_sha256")
+        data = json.loads(Path(policy_path).read_text())
+        expected = data.get("adapter_sha256")
     except (OSError, ValueError, AttributeError) as err:
         raise DistillError(f"{policy_path}: not a router policy ({type(err).__name__}: {err})") from None
     manifest = read_manifest(Path(export_dir))
+    shipped, fed = (manifest.student_input if manifest else None), data.get("student_input", "user")
+    if shipped is not None and shipped != fed:
+        raise DistillError(f"{policy_path} feeds the student its {fed} input (student_input={fed}) but {export_dir} "
+                           f"was trained on the {shipped} input; rerun `distill evaluate` and `distill export` on "
+                           "the same curate")
     served = manifest.inputs.get("finetune") if manifest is not None else None
     if served is None:
         log.warning("cannot check the policy against %s: it is no export folder (no manifest naming its adapter)",
@@ -51,6 +58,15 @@ def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
         raise DistillError(
             f"{policy_path} was evaluated on adapter {expected[:12]} but {export_dir} was exported from "
             f"adapter {served[:12]}; rerun `distill evaluate` and `distill export` on the same finetune")
+
+
+def exported_student_input(export_dir: Path) -> str:
+    """What an export's student was trained on (its manifest says); `user` for a folder that does
+    not say (an export from before student_input, or no export at all)."""
+    from pipeline.artifacts import read_manifest
+
+    manifest = read_manifest(Path(export_dir))
+    return (manifest.student_input if manifest is not None else None) or "user"
 
 
 def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend | None:
@@ -184,7 +200,7 @@ def load_version(version: ServedVersion, cfg: ServeConfig, signal_name: str = "m
     if version.policy_path is None:
         log.warning("%s version %s: no evaluated policy beside %s; serving it student-only, nothing escalates",
                     version.name, version.version, version.source)
-        policy = Policy.student_only(signal_name)
+        policy = Policy.student_only(signal_name, exported_student_input(version.source.parent))
     else:
         policy = load_checked_policy(version.policy_path, version.source.parent)
     return Loaded.of(version.version, student_for(version.source, policy, cfg), policy)

@@ -6,7 +6,11 @@
     distill capture RECIPE capture.records=runs/x/rounds/r1/gather/gathered.jsonl   (what retrain does)
     distill capture RECIPE teacher.spec=openai:gpt-4o-mini teacher.mode=batch [--no-wait]   (half price)
 
-Writes `teacher.jsonl`: one chat-format example per prompt and sample, in prompt order.
+Writes `teacher.jsonl`: one capture record per prompt and sample, in prompt order: the
+conversation as the app sends it (a prompts file's row is one user turn; a row with `messages`
+is that conversation) and the teacher's answer as the last assistant turn. The teacher is shown
+the task file's instructions and worked examples first when the conversation has no system
+prompt of its own (`Task.teacher_messages`); the record holds what the app sent, not that prefix.
 The teacher is asked through the teacher service (pipeline/teachers/service.py): every
 answer is committed to the SQLite cache the moment it arrives (per batch for the local
 teacher), so an interrupted or budget-stopped capture resumes without paying twice. With
@@ -26,8 +30,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from collections import Counter
+
 from pipeline.artifacts import CAPTURE_RECORDS, Manifest, sha256_json, write_jsonl
 from pipeline.config import CaptureConfig, Recipe, TeacherConfig
+from pipeline.conversation import (
+    Unsupported, check_conversation, read_messages, skipped_lines, split_answer, user_turn,
+)
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.loading import check_recipe_models
@@ -35,7 +44,7 @@ from pipeline.task import Task, load_task
 from pipeline.teachers import parse_spec
 from pipeline.teachers.batch import BatchReport, record_meta, run_batches
 from pipeline.teachers.registry import content_files
-from pipeline.teachers.logs import import_logs
+from pipeline.teachers.logs import import_logs, log_files
 from pipeline.teachers.service import ServiceReport, TeacherService
 from pipeline.teachers.sources import is_table_file, read_rows
 
@@ -64,8 +73,11 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
     # A local model folder's content, not its path: retrained in place, it re-captures.
     files |= {f"teacher_model/{name}": path for name, path in content_files(recipe.teacher.spec).items()}
     if provider == "logs":
-        if is_table_file(ref):  # a hub id, dataset folder or URL is named by the spec, which the fingerprint covers
-            files["logs"] = Path(ref)
+        logs = log_files(ref)  # one file, or an OpenAI Batch input+output pair
+        if len(logs) == 2:
+            files |= {"logs": logs[0], "logs_pair": logs[1]}
+        elif is_table_file(logs[0]):  # a hub id or dataset folder is named by the spec, which the fingerprint covers
+            files["logs"] = logs[0]
     elif is_table_file(recipe.capture.prompts):
         files["prompts"] = recipe.capture.prompts
     # Otherwise a dataset folder or hub id: the recipe names it, which the fingerprint covers.
@@ -86,10 +98,10 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     if "records" in inputs:
         return run_records(inputs["records"], out, tracker)
     provider, ref = parse_spec(recipe.teacher.spec)
-    if provider == "logs":  # not a teacher: answers to import (a file input, else the spec's folder or hub id)
-        return run_logs(recipe, inputs.get("logs", ref), out, tracker)
+    if provider == "logs":  # not a teacher: answers to import (the spec names the files, a folder or a hub id)
+        return run_logs(recipe, ref, out, tracker)
     task = load_task(inputs["task"])
-    prompts = load_prompts(inputs.get("prompts", recipe.capture.prompts), recipe.capture)
+    prompts, skipped = load_prompts(inputs.get("prompts", recipe.capture.prompts), recipe.capture)
     labels = task.labels if task.kind == "classification" else None
     service = TeacherService.from_config(recipe.teacher, recipe.capture.cache, labels, progress="capture")
     entries = _entries(prompts, task, recipe.teacher)
@@ -107,6 +119,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     finally:
         service.close()
     manifest = _manifest(len(prompts), len(entries), report)
+    _add_skipped(manifest, skipped)
     if batch is not None:
         _add_batch(manifest, batch)
     tracker.params({"teacher": service.identity, "prompts": len(prompts), "samples_per_prompt": recipe.teacher.n,
@@ -121,19 +134,49 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
 # ---------------------------------------------------------------- prompts
 
 
-def load_prompts(source: Path | str, cfg: CaptureConfig) -> list[dict]:
-    """Read the prompts; each record needs a non-empty `cfg.prompt_field`. Ids default to row order."""
-    prompts = []
+def load_prompts(source: Path | str, cfg: CaptureConfig) -> tuple[list[dict], Counter]:
+    """Read the prompts: each record is a conversation (`messages`, ending with a user turn) or
+    has a non-empty `cfg.prompt_field` (one user turn). Ids default to row order. Conversations
+    with content the pipeline cannot train on are skipped and counted per kind (returned)."""
+    prompts, skipped = [], Counter()
     for n, (where, rec) in enumerate(read_rows(source, cfg.prompts_split), start=1):
-        text = rec.get(cfg.prompt_field)
-        if not isinstance(text, str) or not text.strip():
-            raise DistillError(f"{where}: no '{cfg.prompt_field}' text (set capture.prompt_field to the right column)")
-        prompts.append({**rec, "prompt": text, "id": str(rec.get("id") or f"p{n:06d}")})
+        try:
+            messages = _prompt_conversation(where, rec, cfg.prompt_field)
+        except Unsupported as err:
+            skipped[err.kind] += 1
+            continue
+        prompts.append({**rec, "messages": messages, "id": str(rec.get("id") or f"p{n:06d}")})
         if cfg.limit and len(prompts) >= cfg.limit:
             break
     if not prompts:
-        raise DistillError(f"{source}: no prompts")
-    return prompts
+        raise DistillError(f"{source}: no prompts" + "".join(f"; {line}" for line in skipped_lines(skipped)))
+    return prompts, skipped
+
+
+def _prompt_conversation(where: str, rec: dict, prompt_field: str) -> list[dict]:
+    if rec.get("messages") is not None:
+        try:
+            messages = read_messages(rec["messages"])
+            check_conversation(messages)
+        except Unsupported:
+            raise
+        except ValueError as err:
+            raise DistillError(f"{where}: messages: {err}") from None
+        return messages
+    text = rec.get(prompt_field)
+    if not isinstance(text, str) or not text.strip():
+        raise DistillError(f"{where}: no '{prompt_field}' text (set capture.prompt_field to the right column, "
+                           "or give each row a `messages` conversation)")
+    return user_turn(text)
+
+
+def _add_skipped(manifest: Manifest, skipped: Counter) -> None:
+    """Content the pipeline cannot train on yet: counted per kind and said, never dropped silently."""
+    for kind, n in sorted(skipped.items()):
+        manifest.counts[f"skipped_{kind.replace(' ', '_')}"] = n
+    for line in skipped_lines(skipped):
+        manifest.notes.append(line)
+        log.warning("capture: %s", line)
 
 
 # ---------------------------------------------------------------- records
@@ -142,7 +185,7 @@ def load_prompts(source: Path | str, cfg: CaptureConfig) -> list[dict]:
 def _entries(prompts: list[dict], task: Task, cfg: TeacherConfig) -> list[Entry]:
     entries = []
     for prompt in prompts:
-        messages = task.teacher_messages(prompt["prompt"], cfg.few_shot)
+        messages = task.teacher_messages(prompt["messages"], cfg.few_shot)
         entries += [Entry(prompt, s, messages) for s in range(cfg.n)]
     return entries
 
@@ -156,7 +199,7 @@ def _write_records(path: Path, entries: list[Entry], completions: list[Completio
     with open(tmp, "w", encoding="utf-8") as f:
         for i, (e, completion) in enumerate(zip(entries, completions, strict=True)):
             record = make_record(e.prompt, completion, spec, identity, "capture", recipe.capture.gold_field,
-                                 sample=e.sample, n=recipe.teacher.n)
+                                 request=_sent(recipe.teacher), sample=e.sample, n=recipe.teacher.n)
             record["meta"] |= extra[i] if extra else {}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
@@ -164,13 +207,21 @@ def _write_records(path: Path, entries: list[Entry], completions: list[Completio
     os.replace(tmp, path)
 
 
+def _sent(cfg: TeacherConfig) -> dict:
+    """meta.request of a captured answer: the parameters capture asked the teacher with."""
+    return {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+
+
 def make_record(prompt: dict, completion: Completion, spec: str, identity: dict, source: str,
-                gold_field: str | None, sample: int = 0, n: int = 1) -> dict:
+                gold_field: str | None, request: dict | None = None, sample: int = 0, n: int = 1) -> dict:
+    """The capture record: `prompt["messages"]` (the conversation as sent) with the answer appended."""
+    conversation = prompt["messages"]
     meta = {
         "teacher": spec,
         "params": identity,
         "source": source,
-        "prompt_sha": sha256_json(prompt["prompt"])[:16],
+        "request": request or {},
+        "prompt_sha": sha256_json(conversation)[:16],
         "sample": sample,
         "cost_usd": completion.cost_usd,
         "latency_ms": completion.latency_ms,
@@ -186,7 +237,7 @@ def make_record(prompt: dict, completion: Completion, spec: str, identity: dict,
         meta["gold"] = prompt[gold_field]
     return {
         "id": prompt["id"] if n == 1 else f"{prompt['id']}#{sample}",
-        "messages": Task.student_example(prompt["prompt"], completion.text),
+        "messages": [*conversation, {"role": "assistant", "content": completion.text}],
         "meta": meta,
     }
 
@@ -282,27 +333,29 @@ def _check(report: ServiceReport, completions: list[Completion], records: int, c
 # ---------------------------------------------------------------- logs:
 
 
-def run_logs(recipe: Recipe, path: Path | str, out: Path, tracker) -> Manifest:
+def run_logs(recipe: Recipe, ref: str, out: Path, tracker) -> Manifest:
     """Import existing answers: no teacher calls, no cost."""
-    imported = import_logs(path, recipe.teacher.prompt_col, recipe.teacher.label_col)
+    imported = import_logs(ref, recipe.teacher.prompt_col, recipe.teacher.label_col, recipe.capture.prompts_split)
     rows = imported.records[: recipe.capture.limit] if recipe.capture.limit else imported.records
     spec = recipe.teacher.spec
-    identity = {"provider": "logs", "path": str(path)}
+    identity = {"provider": "logs", "path": ref}
     records = [
-        make_record({**r.row, "id": r.id, "prompt": r.prompt}, Completion(text=r.answer, source=spec), spec, identity, "logs",
-                    recipe.capture.gold_field)
+        make_record({**r.row, "id": r.id, "messages": r.messages}, Completion(text=r.answer, source=spec), spec,
+                    identity, "logs", recipe.capture.gold_field, request=r.request)
         for r in rows
     ]
     write_jsonl(out / OUTPUT, records)
-    notes = [f"imported {len(records)} records from {path}"]
+    notes = [f"imported {len(records)} records from {ref}"]
     if imported.rejected:
         notes.append(imported.rejected_summary())
         log.warning("%s", imported.rejected_summary())
     counts = {"prompts": len(records), "records": len(records), "cache_hits": 0, "teacher_calls": 0,
               "rejected": len(imported.rejected)}
+    manifest = Manifest(stage=NAME, counts=counts, notes=notes)
+    _add_skipped(manifest, imported.unsupported)
     tracker.params({"teacher": identity, "prompts": len(records)})
-    tracker.metrics(counts)
-    return Manifest(stage=NAME, counts=counts, notes=notes)
+    tracker.metrics(manifest.counts)
+    return manifest
 
 
 # ---------------------------------------------------------------- capture.records
@@ -325,11 +378,13 @@ def run_records(path: Path, out: Path, tracker) -> Manifest:
 
 
 def check_record(where: str, row: dict) -> tuple[str, dict]:
-    """A capture record: an id, [user, assistant] messages with text, and a meta mapping."""
-    messages = row.get("messages")
-    ok = (isinstance(row.get("id"), str) and isinstance(messages, list) and len(messages) == 2
-          and [m.get("role") for m in messages if isinstance(m, dict)] == ["user", "assistant"]
-          and all(isinstance(m.get("content"), str) for m in messages) and isinstance(row.get("meta", {}), dict))
-    if not ok:
-        raise DistillError(f"{where}: not a capture record (want id, messages [user, assistant], meta)")
+    """A capture record: an id, text messages ending with a user turn and the answer, a meta mapping."""
+    try:
+        if not isinstance(row.get("id"), str) or not isinstance(row.get("meta", {}), dict):
+            raise ValueError("want an id and a meta mapping")
+        messages = read_messages(row.get("messages"))
+        split_answer(messages)
+    except ValueError as err:
+        raise DistillError(f"{where}: not a capture record ({err}; want id, messages [..., user, assistant], "
+                           "meta)") from None
     return where, {"id": row["id"], "messages": messages, "meta": row.get("meta", {})}

@@ -3,16 +3,22 @@
     distill curate RECIPE
 
 Reads `capture/teacher.jsonl`; writes `dataset/` (datasets.DatasetDict), `train.jsonl`,
-`validation.jsonl`, `test.jsonl`, `card.md` and `lengths.png`. Steps 0-8 are the registry
+`validation.jsonl`, `test.jsonl`, `card.md`, `lengths.png` and `student_input.json`. Each example
+keeps the conversation as the app sent it (`messages`) and the teacher's answer; what the student
+sees of it is `model.student_input`, resolved here over the records (`auto`: a system prompt shared
+by every record is learned away, one that varies is kept), named in the card and written to
+`student_input.json`, which finetune, evaluate and export read. Steps 0-8 are the registry
 `pipeline.curation.steps.STEPS`, walked in order (a step that is off is skipped); step 9 acts
 on the splits. Each is counted in the card with a few of the examples it removed:
 
  0. pii            opt-in, first: e-mails, phones, Luhn-valid cards, IBANs -> [EMAIL] [PHONE]
                    [CARD] [IBAN] in every message, so no later step shows or keeps raw PII
  1. normalise      NFKC + whitespace; drop failed calls, empty sides, refusals, cut-off answers
- 2. length         student-tokenizer lengths per side and for the chat-formatted sequence
+ 2. length         student-tokenizer lengths of what the student reads (every turn) and of the
+                   answer, and of the chat-formatted sequence
                    (longer than train.max_seq_len is dropped here, never truncated in training)
- 3. dedupe         exact (normalised prompt), then near-duplicates (MinHash LSH), best teacher
+ 3. dedupe         exact (normalised conversation), then near-duplicates (MinHash LSH over the
+                   user and assistant turns, same system prompt), best teacher
                    metadata kept; numbered samples of one prompt are merged for step 5
  4. format         label set, the task's JSON Schema, the task's regex
  5. consistency    with n>1 samples: majority answer's share >= threshold; share = confidence
@@ -31,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.artifacts import (
@@ -39,25 +45,28 @@ from pipeline.artifacts import (
 )
 from pipeline.config import Recipe
 from pipeline.curation.card import StepRecord, plot_lengths, removed_counts, render_card
-from pipeline.curation.records import normalize_text
+from pipeline.conversation import StudentInput, StudentView, resolve_student_input, split_answer
+from pipeline.conversation import write_student_view
+from pipeline.curation.records import normalize_text, read_conversation, with_student_view
 from pipeline.curation.steps import (
     NORMALISE, SPLIT, STEPS, TEST_DECONTAMINATION, CurateContext, CurateStep, StepResult, decontaminate_test, split,
 )
 from pipeline.errors import DistillError
-from pipeline.task import Task, load_task
+from pipeline.task import load_task
 
 log = logging.getLogger(__name__)
 
 NAME = "curate"
 # max_seq_len: the length filter; the held-out file's prompt field: what is kept out of training
-READS = ("model.base", "model.chat_template", "curate", "train.max_seq_len", "eval.file_prompt_field")
+READS = ("model.base", "model.chat_template", "model.student_input", "curate", "train.max_seq_len",
+         "eval.file_prompt_field")
 UPSTREAM = ("capture",)
 RESUMABLE = False
 ALL_RANKS = False
 SYSTEM_METRICS = False
 FIGURE = "lengths.png"
 CARD = "card.md"
-COLUMNS = ("id", "prompt", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence",
+COLUMNS = ("id", "messages", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence",
            "teacher_label_probs")
 
 
@@ -86,6 +95,7 @@ class Curated:
     notes: list[str]
     pii_counts: Counter | None
     normalised: list[dict]
+    view: StudentView
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
@@ -94,17 +104,20 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     check_recipe_models(recipe)
     task = load_task(inputs["task"])
     raw = read_jsonl(inputs["capture"] / CAPTURE_RECORDS)
-    eval_prompts = load_eval_prompts(inputs["eval_file"], recipe.eval.file_prompt_field) if "eval_file" in inputs else None
+    held_out = (load_eval_conversations(inputs["eval_file"], recipe.eval.file_prompt_field)
+                if "eval_file" in inputs else None)
     frozen = load_frozen_test(inputs["frozen_test"]) if "frozen_test" in inputs else None
-    result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), eval_prompts, frozen))
+    result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), held_out, frozen))
     _check_enough(result, len(raw), recipe.curate.min_examples)
 
     _save(result.splits, out)
     plot_lengths(result.normalised, [ex for s in SPLITS for ex in result.splits[s]], out / FIGURE)
     card = render_card(task_name=task.name, raw=raw, steps=result.steps,
                        labels_before=Counter(ex["label"] for ex in result.normalised), splits=result.splits,
-                       pii_counts=result.pii_counts, figures=[FIGURE], notes=result.notes)
+                       pii_counts=result.pii_counts, figures=[FIGURE], notes=result.notes, view=result.view)
     atomic_write_text(out / CARD, card)
+    write_student_view(out, result.view)
+    log.info("curate: the student reads %s (%s)", result.view.shape, result.view.reason)
 
     counts = {"input": len(raw), "kept": _kept(result), **{s: len(result.splits[s]) for s in SPLITS}}
     counts.update({f"removed_{k}": v for k, v in removed_counts(result.steps).items()})
@@ -118,6 +131,10 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
 def curate_records(raw: list[dict], ctx: CurateContext, registry: tuple[CurateStep, ...] = STEPS) -> Curated:
     """The registry's steps on capture records, then the split and the test-vs-train
     decontamination; no file is read or written here."""
+    if ctx.view is None:
+        ctx = replace(ctx, view=resolve_view(raw, ctx.student_input))
+    for ex in ctx.frozen_test or ():
+        with_student_view(ex, ctx.shape)
     trail: list[StepRecord] = []
     notes: list[str] = []
     pii_counts, normalised = None, None
@@ -137,7 +154,12 @@ def curate_records(raw: list[dict], ctx: CurateContext, registry: tuple[CurateSt
     test = decontaminate_test(splits, ctx)
     _record(trail, TEST_DECONTAMINATION, len(splits["test"]), test)
     splits["test"] = test.kept
-    return Curated(splits, trail, notes, pii_counts, normalised or [])
+    return Curated(splits, trail, notes, pii_counts, normalised or [], ctx.view)
+
+
+def resolve_view(raw: list[dict], requested: StudentInput) -> StudentView:
+    """`model.student_input` over the records' conversations, their text normalised as the steps will."""
+    return resolve_student_input(requested, [read_conversation(r)[0] for r in raw])
 
 
 def _record(trail: list[StepRecord], name: str, n_in: int, result: StepResult) -> None:
@@ -156,11 +178,13 @@ def _tokenizer(recipe: Recipe):
     return load_tokenizer(recipe.model.base, recipe.model.chat_template)
 
 
-def load_eval_prompts(path: Path, prompt_field: str) -> list[str]:
-    """Normalised prompts of the held-out file (`eval.file`), read exactly as evaluate reads them."""
+def load_eval_conversations(path: Path, prompt_field: str) -> list[list[dict]]:
+    """The held-out file's conversations (`eval.file`) read exactly as evaluate reads them, their
+    text normalised as the steps normalise the records'."""
     from pipeline.evaluation.heldout import read_heldout
 
-    return [normalize_text(row["prompt"]) for row in read_heldout(path, prompt_field, None)]
+    return [[{"role": m["role"], "content": normalize_text(m["content"])} for m in row["messages"]]
+            for row in read_heldout(path, prompt_field, None)]
 
 
 def load_frozen_test(path: Path) -> list[dict]:
@@ -168,9 +192,10 @@ def load_frozen_test(path: Path) -> list[dict]:
     examples = []
     for lineno, record in iter_jsonl(path):
         try:
-            user, answer = (m["content"] for m in record["messages"])
+            split_answer(record["messages"])
+            messages, answer = read_conversation(record)
             meta = record["meta"]
-            examples.append({"id": record["id"], "prompt": user, "completion": answer,
+            examples.append({"id": record["id"], "messages": messages, "completion": answer,
                              **{c: meta[c] for c in COLUMNS[3:-1]},
                              "teacher_label_probs": meta.get("teacher_label_probs", "")})
         except (KeyError, TypeError, ValueError) as err:
@@ -198,8 +223,8 @@ def _save(splits: dict[str, list[dict]], out: Path) -> None:
     from datasets import Dataset, DatasetDict, Features, Value
 
     features = Features({
-        **{c: Value("string") for c in ("id", "prompt", "completion", "label", "gold", "teacher",
-                                        "teacher_label_probs")},
+        **{c: Value("string") for c in ("id", "completion", "label", "gold", "teacher", "teacher_label_probs")},
+        "messages": [{"role": Value("string"), "content": Value("string")}],
         "teacher_logprob": Value("float64"),
         "confidence": Value("float64"),
     })
@@ -213,9 +238,10 @@ def _save(splits: dict[str, list[dict]], out: Path) -> None:
 
 
 def to_chat_record(ex: dict) -> dict:
+    """A curated example as a capture record: the conversation as sent, the answer it trains on."""
     return {
         "id": ex["id"],
-        "messages": Task.student_example(ex["prompt"], ex["completion"]),
+        "messages": [*ex["messages"], {"role": "assistant", "content": ex["completion"]}],
         "meta": {"label": ex["label"], "gold": ex["gold"], "teacher": ex["teacher"],
                  "teacher_logprob": ex["teacher_logprob"], "confidence": ex["confidence"],
                  "teacher_label_probs": ex["teacher_label_probs"]},

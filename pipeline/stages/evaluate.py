@@ -4,7 +4,8 @@
 
 Three systems answer the same held-out prompts: the base student with the task's
 instructions (`eval.base_prompt`; decoding constrained to the label set on a classification
-task, as the local teacher does), the tuned student exactly as served (user message only),
+task, as the local teacher does), the tuned student exactly as served (what it sees of each
+conversation, in the shape curate resolved: `student_input.json`, recorded in the policy),
 and the teacher (its captured answers). Each is scored against the teacher and, where the
 data has them, against gold labels; every headline figure carries a bootstrap 95% CI.
 
@@ -30,6 +31,7 @@ from pipeline.artifacts import (
     sha256_json,
 )
 from pipeline.config import Recipe
+from pipeline.conversation import StudentView, read_student_view
 from pipeline.errors import DistillError
 from pipeline.evaluation.answering import Answers, answer_all
 from pipeline.evaluation.cost import cost_figures, priced_as_api
@@ -68,6 +70,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
 
     task = load_task(inputs["task"])
     _check_recipe_fits_task(recipe, task)
+    view = read_student_view(inputs["curate"])
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
     test = list(dataset["test"])[: recipe.eval.limit]
     validation = list(dataset["validation"])[: recipe.eval.limit]
@@ -77,18 +80,20 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     plan = device_plan()
     base = load_model(recipe.model.base, plan).eval()
 
-    base_answers = answer_all(base, tokenizer, test, recipe, task, "base student", base_prompt=recipe.eval.base_prompt)
+    shape = view.shape
+    base_answers = answer_all(base, tokenizer, test, recipe, task, "base student", shape,
+                              base_prompt=recipe.eval.base_prompt)
     tuned = PeftModel.from_pretrained(base, str(inputs["finetune"] / FINETUNE_ADAPTER)).eval()
-    tuned_answers = answer_all(tuned, tokenizer, test, recipe, task, "tuned student")
-    val_answers = answer_all(tuned, tokenizer, validation, recipe, task, "tuned (validation)")
+    tuned_answers = answer_all(tuned, tokenizer, test, recipe, task, "tuned student", shape)
+    val_answers = answer_all(tuned, tokenizer, validation, recipe, task, "tuned (validation)", shape)
 
     result = assess(recipe, task, test, validation, base_answers, tuned_answers, val_answers,
-                    read_jsonl(inputs["capture"] / CAPTURE_RECORDS), record_token_counter(tokenizer))
+                    read_jsonl(inputs["capture"] / CAPTURE_RECORDS), view, record_token_counter(tokenizer))
     spent = 0.0
     if recipe.eval.judge is not None and task.kind == "generation":
         spent += judge_test(recipe, task, result)
     if "eval_file" in inputs:
-        spent += assess_heldout(recipe, task, inputs["eval_file"], tuned, tokenizer, result)
+        spent += assess_heldout(recipe, task, inputs["eval_file"], tuned, tokenizer, result, shape)
     trained = read_manifest(inputs["finetune"])
     adapter_sha = sha256_json(trained.outputs)
     result["base_weights"] = base_weights(trained.metrics.get("base_4bit"), plan.dtype_name)
@@ -112,13 +117,15 @@ def base_weights(trained_4bit: float | None, evaluated_dtype: str) -> dict:
 
 def judge_test(recipe: Recipe, task: Task, result: dict) -> float:
     """Pairwise LLM judge, tuned student vs teacher on the test split; returns what it cost."""
+    from pipeline.conversation import conversation_of, transcript
     from pipeline.evaluation.judge import judge_figures, pairwise
     from pipeline.teachers.service import TeacherService
 
     service = TeacherService.from_config(recipe.eval.judge, recipe.capture.cache, progress="evaluate (judge)")
     try:
         rows = result["test"]
-        outcomes, verdicts = pairwise(service, [r["prompt"] for r in rows], [a.text for a in result["tuned"]],
+        outcomes, verdicts = pairwise(service, [transcript(conversation_of(r)) for r in rows],
+                                      [a.text for a in result["tuned"]],
                                       [r["completion"] for r in rows], recipe.eval.judge_rubric)
         spent = service.report.spent_usd
     finally:
@@ -131,7 +138,7 @@ def judge_test(recipe: Recipe, task: Task, result: dict) -> float:
     return spent
 
 
-def assess_heldout(recipe: Recipe, task: Task, path: Path, tuned, tokenizer, result: dict) -> float:
+def assess_heldout(recipe: Recipe, task: Task, path: Path, tuned, tokenizer, result: dict, shape: str) -> float:
     """The same three systems and the chosen policy on the user's own file; figures prefixed file_.
     Returns what the teacher's answers cost. `tuned` wraps `base`, so the base student answers
     with the adapter disabled."""
@@ -140,9 +147,9 @@ def assess_heldout(recipe: Recipe, task: Task, path: Path, tuned, tokenizer, res
     rows = read_heldout(path, recipe.eval.file_prompt_field, recipe.eval.file_gold_field)
     rows, spent = teacher_answers(recipe, task, rows)
     with tuned.disable_adapter():
-        base_answers = answer_all(tuned, tokenizer, rows, recipe, task, "base (eval.file)",
+        base_answers = answer_all(tuned, tokenizer, rows, recipe, task, "base (eval.file)", shape,
                                   base_prompt=recipe.eval.base_prompt)
-    tuned_answers = answer_all(tuned, tokenizer, rows, recipe, task, "tuned (eval.file)")
+    tuned_answers = answer_all(tuned, tokenizer, rows, recipe, task, "tuned (eval.file)", shape)
     reps, seed = recipe.eval.bootstrap, recipe.eval.seed
     figures, _ = quality_figures(task, rows, base_answers.completions, tuned_answers.completions, reps, seed)
     agree = [agrees(task, a.text, r["completion"]) for a, r in zip(tuned_answers.completions, rows)]
@@ -179,10 +186,10 @@ def record_token_counter(tokenizer):
 
 
 def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict], base: Answers, tuned: Answers,
-           val: Answers, records: list[dict], count_tokens=None) -> dict:
+           val: Answers, records: list[dict], view: StudentView, count_tokens=None) -> dict:
     reps, seed = recipe.eval.bootstrap, recipe.eval.seed
     figures, detail = quality_figures(task, test, base.completions, tuned.completions, reps, seed)
-    routed = routing(recipe, task, test, validation, tuned.completions, val.completions)
+    routed = routing(recipe, task, test, validation, tuned.completions, val.completions, view.shape)
     choice, expected, confirmed = routed.choice, routed.expected, routed.confirmed
     figures.update(confirmed)
     # What `distill sweep` chooses on: the tuned student's agreement on validation, never test.
@@ -212,7 +219,7 @@ def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict],
         flat[f"tuned_agreement_top{share}pct"] = agreement_at_coverage(chosen_curve, share / 100)
     return {"figures": figures, "detail": detail, "choice": choice, "expected": expected, "confirmed": confirmed,
             "signals": signals, "cost": money, "flat": flat, "on_test": routed.on_test, "chosen_on": routed.chosen_on,
-            "test": test, "validation": validation,
+            "test": test, "validation": validation, "view": view,
             "base": base.completions, "tuned": tuned.completions, "validation_answers": val.completions}
 
 

@@ -42,8 +42,9 @@ from pipeline.artifacts import (
     sha256_json,
 )
 from pipeline.config import Recipe
+from pipeline.conversation import conversation_of, read_student_view, student_messages
 from pipeline.errors import DistillError
-from pipeline.task import Task, load_task
+from pipeline.task import load_task
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,13 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         installed_llama_cpp()  # before minutes of merging: the gguf extra must be there
     task = load_task(inputs["task"])
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
-    verify = [Task.student_messages(r["prompt"]) for r in list(dataset["validation"])[: cfg.verify_prompts]]
+    shape = read_student_view(inputs["curate"]).shape
+    verify = [student_messages(conversation_of(r), shape) for r in list(dataset["validation"])[: cfg.verify_prompts]]
     test = list(dataset["test"])[: cfg.parity_limit]
     if not test:
         raise DistillError("export: the test split is empty, so no artifact can be re-scored")
-    rows, counts, modelfile, verify_figures = build_artifacts(recipe, inputs, out, verify, test, task)
+    convs = [student_messages(conversation_of(r), shape) for r in test]
+    rows, counts, modelfile, verify_figures = build_artifacts(recipe, inputs, out, verify, test, convs, task)
     tracker.metrics(verify_figures)
 
     meta = {"test_examples": len(test), "tolerance": cfg.parity_tolerance, "batch_size": cfg.batch_size,
@@ -94,7 +97,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     versions = register(recipe, inputs, out, rows, tracker) if cfg.registry else {}
     counts["registered_versions"] = len(versions)
     metrics = {**verify_figures, **{f"{r.artifact}_agreement": r.agreement["value"] for r in rows if r.agreement}}
-    return Manifest(stage=NAME, counts=counts, metrics=metrics, notes=notes)
+    return Manifest(stage=NAME, counts=counts, metrics=metrics, notes=notes, student_input=shape)
 
 
 def check_required(rows, require: list[str], table: Path) -> None:
@@ -105,8 +108,9 @@ def check_required(rows, require: list[str], table: Path) -> None:
                            f"(table: {table})")
 
 
-def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, test, task):
-    """Write every format and score it; returns the parity rows, counts and the Modelfile (or None).
+def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, test, convs, task):
+    """Write every format and score it on `convs` (the test rows as the student sees them); returns
+    the parity rows, counts and the Modelfile (or None).
     One copy of the model is in memory at a time: base + adapter until the merged folder is saved,
     then the reloaded merged model until the GGUF files are checked (without it)."""
     from peft import PeftModel
@@ -132,7 +136,6 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
 
     merged = export_merged(load_adapted, tokenizer, verify, cfg.verify_max_new_tokens, out, save_dtype,
                            cfg.verify_logprob_tolerance, cfg.verify_min_agreement)
-    convs = [Task.student_messages(r["prompt"]) for r in test]
     test_references = [r["completion"] for r in test]
     merged_row = ArtifactParity("merged", EXPORT_MERGED, _size(out / EXPORT_MERGED), runtime="transformers",
                                 verify_max_logprob_delta=merged.max_logprob_delta,

@@ -3,11 +3,14 @@
     distill finetune RECIPE         (make finetune RECIPE=smollm2-135m-cpu)
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m pipeline finetune RECIPE   (multi-GPU)
 
-Loss is on the completion only. Each curated row becomes a conversational prompt/completion
-pair that we tokenize here with the chat template (`tokenize_prompt_completion`): the
-prompt is rendered exactly as at inference (add_generation_prompt=True), the completion is
-what the template appends, cut after the end-of-turn token (the tokenizer's EOS), so the
-labels are the answer tokens plus EOS and nothing else. TRL turns `completion_mask` into
+Loss is on the final answer only. Each curated row becomes a conversational prompt/completion
+pair: the prompt is what the student sees of the conversation (`student_messages`, in the shape
+curate resolved: student_input.json), earlier assistant turns included as context, and the
+completion the teacher's final answer. We tokenize it here with the chat template
+(`tokenize_prompt_completion`): the prompt is rendered exactly as at inference
+(add_generation_prompt=True), the completion is what the template appends, cut after the
+end-of-turn token (the tokenizer's EOS), so the labels are the final answer's tokens plus EOS
+and nothing else: earlier answers are masked out. TRL turns `completion_mask` into
 labels. Before anything is loaded, a machine that would fail or crawl is refused (no CUDA for a
 QLoRA or 1B+ recipe, several GPUs without a launcher: llm.loading.check_training_device), and on
 CUDA the VRAM planner checks the recipe fits. After
@@ -27,10 +30,10 @@ from pathlib import Path
 
 from pipeline.artifacts import CURATED_DATASET, FINETUNE_ADAPTER, Manifest, write_jsonl
 from pipeline.config import LoraConfig, Recipe, TrainConfig
+from pipeline.conversation import Shape, conversation_of, read_student_view, student_messages
 from pipeline.distributed import accelerate_state
 from pipeline.errors import DistillError
 from pipeline.llm import soft_labels
-from pipeline.task import Task
 from pipeline.llm.loading import DevicePlan
 
 NAME = "finetune"
@@ -63,9 +66,11 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     plan = device_plan(want_4bit=cfg.quant.load_in_4bit, allow_cpu_4bit=cfg.quant.on_cpu == "run")
     planned = check_vram(recipe, plan) if plan.device == "cuda" else None
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
+    shape = read_student_view(inputs["curate"]).shape
     tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
-    train = tokenize_dataset(to_prompt_completion(dataset["train"]), tokenizer, cfg.max_seq_len, cfg.soft_labels)
-    validation = validation_set(dataset, tokenizer, cfg) if cfg.eval_steps else None
+    train = tokenize_dataset(to_prompt_completion(dataset["train"], shape), tokenizer, cfg.max_seq_len,
+                             cfg.soft_labels)
+    validation = validation_set(dataset, tokenizer, cfg, shape) if cfg.eval_steps else None
     # No peft.prepare_model_for_kbit_training for a 4-bit base: it upcasts embeddings, norms and
     # lm_head to fp32, and 4-bit layers return their input's dtype, so the whole residual stream
     # would run fp32 under bf16 (twice the activation memory the planner assumes, slower steps).
@@ -128,7 +133,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     tracker.metrics(metrics)
     tracker.artifact(out / FINETUNE_ADAPTER, FINETUNE_ADAPTER)
 
-    stops = eos_check(trainer.model, tokenizer, dataset["validation"], cfg, out / FINETUNE_ADAPTER)
+    stops = eos_check(trainer.model, tokenizer, dataset["validation"], cfg, out / FINETUNE_ADAPTER, shape)
     tracker.metrics({"eos_stop_rate": stops})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter is the product
     counts = {"train_examples": len(train), "steps": result.global_step, "tokens": trainer.state.num_input_tokens_seen}
@@ -138,13 +143,14 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
 # ---------------------------------------------------------------- data
 
 
-def to_prompt_completion(split):
-    """Curated rows -> TRL conversational prompt/completion (loss on the completion only).
+def to_prompt_completion(split, shape: Shape):
+    """Curated rows -> TRL conversational prompt/completion (loss on the completion only): the
+    prompt is what the student sees of the row's conversation, in `shape`.
 
     In memory: a cache file beside the curated data would change an upstream artifact."""
     return split.map(
         lambda ex: {
-            "prompt": Task.student_messages(ex["prompt"]),
+            "prompt": student_messages(conversation_of(ex), shape),
             "completion": [{"role": "assistant", "content": ex["completion"]}],
             "label_probs": ex.get("teacher_label_probs") or "",  # curated datasets before soft labels: none
         },
@@ -201,12 +207,12 @@ def soft_targets(tokenizer, ex: dict, row: dict, max_len: int, weight: float) ->
     return {soft_labels.SOFT_IDS: ids, soft_labels.SOFT_PROBS: targets}
 
 
-def validation_set(dataset, tokenizer, cfg: TrainConfig):
+def validation_set(dataset, tokenizer, cfg: TrainConfig, shape: Shape):
     """The validation split, tokenized as training is, for train.eval_steps."""
     if "validation" not in dataset or not len(dataset["validation"]):
         raise DistillError("finetune: train.eval_steps is set but the curated dataset has no validation examples; "
                            "unset it or give curate enough data for a validation split")
-    return tokenize_dataset(to_prompt_completion(dataset["validation"]), tokenizer, cfg.max_seq_len)
+    return tokenize_dataset(to_prompt_completion(dataset["validation"], shape), tokenizer, cfg.max_seq_len)
 
 
 def tokenize_dataset(pairs, tokenizer, max_len: int, soft_weight: float = 0.0):
@@ -341,7 +347,7 @@ def check_vram(recipe: Recipe, plan: DevicePlan) -> float:
     return est.total
 
 
-def eos_check(model, tokenizer, validation, cfg: TrainConfig, adapter: Path) -> float:
+def eos_check(model, tokenizer, validation, cfg: TrainConfig, adapter: Path, shape: Shape) -> float:
     """Greedy answers to a few validation prompts must end with EOS within the expected length.
 
     Expected length: twice the longest reference answer (with its EOS) plus 8 tokens. A student
@@ -355,7 +361,7 @@ def eos_check(model, tokenizer, validation, cfg: TrainConfig, adapter: Path) -> 
     longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
     limit = 2 * longest + 8
     model.eval()
-    gens = generate_batch(model, tokenizer, [Task.student_messages(r["prompt"]) for r in rows], limit)
+    gens = generate_batch(model, tokenizer, [student_messages(conversation_of(r), shape) for r in rows], limit)
     stopped = [g for g in gens if g.stopped]
     rate = len(stopped) / len(gens)
     if rate < 1.0:

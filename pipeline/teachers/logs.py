@@ -1,95 +1,195 @@
 """`logs:<path>`: import answers the user already has; no API calls, no cost.
 
     distill capture RECIPE teacher.spec=logs:exports/chat.jsonl
+    distill capture RECIPE teacher.spec=logs:batch_input.jsonl+batch_output.jsonl
     distill capture RECIPE teacher.spec=logs:support.csv teacher.prompt_col=message teacher.label_col=intent
     distill capture RECIPE teacher.spec=logs:PolyAI/banking77 teacher.prompt_col=text teacher.label_col=label
 
-Two shapes, told apart per record:
-- OpenAI chat format (stored completions, fine-tuning files): `{"messages": [..., user, assistant]}`.
-  The last assistant turn is the answer, the user turn before it the prompt.
-- A table (CSV, JSONL, Parquet, or a hub dataset id / dataset folder read with
-  `datasets.load_dataset`, its train split) with a prompt column and a label column. A
-  `ClassLabel` column (hub datasets store labels as integers) is read as the label's name.
+Every record keeps the whole conversation as it was sent (system or developer, user and earlier
+assistant turns) and the final assistant turn as the answer. Shapes, told apart per record:
 
-A record with no answer is rejected, not guessed at: the count and the first line numbers
-are reported, and only when nothing is left does the import fail.
+- OpenAI chat format (chat logs, stored completions, fine-tuning files, Distill's own capture
+  records and escalation logs): `{"messages": [..., user, assistant]}`. Text content parts are
+  joined; the request parameters that change the answer (`response_format`, `max_tokens`, ...)
+  are kept from the row (or its `meta.request`) in the record's `meta.request`.
+- ShareGPT: `{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}` (role/content
+  turns under `conversations` read too).
+- An OpenAI Batch API pair, `logs:<input>.jsonl+<output>.jsonl` in either order: the input file's
+  requests (`custom_id`, `body.messages`) joined with the output file's answers by `custom_id`.
+- A table (CSV, JSONL, Parquet, or a hub dataset id / dataset folder read with `datasets`, its
+  train split) with a prompt column and a label column; a `ClassLabel` column (hub datasets
+  store labels as integers) is read as the label's name. A dataset with a `messages` column is
+  read as chat records.
+
+A record that cannot be used is rejected, not guessed at: each is counted with its line and
+reason; conversations with tool calls, images, audio or files are counted per kind ("skipped 3
+records: tool calls are not supported"). Only when nothing is left does the import fail.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from pipeline.conversation import Unsupported, read_messages, request_params, skipped_lines, split_answer, user_turn
 from pipeline.errors import DistillError
 from pipeline.teachers.sources import read_rows
 
 SHOWN_REJECTS = 5
+BATCH_JOIN = "+"
+# ShareGPT speaker names -> chat roles; tool speakers are named so they are counted, not misread.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
+SHAREGPT_TOOLS = ("function_call", "function_response", "observation", "tool", "function")
 
 
 @dataclass
 class LogRecord:
     where: str
     id: str
-    prompt: str
+    messages: list[dict[str, str]]  # the conversation before the answer, as it was sent
     answer: str
+    request: dict[str, Any]  # meta.request: the sent parameters that change the answer
     row: dict[str, Any]
 
 
 @dataclass
 class LogImport:
     records: list[LogRecord] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (where, why), unsupported content included
+    unsupported: Counter = field(default_factory=Counter)  # kind ("tool calls", "images", ...) -> records
 
     def rejected_summary(self) -> str:
         shown = ", ".join(f"{where} ({why})" for where, why in self.rejected[:SHOWN_REJECTS])
         more = f" and {len(self.rejected) - SHOWN_REJECTS} more" if len(self.rejected) > SHOWN_REJECTS else ""
-        return f"{len(self.rejected)} log records rejected with no usable answer: {shown}{more}"
+        return f"{len(self.rejected)} log records rejected: {shown}{more}"
+
+
+def log_files(ref: str) -> list[Path]:
+    """The files a `logs:` spec names: one, or an OpenAI Batch input+output pair."""
+    path = Path(ref)
+    if BATCH_JOIN in ref and not path.exists():
+        return [Path(p) for p in ref.split(BATCH_JOIN)]
+    return [path]
 
 
 def import_logs(path: Path | str, prompt_col: str, label_col: str, split: str = "train") -> LogImport:
+    files = log_files(str(path))
+    rows = _batch_rows(files) if len(files) > 1 else _plain_rows(path, split)
     result = LogImport()
-    for n, (where, row) in enumerate(read_rows(path, split), start=1):
-        prompt, answer, why = (_from_chat(row) if "messages" in row else _from_columns(row, prompt_col, label_col))
-        if why:
-            result.rejected.append((where, why))
+    for n, (where, row, why) in enumerate(rows, start=1):
+        try:
+            if why:
+                raise ValueError(why)
+            messages, answer, request = _read_row(row, prompt_col, label_col)
+        except Unsupported as err:
+            result.unsupported[err.kind] += 1
+            result.rejected.append((where, str(err)))
+            continue
+        except ValueError as err:
+            result.rejected.append((where, str(err)))
             continue
         record_id = str(row["id"]) if row.get("id") is not None else f"l{n:06d}"
-        result.records.append(LogRecord(where, record_id, prompt, answer, row))
+        result.records.append(LogRecord(where, record_id, messages, answer, request, row))
     if not result.records:
-        detail = result.rejected_summary() if result.rejected else "it is empty"
+        detail = "; ".join([result.rejected_summary(), *skipped_lines(result.unsupported)]) if result.rejected \
+            else "it holds no records"
         raise DistillError(f"{path}: no usable log records; {detail}")
     return result
 
 
-def _from_chat(row: dict) -> tuple[str, str, str | None]:
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        return "", "", "messages is not a list of turns"
-    last = messages[-1]
-    if last.get("role") != "assistant" or not _text(last.get("content")):
-        return "", "", "does not end in an assistant answer"
-    users = [m for m in messages[:-1] if m.get("role") == "user" and _text(m.get("content"))]
-    if not users:
-        return "", "", "no user turn before the answer"
-    return _text(users[-1]["content"]), _text(last["content"]), None
+def _plain_rows(path: Path | str, split: str) -> Iterator[tuple[str, dict, str | None]]:
+    for where, row in read_rows(path, split):
+        if "custom_id" in row and ("body" in row or "response" in row):
+            raise DistillError(f"{where}: an OpenAI Batch API file; import its input and output together: "
+                               f"teacher.spec=logs:<input>.jsonl{BATCH_JOIN}<output>.jsonl")
+        yield where, row, None
 
 
-def _from_columns(row: dict, prompt_col: str, label_col: str) -> tuple[str, str, str | None]:
-    prompt, answer = _text(row.get(prompt_col)), _text(row.get(label_col))
-    if not prompt:
-        return "", "", f"no '{prompt_col}'"
-    if not answer:
-        return "", "", f"no '{label_col}'"
-    return prompt, answer, None
+def _read_row(row: dict, prompt_col: str, label_col: str) -> tuple[list[dict], str, dict]:
+    """(conversation before the answer, answer, request params) of one row, or ValueError / Unsupported."""
+    if row.get("messages") is not None:
+        turns = row["messages"]
+    elif row.get("conversations") is not None:
+        turns = _sharegpt(row["conversations"])
+    else:
+        return _from_columns(row, prompt_col, label_col)
+    context, answer = split_answer(read_messages(turns))
+    if not answer.strip():
+        raise ValueError("the assistant answer is empty")
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    return context, answer, {**request_params(row), **request_params(meta.get("request") or {})}
 
 
-def _text(content: Any) -> str:
-    """Chat content is a string or a list of parts ({"type": "text", "text": ...})."""
-    if isinstance(content, str):
-        return content.strip()
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text").strip()
-    if content is None:
-        return ""
-    return str(content).strip()
+def _sharegpt(turns: Any) -> list[dict]:
+    """ShareGPT turns -> OpenAI turns (role/content turns pass through)."""
+    if not isinstance(turns, list):
+        raise ValueError("conversations is not a list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and "from" in turn:
+            speaker = turn["from"]
+            if speaker in SHAREGPT_TOOLS:
+                raise Unsupported("tool calls")
+            if speaker not in SHAREGPT_ROLES:
+                raise ValueError(f"turn {i} is from {speaker!r}, not one of {', '.join(SHAREGPT_ROLES)}")
+            out.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+        else:
+            out.append(turn)
+    return out
+
+
+def _from_columns(row: dict, prompt_col: str, label_col: str) -> tuple[list[dict], str, dict]:
+    prompt, answer = _cell(row.get(prompt_col)), _cell(row.get(label_col))
+    if not prompt.strip():
+        raise ValueError(f"no '{prompt_col}'")
+    if not answer.strip():
+        raise ValueError(f"no '{label_col}'")
+    return user_turn(prompt), answer, {}
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else value if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------- OpenAI Batch API pairs
+
+
+def _batch_rows(files: list[Path]) -> Iterator[tuple[str, dict, str | None]]:
+    """Each request of the input file as a chat row (its messages plus the output file's answer,
+    joined by custom_id; its body's parameters at the top level), at its input line. A request
+    without a usable answer comes with the reason, so it is counted against that line."""
+    if len(files) != 2:
+        raise DistillError(f"{BATCH_JOIN.join(map(str, files))}: a Batch API import names two files, "
+                           f"<input>.jsonl{BATCH_JOIN}<output>.jsonl")
+    for f in files:
+        if not f.is_file():
+            raise DistillError(f"{f}: file not found")
+    first = next(iter(read_rows(files[0])), (None, {}))[1]
+    inputs, outputs = files if "body" in first else files[::-1]
+    answers = {str(row.get("custom_id")): (where, row) for where, row in read_rows(outputs)}
+    for where, request in read_rows(inputs):
+        if "body" not in request or "custom_id" not in request:
+            raise DistillError(f"{where}: not an OpenAI Batch API request line (want custom_id and body)")
+        row, why = _joined(request, answers.get(str(request["custom_id"])))
+        yield where, row, why
+
+
+def _joined(request: dict, answered: tuple[str, dict] | None) -> tuple[dict, str | None]:
+    body = request["body"] if isinstance(request["body"], dict) else {}
+    row = {"id": request["custom_id"], **request_params(body)}
+    if not str(request.get("url", "/v1/chat/completions")).endswith("/chat/completions"):
+        return row, f"a {request.get('url')} request, not chat completions"
+    if answered is None:
+        return row, f"custom_id {request['custom_id']!r} has no line in the output file"
+    where, out = answered
+    response = out.get("response") or {}
+    if out.get("error") or response.get("status_code") != 200:
+        why = (out.get("error") or {}).get("message") or f"status {response.get('status_code')}"
+        return row, f"the batch request failed ({why}; {where})"
+    choices = (response.get("body") or {}).get("choices") or []
+    if not choices or not isinstance(choices[0].get("message"), dict):
+        return row, f"no answer in {where}"
+    return {**row, "messages": [*(body.get("messages") or []), choices[0]["message"]]}, None

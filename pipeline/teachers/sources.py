@@ -1,6 +1,7 @@
-"""Read prompt and log tables: JSONL, CSV, Parquet, or anything `datasets.load_dataset` reads
-(a hub id such as `PolyAI/banking77`, which needs the hub: offline, the error says to pass a file);
-a table at an https:// URL is downloaded once into DISTILL_CACHE/downloads (`fetch`).
+"""Read prompt and log tables: JSONL, CSV, Parquet, a folder `datasets` saved with `save_to_disk`,
+or anything `datasets.load_dataset` reads (a hub id such as `PolyAI/banking77`, which needs the
+hub: offline, the error says to pass a file); a table at an https:// URL is downloaded once into
+DISTILL_CACHE/downloads (`fetch`).
 
 Used by the capture stage (`distill capture RECIPE`). Every row comes with where it came
 from (`file:line` for JSONL and CSV, `file row N` otherwise) so an error can point at it.
@@ -160,7 +161,13 @@ def _datasets_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
     import datasets
 
     try:
-        if source.endswith(".json"):
+        if _saved_dataset(Path(source)):
+            data = datasets.load_from_disk(source)
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise DistillError(f"{source}: no split '{split}' (it has {', '.join(data)})")
+                data = data[split]
+        elif source.endswith(".json"):
             data = datasets.load_dataset("json", data_files=source, split=split)
         else:
             data = datasets.load_dataset(source, split=split)
@@ -175,6 +182,11 @@ def _datasets_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
     names = class_label_names(data.features)
     for i, record in enumerate(data, start=1):
         yield f"{source} row {i}", _with_label_names(record, names)
+
+
+def _saved_dataset(path: Path) -> bool:
+    """A folder `Dataset.save_to_disk` / `DatasetDict.save_to_disk` wrote (load_dataset cannot read it)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
 def class_label_names(features) -> dict[str, list[str]]:
