@@ -7,7 +7,12 @@ Card and IBAN candidates are checksum-verified (Luhn, ISO 13616 mod 97 plus the 
 format, both by python-stdnum) so that order numbers and other long digit runs are left
 alone. Phones stay a pattern plus a digit count: `phonenumbers` needs a region to guess and
 rejects numbers it cannot place (fictional 555 numbers, unknown regions), which for a
-scrubber means more leaks, not fewer.
+scrubber means more leaks, not fewer. API keys and tokens pasted into a message are caught by
+their providers' published prefixes (OpenAI `sk-`/`sk-proj-`, Anthropic `sk-ant-`, AWS
+`AKIA`, GitHub `ghp_`/`github_pat_`, Slack `xox?-`, Google `AIza`) followed by a long key body.
+
+The router scrubs its escalation and proxy logs with this same function before writing
+(`serve.scrub_pii`), so a record never holds the raw text on disk either.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
 CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 PHONE = re.compile(r"(?<![\w+])(?:\+|\(\d)?[\d(][\d ().-]{6,}\d(?!\w)")
-PLACEHOLDERS = {"email": "[EMAIL]", "iban": "[IBAN]", "card": "[CARD]", "phone": "[PHONE]"}
+SECRET = re.compile(r"(?<![\w-])(?:sk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}"
+                    r"|ghp_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|xox[abprs]-[A-Za-z0-9-]{10,}"
+                    r"|AIza[0-9A-Za-z_-]{35})")
+PLACEHOLDERS = {"email": "[EMAIL]", "iban": "[IBAN]", "card": "[CARD]", "phone": "[PHONE]", "secret": "[SECRET]"}
 
 
 def luhn_valid(number: str) -> bool:
@@ -48,6 +56,7 @@ def _phone_like(candidate: str) -> bool:
 def scrub(text: str, counts: Counter) -> str:
     """Replace PII in text, adding one count per replacement to `counts` (keyed by type)."""
     rules = (
+        ("secret", SECRET, None),  # first: a key's digits must not be read as a phone number
         ("email", EMAIL, None),
         ("iban", IBAN, iban_valid),
         ("card", CARD, luhn_valid),

@@ -4,27 +4,23 @@
     distill capture RECIPE teacher.spec=logs:.distill/escalations.jsonl   (imports it)
 
 Records use the capture record format (`{"id", "messages": [user, assistant], "meta"}`), so
-`logs:` imports them with zero rejects and the next `make distill` learns from them. Each
-record is flushed as it is written (a crash loses at most the line in flight); the file is
-rotated to `<name>.1` past ROTATE_BYTES. Nothing secret is written: no headers, no keys, only
-the user's last message, the answers and routing facts.
+`logs:` imports them with zero rejects and the next `make distill` learns from them. How the
+file is written (one write per record, torn lines repaired, 0600, rotation that never
+overwrites, personal data scrubbed, a full disk never failing the request) is record_log.py's.
+Nothing secret is written: no headers, no keys, only the user's last message, the answers and
+routing facts.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import sha256_json
 from pipeline.llm.completion import Completion
+from pipeline.router.record_log import RecordLog
 from pipeline.task import Task
-
-ROTATE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,32 +61,12 @@ class Escalation:
         return {"id": self.request_id, "messages": Task.student_example(self.prompt, self.teacher.text), "meta": meta}
 
 
-class EscalationLog:
-    """Append-only JSONL, one record per teacher answer; safe from several threads."""
+class EscalationLog(RecordLog):
+    """One record per teacher answer (record_log.RecordLog writes it); safe from several threads."""
 
-    def __init__(self, path: Path, rotate_bytes: int = ROTATE_BYTES):
-        self.path = Path(path)
-        self.rotate_bytes = rotate_bytes
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self.written = 0
-
-    def append(self, escalation: Escalation) -> None:
-        line = json.dumps(escalation.record(), ensure_ascii=False) + "\n"
-        with self._lock:
-            self._maybe_rotate()
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()  # per record: a reader (or a crash) sees whole lines only
-            self.written += 1
-
-    def _maybe_rotate(self) -> None:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size >= self.rotate_bytes:
-            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+    def append(self, escalation: Escalation) -> bool:  # type: ignore[override]
+        """False when the record could not be written (counted in `failed`, logged); never raises."""
+        return super().append(escalation.record())
 
 
 def agrees(student: Completion, teacher: Completion) -> bool:

@@ -269,7 +269,7 @@ class Router:
 
     def _decide(self, ask: Ask, answer: Completion) -> Decision:
         decision = ask.policy.decide(answer)
-        self.metrics.decided(decision.route == "escalate", decision.score)
+        self.metrics.decided(decision.route == "escalate", decision.score, ask.policy.signal)
         return decision
 
     async def _student(self, student: Backend, ask: Ask) -> Completion:
@@ -280,8 +280,7 @@ class Router:
                     answer = await student.complete(ask.messages, ask.max_tokens)
                 else:
                     answer = await student.complete(ask.messages, ask.max_tokens, top_logprobs=ask.top_logprobs)
-        except TimeoutError:
-            self.metrics.errors.labels("student_deadline").inc()
+        except TimeoutError:  # counted once, as deadline_exceeded, where it is answered
             raise DeadlineExceeded("the student did not answer within serve.deadline_s") from None
         self.metrics.latency.labels("student").observe(time.monotonic() - started)
         self._count_tokens("student", answer)
