@@ -14,9 +14,11 @@ finished on its side, and a retry needs a reservation of its own. So the total c
 exceed the budget, whatever the concurrency or the faults.
 
 A ledger with a `store` file (the router's `serve.ledger`) starts from the spend recorded there
-and rewrites it (temp file, then rename) at every reservation and charge, counting reservations
-still in flight as spent: a server killed mid-call restarts owing what it may have been billed,
-so a budget holds across restarts.
+and rewrites it at every reservation and charge, counting reservations still in flight as spent:
+a server killed mid-call restarts owing what it may have been billed, so a budget holds across
+restarts. The record is fixed-width, rewritten in place by one pwrite (tens of microseconds on the
+event loop, where a temp file and a rename cost milliseconds per call): a process that dies
+leaves either the old record or the new one.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class Ledger:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._store_failed = False
+        self._store_fd: int | None = None
 
     def count_cached(self, cost_usd: float) -> None:
         """An answer found in the cache: paid on an earlier run, but still inside the budget."""
@@ -186,20 +189,29 @@ class Ledger:
         self._save()
         return cost
 
+    def close(self) -> None:
+        if self._store_fd is not None:
+            os.close(self._store_fd)
+            self._store_fd = None
+
     def _save(self) -> None:
         """What this ledger owes, reservations in flight included, written over the store."""
         if self.store is None:
             return
         owed = self.stored_usd + self.spent_usd + self.reserved_usd
-        tmp = self.store.with_name(f".{self.store.name}.tmp")
+        record = json.dumps({"spent_usd": owed}).ljust(STORE_WIDTH - 1).encode() + b"\n"
         try:
-            tmp.write_text(json.dumps({"spent_usd": owed}) + "\n")
-            os.replace(tmp, self.store)
+            if self._store_fd is None:
+                self._store_fd = os.open(self.store, os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(self._store_fd, record, 0)
         except OSError as err:
             if not self._store_failed:  # once: the budget still holds in this process
                 self._store_failed = True
                 log.error("cannot write the ledger %s (%s): spend since is not kept across a restart",
                           self.store, err.strerror)
+
+
+STORE_WIDTH = 64  # bytes of a ledger record, padded: every rewrite covers the whole of the last one
 
 
 def read_stored_spend(path: Path) -> float:

@@ -196,11 +196,14 @@ class TeacherService:
 
     async def aclose(self) -> None:
         await self.teacher.aclose()
-        self.cache.close()
+        self.close()
 
     def close(self) -> None:
-        """For answer_sync callers: their connections are already closed; this closes the cache."""
+        """For answer_sync callers: their connections are already closed; this closes the cache
+        (and the ledger's store)."""
         self.cache.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     # ------------------------------------------------------------ report
 
