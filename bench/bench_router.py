@@ -1,6 +1,6 @@
 """What the router adds on the request path, timed from the client over loopback HTTP.
 
-    .venv/bin/python bench/bench_router.py [--n 200] [--n-model 40] [--arms layer,escalation,model,batching] [--quick]
+    .venv/bin/python bench/bench_router.py [--n 200] [--n-model 40] [--arms layer,escalation,model,batching,proxy] [--quick]
 
 Each server runs in its own process (uvicorn, log level warning); the client is this process
 with one keep-alive httpx client per worker thread. Arms of one comparison are interleaved
@@ -16,6 +16,9 @@ request by request, so a busy minute on a shared machine hits both alike.
 (d) micro-batching: the tiny-model router with max_batch 4 vs 1 at concurrency 4, distinct
     prompts; throughput over alternating blocks of requests (arms cannot share a pool here:
     each must see 4 concurrent clients).
+(e) the capture proxy (`distill serve --teacher-only`): a multi-turn request through the proxy
+    (teacher service, capture log written per request) vs the same body posted to the fault
+    server directly; a new prompt each time (never a cache hit); concurrency 1.
 Writes bench/results/router.json (bench/harness.py: envelope with load average, affinity and
 versions; figures). --quick: 20 requests per arm for (b) and (c), 4 for (a) and (d).
 """
@@ -110,6 +113,17 @@ def _app(kind: str, arg: str | None):
         teacher = TeacherBackend(cfg, task, ":memory:")  # each request sends a new prompt: never a cache hit
         return create_app(ServeSettings(max_tokens=8), {MODEL: NullStudent()}, Policy(threshold=0.0),
                           teacher=teacher)
+    if kind == "proxy":
+        import tempfile
+
+        from pipeline.config import TeacherConfig
+        from pipeline.router.proxy import ProxyTeacher, create_proxy_app
+        from pipeline.router.record_log import RecordLog
+
+        work = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+        cfg = TeacherConfig(spec="openai:fault", base_url=arg, allow_unpriced=True, max_retries=0, logprobs=False)
+        teacher = ProxyTeacher(cfg, work / "cache.sqlite", ledger_path=work / "ledger.json")
+        return create_proxy_app(ServeSettings(max_tokens=8), teacher, RecordLog(work / "proxy.jsonl"))
     raise ValueError(kind)
 
 
@@ -296,20 +310,45 @@ def bench_escalation(n: int) -> dict:
             return {"concurrency_1": compare(interleaved(arms, n, 1), "router_escalated", "teacher_direct")}
 
 
+def bench_proxy(n: int) -> dict:
+    with FaultServer() as teacher:
+        counter = iter(range(10**9))
+
+        def conversation() -> list[dict]:
+            return [{"role": "system", "content": "You are Acme's support bot."},
+                    {"role": "user", "content": "My parcel never came."},
+                    {"role": "assistant", "content": "Sorry! What is the order number?"},
+                    {"role": "user", "content": f"It is A{next(counter)}."}]
+
+        def direct(http: httpx.Client) -> None:
+            body = {"model": "fault", "max_tokens": 6, "messages": conversation()}
+            http.post(f"{teacher.base_url}/chat/completions", json=body).raise_for_status()
+
+        with Server("proxy", teacher.base_url) as proxy:
+            def proxied(http: httpx.Client) -> None:
+                body = {"model": "fault", "max_tokens": 6, "messages": conversation()}
+                http.post(f"{proxy}/v1/chat/completions", json=body).raise_for_status()
+
+            arms = {"proxy": proxied, "teacher_direct": direct}
+            interleaved(arms, 10, 1)
+            return {"concurrency_1": compare(interleaved(arms, n, 1), "proxy", "teacher_direct")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=None, help="Requests per arm for (b) and (c) (default 200, quick 20).")
     parser.add_argument("--n-model", type=int, default=None,
                         help="Requests per arm for (a) (seconds each on a busy CPU; default 40, quick 4).")
-    parser.add_argument("--arms", default="layer,escalation,model,batching",
-                        help="which comparisons: layer (b), escalation (c), model (a), batching (d)")
+    parser.add_argument("--arms", default="layer,escalation,model,batching,proxy",
+                        help="which comparisons: layer (b), escalation (c), model (a), batching (d), proxy (e)")
     harness.add_arguments(parser)
     args = parser.parse_args()
     args.n = args.n or (20 if args.quick else 200)
     args.n_model = args.n_model or (4 if args.quick else 40)
     arms = set(args.arms.split(","))
-    if arms - {"layer", "escalation", "model", "batching"}:
-        parser.error(f"unknown arms: {sorted(arms - {'layer', 'escalation', 'model', 'batching'})}")
+    known = {"layer", "escalation", "model", "batching", "proxy"}
+    if arms - known:
+        parser.error(f"unknown arms: {sorted(arms - known)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
     load_before = os.getloadavg()
@@ -321,6 +360,8 @@ def main() -> None:
         result["b_router_layer"] = bench_layer(args.n)
     if "escalation" in arms:
         result["c_escalation"] = bench_escalation(args.n)
+    if "proxy" in arms:
+        result["e_proxy"] = bench_proxy(args.n)
     with tempfile.TemporaryDirectory() as work:
         if "model" in arms:
             result["a_router_vs_in_process"] = bench_model(args.n_model, Path(work))

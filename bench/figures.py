@@ -99,12 +99,35 @@ def router(r: dict) -> list[dict]:
         out += _latency("escalation", "router_escalated", "teacher_direct", r["c_escalation"], True)
     if "a_router_vs_in_process" in r:
         out += _latency("tiny model", "router_http", "generate_in_process", r["a_router_vs_in_process"], False)
+    if "e_proxy" in r:
+        out += _latency("capture proxy", "proxy", "teacher_direct", r["e_proxy"], True)
     if "d_micro_batching" in r:
         d = r["d_micro_batching"]
         rps = d["requests_per_s"]
         out.append(fig(f"micro-batching, concurrency {d['concurrency']}: max_batch 4 requests/s",
                        rps["max_batch_4"], "req/s", baseline=rps["max_batch_1"], baseline_name="max_batch 1",
                        headline=True, note=f"{d['requests_per_arm']} requests per arm"))
+    return out
+
+
+def router_soak(r: dict) -> list[dict]:
+    kinds = r["by_kind"]
+    what = f"{r['requests']:,} requests, {r['clients']} clients"
+    out = [fig(f"soak ({what}): valid requests answered 200", r["valid_latency_ms"]["n"] - r["valid_non_200"],
+               "requests", baseline=kinds["valid"] + kinds["escalating"], baseline_name="valid requests sent",
+               better="closer to 1x", headline=True),
+           fig(f"soak ({what}): valid p50 latency", r["valid_latency_ms"]["p50"], "ms", better="lower"),
+           fig(f"soak ({what}): valid p99 latency", r["valid_latency_ms"]["p99"], "ms", better="lower"),
+           fig(f"soak ({what}): escalation log records", r["log_records"], "records",
+               baseline=r["escalations_answered_by_teacher"], baseline_name="answers from the teacher",
+               better="closer to 1x", headline=True),
+           fig(f"soak ({what}): teacher spend", r["ledger_spent_usd"], "$", baseline=r["budget_usd"],
+               baseline_name="serve.budget_usd", better="lower")]
+    if "rss_mib" in r:
+        rss = r["rss_mib"]
+        out.append(fig(f"soak ({what}): server RSS at the end", rss["end"], "MiB", baseline=rss["after_warmup"],
+                       baseline_name=f"after {rss['warmup_requests']:,} requests", better="lower", headline=True,
+                       note=f"stated bound: growth <= {rss['bound']:g} MiB"))
     return out
 
 
@@ -282,7 +305,7 @@ def f16_reference(r: dict) -> list[dict]:
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
-    "serving": serving, "cost": cost, "f16_reference": f16_reference,
+    "serving": serving, "cost": cost, "f16_reference": f16_reference, "router_soak": router_soak,
 }
 
 

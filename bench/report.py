@@ -50,13 +50,14 @@ from figures import figures_for  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w.-]+):start -->.*?<!-- bench:(?P=name):end -->", re.S)
 NOT_RECORDED = "not recorded"
-ORDER = ("finetune", "local_teacher", "capture", "curate", "router", "loop_demo", "cost", "teacher_prompt", "gpu")
+ORDER = ("finetune", "local_teacher", "capture", "curate", "router", "router_soak", "loop_demo", "cost", "teacher_prompt", "gpu")
 WHAT = {
     "finetune": "CPU training throughput: the recipe's settings vs plain TRL SFTTrainer defaults",
     "local_teacher": "local teacher: shared-prefix KV cache vs plain batched generation",
     "capture": "capture against llama.cpp's OpenAI-compatible server; cached re-run",
     "curate": "curate stage on synthetic teacher records",
     "router": "router overhead over loopback HTTP (interleaved arms)",
+    "router_soak": "router soak: valid, malformed, oversize, disconnecting and escalating requests at once",
     "loop_demo": "one turn of the loop (`make loop-demo`)",
     "cost": "$ per 1,000 requests from an evaluate report, with the prices it assumes",
     "teacher_prompt": "the demo teacher's gold accuracy by prompt",

@@ -277,9 +277,13 @@ def serve(
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="Router policy JSON (default: the run's evaluate)."),
     model: Optional[str] = typer.Option(None, "--model", help="Serve a registry alias, models:/<name>@<alias>, with "
                                         "its run's policy, and follow it when `distill promote`/`rollback` move it."),
+    teacher_only: bool = typer.Option(False, "--teacher-only", help="No student: a capture proxy forwarding each "
+                                      "request as sent to the recipe's teacher and recording every pair to "
+                                      "serve.proxy_log (point the app's OPENAI_BASE_URL here)."),
 ):
     """Serve the student behind an OpenAI-compatible API that escalates low-confidence requests to the
-    recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default)."""
+    recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default); with --teacher-only, a
+    capture proxy in front of the teacher, before any student exists."""
     from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
     from pipeline.router.wiring import check_policy_matches_export, exported_student_input
@@ -287,6 +291,13 @@ def serve(
     from pipeline.llm.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
+    if teacher_only:
+        from pipeline.router.wiring import serve_proxy
+
+        if model is not None or model_dir is not None or policy_file is not None:
+            raise DistillError("--teacher-only serves no student; drop --model, --model-dir and --policy")
+        serve_proxy(cfg)
+        return
     if model is not None:
         _serve_alias(cfg, model, model_dir, policy_file)
         return

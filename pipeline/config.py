@@ -643,6 +643,28 @@ class ServeConfig(Section):
         "low confidence).",
     )
     max_queue: int = Field(64, ge=1, description="Requests admitted at once; beyond it the router answers 429.")
+    max_prompt_tokens: int = Field(
+        2048, ge=1, description="Longest prompt, in the student's tokens (chat template included), a request may "
+        "send; a longer one is refused with 400 before it is queued.",
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Open connections and requests in progress the server holds at once (uvicorn's "
+        "limit_concurrency); a request arriving beyond it gets 503.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that has not sent a whole request head (line and headers) this long "
+        "after connecting, or after its last answer, is closed.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not received in full this long after its headers is refused "
+        "with 408 and the connection closed.",
+    )
+    keep_alive_s: int = Field(5, ge=1, description="An idle keep-alive connection is closed after this many seconds.")
+    protect_ops: bool = Field(
+        False, description="Require the bearer key on /metrics and /ready too (/health stays open for probes).",
+    )
+    docs: bool = Field(False, description="Serve FastAPI's /docs and /openapi.json (off: they describe the API "
+                       "to anyone who asks).")
     deadline_s: float = Field(
         30.0, gt=0, description="Per-request deadline; a teacher not done by then leaves the student's answer."
     )
@@ -662,7 +684,22 @@ class ServeConfig(Section):
     escalations: Path = Field(
         Path(".distill/escalations.jsonl"),
         description="Where every teacher answer the router obtains is appended, in the capture record "
-        "format; `teacher.spec=logs:<this file>` imports it.",
+        "format; `teacher.spec=logs:<this file>` imports it. Rotated past 64 MiB to "
+        "<name>-<UTC timestamp>.jsonl beside it.",
+    )
+    scrub_pii: bool = Field(
+        True, description="Replace e-mails, card numbers, IBANs, phone numbers and API-key-shaped strings with "
+        "placeholders (curate's scrubber) before a record reaches the escalation or proxy log.",
+    )
+    ledger: Path = Field(
+        Path(".distill/serve_ledger.json"),
+        description="Where the router's teacher spend is kept across restarts: serve.budget_usd is spent "
+        "once, not once per start. Delete it (or raise the budget) to spend more.",
+    )
+    proxy_log: Path = Field(
+        Path(".distill/proxy.jsonl"),
+        description="`distill serve RECIPE --teacher-only`: where every request and the teacher's answer are "
+        "appended, in the capture record format (meta.source=proxy); `teacher.spec=logs:<this file>` imports it.",
     )
     registry_poll_s: float = Field(
         5.0, gt=0, description="Serving by registry alias (`distill serve --model models:/<name>@<alias>`): how "

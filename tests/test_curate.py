@@ -7,7 +7,8 @@ import pytest
 from pipeline.config import CurateConfig, Recipe
 from pipeline.curation.dedup import NgramIndex, step_decontaminate, step_exact_dedupe, step_near_dedupe
 from pipeline.curation.filters import FormatChecker, count_tokens, step_consistency, step_format, step_length
-from pipeline.curation.pii import iban_valid, luhn_valid, scrub, step_pii
+from pipeline.curation.pii import step_pii
+from pipeline.pii import iban_valid, luhn_valid, scrub
 from pipeline.curation.records import mean_logprob, normalize_text, step_normalise, to_example
 from pipeline.curation.selection import balanced_quotas, embed, k_center, step_select, stratified_split
 from pipeline.errors import DistillError

@@ -137,7 +137,7 @@ def test_unknown_fields_are_accepted_and_logged(base_url, caplog):
     assert reply.choices[0].message.role == "assistant"
     ignored = [r.getMessage() for r in caplog.records if "ignoring unsupported" in r.getMessage()]
     # seed and temperature=0 are honoured (greedy decoding is deterministic), so not "ignored".
-    assert ignored == ["ignoring unsupported request fields: frobnicate, messages[].name"]
+    assert ignored == ["ignoring unsupported request fields: 'frobnicate', 'messages[].name'"]
 
 
 def test_models_list_and_health(base_url):

@@ -58,8 +58,8 @@ def app_for(student, policy, teacher=None, escalations=None, **settings):
                       teacher=teacher, escalations=log)
 
 
-def ask(url: str, prompt: str = PROMPT, **kwargs):
-    return client(url).chat.completions.with_raw_response.create(
+def ask(url: str, prompt: str = PROMPT, key: str = "unused", **kwargs):
+    return client(url, key=key).chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6, **kwargs)
 
 
@@ -333,7 +333,7 @@ def test_metrics_are_scraped_and_ready_says_what_serves(student):
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert samples[("distill_requests_total", (("mode", "live"), ("route", "teacher")))] == 2
     assert samples[("distill_escalation_rate", ())] == 1.0
-    assert samples[("distill_confidence_count", ())] == 2
+    assert samples[("distill_confidence_mean_logprob_count", ())] == 2
     assert samples[("distill_latency_seconds_count", (("phase", "teacher"),))] == 2
     assert samples[("distill_tokens_total", (("kind", "completion"), ("system", "teacher")))] == 6
     assert ready == {"status": "ready", "mode": "live", "policy": ready["policy"], "threshold": 0.0,
@@ -488,27 +488,31 @@ def test_policy_reload_under_load_fails_no_request(tmp_path):
     def reload() -> Policy:
         return Policy.load(path)
 
+    from pydantic import SecretStr
+
     from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
 
+    admin = {"Authorization": "Bearer sk-admin-test"}
     with FaultServer() as server:
-        app = create_app(ServeSettings(max_tokens=8), {MODEL: FixedStudent()}, reload(), teacher=teacher_for(server),
-                         reload_policy=reload)
+        app = create_app(ServeSettings(max_tokens=8, api_keys=(SecretStr("sk-admin-test"),)), {MODEL: FixedStudent()},
+                         reload(), teacher=teacher_for(server), reload_policy=reload)
         with running(app) as url:
             with ThreadPoolExecutor(4) as pool:
-                futures = [pool.submit(lambda i: ask(url, f"q{i % 3}").headers["x-distill-route"], i)
-                           for i in range(24)]
+                futures = [pool.submit(lambda i: ask(url, f"q{i % 3}", key="sk-admin-test").headers["x-distill-route"],
+                                       i) for i in range(24)]
                 hashes = []
                 for threshold in (0.0, -5.0, None):
                     path.write_text(json.dumps({"threshold": threshold}))
-                    hashes.append(httpx.post(f"{url}/admin/reload-policy").json()["policy"])
+                    hashes.append(httpx.post(f"{url}/admin/reload-policy", headers=admin).json()["policy"])
                 routes = [f.result() for f in futures]
             path.write_text("{not json")
-            refused = httpx.post(f"{url}/admin/reload-policy")
-            after = ask(url).headers["x-distill-policy"]
+            refused = httpx.post(f"{url}/admin/reload-policy", headers=admin)
+            after = ask(url, key="sk-admin-test").headers["x-distill-policy"]
     assert set(routes) <= {"student", "teacher"} and len(routes) == 24  # every request answered, none failed
     assert len(set(hashes)) == 3
     assert refused.status_code == 400 and "kept the current one" in refused.json()["error"]["message"]
+    assert str(tmp_path) not in refused.text  # the reason names a file on the server: it stays in the log
     assert after == hashes[-1]  # the refused reload left the last good policy in place
     with pytest.raises(DistillError):
         reload()

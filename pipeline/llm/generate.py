@@ -38,7 +38,7 @@ def generate_batch(
     if decode != "generate":
         raise ValueError(f"decode must be generate or label_posterior, not {decode!r}")
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    enc = _encode(model, tokenizer, prompts, prefix_cache)
+    enc = _encode(model, tokenizer, conversations, prompts, prefix_cache)
     constraint = {}
     if labels:
         constraint["prefix_allowed_tokens_fn"] = allowed_tokens_fn(tokenizer, labels, enc["input_ids"].shape[1])
@@ -152,11 +152,15 @@ def _cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
-def _encode(model, tokenizer, prompts: list[str], prefix_cache: PrefixCache | None) -> dict:
-    """`generate` inputs: left-padded prompts, or the shared-prefix form with its KV cache."""
+def _encode(model, tokenizer, conversations: list[list[dict]], prompts: list[str],
+            prefix_cache: PrefixCache | None) -> dict:
+    """`generate` inputs: left-padded prompts, or the shared-prefix form with its KV cache.
+    Message content is tokenized as text (content_text.py): no control token from a client."""
+    from pipeline.llm.content_text import prompt_token_ids
+
     tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, add_special_tokens=False)  # once: the plain path pads these same ids
-    ids = encoded["input_ids"]
+    ids = prompt_token_ids(tokenizer, conversations, prompts)  # once: the plain path pads these same ids
+    encoded = {"input_ids": ids}
     shared = common_prefix_length(ids) if prefix_cache is not None and len(ids) > 1 else 0
     if shared < MIN_SHARED_PREFIX:
         return tokenizer.pad(encoded, padding=True, return_tensors="pt").to(model.device)

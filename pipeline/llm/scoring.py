@@ -51,7 +51,7 @@ def label_token_logprobs(model, tokenizer, conversations: list[list[dict]], labe
     if not conversations:
         return []
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    enc = _encode(model, tokenizer, prompts, prefix_cache)
+    enc = _encode(model, tokenizer, conversations, prompts, prefix_cache)
     n_prompts = len(prompts)
     seqs = label_token_ids(tokenizer, labels)
     prompt_mask = enc["attention_mask"]

@@ -5,7 +5,17 @@ teacher=..., escalations=...)` builds everything from its arguments (no globals,
 import), so tests serve a tiny model on loopback and the CLI serves the export. Routing
 itself (student, policy, teacher, modes, the escalations log) is routing.py; this module is
 HTTP: auth, admission (bounded queue -> 429), option checks, headers, SSE, /metrics.
-Start-up (loading the student, the teacher, the tiers; serving a registry alias) is wiring.py.
+Start-up (loading the student, the teacher, the tiers; serving a registry alias) is wiring.py;
+uvicorn's connection deadlines are http_server.py's.
+
+Admission, in order: the body (guards.py: counted bytes -> 413, a deadline -> 408), the
+request's types (protocol.py), its options, the prompt's length in the student's own tokens
+(serve.max_prompt_tokens -> 400), then a queue slot (serve.max_queue -> 429). Only then is the
+student asked, so no request that would be refused ever shares a micro-batch with others.
+
+The admin API (POST /admin/reload-policy) always needs a key: with none configured it is
+closed. /metrics and /ready need one with serve.protect_ops; /health never does. FastAPI's
+/docs and /openapi.json are off unless serve.docs.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pipeline.conversation import request_params
+from pipeline.conversation import request_params, student_messages
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.router.backends import (
@@ -59,6 +69,7 @@ from pipeline.router.protocol import (
     Usage,
 )
 from pipeline.router.guards import add_error_handlers, bearer_auth, limit_body
+from pipeline.router.protocol import describe_ignored
 from pipeline.router.routing import Ask, Routed, Router, Tier
 from pipeline.router.settings import ServeSettings
 
@@ -99,7 +110,9 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
         except DistillError as err:
             metrics.errors.labels("policy_reload").inc()
             log.error("policy reload refused, keeping %s: %s", router.policy_hash, err)
-            raise InvalidRequest(f"policy reload refused, kept the current one: {err}") from None
+            # The reason names files on this server: it stays in the server's log.
+            raise InvalidRequest(f"policy reload refused, kept the current one ({router.policy_hash}); the "
+                                 "server log says why") from None
         previous = router.swap_policy(fresh)
         return {"policy": router.policy_hash, "previous": previous}
 
@@ -119,10 +132,14 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
         if teacher is not None:
             await teacher.aclose()
 
-    app = FastAPI(title="distill router", lifespan=lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="distill router", lifespan=lifespan, **docs)
     app.state.router = router
     add_error_handlers(app, metrics)
-    limit_body(app, settings.max_body_bytes)
+    limit_body(app, settings.max_body_bytes, settings.body_timeout_s,
+               on_refused=lambda code: metrics.rejected.labels(code).inc())
+    auth = [Depends(bearer_auth(settings.api_keys))]
+    ops = auth if settings.protect_ops else []
     created = int(time.time())
     in_flight = [0]  # one event loop: a plain counter is race-free
 
@@ -130,7 +147,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
     async def health() -> dict:
         return {"status": "ok", "models": sorted(backends)}
 
-    @app.get("/ready")
+    @app.get("/ready", dependencies=ops)
     async def ready() -> JSONResponse:
         loaded = all(getattr(b, "ready", True) for b in [*backends.values(), *(t.backend for t in router.tiers)])
         # Serving by alias, the champion's policy is the one that moves with the registry.
@@ -148,16 +165,16 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
                              for t in router.tiers]
         return JSONResponse(body, status_code=200 if loaded else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=ops)
     async def metrics_endpoint() -> Response:
         metrics.queue.set(in_flight[0])
         if teacher is not None:
             metrics.teacher_usd.set(teacher.spent_usd)
+        if escalations is not None:
+            metrics.log_failures.labels("escalations").set(escalations.failed)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    auth = [Depends(bearer_auth(settings.api_keys))]
-
-    @app.post("/admin/reload-policy", dependencies=auth)
+    @app.post("/admin/reload-policy", dependencies=[Depends(bearer_auth(settings.api_keys, required=True))])
     async def reload_endpoint() -> dict:
         return reload()
 
@@ -171,20 +188,23 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         started = time.monotonic()
         if ignored := request.ignored_fields():
-            log.info("ignoring unsupported request fields: %s", ", ".join(ignored))
+            log.info("ignoring unsupported request fields: %s", describe_ignored(ignored))
         backend = backends.get(request.model)
         if backend is None:
             raise ModelNotFound(request.model, sorted(backends))
         max_tokens = _checked_options(request, settings)
-        if in_flight[0] >= settings.max_queue:
-            metrics.rejected.labels("queue_full").inc()
-            raise QueueFull(settings.max_queue, settings.retry_after_s)
         request_id = _request_id(raw.headers.get("x-request-id"))
         ask = Ask(request_id=request_id, key=request.user or request_id, conversation=request.conversation(),
                   max_tokens=max_tokens, deadline=started + settings.deadline_s, deadline_s=settings.deadline_s,
                   request=request_params(request.model_dump()))
         backend, ask = _pick(backend, ask)
         ask = replace(ask, top_logprobs=_checked_logprobs(request, backend))
+        ask = router.with_policy(ask)
+        student_view = student_messages(ask.conversation, ask.policy.student_input)
+        await _check_prompt_length(backend, student_view, settings.max_prompt_tokens)
+        if in_flight[0] >= settings.max_queue:
+            metrics.rejected.labels("queue_full").inc()
+            raise QueueFull(settings.max_queue, settings.retry_after_s)
         in_flight[0] += 1
         try:
             routed = await _unless_client_leaves(raw, router.route(backend, ask))
@@ -220,6 +240,9 @@ def _checked_options(request: ChatCompletionRequest, settings: ServeSettings) ->
     """Reject what we cannot honour, with the field named, instead of quietly doing something else."""
     if request.n != 1:
         raise InvalidRequest(f"n={request.n} is not supported; only n=1", param="n")
+    if not request.has_user_text():
+        raise InvalidRequest("messages has no user message with text; this server answers a user's message",
+                             param="messages")
     if len(request.messages) > settings.max_messages:
         raise InvalidRequest(f"{len(request.messages)} messages; this server takes at most {settings.max_messages}",
                              param="messages")
@@ -253,6 +276,16 @@ def _checked_logprobs(request: ChatCompletionRequest, backend: Backend) -> int |
         raise InvalidRequest(f"top_logprobs={top}: this model's backend returns at most {most}",
                              param="top_logprobs")
     return top
+
+
+async def _check_prompt_length(backend: Backend, messages: list[dict[str, str]], most: int) -> None:
+    """Refuse a prompt longer than serve.max_prompt_tokens, measured in the student's own tokens
+    (its chat template included), before it is queued: its memory is bounded by the setting."""
+    measure = getattr(backend, "prompt_tokens", None)  # a minimal Backend (tests, benches) measures nothing
+    tokens = await measure(messages) if measure is not None else None
+    if tokens is not None and tokens > most:
+        raise InvalidRequest(f"the prompt is {tokens} tokens; this server takes at most {most} "
+                             "(serve.max_prompt_tokens)", param="messages", code="context_length_exceeded")
 
 
 def _pick(entry: Backend | Follower, ask: Ask) -> tuple[Backend, Ask]:

@@ -2,8 +2,11 @@
 
 The student backend answers the messages it is given: the router hands it the client's
 conversation in the shape the student was trained on (`student_messages`, the policy's
-student_input). The teacher backend answers the conversation as the client sent it, after the
-task's instructions and worked examples when the client sent no system prompt
+student_input). Each student says how long a prompt is in its own tokens (`prompt_tokens`,
+checked against serve.max_prompt_tokens before a request is queued), and stops computing an
+answer whose every caller has gone (a deadline, a client that hung up): the next request never
+waits behind work nobody will read. The teacher backend answers the conversation as the client
+sent it, after the task's instructions and worked examples when the client sent no system prompt
 (`Task.teacher_messages`, what capture sends), through the same TeacherService capture uses, so
 the router shares its cache, price table, ledger (budget reserved before each call), retries and
 circuit breaker.
@@ -21,7 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 from pipeline.errors import DistillError
 from pipeline.llm.answer import Serving, answer_as_served
 from pipeline.llm.completion import Completion
-from pipeline.router.errors import BackendUnavailable
+from pipeline.llm.content_text import ContentNotVerbatim, content_pieces, prompt_token_ids
+from pipeline.router.errors import BackendUnavailable, InvalidRequest
 from pipeline.router.protocol import TokenLogprob, TopLogprob
 from pipeline.teachers.errors import TeacherFatalError
 
@@ -42,6 +46,33 @@ class Backend(Protocol):
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int,
                        top_logprobs: int | None = None) -> Completion: ...
+
+    async def prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        """The prompt's length in this student's tokens, chat template included (None: this
+        backend cannot tell; its server bounds it). Raises InvalidRequest for a conversation the
+        student cannot take (its template refuses it)."""
+
+
+class GenerationAbandoned(Exception):
+    """Every caller of a running generate call has gone: it stops at the next forward pass."""
+
+
+@dataclass
+class Callers:
+    """Whether anyone still waits for a generate call's answers; read by the generate thread."""
+
+    gone: bool = False
+
+    @classmethod
+    def watching(cls, futures: list[asyncio.Future]) -> Callers:
+        callers = cls()
+
+        def check(_: asyncio.Future) -> None:
+            callers.gone = all(f.cancelled() for f in futures)
+
+        for future in futures:
+            future.add_done_callback(check)
+        return callers
 
 
 @dataclass
@@ -65,7 +96,12 @@ class StudentBackend:
 
     Token logprobs asked for: each token's own log-prob is generate's (the number the policy
     read); its top alternatives come from one teacher-forced pass over prompt + answer, run
-    only for requests that ask for them."""
+    only for requests that ask for them.
+
+    One bad member never fails its batch: a batch whose generate call raises is answered again
+    member by member, so only the request that caused it fails. A generate call whose every
+    caller has gone raises GenerationAbandoned at its next forward pass (a hook on the model and
+    on each decoder layer), releasing the model for the requests still waiting."""
 
     max_top_logprobs = 20  # OpenAI's ceiling
 
@@ -75,8 +111,16 @@ class StudentBackend:
 
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(self.model_dir))
+        # Prompts are measured with a tokenizer of their own: generate() sets the other's padding
+        # side while it runs, and a Rust tokenizer shared across threads can refuse a call.
+        self._counter = load_tokenizer(str(self.model_dir))
+        self._count_lock = threading.Lock()
         self.model = load_model(str(self.model_dir), device_plan())
         self.model.eval()
+        self._callers: Callers | None = None  # of the generate call running now
+        self.abandoned = 0  # generate calls stopped because every caller had gone
+        for module in [self.model, *getattr(self.model.get_decoder(), "layers", [])]:
+            module.register_forward_pre_hook(self._stop_if_abandoned)
         self.max_batch = max_batch
         self.window_s = window_s
         self._serving = Serving(decode, tuple(score_labels) if score_labels else None)
@@ -93,6 +137,19 @@ class StudentBackend:
         self.batches: list[int] = []  # size of each generate call, for tests and the bench
         self.ready = True
         log.info("student loaded from %s (micro-batches up to %d)", self.model_dir, max_batch)
+
+    async def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return await asyncio.to_thread(self._count, messages)
+
+    def _count(self, messages: list[dict[str, str]]) -> int:
+        from jinja2 import TemplateError
+
+        with self._count_lock:
+            try:
+                prompt = self._counter.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                return len(prompt_token_ids(self._counter, [messages], [prompt])[0])
+            except (TemplateError, ContentNotVerbatim) as err:
+                raise InvalidRequest(f"the student cannot take this conversation: {err}", param="messages") from None
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int,
                        top_logprobs: int | None = None) -> Completion:
@@ -137,23 +194,46 @@ class StudentBackend:
     async def _run(self, group: list[tuple], max_tokens: int) -> None:
         # Generation is seconds of CPU/GPU work; off the event loop, so /health and other
         # requests keep being answered meanwhile.
+        futures = [future for _, _, future in group]
         try:
-            completions = await asyncio.to_thread(self._generate, [(m, top) for m, top, _ in group], max_tokens)
-        except Exception as err:  # noqa: BLE001 - handed to every caller of this batch, not swallowed
-            for _, _, future in group:
-                if not future.done():
-                    future.set_exception(err)
+            completions = await asyncio.to_thread(self._generate, [(m, top) for m, top, _ in group], max_tokens,
+                                                  Callers.watching(futures))
+        except GenerationAbandoned:
+            self.abandoned += 1
             return
-        for (_, _, future), completion in zip(group, completions, strict=True):
+        except Exception as err:  # noqa: BLE001 - handed to the caller it belongs to, not swallowed
+            waiting = [member for member in group if not member[2].done()]
+            if len(group) == 1 or not waiting:
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(err)
+                return
+            # Which member broke the batch is unknown: each is answered alone, so only it fails.
+            log.warning("a micro-batch of %d failed (%s); answering its members one by one", len(group),
+                        type(err).__name__)
+            for member in waiting:
+                await self._run([member], max_tokens)
+            return
+        for future, completion in zip(futures, completions, strict=True):
             if not future.done():
                 future.set_result(completion)
 
-    def _generate(self, asks: list[tuple[list[dict[str, str]], int | None]], max_tokens: int) -> list[Completion]:
+    def _generate(self, asks: list[tuple[list[dict[str, str]], int | None]], max_tokens: int,
+                  callers: Callers) -> list[Completion]:
         serving = replace(self._serving, max_new_tokens=max_tokens, batch_size=len(asks))
         with self._lock:
-            self.batches.append(len(asks))
-            completions = answer_as_served(self.model, self.tokenizer, [m for m, _ in asks], serving)
-            return [c if top is None else self._with_tokens(m, c, top) for (m, top), c in zip(asks, completions)]
+            self._callers = callers
+            try:
+                self.batches.append(len(asks))
+                completions = answer_as_served(self.model, self.tokenizer, [m for m, _ in asks], serving)
+                return [c if top is None else self._with_tokens(m, c, top) for (m, top), c in zip(asks, completions)]
+            finally:
+                self._callers = None
+
+    def _stop_if_abandoned(self, module, args) -> None:
+        callers = self._callers
+        if callers is not None and callers.gone:
+            raise GenerationAbandoned()
 
     def _with_tokens(self, messages: list[dict[str, str]], answer: Completion, top: int) -> TokenCompletion:
         ids = answer.token_ids or []
@@ -169,7 +249,7 @@ class StudentBackend:
         import torch
 
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        (prompt_ids,) = prompt_token_ids(self.tokenizer, [messages], [prompt])
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([prompt_ids + ids], device=self.model.device)).logits
         # Position i predicts token i+1: the answer's tokens are predicted from len(prompt)-1 on.
@@ -203,20 +283,50 @@ class GgufBackend:
         self.path = Path(path)
         self.gguf = GgufModel(self.path, n_ctx=n_ctx)
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self.ready = True
         log.info("student loaded from %s (llama.cpp)", self.path)
 
+    async def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        def count() -> int:
+            with self._count_lock:
+                return len(self._prompt_ids(messages))
+
+        return await asyncio.to_thread(count)
+
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The rendered prompt's ids, message content tokenized as text (content_text.py): a content
+        that llama.cpp reads differently with control tokens parsed holds one."""
+        llm = self.gguf.llm
+
+        def ids(text: str, special: bool, bos: bool = False) -> list[int]:
+            return llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
+
+        if all(ids(m["content"], True) == ids(m["content"], False) for m in messages):
+            return self.gguf.tokenize(self.gguf.render(messages) or "")
+        try:
+            pieces = content_pieces(lambda m: self.gguf.render(m) or "", messages)
+        except ContentNotVerbatim as err:
+            raise InvalidRequest(f"the student cannot take this conversation: {err}", param="messages") from None
+        return [t for n, (text, is_content) in enumerate(pieces) for t in ids(text, not is_content, bos=n == 0)]
+
     async def complete(self, messages: list[dict[str, str]], max_tokens: int,
                        top_logprobs: int | None = None) -> Completion:
-        return await asyncio.to_thread(self._answer, messages, max_tokens, top_logprobs)
+        callers = Callers()
+        try:
+            return await asyncio.to_thread(self._answer, messages, max_tokens, top_logprobs, callers)
+        except asyncio.CancelledError:
+            callers.gone = True  # the decoding loop stops at its next token
+            raise
 
-    def _answer(self, messages: list[dict[str, str]], max_tokens: int, top: int | None) -> Completion:
+    def _answer(self, messages: list[dict[str, str]], max_tokens: int, top: int | None,
+                callers: Callers) -> Completion:
         import time
 
         start = time.perf_counter()
         with self._lock:
-            prompt = self.gguf.tokenize(self.gguf.render(messages) or "")
-            ids, logprobs, rows, finish = self._decode(prompt, max_tokens, top or 0)
+            prompt = self._prompt_ids(messages)
+            ids, logprobs, rows, finish = self._decode(prompt, max_tokens, top or 0, callers)
             llm = self.gguf.llm
             text = llm.detokenize(ids, special=False).decode("utf-8", errors="replace").strip()
             answer = Completion(text=text, source="gguf", prompt_tokens=len(prompt), completion_tokens=len(ids),
@@ -230,7 +340,7 @@ class GgufBackend:
                       for n, (p, lp, row) in enumerate(zip(pieces, logprobs, rows))]
         return TokenCompletion(**vars(answer), tokens=tokens)
 
-    def _decode(self, prompt: list[int], max_tokens: int, top: int):
+    def _decode(self, prompt: list[int], max_tokens: int, top: int, callers: Callers):
         """Greedy tokens, their log-probs (of the EOS when the answer is empty, as generate_batch
         records it), per token the `top` (id, log-prob) alternatives, and the finish reason."""
         import numpy as np
@@ -240,6 +350,8 @@ class GgufBackend:
         llm.eval(prompt)
         ids, logprobs, rows = [], [], []
         while True:
+            if callers.gone:
+                raise GenerationAbandoned()
             row = self.gguf.next_logprobs()
             token = int(np.argmax(row))
             if self.gguf.is_eog(token):
@@ -298,6 +410,9 @@ class UpstreamBackend:
             self._client = (loop, AsyncOpenAI(api_key=self._api_key, base_url=self.base_url,
                                               timeout=self.timeout_s, max_retries=0))
         return self._client[1]
+
+    async def prompt_tokens(self, messages: list[dict[str, str]]) -> None:
+        return None  # its tokenizer is the upstream server's, which bounds the prompt itself
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int,
                        top_logprobs: int | None = None) -> Completion:
@@ -362,13 +477,16 @@ class TeacherBackend:
     """The recipe's teacher, asked with the task's teacher prompt; never raises for a failed call.
 
     The TeacherService is built by `start()`, on the server's event-loop thread: its SQLite
-    cache connection belongs to the thread that opened it."""
+    cache connection belongs to the thread that opened it. An answer found in the cache costs
+    serving nothing; `ledger_path` (serve.ledger) keeps the spend across restarts."""
 
-    def __init__(self, cfg: TeacherConfig, task: Task, cache_path: Path | str, budget_usd: float | None = None):
+    def __init__(self, cfg: TeacherConfig, task: Task, cache_path: Path | str, budget_usd: float | None = None,
+                 ledger_path: Path | None = None):
         """`budget_usd` (serve.budget_usd) replaces teacher.budget_usd: what serving may spend."""
         self.cfg = cfg if budget_usd is None else cfg.model_copy(update={"budget_usd": budget_usd})
         self.task = task
         self.cache_path = cache_path
+        self.ledger_path = ledger_path
         self.service: TeacherService | None = None
 
     @property
@@ -377,8 +495,9 @@ class TeacherBackend:
 
     @property
     def spent_usd(self) -> float:
+        """Spent on teacher calls, by this process and (with a ledger file) before it."""
         ledger = self.service.ledger if self.service is not None else None
-        return ledger.spent_usd if ledger is not None else 0.0
+        return ledger.total_usd if ledger is not None else 0.0
 
     def estimated_cost(self, conversation: list[dict[str, str]], completion_tokens: int) -> float:
         """What the teacher would have charged to answer `conversation` at that length (0 when
@@ -396,7 +515,8 @@ class TeacherBackend:
 
         if self.service is None:
             labels = self.task.labels if self.task.kind == "classification" else None
-            self.service = TeacherService.from_config(self.cfg, cache_path=self.cache_path, labels=labels)
+            self.service = TeacherService.from_config(self.cfg, cache_path=self.cache_path, labels=labels,
+                                                      ledger_path=self.ledger_path, charge_cached=False)
 
     async def answer(self, conversation: list[dict[str, str]], timeout_s: float) -> Completion:
         """The teacher's answer to the client's `conversation`, or a Completion with `error` set:

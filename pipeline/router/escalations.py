@@ -5,26 +5,22 @@
 
 Records use the capture record format (`{"id", "messages": [...the conversation as the client
 sent it, assistant], "meta"}`, with the request's answer-changing parameters in meta.request),
-so `logs:` imports them with zero rejects and the next `make distill` learns from them. Each
-record is flushed as it is written (a crash loses at most the line in flight); the file is
-rotated to `<name>.1` past ROTATE_BYTES. Nothing secret is written: no headers, no keys, only
-the conversation, the answers and routing facts.
+so `logs:` imports them with zero rejects and the next `make distill` learns from them. How the
+file is written (one write per record, torn lines repaired, 0600, rotation that never
+overwrites, personal data scrubbed, a full disk never failing the request) is record_log.py's.
+Nothing secret is written: no headers, no keys, only the conversation, the answers and routing
+facts.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import sha256_json
 from pipeline.llm.completion import Completion
-
-ROTATE_BYTES = 64 * 1024 * 1024
+from pipeline.router.record_log import RecordLog
 
 
 @dataclass(frozen=True)
@@ -68,32 +64,12 @@ class Escalation:
         return {"id": self.request_id, "messages": messages, "meta": meta}
 
 
-class EscalationLog:
-    """Append-only JSONL, one record per teacher answer; safe from several threads."""
+class EscalationLog(RecordLog):
+    """One record per teacher answer (record_log.RecordLog writes it); safe from several threads."""
 
-    def __init__(self, path: Path, rotate_bytes: int = ROTATE_BYTES):
-        self.path = Path(path)
-        self.rotate_bytes = rotate_bytes
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self.written = 0
-
-    def append(self, escalation: Escalation) -> None:
-        line = json.dumps(escalation.record(), ensure_ascii=False) + "\n"
-        with self._lock:
-            self._maybe_rotate()
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()  # per record: a reader (or a crash) sees whole lines only
-            self.written += 1
-
-    def _maybe_rotate(self) -> None:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size >= self.rotate_bytes:
-            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+    def append(self, escalation: Escalation) -> bool:  # type: ignore[override]
+        """False when the record could not be written (counted in `failed`, logged); never raises."""
+        return super().append(escalation.record())
 
 
 def agrees(student: Completion, teacher: Completion) -> bool:

@@ -1,11 +1,15 @@
 """OpenAI chat-completions request and response models.
 
-Requests are lenient (`extra="allow"`): OpenAI clients send many optional fields
-(`tools`, `metadata`, ...) and refusing them would break ordinary clients. What we
-don't implement is named in one log line per request (`ignored_fields`), never silently
+Requests are lenient about unknown fields (`extra="allow"`): OpenAI clients send many
+optional ones (`tools`, `metadata`, ...) and refusing them would break ordinary clients. What
+we don't implement is named in one log line per request (`ignored_fields`), never silently
 dropped without a trace. Values are not logged: they may carry prompt text. Fields that
 change the answer (`temperature`, `top_p`, `seed`, `stop`) or what it carries (`logprobs`,
 `top_logprobs`) are declared: the app honours them or refuses them with a 400 naming the field.
+
+Declared fields are strict: `max_tokens: true` or `stream: "yes"` is a 400, not 1 and True
+(pydantic's lax mode would coerce them). Every string must be valid Unicode: a lone surrogate
+(`"\\ud800"`, legal in JSON) is refused here, before it can reach a tokenizer in a shared batch.
 
 Every response, and every stream chunk, carries a `distill` object (route, confidence,
 policy hash, request id) besides the `x-distill-*` headers, because some SDKs hide headers.
@@ -15,9 +19,29 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+IGNORED_SHOWN = 10  # ignored field names named in the log line; the rest are counted
+IGNORED_NAME_CHARS = 64  # each name is cut there: a client chooses them
+
+
+def _unicode(value):
+    """Text every tokenizer and log can take: no lone surrogates (JSON's "\\ud800" escapes).
+    A field validator, not an annotated type, so an error names the field, not a union branch."""
+    texts = value if isinstance(value, list) else [value]
+    for text in texts:
+        text = getattr(text, "text", text)
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("not valid Unicode (a lone surrogate escape such as \\ud800)") from None
+    return value
+
+
+Number = Annotated[float, Field(strict=True)]  # JSON numbers only: true or "1" is no temperature
 
 
 class _Lenient(BaseModel):
@@ -33,6 +57,8 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
+    content_is_unicode = field_validator("content")(_unicode)
+
     def as_record_message(self) -> dict[str, str]:
         """{role, content} as the app sent it, text parts joined: a capture record's turn. What the
         student and the teacher are shown of it is pipeline/conversation.py's business."""
@@ -43,20 +69,22 @@ class ChatMessage(_Lenient):
 class ChatCompletionRequest(_Lenient):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer name for max_tokens
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # newer name for max_tokens
     # The student decodes greedily (what evaluation measured): the app accepts only the
     # values that mean greedy (temperature 0, top_p 1) and refuses the rest.
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None  # greedy decoding is deterministic: any seed is honoured
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    seed: StrictInt | None = None  # greedy decoding is deterministic: any seed is honoured
     stop: str | list[str] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    n: int = 1
-    stream: bool = False
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    n: StrictInt = 1
+    stream: StrictBool = False
     stream_options: dict | None = None
     user: str | None = None
+
+    text_is_unicode = field_validator("model", "stop", "user")(_unicode)
 
     def stop_sequences(self) -> list[str]:
         if self.stop is None:
@@ -68,12 +96,24 @@ class ChatCompletionRequest(_Lenient):
         what the teacher is asked on escalation, and what the escalation log records."""
         return [m.as_record_message() for m in self.messages]
 
+    def has_user_text(self) -> bool:
+        """Whether some user turn says something: a system prompt alone is nothing to answer or learn from."""
+        return any(m.role == "user" and m.as_record_message()["content"].strip() for m in self.messages)
+
     def ignored_fields(self) -> list[str]:
         """Names of fields sent that this server does not implement, top level and per message."""
         names = set(self.model_extra or {})
         for message in self.messages:
             names.update(f"messages[].{k}" for k in message.model_extra or {})
         return sorted(names)
+
+
+def describe_ignored(names: list[str]) -> str:
+    """Client-chosen field names fit for one log line: each repr()'d (a newline in a name cannot
+    forge a log line) and cut, at most IGNORED_SHOWN of them, the rest counted."""
+    shown = [repr(n if len(n) <= IGNORED_NAME_CHARS else n[:IGNORED_NAME_CHARS] + "...") for n in names[:IGNORED_SHOWN]]
+    more = f" and {len(names) - IGNORED_SHOWN} more" if len(names) > IGNORED_SHOWN else ""
+    return ", ".join(shown) + more
 
 
 class AssistantMessage(BaseModel):

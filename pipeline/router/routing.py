@@ -126,11 +126,16 @@ class Router:
                  policy.threshold)
         return previous
 
+    def with_policy(self, ask: Ask) -> Ask:
+        """The request with the policy it will be decided by (the current one unless it has its own)."""
+        if ask.policy is not None:
+            return ask
+        policy, digest = self._current
+        return replace(ask, policy=policy, policy_hash=digest)
+
     async def route(self, student: Backend, ask: Ask) -> Routed:
         mode = self.mode
-        if ask.policy is None:
-            policy, digest = self._current
-            ask = replace(ask, policy=policy, policy_hash=digest)
+        ask = self.with_policy(ask)
         if mode.routed(ask.key):
             routed = await self._routed(student, ask)
         elif mode.kind == "shadow":
@@ -274,7 +279,7 @@ class Router:
 
     def _decide(self, ask: Ask, answer: Completion) -> Decision:
         decision = ask.policy.decide(answer)
-        self.metrics.decided(decision.route == "escalate", decision.score)
+        self.metrics.decided(decision.route == "escalate", decision.score, ask.policy.signal)
         return decision
 
     async def _student(self, student: Backend, ask: Ask) -> Completion:
@@ -286,8 +291,7 @@ class Router:
                     answer = await student.complete(messages, ask.max_tokens)
                 else:
                     answer = await student.complete(messages, ask.max_tokens, top_logprobs=ask.top_logprobs)
-        except TimeoutError:
-            self.metrics.errors.labels("student_deadline").inc()
+        except TimeoutError:  # counted once, as deadline_exceeded, where it is answered
             raise DeadlineExceeded("the student did not answer within serve.deadline_s") from None
         self.metrics.latency.labels("student").observe(time.monotonic() - started)
         self._count_tokens("student", answer)

@@ -1,6 +1,8 @@
 """Start-up wiring for `distill serve`: the student backend `serve.student` names, the teacher,
-the tiers, the policy checked against the export, and serving a registry alias (follow.py).
-`serve()` and `serve_alias()` are the CLI's entries; they build the app (app.py) and run uvicorn."""
+the tiers, the policy checked against the export, serving a registry alias (follow.py), and
+the teacher-only capture proxy (proxy.py). `serve()`, `serve_alias()` and `serve_proxy()` are
+the CLI's entries; they build the app and run it under uvicorn with the serving deadlines
+(http_server.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from fastapi import FastAPI
 from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
 from pipeline.llm.policy import Policy
+from pipeline.router import http_server
 from pipeline.router.app import create_app
 from pipeline.router.backends import Backend, GgufBackend, StudentBackend, TeacherBackend, UpstreamBackend
 from pipeline.router.escalations import EscalationLog
 from pipeline.router.follow import Follower, Loaded
 from pipeline.router.routing import Tier
 from pipeline.router.settings import settings_for
+from pipeline.teachers.ledger import read_stored_spend
 
 if TYPE_CHECKING:
     from pipeline.config import Recipe
@@ -75,7 +79,8 @@ def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBacken
         log.warning("teacher.spec=%s imports answers and cannot answer live requests: escalations get the "
                     "student's answer (student-fallback)", recipe.teacher.spec)
         return None
-    return TeacherBackend(recipe.teacher, task, recipe.capture.cache, budget_usd=cfg.budget_usd)
+    read_stored_spend(cfg.ledger)  # a ledger that does not read fails before the slow load
+    return TeacherBackend(recipe.teacher, task, recipe.capture.cache, budget_usd=cfg.budget_usd, ledger_path=cfg.ledger)
 
 
 def load_checked_policy(policy_path: Path, export_dir: Path) -> Policy:
@@ -158,7 +163,7 @@ def _teacher(recipe: Recipe | None, cfg: ServeConfig, needed: bool) -> TeacherBa
 
 
 def _escalations(cfg: ServeConfig, teacher: TeacherBackend | None) -> EscalationLog | None:
-    return EscalationLog(cfg.escalations) if teacher is not None else None
+    return EscalationLog(cfg.escalations, scrub_pii=cfg.scrub_pii) if teacher is not None else None
 
 
 def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | None = None,
@@ -166,8 +171,6 @@ def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | No
     """Load the student from `model_dir` and serve it until interrupted (`make serve`).
     `recipe`: where the teacher comes from; None serves without one (live mode only).
     `policy_path`: where `policy` came from, read again on SIGHUP or POST /admin/reload-policy."""
-    import uvicorn
-
     model_dir = Path(model_dir)
     if cfg.student == "transformers" and not (model_dir / "config.json").is_file():
         raise DistillError(f"{model_dir}: no config.json, so no exported student to serve; run `make export` first")
@@ -184,7 +187,7 @@ def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | No
     if tiers:
         log.info("tiers between the student and the teacher: %s",
                  ", ".join(f"{t.name} ({t.policy.signal} threshold {t.policy.threshold})" for t in tiers))
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    http_server.run(app, settings, cfg.host, cfg.port)
 
 
 # ---------------------------------------------------------------- serving a registry alias (follow.py)
@@ -229,11 +232,41 @@ def alias_app(registry: Registry, name: str, alias: str, cfg: ServeConfig, recip
 
 def serve_alias(registry: Registry, name: str, alias: str, cfg: ServeConfig, recipe: Recipe | None = None) -> None:
     """Serve `models:/<name>@<alias>` until interrupted, following the alias when it moves."""
-    import uvicorn
-
     app = alias_app(registry, name, alias, cfg, recipe)
     teacher = app.state.router.teacher
     log.info("serving models:/%s@%s as '%s' on http://%s:%d/v1 (mode %s, candidate %g%%, registry %s every %g s, "
              "teacher %s)", name, alias, cfg.model_name, cfg.host, cfg.port, cfg.mode, cfg.candidate_percent,
              registry.uri, cfg.registry_poll_s, teacher.spec if teacher else "none")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    http_server.run(app, settings_for(cfg), cfg.host, cfg.port)
+
+
+# ---------------------------------------------------------------- the teacher-only capture proxy (proxy.py)
+
+
+def proxy_app(recipe: Recipe) -> FastAPI:
+    """`distill serve RECIPE --teacher-only`: the recipe's network teacher behind an OpenAI-compatible
+    endpoint, every pair appended to serve.proxy_log."""
+    from pipeline.router.proxy import ProxyTeacher, create_proxy_app
+    from pipeline.router.record_log import RecordLog
+    from pipeline.teachers.registry import build_teacher as build_teacher_now
+
+    cfg = recipe.serve
+    provider = recipe.teacher.spec.partition(":")[0]
+    if provider not in ("openai", "anthropic"):
+        raise DistillError(f"--teacher-only forwards requests to a network teacher (openai:<model> or "
+                           f"anthropic:<model>); teacher.spec={recipe.teacher.spec} cannot take a client's "
+                           "request as sent")
+    settings = settings_for(cfg)
+    read_stored_spend(cfg.ledger)
+    teacher = ProxyTeacher(recipe.teacher, recipe.capture.cache, budget_usd=cfg.budget_usd, ledger_path=cfg.ledger)
+    build_teacher_now(teacher.spec, teacher.cfg)  # a missing key or price fails before the port opens
+    return create_proxy_app(settings, teacher, RecordLog(cfg.proxy_log, scrub_pii=cfg.scrub_pii),
+                            model_names=(cfg.model_name,))
+
+
+def serve_proxy(recipe: Recipe) -> None:
+    cfg = recipe.serve
+    app = proxy_app(recipe)
+    log.info("capture proxy for %s on http://%s:%d/v1 (point OPENAI_BASE_URL there); recording to %s", recipe.teacher.spec,
+             cfg.host, cfg.port, cfg.proxy_log)
+    http_server.run(app, settings_for(cfg), cfg.host, cfg.port)

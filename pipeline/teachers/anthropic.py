@@ -25,6 +25,7 @@ STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "leng
 class AnthropicTeacher:
     in_process = False
     KEY_ENV = "ANTHROPIC_API_KEY"
+    forwards = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop"})
 
     def __init__(self, model: str, cfg, api_key: str):
         self.spec = f"anthropic:{model}"
@@ -68,21 +69,28 @@ class AnthropicTeacher:
             await self._client.close()
             self._client = None
 
-    async def complete(self, messages: list[dict]) -> Completion:
+    async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
         """One Messages call; raises TeacherCallError (maybe retryable) or TeacherAuthError."""
         import anthropic
 
         system, turns = split_system(messages)
+        sent = params or {}
+        # Recent SDKs no longer list `temperature` as a parameter, while the API's default
+        # is 1.0: sent in the body so temperature=0 still means greedy. A client's own
+        # parameters (the proxy) go as it sent them: no temperature means the API's default.
+        body = {k: sent[k] for k in ("temperature", "top_p") if k in sent} if params else \
+            {"temperature": self.temperature}
+        stop = sent.get("stop")
+        if stop:
+            body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
         start = time.perf_counter()
         try:
             response = await self._get_client().messages.create(
                 model=self.model,
-                max_tokens=self.max_new_tokens,
+                max_tokens=sent.get("max_completion_tokens") or sent.get("max_tokens") or self.max_new_tokens,
                 messages=turns,
                 **({"system": system} if system else {}),
-                # Recent SDKs no longer list `temperature` as a parameter, while the API's default
-                # is 1.0: sent in the body so temperature=0 still means greedy.
-                extra_body={"temperature": self.temperature},
+                extra_body=body,
             )
         except anthropic.AnthropicError as err:
             raise self._translate(err) from None

@@ -24,11 +24,15 @@ from pipeline.artifacts import sha256_json
 from pipeline.llm.completion import Completion
 
 
-def cache_key(identity: dict, messages: list[dict], sample: int = 0) -> str:
-    """Sample 0 keeps the original key, so answers cached before `teacher.n` existed still hit."""
-    if sample == 0:
-        return sha256_json({"teacher": identity, "messages": messages})
-    return sha256_json({"teacher": identity, "messages": messages, "sample": sample})
+def cache_key(identity: dict, messages: list[dict], sample: int = 0, params: dict | None = None) -> str:
+    """Sample 0 keeps the original key, so answers cached before `teacher.n` existed still hit.
+    `params`: request parameters sent as given (the proxy's), part of what was asked."""
+    key: dict = {"teacher": identity, "messages": messages}
+    if sample:
+        key["sample"] = sample
+    if params:
+        key["params"] = params
+    return sha256_json(key)
 
 
 class TeacherCache:

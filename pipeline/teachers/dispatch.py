@@ -17,6 +17,11 @@ Used by the teacher service (service.py) for openai:/anthropic: teachers, so by 
   connect open a circuit breaker (TeacherUnreachableError, naming the URL).
 - Fatal errors (TeacherAuthError, TeacherUnreachableError) are never retried and cancel
   everything at once.
+- Cancellation: a caller cancelled while its job waits (for a slot, the budget, the rate
+  limits) gives back the slot and the reservation it took. A caller cancelled while its call is
+  on the wire (a router's client hung up, a deadline passed) leaves that attempt to finish in
+  the background: it is charged what it really cost and handed to `on_answer` (so cached)
+  instead of being charged its worst case unread; nothing is retried for it.
 
 Each answer is handed to `on_answer` the moment it arrives, so the caller can commit it to
 the cache before anything else can go wrong. Several `run`s may be in flight at once on one
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from aiolimiter import AsyncLimiter
@@ -50,6 +56,11 @@ CONNECT_FAILURES = 3  # attempts in a row that could not connect before the circ
 class Job:
     key: str
     messages: list[dict]
+    params: dict | None = None  # request parameters sent as given (the proxy's), else the teacher's own
+
+    def max_new_tokens(self, default: int) -> int:
+        params = self.params or {}
+        return params.get("max_completion_tokens") or params.get("max_tokens") or default
 
 
 @dataclass
@@ -111,6 +122,7 @@ class Dispatcher:
         self._in_flight = 0
         self._settled = asyncio.Event()
         self._connect_failures = 0  # consecutive attempts that could not connect (the circuit breaker)
+        self._finishing: set[asyncio.Task] = set()  # calls on the wire whose caller left (held till done)
         # Buckets hold a tenth of the minute's allowance: a full minute's burst at start is
         # what per-second enforcement on the provider's side rejects.
         self._rpm = AsyncLimiter(limits.rpm / WINDOWS, 60 / WINDOWS) if limits.rpm else None
@@ -122,15 +134,13 @@ class Dispatcher:
         try:
             async with asyncio.TaskGroup() as group:
                 for i, job in enumerate(jobs):
-                    await self._slots.acquire()
-                    reserved = self.ledger.max_call_cost(job.messages, self.limits.max_new_tokens)
-                    if not await self._reserve(reserved):
-                        self._slots.release()
+                    call = await self._admit(job)
+                    if call is None:
                         report.budget_stop, report.not_sent = True, len(jobs) - i
                         break
-                    await self._throttle(job)
-                    self._in_flight += 1
-                    task = group.create_task(self._one(job, reserved, report, on_answer))
+                    task = group.create_task(self._one(job, call, report, on_answer))
+                    # A call cancelled before it began never runs its own cleanup: this does it.
+                    task.add_done_callback(partial(self._release_unstarted, call))
                     if i == 0:
                         # The first call goes alone: a bad key, model or URL then costs one
                         # request, not `concurrency` of them.
@@ -146,6 +156,37 @@ class Dispatcher:
             raise
         return report
 
+    async def _admit(self, job: Job) -> _Call | None:
+        """A concurrency slot, the job's worst-case reservation and its turn under the rate limits;
+        None when the budget cannot cover it. Cancelled part-way, it gives back what it took."""
+        await self._slots.acquire()
+        reserved = self.ledger.max_call_cost(job.messages, job.max_new_tokens(self.limits.max_new_tokens))
+        held = False
+        try:
+            if not await self._reserve(reserved):
+                self._slots.release()
+                return None
+            held = True
+            await self._throttle(job)
+        except BaseException:
+            if held:
+                self.ledger.settle(reserved, None)
+            self._slots.release()
+            self._settled.set()
+            raise
+        self._in_flight += 1
+        return _Call(reserved, held=reserved)
+
+    def _release_unstarted(self, call: _Call, _: asyncio.Task) -> None:
+        if not call.started:
+            self.ledger.settle(call.held, None)
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        self._slots.release()
+        self._in_flight -= 1
+        self._settled.set()
+
     async def _reserve(self, amount: float) -> bool:
         while not self.ledger.reserve(amount):
             if self._in_flight == 0:
@@ -159,27 +200,48 @@ class Dispatcher:
         if self._rpm:
             await self._rpm.acquire(1)
         if self._tpm:
-            tokens = prompt_tokens_estimate(job.messages) + self.limits.max_new_tokens
+            tokens = prompt_tokens_estimate(job.messages) + job.max_new_tokens(self.limits.max_new_tokens)
             # aiolimiter refuses an amount above its bucket; such a call waits for a full bucket.
             await self._tpm.acquire(min(tokens, self._tpm.max_rate))
 
-    async def _one(self, job: Job, reserved: float, report: DispatchReport,
+    async def _one(self, job: Job, call: _Call, report: DispatchReport,
                    on_answer: Callable[[Job, Completion], None]) -> None:
-        call = _Call(reserved, held=reserved)
+        work = asyncio.ensure_future(self._complete(job, call, report, on_answer))
         try:
-            completion, usage = await self._call(job.messages, report, call)
+            await asyncio.shield(work)
         except asyncio.CancelledError:
-            # Cancelled mid-call (an auth error elsewhere, a caller that gave up): the server
-            # may still bill it, so the reservation is charged rather than released.
-            self.ledger.charge_reserved(call.held)
+            if work.done():
+                if not work.cancelled():
+                    work.exception()  # retrieved: its outcome was already handled by _complete
+                raise
+            if not call.sending:
+                work.cancel()  # between attempts: nothing is on the wire, so nothing is owed
+                raise
+            # The caller left while the request is out: let it finish (charged what it cost,
+            # its answer handed on and cached) rather than charge its worst case unread.
+            call.abandoned = True
+            self._finishing.add(work)
+            work.add_done_callback(self._finished)
+            raise
+
+    async def _complete(self, job: Job, call: _Call, report: DispatchReport,
+                        on_answer: Callable[[Job, Completion], None]) -> None:
+        call.started = True  # from here its own cleanup releases the slot and the reservation
+        try:
+            completion, usage = await self._call(job, report, call)
+        except asyncio.CancelledError:
+            if call.sending:
+                # Cut off mid-call (an auth error elsewhere, the event loop closing): the server
+                # may still bill it, so the reservation is charged rather than released.
+                self.ledger.charge_reserved(call.held)
+            else:
+                self.ledger.settle(call.held, None)
             raise
         except BaseException:
             self.ledger.settle(call.held, None)  # a fatal error: this attempt was refused, not billed
             raise
         finally:
-            self._slots.release()
-            self._in_flight -= 1
-            self._settled.set()
+            self._release_slot()
         completion.cost_usd = call.charged + self.ledger.settle(call.held, usage)
         if completion.error is None:
             report.ok += 1
@@ -187,15 +249,20 @@ class Dispatcher:
             report.failed += 1
         on_answer(job, completion)
 
-    async def _call(self, messages: list[dict], report: DispatchReport, call: _Call) -> tuple[Completion, dict | None]:
+    def _finished(self, work: asyncio.Task) -> None:
+        self._finishing.discard(work)
+        if not work.cancelled() and work.exception() is not None:
+            log.warning("a teacher call finished after its caller left, and failed: %s", work.exception())
+
+    async def _call(self, job: Job, report: DispatchReport, call: _Call) -> tuple[Completion, dict | None]:
         """The answer and its usage, or a failed Completion and None once retries are spent."""
         try:
-            completion = await self._call_with_retries(messages, report, call)
+            completion = await self._call_with_retries(job, report, call)
         except TeacherCallError as err:
             return Completion(text="", source=self.teacher.spec, error=str(err), finish_reason="error"), None
         return completion, completion.usage
 
-    async def _call_with_retries(self, messages: list[dict], report: DispatchReport, call: _Call) -> Completion:
+    async def _call_with_retries(self, job: Job, report: DispatchReport, call: _Call) -> Completion:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.limits.max_retries + 1),
             wait=wait_retry_after(
@@ -206,24 +273,32 @@ class Dispatcher:
             before_sleep=_log_retry,
             reraise=True,
         )
-        return await retrying(self._attempt, messages, report, call)
+        return await retrying(self._attempt, job, report, call)
 
-    async def _attempt(self, messages: list[dict], report: DispatchReport, call: _Call) -> Completion:
+    async def _attempt(self, job: Job, report: DispatchReport, call: _Call) -> Completion:
+        if call.abandoned:
+            raise TeacherCallError(ABANDONED_RETRY)
         if call.held == 0 and call.reserved and not self.ledger.reserve(call.reserved):
             # The last attempt was charged as possibly billed and another one no longer fits.
             report.budget_stop = True
             raise TeacherCallError(BUDGET_RETRY)
         call.held = call.reserved
         report.attempts += 1
+        call.sending = True  # left set if this await is cancelled: the request may be out
         try:
-            completion = await self.teacher.complete(messages)
+            if job.params:
+                completion = await self.teacher.complete(job.messages, job.params)
+            else:
+                completion = await self.teacher.complete(job.messages)
         except TeacherCallError as err:
+            call.sending = False
             self._count_connection(err)
             if err.billable:
                 call.charged += self.ledger.charge_reserved(call.held)
                 call.held = 0.0
                 self._settled.set()
             raise
+        call.sending = False
         self._connect_failures = 0
         return completion
 
@@ -245,14 +320,19 @@ class Dispatcher:
 @dataclass
 class _Call:
     """One job's attempts: the worst case of one attempt, the reservation held for the next
-    send (0 once an unknown-outcome attempt was charged it), and what such attempts cost."""
+    send (0 once an unknown-outcome attempt was charged it), and what such attempts cost;
+    whether its task began, whether a request is on the wire, whether its caller left."""
 
     reserved: float
     held: float = 0.0
     charged: float = 0.0
+    started: bool = False
+    sending: bool = False
+    abandoned: bool = False
 
 
 BUDGET_RETRY = "not retried: teacher.budget_usd would have been exceeded (earlier attempts may have been billed)"
+ABANDONED_RETRY = "not retried: the caller left"
 
 
 def _log_retry(retry_state) -> None:

@@ -16,6 +16,7 @@ from pipeline.llm.completion import Completion
 class LocalTeacher:
     in_process = True
     price = None  # nothing to pay for
+    forwards: frozenset[str] = frozenset()  # it decodes greedily with its own settings
 
     def __init__(self, model_ref: str, max_new_tokens: int, temperature: float = 0.0, labels: list[str] | None = None,
                  score_labels: list[str] | None = None):
@@ -62,7 +63,9 @@ class LocalTeacher:
             identity["scores_labels"] = True
         return identity
 
-    async def complete(self, messages: list[dict]) -> Completion:
+    async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
+        if params:
+            raise ValueError(f"{self.spec} decodes with its own settings; it takes no request parameters")
         return (await self.complete_batch([messages]))[0]
 
     async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class OpenAITeacher:
     in_process = False
     KEY_ENV = "OPENAI_API_KEY"
+    forwards = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+                          "response_format"})
 
     def __init__(self, model: str, cfg, api_key: str, labels: list[str] | None = None):
         self.spec = f"openai:{model}"
@@ -84,8 +86,9 @@ class OpenAITeacher:
             await self._client.close()
             self._client = None
 
-    async def complete(self, messages: list[dict]) -> Completion:
-        """One chat completion; raises TeacherCallError (maybe retryable) or TeacherAuthError."""
+    async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
+        """One chat completion; raises TeacherCallError (maybe retryable) or TeacherAuthError.
+        `params`: the client's own (the proxy), sent as given; the label constraint then stays off."""
         import openai
 
         start = time.perf_counter()
@@ -96,7 +99,7 @@ class OpenAITeacher:
             if variant[0] in skip_mode:
                 continue
             try:
-                response = await self._create(messages, variant)
+                response = await self._create(messages, variant, params)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
                 # Some compatible servers reject `logprobs` or a `response_format` shape: ask
                 # again with less, one step at a time; the request that works says what was refused.
@@ -119,28 +122,31 @@ class OpenAITeacher:
             for note in self._asking.settle(variant):
                 log.warning("%s %s (HTTP %s)", self.spec, note.removeprefix("the server "), refused.status_code)
                 self.notes.append(note)
-            return self._to_completion(response, int((time.perf_counter() - start) * 1000))
+            return self._to_completion(response, int((time.perf_counter() - start) * 1000), unwrap=params is None)
         raise self._translate(refused) from None
 
     async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
         """Unthrottled, unretried; the service goes through dispatch.py instead."""
         return list(await asyncio.gather(*(self.complete(c) for c in conversations)))
 
-    async def _create(self, messages: list[dict], variant: tuple[str | None, bool]):
+    async def _create(self, messages: list[dict], variant: tuple[str | None, bool], sent: dict | None = None):
         schema_mode, logprobs = variant
-        params = request_params(self.model, self.max_new_tokens, self.temperature, logprobs)
-        if schema_mode is not None:
-            params["response_format"] = label_format(self.labels, schema_mode)
+        if sent is not None:
+            params = forwarded_params(self.model, sent, logprobs)
+        else:
+            params = request_params(self.model, self.max_new_tokens, self.temperature, logprobs)
+            if schema_mode is not None:
+                params["response_format"] = label_format(self.labels, schema_mode)
         return await self._get_client().chat.completions.create(model=self.model, messages=messages, **params)
 
-    def _to_completion(self, response, latency_ms: int) -> Completion:
+    def _to_completion(self, response, latency_ms: int, unwrap: bool = True) -> Completion:
         if not getattr(response, "choices", None):
             raise unreadable_error("no choices")
         choice = response.choices[0]
         usage = response.usage
         text = (choice.message.content or "").strip()
         return Completion(
-            text=unwrap_label(text, self.labels) if self.labels else text,
+            text=unwrap_label(text, self.labels) if self.labels and unwrap else text,
             source=self.spec,
             prompt_tokens=(usage.prompt_tokens or 0) if usage else None,
             completion_tokens=(usage.completion_tokens or 0) if usage else None,
@@ -166,6 +172,19 @@ def request_params(model: str, max_new_tokens: int, temperature: float, logprobs
     # logprobs when the field is present.
     extra = {"logprobs": True, "top_logprobs": 0} if logprobs else {}
     return {"max_tokens": max_new_tokens, "temperature": temperature, **extra}
+
+
+def forwarded_params(model: str, sent: dict, logprobs: bool) -> dict[str, Any]:
+    """A client's own parameters as its request sent them, plus token logprobs when the teacher asks
+    for them (they change nothing in the answer); a reasoning model's max_tokens under its name."""
+    params = dict(sent)
+    if REASONING_MODEL.match(model):
+        if "max_tokens" in params:
+            params["max_completion_tokens"] = params.pop("max_tokens")
+        return params
+    if logprobs:
+        params.update(logprobs=True, top_logprobs=0)
+    return params
 
 
 @dataclass

@@ -29,6 +29,9 @@ class Teacher(Protocol):
     # What a caller should record about this teacher's answers, appended as it learns them
     # (e.g. "the server refused logprobs; answers carry none").
     notes: list[str]
+    # Request parameters `complete` can send as a client gave them (the proxy), in place of the
+    # teacher's own max_new_tokens / temperature; empty for an in-process teacher.
+    forwards: frozenset[str]
 
     @classmethod
     def from_config(cls, model: str, cfg: TeacherConfig, labels: list[str] | None = None) -> Teacher:
@@ -40,8 +43,9 @@ class Teacher(Protocol):
         """Provider, model and generation params: everything that changes the answer (the cache key).
         Never the API key."""
 
-    async def complete(self, messages: list[dict]) -> Completion:
-        """One answer. Network teachers raise TeacherCallError (maybe retryable) or TeacherAuthError."""
+    async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
+        """One answer. Network teachers raise TeacherCallError (maybe retryable) or TeacherAuthError.
+        `params` (keys within `forwards`): sent as given instead of the teacher's own settings."""
 
     async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
         """One answer per conversation, in order. Unthrottled and unretried: the service adds those."""

@@ -11,7 +11,14 @@ so each gets the same guarantees:
   ledger (price, `teacher.budget_usd`); an in-process one generates in batches of
   `teacher.batch_size`, free;
 - one answer in flight per distinct prompt: concurrent `answer` calls on one event loop that
-  want the same prompt share the one call (a router asks once per request, concurrently).
+  want the same prompt share the one call (a router asks once per request, concurrently);
+- `params`: request parameters forwarded as a client sent them (the proxy: max_tokens,
+  temperature, response_format, ...) instead of the teacher's own, part of the cache key.
+
+A server (the router, the proxy) builds it with `ledger_path` (its spend kept across restarts)
+and `charge_cached=False`: an answer found in the cache costs it nothing, while capture counts
+what its cached answers cost against `teacher.budget_usd` (so a rerun with the same budget buys
+nothing more).
 
     service = TeacherService.from_config(recipe.teacher, cache_path=recipe.capture.cache)
     answers = service.answer_sync(conversations)          # or: await service.answer(conversations)
@@ -92,26 +99,31 @@ class _LoopState:
 
 
 class TeacherService:
-    def __init__(self, teacher: Teacher, cfg: TeacherConfig, cache: TeacherCache, progress: str | None = None):
+    def __init__(self, teacher: Teacher, cfg: TeacherConfig, cache: TeacherCache, progress: str | None = None,
+                 ledger_path: Path | None = None, charge_cached: bool = True):
         """`cfg` is the recipe's TeacherConfig (limits, retries, budget, batch size). `progress`
-        names a progress bar over the calls (capture's); None shows none (a server)."""
+        names a progress bar over the calls (capture's); None shows none (a server).
+        `ledger_path`: the ledger's store (ledger.py); `charge_cached`: module docstring."""
         self.teacher = teacher
         self.identity = teacher.identity()
         self.cache = cache
         self.progress = progress
         self._batch_size = cfg.batch_size
         self._limits = Limits.from_config(cfg)
-        self.ledger = None if teacher.in_process else Ledger(teacher.price, cfg.budget_usd)
+        self._charge_cached = charge_cached
+        self.ledger = None if teacher.in_process else Ledger(teacher.price, cfg.budget_usd, store=ledger_path)
         self._counts = _Counts()
         self._accounted: set[str] = set()  # keys whose cost is already in the ledger (bought or cached)
         self._state: _LoopState | None = None
 
     @classmethod
     def from_config(cls, cfg: TeacherConfig, cache_path: Path | str, labels: list[str] | None = None,
-                    progress: str | None = None) -> TeacherService:
+                    progress: str | None = None, ledger_path: Path | None = None,
+                    charge_cached: bool = True) -> TeacherService:
         """The recipe's teacher (`cfg.spec`) behind the cache at `cache_path` (":memory:" keeps
         it in memory). `labels`: the task's labels on a classification task, else None."""
-        return cls(build_teacher(cfg.spec, cfg, labels), cfg, TeacherCache(cache_path), progress)
+        return cls(build_teacher(cfg.spec, cfg, labels), cfg, TeacherCache(cache_path), progress,
+                   ledger_path=ledger_path, charge_cached=charge_cached)
 
     @property
     def price(self) -> Price | None:
@@ -119,23 +131,29 @@ class TeacherService:
 
     # ------------------------------------------------------------ asking
 
-    def keys(self, conversations: list[list[dict]], samples: list[int] | None = None) -> list[str]:
+    def keys(self, conversations: list[list[dict]], samples: list[int] | None = None,
+             params: dict | None = None) -> list[str]:
         """The cache key of each conversation (sample: which of `teacher.n` answers it is)."""
         samples = samples if samples is not None else [0] * len(conversations)
-        return [cache_key(self.identity, m, s) for m, s in zip(conversations, samples, strict=True)]
+        return [cache_key(self.identity, m, s, params) for m, s in zip(conversations, samples, strict=True)]
 
-    async def answer(self, conversations: list[list[dict]], samples: list[int] | None = None) -> list[Completion]:
+    async def answer(self, conversations: list[list[dict]], samples: list[int] | None = None,
+                     params: dict | None = None) -> list[Completion]:
         """One Completion per conversation, in order: cached, else bought (each distinct prompt
-        once, however many conversations or concurrent callers want it)."""
+        once, however many conversations or concurrent callers want it). `params`: forwarded
+        request parameters (module docstring); a network teacher only."""
+        if params and self.ledger is None:
+            raise ValueError(f"{self.teacher.spec} answers with its own settings; request parameters need a "
+                             "network teacher")
         samples = samples if samples is not None else [0] * len(conversations)
-        keys = self.keys(conversations, samples)
+        keys = self.keys(conversations, samples, params)
         state = self._loop_state()
         wanted = list(dict.fromkeys(keys))
         joined = {k: state.pending[k] for k in wanted if k in state.pending}
         answers = self.cache.get_many([k for k in wanted if k not in joined])
         self._count_lookup(keys, answers, joined)
         messages, sample_of = dict(zip(keys, conversations)), dict(zip(keys, samples))
-        todo = [Job(k, messages[k]) for k in wanted if k not in answers and k not in joined]
+        todo = [Job(k, messages[k], params or None) for k in wanted if k not in answers and k not in joined]
         for job in todo:
             state.pending[job.key] = state.loop.create_future()
         try:
@@ -149,7 +167,7 @@ class TeacherService:
                 future.set_result(self._not_sent())
             answers[job.key] = future.result()
         for key, future in joined.items():
-            answers[key] = await self._await_joined(future, messages[key], sample_of[key])
+            answers[key] = await self._await_joined(future, messages[key], sample_of[key], params)
         return [answers[k] for k in keys]
 
     def answer_sync(self, conversations: list[list[dict]], samples: list[int] | None = None) -> list[Completion]:
@@ -178,11 +196,14 @@ class TeacherService:
 
     async def aclose(self) -> None:
         await self.teacher.aclose()
-        self.cache.close()
+        self.close()
 
     def close(self) -> None:
-        """For answer_sync callers: their connections are already closed; this closes the cache."""
+        """For answer_sync callers: their connections are already closed; this closes the cache
+        (and the ledger's store)."""
         self.cache.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     # ------------------------------------------------------------ report
 
@@ -223,7 +244,7 @@ class TeacherService:
         for key, completion in cached.items():
             if key not in self._accounted:
                 self._accounted.add(key)
-                if self.ledger is not None:
+                if self.ledger is not None and self._charge_cached:
                     self.ledger.count_cached(completion.cost_usd)
 
     async def _buy(self, todo: list[Job], state: _LoopState) -> None:
@@ -240,7 +261,9 @@ class TeacherService:
                 self._counts.ok += 1
             else:
                 self._counts.failed += 1
-            state.pending[job.key].set_result(completion)
+            future = state.pending.get(job.key)
+            if future is not None and not future.done():  # else its caller left (dispatch.py): cached only
+                future.set_result(completion)
             bar.update(1)
             if self.ledger is not None:
                 bar.set_postfix_str(f"${self.ledger.total_usd:.4f}", refresh=False)
@@ -278,7 +301,8 @@ class TeacherService:
             else:
                 future.cancel()
 
-    async def _await_joined(self, future: asyncio.Future, messages: list[dict], sample: int) -> Completion:
+    async def _await_joined(self, future: asyncio.Future, messages: list[dict], sample: int,
+                            params: dict | None) -> Completion:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -286,7 +310,7 @@ class TeacherService:
             if not future.cancelled() or (current is not None and current.cancelling()):
                 raise  # this caller itself was cancelled
         # The caller that was buying it was cancelled, not us: buy it ourselves.
-        [completion] = await self.answer([messages], [sample])
+        [completion] = await self.answer([messages], [sample], params)
         return completion
 
     def _not_sent(self) -> Completion:
