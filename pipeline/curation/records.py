@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import CurateConfig
 from pipeline.llm.scoring import posterior
-from pipeline.task import Task
+from pipeline.task import Task, agrees, gold_text
 
 _SPACE = re.compile(r"\s+")
 
@@ -76,8 +76,7 @@ def to_example(record: dict, task: Task) -> dict:
     prompt = normalize_text(_last(record.get("messages", []), "user"))
     answer = normalize_text(_last(record.get("messages", []), "assistant"))
     label = task.normalize_label(answer) if task.kind == "classification" and answer else None
-    gold = meta.get("gold")
-    gold = "" if gold is None else str(gold)
+    gold = gold_text(meta.get("gold"))
     logprob = mean_logprob(meta.get("logprobs"))
     sample = {"id": str(record.get("id", "")), "completion": answer, "label": label, "logprob": logprob,
               "finish_reason": meta.get("finish_reason") or "stop"}
@@ -96,7 +95,8 @@ def to_example(record: dict, task: Task) -> dict:
         "finish_reason": sample["finish_reason"],
         "error": meta.get("error"),
         "sample": meta.get("sample"),
-        "gold_agrees": bool(gold) and (label or answer) == gold,
+        "gold_agrees": bool(gold) and (agrees(task, answer, gold) if task.kind == "extraction"
+                                       else (label or answer) == gold),
         "samples": [sample],
     }
 
