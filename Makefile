@@ -157,6 +157,7 @@ bench: $(DEV)
 	$(BIN)/python bench/bench_teacher_prompt.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_serving.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_cost.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_structured.py $(BENCH_ARGS)
 	$(BIN)/python bench/report.py --results $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--no-readme)
 
 # The GPU tier as a bench (tests/test_gpu.py at the mistral7b shape): skips cleanly, writing
