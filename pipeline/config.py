@@ -95,7 +95,7 @@ class TeacherConfig(Section):
     backoff_initial_s: float = Field(1.0, gt=0, description="First retry wait; doubles per retry, with jitter.")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between retries (also caps Retry-After).")
     price: PriceConfig | None = Field(
-        None, description="Price of this teacher; overrides pipeline/teachers/prices.yaml."
+        None, description="Price of this teacher; overrides pipeline/prices.yaml."
     )
     allow_unpriced: bool = Field(False, description="Run a teacher with no known price (cost recorded as 0).")
     budget_usd: float | None = Field(
@@ -383,6 +383,34 @@ class EvalCostConfig(Section):
         description="Price of the machine serving the student, US$/hour (default: a 2-vCPU cloud VM, ~$0.10/h); "
         "also prices an in-process local teacher by its measured latency.",
     )
+    teacher_priced_as: str | None = Field(
+        None,
+        description="Also price the teacher as this API (provider:model from pipeline/prices.yaml, e.g. "
+        "openai:gpt-4o-mini): its measured prompt and completion tokens per request at that list price, shown "
+        "beside the measured figure as 'priced as ...' with what routing saves against it. Not a bill: the "
+        "tokens are counted in the teacher's own tokenizer.",
+    )
+    teacher_price: PriceConfig | None = Field(
+        None, description="An explicit price for `teacher_priced_as` (needed when the table does not list it).",
+    )
+
+    @model_validator(mode="after")
+    def _priced_as_known(self) -> EvalCostConfig:
+        from pipeline.prices import nearest_specs, priced_as
+
+        spec = self.teacher_priced_as
+        if self.teacher_price is not None and spec is None:
+            raise ValueError("eval.cost.teacher_price needs eval.cost.teacher_priced_as (the name it is shown under)")
+        if spec is None or self.teacher_price is not None:
+            return self
+        if ":" not in spec:
+            raise ValueError(f"eval.cost.teacher_priced_as '{spec}' must be provider:model, e.g. openai:gpt-4o-mini")
+        if priced_as(spec) is None:
+            near = nearest_specs(spec)
+            hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+            raise ValueError(f"eval.cost.teacher_priced_as: '{spec}' is not in pipeline/prices.yaml{hint}; or give "
+                             "eval.cost.teacher_price")
+        return self
 
 
 class EvalConfig(Section):
