@@ -162,6 +162,7 @@ bench: $(DEV)
 	$(BIN)/python bench/bench_teacher_prompt.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_serving.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_cost.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_structured.py $(BENCH_ARGS)
 	$(BIN)/python bench/report.py --results $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--no-readme)
 
 # The GPU tier as a bench (bench/bench_gpu.py: preflight, tests/test_gpu.py, the A10G-capped 7B

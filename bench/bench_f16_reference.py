@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.export.parity import forced_references, logprob_gap
     from pipeline.llm.gguf_runtime import GgufModel
     from pipeline.llm.loading import cache_root, load_tokenizer, resolve_model
-    from pipeline.task import Task
+    from pipeline.conversation import user_turn
 
     folder = Path(resolve_model("embedded:smollm2-135m-instruct"))
     tokenizer = load_tokenizer(str(folder))
     lines = (ROOT / "data" / "prompts.jsonl").read_text().splitlines()[: 1 if args.quick else args.prompts]
-    convs = [Task.student_messages(json.loads(line)["prompt"]) for line in lines]
+    convs = [user_turn(json.loads(line)["prompt"]) for line in lines]
     gaps = {}
     with tempfile.TemporaryDirectory() as tmp:
         f16 = export_gguf(folder, ["f16"], Path(tmp), cache_root())[0].path

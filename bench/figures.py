@@ -279,6 +279,31 @@ def cost(r: dict) -> list[dict]:
     ]
 
 
+def structured(r: dict) -> list[dict]:
+    arms = r["arms"]
+    chosen = r["lowest_per_token_cost"]
+    base = arms[chosen]
+    free = arms["unconstrained"]
+    out = []
+    for name, arm in arms.items():
+        if name == "unconstrained":
+            continue
+        other = name != chosen
+        out.append(fig(f"structured decoding, {name}: mask + advance µs per token ({r['replayed_tokens']:,} tokens "
+                       "of gold records replayed)", arm["us_per_token"], "µs", better="lower",
+                       baseline=base["us_per_token"] if other else None, baseline_name=chosen, headline=True))
+        out.append(fig(f"structured decoding, {name}: setup s (vocabulary index + schema compile)", arm["setup_s"], "s",
+                       better="lower", baseline=base["setup_s"] if other else None, baseline_name=chosen))
+        out.append(fig(f"structured decoding, {name}: generate ms per token, SmolLM2-135M, batch {r['prompts']}",
+                       arm["generate_ms_per_token"], "ms", better="lower", baseline=free["generate_ms_per_token"],
+                       baseline_name="unconstrained"))
+        out.append(fig(f"structured decoding, {name}: schema-valid answers of {r['prompts']}", arm["schema_valid"],
+                       "answers", baseline=r["prompts"], baseline_name="prompts", headline=not other))
+    out.append(fig(f"unconstrained SmolLM2-135M: schema-valid answers of {r['prompts']}", free["schema_valid"],
+                   "answers", baseline=r["prompts"], baseline_name="prompts", headline=True))
+    return out
+
+
 def generic(r: dict, prefix: str = "") -> list[dict]:
     """A result no extractor knows (e.g. the GPU tier's): every numeric leaf, no baseline."""
     out = []
@@ -306,6 +331,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
     "serving": serving, "cost": cost, "f16_reference": f16_reference, "router_soak": router_soak,
+    "structured": structured,
 }
 
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 QUICK_RESULTS = ROOT / "bench" / "results-quick"
 PACKAGES = ("torch", "transformers", "peft", "trl", "llama-cpp-python", "datasets", "accelerate",
-            "bitsandbytes", "sentence-transformers", "fastapi", "uvicorn")
+            "bitsandbytes", "sentence-transformers", "fastapi", "uvicorn", "xgrammar", "llguidance", "outlines-core")
 _STARTED: dict[str, float | tuple] = {}
 
 

@@ -75,6 +75,12 @@ class TeacherConfig(Section):
         "decoding); an openai: teacher is sent a response_format JSON-schema enum of them, whose "
         "{\"label\": ...} wrapper counts against max_new_tokens (dropped when the server refuses it).",
     )
+    constrain_to_schema: bool = Field(
+        True,
+        description="Extraction task: the local teacher decodes under the task's output_schema (structured "
+        "decoding, xgrammar), so every answer parses and validates; an openai: teacher is sent it as "
+        "response_format json_schema with strict=true (dropped when the server refuses it).",
+    )
     base_url: str | None = Field(
         None, description="API base URL (openai:/anthropic:), e.g. http://127.0.0.1:8080/v1; default the provider's."
     )
@@ -542,14 +548,28 @@ class RouterConfig(Section):
     quality_target: float = Field(
         0.9, gt=0, le=1, description="Agreement with the teacher the router must keep on answered requests."
     )
-    signal: Literal["mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin"] = Field(
+    signal: Literal["mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin",
+                    "field_prob"] = Field(
         "mean_logprob",
         description="Confidence signal the threshold is set on (pipeline/llm/policy.py SIGNALS): "
         "mean_logprob / min_logprob / p10_logprob = average / lowest / 10th-percentile log-probability of the "
-        "answer's tokens (min and p10 are not biased by length); logistic = a logistic regression over those "
+        "answer's tokens (mean and p10 are not biased by length; min is: a longer answer has a lower minimum); logistic = a logistic regression over those "
         "features, fitted on half of validation (threshold chosen on the other half); "
         "label_prob / label_margin (classification) = temperature-scaled posterior of the answered label "
-        "over the label set / its lead over the runner-up.",
+        "over the label set / its lead over the runner-up; field_prob (extraction) = the calibrated probability "
+        "of the weakest field's value (its tokens' log-probability, temperature fitted per field on "
+        "validation), the escalation reason naming that field.",
+    )
+    structured: bool = Field(
+        True,
+        description="Extraction task: the student decodes under the task's output_schema (structured decoding, "
+        "evaluate and serve alike; written into router_policy.json), so every answer parses and validates. "
+        "false: free generation, an invalid answer is escalated by the schema gate.",
+    )
+    fields: list[str] = Field(
+        default_factory=list,
+        description="Extraction task: the fields the quality target is on (an answer agrees when these fields "
+        "equal the teacher's) and field_prob reads; empty: the whole record (exact match).",
     )
     decode: Literal["generate", "label_posterior"] = Field(
         "generate",

@@ -32,6 +32,13 @@ def evaluate_rows(m: dict, spec: str | None = None) -> list[tuple[str, str]]:
     if "teacher_accuracy" in m:
         rows.append(("gold accuracy: base / tuned / teacher",
                      f"{_ci(m, 'base_accuracy')} / {_ci(m, 'tuned_accuracy')} / {_ci(m, 'teacher_accuracy')}"))
+    if "tuned_field_f1" in m:  # extraction
+        rows.append(("record exact match vs teacher: base / tuned",
+                     f"{_ci(m, 'base_exact_match')} / {_ci(m, 'tuned_exact_match')}"))
+        rows.append(("field F1 vs teacher: base / tuned", f"{_ci(m, 'base_field_f1')} / {_ci(m, 'tuned_field_f1')}"))
+        if "teacher_gold_field_f1" in m:
+            rows.append(("field F1 vs gold: tuned / teacher",
+                         f"{_ci(m, 'tuned_gold_field_f1')} / {_ci(m, 'teacher_gold_field_f1')}"))
     if "local_share" in m:
         rows.append(("routed: local share / agreement", f"{_ci(m, 'local_share')} / {_ci(m, 'system_agreement')}"))
     if "routed_usd_per_1k" in m:

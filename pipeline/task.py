@@ -106,6 +106,13 @@ def load_task(path: Path) -> Task:
         raise DistillError(f"{path}: {loc + ': ' if loc else ''}{first['msg']}") from None
 
 
+def gold_text(value: Any) -> str:
+    """A gold answer as text: "" when absent, a JSON record (extraction gold given as an object) as JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def parse_json(text: str) -> Any | None:
     try:
         return json.loads(text)
@@ -113,12 +120,56 @@ def parse_json(text: str) -> Any | None:
         return None
 
 
-def agrees(task: Task, answer: str, reference: str) -> bool:
-    """Classification: same label after normalisation. Extraction: same JSON. Else equal after trimming."""
+def record_fields(text: str) -> dict[str, Any] | None:
+    """An extraction answer as {field: value}, nested objects flattened to dotted names and absent
+    values (null, [], "") as None; None when the answer is not a JSON object."""
+    value = parse_json(text)
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, Any] = {}
+
+    def walk(obj: dict, prefix: str) -> None:
+        for key, v in obj.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = None if v in (None, [], "", {}) else v
+
+    walk(value, "")
+    return out
+
+
+def same_field(answer: dict[str, Any], reference: dict[str, Any], key: str) -> bool:
+    """One top-level field of two JSON objects agrees (absent, null, [] and "" alike)."""
+    def present(v: Any) -> Any:
+        return None if v in (None, [], "", {}) else v
+
+    return same_value(present(answer.get(key)), present(reference.get(key)))
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Field equality: a list is a set of items (order does not matter), 2 == 2.0, true is not 1."""
+    if isinstance(a, list) and isinstance(b, list):
+        return sorted(map(_canonical, a)) == sorted(map(_canonical, b))
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def agrees(task: Task, answer: str, reference: str, fields: list[str] | tuple[str, ...] | None = None) -> bool:
+    """Classification: same label after normalisation. Extraction: the same record, every field
+    equal (`same_value`), or only `fields` when given. Else equal after trimming."""
     if task.kind == "classification":
         label = task.normalize_label(answer)
         return label is not None and label == task.normalize_label(reference)
     if task.kind == "extraction":
-        a, r = parse_json(answer), parse_json(reference)
-        return a is not None and a == r
+        a, r = record_fields(answer), record_fields(reference)
+        if a is None or r is None:
+            return False
+        keys = list(fields) if fields else sorted(set(a) | set(r))
+        return all(same_value(a.get(k), r.get(k)) for k in keys)
     return answer.strip() == reference.strip()

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pipeline.conversation import (
-    StudentView, Unsupported, read_messages, read_student_view, request_params, resolve_student_input, split_answer,
+    Unsupported, read_messages, read_student_view, request_params, resolve_student_input, split_answer,
     student_messages, write_student_view,
 )
 from pipeline.task import Task, WorkedExample

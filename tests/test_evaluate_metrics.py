@@ -10,8 +10,10 @@ from pipeline.evaluation.metrics import (
     INVALID,
     classification_figures,
     confusion,
-    field_prf,
+    extraction_figures,
     macro_f1,
+    most_often_wrong,
+    per_field,
     per_label,
 )
 from pipeline.stats import Figure, bootstrap, mean_figure
@@ -32,12 +34,53 @@ def test_macro_f1_and_per_label_on_handmade_predictions():
     assert figs["macro_f1"].lo <= figs["macro_f1"].value <= figs["macro_f1"].hi
 
 
-def test_json_field_f1():
-    ref = '{"name": "Ann", "city": "Oslo", "order": {"id": 7}}'
-    assert field_prf(ref, ref) == (1.0, 1.0, 1.0)
-    p, r, f = field_prf('{"name": "Ann", "city": "Bergen"}', ref)
-    assert (p, r) == (0.5, pytest.approx(1 / 3)) and f == pytest.approx(0.4)
-    assert field_prf("not json", ref) == (0.0, 0.0, 0.0)
+# Four records, hand-scored field by field (P = present value; absent = null, [] or missing):
+#   1: id tp, name wrong (fp+fn), amount 5.0 == 5 tp, items in another order tp, note both absent,
+#      an extra key the reference lacks (fp)                            -> tp 3, fp 2, fn 1
+#   2: not JSON: every present reference value missed (id, amount, note) -> tp 0, fp 0, fn 3
+#   3: amount given where the reference has none (fp), items missing (fn) -> tp 2, fp 1, fn 1
+#   4: the reference exactly, spaced differently                       -> tp 5
+# micro: tp 10, fp 3, fn 5 -> P 10/13, R 2/3, F1 5/7; exact match 1/4; parses 3/4.
+REFERENCES = [
+    '{"id": "A1", "name": "Ann", "amount": 5, "items": ["x", "y"], "note": null}',
+    '{"id": "B2", "name": null, "amount": 7, "items": [], "note": "gift"}',
+    '{"id": "C3", "name": "Cy", "amount": null, "items": ["z"], "note": null}',
+    '{"id": "D4", "name": "Di", "amount": 1, "items": ["q"], "note": "n"}',
+]
+ANSWERS = [
+    '{"id": "A1", "name": "Anne", "amount": 5.0, "items": ["y", "x"], "extra": "z"}',
+    'not json',
+    '{"id": "C3", "name": "Cy", "amount": 3, "note": null}',
+    '{"id":"D4","name":"Di","amount":1,"items":["q"],"note":"n"}',
+]
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "name", "amount", "items", "note"],
+          "properties": {"id": {"type": "string"}, "name": {"type": ["string", "null"]},
+                         "amount": {"type": ["number", "null"]}, "items": {"type": "array"},
+                         "note": {"type": ["string", "null"]}}}
+
+
+def test_field_level_metrics_match_hand_computed_values_with_missing_and_extra_fields():
+    figs = extraction_figures(ANSWERS, REFERENCES, SCHEMA, reps=200, seed=0)
+    assert figs["field_precision"].value == pytest.approx(10 / 13)
+    assert figs["field_recall"].value == pytest.approx(2 / 3)
+    assert figs["field_f1"].value == pytest.approx(5 / 7)
+    assert figs["exact_match"].value == 0.25 and figs["parse_rate"].value == 0.75
+    assert figs["schema_valid_rate"].value == 0.25  # 1: extra key, note missing; 3: items missing
+    assert figs["field_f1"].lo <= 5 / 7 <= figs["field_f1"].hi and figs["field_f1"].n == 4
+    table = per_field(ANSWERS, REFERENCES)
+    assert list(table) == ["id", "name", "amount", "items", "note", "extra"]
+    assert table["name"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                             "f1": pytest.approx(2 / 3), "accuracy": 0.75, "support": 3, "wrong": 1}
+    assert (table["amount"]["wrong"], table["amount"]["support"]) == (2, 3)
+    assert table["id"]["precision"] == 1.0 and table["id"]["recall"] == 0.75
+    assert table["items"]["recall"] == pytest.approx(2 / 3) and table["note"]["recall"] == 0.5
+    assert table["extra"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 0.75, "support": 0, "wrong": 1}
+    assert most_often_wrong(table) == ["amount", "id", "name"]
+
+
+def test_an_answer_identical_to_the_reference_scores_one_everywhere():
+    figs = extraction_figures(REFERENCES, REFERENCES, SCHEMA, reps=100, seed=0)
+    assert all(figs[k].value == 1.0 for k in ("field_f1", "exact_match", "parse_rate", "schema_valid_rate"))
 
 
 def test_bootstrap_ci_covers_the_true_rate_at_about_the_nominal_rate():

@@ -14,7 +14,6 @@ import gc
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from pipeline.artifacts import Manifest, hash_outputs, write_manifest

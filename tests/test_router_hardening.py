@@ -26,7 +26,7 @@ from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
 from pipeline.llm.policy import Policy
 from fault_server import FaultServer
-from test_router import MESSAGES, MODEL
+from test_router import MODEL
 from test_router_escalation import TASK, teacher_for
 from waiting import wait_for
 

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.config import CurateConfig
 from pipeline.conversation import SYSTEM_ROLES, Shape, dialogue_text, student_messages
 from pipeline.llm.scoring import posterior
-from pipeline.task import Task
+from pipeline.task import Task, agrees, gold_text
 
 _SPACE = re.compile(r"\s+")
 
@@ -105,8 +105,7 @@ def to_example(record: dict, task: Task, shape: Shape) -> dict:
     meta = record.get("meta") or {}
     messages, answer = read_conversation(record)
     label = task.normalize_label(answer) if task.kind == "classification" and answer else None
-    gold = meta.get("gold")
-    gold = "" if gold is None else str(gold)
+    gold = gold_text(meta.get("gold"))
     logprob = mean_logprob(meta.get("logprobs"))
     sample = {"id": str(record.get("id", "")), "completion": answer, "label": label, "logprob": logprob,
               "finish_reason": meta.get("finish_reason") or "stop"}
@@ -125,7 +124,8 @@ def to_example(record: dict, task: Task, shape: Shape) -> dict:
         "finish_reason": sample["finish_reason"],
         "error": meta.get("error"),
         "sample": meta.get("sample"),
-        "gold_agrees": bool(gold) and (label or answer) == gold,
+        "gold_agrees": bool(gold) and (agrees(task, answer, gold) if task.kind == "extraction"
+                                       else (label or answer) == gold),
         "samples": [sample],
     }, shape)
 

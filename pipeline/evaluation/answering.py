@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pipeline.config import Recipe
 from pipeline.conversation import Shape, conversation_of, student_messages
-from pipeline.llm.answer import Serving, answer_as_served
+from pipeline.llm.answer import Serving, answer_as_served, served_schema
 from pipeline.llm.completion import Completion
 from pipeline.llm.generate import PrefixCache, generate_batch
 from pipeline.task import Task
@@ -37,7 +37,7 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
     """Answers in batches, timed. The tuned student answers as served (`answer_as_served` on what
     it sees of each conversation, in `shape`, decoded as `router.decode` says, every label scored
     on a classification task, which the label signals read); the base student, told the task,
-    greedy and constrained to the labels."""
+    greedy and constrained as the student is (to the labels, or to an extraction task's schema)."""
     labels = task.labels if task.kind == "classification" else None
     start = time.perf_counter()
 
@@ -46,7 +46,7 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
 
     if base_prompt is None:
         convs = [student_messages(conversation_of(r), shape) for r in rows]
-        completions = answer_as_served(model, tokenizer, convs, Serving.of(recipe, labels), source=desc,
+        completions = answer_as_served(model, tokenizer, convs, Serving.of(recipe, task), source=desc,
                                        progress=progress)
         return Answers(completions, time.perf_counter() - start)
     prefix = PrefixCache()  # the instructions, run once for every batch
@@ -54,5 +54,5 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
     for i in progress(range(0, len(rows), size)):
         convs = [base_conversation(task, conversation_of(r), base_prompt, shape) for r in rows[i : i + size]]
         completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, labels=labels,
-                                      source=desc, prefix_cache=prefix)
+                                      source=desc, prefix_cache=prefix, schema=served_schema(recipe, task))
     return Answers(completions, time.perf_counter() - start)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from pipeline.llm.completion import Completion
+from pipeline.task import parse_json, same_field
 
 
 def fit_temperature(completions: list[Completion], targets: list[str | None]) -> float:
@@ -35,6 +36,47 @@ def fit_temperature(completions: list[Completion], targets: list[str | None]) ->
 
     found = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
     return float(math.exp(found.x))
+
+
+MIN_OUTCOMES = 2  # a field is fitted alone with at least this many right and this many wrong values
+
+
+def fit_field_temperatures(completions: list[Completion], references: list[str]) -> dict[str, float]:
+    """Per field, the temperature T for which p = exp(logprob / T) of its value best predicts "this
+    field equals the teacher's" (negative log-likelihood, as the label posterior's temperature is
+    fitted); "*" pools every field and stands in for a field with too few right or wrong values
+    to fit alone. A logprob sums over a value's tokens, so a long value (a list, a name) has a low
+    one even when right: a field's own T puts fields on one scale before the minimum is taken."""
+    from scipy.optimize import minimize_scalar
+
+    rows: dict[str, list[tuple[float, bool]]] = {}
+    for c, reference in zip(completions, references):
+        answer, ref = parse_json(c.text), parse_json(reference)
+        if not c.field_logprobs or not isinstance(answer, dict) or not isinstance(ref, dict):
+            continue
+        for name, lp in c.field_logprobs.items():
+            rows.setdefault(name, []).append((lp, same_field(answer, ref, name)))
+
+    def fit(pairs: list[tuple[float, bool]]) -> float | None:
+        right = sum(ok for _, ok in pairs)
+        if right < MIN_OUTCOMES or len(pairs) - right < MIN_OUTCOMES:
+            return None
+        lp = np.array([x for x, _ in pairs])
+        y = np.array([ok for _, ok in pairs], dtype=float)
+
+        def nll(log_t: float) -> float:
+            p = np.clip(np.exp(lp / math.exp(log_t)), 1e-6, 1 - 1e-6)
+            return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+        return float(math.exp(minimize_scalar(nll, bounds=(math.log(0.05), math.log(50.0)), method="bounded").x))
+
+    pooled = fit([pair for pairs in rows.values() for pair in pairs])
+    temperatures = {"*": pooled or 1.0}
+    for name, pairs in rows.items():
+        fitted = fit(pairs)
+        if fitted is not None:
+            temperatures[name] = fitted
+    return temperatures
 
 
 def auroc(scores: list[float | None], agree: list[bool]) -> float | None:

@@ -18,7 +18,7 @@ from pipeline.artifacts import read_jsonl
 from pipeline.conversation import read_messages, user_turn
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
-from pipeline.task import Task
+from pipeline.task import Task, gold_text
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def read_heldout(path: Path, prompt_field: str, gold_field: str | None) -> list[
         if messages:
             gold = record.get(gold_field) if gold_field else None
             rows.append({"id": str(record.get("id") or f"heldout-{i}"), "messages": messages,
-                         "gold": "" if gold is None else str(gold)})
+                         "gold": gold_text(gold)})
     if not rows:
         raise DistillError(f"{path}: no prompts (expected a '{prompt_field}' field/column or chat 'messages')")
     if len(rows) < len(records):
@@ -69,8 +69,8 @@ def teacher_answers(recipe, task: Task, rows: list[dict]) -> tuple[list[dict], f
     if recipe.teacher.spec.startswith("logs:"):
         raise DistillError("eval.file needs a teacher that can answer new prompts; teacher.spec is "
                            f"{recipe.teacher.spec} (imported answers). Add the file's prompts to the logs instead")
-    labels = task.labels if task.kind == "classification" else None  # as capture asks it
-    service = TeacherService.from_config(recipe.teacher, recipe.capture.cache, labels, progress="evaluate (eval.file teacher)")
+    service = TeacherService.for_task(recipe.teacher, recipe.capture.cache, task,  # as capture asks it
+                                      progress="evaluate (eval.file teacher)")
     try:
         answers: list[Completion] = service.answer_sync(
             [task.teacher_messages(r["messages"], recipe.teacher.few_shot) for r in rows])

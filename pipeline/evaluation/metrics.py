@@ -6,13 +6,12 @@ metrics, JSON field-level F1, and free-text overlap; each headline figure with a
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.stats import Figure, bootstrap, mean_figure
-from pipeline.task import Task, parse_json
+from pipeline.task import Task, parse_json, record_fields, same_value
 
 INVALID = "(invalid)"  # a classification answer that is no label: scored as its own wrong class
 NO_LABEL = "(no label)"  # a reference (teacher answer) that is no label: nothing can agree with it
@@ -57,27 +56,49 @@ def confusion(y_true: list[str], y_pred: list[str], labels: list[str]) -> tuple[
 
 
 # ---------------------------------------------------------------- extraction (JSON)
+#
+# A field counts as an extracted fact when its value is present (not null, [] or ""). Per field
+# and record: both present and equal is a true positive; a present value that is wrong or not in
+# the reference a false positive, and a reference value not matched a false negative (a wrong
+# value is both). Both absent is right but counts in neither precision nor recall, as in slot
+# filling. A field the reference lacks (an extra key) can only be a false positive; an answer that
+# is not a JSON object misses every reference fact.
 
 
-def flatten_fields(obj: Any, prefix: str = "") -> set[tuple[str, str]]:
-    """(dotted field path, JSON-encoded leaf value) pairs: the unit field-level F1 counts."""
-    if isinstance(obj, dict):
-        return set().union(*(flatten_fields(v, f"{prefix}{k}.") for k, v in obj.items())) if obj else set()
-    return {(prefix.rstrip("."), json.dumps(obj, sort_keys=True))}
+@dataclass
+class FieldCounts:
+    """Per-record counts for one field (or summed over fields): arrays of length n records."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    right: np.ndarray  # the value equals the reference's (absent == absent)
+
+    @staticmethod
+    def prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
-def field_prf(answer: str, reference: str) -> tuple[float, float, float]:
-    """Field-level precision, recall, F1 of one JSON answer against the teacher's JSON
-    (an unparseable answer scores 0; two empty objects agree fully)."""
-    ref = flatten_fields(parse_json(reference) or {})
-    got = parse_json(answer)
-    fields = flatten_fields(got) if got is not None else set()
-    if not ref and not fields:
-        return (1.0, 1.0, 1.0) if got is not None else (0.0, 0.0, 0.0)
-    hit = len(ref & fields)
-    p = hit / len(fields) if fields else 0.0
-    r = hit / len(ref) if ref else 0.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+def field_counts(answers: list[str], references: list[str]) -> dict[str, FieldCounts]:
+    """Each field (reference fields first, in order, then extra ones) -> its per-record counts."""
+    got = [record_fields(a) for a in answers]
+    ref = [record_fields(r) or {} for r in references]
+    names = list(dict.fromkeys([k for r in ref for k in r] + [k for g in got if g for k in g]))
+    out = {}
+    for name in names:
+        rows = [_count(g.get(name) if g is not None else None, r.get(name)) for g, r in zip(got, ref)]
+        out[name] = FieldCounts(*(np.array(col, dtype=float) for col in zip(*rows)))
+    return out
+
+
+def _count(answer, reference) -> tuple[int, int, int, int]:
+    if answer is None and reference is None:
+        return 0, 0, 0, 1
+    if answer is not None and reference is not None and same_value(answer, reference):
+        return 1, 0, 0, 1
+    return 0, int(answer is not None), int(reference is not None), 0
 
 
 def schema_valid(answer: str, schema: dict | None) -> bool:
@@ -91,14 +112,41 @@ def schema_valid(answer: str, schema: dict | None) -> bool:
 
 def extraction_figures(answers: list[str], references: list[str], schema: dict | None, reps: int, seed: int
                        ) -> dict[str, Figure]:
-    prf = [field_prf(a, r) for a, r in zip(answers, references)]
+    """Parse and schema-valid rates, record exact match, and micro-averaged field precision /
+    recall / F1 over every (record, field), each with its bootstrap CI over records."""
+    counts = field_counts(answers, references)
+    tp, fp, fn = (sum((getattr(c, k) for c in counts.values()), np.zeros(len(answers))) for k in ("tp", "fp", "fn"))
+    exact = [all(c.right[i] for c in counts.values()) and parse_json(a) is not None for i, a in enumerate(answers)]
+
+    def micro(which: int) -> Figure:
+        return bootstrap(lambda i: FieldCounts.prf(tp[i].sum(), fp[i].sum(), fn[i].sum())[which], len(answers),
+                         reps, seed)
+
     return {
-        "parse_rate": mean_figure([parse_json(a) is not None for a in answers], reps, seed),
+        "parse_rate": mean_figure([isinstance(parse_json(a), dict) for a in answers], reps, seed),
         "schema_valid_rate": mean_figure([schema_valid(a, schema) for a in answers], reps, seed),
-        "field_precision": mean_figure([x[0] for x in prf], reps, seed),
-        "field_recall": mean_figure([x[1] for x in prf], reps, seed),
-        "field_f1": mean_figure([x[2] for x in prf], reps, seed),
+        "exact_match": mean_figure(exact, reps, seed),
+        "field_precision": micro(0),
+        "field_recall": micro(1),
+        "field_f1": micro(2),
     }
+
+
+def per_field(answers: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+    """Per field: precision, recall, F1, accuracy (the value right, absent included), support
+    (records where the reference has it) and how many records have it wrong."""
+    table = {}
+    for name, c in field_counts(answers, references).items():
+        p, r, f = FieldCounts.prf(c.tp.sum(), c.fp.sum(), c.fn.sum())
+        table[name] = {"precision": p, "recall": r, "f1": f, "accuracy": float(c.right.mean()),
+                       "support": int((c.tp + c.fn).sum()), "wrong": int(len(c.right) - c.right.sum())}
+    return table
+
+
+def most_often_wrong(table: dict[str, dict[str, float]], top: int = 3) -> list[str]:
+    """The fields wrong in the most records (ties: the order of the table), at most `top`."""
+    wrong = [name for name in sorted(table, key=lambda n: -table[n]["wrong"]) if table[name]["wrong"]]
+    return wrong[:top]
 
 
 # ---------------------------------------------------------------- free text

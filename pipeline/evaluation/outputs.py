@@ -31,6 +31,7 @@ def prediction_rows(task: Task, result: dict) -> list[dict]:
             "base": b.text, "tuned": t.text,
             "tuned_confidence": decision.score, "route": decision.route, "route_reason": decision.reason,
             "tuned_mean_logprob": t.mean_logprob, "tuned_label_logprobs": t.label_logprobs,
+            **({"tuned_field_logprobs": t.field_logprobs} if t.field_logprobs else {}),
             "base_agrees": agrees(task, b.text, ex["completion"]),
             "tuned_agrees": agrees(task, t.text, ex["completion"]),
             "teacher_correct": agrees(task, ex["completion"], gold) if gold else None,
@@ -55,7 +56,7 @@ def policy_file(recipe: Recipe, result: dict, adapter_sha: str) -> dict:
         "settings": {"max_new_tokens": recipe.eval.max_new_tokens,
                      "prompt_form": f"student_messages, {view.shape} ({view.reason})",
                      "decoding": "greedy" if recipe.router.decode == "generate" else recipe.router.decode, "temperature": choice.policy.temperature,
-                     "label_scoring": bool(choice.policy.labels)},
+                     "label_scoring": bool(choice.policy.labels), "structured": choice.policy.schema is not None},
         "adapter_sha256": adapter_sha,
     }
 
@@ -68,7 +69,7 @@ def write_outputs(out: Path, recipe: Recipe, task: Task, result: dict, adapter_s
         "detail": result["detail"], "router": router, "calibration": result["signals"], "cost": result["cost"],
         "test_examples": len(result["test"]), "validation_examples": len(result["validation"]),
         "base_prompt": recipe.eval.base_prompt, "bootstrap": {"reps": recipe.eval.bootstrap, "seed": recipe.eval.seed},
-        "plots": sorted(p.name for p in out.glob("*.png")),
+        "plots": sorted(p.name for p in out.glob("*.png")), "task_kind": task.kind,
         "heldout": result.get("heldout"),
         "base_weights": result.get("base_weights"),
     }

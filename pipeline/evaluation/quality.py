@@ -9,6 +9,8 @@ from pipeline.evaluation.metrics import (
     classification_figures,
     confusion,
     extraction_figures,
+    most_often_wrong,
+    per_field,
     per_label,
     text_figures,
 )
@@ -19,7 +21,9 @@ from pipeline.task import Task, agrees
 GATE_FIGURES = (
     "base_agreement", "tuned_agreement", "base_macro_f1", "tuned_macro_f1", "base_accuracy", "tuned_accuracy",
     "teacher_accuracy", "tuned_gold_macro_f1", "teacher_gold_macro_f1", "tuned_field_f1", "base_field_f1",
-    "tuned_parse_rate", "tuned_schema_valid_rate", "tuned_chrf", "base_chrf", "tuned_rouge_l", "base_rouge_l",
+    "tuned_parse_rate", "tuned_schema_valid_rate", "tuned_exact_match", "base_exact_match", "tuned_field_precision",
+    "tuned_field_recall", "tuned_gold_field_f1", "tuned_gold_exact_match", "teacher_gold_field_f1",
+    "teacher_gold_exact_match", "teacher_schema_valid_rate", "tuned_chrf", "base_chrf", "tuned_rouge_l", "base_rouge_l",
     "local_share", "system_agreement", "system_accuracy", "tuned_judge_win_rate", "tuned_judge_not_worse_rate",
 )
 GATE_FIGURES = GATE_FIGURES + tuple(f"file_{name}" for name in GATE_FIGURES)  # the same, on eval.file
@@ -44,10 +48,7 @@ def quality_figures(task: Task, test: list[dict], base: list[Completion], tuned:
         detail["confusion"] = dict(zip(("labels", "matrix"), confusion(ref, tuned_pred, task.labels)))
         figures.update(gold_figures(task, test, base, tuned, reps, seed))
     elif task.kind == "extraction":
-        for name, answers in (("base", base), ("tuned", tuned)):
-            for key, fig in extraction_figures([a.text for a in answers], teacher, task.output_schema,
-                                               reps, seed).items():
-                figures[f"{name}_{key}"] = fig
+        figures.update(extraction_quality(task, test, base, tuned, reps, seed, detail))
     else:
         for name, answers in (("base", base), ("tuned", tuned)):
             for key, fig in text_figures([a.text for a in answers], teacher, reps, seed).items():
@@ -69,6 +70,34 @@ def gold_figures(task: Task, test: list[dict], base: list[Completion], tuned: li
         found = classification_figures(gold, pred, task.labels, reps, seed)
         figures[f"{name}_accuracy"] = found["accuracy"]
         figures[f"{name}_gold_macro_f1"] = found["macro_f1"]
+    return figures
+
+
+def extraction_quality(task: Task, test: list[dict], base: list[Completion], tuned: list[Completion], reps: int,
+                       seed: int, detail: dict) -> dict[str, Figure]:
+    """Base and tuned against the teacher; base, tuned and the teacher against gold where the
+    data has it; per-field tables (tuned vs teacher, and vs gold) into `detail`."""
+    teacher = [ex["completion"] for ex in test]
+    figures: dict[str, Figure] = {}
+    for name, answers in (("base", base), ("tuned", tuned)):
+        for key, fig in extraction_figures([a.text for a in answers], teacher, task.output_schema, reps, seed).items():
+            figures[f"{name}_{key}"] = fig
+    figures["teacher_schema_valid_rate"] = extraction_figures(teacher, teacher, task.output_schema, reps,
+                                                              seed)["schema_valid_rate"]
+    tuned_text = [a.text for a in tuned]
+    detail["per_field"] = per_field(tuned_text, teacher)
+    detail["most_often_wrong"] = most_often_wrong(detail["per_field"])
+    rows = [i for i, ex in enumerate(test) if ex.get("gold")]
+    if rows:
+        gold = [test[i]["gold"] for i in rows]
+        systems = {"base": [base[i].text for i in rows], "tuned": [tuned_text[i] for i in rows],
+                   "teacher": [teacher[i] for i in rows]}
+        for name, answers in systems.items():
+            found = extraction_figures(answers, gold, task.output_schema, reps, seed)
+            figures[f"{name}_gold_field_f1"] = found["field_f1"]
+            figures[f"{name}_gold_exact_match"] = found["exact_match"]
+        detail["per_field_gold"] = {name: per_field(answers, gold) for name, answers in systems.items()
+                                    if name != "base"}
     return figures
 
 

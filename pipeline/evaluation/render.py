@@ -30,8 +30,11 @@ def _usd(value: float) -> str:
 
 
 def headline_rows(report: dict, prefix: str = "") -> list[str]:
-    """system | agreement with teacher | macro-F1 vs teacher | gold accuracy | gold macro-F1.
-    prefix "file_": the same table on eval.file."""
+    """system | agreement with teacher | macro-F1 vs teacher | gold accuracy | gold macro-F1
+    (an extraction task: exact match and field F1, against the teacher and gold, and the
+    schema-valid rate). prefix "file_": the same table on eval.file."""
+    if report.get("task_kind") == "extraction":
+        return extraction_rows(report, prefix)
     rows = ["| system | agreement with teacher | macro-F1 vs teacher | gold accuracy | gold macro-F1 |",
             "|---|---|---|---|---|"]
     rows.append(f"| base student ({report['base_prompt']}) | {_fig(report, prefix + 'base_agreement')} | "
@@ -45,6 +48,43 @@ def headline_rows(report: dict, prefix: str = "") -> list[str]:
     rows.append(f"| routed at the threshold | {_fig(report, prefix + 'system_agreement')} | — | "
                 f"{_fig(report, prefix + 'system_accuracy')} | — |")
     return rows
+
+
+def extraction_rows(report: dict, prefix: str = "") -> list[str]:
+    def f(name: str, pct: bool = True) -> str:
+        return _fig(report, prefix + name, pct)
+
+    rows = ["| system | exact match vs teacher | field F1 vs teacher | exact match vs gold | field F1 vs gold "
+            "| schema-valid |", "|---|---|---|---|---|---|"]
+    rows.append(f"| base student ({report['base_prompt']}) | {f('base_exact_match')} | {f('base_field_f1', False)} | "
+                f"{f('base_gold_exact_match')} | {f('base_gold_field_f1', False)} | {f('base_schema_valid_rate')} |")
+    rows.append(f"| tuned student (as served) | {f('tuned_exact_match')} | {f('tuned_field_f1', False)} | "
+                f"{f('tuned_gold_exact_match')} | {f('tuned_gold_field_f1', False)} | {f('tuned_schema_valid_rate')} |")
+    rows.append(f"| teacher (captured answers) | 100% (reference) | 1.000 (reference) | {f('teacher_gold_exact_match')} "
+                f"| {f('teacher_gold_field_f1', False)} | {f('teacher_schema_valid_rate')} |")
+    rows.append(f"| routed at the threshold | {f('system_agreement')} | — | {f('system_accuracy')} | — | — |")
+    return rows
+
+
+def field_lines(report: dict) -> list[str]:
+    """The per-field table (tuned student vs the teacher, and vs gold) and the fields most often wrong."""
+    detail = report["detail"]
+    table = detail.get("per_field")
+    if not table:
+        return []
+    gold = (detail.get("per_field_gold") or {}).get("tuned") or {}
+    lines = ["## Per field (tuned student, test)", "",
+             "Precision and recall count present values (null, [] and \"\" are absent); accuracy counts every "
+             "record, absent == absent included.", "",
+             "| field | precision | recall | F1 | accuracy | wrong | support | F1 vs gold |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in table.items():
+        vs_gold = f"{gold[name]['f1']:.2f}" if name in gold else "—"
+        lines.append(f"| `{name}` | {m['precision']:.2f} | {m['recall']:.2f} | {m['f1']:.2f} | {m['accuracy']:.2f} | "
+                     f"{m['wrong']} | {m['support']} | {vs_gold} |")
+    wrong = detail.get("most_often_wrong") or []
+    if wrong:
+        lines += ["", "Most often wrong: " + ", ".join(f"`{n}` ({table[n]['wrong']} records)" for n in wrong) + "."]
+    return lines
 
 
 def base_weight_lines(report: dict) -> list[str]:
@@ -91,6 +131,11 @@ def routing_lines(report: dict) -> list[str]:
               + gate_text(r.get("gates") or {}) + "."]
     if r["signal"] in ("label_prob", "label_margin"):
         lines.append(f"Label posterior temperature (fitted on validation): {r['temperature']:.3f}.")
+    if r.get("field_temperatures"):
+        temps = ", ".join(f"`{k}` {v:.2f}" for k, v in r["field_temperatures"].items())
+        lines.append(f"Field temperatures (p = exp(logprob / T), fitted on validation; `*` pools every field): {temps}.")
+    if r.get("fields"):
+        lines.append(f"Agreement is on the fields {', '.join(r['fields'])} (router.fields), not the whole record.")
     if r["signal"] == "logistic":
         weights = ", ".join(f"{k} {v:+.3f}" for k, v in (r.get("weights") or {}).items())
         lines.append(f"Logistic weights ({weights}); threshold chosen on {r.get('chosen_on')}.")
@@ -193,6 +238,7 @@ def report_markdown(report: dict, recipe: Recipe, task: Task) -> str:
     lines += routing_lines(report) + [""]
     lines += cost_lines(report) + [""]
     lines += detail_lines(report) + [""]
+    lines += field_lines(report) + [""]
     lines += calibration_lines(report) + [""]
     lines += all_figure_lines(report)
     return "\n".join(lines) + "\n"

@@ -11,6 +11,12 @@ answer token's log-probability within `export.f16_logprob_tolerance` of merged's
 more than that below F16's own top choice (exact greedy equality would hinge on near-ties, which
 differ between CPUs' kernels). Quantized files are judged by agreement with the teacher, within `export.parity_tolerance` of
 the merged model. Writes nothing itself: `table_json` / `table_markdown` give parity.json/.md.
+
+Structured output (an extraction task served under its schema): merged decodes under it with
+xgrammar, as evaluated and served; each GGUF under llama.cpp's own grammar converted from the
+same schema (structured.gbnf), as `serve.student=llama.cpp` and a llama.cpp server decode. Every
+row then also carries its schema-valid rate and its field F1 against merged's answers, and a
+GGUF whose schema-valid rate falls more than the tolerance below merged's is rejected.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ class ArtifactParity:
     tensor_types: dict[str, int] | None = None
     verify_max_logprob_delta: float | None = None  # nats; the reference type against merged (logprob_gap)
     verify_logprob_tolerance: float | None = None
+    schema_valid_rate: float | None = None  # structured output: answers valid against the task's schema
+    field_f1_vs_merged: dict | None = None  # structured output: Figure.to_json() of field F1 against merged's answers
     status: str = "accepted"  # accepted | rejected
     reasons: list[str] = field(default_factory=list)
     runtime: str = ""
@@ -72,8 +80,12 @@ class ArtifactParity:
 # ---------------------------------------------------------------- llama.cpp side
 
 
-def gguf_answers(model: GgufModel, conversations: list[list[dict]], max_new_tokens: int) -> Answers:
-    completions, answer_s = model.answer_all(conversations, max_new_tokens)
+def gguf_answers(model: GgufModel, conversations: list[list[dict]], max_new_tokens: int,
+                 schema: dict | None = None) -> Answers:
+    """Greedy answers in llama.cpp; under llama.cpp's grammar for `schema` when given."""
+    from pipeline.llm.structured import gbnf
+
+    completions, answer_s = model.answer_all(conversations, max_new_tokens, gbnf(schema) if schema else None)
     return Answers(completions, model.load_s, answer_s)
 
 
@@ -109,14 +121,15 @@ def gguf_problems(model: GgufModel, metadata: dict, tokenizer, conversations: li
 
 
 def hf_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
-               load_s: float) -> Answers:
-    """Merged's greedy answers. Greedy, whatever `router.decode` says: GGUF runtimes generate, and
-    parity measures what the conversion changed, not what the decoding does."""
+               load_s: float, schema: dict | None = None) -> Answers:
+    """Merged's greedy answers (under `schema` when the student is served under one). Greedy, whatever
+    `router.decode` says: GGUF runtimes generate, and parity measures what the conversion changed,
+    not what the decoding does."""
     from pipeline.llm.answer import Serving, answer_as_served
 
     start = time.perf_counter()
-    completions = answer_as_served(model, tokenizer, conversations, Serving("generate", None, max_new_tokens, batch_size),
-                                   source="merged")
+    serving = Serving("generate", None, max_new_tokens, batch_size, schema)
+    completions = answer_as_served(model, tokenizer, conversations, serving, source="merged")
     return Answers(completions, load_s, time.perf_counter() - start)
 
 
@@ -146,6 +159,11 @@ def judge(row: ArtifactParity, merged: ArtifactParity, tolerance: float) -> None
     stop_drop = merged.eos_stop_rate - row.eos_stop_rate
     if stop_drop > tolerance + 1e-9:
         row.reject(f"EOS stop rate {100 * row.eos_stop_rate:.1f}% is {100 * stop_drop:.1f} points below merged's")
+    if row.schema_valid_rate is not None and merged.schema_valid_rate is not None:
+        valid_drop = merged.schema_valid_rate - row.schema_valid_rate
+        if valid_drop > tolerance + 1e-9:
+            row.reject(f"schema-valid rate {100 * row.schema_valid_rate:.1f}% is {100 * valid_drop:.1f} points "
+                       "below merged's")
 
 
 @dataclass
@@ -212,6 +230,7 @@ def table_markdown(rows: list[ArtifactParity], meta: dict) -> str:
     head = ("| artifact | size | bits/weight | load s | tok/s | agreement [95% CI] | Δ vs merged | EOS stop | status |\n"
             "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
+    structured = [r for r in rows if r.schema_valid_rate is not None]
     for r in rows:
         agreement = (f"{100 * r.agreement['value']:.1f}% [{100 * r.agreement['lo']:.1f}, {100 * r.agreement['hi']:.1f}]"
                      if r.agreement else "= merged" if r.artifact == "adapter" else "not measured")
@@ -222,6 +241,14 @@ def table_markdown(rows: list[ArtifactParity], meta: dict) -> str:
             f"{100 * r.delta_vs_merged:+.1f} pts" if r.delta_vs_merged is not None else "",
             f"{100 * r.eos_stop_rate:.0f}%" if r.eos_stop_rate is not None else "", status + " |",
         ]))
+    if structured:
+        lines += ["", "Structured output (merged: xgrammar under the task's schema; GGUF: llama.cpp's grammar "
+                      "converted from it):", "", "| artifact | schema-valid | field F1 vs merged [95% CI] |",
+                  "|---|---|---|"]
+        for r in structured:
+            f1 = r.field_f1_vs_merged
+            lines.append(f"| {r.artifact} | {100 * r.schema_valid_rate:.1f}% | "
+                         + (f"{f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}] |" if f1 else "1.000 (reference) |"))
     notes = [
         "",
         f"{meta['test_examples']} test prompts, agreement with the teacher's answers (bootstrap 95% CI over prompts); "

@@ -16,29 +16,39 @@ from dataclasses import dataclass
 from pipeline.config import Recipe
 from pipeline.llm.completion import Completion
 from pipeline.llm.generate import generate_batch
+from pipeline.task import Task
 
 
 @dataclass(frozen=True)
 class Serving:
     """How the student answers. `labels`: a classification task's labels, each scored by teacher
-    forcing (the label signals read them; `decode="label_posterior"` answers with the likeliest)."""
+    forcing (the label signals read them; `decode="label_posterior"` answers with the likeliest).
+    `schema`: an extraction task's output_schema the answer is decoded under (structured decoding)."""
 
     decode: str = "generate"
     labels: tuple[str, ...] | None = None
     max_new_tokens: int = 64
     batch_size: int = 16
+    schema: dict | None = None
 
     @classmethod
-    def of(cls, recipe: Recipe, labels: Iterable[str] | None) -> Serving:
-        """As the recipe serves it: `router.decode`, `eval.max_new_tokens`, `eval.batch_size`."""
-        return cls(recipe.router.decode, tuple(labels) if labels else None, recipe.eval.max_new_tokens,
-                   recipe.eval.batch_size)
+    def of(cls, recipe: Recipe, task: Task) -> Serving:
+        """As the recipe serves this task: `router.decode`, `eval.max_new_tokens`, `eval.batch_size`,
+        the labels of a classification task, the schema of an extraction one (`router.structured`)."""
+        labels = tuple(task.labels) if task.kind == "classification" else None
+        return cls(recipe.router.decode, labels, recipe.eval.max_new_tokens, recipe.eval.batch_size,
+                   served_schema(recipe, task))
 
     def __post_init__(self) -> None:
         if self.decode not in ("generate", "label_posterior"):
             raise ValueError(f"decode must be generate or label_posterior, not {self.decode!r}")
         if self.decode == "label_posterior" and not self.labels:
             raise ValueError("decode=label_posterior needs the labels to answer from")
+
+
+def served_schema(recipe: Recipe, task: Task) -> dict | None:
+    """The JSON Schema the student decodes under: an extraction task's, unless router.structured is off."""
+    return task.output_schema if task.kind == "extraction" and recipe.router.structured else None
 
 
 def answer_as_served(model, tokenizer, conversations: list[list[dict]], serving: Serving, *,
@@ -52,5 +62,5 @@ def answer_as_served(model, tokenizer, conversations: list[list[dict]], serving:
     for i in progress(starts) if progress else starts:
         completions += generate_batch(model, tokenizer, conversations[i : i + serving.batch_size],
                                       serving.max_new_tokens, source=source, score_labels=labels,
-                                      decode=serving.decode)
+                                      decode=serving.decode, schema=serving.schema)
     return completions

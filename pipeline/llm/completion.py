@@ -34,6 +34,9 @@ class Completion:
     # the prompt, from one teacher-forced pass (pipeline/llm/scoring.py); the policy turns it
     # into the label posterior. None: not scored.
     label_logprobs: dict[str, float] | None = None
+    # Structured (JSON) answers: each top-level field's summed log-probability of its value's
+    # tokens (pipeline/llm/structured.py field_logprobs); the field_prob signal reads the weakest.
+    field_logprobs: dict[str, float] | None = None
 
     @property
     def mean_logprob(self) -> float | None:
@@ -43,7 +46,8 @@ class Completion:
 
     @property
     def min_logprob(self) -> float | None:
-        """Lowest log-probability among the chosen tokens: a length-unbiased confidence signal."""
+        """Lowest log-probability among the chosen tokens: one doubtful token decides, so longer
+        answers score lower (tests/test_policy_fields.py shows the bias; p10_logprob has none)."""
         values = [v for v in self.token_logprobs or [] if math.isfinite(v)]
         return min(values) if values else None
 

@@ -21,10 +21,11 @@ from pipeline.llm.completion import Completion
 def generate_batch(
     model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, labels: list[str] | None = None,
     source: str = "", score_labels: list[str] | None = None, prefix_cache: PrefixCache | None = None,
-    decode: str = "generate",
+    decode: str = "generate", schema: dict | None = None,
 ) -> list[Completion]:
     """Greedy, batched generation (left padding). With `labels`, decoding is constrained to
-    those strings (see constrained.py). With `score_labels`, each Completion also carries every
+    those strings (see constrained.py); with a JSON `schema`, to answers valid against it, and
+    each Completion carries its fields' log-probabilities (structured.py). With `score_labels`, each Completion also carries every
     label's teacher-forced log-likelihood (scoring.py), which the label-posterior signals read;
     `decode="label_posterior"` then answers with the most likely of them and generates nothing.
     Latency is the batch's wall time split evenly."""
@@ -42,6 +43,10 @@ def generate_batch(
     constraint = {}
     if labels:
         constraint["prefix_allowed_tokens_fn"] = allowed_tokens_fn(tokenizer, labels, enc["input_ids"].shape[1])
+    if schema is not None:
+        from pipeline.llm.structured import SchemaLogitsProcessor
+
+        constraint["logits_processor"] = [SchemaLogitsProcessor(tokenizer, schema)]
     with torch.inference_mode():
         out = model.generate(
             **enc,
@@ -77,8 +82,15 @@ def generate_batch(
             finish_reason="stop" if length is not None else "length",
             latency_ms=per_item_ms,
             label_logprobs=label_lp,
+            field_logprobs=_field_logprobs(tokenizer, row[:n], lp[:n]) if schema is not None else None,
         ))
     return results
+
+
+def _field_logprobs(tokenizer, ids: list[int], logprobs: list[float]) -> dict[str, float] | None:
+    from pipeline.llm.structured import decoded_pieces, field_logprobs
+
+    return field_logprobs(decoded_pieces(tokenizer, ids), logprobs)
 
 
 def _answer_by_label_posterior(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,

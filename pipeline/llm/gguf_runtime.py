@@ -137,8 +137,16 @@ class GgufModel:
         row = logits.astype(np.float64)
         return row - np.logaddexp.reduce(row)
 
-    def answer(self, prompt_ids: list[int], max_new_tokens: int) -> Completion:
-        """Greedy answer with each chosen token's log-probability (the EOS's when the answer is empty)."""
+    def grammar(self, gbnf: str) -> GrammarConstraint:
+        """llama.cpp's grammar engine over this model's vocabulary, for one answer."""
+        return GrammarConstraint(self, gbnf)
+
+    def answer(self, prompt_ids: list[int], max_new_tokens: int, gbnf: str | None = None) -> Completion:
+        """Greedy answer with each chosen token's log-probability (the EOS's when the answer is empty);
+        with `gbnf`, decoded under that llama.cpp grammar (log-probabilities over what it allows),
+        the fields' log-probabilities read off the answer's pieces."""
+        from pipeline.llm.structured import field_logprobs
+
         start = time.perf_counter()
         llm = self.llm
         llm.reset()
@@ -146,20 +154,32 @@ class GgufModel:
         tokens: list[int] = []
         logprobs: list[float] = []
         finish = "length"
-        while len(tokens) < max_new_tokens:
-            row = self.next_logprobs()
-            token = int(row.argmax())
-            if self.is_eog(token):
-                logprobs = logprobs or [float(row[token])]
-                finish = "stop"
-                break
-            tokens.append(token)
-            logprobs.append(float(row[token]))
-            llm.eval([token])
+        grammar = self.grammar(gbnf) if gbnf is not None else None
+        try:
+            while len(tokens) < max_new_tokens:
+                row = self.next_logprobs() if grammar is None else grammar.constrain(self.next_logprobs())
+                token = int(row.argmax())
+                if self.is_eog(token):
+                    logprobs = logprobs or [float(row[token])]
+                    finish = "stop"
+                    break
+                tokens.append(token)
+                logprobs.append(float(row[token]))
+                if grammar is not None:
+                    grammar.accept(token)
+                llm.eval([token])
+        finally:
+            if grammar is not None:
+                grammar.close()
         text = llm.detokenize(tokens, special=False).decode("utf-8", errors="replace").strip()
+        fields = None
+        if gbnf is not None:
+            pieces = [llm.detokenize([t], prev_tokens=tokens[:i]).decode("utf-8", errors="replace")
+                      for i, t in enumerate(tokens)]
+            fields = field_logprobs(pieces, logprobs[: len(tokens)])
         return Completion(text=text, source="gguf", prompt_tokens=len(prompt_ids), completion_tokens=len(tokens),
                           token_ids=tokens, token_logprobs=logprobs, finish_reason=finish,
-                          latency_ms=int((time.perf_counter() - start) * 1000))
+                          latency_ms=int((time.perf_counter() - start) * 1000), field_logprobs=fields)
 
     def forced_logprobs(self, prompt_ids: list[int], answer_ids: list[int]):
         """Teacher-forced: the next-token log-softmax rows at each answer position and the one after
@@ -175,11 +195,49 @@ class GgufModel:
             rows.append(self.next_logprobs())
         return np.stack(rows)
 
-    def answer_all(self, conversations: list[list[dict]], max_new_tokens: int) -> tuple[list[Completion], float]:
-        """Greedy answers to each conversation, and the seconds they took."""
+    def answer_all(self, conversations: list[list[dict]], max_new_tokens: int,
+                   gbnf: str | None = None) -> tuple[list[Completion], float]:
+        """Greedy answers to each conversation (under the `gbnf` grammar when given), and the seconds they took."""
         start = time.perf_counter()
-        completions = [self.answer(self.tokenize(self.render(c) or ""), max_new_tokens) for c in conversations]
+        completions = [self.answer(self.tokenize(self.render(c) or ""), max_new_tokens, gbnf) for c in conversations]
         return completions, time.perf_counter() - start
 
     def close(self) -> None:
         self.llm.close()
+
+
+class GrammarConstraint:
+    """One answer's llama.cpp grammar sampler (`llama_sampler_init_grammar`), applied to the
+    log-probability rows of a greedy loop: `constrain` masks what the grammar forbids and
+    renormalises over the rest, `accept` advances it by the chosen token."""
+
+    def __init__(self, model: GgufModel, gbnf: str):
+        import llama_cpp
+        from llama_cpp._internals import LlamaTokenDataArray
+
+        self._llama_cpp = llama_cpp
+        self._sampler = llama_cpp.llama_sampler_init_grammar(model._vocab, gbnf.encode("utf-8"), b"root")
+        if not self._sampler:
+            raise DistillError("llama.cpp could not parse the grammar converted from the task's output_schema")
+        self._data = LlamaTokenDataArray(n_vocab=model.llm.n_vocab())
+
+    def constrain(self, row):
+        import ctypes
+
+        import numpy as np
+
+        self._data.copy_logits(row.astype(np.single))
+        self._llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(self._data.candidates))
+        masked = np.full(row.shape, -np.inf)
+        kept = self._data.candidates_data[: self._data.candidates.size]
+        allowed = kept.id[np.isfinite(kept.logit)]
+        masked[allowed] = row[allowed]
+        return masked - np.logaddexp.reduce(masked[allowed])
+
+    def accept(self, token: int) -> None:
+        self._llama_cpp.llama_sampler_accept(self._sampler, token)
+
+    def close(self) -> None:
+        if self._sampler:
+            self._llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None

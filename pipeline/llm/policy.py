@@ -14,13 +14,20 @@ before any signal).
 Before any signal, the hard gates (pipeline/llm/gates.py: not a label, fails the task's
 answer_regex or output_schema, reads as a refusal) escalate an answer whatever its score.
 
-Signals live in a small registry (`SIGNALS`): mean_logprob, min_logprob and p10_logprob
-(length-unbiased: one doubtful token is enough), logistic (a small logistic regression over
+Signals live in a small registry (`SIGNALS`): mean_logprob, min_logprob (one doubtful token is
+enough, but a longer answer has a lower minimum: biased against length, tested), p10_logprob
+(the 10th-percentile token: not biased by length), logistic (a small logistic regression over
 those token features, fitted by evaluation on half of validation), and for classification label_prob / label_margin, read off the label posterior (a softmax
 over every label's teacher-forced log-likelihood, `Completion.label_logprobs`, scaled by the
 policy's temperature fitted on validation). An answer that is not one of the labels has no
 posterior and always escalates. A policy on a label signal says so (`needs_label_scores`),
 and its `labels` are what the student backend passes to `generate_batch(score_labels=...)`.
+
+For extraction, field_prob reads the weakest field: each top-level field's value tokens'
+log-probability (`Completion.field_logprobs`, pipeline/llm/structured.py), calibrated per field
+(p = exp(logprob / T_field), T fitted on validation like the label posterior's temperature), the
+minimum over the policy's `fields` (all when none); an escalation names that field. The policy's
+`schema` is the JSON Schema the student decodes under, so the server answers as evaluation did.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.scoring import posterior
 from pipeline.llm.gates import Gates
+from pipeline.llm.structured import weakest_field
 
 Route = Literal["student", "escalate"]
 
@@ -157,8 +165,20 @@ class LabelMargin:
         return probs[answered] - max(others, default=0.0)
 
 
+class FieldProb:
+    """Calibrated probability of the weakest field's value (structured answers): one doubtful
+    field is enough to doubt the record, however long the rest is."""
+
+    name = "field_prob"
+    needs_label_scores = False
+
+    def score(self, completion: Completion, policy: Policy) -> float | None:
+        found = weakest_field(completion.field_logprobs, policy.field_temperatures, policy.fields)
+        return None if found is None else found[1]
+
+
 SIGNALS: dict[str, Signal] = {s.name: s for s in (MeanLogprob(), MinLogprob(), P10Logprob(), Logistic(),
-                                                  LabelProb(), LabelMargin())}
+                                                  LabelProb(), LabelMargin(), FieldProb())}
 
 
 def signal(name: str) -> Signal:
@@ -193,6 +213,9 @@ class Policy:
     # as sent, or its user and assistant turns (pipeline/conversation.py student_messages). A
     # policy written before this field existed was evaluated on the user turn alone: "user".
     student_input: str = "user"
+    schema: dict[str, Any] | None = None  # the JSON Schema the student decodes under (structured decoding)
+    fields: tuple[str, ...] | None = None  # field_prob: the fields it reads (None: every field)
+    field_temperatures: dict[str, float] | None = None  # field_prob: per field ("*": the rest), from validation
 
     def __post_init__(self) -> None:
         read = signal(self.signal)  # unknown signal names fail at construction, not per request
@@ -246,13 +269,22 @@ class Policy:
             return Decision("escalate", score, gated)
         if score is None:
             return Decision("escalate", None, f"no {self.signal} on the answer (not a label, or not scored)")
+        what = self._what(completion, score)
         if score < self.threshold:
-            return Decision("escalate", score, f"{self.signal} {score:.3f} < threshold {self.threshold:.3f}")
-        return Decision("student", score, f"{self.signal} {score:.3f} >= threshold {self.threshold:.3f}")
+            return Decision("escalate", score, f"{what} < threshold {self.threshold:.3f}")
+        return Decision("student", score, f"{what} >= threshold {self.threshold:.3f}")
+
+    def _what(self, completion: Completion, score: float) -> str:
+        """The score as the reason states it: the weakest field by name for field_prob."""
+        if self.signal == "field_prob":
+            name, _ = weakest_field(completion.field_logprobs, self.field_temperatures, self.fields)
+            return f"`{name}` p={score:.3f}"
+        return f"{self.signal} {score:.3f}"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels) if self.labels else None
+        data["fields"] = list(self.fields) if self.fields else None
         data["gates"] = self.gates.to_json()
         if data["threshold"] == -math.inf:
             raise DistillError("a student-only policy is not written to disk; it exists only at serve time")
@@ -264,7 +296,9 @@ class Policy:
         return cls(threshold=data["threshold"], signal=data.get("signal", "mean_logprob"),
                    quality_target=data.get("quality_target"), labels=tuple(labels) if labels else None,
                    temperature=data.get("temperature") or 1.0, gates=Gates.from_json(data.get("gates")),
-                   weights=data.get("weights"), decode=data.get("decode", "generate"),
+                   weights=data.get("weights"), decode=data.get("decode", "generate"), schema=data.get("schema"),
+                   fields=tuple(data["fields"]) if data.get("fields") else None,
+                   field_temperatures=data.get("field_temperatures"),
                    student_input=data.get("student_input", "user"))
 
     @classmethod

@@ -222,9 +222,8 @@ def slice_outcomes(model_dir: Path, records: list[dict], task_file: Path, recipe
     tokenizer = load_tokenizer(str(model_dir))
     model.eval()
     conversations = [student_messages(r["messages"][:-1], shape) for r in records]
-    labels = task.labels if task.kind == "classification" else None
-    answers = answer_as_served(model, tokenizer, conversations, Serving.of(recipe, labels), source="loop (slice)")
-    return [agrees(task, c.text, r["messages"][-1]["content"]) for c, r in zip(answers, records)]
+    answers = answer_as_served(model, tokenizer, conversations, Serving.of(recipe, task), source="loop (slice)")
+    return [agrees(task, c.text, r["messages"][-1]["content"], recipe.router.fields) for c, r in zip(answers, records)]
 
 
 def publish(recipe: Recipe, registry: Registry, name: str, candidate: ServedVersion, report: dict,

@@ -25,6 +25,7 @@ from pipeline.errors import DistillError
 from pipeline.llm.answer import Serving, answer_as_served
 from pipeline.llm.completion import Completion
 from pipeline.llm.content_text import ContentNotVerbatim, content_pieces, prompt_token_ids
+from pipeline.llm.structured import field_logprobs, gbnf
 from pipeline.router.errors import BackendUnavailable, InvalidRequest
 from pipeline.router.protocol import TokenLogprob, TopLogprob
 from pipeline.teachers.errors import TeacherFatalError
@@ -92,7 +93,8 @@ class StudentBackend:
     left padding gives each request what a batch of one would (tests/test_router_escalation.py).
 
     `score_labels`: the policy's labels, passed to generate_batch so it fills
-    `Completion.label_logprobs` when the policy's signal needs them.
+    `Completion.label_logprobs` when the policy's signal needs them. `schema`: the policy's JSON
+    Schema, decoded under (every answer parses and validates; `Completion.field_logprobs` filled).
 
     Token logprobs asked for: each token's own log-prob is generate's (the number the policy
     read); its top alternatives come from one teacher-forced pass over prompt + answer, run
@@ -106,7 +108,7 @@ class StudentBackend:
     max_top_logprobs = 20  # OpenAI's ceiling
 
     def __init__(self, model_dir: Path, score_labels: list[str] | None = None, max_batch: int = 8,
-                 window_s: float = 0.0, decode: str = "generate"):
+                 window_s: float = 0.0, decode: str = "generate", schema: dict | None = None):
         from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
         self.model_dir = Path(model_dir)
@@ -123,7 +125,7 @@ class StudentBackend:
             module.register_forward_pre_hook(self._stop_if_abandoned)
         self.max_batch = max_batch
         self.window_s = window_s
-        self._serving = Serving(decode, tuple(score_labels) if score_labels else None)
+        self._serving = Serving(decode, tuple(score_labels) if score_labels else None, schema=schema)
         # generate() mutates the tokenizer (padding side) and shares the model's caches:
         # one generate call at a time on this model.
         self._lock = threading.Lock()
@@ -273,15 +275,22 @@ class GgufBackend:
     export's parity check prompts it (pipeline/llm/gguf_runtime.py GgufModel: the file's own chat
     template and BOS rule). Greedy decoding, one token at a time, so each token's log-prob and
     top alternatives are read off its logits row: the policy's confidence signal works as on
-    the transformers student. One llama.cpp context: one request at a time."""
+    the transformers student. One llama.cpp context: one request at a time.
+
+    `schema`: the policy's JSON Schema, enforced by llama.cpp's own grammar engine (converted to
+    GBNF, structured.gbnf), as a llama.cpp server would; each token's log-prob is then read off
+    the row the grammar left, like transformers' constrained scores, and the fields' confidence
+    (`Completion.field_logprobs`) from the answer's pieces."""
 
     max_top_logprobs = 20
 
-    def __init__(self, path: Path, n_ctx: int = 2048):
+    def __init__(self, path: Path, n_ctx: int = 2048, schema: dict | None = None):
         from pipeline.llm.gguf_runtime import GgufModel
 
         self.path = Path(path)
         self.gguf = GgufModel(self.path, n_ctx=n_ctx)
+        self.schema = schema
+        self._gbnf = gbnf(schema) if schema is not None else None
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
         self.ready = True
@@ -329,12 +338,14 @@ class GgufBackend:
             ids, logprobs, rows, finish = self._decode(prompt, max_tokens, top or 0, callers)
             llm = self.gguf.llm
             text = llm.detokenize(ids, special=False).decode("utf-8", errors="replace").strip()
+            pieces = [llm.detokenize([t], prev_tokens=ids[:i]) for i, t in enumerate(ids)]
+            fields = (field_logprobs([p.decode("utf-8", errors="replace") for p in pieces], logprobs[: len(ids)])
+                      if self.schema is not None else None)
             answer = Completion(text=text, source="gguf", prompt_tokens=len(prompt), completion_tokens=len(ids),
                                 token_ids=ids, token_logprobs=logprobs, finish_reason=finish,
-                                latency_ms=int((time.perf_counter() - start) * 1000))
+                                latency_ms=int((time.perf_counter() - start) * 1000), field_logprobs=fields)
             if top is None:
                 return answer
-            pieces = [llm.detokenize([t], prev_tokens=ids[:i]) for i, t in enumerate(ids)]
             tokens = [TokenLogprob(token=p.decode("utf-8", errors="replace"), logprob=lp, bytes=list(p),
                                    top_logprobs=[self._alternative(int(i), float(v), ids[:n]) for i, v in row])
                       for n, (p, lp, row) in enumerate(zip(pieces, logprobs, rows))]
@@ -349,21 +360,30 @@ class GgufBackend:
         llm.reset()
         llm.eval(prompt)
         ids, logprobs, rows = [], [], []
-        while True:
-            if callers.gone:
-                raise GenerationAbandoned()
-            row = self.gguf.next_logprobs()
-            token = int(np.argmax(row))
-            if self.gguf.is_eog(token):
-                logprobs = logprobs or [float(row[token])]
-                return ids, logprobs, rows, "stop"
-            ids.append(token)
-            logprobs.append(float(row[token]))
-            best = np.argpartition(-row, top)[:top] if top else []
-            rows.append(sorted(((i, row[i]) for i in best), key=lambda pair: -pair[1]))
-            if len(ids) >= max_tokens:
-                return ids, logprobs, rows, "length"
-            llm.eval([token])
+        grammar = self.gguf.grammar(self._gbnf) if self._gbnf is not None else None
+        try:
+            while True:
+                if callers.gone:
+                    raise GenerationAbandoned()
+                row = self.gguf.next_logprobs()
+                if grammar is not None:
+                    row = grammar.constrain(row)
+                token = int(np.argmax(row))
+                if self.gguf.is_eog(token):
+                    logprobs = logprobs or [float(row[token])]
+                    return ids, logprobs, rows, "stop"
+                ids.append(token)
+                logprobs.append(float(row[token]))
+                best = np.argpartition(-row, top)[:top] if top else []
+                rows.append(sorted(((i, row[i]) for i in best), key=lambda pair: -pair[1]))
+                if len(ids) >= max_tokens:
+                    return ids, logprobs, rows, "length"
+                if grammar is not None:
+                    grammar.accept(token)
+                llm.eval([token])
+        finally:
+            if grammar is not None:
+                grammar.close()
 
     def _alternative(self, token_id: int, logprob: float, before: list[int]) -> TopLogprob:
         piece = self.gguf.llm.detokenize([token_id], prev_tokens=before)
@@ -377,11 +397,13 @@ class UpstreamBackend:
     keys.resolve_api_key, openai_compat's request params and error translation, keys scrubbed);
     the call itself is made here, because a student call carries the request's own max_tokens
     and top_logprobs and its tokens come back to the client. Token logprobs are always asked
-    for: they are the policy's confidence signal (an upstream that sends none escalates all)."""
+    for: they are the policy's confidence signal (an upstream that sends none escalates all).
+    `schema`: the policy's JSON Schema, asked for as strict structured output (response_format
+    json_schema), as the router's teacher is; the fields' confidence is read off the tokens."""
 
     max_top_logprobs = 20
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: TeacherConfig, schema: dict | None = None):
         from pipeline.teachers.keys import resolve_api_key
         from pipeline.teachers.openai_compat import OpenAITeacher
         from pipeline.teachers.registry import parse_spec
@@ -394,6 +416,7 @@ class UpstreamBackend:
         self._api_key = resolve_api_key(cfg.spec, cfg, OpenAITeacher.KEY_ENV)  # kept off repr and logs
         self._client: tuple[asyncio.AbstractEventLoop, object] | None = None
         self._warned = False
+        self.schema = schema
         self.ready = True
 
     def __repr__(self) -> str:
@@ -420,11 +443,13 @@ class UpstreamBackend:
 
         import openai
 
-        from pipeline.teachers.openai_compat import request_params, translate_error
+        from pipeline.teachers.openai_compat import request_params, schema_format, translate_error
 
         params = request_params(self.model, max_tokens, 0.0, logprobs=True)
         if top_logprobs:
             params["top_logprobs"] = top_logprobs
+        if self.schema is not None:
+            params["response_format"] = schema_format(self.schema, "json_schema")
         start = time.perf_counter()
         try:
             response = await self._get_client().chat.completions.create(model=self.model, messages=messages,
@@ -448,7 +473,9 @@ class UpstreamBackend:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             token_logprobs=[t.logprob for t in content] or None,
-            finish_reason="length" if choice.finish_reason == "length" else "stop", latency_ms=latency_ms)
+            finish_reason="length" if choice.finish_reason == "length" else "stop", latency_ms=latency_ms,
+            field_logprobs=field_logprobs([t.token for t in content], [t.logprob for t in content])
+            if self.schema is not None and content else None)
         if not with_tokens:
             return answer
         tokens = [TokenLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes,
@@ -514,9 +541,8 @@ class TeacherBackend:
         from pipeline.teachers.service import TeacherService
 
         if self.service is None:
-            labels = self.task.labels if self.task.kind == "classification" else None
-            self.service = TeacherService.from_config(self.cfg, cache_path=self.cache_path, labels=labels,
-                                                      ledger_path=self.ledger_path, charge_cached=False)
+            self.service = TeacherService.for_task(self.cfg, self.cache_path, self.task, ledger_path=self.ledger_path,
+                                                   charge_cached=False)
 
     async def answer(self, conversation: list[dict[str, str]], timeout_s: float) -> Completion:
         """The teacher's answer to the client's `conversation`, or a Completion with `error` set:

@@ -94,18 +94,19 @@ def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> Backend:
     if cfg.student == "transformers":
         labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
         return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
-                              window_s=cfg.batch_window_ms / 1000, decode=policy.decode)
+                              window_s=cfg.batch_window_ms / 1000, decode=policy.decode, schema=policy.schema)
     if policy.needs_label_scores:
         raise DistillError(f"router signal '{policy.signal}' (decode {policy.decode}) scores every label by "
                            f"teacher forcing, which only serve.student=transformers does; serve with it, or "
                            "evaluate with router.signal=mean_logprob router.decode=generate")
     if cfg.student == "llama.cpp":
-        return GgufBackend(cfg.student_gguf or export_gguf_file(Path(model_dir).parent))
+        return GgufBackend(cfg.student_gguf or export_gguf_file(Path(model_dir).parent), schema=policy.schema)
     from pipeline.config import TeacherConfig
 
     # The teacher section's machinery (spec, key env, timeout) describes any OpenAI-compatible server.
     return UpstreamBackend(TeacherConfig(spec=cfg.student, base_url=cfg.student_base_url,
-                                         api_key_env=cfg.student_api_key_env, timeout_s=cfg.deadline_s))
+                                         api_key_env=cfg.student_api_key_env, timeout_s=cfg.deadline_s),
+                           schema=policy.schema)
 
 
 def export_gguf_file(export_dir: Path) -> Path:

@@ -54,7 +54,7 @@ NAME = "capture"
 # What changes the answers; not where they are cached, nor how fast or how often they are asked.
 READS = (
     "teacher.spec", "teacher.max_new_tokens", "teacher.temperature", "teacher.n", "teacher.few_shot",
-    "teacher.constrain_to_labels", "teacher.label_distribution", "teacher.base_url", "teacher.logprobs", "teacher.prompt_col", "teacher.label_col",
+    "teacher.constrain_to_labels", "teacher.constrain_to_schema", "teacher.label_distribution", "teacher.base_url", "teacher.logprobs", "teacher.prompt_col", "teacher.label_col",
     "capture.prompts", "capture.prompts_split", "capture.prompt_field", "capture.gold_field", "capture.limit",
     "capture.records",
 )
@@ -102,8 +102,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         return run_logs(recipe, ref, out, tracker)
     task = load_task(inputs["task"])
     prompts, skipped = load_prompts(inputs.get("prompts", recipe.capture.prompts), recipe.capture)
-    labels = task.labels if task.kind == "classification" else None
-    service = TeacherService.from_config(recipe.teacher, recipe.capture.cache, labels, progress="capture")
+    service = TeacherService.for_task(recipe.teacher, recipe.capture.cache, task, progress="capture")
     entries = _entries(prompts, task, recipe.teacher)
     conversations, samples = [e.messages for e in entries], [e.sample for e in entries]
     batch = None

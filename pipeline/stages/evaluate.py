@@ -48,7 +48,8 @@ from pipeline.task import Task, load_task
 NAME = "evaluate"
 # The teacher fields that change its answers matter only to eval.file (the teacher answers it here).
 READS = ("model.base", "model.chat_template", "eval", "router", "teacher.spec", "teacher.max_new_tokens",
-         "teacher.temperature", "teacher.few_shot", "teacher.constrain_to_labels", "teacher.base_url")
+         "teacher.temperature", "teacher.few_shot", "teacher.constrain_to_labels", "teacher.constrain_to_schema",
+         "teacher.base_url")
 UPSTREAM = ("capture", "curate", "finetune")
 RESUMABLE = False
 ALL_RANKS = False
@@ -152,8 +153,10 @@ def assess_heldout(recipe: Recipe, task: Task, path: Path, tuned, tokenizer, res
     tuned_answers = answer_all(tuned, tokenizer, rows, recipe, task, "tuned (eval.file)", shape)
     reps, seed = recipe.eval.bootstrap, recipe.eval.seed
     figures, _ = quality_figures(task, rows, base_answers.completions, tuned_answers.completions, reps, seed)
-    agree = [agrees(task, a.text, r["completion"]) for a, r in zip(tuned_answers.completions, rows)]
-    figures.update(replay_figures(result["choice"].policy, tuned_answers.completions, agree, rows, task, reps, seed))
+    fields = recipe.router.fields
+    agree = [agrees(task, a.text, r["completion"], fields) for a, r in zip(tuned_answers.completions, rows)]
+    figures.update(replay_figures(result["choice"].policy, tuned_answers.completions, agree, rows, task, reps, seed,
+                                  fields))
     figures = {f"file_{k}": v for k, v in figures.items()}
     result["figures"].update(figures)
     result["flat"].update(flatten_figures(figures))
@@ -165,6 +168,15 @@ def _check_recipe_fits_task(recipe: Recipe, task: Task) -> None:
     if SIGNALS[recipe.router.signal].needs_label_scores and task.kind != "classification":
         raise DistillError(f"router.signal={recipe.router.signal} needs a classification task; "
                            f"{task.name} is {task.kind}: use mean_logprob or min_logprob")
+    if recipe.router.signal == "field_prob" and task.kind != "extraction":
+        raise DistillError(f"router.signal=field_prob reads a JSON answer's fields; {task.name} is {task.kind}: "
+                           "use mean_logprob, p10_logprob or logistic")
+    if recipe.router.fields:
+        known = list((task.output_schema or {}).get("properties") or {})
+        unknown = [f for f in recipe.router.fields if f not in known]
+        if task.kind != "extraction" or unknown:
+            raise DistillError(f"router.fields: {', '.join(unknown or recipe.router.fields)} is not a field of "
+                               f"{task.name}'s output_schema (fields: {', '.join(known) or 'none'})")
     if recipe.router.decode == "label_posterior" and task.kind != "classification":
         raise DistillError(f"router.decode=label_posterior answers with one of the task's labels; {task.name} is "
                            f"{task.kind}: use router.decode=generate")
@@ -193,8 +205,10 @@ def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict],
     choice, expected, confirmed = routed.choice, routed.expected, routed.confirmed
     figures.update(confirmed)
     # What `distill sweep` chooses on: the tuned student's agreement on validation, never test.
-    figures["tuned_validation_agreement"] = mean_figure(agreement(task, val.completions, validation), reps, seed)
-    signals = signal_quality(task, test, tuned.completions, validation, val.completions, choice.policy)
+    fields = recipe.router.fields
+    figures["tuned_validation_agreement"] = mean_figure(agreement(task, val.completions, validation, fields),
+                                                        reps, seed)
+    signals = signal_quality(task, test, tuned.completions, validation, val.completions, choice.policy, fields)
     chosen_curve = signals["signals"][recipe.router.signal]["curve"]
     money = cost_figures(records, tuned.wall_s, len(test), recipe.eval.cost.student_usd_per_hour,
                          confirmed["local_share"].value, chosen_curve)

@@ -44,12 +44,14 @@ from pipeline.artifacts import (
 from pipeline.config import Recipe
 from pipeline.conversation import conversation_of, read_student_view, student_messages
 from pipeline.errors import DistillError
+from pipeline.evaluation.metrics import extraction_figures
+from pipeline.llm.answer import served_schema
 from pipeline.task import load_task
 
 log = logging.getLogger(__name__)
 
 NAME = "export"
-READS = ("name", "model.base", "export")
+READS = ("name", "model.base", "export", "router.structured")
 # evaluate: its report.json is the model card's evaluation headline, its policy part of the lineage.
 UPSTREAM = ("curate", "finetune", "evaluate")
 RESUMABLE = False
@@ -140,8 +142,14 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
     merged_row = ArtifactParity("merged", EXPORT_MERGED, _size(out / EXPORT_MERGED), runtime="transformers",
                                 verify_max_logprob_delta=merged.max_logprob_delta,
                                 verify_logprob_tolerance=merged.logprob_tolerance)
-    score(merged_row, hf_answers(merged.model, tokenizer, convs, cfg.parity_max_new_tokens, cfg.batch_size,
-                                 merged.load_s), test_references, task)
+    schema = served_schema(recipe, task)
+    merged_answers = hf_answers(merged.model, tokenizer, convs, cfg.parity_max_new_tokens, cfg.batch_size,
+                                merged.load_s, schema)
+    score(merged_row, merged_answers, test_references, task)
+    merged_texts = [c.text for c in merged_answers.completions]
+    if schema is not None:
+        score_structured(merged_row, merged_texts, merged_texts, schema)
+        merged_row.field_f1_vs_merged = None  # the reference itself
     merged_row.delta_vs_merged = 0.0
     rows.append(merged_row)
     if "adapter" in cfg.formats:
@@ -166,7 +174,7 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
     modelfile = None
     if "gguf" in cfg.formats:
         gguf_rows, modelfile = build_gguf(recipe, out, tokenizer, verify, references, convs, test_references, task,
-                                          merged_row, f16_tolerance(cfg.f16_logprob_tolerance, compute_dtype))
+                                          merged_row, merged_texts, f16_tolerance(cfg.f16_logprob_tolerance, compute_dtype))
         rows += gguf_rows
     counts["accepted"] = sum(r.status == "accepted" for r in rows)
     counts["rejected"] = sum(r.status == "rejected" for r in rows)
@@ -209,7 +217,7 @@ def _dtype_label(dtype) -> str:
 
 
 def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, test_references, task, merged_row,
-               f16_tolerance: float):
+               merged_texts: list[str], f16_tolerance: float):
     """Convert and quantize, check each file, score it in llama.cpp; write the Modelfile. A file
     this llama.cpp cannot decode on this machine is rejected with the reason; the rest go on."""
     from pipeline.artifacts import EXPORT_GGUF
@@ -222,6 +230,7 @@ def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, 
     from pipeline.llm.loading import cache_root
 
     cfg = recipe.export
+    schema = served_schema(recipe, task)
     files = export_gguf(out / EXPORT_MERGED, cfg.gguf_types, out, cache_root())
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in [*verify, *convs]]
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -241,7 +250,10 @@ def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, 
                 row.reject(problem)
             if f.type == REFERENCE_TYPE:
                 check_reference_type(row, model, references, f16_tolerance)
-            score(row, gguf_answers(model, convs, cfg.parity_max_new_tokens), test_references, task)
+            answers = gguf_answers(model, convs, cfg.parity_max_new_tokens, schema)
+            score(row, answers, test_references, task)
+            if schema is not None:
+                score_structured(row, [c.text for c in answers.completions], merged_texts, schema)
         finally:
             model.close()
         judge(row, merged_row, cfg.parity_tolerance)
@@ -254,16 +266,25 @@ def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, 
     return rows, text
 
 
+def score_structured(row, texts: list[str], merged_texts: list[str], schema: dict) -> None:
+    """A parity row's schema-valid rate and field F1 against merged's answers (evaluate's metrics)."""
+    found = extraction_figures(texts, merged_texts, schema, 1000, 0)
+    row.schema_valid_rate = found["schema_valid_rate"].value
+    row.field_f1_vs_merged = found["field_f1"].to_json()
+
+
 def log_parity(tracker, rows, out: Path) -> None:
     from pipeline.export.parity import PARITY_JSON, PARITY_MD
 
     figures = {}
     for r in rows:
-        for key in ("tokens_per_s", "load_s", "eos_stop_rate", "delta_vs_merged", "bits_per_weight"):
+        for key in ("tokens_per_s", "load_s", "eos_stop_rate", "delta_vs_merged", "bits_per_weight", "schema_valid_rate"):
             if getattr(r, key) is not None:
                 figures[f"{r.artifact}_{key}"] = getattr(r, key)
         if r.agreement:
             figures[f"{r.artifact}_agreement"] = r.agreement["value"]
+        if r.field_f1_vs_merged:
+            figures[f"{r.artifact}_field_f1_vs_merged"] = r.field_f1_vs_merged["value"]
         figures[f"{r.artifact}_accepted"] = float(r.status == "accepted")
     tracker.metrics(figures)
     for name in (PARITY_JSON, PARITY_MD, MODEL_CARD, "verification.json"):

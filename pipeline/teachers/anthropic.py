@@ -40,7 +40,9 @@ class AnthropicTeacher:
         self._client = None
 
     @classmethod
-    def from_config(cls, model: str, cfg, labels: list[str] | None = None) -> AnthropicTeacher:
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None,
+                    schema: dict | None = None) -> AnthropicTeacher:
+        # Labels and a schema are not sent: the answers are checked by curate's format step.
         return cls(model, cfg, api_key=resolve_api_key(f"anthropic:{model}", cfg, cls.KEY_ENV))
 
     def __repr__(self) -> str:

@@ -82,7 +82,7 @@ class OpenAIBatches:
         return self._client
 
     def request(self, key: str, messages: list[dict]) -> dict:
-        from pipeline.teachers.openai_compat import REASONING_MODEL, label_format, request_params
+        from pipeline.teachers.openai_compat import REASONING_MODEL, label_format, request_params, schema_format
 
         t = self.teacher
         logprobs = self.cfg.logprobs and not REASONING_MODEL.match(t.model)
@@ -90,6 +90,8 @@ class OpenAIBatches:
                 **request_params(t.model, t.max_new_tokens, t.temperature, logprobs)}
         if t.labels:
             body["response_format"] = label_format(t.labels, "json_schema")
+        elif t.schema:
+            body["response_format"] = schema_format(t.schema, "json_schema")
         return {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
     def encode(self, requests: list[dict]) -> bytes:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -19,7 +20,7 @@ class LocalTeacher:
     forwards: frozenset[str] = frozenset()  # it decodes greedily with its own settings
 
     def __init__(self, model_ref: str, max_new_tokens: int, temperature: float = 0.0, labels: list[str] | None = None,
-                 score_labels: list[str] | None = None):
+                 score_labels: list[str] | None = None, schema: dict | None = None):
         if temperature != 0.0:
             raise DistillError("the local teacher decodes greedily; set teacher.temperature=0 (and teacher.n=1)")
         self.spec = f"local:{model_ref}"
@@ -27,6 +28,7 @@ class LocalTeacher:
         self.max_new_tokens = max_new_tokens
         self.labels = labels  # decode only these strings (guided decoding for classification)
         self.score_labels = score_labels  # also record each label's log-likelihood (train.soft_labels)
+        self.schema = schema  # decode only JSON valid against it (structured decoding for extraction)
         self.notes: list[str] = []
         self._model = None
         self._tokenizer = None
@@ -37,14 +39,15 @@ class LocalTeacher:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, model: str, cfg, labels: list[str] | None = None) -> LocalTeacher:
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None,
+                    schema: dict | None = None) -> LocalTeacher:
         constrain = labels if cfg.constrain_to_labels else None
         if cfg.label_distribution and not labels:
             raise DistillError("teacher.label_distribution scores the task's labels; this task has none "
                                "(a classification task only)")
         score = labels if cfg.label_distribution else None
         return cls(model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, labels=constrain,
-                   score_labels=score)
+                   score_labels=score, schema=schema if cfg.constrain_to_schema else None)
 
     def __repr__(self) -> str:
         return f"LocalTeacher({self.spec!r})"
@@ -61,6 +64,11 @@ class LocalTeacher:
             identity["constrained_to"] = self.labels
         if self.score_labels:
             identity["scores_labels"] = True
+        if self.schema:
+            from pipeline.artifacts import sha256_bytes
+
+            # Unsorted: the schema's property order is the answers' key order.
+            identity["constrained_to_schema"] = sha256_bytes(json.dumps(self.schema).encode())[:16]
         return identity
 
     async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
@@ -81,7 +89,8 @@ class LocalTeacher:
         with self._lock:
             self._load()
             return generate_batch(self._model, self._tokenizer, conversations, self.max_new_tokens, self.labels,
-                                  source=self.spec, score_labels=self.score_labels, prefix_cache=self._prefix_cache)
+                                  source=self.spec, score_labels=self.score_labels, prefix_cache=self._prefix_cache,
+                                  schema=self.schema)
 
     def _load(self) -> None:
         if self._model is None:

@@ -33,7 +33,7 @@ class OpenAITeacher:
     forwards = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
                           "response_format"})
 
-    def __init__(self, model: str, cfg, api_key: str, labels: list[str] | None = None):
+    def __init__(self, model: str, cfg, api_key: str, labels: list[str] | None = None, schema: dict | None = None):
         self.spec = f"openai:{model}"
         self.model = model
         self.base_url = cfg.base_url
@@ -45,18 +45,22 @@ class OpenAITeacher:
         # Structured output constrained to the task's labels (classification): llama.cpp, vLLM
         # and OpenAI accept a JSON-schema enum, so no call is paid for an answer outside the set.
         self.labels = labels if labels and cfg.constrain_to_labels else None
+        # An extraction task's output_schema, sent as strict structured output (the answer is the JSON).
+        self.schema = schema if schema and cfg.constrain_to_schema and not self.labels else None
         self._asking = Asking(
             # The first format OpenAI, vLLM and llama.cpp's llama-server take; the second is
             # llama-cpp-python's server's; then unconstrained.
-            schema_modes=("json_schema", "json_object", None) if self.labels else (None,),
+            schema_modes=("json_schema", "json_object", None) if self.labels or self.schema else (None,),
             logprobs=cfg.logprobs and not REASONING_MODEL.match(model),  # reasoning models refuse logprobs
         )
         self._api_key = api_key  # kept off identity(), repr and every message
         self._client = None
 
     @classmethod
-    def from_config(cls, model: str, cfg, labels: list[str] | None = None) -> OpenAITeacher:
-        return cls(model, cfg, api_key=resolve_api_key(f"openai:{model}", cfg, cls.KEY_ENV), labels=labels)
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None,
+                    schema: dict | None = None) -> OpenAITeacher:
+        return cls(model, cfg, api_key=resolve_api_key(f"openai:{model}", cfg, cls.KEY_ENV), labels=labels,
+                   schema=schema)
 
     def __repr__(self) -> str:
         return f"OpenAITeacher({self.spec!r}, base_url={public_url(self.base_url)!r})"
@@ -70,6 +74,7 @@ class OpenAITeacher:
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             **({"constrained_to": self.labels} if self.labels else {}),
+            **({"constrained_to_schema": self.schema} if self.schema else {}),
         }
 
     def _get_client(self):
@@ -136,7 +141,8 @@ class OpenAITeacher:
         else:
             params = request_params(self.model, self.max_new_tokens, self.temperature, logprobs)
             if schema_mode is not None:
-                params["response_format"] = label_format(self.labels, schema_mode)
+                params["response_format"] = (label_format(self.labels, schema_mode) if self.labels
+                                             else schema_format(self.schema, schema_mode))
         return await self._get_client().chat.completions.create(model=self.model, messages=messages, **params)
 
     def _to_completion(self, response, latency_ms: int, unwrap: bool = True) -> Completion:
@@ -211,7 +217,7 @@ class Asking:
         notes = []
         if mode != self.schema_modes[0]:
             notes.append("the server refused response_format " + str(self.schema_modes[0])
-                         + ("; answers are not constrained to the labels" if mode is None else f"; using {mode}"))
+                         + ("; answers are not constrained (curate checks them)" if mode is None else f"; using {mode}"))
             self.schema_modes = self.schema_modes[self.schema_modes.index(mode):]
         if self.logprobs and not logprobs:
             notes.append("the server refused logprobs; answers carry none")
@@ -228,6 +234,15 @@ def label_format(labels: list[str], mode: str) -> dict[str, Any]:
     if mode == "json_object":  # llama-cpp-python's server: the schema beside the type
         return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": schema}}
+
+
+def schema_format(schema: dict[str, Any], mode: str) -> dict[str, Any]:
+    """`response_format` for an answer that must be JSON valid against `schema`: OpenAI's strict
+    structured outputs (the schema must then require every property and forbid others, as the
+    demo's does), or llama-cpp-python's server's json_object with the schema beside the type."""
+    if mode == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "record", "strict": True, "schema": schema}}
 
 
 def unwrap_label(text: str, labels: list[str]) -> str:

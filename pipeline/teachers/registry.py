@@ -34,14 +34,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return provider, ref
 
 
-def build_teacher(spec: str, cfg, labels: list[str] | None = None) -> Teacher:
+def build_teacher(spec: str, cfg, labels: list[str] | None = None, schema: dict | None = None) -> Teacher:
     """Turn a spec string and our TeacherConfig into a teacher. Nothing is loaded or connected
     until first use; a network teacher's key and price are resolved here, so a missing one
     fails before any prompt is read."""
     provider, ref = parse_spec(spec)
     if provider not in TEACHERS:
         raise DistillError(f"teacher spec '{spec}' imports answers; it has no calls to make")
-    return TEACHERS[provider].from_config(ref, cfg, labels)
+    return TEACHERS[provider].from_config(ref, cfg, labels, schema)
 
 
 def content_files(spec: str) -> dict[str, Path]:

@@ -119,11 +119,22 @@ class TeacherService:
     @classmethod
     def from_config(cls, cfg: TeacherConfig, cache_path: Path | str, labels: list[str] | None = None,
                     progress: str | None = None, ledger_path: Path | None = None,
-                    charge_cached: bool = True) -> TeacherService:
+                    charge_cached: bool = True, schema: dict | None = None) -> TeacherService:
         """The recipe's teacher (`cfg.spec`) behind the cache at `cache_path` (":memory:" keeps
-        it in memory). `labels`: the task's labels on a classification task, else None."""
-        return cls(build_teacher(cfg.spec, cfg, labels), cfg, TeacherCache(cache_path), progress,
+        it in memory). `labels`: the task's labels on a classification task, else None; `schema`:
+        an extraction task's output_schema, else None."""
+        return cls(build_teacher(cfg.spec, cfg, labels, schema), cfg, TeacherCache(cache_path), progress,
                    ledger_path=ledger_path, charge_cached=charge_cached)
+
+    @classmethod
+    def for_task(cls, cfg: TeacherConfig, cache_path: Path | str, task, progress: str | None = None,
+                 ledger_path: Path | None = None, charge_cached: bool = True) -> TeacherService:
+        """The teacher asked as capture asks it for this task: constrained to a classification
+        task's labels or an extraction task's output_schema (as the recipe's teacher section allows)."""
+        labels = task.labels if task.kind == "classification" else None
+        schema = task.output_schema if task.kind == "extraction" else None
+        return cls.from_config(cfg, cache_path, labels, progress, ledger_path=ledger_path,
+                               charge_cached=charge_cached, schema=schema)
 
     @property
     def price(self) -> Price | None:
