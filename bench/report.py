@@ -24,7 +24,7 @@ from figures import figures_for  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 NOT_RECORDED = "not recorded"
-ORDER = ("finetune", "local_teacher", "capture", "curate", "router", "loop_demo", "cost", "teacher_prompt", "gpu")
+ORDER = ("finetune", "local_teacher", "label_scoring", "capture", "curate", "router", "loop_demo", "cost", "teacher_prompt", "gpu")
 # The commands the README gave for JSON that predates the envelope (they did not record one).
 LEGACY_COMMANDS = {
     "curate": "python bench/bench_curate.py",
@@ -35,6 +35,7 @@ LEGACY_COMMANDS = {
 WHAT = {
     "finetune": "CPU training throughput: the recipe's settings vs plain TRL SFTTrainer defaults",
     "local_teacher": "local teacher: shared-prefix KV cache vs plain batched generation",
+    "label_scoring": "label scoring over the label trie vs per-label buckets, the one-pass floor and generation",
     "capture": "capture against llama.cpp's OpenAI-compatible server; cached re-run",
     "curate": "curate stage on synthetic teacher records",
     "router": "router overhead over loopback HTTP (interleaved arms)",

@@ -24,8 +24,8 @@ from pipeline.llm.encoding import cache_kwarg, cache_of, encode_prompts, render_
 from pipeline.llm.label_trie import LabelTrie
 
 # Rows of next-token logits (one per prompt and trie node) a forward pass computes at most: a
-# 77-label batch of 16 over a 49k vocabulary is then ~6 passes of ~200 MB of fp32 logits each.
-MAX_LOGIT_ROWS = 1024
+# 77-label batch of 16 over a 49k vocabulary is then 3 passes of ~400 MB of fp32 logits each.
+MAX_LOGIT_ROWS = 2048
 
 
 def posterior(label_logprobs: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
@@ -66,52 +66,65 @@ def _trie_node_logprobs(model, enc: dict, trie: LabelTrie):
     """[prompts, trie nodes]: log p(node's token | prompt, node's ancestors) for every node."""
     import torch
 
-    attention = getattr(model.config, "_attn_implementation", None)
-    if attention not in ("sdpa", "eager"):
-        raise ValueError(f"label scoring needs sdpa or eager attention (a tree mask); the model uses {attention}")
-    device = model.device
-    prompt_mask = enc["attention_mask"]
-    n_prompts, prompt_len = prompt_mask.shape
     inner = trie.inner_nodes()
-    window = getattr(model.config, "sliding_window", None)
-    if window is not None and prompt_len + len(inner) >= window:
-        # A sliding-window cache keeps only the last `window` keys, which the tree mask's columns would lose.
-        raise ValueError(f"label scoring: {prompt_len} prompt tokens + {len(inner)} label-trie tokens reach "
-                         f"the model's sliding attention window ({window})")
-    # The sequence each row runs: its (left-padded) prompt, then the trie's inner nodes.
-    ids = torch.cat([enc["input_ids"], torch.tensor([trie.tokens[n] for n in inner], device=device,
-                                                    dtype=enc["input_ids"].dtype).expand(n_prompts, -1)], dim=1)
-    depths = torch.tensor([trie.depths[n] for n in inner], device=device)
-    positions = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                           prompt_mask.sum(-1, keepdim=True) + depths[None, :]], dim=1)
-    allowed = _tree_mask(prompt_mask, trie.ancestors_or_self(inner), len(inner))
+    prompt_len = enc["attention_mask"].shape[1]
+    _check_attention(model, prompt_len + len(inner))
+    ids, positions, allowed = _trie_inputs(enc, trie, inner)
     # Node c is predicted where its parent sits: the prompt's last position for a first token.
     column = {node: prompt_len + i for i, node in enumerate(inner)}
-    predictor = torch.tensor([column.get(p, prompt_len - 1) for p in trie.parents], device=device)
-    target = torch.tensor(trie.tokens, device=device)
-    logprobs = torch.empty(n_prompts, len(trie.tokens), device=device)
+    predictor = torch.tensor([column.get(p, prompt_len - 1) for p in trie.parents], device=ids.device)
+    target = torch.tensor(trie.tokens, device=ids.device)
+    logprobs = torch.empty(ids.shape[0], len(trie.tokens), device=ids.device)
     kv_name = cache_kwarg(model)
     cache = enc.get(kv_name)
     start = cache.get_seq_length() if cache is not None else 0  # positions the prefix cache already holds
-    step = max(1, MAX_LOGIT_ROWS // n_prompts)
+    step = max(1, MAX_LOGIT_ROWS // ids.shape[0])
     with torch.inference_mode():
         while start < ids.shape[1]:
             # Every pass after the first one adds inner nodes only; their ancestors are cached already.
             end = min(ids.shape[1], max(start, prompt_len) + step)
             first_kept = max(start, prompt_len - 1)  # logits are needed from the prompt's last position on
-            mask = torch.zeros(allowed[:, None, start:end, :end].shape, dtype=model.dtype, device=device)
+            mask = torch.zeros(allowed[:, None, start:end, :end].shape, dtype=model.dtype, device=ids.device)
             mask.masked_fill_(~allowed[:, None, start:end, :end], torch.finfo(model.dtype).min)
             out = model(input_ids=ids[:, start:end], attention_mask=mask, position_ids=positions[:, start:end],
                         use_cache=True, logits_to_keep=end - first_kept,
                         **({kv_name: cache} if cache is not None else {}))
             cache = cache_of(out)
-            logits = out.logits.float()
-            norm = logits.logsumexp(-1)
+            # log p = logit - logsumexp(logits), the normaliser a slice at a time: no second full-size copy
+            norm = torch.cat([part.float().logsumexp(-1) for part in out.logits.split(64, dim=1)], dim=1)
             here = ((predictor >= first_kept) & (predictor < end)).nonzero().flatten()
             rows = predictor[here] - first_kept
-            logprobs[:, here] = logits[:, rows, target[here]] - norm[:, rows]
+            logprobs[:, here] = out.logits[:, rows, target[here]].float() - norm[:, rows]
             start = end
     return logprobs
+
+
+def _check_attention(model, length: int) -> None:
+    """The tree mask reaches the attention as given only with sdpa and eager, and only while no
+    sliding-window cache drops the first keys, whose columns the mask still holds."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"label scoring needs sdpa or eager attention (a tree mask); the model uses {attention}")
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and length >= window:
+        raise ValueError(f"label scoring: the prompt and the label trie ({length} tokens) reach "
+                         f"the model's sliding attention window ({window})")
+
+
+def _trie_inputs(enc: dict, trie: LabelTrie, inner: list[int]):
+    """What each row runs, its (left-padded) prompt then the trie's inner nodes: token ids, positions
+    (a node's is its prompt's length + its depth) and the [rows, L, L] tree mask."""
+    import torch
+
+    prompt_mask = enc["attention_mask"]
+    n_prompts = prompt_mask.shape[0]
+    device = prompt_mask.device
+    nodes = torch.tensor([trie.tokens[n] for n in inner], device=device, dtype=enc["input_ids"].dtype)
+    ids = torch.cat([enc["input_ids"], nodes.expand(n_prompts, -1)], dim=1)
+    depths = torch.tensor([trie.depths[n] for n in inner], device=device)
+    positions = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                           prompt_mask.sum(-1, keepdim=True) + depths[None, :]], dim=1)
+    return ids, positions, _tree_mask(prompt_mask, trie.ancestors_or_self(inner), len(inner))
 
 
 def _tree_mask(prompt_mask, ancestor_pairs: list[tuple[int, int]], n_nodes: int):
