@@ -18,7 +18,8 @@ JSON says which). Per batch size (1 and 16), interleaved, best of --repeats, sec
 and the largest |trie - bucketed| log-prob seen. Then the demo's local-teacher capture (data/task.yaml,
 its instructions and worked examples before each prompt, a PrefixCache, 12 labels): plain constrained
 generation vs the same plus each label's log-likelihood (`teacher.label_distribution`), bucketed
-and trie. Writes bench/results/label_scoring.json (bench/harness.py: envelope and figures).
+and trie. Writes bench/results/label_scoring.json (bench/harness.py: envelope and figures; wall
+seconds, best of the repeats, each run's CPU seconds beside them).
 --quick: 2 prompts at batch sizes 1 and 2, 4 capture prompts, once each.
 """
 
@@ -107,10 +108,11 @@ def floor_pass(model, tokenizer, conversations, labels) -> None:
         model(input_ids=ids, attention_mask=mask, logits_to_keep=inner.shape[1] + 1).logits.float().logsumexp(-1)
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float, object]:
+    """Wall seconds, this process's CPU seconds (steadier on a machine other jobs share), the result."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def banking77_prompts(path: Path, n: int) -> list[str]:
@@ -150,16 +152,18 @@ def scoring_arms(model, tokenizer, prompts: list[str], labels: list[str], batch:
     for fn in arms.values():  # untimed: the first call of each shape pays the allocator's and kernels' warm-up
         fn(convs[:1])
     walls = {arm: [] for arm in arms}
+    cpus = {arm: [] for arm in arms}
     outputs = {}
     for _ in range(repeats):
         for arm, fn in arms.items():
-            wall, outputs[arm] = timed(lambda fn=fn: [out for b in batches for out in (fn(b) or [])])
+            wall, cpu, outputs[arm] = timed(lambda fn=fn: [out for b in batches for out in (fn(b) or [])])
             walls[arm].append(wall)
+            cpus[arm].append(cpu)
     per_request = {arm: min(w) / len(convs) for arm, w in walls.items()}
     agree = sum(max(t, key=lambda k: sum(t[k])) == max(o, key=lambda k: sum(o[k]))
                 for t, o in zip(outputs["trie"], outputs["bucketed"]))
     return {
-        "batch": batch, "prompts": len(convs), "wall_s": walls, "s_per_request": per_request,
+        "batch": batch, "prompts": len(convs), "wall_s": walls, "cpu_s": cpus, "s_per_request": per_request,
         "trie_speedup_over_bucketed": per_request["bucketed"] / per_request["trie"],
         "trie_over_floor": per_request["trie"] / per_request["floor"],
         "trie_over_greedy": per_request["trie"] / per_request["greedy"],
@@ -199,7 +203,7 @@ def capture_arms(model, tokenizer, n_prompts: int, batch: int, repeats: int) -> 
     texts = {}
     for _ in range(repeats):
         for arm, fn in arms.items():
-            wall, completions = timed(lambda fn=fn: fn(PrefixCache()))
+            wall, _, completions = timed(lambda fn=fn: fn(PrefixCache()))
             walls[arm].append(wall)
             texts[arm] = [c.text for c in completions]
     best = {arm: min(w) for arm, w in walls.items()}
