@@ -120,7 +120,7 @@ rollback: $(BASE)
 
 # One measured turn of the loop on CPU: round 0, serve it, replay unseen prompts, retrain, compare.
 loop-demo: $(SERVE)
-	$(BIN)/python -m pipeline.loop.demo $(RECIPE) $(ARGS)
+	$(BIN)/python bench/loop_demo.py $(RECIPE) $(ARGS)
 
 mlflow-ui: $(BASE)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000

@@ -67,8 +67,9 @@ class NullStudent:
 
 
 def _app(kind: str, arg: str | None):
-    from pipeline.router.app import ServeSettings, create_app
-    from pipeline.router.policy import Policy
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
+    from pipeline.llm.policy import Policy
 
     if kind == "bare":
         from fastapi import FastAPI

@@ -8,8 +8,8 @@ demo's capture runs it (`Task.teacher_messages`, `generate_batch` with a `Prefix
 a label-stratified sample of demo prompts *past* the demo's `capture.limit`, so the prompts the
 choice is made on never reach the demo's train, validation or test splits. Every arm gets a
 bootstrap 95% CI (resampling prompts): a gap inside the CIs is not a reason to change the task.
-Writes bench/results/teacher_prompt.json (bench/harness.py: envelope and figures); README "The
-demo's teacher" quotes it. --quick: 12 prompts (1 per label), the 'list' wording with 0 and 1
+Writes bench/results/teacher_prompt.json (bench/harness.py: envelope and figures); docs/quality.md
+shows it. --quick: 12 prompts (1 per label), the 'list' wording with 0 and 1
 examples per label only, 200 bootstrap resamples.
 """
 
@@ -105,7 +105,7 @@ def main() -> None:
 
     from pipeline.artifacts import read_jsonl
     from pipeline.config import load_recipe
-    from pipeline.evaluation.stats import mean_figure
+    from pipeline.stats import mean_figure
     from pipeline.llm.generate import PrefixCache, generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.task import Task

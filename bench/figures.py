@@ -2,8 +2,8 @@
 
 A figure is {name, value, unit, better, baseline, baseline_name, ratio, headline, note}:
 `ratio` is value / baseline wherever the bench measured a baseline in the same run (None
-otherwise); `better` says which direction is an improvement; `headline` marks the figures the
-README's Performance block shows. The bench scripts store these in their JSON; bench/report.py
+otherwise); `better` says which direction is an improvement; `headline` marks the figures
+bench/RESULTS.md lists first. The bench scripts store these in their JSON; bench/report.py
 recomputes them for JSON written before the scripts did (the results' own numbers, unchanged).
 """
 

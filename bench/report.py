@@ -1,37 +1,56 @@
-"""Render bench/RESULTS.md, and the README's Performance block, from bench/results/*.json.
+"""Render bench/RESULTS.md and the generated blocks of README.md and docs/*.md from bench/results/*.json.
 
     .venv/bin/python bench/report.py [--results bench/results] [--out bench/RESULTS.md]
-                                     [--readme README.md | --no-readme] [--check]
+                                     [--readme README.md] [--docs docs | --no-readme] [--check]
 
 `make bench` runs it last. Nothing is measured here: every number comes from a JSON a bench
-wrote (figures.py names its figures; ratio = value / baseline from the same run). JSON written
-before the scripts recorded an envelope (machine, load average, versions, command) shows
-"not recorded" for what it lacks, or what the older JSON itself carried. The README block
-between `<!-- bench:start -->` and `<!-- bench:end -->` holds the headline figures.
---check: change nothing, exit 1 when RESULTS.md or the README block is out of date.
+wrote (figures.py names its figures; ratio = value / baseline from the same run). A JSON
+written without an envelope (machine, load average, versions, command), such as
+loop_demo.json, shows "not recorded" for what it lacks.
+
+Generated blocks. In README.md and docs/*.md, the lines between `<!-- bench:NAME:start -->` and
+`<!-- bench:NAME:end -->` are bench NAME's figure table (bench/results/NAME.json), rewritten by
+this script; edit the JSON (rerun the bench), never the block.
+
+--check writes nothing and exits 1, one line per problem, when RESULTS.md or a generated block
+is out of date, or when a figure in README.md or docs/*.md is not backed. The rule:
+- A *figure* is a number with a unit measurements are stated in: %, $, ms, s, min, h,
+  anything per second (tok/s, req/s, prompts/s), KiB/MiB/GiB/MB/GB, nats, points, or a ratio
+  written against the number (1.5x, 1.5×).
+- Not figures: anything in a fenced code block (a transcript shown with its command), in an
+  inline code span (a setting or value you type: `teacher.budget_usd=5`, `64 MiB`), in a
+  generated block or an HTML comment; a confidence level ("95% CI", "95% confidence"); a
+  memory size naming a GPU class ("A100 40/80 GB", "one 24 GB GPU"). Numbers without a unit
+  (counts, versions, labels, examples, defaults such as 0.8) are never figures.
+- Every figure must be backed in its *unit*: the paragraph, list item, heading or table row
+  it is in (a table row may rely on the paragraph right above its table; a table's header row
+  names columns and is not checked). Backed means the unit names a backticked command with
+  its arguments (`time make distill`, `distill sweep ...`, `python bench/...`, `pytest ...`,
+  `curl ...`) or a `bench/results/<name>.json` that exists.
+- A unit that names a bench JSON quotes only that JSON: each of its figures must be one of
+  the JSON's numbers at the precision printed (a fraction may be printed as a percent, seconds
+  as min or ms), whatever command the unit also names. So a figure copied from an older run
+  fails against the committed file; a figure from elsewhere goes in a unit of its own, with
+  its command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import figure_lint  # noqa: E402
 from figures import figures_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+BLOCK = re.compile(r"<!-- bench:(?P<name>[\w.-]+):start -->.*?<!-- bench:(?P=name):end -->", re.S)
 NOT_RECORDED = "not recorded"
 ORDER = ("finetune", "local_teacher", "label_scoring", "capture", "curate", "router", "loop_demo", "cost", "teacher_prompt", "gpu")
-# The commands the README gave for JSON that predates the envelope (they did not record one).
-LEGACY_COMMANDS = {
-    "curate": "python bench/bench_curate.py",
-    "finetune": "python bench/bench_finetune.py --examples 96",
-    "capture": "python bench/bench_capture.py",
-    "router": "python bench/bench_router.py --n 200 --n-model 40 --out bench/router.json",
-}
 WHAT = {
     "finetune": "CPU training throughput: the recipe's settings vs plain TRL SFTTrainer defaults",
     "local_teacher": "local teacher: shared-prefix KV cache vs plain batched generation",
@@ -59,31 +78,13 @@ def figures_of(name: str, data: dict) -> list[dict]:
     return data["figures"] if "figures" in data else figures_for(name, data)
 
 
-def envelope_of(name: str, data: dict) -> dict:
-    """The recorded envelope, or what an older JSON carried, with NOT_RECORDED for the rest."""
+def envelope_of(data: dict) -> dict:
+    """The recorded envelope; a JSON written without one (loop_demo.json) gives only its command."""
     if "envelope" in data:
         return data["envelope"]
-    machine = data.get("machine")
-    wall = data.get("wall_s")
-    env: dict = {"command": None, "quick": False, "started_at": None,
-                 "wall_s": wall if isinstance(wall, (int, float)) and name != "curate" else None,
-                 "load_average": None, "machine": None, "versions": None, "git": None, "legacy": True}
-    if isinstance(data.get("command"), str):
-        env["command"] = data["command"]
-    elif name in LEGACY_COMMANDS:
-        env["command"] = LEGACY_COMMANDS[name]
-        env["command_note"] = "as the README gave it; the JSON does not record its command"
-    if isinstance(machine, str):
-        env["machine"] = {"description": machine}
-    elif isinstance(machine, dict):
-        env["machine"] = {k: v for k, v in machine.items() if not k.startswith("loadavg")}
-        if "loadavg_before" in machine:
-            env["load_average"] = {"start": machine["loadavg_before"], "end": machine.get("loadavg_after")}
-    if "cpu_count" in data:
-        env["machine"] = {**(env["machine"] or {}), "cores": data["cpu_count"]}
-    if "llama_cpp_python" in data:
-        env["versions"] = {"llama-cpp-python": data["llama_cpp_python"]}
-    return env
+    command = data.get("command")
+    return {"command": command if isinstance(command, str) else None, "quick": False, "started_at": None,
+            "wall_s": None, "load_average": None, "machine": None, "versions": None, "git": None, "legacy": True}
 
 
 # ---------------------------------------------------------------- formatting
@@ -133,8 +134,6 @@ def _machine(env: dict) -> str:
     m = env.get("machine")
     if not m:
         return NOT_RECORDED
-    if set(m) == {"description"}:
-        return m["description"]
     parts = [str(m[k]) for k in ("arch", "cpu", "os") if m.get(k)]
     cores = m.get("cores", m.get("cpus"))
     parts.append(f"{cores} cores" if cores else f"cores {NOT_RECORDED}")
@@ -182,7 +181,7 @@ def render_results(docs: list[tuple[str, dict]], results: Path) -> str:
         "# Benchmark results",
         "",
         f"Generated by `python bench/report.py` from `{rel}/*.json`; do not edit by hand. `make bench`",
-        "reruns every bench and regenerates this file and the README's Performance block",
+        "reruns every bench and regenerates this file and the generated tables in README.md and docs/",
         "(`BENCH_QUICK=1 make bench`: tiny sizes, written to `bench/results-quick/` instead).",
         "",
         "The machines are shared and noisy: compare ratios (value / a baseline measured in the same",
@@ -190,15 +189,16 @@ def render_results(docs: list[tuple[str, dict]], results: Path) -> str:
         "own, at its own time; results written before the scripts recorded an envelope say",
         f"\"{NOT_RECORDED}\" for what they lack.",
         "",
+        *render_headline(docs),
     ]
     for name, data in docs:
-        env = envelope_of(name, data)
+        env = envelope_of(data)
         figures = figures_of(name, data)
         command = _command(env)
         lines += [f"## {name}: {WHAT.get(name, name)}", "",
                   f"`{rel}/{name}.json`{' — **quick run** (tiny sizes, not a measurement)' if env.get('quick') else ''}",
                   "",
-                  f"- command: `{command}`" + (f" ({env['command_note']})" if env.get("command_note") else ""),
+                  f"- command: `{command}`",
                   f"- run: started {env.get('started_at') or NOT_RECORDED}, "
                   f"wall {format_amount(env['wall_s'], 's') if env.get('wall_s') is not None else NOT_RECORDED}",
                   f"- machine: {_machine(env)}",
@@ -215,33 +215,78 @@ def render_results(docs: list[tuple[str, dict]], results: Path) -> str:
     return "\n".join(lines)
 
 
-def render_readme_block(docs: list[tuple[str, dict]], results: Path) -> str:
-    rel = _rel(results)
-    lines = [START,
-             f"<!-- generated by bench/report.py from {rel}/*.json (make bench); edit those, not this block -->",
-             "",
+def render_headline(docs: list[tuple[str, dict]]) -> list[str]:
+    lines = ["## Headline figures", "",
              "| bench | figure | value | baseline (same run) | ratio | note |",
              "|---|---|---|---|---|---|"]
-    runs = []
     for name, data in docs:
-        env = envelope_of(name, data)
         for f in figures_of(name, data):
             if f.get("headline"):
                 lines.append(f"| {name} | {f['name']} | {format_value(f)} | {format_baseline(f)} | "
                              f"{format_ratio(f)} | {f.get('note') or ''} |")
-        started = env.get("started_at") or "date not recorded"
-        runs.append(f"- `{rel}/{name}.json`: `{_command(env)}`; {started}; load average {_load(env)}")
-    lines += ["", "Where each figure comes from (one run per bench; every figure and its envelope in "
-                  "[`bench/RESULTS.md`](bench/RESULTS.md)):", "", *runs, END]
+    return lines + [""]
+
+
+def render_block(name: str, data: dict, results: Path, results_md: Path, doc: Path) -> str:
+    """A doc's generated block for bench `name`: every figure, then where they come from."""
+    rel = _rel(results)
+    env = envelope_of(data)
+    link = Path(os.path.relpath(results_md.resolve(), doc.resolve().parent)).as_posix()
+    lines = [f"<!-- bench:{name}:start -->",
+             f"<!-- generated by bench/report.py from {rel}/{name}.json; rerun the bench, do not edit -->",
+             "",
+             "| figure | value | baseline (same run) | ratio | note |",
+             "|---|---|---|---|---|"]
+    for f in figures_of(name, data):
+        lines.append(f"| {f['name']} | {format_value(f)} | {format_baseline(f)} | {format_ratio(f)} | "
+                     f"{f.get('note') or ''} |")
+    started = env.get("started_at") or "date not recorded"
+    lines += ["", f"`{rel}/{name}.json`: `{_command(env)}`; {started}; load average {_load(env)}; "
+                  f"machine and versions in [{Path(link).name}]({link}).",
+              f"<!-- bench:{name}:end -->"]
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"README has no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return head + block + tail
+def render_doc(text: str, doc: Path, docs: dict[str, dict], results: Path, results_md: Path) -> str:
+    """The doc with each generated block re-rendered (unknown bench names are left for the check)."""
+    def block(m: re.Match) -> str:
+        name = m["name"]
+        return render_block(name, docs[name], results, results_md, doc) if name in docs else m.group(0)
+
+    return BLOCK.sub(block, text)
+
+
+def unknown_blocks(text: str, doc: Path, docs: dict[str, dict], results: Path) -> list[str]:
+    return [f"{_rel(doc)}: bench:{m['name']} names no {_rel(results)}/{m['name']}.json"
+            for m in BLOCK.finditer(text) if m["name"] not in docs]
+
+
+def numbers_in(ref: str) -> list[float] | None:
+    """Every number a cited bench JSON holds (in strings too), and the figures derived from it."""
+    path = ROOT / ref
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    numbers: list[float] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, bool):
+            return
+        if isinstance(node, (int, float)):
+            numbers.append(float(node))
+        elif isinstance(node, str):
+            numbers.extend(float(n) for n in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", node))
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(data)
+    for f in figures_of(path.stem, data):
+        numbers += [v for v in (f["value"], f["baseline"], f["ratio"]) if v is not None]
+    return numbers
 
 
 def _rel(path: Path) -> str:
@@ -257,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: RESULTS.md next to --results' folder "
                         "(bench/RESULTS.md for bench/results)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--no-readme", action="store_true", help="leave the README alone (quick runs)")
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when anything is stale")
+    parser.add_argument("--docs", type=Path, default=None, help="folder of *.md pages (default: docs/ next to "
+                        "--readme)")
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md and docs/ alone (quick runs)")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when anything is stale "
+                        "or a figure in the README or docs is not backed")
     args = parser.parse_args(argv)
 
     docs = load(args.results)
@@ -267,17 +315,29 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (args.results.parent / "RESULTS.md" if args.results.name == "results"
                        else args.results / "RESULTS.md")
     targets = {out: render_results(docs, args.results) + "\n"}
+    problems: list[str] = []
     if not args.no_readme:
-        targets[args.readme] = replace_block(args.readme.read_text(), render_readme_block(docs, args.results))
+        by_name = dict(docs)
+        docs_dir = args.docs or args.readme.parent / "docs"
+        pages = [args.readme, *sorted(docs_dir.glob("*.md"))]
+        for page in pages:
+            text = page.read_text()
+            targets[page] = render_doc(text, page, by_name, args.results, out)
+            problems += unknown_blocks(text, page, by_name, args.results)
+            problems += figure_lint.check(_rel(page), text, numbers_in)
     stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for p in stale:
-            print(f"out of date: {p} (run python bench/report.py)")
-        return 1 if stale else 0
+            print(f"out of date: {_rel(p)} (run python bench/report.py)")
+        for problem in problems:
+            print(problem)
+        return 1 if stale or problems else 0
     for p in stale:
         p.write_text(targets[p])
-        print(f"wrote {p}")
-    return 0
+        print(f"wrote {_rel(p)}")
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -30,8 +30,14 @@ CAPTURE_RECORDS = "teacher.jsonl"  # capture
 CURATED_DATASET = "dataset"  # curate: datasets.DatasetDict with SPLITS
 FINETUNE_ADAPTER = "adapter"  # finetune: PEFT adapter + tokenizer
 EVAL_REPORT = "report.json"  # evaluate
-EVAL_POLICY = "router_policy.json"  # evaluate: the router's Policy (pipeline.router.policy)
+EVAL_POLICY = "router_policy.json"  # evaluate: the router's Policy (pipeline.llm.policy)
 EXPORT_MERGED = "merged"  # export: plain transformers folder
+EXPORT_GGUF = "gguf"  # export: model-<type>.gguf files and the Modelfile
+
+
+def gguf_name(gguf_type: str) -> str:
+    return f"model-{gguf_type}.gguf"
+
 
 
 class Manifest(BaseModel):

@@ -136,7 +136,9 @@ def sweep(
 ):
     """Recipe search: train and evaluate every combination of the axes, each trial a child MLflow run
     under one parent; the best is chosen on validation agreement (never test). Reruns skip finished trials."""
-    from pipeline.sweep import parse_shard, plan_sweep, print_table, run_sweep
+    from pipeline.sweep.plan import parse_shard, plan_sweep
+    from pipeline.sweep.run import run_sweep
+    from pipeline.sweep.table import print_table
 
     plan = plan_sweep(recipe, list(axes or []), runs_dir, name)
     outcome = run_sweep(plan, parse_shard(shard), prepare)
@@ -178,7 +180,7 @@ def promote(
     """Point the `champion` alias at VERSION (the old champion becomes `previous`); a router serving
     models:/<name>@champion follows within serve.registry_poll_s."""
     from pipeline.config import load_recipe
-    from pipeline.loop.registry import Registry
+    from pipeline.registry import Registry
     from pipeline.loop.retrain import registered_name
     from pipeline.tracking import resolve_uri
 
@@ -191,7 +193,7 @@ def promote(
 def rollback(recipe: str = RecipeArg):
     """Point the `champion` alias back at the version it replaced."""
     from pipeline.config import load_recipe
-    from pipeline.loop.registry import Registry
+    from pipeline.registry import Registry
     from pipeline.loop.retrain import registered_name
     from pipeline.tracking import resolve_uri
 
@@ -203,9 +205,10 @@ def rollback(recipe: str = RecipeArg):
 @app.command()
 def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg):
     """Check a recipe (and overrides) without running anything."""
-    from pipeline.config import load_recipe
+    from pipeline.config import check_input_files, load_recipe
 
     cfg = load_recipe(recipe, overrides)
+    check_input_files(cfg, recipe)
     typer.echo(f"{recipe}: ok ({cfg.model.base}, train.method={cfg.train.method})")
 
 
@@ -258,9 +261,9 @@ def serve(
     recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default)."""
     from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
-    from pipeline.router.app import check_policy_matches_export
-    from pipeline.router.app import serve as serve_app
-    from pipeline.router.policy import Policy
+    from pipeline.router.wiring import check_policy_matches_export
+    from pipeline.router.wiring import serve as serve_app
+    from pipeline.llm.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
     if model is not None:
@@ -284,8 +287,8 @@ def serve(
 
 
 def _serve_alias(cfg, model: str, model_dir: Path | None, policy_file: Path | None) -> None:
-    from pipeline.loop.registry import Registry, parse_model_uri
-    from pipeline.router.app import serve_alias
+    from pipeline.registry import Registry, parse_model_uri
+    from pipeline.router.wiring import serve_alias
     from pipeline.tracking import resolve_uri
 
     if model_dir is not None or policy_file is not None:
@@ -296,7 +299,7 @@ def _serve_alias(cfg, model: str, model_dir: Path | None, policy_file: Path | No
     serve_alias(Registry(resolve_uri(cfg.tracking.uri)), name, alias, cfg.serve, recipe=cfg)
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "datasets", "transformers", "peft", "bitsandbytes",
                   "httpx2", "openai", "anthropic"):
@@ -325,7 +328,7 @@ def _interrupt_on_sigterm() -> Callable[[], None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (testable without a subprocess)."""
-    _configure_logging()
+    configure_logging()
     restore = _interrupt_on_sigterm()
     try:
         return _main(argv)

@@ -89,7 +89,7 @@ class TeacherConfig(Section):
     backoff_initial_s: float = Field(1.0, gt=0, description="First retry wait; doubles per retry, with jitter.")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between retries (also caps Retry-After).")
     price: PriceConfig | None = Field(
-        None, description="Price of this teacher; overrides pipeline/teachers/prices.yaml."
+        None, description="Price of this teacher; overrides pipeline/prices.yaml."
     )
     allow_unpriced: bool = Field(False, description="Run a teacher with no known price (cost recorded as 0).")
     budget_usd: float | None = Field(
@@ -377,6 +377,34 @@ class EvalCostConfig(Section):
         description="Price of the machine serving the student, US$/hour (default: a 2-vCPU cloud VM, ~$0.10/h); "
         "also prices an in-process local teacher by its measured latency.",
     )
+    teacher_priced_as: str | None = Field(
+        None,
+        description="Also price the teacher as this API (provider:model from pipeline/prices.yaml, e.g. "
+        "openai:gpt-4o-mini): its measured prompt and completion tokens per request at that list price, shown "
+        "beside the measured figure as 'priced as ...' with what routing saves against it. Not a bill: the "
+        "tokens are counted in the teacher's own tokenizer.",
+    )
+    teacher_price: PriceConfig | None = Field(
+        None, description="An explicit price for `teacher_priced_as` (needed when the table does not list it).",
+    )
+
+    @model_validator(mode="after")
+    def _priced_as_known(self) -> EvalCostConfig:
+        from pipeline.prices import nearest_specs, priced_as
+
+        spec = self.teacher_priced_as
+        if self.teacher_price is not None and spec is None:
+            raise ValueError("eval.cost.teacher_price needs eval.cost.teacher_priced_as (the name it is shown under)")
+        if spec is None or self.teacher_price is not None:
+            return self
+        if ":" not in spec:
+            raise ValueError(f"eval.cost.teacher_priced_as '{spec}' must be provider:model, e.g. openai:gpt-4o-mini")
+        if priced_as(spec) is None:
+            near = nearest_specs(spec)
+            hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+            raise ValueError(f"eval.cost.teacher_priced_as: '{spec}' is not in pipeline/prices.yaml{hint}; or give "
+                             "eval.cost.teacher_price")
+        return self
 
 
 class EvalConfig(Section):
@@ -468,7 +496,7 @@ class ExportConfig(Section):
 
     @model_validator(mode="after")
     def _formats_consistent(self) -> ExportConfig:
-        from pipeline.export.gguf_types import gguf_type_errors
+        from pipeline.gguf_types import gguf_type_errors
 
         errors = [f"export.formats: listed twice: {f}" for f in sorted(set(self.formats))
                   if self.formats.count(f) > 1]
@@ -498,7 +526,7 @@ class RouterConfig(Section):
     )
     signal: Literal["mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin"] = Field(
         "mean_logprob",
-        description="Confidence signal the threshold is set on (pipeline/router/policy.py SIGNALS): "
+        description="Confidence signal the threshold is set on (pipeline/llm/policy.py SIGNALS): "
         "mean_logprob / min_logprob / p10_logprob = average / lowest / 10th-percentile log-probability of the "
         "answer's tokens (min and p10 are not biased by length); logistic = a logistic regression over those "
         "features, fitted on half of validation (threshold chosen on the other half); "
@@ -690,6 +718,22 @@ class Recipe(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def input_files(self) -> dict[str, Path]:
+        """The files this recipe reads that must exist before anything runs, by dotted key.
+        (capture.prompts may be a hub dataset id, so the capture stage checks it.)"""
+        named = {"model.chat_template": self.model.chat_template, "capture.task": self.capture.task,
+                 "capture.records": self.capture.records, "curate.frozen_test": self.curate.frozen_test,
+                 "train.init_adapter": self.train.init_adapter, "eval.file": self.eval.file,
+                 "serve.student_gguf": self.serve.student_gguf, "serve.api_keys_file": self.serve.api_keys_file}
+        return {key: path for key, path in named.items() if path is not None}
+
+
+def check_input_files(recipe: Recipe, source: str) -> None:
+    """Every missing input file named at once, in one line, before any stage (or teacher) runs."""
+    missing = [f"{key}: {path} does not exist" for key, path in recipe.input_files().items() if not Path(path).exists()]
+    if missing:
+        raise DistillError(f"{source}: " + "; ".join(missing))
 
 
 # ---------------------------------------------------------------- loading

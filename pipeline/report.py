@@ -26,7 +26,7 @@ def _usd(value: float | None) -> str:
     return "—" if value is None else f"${value:.4f}" if value < 1 else f"${value:.2f}"
 
 
-def evaluate_rows(m: dict) -> list[tuple[str, str]]:
+def evaluate_rows(m: dict, spec: str | None = None) -> list[tuple[str, str]]:
     """Quality of base / tuned / teacher, the routed system at the threshold, and its cost."""
     rows = [("teacher agreement: base / tuned", f"{_ci(m, 'base_agreement')} / {_ci(m, 'tuned_agreement')}")]
     if "teacher_accuracy" in m:
@@ -35,8 +35,14 @@ def evaluate_rows(m: dict) -> list[tuple[str, str]]:
     if "local_share" in m:
         rows.append(("routed: local share / agreement", f"{_ci(m, 'local_share')} / {_ci(m, 'system_agreement')}"))
     if "routed_usd_per_1k" in m:
-        rows.append(("$/1k requests: routed / teacher",
+        rows.append(("$/1k requests: routed / teacher (measured)",
                      f"{_usd(m['routed_usd_per_1k'])} / {_usd(m.get('teacher_only_usd_per_1k'))}"))
+    if spec and "priced_routed_usd_per_1k" in m:
+        rows.append((f"$/1k priced as {spec}: routed / API",
+                     f"{_usd(m['priced_routed_usd_per_1k'])} / {_usd(m['teacher_priced_usd_per_1k'])}"))
+        if m.get("priced_saving") is not None:
+            rows.append((f"routing saves vs {spec}",
+                         f"{_pct(m['priced_saving'])} [{100 * m['priced_saving_lo']:.0f}-{100 * m['priced_saving_hi']:.0f}]"))
     return rows
 
 
@@ -61,7 +67,7 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
         table.add_row("examples kept", f"{curate.counts['kept']} (train {curate.counts['train']} / "
                       f"val {curate.counts['validation']} / test {curate.counts['test']})")
     if evaluate:
-        for row in evaluate_rows(evaluate.metrics):
+        for row in evaluate_rows(evaluate.metrics, recipe.eval.cost.teacher_priced_as):
             table.add_row(*row)
     for outcome in result.outcomes:
         took = "skipped (unchanged)" if outcome.skipped else f"{outcome.wall_s:.1f}s"

@@ -30,7 +30,7 @@ from pipeline.artifacts import (
     sha256_json,
     write_manifest,
 )
-from pipeline.config import Recipe, field_values
+from pipeline.config import Recipe, check_input_files, field_values
 from pipeline.distributed import Ranks
 from pipeline.errors import DistillError
 from pipeline.stages import Stage, capture, curate, evaluate, export, finetune
@@ -75,6 +75,7 @@ def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Pat
     """Every stage up to `until`, in `runs_root/<run_name>` (default: the recipe name; a
     retrain round is `runs/<recipe>/rounds/r<N>`). Under a multi-process launch only the main
     process writes folders and MLflow runs; the other ranks get a NullTracker and join ALL_RANKS stages."""
+    check_input_files(recipe, recipe.name)
     ranks = ranks or Ranks.detect()
     layout = RunLayout(runs_root, run_name or recipe.name)
     if ranks.main:

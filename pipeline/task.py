@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -105,3 +106,21 @@ def load_task(path: Path) -> Task:
         first = err.errors()[0]
         loc = ".".join(map(str, first["loc"]))
         raise DistillError(f"{path}: {loc + ': ' if loc else ''}{first['msg']}") from None
+
+
+def parse_json(text: str) -> Any | None:
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def agrees(task: Task, answer: str, reference: str) -> bool:
+    """Classification: same label after normalisation. Extraction: same JSON. Else equal after trimming."""
+    if task.kind == "classification":
+        label = task.normalize_label(answer)
+        return label is not None and label == task.normalize_label(reference)
+    if task.kind == "extraction":
+        a, r = parse_json(answer), parse_json(reference)
+        return a is not None and a == r
+    return answer.strip() == reference.strip()

@@ -68,6 +68,9 @@ class FaultServer:
         self.billed: list[tuple[int, int]] = []  # (prompt_tokens, completion_tokens) per generation
         self.total = 0
         self.batch_step = batch_step
+        # Polls after this many leave a batch where it is (in progress) until the test clears it:
+        # a capture killed while polling finds its batch unfinished, whatever the machine's speed.
+        self.batch_hold_after: int | None = None
         self.batch_fail = batch_fail
         self.batch_expire_at = batch_expire_at
         self.upload_failures = upload_failures
@@ -357,7 +360,8 @@ def _poll(server: FaultServer, batch_id: str) -> dict:
         server.batch_polls[batch_id] += 1
         batch = server.batches[batch_id]
         n = len(batch["requests"])
-        if batch["status"] == "in_progress":
+        held = server.batch_hold_after is not None and server.batch_polls[batch_id] > server.batch_hold_after
+        if batch["status"] == "in_progress" and not held:
             batch["done"] = min(n, batch["done"] + (server.batch_step or n))
             expire = server.batch_expire_at if batch["first"] else None
             if expire is not None and batch["done"] >= int(n * expire):

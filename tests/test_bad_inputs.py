@@ -1,5 +1,5 @@
 """Every bad input the issue lists, through the real CLI: one line naming the file (and line,
-key or column), a non-zero exit, and no teacher call made (issue 13, item 5).
+key or column), a non-zero exit, and no teacher call made.
 
     .venv/bin/pytest tests/test_bad_inputs.py -q
 """
@@ -57,7 +57,11 @@ CASES = [
     ("path-without-dot", None, ["model.base=runs/student/export/merged"], "capture",
      ["model.base: 'runs/student/export/merged' is neither an existing folder"]),
     ("chat-template-missing", None, ["model.chat_template=recipes/templates/nope.jinja"], "capture",
-     ["model.chat_template: recipes/templates/nope.jinja: file not found"]),
+     ["model.chat_template: recipes/templates/nope.jinja does not exist"]),
+    ("chat-template-missing-validate", None, ["model.chat_template=recipes/templates/nope.jinja"], "validate",
+     ["model.chat_template: recipes/templates/nope.jinja does not exist"]),
+    ("task-file-missing-validate", None, ["capture.task=data/nope.yaml", "eval.file=nope.jsonl"], "validate",
+     ["capture.task: data/nope.yaml does not exist", "eval.file: nope.jsonl does not exist"]),
     ("optim-unknown", None, ["train.optim=adamw_foo"], "validate",
      ["train.optim: 'adamw_foo' is not a transformers optimizer", "did you mean 'adamw_torch'"]),
     ("lora-target-typo", None, ["train.lora.targets=[q_proj,vproj]"], "capture",

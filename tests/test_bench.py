@@ -2,7 +2,8 @@
 
 Never asserts on a timing (these machines are shared): only that every field is there, numbers
 are positive and finite, ratio = value / baseline, and every figure reaches RESULTS.md and the
-README block. The benches run as `make bench` runs them, as scripts in a subprocess.
+docs' generated blocks. The benches run as `make bench` runs them, as scripts in a subprocess.
+`report.py --check` also holds every figure in README.md and docs/*.md to its source.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
+import figure_lint  # noqa: E402
 import figures  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
@@ -124,17 +126,23 @@ def test_quick_runs_default_to_the_ignored_folder(monkeypatch):
     assert "results-quick/" in (BENCH / ".gitignore").read_text().split()
 
 
-def rendered_figures_present(text: str, docs: list[tuple[str, dict]], readme_block: bool = False) -> None:
-    """Each figure's row (in its bench's section of RESULTS.md, or its bench's rows of the README
-    block, which holds the headline figures) shows its value, baseline and ratio."""
+def section(text: str, start: str, end: str) -> list[str]:
+    return text.split(start, 1)[1].split(end, 1)[0].splitlines()
+
+
+def rendered_figures_present(text: str, docs: list[tuple[str, dict]], where: str = "results") -> None:
+    """Each figure's row shows its value, baseline and ratio: in its bench's section of RESULTS.md
+    (where="results"), in RESULTS.md's headline table (headline figures only, where="headline"),
+    or in a doc's generated block for its bench (where="block")."""
     for name, data in docs:
-        if readme_block:
-            lines = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+        if where == "headline":
+            lines = [line for line in section(text, "## Headline figures", "\n## ") if line.startswith(f"| {name} |")]
+        elif where == "block":
+            lines = section(text, f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->")
         else:
-            section = text.split(f"\n## {name}:", 1)[1].split("\n## ", 1)[0]
-            lines = section.splitlines()
+            lines = section(text, f"\n## {name}:", "\n## ")
         for f in report.figures_of(name, data):
-            if readme_block and not f["headline"]:
+            if where == "headline" and not f["headline"]:
                 continue
             row = [line for line in lines if f"| {f['name']} |" in line]
             assert len(row) == 1, f"{name}: {f['name']} missing or repeated"
@@ -146,12 +154,16 @@ def rendered_figures_present(text: str, docs: list[tuple[str, dict]], readme_blo
 
 def test_report_renders_every_figure_of_fresh_and_committed_results(quick_results, tmp_path):
     results = tmp_path / "results"
-    shutil.copytree(BENCH / "results", results)  # committed: most predate the envelope
+    shutil.copytree(BENCH / "results", results)  # committed: loop_demo.json has no envelope
     for p in quick_results.glob("*.json"):
         shutil.copy(p, results / f"quick_{p.name}")  # unknown names: the generic extractor
     shutil.copy(quick_results / "curate.json", results / "curate.json")  # a fresh one with an envelope
     readme = tmp_path / "README.md"
-    readme.write_text(f"# X\n\nabove\n\n{report.START}\nold table\n{report.END}\n\nbelow\n")
+    readme.write_text("# X\n\nabove\n\n<!-- bench:router:start -->\nold table\n<!-- bench:router:end -->\n\nbelow\n")
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("# Page\n\n<!-- bench:curate:start -->\n<!-- bench:curate:end -->\n\n"
+                    "<!-- bench:quick_router:start -->\n<!-- bench:quick_router:end -->\n")
 
     assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
@@ -159,6 +171,7 @@ def test_report_renders_every_figure_of_fresh_and_committed_results(quick_result
     assert {name for name, _ in docs} >= {"curate", "finetune", "capture", "local_teacher", "router", "loop_demo",
                                           "teacher_prompt", "quick_router"}
     rendered_figures_present(text, docs)
+    rendered_figures_present(text, docs, where="headline")
     for name, _ in docs:
         assert f"## {name}:" in text
     assert report.NOT_RECORDED in text  # the committed JSON without an envelope
@@ -168,14 +181,19 @@ def test_report_renders_every_figure_of_fresh_and_committed_results(quick_result
 
     body = readme.read_text()
     assert body.startswith("# X\n\nabove\n\n") and body.endswith("\n\nbelow\n") and "old table" not in body
-    rendered_figures_present(body, docs, readme_block=True)
+    by_name = dict(docs)
+    rendered_figures_present(body, [("router", by_name["router"])], where="block")
+    assert "[RESULTS.md](RESULTS.md)" in body  # the link is relative to the page
+    page_text = page.read_text()
+    rendered_figures_present(page_text, [(n, by_name[n]) for n in ("curate", "quick_router")], where="block")
+    assert "[RESULTS.md](../RESULTS.md)" in page_text
     assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
-    readme.write_text(body.replace("| router |", "| typed by hand |", 1))
+    page.write_text(page_text.replace("| curate, tfidf", "| typed by hand", 1))
     assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
 
 
-def test_committed_results_md_and_readme_block_are_generated_from_the_committed_json():
-    assert report.main(["--check"]) == 0, "run: .venv/bin/python bench/report.py"
+def test_committed_results_docs_blocks_and_figures_pass_the_check(capsys):
+    assert report.main(["--check"]) == 0, capsys.readouterr().out + "\nrun: .venv/bin/python bench/report.py"
 
 
 def test_ratio_is_value_over_baseline_for_every_committed_figure():
@@ -261,13 +279,13 @@ def test_cost_bench_reads_an_evaluate_report_and_states_its_prices(tmp_path, bas
     share = by_name["cost"]
     assert share["value"] == 0.75 and share["unit"] == "fraction" and "n=200" in share["note"]
 
-    # The report prints the notes next to the figures, in RESULTS.md and in the README block.
+    # The report prints the notes next to the figures, in RESULTS.md and in a doc's block.
     readme = tmp_path / "README.md"
-    readme.write_text(f"{report.START}\n{report.END}\n")
+    readme.write_text("<!-- bench:cost:start -->\n<!-- bench:cost:end -->\n")
     assert report.main(["--results", str(out), "--readme", str(readme)]) == 0
     docs = report.load(out)
-    for text, block in (((tmp_path / "RESULTS.md").read_text(), False), (readme.read_text(), True)):
-        rendered_figures_present(text, docs, readme_block=block)
+    for text, where in (((tmp_path / "RESULTS.md").read_text(), "results"), (readme.read_text(), "block")):
+        rendered_figures_present(text, docs, where=where)
         for f in data["figures"]:
             row = next(line for line in text.splitlines() if f"| {f['name']} |" in line)
             assert f"| {f['note']} |" in row
@@ -296,3 +314,80 @@ def test_cost_bench_refuses_a_report_without_a_cost_section(tmp_path):
                           timeout=120)
     assert proc.returncode == 1 and "no `cost` section" in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------- figures in README.md and docs/
+
+
+@pytest.fixture
+def check_readme(tmp_path, capsys):
+    """report.py --check on a README holding `text` next to the committed results: (exit code, output)."""
+    shutil.copy(BENCH / "RESULTS.md", tmp_path / "RESULTS.md")  # current: the committed check says so
+
+    def run(text: str) -> tuple[int, str]:
+        (tmp_path / "README.md").write_text(text)
+        capsys.readouterr()
+        rc = report.main(["--readme", str(tmp_path / "README.md"), "--out", str(tmp_path / "RESULTS.md"), "--check"])
+        return rc, capsys.readouterr().out
+
+    return run
+
+
+def test_check_fails_on_an_unbacked_figure_and_passes_once_it_names_its_command(check_readme):
+    rc, out = check_readme("# T\n\nThe demo trains in 12 min 16 s on two cores.\n")
+    assert rc == 1 and "README.md:3: '12 min', '16 s': measured, with no source in the paragraph" in out
+    assert check_readme("# T\n\nThe demo trains in 12 min 16 s on two cores (`time make distill`).\n") == (0, "")
+
+
+def test_a_unit_citing_a_bench_json_may_quote_only_that_json(check_readme):
+    # The router figures an older README quoted, against the committed router.json: caught even with a command.
+    stale = ("The router layer answers in 1.96 vs 1.34 ms p50, +1.6 / +2.3 ms at concurrency 4, and micro-batching "
+             "gives 1.47x (`python bench/bench_router.py`, `bench/results/router.json`).\n")
+    rc, out = check_readme(stale)
+    assert rc == 1
+    for figure in ("'1.96 ms'", "'1.34 ms'", "'2.3 ms'", "'1.47x'"):
+        assert f"{figure} is not in bench/results/router.json" in out
+    current = ("The router layer answers in 1.57 vs 1.15 ms p50, +1.9 / +5.2 ms at concurrency 4, and micro-batching "
+               "gives 1.40x (`bench/results/router.json`); the demo's teacher costs $0.00549 per 1,000 requests and "
+               "keeps 62.0% local (`bench/results/cost.json`).\n")
+    assert check_readme(current) == (0, "")
+    rc, out = check_readme("It took 3 s (`bench/results/nope.json`).\n")
+    assert rc == 1 and "cites bench/results/nope.json, which does not exist" in out
+
+
+def test_settings_versions_counts_and_transcripts_are_not_figures(check_readme):
+    text = """# T
+
+```
+real	10m18.975s
+router p50 12.6 ms
+```
+
+Bodies up to `1 MiB`; escalations rotate at `64 MiB` (`serve.max_queue` is `64`). Every figure has a 95% CI,
+and the threshold holds at 95%
+confidence. The recipe fits one A10G 24 GB or an A100 40/80 GB, or any 24 GB GPU. torch 2.13.0 for CUDA 13.0;
+1,260 messages, 12 intents, a quality target of 0.8, seq 2048 x batch 4.
+
+<!-- measured once: 5 s -->
+"""
+    assert check_readme(text) == (0, "")
+    found = figure_lint.figures_in("1.57 vs 1.15 ms, 4.75x, 0.70–0.87x, $0.0101, 42.5%, 7.08 prompts/s, 11.6 GiB, "
+                                   "+2.6 points, 0.001 nats, `3 s`, 95% CI, x86_64, 2026-12-01, [a](b/1.5x.md)")
+    assert sorted(f.text for f in found) == sorted(
+        ["1.15 ms", "4.75x", "0.87x", "42.5%", "7.08 prompts/s", "11.6 GiB", "2.6 points", "0.001 nats",
+         "$0.0101", "1.57 ms", "0.70x"])
+
+
+def test_table_rows_rely_on_their_caption_and_header_rows_are_names(check_readme):
+    table = "| run | test, 70% most confident | training |\n|---|---|---|\n| a | 91.6% | 16.4 min |\n"
+    assert check_readme(f"From `distill sweep banking77-cpu train.lora.r=64 --name b77-r64`:\n\n{table}") == (0, "")
+    rc, out = check_readme(f"# Results\n\n{table}")
+    assert rc == 1 and "README.md:5: '91.6%', '16.4 min': measured, with no source in the table row or its caption" in out
+    assert "70%" not in out  # the header row names a column
+
+
+def test_generated_blocks_must_be_balanced_and_name_a_bench(check_readme):
+    rc, out = check_readme("<!-- bench:router:start -->\ntable\n")
+    assert rc == 1 and "README.md:1: bench:router:start without its end" in out
+    rc, out = check_readme("<!-- bench:nope:start -->\n<!-- bench:nope:end -->\n")
+    assert rc == 1 and "bench:nope names no bench/results/nope.json" in out

@@ -29,7 +29,7 @@ from pipeline.config import CaptureConfig, Recipe, TeacherConfig
 from pipeline.errors import DistillError
 from pipeline.stages.capture import load_prompts
 from pipeline.teachers import PROVIDERS, TEACHERS, Teacher, TeacherAuthError, build_teacher
-from pipeline.teachers.ledger import load_price_table, lookup_price
+from pipeline.prices import load_price_table, lookup_price
 from pipeline.teachers.service import NOT_SENT, TeacherService
 
 

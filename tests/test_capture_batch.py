@@ -12,11 +12,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 
 from capture_helpers import ROOT, fast_retries, read_records, write_prompts, write_recipe
 from fault_server import FaultServer, answer_for
+from waiting import wait_for
 
 from pipeline.artifacts import read_manifest
 from pipeline.cli import main
@@ -53,20 +53,19 @@ def test_sigkill_while_polling_then_rerun_submits_one_batch_and_imports_it_once(
     n = 20
     write_prompts(tmp_path / "prompts.jsonl", n)
     runs, cache = tmp_path / "runs", tmp_path / "cache.sqlite"
-    # One request per poll: the batch needs 20 polls, the kill comes after 3.
+    # One request per poll, and the batch held after 3 polls: the kill always finds it in progress.
     with FaultServer(batch_step=1) as server:
+        server.batch_hold_after = 3
         recipe = write_recipe(tmp_path, batch_teacher(server))
         cmd = [sys.executable, "-m", "pipeline", "capture", str(recipe), "--runs-dir", str(runs)]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 180
-        while server.batch_polls["batch_0001"] < 3:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "capture never polled its batch"
-            time.sleep(0.01)
+        wait_for(lambda: server.batch_polls["batch_0001"] >= 3 or proc.poll() is not None, "capture polling its batch")
+        assert proc.poll() is None, proc.stderr.read()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stderr.close()
-        assert server.batches["batch_0001"]["status"] == "in_progress", "killed too late to test anything"
+        assert server.batches["batch_0001"]["status"] == "in_progress"
+        server.batch_hold_after = None
         assert db_rows(cache, "SELECT batch_id, state FROM batches") == [("batch_0001", "submitted")], \
             "the batch was not recorded before the capture started waiting"
 

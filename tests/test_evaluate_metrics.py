@@ -14,7 +14,7 @@ from pipeline.evaluation.metrics import (
     macro_f1,
     per_label,
 )
-from pipeline.evaluation.stats import Figure, bootstrap, mean_figure
+from pipeline.stats import Figure, bootstrap, mean_figure
 
 
 def test_macro_f1_and_per_label_on_handmade_predictions():

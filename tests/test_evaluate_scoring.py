@@ -5,7 +5,7 @@ import math
 import pytest
 
 from pipeline.llm.completion import Completion
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 
 LABELS = ["track_order", "return_item", "refund_status", "x", "cancel_my_yearly_subscription_and_refund_it"]  # several lengths
 CONVS = [[{"role": "user", "content": "where is my parcel"}],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import validate_recipe
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.stages import evaluate
 from pipeline.task import load_task
 
@@ -168,3 +168,64 @@ def test_report_says_an_nf4_trained_adapter_is_evaluated_on_the_unquantised_base
     line = base_weight_lines({"base_weights": weights})[0]
     assert "trained against the NF4 4-bit (bitsandbytes) base" in line and "unquantised bfloat16 base" in line
     assert evaluate.base_weights(None, "float32")["trained_against"] == "not recorded"  # an older finetune manifest
+
+
+# ---------------------------------------------------------------- the teacher priced as a paid API
+
+
+def test_teacher_priced_as_an_api_gives_the_hand_computed_dollars_per_thousand(tmp_path):
+    """gpt-4o-mini lists $0.15 / $0.60 per 1M tokens in/out (pipeline/prices.yaml). 400 prompt and 10
+    completion tokens a request: 400 * 0.15e-6 + 10 * 0.60e-6 = $0.000066, $0.066 per 1,000."""
+    task = load_task(ROOT / "data" / "task.yaml")
+    recipe = validate_recipe({"name": "t", "router": {"signal": "label_prob", "quality_target": 0.7},
+                              "eval": {"bootstrap": 200, "cost": {"teacher_priced_as": "openai:gpt-4o-mini",
+                                                                   "student_usd_per_hour": 0.36}}}, "test")
+    rng = np.random.default_rng(0)
+    test, base, tuned = synthetic(task, 160, rng)
+    validation, _, val = synthetic(task, 160, rng)
+    records = [{"meta": {"latency_ms": 100, "usage": {"prompt_tokens": 400, "completion_tokens": 10}}}] * 10
+    result = evaluate.assess(recipe, task, test, validation, evaluate.Answers(base, 1.0),
+                             evaluate.Answers(tuned, 16.0), evaluate.Answers(val, 2.0), records)
+    api, flat = result["cost"]["priced_as"], result["flat"]
+    assert api["teacher_usd_per_1k"] == pytest.approx(0.066)
+    student = 16.0 / 160 * 0.36 / 3600  # measured: 16 s for 160 answers at $0.36/h
+    share = result["figures"]["local_share"]
+    assert flat["priced_routed_usd_per_1k"] == pytest.approx(1000 * (student + (1 - share.value) * 0.000066))
+    assert flat["priced_routed_usd_per_1k_lo"] == pytest.approx(1000 * (student + (1 - share.hi) * 0.000066))
+    assert flat["priced_saving"] == pytest.approx(1 - flat["priced_routed_usd_per_1k"] / 0.066)
+    assert flat["priced_saving_lo"] <= flat["priced_saving"] <= flat["priced_saving_hi"]
+    evaluate.write_outputs(tmp_path, recipe, task, result, adapter_sha="abc")
+    report = (tmp_path / "report.md").read_text()
+    assert "**Priced as openai:gpt-4o-mini**" in report and "| openai:gpt-4o-mini for every request | $0.0660 |" in report
+
+
+def test_records_without_usage_are_priced_by_the_student_tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluation.cost import api_price_figures
+    from pipeline.prices import Price
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    record = {"messages": [{"role": "user", "content": "where is my parcel"},
+                           {"role": "assistant", "content": "track_order"}], "meta": {}}
+    prompt, completion = evaluate.record_token_counter(tokenizer)(record)
+    rendered = tokenizer.apply_chat_template(record["messages"][:1], add_generation_prompt=True)
+    assert prompt == len(rendered if isinstance(rendered, list) else rendered["input_ids"])
+    assert completion == len(tokenizer("track_order", add_special_tokens=False)["input_ids"]) + 1
+    api = api_price_figures([record], "x:y", Price(1.0, 2.0, "recipe"), 0.0, 0.5, 0.4, 0.6,
+                            evaluate.record_token_counter(tokenizer))
+    assert api["tokens"] == "counted with the student's tokenizer"
+    assert api["teacher_usd_per_1k"] == pytest.approx(1000 * (prompt * 1.0 + completion * 2.0) / 1e6)
+    assert api_price_figures([record], "x:y", Price(1.0, 2.0, "recipe"), 0.0, 0.5, 0.4, 0.6) is None
+
+
+def test_an_unknown_api_name_fails_validation_with_the_nearest_names():
+    from pipeline.errors import DistillError
+
+    with pytest.raises(DistillError, match=r"eval.cost.teacher_priced_as: 'openai:gpt-4o-mni' is not in "
+                                           r"pipeline/prices.yaml \(did you mean 'openai:gpt-4o-mini'"):
+        validate_recipe({"name": "t", "eval": {"cost": {"teacher_priced_as": "openai:gpt-4o-mni"}}}, "r.yaml")
+    priced = validate_recipe({"name": "t", "eval": {"cost": {"teacher_priced_as": "acme:big",
+                                                             "teacher_price": {"input_per_mtok": 1,
+                                                                               "output_per_mtok": 2}}}}, "r.yaml")
+    assert priced.eval.cost.teacher_price.output_per_mtok == 2

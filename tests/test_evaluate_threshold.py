@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from pipeline.evaluation.calibration import auroc, fit_temperature, reliability
-from pipeline.evaluation.stats import clopper_pearson_lower, examples_needed
+from pipeline.stats import clopper_pearson_lower, examples_needed
 from pipeline.evaluation.threshold import choose_threshold, measure, sweep
 from pipeline.llm.completion import Completion
-from pipeline.router.policy import Policy, replay
+from pipeline.llm.policy import Policy, replay
 
 
 def answer(mean: float | None) -> Completion:

@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import ExportConfig, Recipe
-from pipeline.export.gguf_types import CONVERTED, QUANTIZED, REFUSED
+from pipeline.gguf_types import CONVERTED, QUANTIZED, REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 

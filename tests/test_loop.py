@@ -147,7 +147,7 @@ def test_mcnemar_is_symmetric():
 def registry(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.loop.registry import Registry
+    from pipeline.registry import Registry
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -160,7 +160,7 @@ def registry(tmp_path):
 
 
 def test_promote_moves_champion_and_keeps_previous_then_rollback_goes_back(registry):
-    from pipeline.loop.registry import CANDIDATE, CHAMPION, PREVIOUS
+    from pipeline.registry import CANDIDATE, CHAMPION, PREVIOUS
 
     reg, _ = registry
     reg.promote("task", "1")
@@ -177,7 +177,7 @@ def test_promote_moves_champion_and_keeps_previous_then_rollback_goes_back(regis
 
 
 def test_promotion_of_a_worse_candidate_is_refused_unless_forced(registry):
-    from pipeline.loop.registry import CHAMPION, WORSE_TAG
+    from pipeline.registry import CHAMPION, WORSE_TAG
 
     reg, _ = registry
     reg.promote("task", "1")
@@ -189,7 +189,7 @@ def test_promotion_of_a_worse_candidate_is_refused_unless_forced(registry):
 
 
 def test_alias_resolution_gives_the_served_folder_and_its_runs_policy(registry):
-    from pipeline.loop.registry import parse_model_uri
+    from pipeline.registry import parse_model_uri
 
     reg, root = registry
     reg.promote("task", "2")
@@ -217,3 +217,28 @@ def test_escalation_reasons_are_counted_by_kind_not_by_score():
 
     kinds = {reason_kind(record("a", "p", "x", reason=f"label_prob 0.{n}1 < threshold 0.825")) for n in range(5)}
     assert kinds == {"label_prob < threshold"}
+
+
+# ---------------------------------------------------------------- the escalated slice, answered as served
+
+
+def test_the_slice_is_answered_as_served_by_label_posterior(tiny_llama_dir, tmp_path):
+    """A label_posterior recipe: the loop's champion-vs-candidate slice must read the labels'
+    posterior, as the router serves, not greedy text (a random model's greedy text is no label)."""
+    from pipeline.config import Recipe
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.llm.scoring import label_logprobs
+    from pipeline.loop.retrain import slice_outcomes
+    from pipeline.task import Task, load_task
+
+    task_file = Path(__file__).resolve().parents[1] / "data" / "task.yaml"
+    task = load_task(task_file)
+    prompts = [f"My order {i} never arrived, what now?" for i in range(6)]
+    model, tokenizer = load_model(str(tiny_llama_dir), device_plan()).eval(), load_tokenizer(str(tiny_llama_dir))
+    scores = label_logprobs(model, tokenizer, [Task.student_messages(p) for p in prompts], task.labels)
+    likeliest = [max(task.labels, key=s.__getitem__) for s in scores]  # the oracle: brute-force scoring
+    records = [record(f"s{i}", p, label) for i, (p, label) in enumerate(zip(prompts, likeliest))]
+    served = Recipe(name="t", router={"decode": "label_posterior", "signal": "label_prob"})
+    assert slice_outcomes(tiny_llama_dir, records, task_file, served) == [True] * len(prompts)
+    greedy = Recipe(name="t", router={"decode": "generate"})
+    assert slice_outcomes(tiny_llama_dir, records, task_file, greedy) != [True] * len(prompts)

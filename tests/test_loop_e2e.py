@@ -43,10 +43,11 @@ def unseen_prompts(limit: int) -> list[str]:
 def serve_round_zero(recipe_path: Path, run: Path, prompts: list[str]) -> None:
     """The evaluated policy of round 0 decides; the teacher answers what it escalates."""
     from pipeline.config import load_recipe
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.router.backends import StudentBackend, TeacherBackend
     from pipeline.router.escalations import EscalationLog
-    from pipeline.router.policy import Policy
+    from pipeline.llm.policy import Policy
     from pipeline.task import load_task
 
     cfg = load_recipe(str(recipe_path))
@@ -111,7 +112,7 @@ def test_the_round_trained_on_the_new_escalations_without_asking_the_teacher(loo
 
 
 def test_registry_holds_both_rounds_with_their_aliases_and_tags(loop_run):
-    from pipeline.loop.registry import CANDIDATE, CHAMPION, Registry
+    from pipeline.registry import CANDIDATE, CHAMPION, Registry
 
     folder, _, run = loop_run
     reg = Registry(f"sqlite:///{folder / 'mlflow.db'}")
@@ -141,16 +142,23 @@ def test_retraining_on_the_same_log_again_adds_nothing_and_is_refused(loop_run, 
 
 
 def test_promote_and_rollback_move_the_champion(loop_run, capsys):
-    from pipeline.loop.registry import CHAMPION, PREVIOUS, Registry
+    """Leaves the registry's aliases as the round left them, so other tests read the same registry
+    whatever the order they run in."""
+    from pipeline.registry import CANDIDATE, CHAMPION, PREVIOUS, Registry
 
     folder, recipe, _ = loop_run
     reg = Registry(f"sqlite:///{folder / 'mlflow.db'}")
-    round_zero = reg.require("e2e", CHAMPION).version
-    assert main(["promote", str(recipe), "--force"]) == 0
-    assert reg.require("e2e", CHAMPION).round == 1 and reg.require("e2e", PREVIOUS).version == round_zero
-    assert main(["rollback", str(recipe)]) == 0
-    assert reg.require("e2e", CHAMPION).version == round_zero
-    assert "back to version" in capsys.readouterr().out
+    round_zero, candidate = reg.require("e2e", CHAMPION).version, reg.require("e2e", CANDIDATE).version
+    try:
+        assert main(["promote", str(recipe), "--force"]) == 0
+        assert reg.require("e2e", CHAMPION).round == 1 and reg.require("e2e", PREVIOUS).version == round_zero
+        assert main(["rollback", str(recipe)]) == 0
+        assert reg.require("e2e", CHAMPION).version == round_zero
+        assert "back to version" in capsys.readouterr().out
+    finally:
+        reg.set_alias("e2e", CHAMPION, round_zero)
+        reg.set_alias("e2e", CANDIDATE, candidate)
+        reg.drop_alias("e2e", PREVIOUS)
 
 
 def test_warm_start_trains_on_from_the_given_adapter(loop_run, tmp_path):

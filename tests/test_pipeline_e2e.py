@@ -123,7 +123,7 @@ def test_evaluation_report_matches_predictions(pipeline_run):
 
 
 def test_router_policy_names_its_signal_settings_and_adapter(pipeline_run):
-    from pipeline.router.policy import Policy
+    from pipeline.llm.policy import Policy
 
     _, _, run = pipeline_run
     policy = json.loads((run / "evaluate" / "router_policy.json").read_text())

@@ -13,8 +13,8 @@ from pipeline.errors import DistillError
 from pipeline.evaluation import calibration
 from pipeline.evaluation.threshold import choose_threshold, scores_of
 from pipeline.llm.completion import Completion
-from pipeline.router.gates import Gates
-from pipeline.router.policy import Policy, logprob_quantile
+from pipeline.llm.gates import Gates
+from pipeline.llm.policy import Policy, logprob_quantile
 from pipeline.task import Task
 
 CONFIDENT = [-0.01, -0.02]

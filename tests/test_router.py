@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from pipeline.errors import DistillError
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 
 MODEL = "distill-student"
 KEY = "sk-test-router"
@@ -51,7 +51,8 @@ def backend(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def base_url(backend):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     with running(create_app(ServeSettings(max_tokens=8), {MODEL: backend}, Policy.student_only())) as url:
         yield url
@@ -61,7 +62,8 @@ def base_url(backend):
 def auth_url(backend):
     from pydantic import SecretStr
 
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     settings = ServeSettings(api_keys=(SecretStr(KEY),), max_tokens=8)
     with running(create_app(settings, {MODEL: backend}, Policy(threshold=0.0))) as url:
@@ -167,7 +169,8 @@ def test_no_threshold_escalates_every_request_through_the_served_app(backend):
     import tempfile
     from pathlib import Path
 
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "router_policy.json"
@@ -181,7 +184,7 @@ def test_no_threshold_escalates_every_request_through_the_served_app(backend):
 
 
 def test_serve_without_export_says_what_to_run(tmp_path):
-    from pipeline.router.app import serve
+    from pipeline.router.wiring import serve
 
     from pipeline.config import ServeConfig
 
@@ -190,7 +193,7 @@ def test_serve_without_export_says_what_to_run(tmp_path):
 
 
 def test_api_key_env_must_be_set(monkeypatch):
-    from pipeline.router.app import read_api_keys
+    from pipeline.router.settings import read_api_keys
 
     monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
     with pytest.raises(DistillError, match="DISTILL_TEST_KEY"):
@@ -204,7 +207,8 @@ def test_api_key_env_must_be_set(monkeypatch):
 
 
 def test_oversize_body_and_too_many_messages_are_refused(backend):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     settings = ServeSettings(max_tokens=8, max_body_bytes=2000, max_messages=3)
     with running(create_app(settings, {MODEL: backend}, Policy.student_only())) as url:

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from test_router import MESSAGES, MODEL, client, running
 
 KEYS = ("sk-env-one-1111", "sk-env-two-2222", "sk-file-three-3333", "sk-file-four-4444")
@@ -32,7 +32,8 @@ def student(tiny_llama_dir):
 
 
 def test_every_configured_key_works_and_a_wrong_one_is_401(student, tmp_path, monkeypatch, caplog):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     monkeypatch.setenv("DISTILL_TEST_KEYS", f" {KEYS[0]} ,{KEYS[1]},")
     keys_file = tmp_path / "keys.txt"
@@ -59,7 +60,7 @@ def test_every_configured_key_works_and_a_wrong_one_is_401(student, tmp_path, mo
 
 
 def test_bad_key_sources_are_refused_with_the_source_named(tmp_path, monkeypatch):
-    from pipeline.router.app import read_api_keys
+    from pipeline.router.settings import read_api_keys
 
     with pytest.raises(DistillError, match="nokeys.txt: cannot read it"):
         read_api_keys(None, tmp_path / "nokeys.txt")
@@ -85,7 +86,8 @@ def real_student(embedded_dir):
 
 @pytest.fixture(scope="module")
 def real_url(real_student):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     with running(create_app(ServeSettings(max_tokens=8), {MODEL: real_student}, Policy.student_only())) as url:
         yield url
@@ -159,7 +161,8 @@ class _NoTokenLogprobs:
 
 
 def test_logprobs_the_backend_cannot_give_are_refused_not_ignored(student):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     app = create_app(ServeSettings(max_tokens=8), {MODEL: student, "text-only": _NoTokenLogprobs()},
                      Policy.student_only())

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from pipeline.config import TeacherConfig
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from capture_helpers import LLAMA_ALIAS, llama_server
 from fault_server import FaultServer, answer_for
 from test_router import MESSAGES, MODEL, client, running
@@ -33,7 +33,8 @@ def gguf_student(gguf_path):
 
 
 def serve(student, policy):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
 
     return running(create_app(ServeSettings(max_tokens=8), {MODEL: student}, policy))
 
@@ -117,7 +118,7 @@ def test_upstream_student_reads_logprobs_and_fails_as_a_503_without_its_key(monk
 def test_serve_student_setting_picks_the_backend_and_refuses_what_cannot_work(gguf_path, tmp_path):
     from pipeline.config import ServeConfig
     from pipeline.errors import DistillError
-    from pipeline.router.app import export_gguf_file, student_for
+    from pipeline.router.wiring import export_gguf_file, student_for
     from pipeline.router.backends import GgufBackend, UpstreamBackend
 
     export = tmp_path / "export"

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import ServeConfig
-from pipeline.loop.registry import Registry
+from pipeline.registry import Registry
 from test_router import MODEL, client, running
 
 PROMPT = [{"role": "user", "content": "Classify: the parcel arrived broken."}]
@@ -152,7 +152,7 @@ class Traffic:
 
 
 def test_follows_promote_and_rollback_under_load_with_no_failed_request(uri, sources):
-    from pipeline.router.app import alias_app
+    from pipeline.router.wiring import alias_app
 
     registry = registered(uri, "swap", sources)
     app = alias_app(registry, "swap", "champion", settings())
@@ -184,7 +184,7 @@ def test_follows_promote_and_rollback_under_load_with_no_failed_request(uri, sou
 
 
 def test_candidate_answers_its_share_deterministically_per_user_with_its_own_policy(uri, sources):
-    from pipeline.router.app import alias_app
+    from pipeline.router.wiring import alias_app
 
     registry = registered(uri, "canary", sources)
     registry.set_alias("canary", "candidate", "2")
@@ -213,18 +213,20 @@ def test_candidate_answers_its_share_deterministically_per_user_with_its_own_pol
 
 
 def test_a_version_that_does_not_load_keeps_the_current_one_and_counts_an_error(uri, sources):
-    from pipeline.router.app import alias_app
+    from pipeline.router.wiring import alias_app
 
     registry = registered(uri, "broken", sources)
     registry.set_alias("broken", "candidate", "3")
     users = [f"user-{i}" for i in range(8)]
-    with running(alias_app(registry, "broken", "champion", settings(candidate_percent=50))) as url:
+    app = alias_app(registry, "broken", "champion", settings(candidate_percent=50))
+    with running(app) as url:
         assert ready(url)["versions"].keys() == {"champion"}
         assert {version_of(url, u) for u in users} == {"1"}
         assert errors(url, "model_load") == 1
         registry.promote("broken", "3")  # a broken champion: refused the same way
         until(lambda: errors(url, "model_load") == 2)
-        time.sleep(5 * POLL_S)  # more polls: a version that failed is not retried until its alias moves
+        polled = app.state.follower.polls
+        until(lambda: app.state.follower.polls >= polled + 5)  # a version that failed is not retried on later polls
         assert errors(url, "model_load") == 2
         assert {version_of(url, u) for u in users} == {"1"}
         assert ready(url)["versions"]["champion"]["version"] == "1"
@@ -234,7 +236,9 @@ def test_escalations_carry_the_model_version_and_still_import(uri, sources, tmp_
     from fault_server import FaultServer
     from test_router_escalation import teacher_for
 
-    from pipeline.router.app import ServeSettings, create_app, load_version
+    from pipeline.router.wiring import load_version
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
     from pipeline.router.follow import Follower
     from pipeline.teachers.logs import import_logs

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.config import ServeConfig, validate_recipe
 from pipeline.errors import DistillError
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.router.routing import policy_hash
 from capture_helpers import LLAMA_ALIAS, free_port, llama_server
 from fault_server import FaultServer, answer_for
@@ -50,7 +50,9 @@ def tier(tmp_path, name, base_url, threshold, **extra):
 
 def tiered_app(student, student_threshold, tiers, teacher=None, log_path=None, deadline_s=30.0):
     """The app `distill serve` builds: serve.tiers through build_tiers, then create_app."""
-    from pipeline.router.app import ServeSettings, build_tiers, create_app
+    from pipeline.router.wiring import build_tiers
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
 
     built = build_tiers(ServeConfig(tiers=tiers))
@@ -225,7 +227,8 @@ def test_llama_cpp_server_as_a_real_mid_tier(tiny_llama_dir, gguf_student, tmp_p
 
 
 def test_without_tiers_the_escalation_record_is_unchanged(gguf_student, tmp_path):
-    from pipeline.router.app import ServeSettings, create_app
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
 
     log_path = tmp_path / "escalations.jsonl"
@@ -247,7 +250,7 @@ def recipe_with(tiers):
 
 
 def test_bad_tier_settings_are_refused_naming_the_setting(tmp_path):
-    from pipeline.router.app import build_tiers
+    from pipeline.router.wiring import build_tiers
 
     ok = {"name": "mid", "student": "openai:m", "base_url": "http://127.0.0.1:9/v1",
           "policy": str(policy_file(tmp_path / "p.json", -1.0))}
@@ -284,7 +287,7 @@ def test_bad_tier_settings_are_refused_naming_the_setting(tmp_path):
 
 def test_tier_settings_build_their_backends(tmp_path):
     from pipeline.llm.loading import embedded_gguf
-    from pipeline.router.app import build_tiers
+    from pipeline.router.wiring import build_tiers
     from pipeline.router.backends import GgufBackend, UpstreamBackend
 
     policy = policy_file(tmp_path / "p.json", -0.7)

@@ -82,6 +82,6 @@ def test_router_signals_accepted_are_the_signals_that_exist():
     import typing
 
     from pipeline.config import RouterConfig
-    from pipeline.router.policy import SIGNALS
+    from pipeline.llm.policy import SIGNALS
 
     assert set(typing.get_args(RouterConfig.model_fields["signal"].annotation)) == set(SIGNALS)

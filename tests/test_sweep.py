@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.errors import DistillError
-from pipeline.sweep import grid, parse_axes, plan_sweep, split_values, trial_name
+from pipeline.sweep.plan import grid, parse_axes, plan_sweep, split_values, trial_name
 
 GOOD_LR, BAD_LR = "2e-2", "1e-9"
 WORDS = ["apple", "river", "stone", "cloud", "lamp", "chair", "wind", "paper", "glass", "field", "bread", "tower"]

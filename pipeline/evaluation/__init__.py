@@ -15,5 +15,5 @@
 - plots.py, render.py  the PNGs and report.md
 
 What a threshold *means* (and which answers the hard gates escalate) is decided in one place,
-pipeline/router/policy.py (+ gates.py), which the server uses too.
+pipeline/llm/policy.py (+ gates.py), which the server uses too.
 """

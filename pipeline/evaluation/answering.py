@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from pipeline.config import Recipe
+from pipeline.llm.answer import Serving, answer_as_served
 from pipeline.llm.completion import Completion
+from pipeline.llm.generate import PrefixCache, generate_batch
 from pipeline.task import Task
 
 
@@ -30,24 +32,27 @@ def base_conversation(task: Task, prompt: str, form: str) -> list[dict]:
 
 def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, desc: str,
                base_prompt: str | None = None) -> Answers:
-    """Greedy answers in batches. The tuned student answers as served (user message only, decoded
-    as `router.decode` says) and, on a classification task, with every label scored, which the
-    label signals read."""
-    from pipeline.llm.generate import PrefixCache, generate_batch
-
+    """Answers in batches, timed. The tuned student answers as served (`answer_as_served`: the
+    user message only, decoded as `router.decode` says, every label scored on a classification
+    task, which the label signals read); the base student, told the task, greedy and constrained
+    to the labels."""
     labels = task.labels if task.kind == "classification" else None
-    prefix = PrefixCache() if base_prompt is not None else None  # the instructions, run once for every batch
-    completions, size, start = [], recipe.eval.batch_size, time.perf_counter()
-    for i in tqdm(range(0, len(rows), size), desc=f"evaluate ({desc})", unit="batch"):
-        batch = rows[i : i + size]
-        if base_prompt is None:
-            convs = [Task.student_messages(r["prompt"]) for r in batch]
-            completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, source=desc,
-                                          score_labels=labels, decode=recipe.router.decode)
-        else:
-            convs = [base_conversation(task, r["prompt"], base_prompt) for r in batch]
-            completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, labels=labels,
-                                          source=desc, prefix_cache=prefix)
+    start = time.perf_counter()
+
+    def progress(starts: range) -> tqdm:
+        return tqdm(starts, desc=f"evaluate ({desc})", unit="batch")
+
+    if base_prompt is None:
+        convs = [Task.student_messages(r["prompt"]) for r in rows]
+        completions = answer_as_served(model, tokenizer, convs, Serving.of(recipe, labels), source=desc,
+                                       progress=progress)
+        return Answers(completions, time.perf_counter() - start)
+    prefix = PrefixCache()  # the instructions, run once for every batch
+    completions, size = [], recipe.eval.batch_size
+    for i in progress(range(0, len(rows), size)):
+        convs = [base_conversation(task, r["prompt"], base_prompt) for r in rows[i : i + size]]
+        completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, labels=labels,
+                                      source=desc, prefix_cache=prefix)
     return Answers(completions, time.perf_counter() - start)
 
 

@@ -70,11 +70,11 @@ def reliability(probs: list[float | None], agree: list[bool], bins: int = 10) ->
 
 def fit_logistic(completions: list[Completion], agree: list[bool]) -> dict[str, float] | None:
     """Weights of the `logistic` router signal: P(agrees with the teacher) from the answer's token
-    features (pipeline/router/policy.py token_features), L2-regularised. None when the rows lack
+    features (pipeline/llm/policy.py token_features), L2-regularised. None when the rows lack
     logprobs or all agree (or all disagree): nothing to learn a boundary from."""
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.router.policy import token_features
+    from pipeline.llm.policy import token_features
 
     rows = [(f, ok) for f, ok in ((token_features(c), ok) for c, ok in zip(completions, agree)) if f is not None]
     if len({ok for _, ok in rows}) < 2:

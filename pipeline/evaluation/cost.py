@@ -7,11 +7,19 @@ record as meta.cost_usd). A local in-process teacher is billed nothing by anyone
 priced like the student: its measured latency x the machine's price. Student: measured
 generation wall time on this hardware x `eval.cost.student_usd_per_hour`. A routed request
 always pays the student (it answers first) and pays the teacher too when it escalates.
+
+`eval.cost.teacher_priced_as` adds the same traffic priced as a paid API (`api_price_figures`):
+what a user who pays that API for every request would pay, and what routing saves them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from pipeline.config import EvalCostConfig
+from pipeline.prices import Price, priced_as
+from pipeline.stats import Figure
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,54 @@ def cost_figures(records: list[dict], student_wall_s: float, requests: int, usd_
             "student_usd_per_request": student, "student_usd_per_hour": usd_per_hour,
             "student_requests_per_s": requests / student_wall_s if student_wall_s else None,
             "rows": rows_json(rows), "curve": points}
+
+
+def api_price_figures(records: list[dict], spec: str, price: Price, student_usd: float, local_share: float,
+                      local_lo: float, local_hi: float,
+                      count_tokens: Callable[[dict], tuple[int, int]] | None = None) -> dict | None:
+    """The captured teacher traffic priced as the API `spec`: each answered request's prompt and
+    completion tokens at `price`, and what routing saves against it, with the local share's CI carried
+    into the saving's range. Tokens are the teacher's own count (meta.usage) where it recorded one, else
+    `count_tokens(record)` (the student's tokenizer: imported logs carry no usage). None when neither."""
+    answered = [r for r in records if not (r.get("meta") or {}).get("error")]
+    counts, sources = [], set()
+    for record in answered:
+        usage = (record.get("meta") or {}).get("usage") or {}
+        if usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
+            counts.append((usage["prompt_tokens"], usage["completion_tokens"]))
+            sources.add("recorded by the teacher")
+        elif count_tokens is not None:
+            counts.append(count_tokens(record))
+            sources.add("counted with the student's tokenizer")
+    if not counts:
+        return None
+    prompt = sum(p for p, _ in counts) / len(counts)
+    completion = sum(c for _, c in counts) / len(counts)
+    teacher = price.cost(prompt, completion)
+
+    def routed(share: float) -> float:
+        return 1000 * (student_usd + (1 - share) * teacher)
+
+    teacher_1k = 1000 * teacher
+
+    def saving(usd: float) -> float | None:
+        return None if teacher_1k == 0 else 1 - usd / teacher_1k
+
+    return {"spec": spec, "input_per_mtok": price.input_per_mtok, "output_per_mtok": price.output_per_mtok,
+            "price_source": price.source, "requests": len(counts), "tokens": " and ".join(sorted(sources)),
+            "prompt_tokens_per_request": prompt, "completion_tokens_per_request": completion,
+            "teacher_usd_per_1k": teacher_1k, "routed_usd_per_1k": routed(local_share),
+            "routed_usd_per_1k_lo": routed(local_hi), "routed_usd_per_1k_hi": routed(local_lo),
+            "saving": saving(routed(local_share)), "saving_lo": saving(routed(local_lo)),
+            "saving_hi": saving(routed(local_hi))}
+
+
+def priced_as_api(cfg: EvalCostConfig, records: list[dict], student_usd: float, local_share: Figure,
+                  count_tokens: Callable[[dict], tuple[int, int]] | None = None) -> dict | None:
+    """`eval.cost.teacher_priced_as`'s figures, or None when the recipe names no API."""
+    if cfg.teacher_priced_as is None:
+        return None
+    price = (Price(cfg.teacher_price.input_per_mtok, cfg.teacher_price.output_per_mtok, "recipe")
+             if cfg.teacher_price is not None else priced_as(cfg.teacher_priced_as))
+    return api_price_figures(records, cfg.teacher_priced_as, price, student_usd, local_share.value, local_share.lo,
+                             local_share.hi, count_tokens)

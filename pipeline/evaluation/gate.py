@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pipeline.errors import DistillError
-from pipeline.evaluation.stats import Figure
+from pipeline.stats import Figure
 
 
 def check_gate(figures: dict[str, Figure], gate: dict[str, float]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline.evaluation.stats import Figure, mean_figure
+from pipeline.stats import Figure, mean_figure
 
 DEFAULT_RUBRIC = ("Judge which answer better does what the user asked: correct, complete, relevant and concise. "
                   "Ignore the order in which the answers are shown and their length.")

@@ -11,22 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation.stats import Figure, bootstrap, mean_figure
-from pipeline.task import Task
+from pipeline.stats import Figure, bootstrap, mean_figure
+from pipeline.task import Task, parse_json
 
 INVALID = "(invalid)"  # a classification answer that is no label: scored as its own wrong class
 NO_LABEL = "(no label)"  # a reference (teacher answer) that is no label: nothing can agree with it
-
-
-def agrees(task: Task, answer: str, reference: str) -> bool:
-    """Classification: same label after normalisation. Extraction: same JSON. Else equal after trimming."""
-    if task.kind == "classification":
-        label = task.normalize_label(answer)
-        return label is not None and label == task.normalize_label(reference)
-    if task.kind == "extraction":
-        a, r = parse_json(answer), parse_json(reference)
-        return a is not None and a == r
-    return answer.strip() == reference.strip()
 
 
 def as_label(task: Task, answer: str, missing: str = INVALID) -> str:
@@ -68,13 +57,6 @@ def confusion(y_true: list[str], y_pred: list[str], labels: list[str]) -> tuple[
 
 
 # ---------------------------------------------------------------- extraction (JSON)
-
-
-def parse_json(text: str) -> Any | None:
-    try:
-        return json.loads(text)
-    except (ValueError, TypeError):
-        return None
 
 
 def flatten_fields(obj: Any, prefix: str = "") -> set[tuple[str, str]]:

@@ -8,10 +8,10 @@ from pathlib import Path
 from pipeline.artifacts import EVAL_POLICY, EVAL_REPORT, atomic_write_json, atomic_write_text, write_jsonl
 from pipeline.config import Recipe
 from pipeline.evaluation import plots
-from pipeline.evaluation.metrics import agrees
+from pipeline.task import agrees
 from pipeline.evaluation.render import report_markdown
 from pipeline.evaluation.threshold import Choice
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.task import Task
 
 PREDICTIONS = "predictions.jsonl"

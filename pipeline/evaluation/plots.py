@@ -100,3 +100,24 @@ def cost_quality_png(path: Path, points: list[tuple[float, float]], chosen: tupl
     ax.set_title("cost-quality", fontsize=9)
     ax.legend(fontsize=7)
     save_png(plt, fig, path)
+
+
+def plot_interval_bars(path: Path, names: list[str], figures: list[dict], highlight: list[bool], xlabel: str,
+                       ylabel: str, title: str) -> None:
+    """One bar per figure ({value, lo, hi}) with its 95% CI, the highlighted ones in green; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(figures) + 2), 3.6))
+    values = [f["value"] for f in figures]
+    errors = [[v - f["lo"] for v, f in zip(values, figures)], [f["hi"] - v for v, f in zip(values, figures)]]
+    ax.bar(range(len(figures)), values, yerr=errors, color=["tab:green" if h else "tab:gray" for h in highlight],
+           capsize=3)
+    ax.set_xticks(range(len(figures)), names)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    save_png(plt, fig, path)

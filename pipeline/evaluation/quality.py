@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pipeline.evaluation.metrics import (
     NO_LABEL,
-    agrees,
     as_label,
     classification_figures,
     confusion,
@@ -13,9 +12,9 @@ from pipeline.evaluation.metrics import (
     per_label,
     text_figures,
 )
-from pipeline.evaluation.stats import Figure, mean_figure
+from pipeline.stats import Figure, mean_figure
 from pipeline.llm.completion import Completion
-from pipeline.task import Task
+from pipeline.task import Task, agrees
 
 GATE_FIGURES = (
     "base_agreement", "tuned_agreement", "base_macro_f1", "tuned_macro_f1", "base_accuracy", "tuned_accuracy",

@@ -124,8 +124,26 @@ def cost_lines(report: dict) -> list[str]:
     for row in c["rows"]:
         lines.append(f"| {row['system']} | {_usd(row['usd_per_1k'])} | {_pct(row['local_share'])} | "
                      f"{_pct(row['saving_vs_teacher'])} | {quality[row['system']]} |")
+    lines += priced_as_lines(c.get("priced_as"))
     lines += ["", f"![cost-quality]({plots.COST_QUALITY_PNG})"]
     return lines
+
+
+def priced_as_lines(api: dict | None) -> list[str]:
+    """The same traffic priced as the API the recipe names (eval.cost.teacher_priced_as): not a bill."""
+    if not api:
+        return []
+    saving = (f"{_pct(api['saving'])} [{_pct(api['saving_lo'])}, {_pct(api['saving_hi'])}]"
+              if api["saving"] is not None else "—")
+    return ["", f"**Priced as {api['spec']}** (${api['input_per_mtok']:g} / ${api['output_per_mtok']:g} per 1M tokens "
+                f"in/out, {api['price_source']}): the teacher's {api['prompt_tokens_per_request']:.0f} prompt "
+                f"and {api['completion_tokens_per_request']:.1f} completion tokens per request ({api['tokens']}, "
+                f"{api['requests']} captured requests) at that list price. What a user paying {api['spec']} for "
+                "every request would pay, and what routing saves them; the range carries the local share's 95% CI.",
+            "", "| system | $ per 1,000, priced as the API | saving vs the API |", "|---|---|---|",
+            f"| {api['spec']} for every request | {_usd(api['teacher_usd_per_1k'])} | — |",
+            f"| routed (student + escalations to {api['spec']}) | {_usd(api['routed_usd_per_1k'])} "
+            f"[{_usd(api['routed_usd_per_1k_lo'])}, {_usd(api['routed_usd_per_1k_hi'])}] | {saving} |"]
 
 
 def detail_lines(report: dict) -> list[str]:

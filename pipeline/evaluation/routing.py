@@ -15,12 +15,12 @@ from dataclasses import dataclass, replace
 
 from pipeline.config import Recipe
 from pipeline.evaluation import calibration
-from pipeline.evaluation.metrics import agrees
-from pipeline.evaluation.stats import Figure, mean_figure
+from pipeline.task import agrees
+from pipeline.stats import Figure, mean_figure
 from pipeline.evaluation.threshold import Choice, Coverage, choose_threshold, measure, scores_of, sweep
 from pipeline.llm.completion import Completion
-from pipeline.router.gates import Gates
-from pipeline.router.policy import SIGNALS, Policy, replay
+from pipeline.llm.gates import Gates
+from pipeline.llm.policy import SIGNALS, Policy, replay
 from pipeline.task import Task
 
 

@@ -10,16 +10,16 @@ the target at all, and the walk stops at the first candidate that fails (fixed-s
 testing, as in Learn-then-Test): the order depends on the scores only, never on which
 answers agree, so the guarantee holds for the threshold the walk returns, not just for each
 candidate alone. When no candidate passes, the policy's threshold is None and it escalates
-everything (pipeline/router/policy.py decides what a threshold means).
+everything (pipeline/llm/policy.py decides what a threshold means).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from pipeline.evaluation.stats import clopper_pearson_lower, examples_needed
+from pipeline.stats import clopper_pearson_lower, examples_needed
 from pipeline.llm.completion import Completion
-from pipeline.router.policy import Policy, replay
+from pipeline.llm.policy import Policy, replay
 
 
 @dataclass(frozen=True)

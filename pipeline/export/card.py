@@ -37,9 +37,6 @@ def evaluation_headline(report: dict | None) -> list[str]:
     for name, f in figures.items():
         if isinstance(f, dict) and {"value", "lo", "hi"} <= set(f):
             lines.append(f"| {name} | {f['value']:.3f} | [{f['lo']:.3f}, {f['hi']:.3f}] | {f.get('n', '')} |")
-    if len(lines) == 2:  # an older report: flat metrics, no intervals
-        metrics = {k: v for k, v in (report.get("metrics") or {}).items() if isinstance(v, (int, float))}
-        lines = ["| metric | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in metrics.items()]]
     return lines
 
 

@@ -11,15 +11,14 @@ that are multiples of 256; SmolLM2's hidden size is 576).
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import EXPORT_GGUF, gguf_name
 from pipeline.errors import DistillError
-from pipeline.export.gguf_types import CONVERTED, QUANTIZED, REFERENCE_TYPE
+from pipeline.gguf_types import CONVERTED, QUANTIZED, REFERENCE_TYPE
 
-EXPORT_GGUF = "gguf"  # folder under the export stage: model-<type>.gguf, Modelfile
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,6 @@ class GgufFile:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.size_bytes / max(self.params, 1)
-
-
-def gguf_name(gguf_type: str) -> str:
-    return f"model-{gguf_type}.gguf"
 
 
 def export_gguf(merged: Path, types: list[str], out: Path, cache: Path) -> list[GgufFile]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from pipeline.llm.completion import Completion
 from pipeline.llm.gguf_runtime import GgufModel
@@ -111,13 +110,13 @@ def gguf_problems(model: GgufModel, metadata: dict, tokenizer, conversations: li
 
 def hf_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
                load_s: float) -> Answers:
-    from pipeline.llm.generate import generate_batch
+    """Merged's greedy answers. Greedy, whatever `router.decode` says: GGUF runtimes generate, and
+    parity measures what the conversion changed, not what the decoding does."""
+    from pipeline.llm.answer import Serving, answer_as_served
 
     start = time.perf_counter()
-    completions: list[Completion] = []
-    for i in range(0, len(conversations), batch_size):
-        completions += generate_batch(model, tokenizer, conversations[i : i + batch_size], max_new_tokens,
-                                      source="merged")
+    completions = answer_as_served(model, tokenizer, conversations, Serving("generate", None, max_new_tokens, batch_size),
+                                   source="merged")
     return Answers(completions, load_s, time.perf_counter() - start)
 
 
@@ -126,8 +125,8 @@ def hf_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens
 
 def score(row: ArtifactParity, answers: Answers, references: list[str], task) -> list[bool]:
     """Fill the row's figures from its answers; returns the per-prompt agreement."""
-    from pipeline.evaluation.metrics import agrees
-    from pipeline.evaluation.stats import mean_figure
+    from pipeline.task import agrees
+    from pipeline.stats import mean_figure
 
     hits = [agrees(task, c.text, ref) for c, ref in zip(answers.completions, references)]
     row.agreement = mean_figure([float(h) for h in hits]).to_json()

@@ -63,12 +63,4 @@ class Completion:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Completion:
-        data = dict(data)
-        # Cache rows written before this type existed carry `usage` and a mean `logprobs`.
-        usage = data.pop("usage", None) or {}
-        data.setdefault("prompt_tokens", usage.get("prompt_tokens"))
-        data.setdefault("completion_tokens", usage.get("completion_tokens"))
-        mean = data.pop("logprobs", None)
-        if mean is not None and data.get("token_logprobs") is None:
-            data["token_logprobs"] = [float(mean)]
         return cls(**data)

@@ -6,7 +6,7 @@ token sequence (the label's tokens, then EOS, which ends the assistant turn) aft
 Why not read the confidence off generation: greedy decoding sees one path, and the mean
 token log-probability is biased by the answer's length. The label posterior
 softmax(log p(label | prompt)) compares every label on equal terms; the policy reads it
-(pipeline/router/policy.py, signals label_prob and label_margin).
+(pipeline/llm/policy.py, signals label_prob and label_margin).
 
 The labels are a token trie (label_trie.py) and the prompts and the trie's nodes run in one
 forward pass (a few for a large batch, to bound the logits' memory): each node attends to its

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.artifacts import EVAL_REPORT, iter_jsonl
 from pipeline.errors import DistillError
-from pipeline.evaluation.stats import Figure, mean_figure, resample_indices
+from pipeline.stats import Figure, mean_figure, resample_indices
 
 PREDICTIONS = "predictions.jsonl"  # evaluate's per-prompt rows
 

@@ -32,7 +32,7 @@ from pipeline.config import Recipe, validate_recipe
 from pipeline.errors import DistillError
 from pipeline.loop import compare
 from pipeline.loop.gather import Gathered, gather, prompt_key
-from pipeline.loop.registry import CANDIDATE, CHAMPION, VERDICT_TAG, WORSE_TAG, Registry, ServedVersion
+from pipeline.registry import CANDIDATE, CHAMPION, VERDICT_TAG, WORSE_TAG, Registry, ServedVersion
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +199,18 @@ def compare_round(recipe: Recipe, champion: ServedVersion, candidate: ServedVers
 
 
 def slice_outcomes(model_dir: Path, records: list[dict], task_file: Path, recipe: Recipe) -> list[bool]:
-    """Does the model, answering as served (user message only, greedy), agree with the teacher?"""
-    from pipeline.evaluation.metrics import agrees
-    from pipeline.llm.generate import generate_batch
+    """Does the model, answering as served (`answer_as_served`), agree with the teacher?"""
+    from pipeline.llm.answer import Serving, answer_as_served
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
-    from pipeline.task import Task, load_task
+    from pipeline.task import Task, agrees, load_task
 
     task = load_task(task_file)
     model = load_model(str(model_dir), device_plan())
     tokenizer = load_tokenizer(str(model_dir))
     model.eval()
     conversations = [Task.student_messages(r["messages"][0]["content"]) for r in records]
-    size = recipe.eval.batch_size
-    answers = []
-    for i in range(0, len(conversations), size):
-        answers += generate_batch(model, tokenizer, conversations[i : i + size], recipe.eval.max_new_tokens)
+    labels = task.labels if task.kind == "classification" else None
+    answers = answer_as_served(model, tokenizer, conversations, Serving.of(recipe, labels), source="loop (slice)")
     return [agrees(task, c.text, r["messages"][1]["content"]) for c, r in zip(answers, records)]
 
 

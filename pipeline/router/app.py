@@ -5,61 +5,44 @@ teacher=..., escalations=...)` builds everything from its arguments (no globals,
 import), so tests serve a tiny model on loopback and the CLI serves the export. Routing
 itself (student, policy, teacher, modes, the escalations log) is routing.py; this module is
 HTTP: auth, admission (bounded queue -> 429), option checks, headers, SSE, /metrics.
-`serve()` is the CLI's entry: it loads the student and runs uvicorn on 127.0.0.1 unless told
-otherwise; `serve_alias()` serves a registry alias and follows it (follow.py).
+Start-up (loading the student, the teacher, the tiers; serving a registry alias) is wiring.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import math
-import os
 import re
 import signal
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
-from pipeline.net import is_loopback_host
 from pipeline.router.backends import (
     Backend,
-    GgufBackend,
-    StudentBackend,
     TeacherBackend,
     TokenCompletion,
-    UpstreamBackend,
 )
 from pipeline.router.errors import (
-    AuthenticationFailed,
     ClientDisconnected,
     InvalidRequest,
     ModelNotFound,
     QueueFull,
-    RouterError,
-    error_envelope,
 )
 from pipeline.router.escalations import EscalationLog
-from pipeline.router.follow import Follower, Loaded
+from pipeline.router.follow import Follower
 from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
-from pipeline.router.modes import Mode, Rollback
-from pipeline.router.policy import Policy
+from pipeline.router.modes import Rollback
+from pipeline.llm.policy import Policy
 from pipeline.router.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -74,65 +57,18 @@ from pipeline.router.protocol import (
     ModelList,
     Usage,
 )
+from pipeline.router.guards import add_error_handlers, bearer_auth, limit_body
 from pipeline.router.routing import Ask, Routed, Router, Tier
+from pipeline.router.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from pipeline.config import Recipe
-    from pipeline.loop.registry import Registry, ServedVersion
-    from pipeline.task import Task
+    pass
 
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-distill-route"
 VERSION_HEADER = "x-distill-model-version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    api_keys: tuple[SecretStr, ...] = ()  # empty: no auth (fine on loopback, the default bind)
-    max_tokens: int = 256  # default and ceiling for completion tokens per request
-    mode: Mode = field(default_factory=lambda: Mode("live"))
-    max_queue: int = 64  # requests admitted at once; the next gets 429
-    deadline_s: float = 30.0  # per request, from admission to the chosen answer
-    retry_after_s: int = 1  # sent with a 429
-    rollback_window: int = 200  # shadowed pairs averaged before rolling back to off
-    max_body_bytes: int = 1 << 20  # a chat request past 1 MiB is not a support message: refused with 413
-    max_messages: int = 64
-
-    @classmethod
-    def from_config(cls, cfg: ServeConfig) -> ServeSettings:
-        return cls(api_keys=read_api_keys(cfg.api_key_env, cfg.api_keys_file), max_tokens=cfg.max_tokens,
-                   mode=Mode.parse(cfg.mode), max_queue=cfg.max_queue, deadline_s=cfg.deadline_s,
-                   rollback_window=cfg.rollback_window)
-
-
-def read_api_keys(api_key_env: str | None, api_keys_file: Path | None = None) -> tuple[SecretStr, ...]:
-    """The bearer keys clients may send: the env var's comma-separated list and/or the file's
-    lines (blank lines and `#` comments skipped). Read once, at startup; never logged. A source
-    that was named but holds no key is an error: serving unauthenticated is never the fallback."""
-    keys: list[str] = []
-    if api_key_env is not None:
-        found = _split_keys(os.environ.get(api_key_env, "").split(","))
-        if not found:
-            raise DistillError(f"environment variable {api_key_env} is empty or unset; export the API key there "
-                               "(several: comma-separated)")
-        keys += found
-    if api_keys_file is not None:
-        try:
-            lines = Path(api_keys_file).read_text().splitlines()
-        except OSError as err:
-            raise DistillError(f"serve.api_keys_file {api_keys_file}: cannot read it ({err.strerror})") from None
-        found = _split_keys(line for line in lines if not line.lstrip().startswith("#"))
-        if not found:
-            raise DistillError(f"serve.api_keys_file {api_keys_file} holds no key; write one per line")
-        keys += found
-    return tuple(SecretStr(k) for k in dict.fromkeys(keys))
-
-
-def _split_keys(parts) -> list[str]:
-    keys = [p.strip() for p in parts]
-    return [k for k in keys if k]
 
 
 def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower], policy: Policy, *,
@@ -184,8 +120,8 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
 
     app = FastAPI(title="distill router", lifespan=lifespan)
     app.state.router = router
-    _add_error_handlers(app, metrics)
-    _limit_body(app, settings.max_body_bytes)
+    add_error_handlers(app, metrics)
+    limit_body(app, settings.max_body_bytes)
     created = int(time.time())
     in_flight = [0]  # one event loop: a plain counter is race-free
 
@@ -218,7 +154,7 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
             metrics.teacher_usd.set(teacher.spent_usd)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    auth = [Depends(_bearer_auth(settings.api_keys))]
+    auth = [Depends(bearer_auth(settings.api_keys))]
 
     @app.post("/admin/reload-policy", dependencies=auth)
     async def reload_endpoint() -> dict:
@@ -447,271 +383,3 @@ async def _sse(model: str, text: str, finish: str, info: DistillInfo, usage: Usa
 
 
 # ---------------------------------------------------------------- auth and errors
-
-
-def _bearer_auth(api_keys: tuple[SecretStr, ...]):
-    """A dependency that checks `Authorization: Bearer <key>` when keys are configured."""
-    bearer = HTTPBearer(auto_error=False)  # we raise our own 401 in the OpenAI envelope
-    expected = [k.get_secret_value().encode() for k in api_keys]
-
-    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not expected:
-            return
-        sent = (credentials.credentials if credentials else "").encode()
-        # Every key is compared, each in constant time: neither the match nor which key
-        # matched shows in the response time.
-        if not any([hmac.compare_digest(sent, key) for key in expected]):
-            raise AuthenticationFailed()
-
-    return require_key
-
-
-def _limit_body(app: FastAPI, max_bytes: int) -> None:
-    app.add_middleware(_BodyLimit, max_bytes=max_bytes)
-
-
-class _BodyLimit:
-    """Refuse an oversize body from its Content-Length, before reading it. Plain ASGI: Starlette's
-    @app.middleware("http") costs a task group and streams per request, measurable here."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                response = JSONResponse(error_envelope(
-                    f"request body of {int(declared)} bytes exceeds this server's limit of {self.max_bytes}",
-                    type="invalid_request_error", code="body_too_large"), status_code=413)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _add_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
-    """Every error leaves in the OpenAI envelope, so SDK clients raise the right exception."""
-
-    @app.exception_handler(RouterError)
-    async def router_error(_: Request, exc: RouterError) -> JSONResponse:
-        metrics.errors.labels(exc.code or exc.type).inc()
-        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # OpenAI answers malformed requests with 400, not FastAPI's 422.
-        errors = exc.errors()
-        locs = [".".join(str(p) for p in e["loc"] if p != "body") for e in errors]
-        message = "; ".join(f"{loc or 'body'}: {e['msg']}" for loc, e in zip(locs, errors))
-        metrics.errors.labels("invalid_request").inc()
-        return JSONResponse(error_envelope(message, type="invalid_request_error", param=locs[0] or None),
-                            status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_envelope(str(exc.detail), type="invalid_request_error"),
-                            status_code=exc.status_code, headers=exc.headers)
-
-
-# ---------------------------------------------------------------- the CLI's entry
-
-
-def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
-    """Refuse to serve a policy evaluated on another adapter than the one exported: its
-    threshold would mean nothing for this model. Tolerant of policies written before they
-    carried `adapter_sha256` (logged, not refused)."""
-    from pipeline.artifacts import read_manifest
-
-    try:
-        expected = json.loads(Path(policy_path).read_text()).get("adapter_sha256")
-    except (OSError, ValueError, AttributeError) as err:
-        raise DistillError(f"{policy_path}: not a router policy ({type(err).__name__}: {err})") from None
-    manifest = read_manifest(Path(export_dir))
-    served = manifest.inputs.get("finetune") if manifest is not None else None
-    if expected is None or served is None:
-        log.warning("cannot check the policy against the export (%s has no adapter_sha256 or %s no finetune "
-                    "input hash); rerun `distill evaluate` to record it", policy_path, export_dir)
-        return
-    if expected != served:
-        raise DistillError(
-            f"{policy_path} was evaluated on adapter {expected[:12]} but {export_dir} was exported from "
-            f"adapter {served[:12]}; rerun `distill evaluate` and `distill export` on the same finetune")
-
-
-def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend | None:
-    """The recipe's teacher for escalations, or None when it cannot answer live (`logs:`)."""
-    if recipe.teacher.spec.startswith("logs:"):
-        log.warning("teacher.spec=%s imports answers and cannot answer live requests: escalations get the "
-                    "student's answer (student-fallback)", recipe.teacher.spec)
-        return None
-    return TeacherBackend(recipe.teacher, task, recipe.capture.cache, budget_usd=cfg.budget_usd)
-
-
-def load_checked_policy(policy_path: Path, export_dir: Path) -> Policy:
-    """The policy at `policy_path`, refused when it was evaluated on another adapter."""
-    check_policy_matches_export(policy_path, export_dir)
-    return Policy.load(policy_path)
-
-
-def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> Backend:
-    """The student `serve.student` names, answering for the export in `model_dir` (whose policy it is)."""
-    if cfg.student == "transformers":
-        labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
-        return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
-                              window_s=cfg.batch_window_ms / 1000, decode=policy.decode)
-    if policy.needs_label_scores:
-        raise DistillError(f"router signal '{policy.signal}' (decode {policy.decode}) scores every label by "
-                           f"teacher forcing, which only serve.student=transformers does; serve with it, or "
-                           "evaluate with router.signal=mean_logprob router.decode=generate")
-    if cfg.student == "llama.cpp":
-        return GgufBackend(cfg.student_gguf or export_gguf_file(Path(model_dir).parent))
-    from pipeline.config import TeacherConfig
-
-    # The teacher section's machinery (spec, key env, timeout) describes any OpenAI-compatible server.
-    return UpstreamBackend(TeacherConfig(spec=cfg.student, base_url=cfg.student_base_url,
-                                         api_key_env=cfg.student_api_key_env, timeout_s=cfg.deadline_s))
-
-
-def export_gguf_file(export_dir: Path) -> Path:
-    """The export's GGUF for serve.student=llama.cpp: the only one, else the q8_0 one (near-lossless)."""
-    from pipeline.export.gguf import EXPORT_GGUF, gguf_name
-
-    found = sorted((export_dir / EXPORT_GGUF).glob("*.gguf"))
-    if len(found) == 1:
-        return found[0]
-    preferred = export_dir / EXPORT_GGUF / gguf_name("q8_0")
-    if preferred in found:
-        return preferred
-    if not found:
-        raise DistillError(f"{export_dir / EXPORT_GGUF}: no GGUF to serve with serve.student=llama.cpp; add gguf to "
-                           "export.formats and run `make export`, or set serve.student_gguf")
-    raise DistillError(f"{export_dir / EXPORT_GGUF} holds {', '.join(f.name for f in found)}; choose one with "
-                       "serve.student_gguf")
-
-
-def build_tiers(cfg: ServeConfig) -> tuple[Tier, ...]:
-    """serve.tiers as Tiers, each with its backend and its own policy; a policy that does not load,
-    or a backend that cannot be built, is refused naming the tier's setting."""
-    tiers = []
-    for i, tier in enumerate(cfg.tiers):
-        where = f"serve.tiers.{i} ({tier.name})"
-        if not Path(tier.policy).is_file():
-            raise DistillError(f"{where}.policy: {tier.policy} does not exist; point it at that tier's "
-                               "router_policy.json (`distill evaluate` on that model writes one)")
-        try:
-            if tier.student == "transformers":
-                check_policy_matches_export(tier.policy, Path(tier.model_dir).parent)
-            policy = Policy.load(tier.policy)
-        except DistillError as err:
-            raise DistillError(f"{where}.policy: {err}") from None
-        if tier.student == "transformers" and not (Path(tier.model_dir) / "config.json").is_file():
-            raise DistillError(f"{where}.model_dir: {tier.model_dir} has no config.json, so no model to serve")
-        # The tier is a student of its own: serve.student's machinery builds it.
-        as_student = cfg.model_copy(update={"student": tier.student, "student_gguf": tier.gguf,
-                                            "student_base_url": tier.base_url,
-                                            "student_api_key_env": tier.api_key_env})
-        try:
-            backend = student_for(Path(tier.model_dir or "."), policy, as_student)
-        except DistillError as err:
-            raise DistillError(f"{where}: {err}") from None
-        tiers.append(Tier.of(tier.name, backend, policy, tier.timeout_s))
-    return tuple(tiers)
-
-
-def _settings(cfg: ServeConfig) -> ServeSettings:
-    settings = ServeSettings.from_config(cfg)
-    if not settings.api_keys and not is_loopback_host(cfg.host):
-        log.warning("serving on %s without an API key; set serve.api_key_env or serve.api_keys_file to require one",
-                    cfg.host)
-    return settings
-
-
-def _teacher(recipe: Recipe | None, cfg: ServeConfig, needed: bool) -> TeacherBackend | None:
-    from pipeline.task import load_task
-
-    if recipe is None or not needed:
-        return None
-    return build_teacher(recipe, load_task(recipe.capture.task), cfg)
-
-
-def _escalations(cfg: ServeConfig, teacher: TeacherBackend | None) -> EscalationLog | None:
-    return EscalationLog(cfg.escalations) if teacher is not None else None
-
-
-def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | None = None,
-          policy_path: Path | None = None) -> None:
-    """Load the student from `model_dir` and serve it until interrupted (`make serve`).
-    `recipe`: where the teacher comes from; None serves without one (live mode only).
-    `policy_path`: where `policy` came from, read again on SIGHUP or POST /admin/reload-policy."""
-    import uvicorn
-
-    model_dir = Path(model_dir)
-    if cfg.student == "transformers" and not (model_dir / "config.json").is_file():
-        raise DistillError(f"{model_dir}: no config.json, so no exported student to serve; run `make export` first")
-    settings = _settings(cfg)  # before the slow load: fail fast
-    teacher = _teacher(recipe, cfg, needed=policy.threshold != -math.inf or settings.mode.needs_teacher)
-    tiers = build_tiers(cfg)  # before the student: a bad tier fails before the slow load
-    student = student_for(model_dir, policy, cfg)
-    reload = (lambda: load_checked_policy(policy_path, model_dir.parent)) if policy_path is not None else None
-    app = create_app(settings, {cfg.model_name: student}, policy, teacher=teacher,
-                     escalations=_escalations(cfg, teacher), reload_policy=reload, tiers=tiers)
-    log.info("serving %s (%s) as '%s' on http://%s:%d/v1 (mode %s, policy %s: %s threshold %s, teacher %s)",
-             model_dir, cfg.student, cfg.model_name, cfg.host, cfg.port, settings.mode, app.state.router.policy_hash, policy.signal,
-             policy.threshold, teacher.spec if teacher else "none")
-    if tiers:
-        log.info("tiers between the student and the teacher: %s",
-                 ", ".join(f"{t.name} ({t.policy.signal} threshold {t.policy.threshold})" for t in tiers))
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
-
-
-# ---------------------------------------------------------------- serving a registry alias (follow.py)
-
-
-def load_version(version: ServedVersion, cfg: ServeConfig, signal_name: str = "mean_logprob") -> Loaded:
-    """A registry version's student and its run's evaluated policy, checked against its export
-    (student-only, with a warning, when the run has none). Raises DistillError or the loader's
-    error; the policy is checked before the slow model load."""
-    if not (version.source / "config.json").is_file():
-        raise DistillError(f"{version.name} version {version.version}: {version.source} has no config.json, so no "
-                           "exported student to serve")
-    if version.policy_path is None:
-        log.warning("%s version %s: no evaluated policy beside %s; serving it student-only, nothing escalates",
-                    version.name, version.version, version.source)
-        policy = Policy.student_only(signal_name)
-    else:
-        policy = load_checked_policy(version.policy_path, version.source.parent)
-    return Loaded.of(version.version, student_for(version.source, policy, cfg), policy)
-
-
-def alias_app(registry: Registry, name: str, alias: str, cfg: ServeConfig, recipe: Recipe | None = None) -> FastAPI:
-    """The app answering with `name@alias` (and serve.candidate_percent with `name@candidate`),
-    following both in `registry` every serve.registry_poll_s."""
-    settings = _settings(cfg)  # before the slow load: fail fast
-    tiers = build_tiers(cfg)
-    signal_name = recipe.router.signal if recipe is not None else "mean_logprob"
-
-    def load(version: ServedVersion) -> Loaded:
-        return load_version(version, cfg, signal_name)
-
-    champion = load(registry.require(name, alias))
-    follower = Follower(registry, name, alias, champion, load, poll_s=cfg.registry_poll_s,
-                        candidate_percent=cfg.candidate_percent)
-    # Whatever this version's policy, the next one promoted may escalate: keep the teacher at hand.
-    teacher = _teacher(recipe, cfg, needed=True)
-    app = create_app(settings, {cfg.model_name: follower}, champion.policy, teacher=teacher,
-                     escalations=_escalations(cfg, teacher), tiers=tiers)
-    app.state.follower = follower
-    return app
-
-
-def serve_alias(registry: Registry, name: str, alias: str, cfg: ServeConfig, recipe: Recipe | None = None) -> None:
-    """Serve `models:/<name>@<alias>` until interrupted, following the alias when it moves."""
-    import uvicorn
-
-    app = alias_app(registry, name, alias, cfg, recipe)
-    teacher = app.state.router.teacher
-    log.info("serving models:/%s@%s as '%s' on http://%s:%d/v1 (mode %s, candidate %g%%, registry %s every %g s, "
-             "teacher %s)", name, alias, cfg.model_name, cfg.host, cfg.port, cfg.mode, cfg.candidate_percent,
-             registry.uri, cfg.registry_poll_s, teacher.spec if teacher else "none")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pipeline.errors import DistillError
+from pipeline.llm.answer import Serving, answer_as_served
 from pipeline.llm.completion import Completion
 from pipeline.router.errors import BackendUnavailable
 from pipeline.router.protocol import TokenLogprob, TopLogprob
@@ -76,9 +77,7 @@ class StudentBackend:
         self.model.eval()
         self.max_batch = max_batch
         self.window_s = window_s
-        self._extra = {"score_labels": list(score_labels)} if score_labels else {}
-        if decode != "generate":  # label_posterior: answered by scoring the labels, not generated
-            self._extra["decode"] = decode
+        self._serving = Serving(decode, tuple(score_labels) if score_labels else None)
         # generate() mutates the tokenizer (padding side) and shares the model's caches:
         # one generate call at a time on this model.
         self._lock = threading.Lock()
@@ -148,12 +147,10 @@ class StudentBackend:
                 future.set_result(completion)
 
     def _generate(self, asks: list[tuple[list[dict[str, str]], int | None]], max_tokens: int) -> list[Completion]:
-        from pipeline.llm.generate import generate_batch
-
+        serving = replace(self._serving, max_new_tokens=max_tokens, batch_size=len(asks))
         with self._lock:
             self.batches.append(len(asks))
-            completions = generate_batch(self.model, self.tokenizer, [m for m, _ in asks], max_new_tokens=max_tokens,
-                                         source="student", **self._extra)
+            completions = answer_as_served(self.model, self.tokenizer, [m for m, _ in asks], serving)
             return [c if top is None else self._with_tokens(m, c, top) for (m, top), c in zip(asks, completions)]
 
     def _with_tokens(self, messages: list[dict[str, str]], answer: Completion, top: int) -> TokenCompletion:

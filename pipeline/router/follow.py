@@ -19,13 +19,13 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.loop.registry import CANDIDATE
+from pipeline.registry import CANDIDATE
 from pipeline.router.modes import Mode
-from pipeline.router.policy import Policy
+from pipeline.llm.policy import Policy
 from pipeline.router.routing import policy_hash
 
 if TYPE_CHECKING:
-    from pipeline.loop.registry import Registry, ServedVersion
+    from pipeline.registry import Registry, ServedVersion
     from pipeline.router.backends import Backend
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Follower:
         self._failed: dict[str, str] = {}  # alias -> the version that failed to load, until the alias moves
         self._alias_gone = False
         self._synced = threading.Event()
+        self.polls = 0  # registry reads completed, failed ones included
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_error: Callable[[str], None] = lambda kind: None
@@ -123,6 +124,7 @@ class Follower:
             except Exception as err:  # noqa: BLE001 - one bad poll (store locked, unreachable) must not end following
                 self._error("registry_poll", f"cannot read the registry, still serving {self.versions()}: "
                             f"{type(err).__name__}: {err}")
+            self.polls += 1
             self._synced.set()
             if self._stop.wait(self.poll_s):
                 return

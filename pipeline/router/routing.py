@@ -33,7 +33,7 @@ from pipeline.router.errors import DeadlineExceeded
 from pipeline.router.escalations import Escalation, EscalationLog, agrees
 from pipeline.router.metrics import RouterMetrics
 from pipeline.router.modes import Mode, Rollback
-from pipeline.router.policy import Decision, Policy
+from pipeline.llm.policy import Decision, Policy
 
 log = logging.getLogger(__name__)
 

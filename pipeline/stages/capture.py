@@ -175,7 +175,7 @@ def make_record(prompt: dict, completion: Completion, spec: str, identity: dict,
         "cost_usd": completion.cost_usd,
         "latency_ms": completion.latency_ms,
         "usage": completion.usage,
-        "logprobs": completion.mean_logprob,  # the mean, as older readers expect
+        "logprobs": completion.mean_logprob,  # the mean: curate's confidence filter reads it
         "token_logprobs": completion.token_logprobs,  # per token: evaluate's and the router's signals
         "label_logprobs": completion.label_logprobs,  # each label's log-likelihood: the soft labels' source
         "finish_reason": completion.finish_reason,

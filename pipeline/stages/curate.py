@@ -172,7 +172,7 @@ def load_frozen_test(path: Path) -> list[dict]:
             meta = record["meta"]
             examples.append({"id": record["id"], "prompt": user, "completion": answer,
                              **{c: meta[c] for c in COLUMNS[3:-1]},
-                             "teacher_label_probs": meta.get("teacher_label_probs", "")})  # older test.jsonl: none
+                             "teacher_label_probs": meta.get("teacher_label_probs", "")})
         except (KeyError, TypeError, ValueError) as err:
             raise DistillError(f"{path}:{lineno}: not a curated test record ({err!r}); curate.frozen_test "
                                "takes the test.jsonl of an earlier curate") from None

@@ -32,15 +32,15 @@ from pipeline.artifacts import (
 from pipeline.config import Recipe
 from pipeline.errors import DistillError
 from pipeline.evaluation.answering import Answers, answer_all
-from pipeline.evaluation.cost import cost_figures
+from pipeline.evaluation.cost import cost_figures, priced_as_api
 from pipeline.evaluation.gate import check_gate
-from pipeline.evaluation.metrics import agrees
+from pipeline.task import agrees
 from pipeline.evaluation.outputs import log_outputs, write_outputs
 from pipeline.evaluation.quality import GATE_FIGURES, flatten_figures, quality_figures
 from pipeline.evaluation.routing import agreement, replay_figures, routing, signal_quality
-from pipeline.evaluation.stats import mean_figure
+from pipeline.stats import mean_figure
 from pipeline.evaluation.threshold import agreement_at_coverage
-from pipeline.router.policy import SIGNALS
+from pipeline.llm.policy import SIGNALS
 from pipeline.task import Task, load_task
 
 NAME = "evaluate"
@@ -83,7 +83,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     val_answers = answer_all(tuned, tokenizer, validation, recipe, task, "tuned (validation)")
 
     result = assess(recipe, task, test, validation, base_answers, tuned_answers, val_answers,
-                    read_jsonl(inputs["capture"] / CAPTURE_RECORDS))
+                    read_jsonl(inputs["capture"] / CAPTURE_RECORDS), record_token_counter(tokenizer))
     spent = 0.0
     if recipe.eval.judge is not None and task.kind == "generation":
         spent += judge_test(recipe, task, result)
@@ -166,8 +166,20 @@ def _check_recipe_fits_task(recipe: Recipe, task: Task) -> None:
         raise DistillError(f"eval.gate: unknown figure {', '.join(unknown)}; known: {', '.join(GATE_FIGURES)}")
 
 
+def record_token_counter(tokenizer):
+    """(prompt, completion) tokens of a capture record in the student's tokenizer: how a record with no
+    usage of its own (imported logs) is priced as an API."""
+    def count(record: dict) -> tuple[int, int]:
+        messages = record["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), len(answer) + 1  # + the end of turn
+
+    return count
+
+
 def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict], base: Answers, tuned: Answers,
-           val: Answers, records: list[dict]) -> dict:
+           val: Answers, records: list[dict], count_tokens=None) -> dict:
     reps, seed = recipe.eval.bootstrap, recipe.eval.seed
     figures, detail = quality_figures(task, test, base.completions, tuned.completions, reps, seed)
     routed = routing(recipe, task, test, validation, tuned.completions, val.completions)
@@ -179,9 +191,17 @@ def assess(recipe: Recipe, task: Task, test: list[dict], validation: list[dict],
     chosen_curve = signals["signals"][recipe.router.signal]["curve"]
     money = cost_figures(records, tuned.wall_s, len(test), recipe.eval.cost.student_usd_per_hour,
                          confirmed["local_share"].value, chosen_curve)
+    money["priced_as"] = priced_as_api(recipe.eval.cost, records, money["student_usd_per_request"],
+                                       confirmed["local_share"], count_tokens)
     flat = flatten_figures(figures)
     flat.update({f"{k}_usd_per_1k": r["usd_per_1k"] for k, r in zip(("teacher_only", "routed", "student_only"),
                                                                       money["rows"])})
+    if money["priced_as"]:
+        api = money["priced_as"]
+        flat["teacher_priced_usd_per_1k"] = api["teacher_usd_per_1k"]
+        for key in ("routed_usd_per_1k", "routed_usd_per_1k_lo", "routed_usd_per_1k_hi", "saving", "saving_lo",
+                    "saving_hi"):
+            flat[f"priced_{key}"] = api[key]
     flat["expected_local_share"] = expected["local_share"].value
     flat["expected_system_agreement"] = expected["system_agreement"].value
     flat["threshold_bound"] = choice.bound

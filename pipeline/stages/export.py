@@ -165,8 +165,9 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
 def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, test_references, task, merged_row):
     """Convert and quantize, check each file, score it in llama.cpp; write the Modelfile. A file
     this llama.cpp cannot decode on this machine is rejected with the reason; the rest go on."""
-    from pipeline.export.gguf import EXPORT_GGUF, export_gguf, gguf_metadata
-    from pipeline.export.gguf_types import REFERENCE_TYPE
+    from pipeline.artifacts import EXPORT_GGUF
+    from pipeline.export.gguf import export_gguf, gguf_metadata
+    from pipeline.gguf_types import REFERENCE_TYPE
     from pipeline.export.modelfile import MODELFILE, infer_chat_format, modelfile_text, stop_strings
     from pipeline.export.parity import (ArtifactParity, check_reference_type, gguf_answers, gguf_problems, judge,
                                         score)

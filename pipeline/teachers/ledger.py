@@ -2,7 +2,7 @@
 
     distill capture RECIPE teacher.budget_usd=5
 
-Prices come from prices.yaml beside this file, or the recipe's `teacher.price`. The budget
+Prices come from pipeline/prices.yaml (pipeline/prices.py), or the recipe's `teacher.price`. The budget
 is enforced by reservation: before a call is sent, its worst-case cost (every prompt byte a
 token, every allowed output token used) is reserved; if that would cross the budget, the
 call is not sent. After the call the reservation is swapped for the real cost from usage.
@@ -17,13 +17,9 @@ exceed the budget, whatever the concurrency or the faults.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
-from importlib import resources
-
-import yaml
 
 from pipeline.errors import DistillError
+from pipeline.prices import Price, load_price_table, lookup_price, table_entry
 from pipeline.net import is_loopback_url
 from pipeline.teachers.keys import public_url
 
@@ -31,36 +27,6 @@ log = logging.getLogger(__name__)
 
 # Chat templates add a few tokens per turn (role markers, separators); 8 covers the common ones.
 TOKENS_PER_MESSAGE = 8
-_SNAPSHOT = re.compile(r"-(\d{4}-?\d{2}-?\d{2}|latest)$")
-
-
-@dataclass(frozen=True)
-class Price:
-    input_per_mtok: float
-    output_per_mtok: float
-    source: str  # "prices.yaml" or "recipe": said in the manifest so a stale price is traceable
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
-
-
-def load_price_table() -> dict[str, dict[str, dict[str, float]]]:
-    text = resources.files("pipeline.teachers").joinpath("prices.yaml").read_text()
-    return yaml.safe_load(text) or {}
-
-
-def lookup_price(provider: str, model: str, table: dict) -> Price | None:
-    """Exact name, else the name without a date/-latest suffix (gpt-4o-2024-08-06 -> gpt-4o)."""
-    entry = _table_entry(provider, model, table)
-    return None if entry is None else Price(float(entry["input"]), float(entry["output"]), "prices.yaml")
-
-
-def _table_entry(provider: str, model: str, table: dict) -> dict | None:
-    models = table.get(provider) or {}
-    for name in (model, _SNAPSHOT.sub("", model)):
-        if name in models:
-            return models[name]
-    return None
 
 
 def resolve_batch_price(provider: str, model: str, sync: Price | None) -> Price | None:
@@ -69,7 +35,7 @@ def resolve_batch_price(provider: str, model: str, sync: Price | None) -> Price 
     if sync is None:
         return None
     table = load_price_table()
-    entry = _table_entry(provider, model, table) or {}
+    entry = table_entry(provider, model, table) or {}
     if sync.source == "prices.yaml" and "batch_input" in entry and "batch_output" in entry:
         return Price(float(entry["batch_input"]), float(entry["batch_output"]), "prices.yaml batch rate")
     discount = float(table.get("batch_discount", 0.5))
@@ -92,7 +58,7 @@ def resolve_price(provider: str, model: str, cfg) -> Price | None:
         return Price(0.0, 0.0, "self-hosted loopback server")
     if cfg.budget_usd is not None:
         raise DistillError(
-            f"teacher.budget_usd needs a price for {provider}:{model}, which is not in pipeline/teachers/prices.yaml; "
+            f"teacher.budget_usd needs a price for {provider}:{model}, which is not in pipeline/prices.yaml; "
             "set teacher.price.input_per_mtok and teacher.price.output_per_mtok"
         )
     if not cfg.allow_unpriced:

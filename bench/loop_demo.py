@@ -1,6 +1,6 @@
 """`make loop-demo`: one turn of the loop on this machine, measured.
 
-    .venv/bin/python -m pipeline.loop.demo [RECIPE] [key=value ...] [--requests 100] [--concurrency 4]
+    .venv/bin/python bench/loop_demo.py [RECIPE] [key=value ...] [--requests 100] [--concurrency 4]
 
 1. Round 0 (`distill run`; skipped when done) and, when there is none, its export as the champion.
 2. `distill serve RECIPE --model models:/<name>@champion` in a subprocess; prompts the rounds
@@ -31,15 +31,15 @@ OUT = Path("bench/results/loop_demo.json")
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    from pipeline.cli import DEFAULT_RECIPE, _configure_logging
+    from pipeline.cli import DEFAULT_RECIPE, configure_logging
     from pipeline.config import load_recipe
-    from pipeline.loop.registry import CHAMPION, Registry
+    from pipeline.registry import CHAMPION, Registry
     from pipeline.loop.retrain import Rounds, first_champion, registered_name, retrain, round_table
     from pipeline.report import print_rounds
     from pipeline.runner import run_pipeline
     from pipeline.tracking import resolve_uri
 
-    _configure_logging()
+    configure_logging()
     recipe_name = args.recipe or DEFAULT_RECIPE
     recipe = load_recipe(recipe_name, args.overrides)
     runs = Path("runs")

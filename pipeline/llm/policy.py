@@ -11,7 +11,7 @@ policy fails closed: every request escalates. A signal the completion cannot pro
 (no logprobs) escalates too, and so does an answer cut off at the token limit (a hard gate
 before any signal).
 
-Before any signal, the hard gates (pipeline/router/gates.py: not a label, fails the task's
+Before any signal, the hard gates (pipeline/llm/gates.py: not a label, fails the task's
 answer_regex or output_schema, reads as a refusal) escalate an answer whatever its score.
 
 Signals live in a small registry (`SIGNALS`): mean_logprob, min_logprob and p10_logprob
@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.scoring import posterior
-from pipeline.router.gates import Gates
+from pipeline.llm.gates import Gates
 
 Route = Literal["student", "escalate"]
 
