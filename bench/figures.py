@@ -104,6 +104,16 @@ def label_scoring(r: dict) -> list[dict]:
     return out
 
 
+def label_serving(r: dict) -> list[dict]:
+    rps, what = r["requests_per_s"], f"{r['labels']} labels, {r['clients']} clients, {r['requests']} requests"
+    return [
+        fig(f"serving by label posterior, trie: requests/s ({what})", rps["trie"], "req/s",
+            baseline=rps["bucketed"], baseline_name="per-label buckets", headline=True),
+        fig("serving by label posterior: answers identical between the arms", r["identical_answers"], "answers",
+            baseline=r["requests"], baseline_name="requests", headline=True),
+    ]
+
+
 def _latency(section: str, arm: str, baseline: str, block: dict, headline: bool) -> list[dict]:
     out = []
     for level, comparison in block.items():
@@ -294,7 +304,7 @@ def generic(r: dict, prefix: str = "") -> list[dict]:
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
-    "serving": serving, "cost": cost, "label_scoring": label_scoring,
+    "serving": serving, "cost": cost, "label_scoring": label_scoring, "label_serving": label_serving,
 }
 
 
