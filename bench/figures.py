@@ -79,6 +79,41 @@ def local_teacher(r: dict) -> list[dict]:
     ]
 
 
+def label_scoring(r: dict) -> list[dict]:
+    out = []
+    for batch, s in sorted(r["scoring"].items(), key=lambda kv: int(kv[0])):
+        t, what = s["s_per_request"], f"{r['labels']} labels, batch {batch}, {s['prompts']} prompts"
+        out += [
+            fig(f"label scoring, trie: s per request ({what})", t["trie"], "s", better="lower",
+                baseline=t["bucketed"], baseline_name="per-label buckets", headline=True),
+            fig(f"label scoring, trie against the floor (one causal pass over prompt + trie), batch {batch}",
+                t["trie"], "s", better="lower", baseline=t["floor"], baseline_name="floor", headline=True),
+            fig(f"label scoring, trie against greedy generation of {s['greedy_tokens']} tokens, batch {batch}",
+                t["trie"], "s", better="lower", baseline=t["greedy"], baseline_name="greedy generation"),
+            fig(f"label scoring, batch {batch}: largest |trie - per-label buckets| token log-prob",
+                s["max_abs_logprob_difference"], "nats", better="lower"),
+        ]
+    c = r["capture"]
+    wall = {arm: c["prompts"] / pps for arm, pps in c["prompts_per_s"].items()}
+    what = f"{c['prompts']} demo prompts, {c['labels']} labels, batch {c['batch']}"
+    for arm in ("distribution_trie", "distribution_bucketed"):
+        scorer = "trie" if arm.endswith("trie") else "per-label buckets"
+        out.append(fig(f"local-teacher capture with the label distribution ({scorer}): s ({what})", wall[arm], "s",
+                       better="lower", baseline=wall["plain"], baseline_name="plain capture",
+                       headline=arm == "distribution_trie"))
+    return out
+
+
+def label_serving(r: dict) -> list[dict]:
+    rps, what = r["requests_per_s"], f"{r['labels']} labels, {r['clients']} clients, {r['requests']} requests"
+    return [
+        fig(f"serving by label posterior, trie: requests/s ({what})", rps["trie"], "req/s",
+            baseline=rps["bucketed"], baseline_name="per-label buckets", headline=True),
+        fig("serving by label posterior: answers identical between the arms", r["identical_answers"], "answers",
+            baseline=r["requests"], baseline_name="requests", headline=True),
+    ]
+
+
 def _latency(section: str, arm: str, baseline: str, block: dict, headline: bool) -> list[dict]:
     out = []
     for level, comparison in block.items():
@@ -331,7 +366,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
     "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
     "serving": serving, "cost": cost, "f16_reference": f16_reference, "router_soak": router_soak,
-    "structured": structured,
+    "structured": structured, "label_scoring": label_scoring, "label_serving": label_serving,
 }
 
 

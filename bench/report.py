@@ -50,10 +50,12 @@ from figures import figures_for  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w.-]+):start -->.*?<!-- bench:(?P=name):end -->", re.S)
 NOT_RECORDED = "not recorded"
-ORDER = ("finetune", "local_teacher", "capture", "curate", "router", "router_soak", "loop_demo", "cost", "teacher_prompt", "gpu")
+ORDER = ("finetune", "local_teacher", "label_scoring", "label_serving", "capture", "curate", "router", "router_soak", "loop_demo", "cost", "teacher_prompt", "gpu")
 WHAT = {
     "finetune": "CPU training throughput: the recipe's settings vs plain TRL SFTTrainer defaults",
     "local_teacher": "local teacher: shared-prefix KV cache vs plain batched generation",
+    "label_scoring": "label scoring over the label trie vs per-label buckets, the one-pass floor and generation",
+    "label_serving": "serving a 77-label student by label posterior at concurrent clients: trie vs per-label buckets",
     "capture": "capture against llama.cpp's OpenAI-compatible server; cached re-run",
     "curate": "curate stage on synthetic teacher records",
     "router": "router overhead over loopback HTTP (interleaved arms)",

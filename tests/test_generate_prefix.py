@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.llm.generate import MIN_SHARED_PREFIX, PrefixCache, common_prefix_length, generate_batch
+from pipeline.llm.encoding import MIN_SHARED_PREFIX, PrefixCache, common_prefix_length
+from pipeline.llm.generate import generate_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
