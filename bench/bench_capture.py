@@ -44,8 +44,12 @@ def capture(work: Path, name: str, teacher: dict, prompts: Path, limit: int) -> 
     recipe = {
         "name": name,
         "teacher": {"max_new_tokens": 8, "allow_unpriced": True, **teacher},
-        "capture": {"prompts": str(prompts), "task": str(ROOT / "data" / "task.yaml"), "limit": limit,
-                    "cache": str(work / f"{name}.sqlite")},
+        "capture": {
+            "prompts": str(prompts),
+            "task": str(ROOT / "data" / "task.yaml"),
+            "limit": limit,
+            "cache": str(work / f"{name}.sqlite"),
+        },
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "bench-capture"},
     }
     path = work / f"{name}.yaml"
@@ -63,8 +67,9 @@ def bench_concurrency(work: Path, prompts: int, levels: tuple[int, ...] = LEVELS
         # Up then down, best of the two per level: on a shared machine a busy minute would
         # otherwise be charged to whichever level happened to run in it.
         for round_, level in enumerate([*levels, *reversed(levels)]):
-            m = capture(work, f"c{level}r{round_}", {**teacher, "concurrency": level},
-                        ROOT / "data" / "prompts.jsonl", prompts)
+            m = capture(
+                work, f"c{level}r{round_}", {**teacher, "concurrency": level}, ROOT / "data" / "prompts.jsonl", prompts
+            )
             calls = m["counts"]["teacher_calls"]
             run = {"calls": calls, "wall_s": round(m["wall_s"], 2), "calls_per_s": round(calls / m["wall_s"], 3)}
             print(f"concurrency {level}: {run}", flush=True)
@@ -85,8 +90,12 @@ def bench_cached_rerun(work: Path, n: int = 1000) -> dict:
         first = capture(work, "cached", teacher, prompts, n)
         second = capture(work, "cached", teacher, prompts, n)
     assert second["counts"]["cache_hits"] == n and second["counts"]["teacher_calls"] == 0
-    return {"prompts": n, "first_run_s": round(first["wall_s"], 2), "cached_rerun_s": round(second["wall_s"], 3),
-            "cached_rerun_s_per_1000": round(second["wall_s"] * 1000 / n, 3)}
+    return {
+        "prompts": n,
+        "first_run_s": round(first["wall_s"], 2),
+        "cached_rerun_s": round(second["wall_s"], 3),
+        "cached_rerun_s_per_1000": round(second["wall_s"] * 1000 / n, 3),
+    }
 
 
 def main() -> None:

@@ -51,8 +51,12 @@ def source(report: Path) -> dict:
     manifest = None
     if (folder / "manifest.json").is_file():
         m = json.loads((folder / "manifest.json").read_text())
-        manifest = {"fingerprint": m.get("fingerprint"), "created_at": m.get("created_at"),
-                    "inputs": m.get("inputs"), "report_sha256": (m.get("outputs") or {}).get(report.name)}
+        manifest = {
+            "fingerprint": m.get("fingerprint"),
+            "created_at": m.get("created_at"),
+            "inputs": m.get("inputs"),
+            "report_sha256": (m.get("outputs") or {}).get(report.name),
+        }
     recipe = teacher = None
     if (folder / "resolved_config.yaml").is_file():
         import yaml
@@ -60,19 +64,27 @@ def source(report: Path) -> dict:
         cfg = yaml.safe_load((folder / "resolved_config.yaml").read_text()) or {}
         recipe = cfg.get("name")
         teacher = (cfg.get("teacher") or {}).get("spec")
-    return {"report": _rel(report), "report_sha256": digest, "manifest": manifest,
-            # False: the report was changed after its stage wrote it (the manifest hashes what it wrote).
-            "report_matches_manifest": None if manifest is None or manifest["report_sha256"] is None
-            else manifest["report_sha256"] == digest,
-            "recipe": recipe, "teacher_spec": teacher}
+    return {
+        "report": _rel(report),
+        "report_sha256": digest,
+        "manifest": manifest,
+        # False: the report was changed after its stage wrote it (the manifest hashes what it wrote).
+        "report_matches_manifest": None
+        if manifest is None or manifest["report_sha256"] is None
+        else manifest["report_sha256"] == digest,
+        "recipe": recipe,
+        "teacher_spec": teacher,
+    }
 
 
 def cost_result(report_data: dict, src: dict) -> dict:
     """The bench's result from a report's `cost` (and `router`) sections."""
     cost = report_data.get("cost")
     if not isinstance(cost, dict) or "rows" not in cost:
-        raise ReportError("the report has no `cost` section with `rows` (an evaluate report from before "
-                          "pipeline/evaluation/cost.py?); rerun the evaluate stage")
+        raise ReportError(
+            "the report has no `cost` section with `rows` (an evaluate report from before "
+            "pipeline/evaluation/cost.py?); rerun the evaluate stage"
+        )
     rows = {row["system"]: row for row in cost["rows"]}
     missing = sorted(set(ROWS) - set(rows))
     if missing:
@@ -85,22 +97,28 @@ def cost_result(report_data: dict, src: dict) -> dict:
         "teacher_usd_per_request": teacher_usd,
         # Latency basis: the price is seconds x $/hour, so the seconds it assumed are recoverable.
         "teacher_s_per_request": teacher_usd / per_hour * 3600
-        if cost["teacher_basis"] == "latency" and per_hour else None,
+        if cost["teacher_basis"] == "latency" and per_hour
+        else None,
         "student_usd_per_hour": per_hour,
         "student_requests_per_s": rps,
         "student_s_per_request": 1 / rps if rps else None,
         "student_usd_per_request": cost["student_usd_per_request"],
     }
     router = report_data.get("router") or {}
-    test = (router.get("test") or {})
+    test = router.get("test") or {}
     share = test.get("local_share") or {}
     return {
         "source": src,
         "prices": prices,
         "usd_per_1k": {key: rows[system]["usd_per_1k"] for system, key in ROWS.items()},
         "saving_vs_teacher": {key: rows[system]["saving_vs_teacher"] for system, key in ROWS.items()},
-        "local_share": {"value": rows["routed"]["local_share"], "lo": share.get("lo"), "hi": share.get("hi"),
-                        "n": share.get("n"), "split": "test"},
+        "local_share": {
+            "value": rows["routed"]["local_share"],
+            "lo": share.get("lo"),
+            "hi": share.get("hi"),
+            "n": share.get("n"),
+            "split": "test",
+        },
         "threshold": router.get("threshold"),
         "quality_target": router.get("quality_target"),
         "system_agreement": (test.get("system_agreement") or {}).get("value"),
@@ -109,15 +127,21 @@ def cost_result(report_data: dict, src: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report", type=Path, default=DEFAULT_REPORT,
-                        help="an evaluate stage's report.json (default: the demo recipe's run)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=DEFAULT_REPORT,
+        help="an evaluate stage's report.json (default: the demo recipe's run)",
+    )
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
 
     if not args.report.is_file():
-        print(f"bench_cost: no evaluate report at {_rel(args.report)} (run `make distill` first, or pass "
-              f"--report PATH): skipped, nothing written; the committed bench/results/cost.json stays",
-              file=sys.stderr)
+        print(
+            f"bench_cost: no evaluate report at {_rel(args.report)} (run `make distill` first, or pass "
+            f"--report PATH): skipped, nothing written; the committed bench/results/cost.json stays",
+            file=sys.stderr,
+        )
         return 0
     try:
         result = cost_result(json.loads(args.report.read_text()), source(args.report))
@@ -125,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_cost: {_rel(args.report)}: {e}", file=sys.stderr)
         return 1
     except KeyError as e:
-        print(f"bench_cost: {_rel(args.report)}: the cost section lacks {e}; rerun the evaluate stage",
-              file=sys.stderr)
+        print(f"bench_cost: {_rel(args.report)}: the cost section lacks {e}; rerun the evaluate stage", file=sys.stderr)
         return 1
     harness.write("cost", result, args)
     return 0

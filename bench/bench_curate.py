@@ -25,8 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
 
-EXTRAS = ["Thanks.", "Please help.", "This is urgent.", "I ordered last week.", "My name is Sam.",
-          "I have been waiting for days.", "Can you check?", "Regards."]
+EXTRAS = [
+    "Thanks.",
+    "Please help.",
+    "This is urgent.",
+    "I ordered last week.",
+    "My name is Sam.",
+    "I have been waiting for days.",
+    "Can you check?",
+    "Regards.",
+]
 
 
 def vary(prompt: str, rng: random.Random) -> str:
@@ -60,12 +68,20 @@ def synthesise(n: int, seed: int = 0) -> list[dict]:
             answer, error = "", "HTTP 500"
         elif roll < 0.08:
             answer = "shipping_question"
-        records.append({
-            "id": f"b{i:06d}",
-            "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}],
-            "meta": {"teacher": "openai:bench", "gold": base["gold"], "logprobs": -rng.random(),
-                     "finish_reason": finish, "error": error, "cost_usd": 0.0001},
-        })
+        records.append(
+            {
+                "id": f"b{i:06d}",
+                "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}],
+                "meta": {
+                    "teacher": "openai:bench",
+                    "gold": base["gold"],
+                    "logprobs": -rng.random(),
+                    "finish_reason": finish,
+                    "error": error,
+                    "cost_usd": 0.0001,
+                },
+            }
+        )
     return records
 
 
@@ -88,8 +104,13 @@ def main(argv: list[str] | None = None) -> None:
 
     load_tokenizer(Recipe(name="bench").model.base)  # resolve/convert the embedded model outside the timed region
     records = synthesise(records_n)
-    result: dict = {"records": records_n, "target_size": target, "budget_s": 120, "cpu_count": os.cpu_count(),
-                    "arms": {}}
+    result: dict = {
+        "records": records_n,
+        "target_size": target,
+        "budget_s": 120,
+        "cpu_count": os.cpu_count(),
+        "arms": {},
+    }
     for backend in args.embeddings.split(","):
         recipe = Recipe(name="bench", curate={"target_size": target, "embeddings": backend, "min_examples": 20})
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,8 +122,11 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             manifest = curate.run(recipe, {"task": ROOT / "data" / "task.yaml", "capture": capture}, out, NullTracker())
             wall = time.perf_counter() - start
-        result["arms"][backend] = {"wall_s": round(wall, 2), "within_budget": wall * 10_000 / records_n <= 120,
-                                   "counts": manifest.counts}
+        result["arms"][backend] = {
+            "wall_s": round(wall, 2),
+            "within_budget": wall * 10_000 / records_n <= 120,
+            "counts": manifest.counts,
+        }
         print(f"{backend}: {wall:.2f} s", flush=True)
     harness.write("curate", result, args)
 

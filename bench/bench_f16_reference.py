@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.conversation import user_turn
     from pipeline.export.gguf import export_gguf
     from pipeline.export.parity import forced_references, logprob_gap
     from pipeline.llm.gguf_runtime import GgufModel
     from pipeline.llm.loading import cache_root, load_tokenizer, resolve_model
-    from pipeline.conversation import user_turn
 
     folder = Path(resolve_model("embedded:smollm2-135m-instruct"))
     tokenizer = load_tokenizer(str(folder))
@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             name = str(dtype).removeprefix("torch.")
             gaps[name] = {"max": max(per_prompt), "per_prompt": per_prompt}
             print(f"{name}: F16 gap {max(per_prompt):.3f} nats (per prompt {[round(g, 3) for g in per_prompt]})")
-    result = {"model": "embedded:smollm2-135m-instruct", "prompts": len(convs), "max_new_tokens": args.max_new_tokens,
-              "f16_gap_nats": gaps}
+    result = {
+        "model": "embedded:smollm2-135m-instruct",
+        "prompts": len(convs),
+        "max_new_tokens": args.max_new_tokens,
+        "f16_gap_nats": gaps,
+    }
     harness.write("f16_reference", result, args)
     return 0
 

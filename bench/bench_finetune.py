@@ -62,16 +62,27 @@ def run_baseline(rows, base: str, lora, out: Path, bf16: bool | None = None) -> 
 
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(base),
-        args=SFTConfig(output_dir=str(out), num_train_epochs=1, report_to="none", use_cpu=True,
-                       save_strategy="no", logging_steps=1000, disable_tqdm=True,
-                       **({} if bf16 is None else {"bf16": bf16})),
+        args=SFTConfig(
+            output_dir=str(out),
+            num_train_epochs=1,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=1000,
+            disable_tqdm=True,
+            **({} if bf16 is None else {"bf16": bf16}),
+        ),
         train_dataset=to_prompt_completion(Dataset.from_list(rows), "user"),
         processing_class=AutoTokenizer.from_pretrained(base),
         peft_config=build_lora_config(lora),
     )
     wall, tokens = timed_train(trainer)
-    return {"wall_s": wall, "tokens": tokens, "steps": trainer.state.global_step,
-            "loss": trainer.state.log_history[-1].get("train_loss")}
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "steps": trainer.state.global_step,
+        "loss": trainer.state.log_history[-1].get("train_loss"),
+    }
 
 
 def run_ours(rows, base: str, train, out: Path) -> dict:
@@ -89,22 +100,31 @@ def run_ours(rows, base: str, train, out: Path) -> dict:
     trainer = SFTTrainer(
         model=load_model(base, plan),
         args=args,
-        train_dataset=tokenize_dataset(to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, train.max_seq_len),
+        train_dataset=tokenize_dataset(
+            to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, train.max_seq_len
+        ),
         processing_class=tokenizer,
         peft_config=build_lora_config(train.lora),
     )
     wall, tokens = timed_train(trainer)
-    return {"wall_s": wall, "tokens": tokens, "steps": trainer.state.global_step,
-            "loss": trainer.state.log_history[-1].get("train_loss")}
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "steps": trainer.state.global_step,
+        "loss": trainer.state.log_history[-1].get("train_loss"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=None, help="default 96 (quick: 4)")
     parser.add_argument("--recipe", default="smollm2-135m-cpu")
-    parser.add_argument("--variants", default=None,
-                        help="recipe = the recipe's train section; padding_free / group_by_length switch that on too "
-                             "(default recipe,padding_free,group_by_length; quick: padding_free)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="recipe = the recipe's train section; padding_free / group_by_length switch that on too "
+        "(default recipe,padding_free,group_by_length; quick: padding_free)",
+    )
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     args.examples = args.examples or (4 if args.quick else 96)
@@ -127,22 +147,32 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.planner import Architecture
 
     n_params = Architecture.from_config(AutoConfig.from_pretrained(base).to_dict()).params
-    results: dict = {"machine": {"threads": torch.get_num_threads(), "fp32_matmul_gflops": gflops},
-                     "examples": len(rows), "recipe": args.recipe, "params": n_params, "runs": {}}
+    results: dict = {
+        "machine": {"threads": torch.get_num_threads(), "fp32_matmul_gflops": gflops},
+        "examples": len(rows),
+        "recipe": args.recipe,
+        "params": n_params,
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"trl_default": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "baseline"),
-                "trl_default_fp32": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "fp32", bf16=False)}
+        runs = {
+            "trl_default": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "baseline"),
+            "trl_default_fp32": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "fp32", bf16=False),
+        }
         for variant in args.variants.split(","):
             update = {} if variant == "recipe" else {variant: True}
-            runs[variant] = (lambda u=update, v=variant: run_ours(rows, base, train.model_copy(update=u), Path(tmp) / v))
+            runs[variant] = lambda u=update, v=variant: run_ours(rows, base, train.model_copy(update=u), Path(tmp) / v)
         for name, fn in runs.items():
             torch.manual_seed(0)
             r = fn()
             r["tokens_per_s"] = r["tokens"] / r["wall_s"]
             r["roofline_fraction"] = r["tokens_per_s"] * 4 * n_params / (gflops * 1e9)
             results["runs"][name] = r
-            print(f"{name:>16}: {r['tokens_per_s']:7.1f} real tokens/s, {r['wall_s']:6.1f} s, "
-                  f"{r['roofline_fraction']:.1%} of fp32 matmul roofline, loss {r['loss']}", flush=True)
+            print(
+                f"{name:>16}: {r['tokens_per_s']:7.1f} real tokens/s, {r['wall_s']:6.1f} s, "
+                f"{r['roofline_fraction']:.1%} of fp32 matmul roofline, loss {r['loss']}",
+                flush=True,
+            )
     for baseline in ("trl_default", "trl_default_fp32"):
         base_tps = results["runs"][baseline]["tokens_per_s"]
         results[f"speedup_vs_{baseline}"] = {k: v["tokens_per_s"] / base_tps for k, v in results["runs"].items()}

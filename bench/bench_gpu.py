@@ -53,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     harness.add_arguments(parser)
     parser.add_argument("--cpu-rehearsal", action="store_true", help="steps 1 and 4 at a tiny shape on the CPU")
     parser.add_argument("--cap-gib", type=float, default=A10G_GIB, help="GPU memory cap for step 4")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="folder for the random 7B and its export (default: a temp folder, removed after)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the random 7B and its export (default: a temp folder, removed after)",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         timed(record, "preflight", lambda: record.update(preflight=preflight(work)))
         if cuda:
             for step, selection in (("small_model_tier", SMALL_TESTS), ("mistral7b_shape", SEVEN_B_TESTS)):
-                code = timed(record, step, lambda: gpu_tests(selection, work / "mistral7b-random"))
+                code = timed(record, step, lambda selection=selection: gpu_tests(selection, work / "mistral7b-random"))
                 record["steps"][step]["pytest_exit"] = code
                 failed += [step] if code else []
             if RAW.is_file():
@@ -92,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     record["failed_steps"] = failed
     harness.write("gpu", record, args)
     for step, info in record["steps"].items():
-        print(f"  {step}: {info['wall_s']:.0f} s" + (f" (pytest exit {info['pytest_exit']})" if "pytest_exit" in info else ""))
+        print(
+            f"  {step}: {info['wall_s']:.0f} s"
+            + (f" (pytest exit {info['pytest_exit']})" if "pytest_exit" in info else "")
+        )
     if failed:
         print(f"bench-gpu: failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -115,10 +122,16 @@ def preflight(work: Path) -> dict:
 
     from pipeline.llm.loading import nvidia_driver_version, varlen_attention
 
-    out = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "driver": nvidia_driver_version(),
-           "cuda_available": torch.cuda.is_available(), "gpus": torch.cuda.device_count(),
-           "free_disk_gb": round(shutil.disk_usage(work).free / 1e9, 1),
-           "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", ""), "python": sys.version.split()[0]}
+    out = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "driver": nvidia_driver_version(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": torch.cuda.device_count(),
+        "free_disk_gb": round(shutil.disk_usage(work).free / 1e9, 1),
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", ""),
+        "python": sys.version.split()[0],
+    }
     for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "pydantic", "kernels"):
         try:
             out[name] = version(name)
@@ -126,8 +139,12 @@ def preflight(work: Path) -> dict:
             out[name] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        out |= {"gpu": props.name, "gpu_total_gib": round(props.total_memory / GIB, 2),
-                "compute_capability": f"{props.major}.{props.minor}", "bf16": torch.cuda.is_bf16_supported()}
+        out |= {
+            "gpu": props.name,
+            "gpu_total_gib": round(props.total_memory / GIB, 2),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "bf16": torch.cuda.is_bf16_supported(),
+        }
         out["bitsandbytes_cuda"] = _bitsandbytes_cuda()
         out["varlen_attention"], out["varlen_why"] = varlen_attention()
     print(json.dumps(out, indent=1))
@@ -150,11 +167,30 @@ def _bitsandbytes_cuda() -> str:
 
 def gpu_tests(selection: str, model_dir: Path) -> int:
     """The GPU tests in a child process (its CUDA memory is its own), writing bench/gpu.json."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
-           "DISTILL_GPU_MODEL_DIR": str(model_dir), "PYTHONPATH": os.pathsep.join(
-               [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.call([sys.executable, "-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", "-m", "gpu",
-                            "-k", selection, "tests/test_gpu.py"], cwd=ROOT, env=env)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
+        "DISTILL_GPU_MODEL_DIR": str(model_dir),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "gpu",
+            "-k",
+            selection,
+            "tests/test_gpu.py",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def export_emulation(model_dir: Path, out: Path, cuda: bool, cap_gib: float) -> dict:
@@ -163,19 +199,24 @@ def export_emulation(model_dir: Path, out: Path, cuda: bool, cap_gib: float) -> 
     the reload: the peak (GPU) or the live parameter bytes at the reload (CPU) against one copy."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from test_gpu import prompts
     from transformers import AutoModelForCausalLM
 
     from pipeline.errors import DistillError
     from pipeline.export import merged as merged_export
     from pipeline.llm.loading import free_memory, load_tokenizer
     from pipeline.planner import load_architecture
-    from test_gpu import prompts
 
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     arch = load_architecture(str(model_dir))
     one_copy = arch.params * dtype.itemsize / GIB
-    record = {"model": str(model_dir.name), "params": arch.params, "device": device, "dtype": str(dtype)[6:],
-              "one_copy_gib": round(one_copy, 3)}
+    record = {
+        "model": str(model_dir.name),
+        "params": arch.params,
+        "device": device,
+        "dtype": str(dtype)[6:],
+        "one_copy_gib": round(one_copy, 3),
+    }
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory / GIB
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / total))
@@ -192,17 +233,29 @@ def export_emulation(model_dir: Path, out: Path, cuda: bool, cap_gib: float) -> 
     def load_adapted():
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device}).eval()
         torch.manual_seed(1)
-        return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+        return get_peft_model(
+            base,
+            LoraConfig(
+                r=16,
+                lora_alpha=32,
+                init_lora_weights=False,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+        ).eval()
 
     merged_export.reload_plain = reload_plain
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
-        result = merged_export.export_merged(load_adapted, load_tokenizer(str(model_dir)), prompts(2, arch.vocab),
-                                             4, out, save_dtype=dtype)
-        record |= {"check": "passed", "max_logprob_delta": result.max_logprob_delta,
-                   "logprob_tolerance": result.logprob_tolerance, "greedy_agreement": result.greedy_agreement}
+        result = merged_export.export_merged(
+            load_adapted, load_tokenizer(str(model_dir)), prompts(2, arch.vocab), 4, out, save_dtype=dtype
+        )
+        record |= {
+            "check": "passed",
+            "max_logprob_delta": result.max_logprob_delta,
+            "logprob_tolerance": result.logprob_tolerance,
+            "greedy_agreement": result.greedy_agreement,
+        }
         del result
     except DistillError as err:  # the check itself failing is recorded; memory is what this step is for
         record |= {"check": f"failed: {err}"}
@@ -218,9 +271,11 @@ def export_emulation(model_dir: Path, out: Path, cuda: bool, cap_gib: float) -> 
     if alive_at_reload:
         record["copies_alive_at_reload"] = round(alive_at_reload[0] / one_copy, 3)
     # Two copies were the defect: a bf16 7B is 13.5 GiB, two do not fit an A10G's 22.5.
-    record["passed"] = (not record["check"].startswith("out of memory")
-                        and record.get("copies_alive_at_reload", 9) < 1.5
-                        and (not cuda or record["peak_allocated_gib"] <= cap_gib))
+    record["passed"] = (
+        not record["check"].startswith("out of memory")
+        and record.get("copies_alive_at_reload", 9) < 1.5
+        and (not cuda or record["peak_allocated_gib"] <= cap_gib)
+    )
     print(json.dumps(record, indent=1))
     gc.collect()
     return record

@@ -62,9 +62,13 @@ def bucketed_label_token_logprobs(model, tokenizer, conversations, labels, prefi
     shared = cached.get_seq_length() if cached is not None else 0
     per_label = [{} for _ in range(n_prompts)]
     with torch.inference_mode():
-        first = model(input_ids=enc["input_ids"][:, shared:], attention_mask=prompt_mask,
-                      position_ids=prompt_pos[:, shared:], use_cache=True,
-                      **({cache_kwarg(model): cached} if cached is not None else {}))
+        first = model(
+            input_ids=enc["input_ids"][:, shared:],
+            attention_mask=prompt_mask,
+            position_ids=prompt_pos[:, shared:],
+            use_cache=True,
+            **({cache_kwarg(model): cached} if cached is not None else {}),
+        )
         cache_name = "cache" if "cache" in first else "past_key_values"
         next_logprobs = first.logits[:, -1, :].float().log_softmax(-1)
         groups = {}
@@ -160,14 +164,21 @@ def scoring_arms(model, tokenizer, prompts: list[str], labels: list[str], batch:
             walls[arm].append(wall)
             cpus[arm].append(cpu)
     per_request = {arm: min(w) / len(convs) for arm, w in walls.items()}
-    agree = sum(max(t, key=lambda k: sum(t[k])) == max(o, key=lambda k: sum(o[k]))
-                for t, o in zip(outputs["trie"], outputs["bucketed"]))
+    agree = sum(
+        max(t, key=lambda k: sum(t[k])) == max(o, key=lambda k: sum(o[k]))
+        for t, o in zip(outputs["trie"], outputs["bucketed"])
+    )
     return {
-        "batch": batch, "prompts": len(convs), "wall_s": walls, "cpu_s": cpus, "s_per_request": per_request,
+        "batch": batch,
+        "prompts": len(convs),
+        "wall_s": walls,
+        "cpu_s": cpus,
+        "s_per_request": per_request,
         "trie_speedup_over_bucketed": per_request["bucketed"] / per_request["trie"],
         "trie_over_floor": per_request["trie"] / per_request["floor"],
         "trie_over_greedy": per_request["trie"] / per_request["greedy"],
-        "greedy_tokens": longest, "greedy_mean_answer_tokens": sum(c.completion_tokens for c in outputs["greedy"]) / len(convs),
+        "greedy_tokens": longest,
+        "greedy_mean_answer_tokens": sum(c.completion_tokens for c in outputs["greedy"]) / len(convs),
         "max_abs_logprob_difference": max_difference(outputs["trie"], outputs["bucketed"]),
         "same_top_label": agree,
     }
@@ -188,8 +199,11 @@ def capture_arms(model, tokenizer, n_prompts: int, batch: int, repeats: int) -> 
         return [c for b in batches for c in generate_batch(model, tokenizer, b, 8, task.labels, prefix_cache=cache)]
 
     def with_trie(cache):
-        return [c for b in batches for c in generate_batch(model, tokenizer, b, 8, task.labels,
-                                                             score_labels=task.labels, prefix_cache=cache)]
+        return [
+            c
+            for b in batches
+            for c in generate_batch(model, tokenizer, b, 8, task.labels, score_labels=task.labels, prefix_cache=cache)
+        ]
 
     def with_buckets(cache):
         out = []
@@ -208,7 +222,10 @@ def capture_arms(model, tokenizer, n_prompts: int, batch: int, repeats: int) -> 
             texts[arm] = [c.text for c in completions]
     best = {arm: min(w) for arm, w in walls.items()}
     return {
-        "prompts": len(convs), "batch": batch, "labels": len(task.labels), "wall_s": walls,
+        "prompts": len(convs),
+        "batch": batch,
+        "labels": len(task.labels),
+        "wall_s": walls,
         "prompts_per_s": {arm: len(convs) / w for arm, w in best.items()},
         "distribution_over_plain": {arm: best[arm] / best["plain"] for arm in arms if arm != "plain"},
         "identical_answers": sum(a == b for a, b in zip(texts["plain"], texts["distribution_trie"])),
@@ -217,9 +234,15 @@ def capture_arms(model, tokenizer, n_prompts: int, batch: int, repeats: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--prompts", type=int, default=None, help="Banking77 queries per batch size; default 16 (quick: 2)")
-    parser.add_argument("--capture-prompts", type=int, default=None, help="demo prompts for the capture arms; default 32 (quick: 4)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per arm, interleaved, best kept; default 2 (quick: 1)")
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="Banking77 queries per batch size; default 16 (quick: 2)"
+    )
+    parser.add_argument(
+        "--capture-prompts", type=int, default=None, help="demo prompts for the capture arms; default 32 (quick: 4)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs per arm, interleaved, best kept; default 2 (quick: 1)"
+    )
     parser.add_argument("--data", type=Path, default=BANKING77_CSV, help="Banking77's train.csv (text,category)")
     harness.add_arguments(parser)
     args = parser.parse_args()
@@ -245,15 +268,35 @@ def main() -> None:
     scoring = {str(b): scoring_arms(model, student, prompts, labels, b, args.repeats) for b in batches}
     capture = capture_arms(model, load_tokenizer(MODEL), args.capture_prompts, 16, args.repeats)
     result = {
-        "model": MODEL, "labels": len(labels), "prompt_source": source, "chat_template": str(TEMPLATE.relative_to(ROOT)),
-        "scoring": scoring, "capture": capture,
+        "model": MODEL,
+        "labels": len(labels),
+        "prompt_source": source,
+        "chat_template": str(TEMPLATE.relative_to(ROOT)),
+        "scoring": scoring,
+        "capture": capture,
         "command": f"python bench/bench_label_scoring.py --prompts {args.prompts} "
-                   f"--capture-prompts {args.capture_prompts} --repeats {args.repeats}" + (" --quick" if args.quick else ""),
+        f"--capture-prompts {args.capture_prompts} --repeats {args.repeats}" + (" --quick" if args.quick else ""),
     }
     harness.write("label_scoring", result, args)
-    print(json.dumps({b: {k: s[k] for k in ("s_per_request", "trie_speedup_over_bucketed", "trie_over_floor",
-                                            "trie_over_greedy", "max_abs_logprob_difference")}
-                      for b, s in scoring.items()} | {"capture": capture["distribution_over_plain"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                b: {
+                    k: s[k]
+                    for k in (
+                        "s_per_request",
+                        "trie_speedup_over_bucketed",
+                        "trie_over_floor",
+                        "trie_over_greedy",
+                        "max_abs_logprob_difference",
+                    )
+                }
+                for b, s in scoring.items()
+            }
+            | {"capture": capture["distribution_over_plain"]},
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
 from bench_label_scoring import (  # noqa: E402
-    BANKING77_CSV, MODEL, TEMPLATE, banking77_prompts, bucketed_label_token_logprobs,
+    BANKING77_CSV,
+    MODEL,
+    TEMPLATE,
+    banking77_prompts,
+    bucketed_label_token_logprobs,
 )
 
 
@@ -70,7 +74,9 @@ def run_arm(backend, conversations, clients: int, bucketed: bool) -> tuple[float
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=None, help="Banking77 queries per arm; default 12 (quick: 4)")
-    parser.add_argument("--clients", type=int, default=None, help="concurrent clients = max_batch; default 4 (quick: 2)")
+    parser.add_argument(
+        "--clients", type=int, default=None, help="concurrent clients = max_batch; default 4 (quick: 2)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="runs per arm, interleaved, best kept; default 1")
     parser.add_argument("--data", type=Path, default=BANKING77_CSV, help="Banking77's train.csv (text,category)")
     harness.add_arguments(parser)
@@ -109,17 +115,37 @@ def main() -> None:
     rps = {arm: len(convs) / min(w) for arm, w in walls.items()}
     confidence = {arm: [max(label_posterior(c)[1].values()) for c in answers[arm]] for arm in walls}
     result = {
-        "model": MODEL, "labels": len(labels), "prompt_source": source, "chat_template": str(TEMPLATE.relative_to(ROOT)),
-        "requests": len(convs), "clients": args.clients, "wall_s": walls, "requests_per_s": rps,
-        "batch_sizes": batches, "trie_speedup_over_bucketed": rps["trie"] / rps["bucketed"],
+        "model": MODEL,
+        "labels": len(labels),
+        "prompt_source": source,
+        "chat_template": str(TEMPLATE.relative_to(ROOT)),
+        "requests": len(convs),
+        "clients": args.clients,
+        "wall_s": walls,
+        "requests_per_s": rps,
+        "batch_sizes": batches,
+        "trie_speedup_over_bucketed": rps["trie"] / rps["bucketed"],
         "identical_answers": sum(t.text == b.text for t, b in zip(answers["trie"], answers["bucketed"])),
         "max_confidence_difference": max(abs(t - b) for t, b in zip(confidence["trie"], confidence["bucketed"])),
         "command": f"python bench/bench_label_serving.py --requests {args.requests} --clients {args.clients} "
-                   f"--repeats {args.repeats}" + (" --quick" if args.quick else ""),
+        f"--repeats {args.repeats}" + (" --quick" if args.quick else ""),
     }
     harness.write("label_serving", result, args)
-    print(json.dumps({k: result[k] for k in ("requests_per_s", "trie_speedup_over_bucketed", "identical_answers",
-                                             "max_confidence_difference", "batch_sizes")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "requests_per_s",
+                    "trie_speedup_over_bucketed",
+                    "identical_answers",
+                    "max_confidence_difference",
+                    "batch_sizes",
+                )
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from pipeline.artifacts import read_jsonl
+    from pipeline.conversation import user_turn
     from pipeline.llm.generate import PrefixCache, generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
-    from pipeline.conversation import user_turn
     from pipeline.task import load_task
 
     task = load_task(ROOT / "data" / "task.yaml")
@@ -53,8 +53,12 @@ def main() -> None:
     def run(cache: PrefixCache | None) -> tuple[float, list[str]]:
         start, answers = time.perf_counter(), []
         for i in range(0, len(conversations), args.batch):
-            answers += [c.text for c in generate_batch(model, tokenizer, conversations[i : i + args.batch], 8,
-                                                       task.labels, prefix_cache=cache)]
+            answers += [
+                c.text
+                for c in generate_batch(
+                    model, tokenizer, conversations[i : i + args.batch], 8, task.labels, prefix_cache=cache
+                )
+            ]
         return time.perf_counter() - start, answers
 
     walls: dict[str, list[float]] = {"plain": [], "prefix_cache": []}
@@ -67,9 +71,13 @@ def main() -> None:
     same = sum(a == b for a, b in zip(answers["plain"], answers["prefix_cache"]))
     prompt_tokens = len(tokenizer.apply_chat_template(conversations[0], add_generation_prompt=True)["input_ids"])
     result = {
-        "prompts": len(conversations), "batch": args.batch, "prompt_tokens_first": prompt_tokens,
-        "wall_s": walls, "prompts_per_s": {arm: len(conversations) / w for arm, w in best.items()},
-        "speedup": best["plain"] / best["prefix_cache"], "identical_answers": same,
+        "prompts": len(conversations),
+        "batch": args.batch,
+        "prompt_tokens_first": prompt_tokens,
+        "wall_s": walls,
+        "prompts_per_s": {arm: len(conversations) / w for arm, w in best.items()},
+        "speedup": best["plain"] / best["prefix_cache"],
+        "identical_answers": same,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": f"python bench/bench_local_teacher.py --prompts {args.prompts} --batch {args.batch}",
     }

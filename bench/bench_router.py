@@ -50,8 +50,11 @@ MODEL = "distill-student"
 # Both arms of (a) use one intra-op thread: on 2 busy cores torch's default (2) spends more time
 # contending than computing (measured here: ~700 ms vs ~30 ms per 6-token answer).
 TORCH_THREADS = 1
-BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Classify: the parcel arrived broken."}],
-        "max_tokens": 6}
+BODY = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Classify: the parcel arrived broken."}],
+    "max_tokens": 6,
+}
 
 
 # ---------------------------------------------------------------- servers (child processes)
@@ -65,23 +68,35 @@ class NullStudent:
     async def complete(self, messages, max_tokens):
         from pipeline.llm.completion import Completion
 
-        return Completion(text="damaged", source="student", prompt_tokens=12, completion_tokens=1,
-                          token_logprobs=[-0.1])
+        return Completion(
+            text="damaged", source="student", prompt_tokens=12, completion_tokens=1, token_logprobs=[-0.1]
+        )
 
 
 def _app(kind: str, arg: str | None):
-    from pipeline.router.settings import ServeSettings
-    from pipeline.router.app import create_app
     from pipeline.llm.policy import Policy
+    from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     if kind == "bare":
         from fastapi import FastAPI
 
         app = FastAPI()
-        reply = {"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": MODEL,
-                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "damaged"},
-                              "finish_reason": "stop", "logprobs": None}],
-                 "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}}
+        reply = {
+            "id": "chatcmpl-x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "damaged"},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+        }
 
         @app.post("/v1/chat/completions")
         async def chat(body: dict) -> dict:
@@ -111,8 +126,7 @@ def _app(kind: str, arg: str | None):
         task = Task(name="bench", instructions="Classify.", labels=["damaged", "late"])
         cfg = TeacherConfig(spec="openai:fault", base_url=arg, allow_unpriced=True, max_retries=0, logprobs=False)
         teacher = TeacherBackend(cfg, task, ":memory:")  # each request sends a new prompt: never a cache hit
-        return create_app(ServeSettings(max_tokens=8), {MODEL: NullStudent()}, Policy(threshold=0.0),
-                          teacher=teacher)
+        return create_app(ServeSettings(max_tokens=8), {MODEL: NullStudent()}, Policy(threshold=0.0), teacher=teacher)
     if kind == "proxy":
         import tempfile
 
@@ -169,8 +183,12 @@ class Server:
 
 def summary(ms: list[float]) -> dict:
     ms = sorted(ms)
-    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 3),
-            "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 3), "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 3)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 3),
+        "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 3),
+        "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 3),
+    }
 
 
 def interleaved(arms: dict, n: int, concurrency: int) -> dict[str, list[float]]:
@@ -215,8 +233,9 @@ def bench_layer(n: int) -> dict:
     with Server("null") as router, Server("bare") as bare:
         arms = {"router_null_backend": post(router), "bare_uvicorn": post(bare)}
         interleaved(arms, 20, 1)  # warm-up: imports, first connections
-        return {f"concurrency_{c}": compare(interleaved(arms, n, c), "router_null_backend", "bare_uvicorn")
-                for c in (1, 4)}
+        return {
+            f"concurrency_{c}": compare(interleaved(arms, n, c), "router_null_backend", "bare_uvicorn") for c in (1, 4)
+        }
 
 
 def tiny_model(folder: Path) -> Path:
@@ -226,10 +245,19 @@ def tiny_model(folder: Path) -> Path:
     from pipeline.llm.loading import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -282,8 +310,12 @@ def bench_batching(n: int, work: Path, rounds: int = 4, concurrency: int = 4) ->
             seconds["max_batch_1"] += block(single)
     total = rounds * per_worker * concurrency
     rps = {arm: round(total / s, 2) for arm, s in seconds.items()}
-    return {"concurrency": concurrency, "requests_per_arm": total, "requests_per_s": rps,
-            "speedup": round(rps["max_batch_4"] / rps["max_batch_1"], 3)}
+    return {
+        "concurrency": concurrency,
+        "requests_per_arm": total,
+        "requests_per_s": rps,
+        "speedup": round(rps["max_batch_4"] / rps["max_batch_1"], 3),
+    }
 
 
 def bench_escalation(n: int) -> dict:
@@ -292,12 +324,21 @@ def bench_escalation(n: int) -> dict:
 
         def direct(http: httpx.Client) -> None:
             # The same raw HTTP client as the router arm: SDK parsing time would not be the router's.
-            response = http.post(f"{teacher.base_url}/chat/completions", json={
-                "model": "fault", "max_tokens": 6,
-                "messages": [{"role": "system", "content": "Classify."}, {"role": "user", "content": f"p{next(counter)}"}]})
+            response = http.post(
+                f"{teacher.base_url}/chat/completions",
+                json={
+                    "model": "fault",
+                    "max_tokens": 6,
+                    "messages": [
+                        {"role": "system", "content": "Classify."},
+                        {"role": "user", "content": f"p{next(counter)}"},
+                    ],
+                },
+            )
             response.raise_for_status()
 
         with Server("escalate", teacher.base_url) as router:
+
             def escalated(http: httpx.Client) -> None:
                 # A distinct prompt each time: a cached answer is not the escalation path.
                 body = {**BODY, "messages": [{"role": "user", "content": f"p{next(counter)}"}]}
@@ -315,16 +356,19 @@ def bench_proxy(n: int) -> dict:
         counter = iter(range(10**9))
 
         def conversation() -> list[dict]:
-            return [{"role": "system", "content": "You are Acme's support bot."},
-                    {"role": "user", "content": "My parcel never came."},
-                    {"role": "assistant", "content": "Sorry! What is the order number?"},
-                    {"role": "user", "content": f"It is A{next(counter)}."}]
+            return [
+                {"role": "system", "content": "You are Acme's support bot."},
+                {"role": "user", "content": "My parcel never came."},
+                {"role": "assistant", "content": "Sorry! What is the order number?"},
+                {"role": "user", "content": f"It is A{next(counter)}."},
+            ]
 
         def direct(http: httpx.Client) -> None:
             body = {"model": "fault", "max_tokens": 6, "messages": conversation()}
             http.post(f"{teacher.base_url}/chat/completions", json=body).raise_for_status()
 
         with Server("proxy", teacher.base_url) as proxy:
+
             def proxied(http: httpx.Client) -> None:
                 body = {"model": "fault", "max_tokens": 6, "messages": conversation()}
                 http.post(f"{proxy}/v1/chat/completions", json=body).raise_for_status()
@@ -337,10 +381,17 @@ def bench_proxy(n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=None, help="Requests per arm for (b) and (c) (default 200, quick 20).")
-    parser.add_argument("--n-model", type=int, default=None,
-                        help="Requests per arm for (a) (seconds each on a busy CPU; default 40, quick 4).")
-    parser.add_argument("--arms", default="layer,escalation,model,batching,proxy",
-                        help="which comparisons: layer (b), escalation (c), model (a), batching (d), proxy (e)")
+    parser.add_argument(
+        "--n-model",
+        type=int,
+        default=None,
+        help="Requests per arm for (a) (seconds each on a busy CPU; default 40, quick 4).",
+    )
+    parser.add_argument(
+        "--arms",
+        default="layer,escalation,model,batching,proxy",
+        help="which comparisons: layer (b), escalation (c), model (a), batching (d), proxy (e)",
+    )
     harness.add_arguments(parser)
     args = parser.parse_args()
     args.n = args.n or (20 if args.quick else 200)
@@ -352,10 +403,16 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
     load_before = os.getloadavg()
-    result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                          "affinity": sorted(os.sched_getaffinity(0)), "pinned": False,
-                          "torch_threads_a": TORCH_THREADS,
-                          "loadavg_before": [round(v, 2) for v in load_before]}}
+    result = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "affinity": sorted(os.sched_getaffinity(0)),
+            "pinned": False,
+            "torch_threads_a": TORCH_THREADS,
+            "loadavg_before": [round(v, 2) for v in load_before],
+        }
+    }
     if "layer" in arms:
         result["b_router_layer"] = bench_layer(args.n)
     if "escalation" in arms:

@@ -68,10 +68,30 @@ LABELS = ("damaged", "late", "other")
 MARGIN = 0.0005
 MIX = (("valid", 55), ("escalating", 20), ("malformed", 10), ("oversize", 5), ("disconnect", 10))
 MALFORMED = ("bad_json", "max_tokens_true", "stream_yes", "lone_surrogate", "system_only", "n_2", "unknown_model")
-TOPICS = ("parcel", "order", "refund", "invoice", "delivery", "account", "password", "subscription", "voucher",
-          "return", "warranty", "receipt")
-MOODS = ("arrived broken", "never came", "was charged twice", "is late again", "cannot be opened",
-         "shows the wrong address", "got cancelled", "is missing a part")
+TOPICS = (
+    "parcel",
+    "order",
+    "refund",
+    "invoice",
+    "delivery",
+    "account",
+    "password",
+    "subscription",
+    "voucher",
+    "return",
+    "warranty",
+    "receipt",
+)
+MOODS = (
+    "arrived broken",
+    "never came",
+    "was charged twice",
+    "is late again",
+    "cannot be opened",
+    "shows the wrong address",
+    "got cancelled",
+    "is missing a part",
+)
 
 
 # ---------------------------------------------------------------- the prompt pool
@@ -99,14 +119,18 @@ def prompt_pool(folder: Path, size: int) -> Pool:
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(str(folder), device_plan()).eval(), load_tokenizer(str(folder))
-    candidates = [f"My {t} {m}, ticket {n}." for n in range(size // (len(TOPICS) * len(MOODS)) + 1)
-                  for t in TOPICS for m in MOODS][:size]
+    candidates = [
+        f"My {t} {m}, ticket {n}." for n in range(size // (len(TOPICS) * len(MOODS)) + 1) for t in TOPICS for m in MOODS
+    ][:size]
     serving = Serving("label_posterior", LABELS, MAX_TOKENS, 16)
     answers = answer_as_served(model, tokenizer, [[{"role": "user", "content": c}] for c in candidates], serving)
     scores = [policy(0.0).score(a) for a in answers]
     threshold = statistics.median(scores)
-    return Pool(threshold, [c for c, s in zip(candidates, scores) if s >= threshold + MARGIN],
-                [c for c, s in zip(candidates, scores) if s <= threshold - MARGIN])
+    return Pool(
+        threshold,
+        [c for c, s in zip(candidates, scores) if s >= threshold + MARGIN],
+        [c for c, s in zip(candidates, scores) if s <= threshold - MARGIN],
+    )
 
 
 # ---------------------------------------------------------------- the router (child process)
@@ -129,16 +153,31 @@ def _serve(folder: str, threshold: float, teacher_url: str, work: str, port: int
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     task = Task(name="soak", instructions="Classify the support message.", labels=list(LABELS))
-    cfg = TeacherConfig(spec="openai:fault", base_url=teacher_url, price=PriceConfig(
-        input_per_mtok=PRICE[0], output_per_mtok=PRICE[1]), max_retries=2, backoff_initial_s=0.01,
-        backoff_max_s=0.05, timeout_s=1.0, logprobs=False, max_new_tokens=MAX_TOKENS)
-    teacher = TeacherBackend(cfg, task, Path(work) / "cache.sqlite", budget_usd=BUDGET_USD,
-                             ledger_path=Path(work) / "ledger.json")
-    settings = ServeSettings(max_tokens=8, max_prompt_tokens=400, deadline_s=10.0, max_queue=64,
-                             header_timeout_s=5.0, body_timeout_s=5.0)
+    cfg = TeacherConfig(
+        spec="openai:fault",
+        base_url=teacher_url,
+        price=PriceConfig(input_per_mtok=PRICE[0], output_per_mtok=PRICE[1]),
+        max_retries=2,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        timeout_s=1.0,
+        logprobs=False,
+        max_new_tokens=MAX_TOKENS,
+    )
+    teacher = TeacherBackend(
+        cfg, task, Path(work) / "cache.sqlite", budget_usd=BUDGET_USD, ledger_path=Path(work) / "ledger.json"
+    )
+    settings = ServeSettings(
+        max_tokens=8, max_prompt_tokens=400, deadline_s=10.0, max_queue=64, header_timeout_s=5.0, body_timeout_s=5.0
+    )
     student = StudentBackend(Path(folder), score_labels=list(LABELS), max_batch=8, decode="label_posterior")
-    app = create_app(settings, {MODEL: student}, policy(threshold), teacher=teacher,
-                     escalations=EscalationLog(Path(work) / "escalations.jsonl"))
+    app = create_app(
+        settings,
+        {MODEL: student},
+        policy(threshold),
+        teacher=teacher,
+        escalations=EscalationLog(Path(work) / "escalations.jsonl"),
+    )
     uvicorn.Server(uvicorn_config(app, settings, "127.0.0.1", port, log_level="error")).run()
 
 
@@ -146,7 +185,8 @@ class Router:
     def __init__(self, folder: Path, threshold: float, teacher_url: str, work: Path):
         self.port = free_port()
         self.proc = mp.get_context("spawn").Process(
-            target=_serve, args=(str(folder), threshold, teacher_url, str(work), self.port), daemon=True)
+            target=_serve, args=(str(folder), threshold, teacher_url, str(work), self.port), daemon=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Router:
@@ -209,14 +249,22 @@ def _malformed(kind: str) -> tuple[bytes | dict, int]:
 
 def _post(http: httpx.Client, url: str, body, request_id: str) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return http.post(f"{url}/v1/chat/completions", content=data, timeout=60,
-                     headers={"content-type": "application/json", "x-request-id": request_id})
+    return http.post(
+        f"{url}/v1/chat/completions",
+        content=data,
+        timeout=60,
+        headers={"content-type": "application/json", "x-request-id": request_id},
+    )
 
 
 def _chunked(http: httpx.Client, url: str, request_id: str) -> httpx.Response:
     data = json.dumps(_body("x" * 2_000_000)).encode()
-    return http.post(f"{url}/v1/chat/completions", timeout=60, content=(data[i: i + 65536] for i in range(
-        0, len(data), 65536)), headers={"content-type": "application/json", "x-request-id": request_id})
+    return http.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        content=(data[i : i + 65536] for i in range(0, len(data), 65536)),
+        headers={"content-type": "application/json", "x-request-id": request_id},
+    )
 
 
 def _hang_up(url: str, body: dict, request_id: str, rng: random.Random) -> None:
@@ -224,13 +272,15 @@ def _hang_up(url: str, body: dict, request_id: str, rng: random.Random) -> None:
     data = json.dumps(body).encode()
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"x-request-id: {request_id}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"x-request-id: {request_id}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
         time.sleep(rng.choice((0.0, 0.005, 0.02)))
 
 
-def drive(url: str, pool: Pool, requests: int, clients: int, seed: int = 0,
-          on_progress=None) -> list[Outcome]:
+def drive(url: str, pool: Pool, requests: int, clients: int, seed: int = 0, on_progress=None) -> list[Outcome]:
     """`requests` requests over `clients` threads, each a keep-alive httpx client; `on_progress(done)`
     is called after every request (the RSS sampler)."""
     kinds = [k for k, share in MIX for _ in range(share)]
@@ -259,8 +309,14 @@ def drive(url: str, pool: Pool, requests: int, clients: int, seed: int = 0,
         if kind in ("valid", "escalating"):
             prompt = rng.choice(pool.stay if kind == "valid" else pool.escalate)
             reply = _post(http, url, _body(prompt), request_id)
-            return Outcome(kind, prompt, reply.status_code, request_id, reply.headers.get("x-distill-route"),
-                           (time.perf_counter() - started) * 1000)
+            return Outcome(
+                kind,
+                prompt,
+                reply.status_code,
+                request_id,
+                reply.headers.get("x-distill-route"),
+                (time.perf_counter() - started) * 1000,
+            )
         if kind == "malformed":
             detail = rng.choice(MALFORMED)
             body, _ = _malformed(detail)
@@ -268,8 +324,9 @@ def drive(url: str, pool: Pool, requests: int, clients: int, seed: int = 0,
         if kind == "oversize":
             if rng.random() < 0.5:
                 return Outcome(kind, "chunked_2mb", _chunked(http, url, request_id).status_code, request_id)
-            return Outcome(kind, "9k_tokens", _post(http, url, _body("refund " * 9000), request_id).status_code,
-                           request_id)
+            return Outcome(
+                kind, "9k_tokens", _post(http, url, _body("refund " * 9000), request_id).status_code, request_id
+            )
         prompt = rng.choice(pool.escalate if rng.random() < 0.5 else pool.stay)
         _hang_up(url, _body(prompt), request_id, rng)
         return Outcome(kind, prompt, None, request_id)
@@ -303,20 +360,31 @@ def check(outcomes: list[Outcome], work: Path, server: FaultServer) -> dict:
     billed = server.billed_usd(*PRICE)
     latencies = sorted(o.latency_ms for o in answered if o.status == 200)
     return {
-        "requests": len(outcomes), "by_kind": dict(by_kind), "by_status": dict(sorted(statuses.items())),
+        "requests": len(outcomes),
+        "by_kind": dict(by_kind),
+        "by_status": dict(sorted(statuses.items())),
         "valid_routes": {str(k): v for k, v in routes.items()},
         "misrouted": sum(1 for o in answered if (o.route == "student") != (o.kind == "valid")),
-        "valid_5xx": valid_5xx, "valid_non_200": sum(1 for o in answered if o.status != 200),
-        "wrong_status": len(wrong), "wrong_status_examples": [f"{o.kind}/{o.detail}: {o.status}" for o in wrong[:5]],
-        "escalations_answered_by_teacher": len(teacher_answered), "log_records": len(logged),
+        "valid_5xx": valid_5xx,
+        "valid_non_200": sum(1 for o in answered if o.status != 200),
+        "wrong_status": len(wrong),
+        "wrong_status_examples": [f"{o.kind}/{o.detail}: {o.status}" for o in wrong[:5]],
+        "escalations_answered_by_teacher": len(teacher_answered),
+        "log_records": len(logged),
         "log_duplicates": len(logged) - len(set(logged)),
         "escalations_missing_from_log": len(teacher_answered - set(logged)),
         "log_records_of_disconnected_clients": len(set(logged) & disconnected),
         "log_records_unexplained": len(set(logged) - teacher_answered - disconnected),
-        "budget_usd": BUDGET_USD, "ledger_spent_usd": round(ledger, 6), "teacher_billed_usd": round(billed, 6),
-        "teacher_requests": server.total, "teacher_faults": dict(server.faulted),
-        "valid_latency_ms": {"n": len(latencies), "p50": round(statistics.median(latencies), 2),
-                             "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 2)},
+        "budget_usd": BUDGET_USD,
+        "ledger_spent_usd": round(ledger, 6),
+        "teacher_billed_usd": round(billed, 6),
+        "teacher_requests": server.total,
+        "teacher_faults": dict(server.faulted),
+        "valid_latency_ms": {
+            "n": len(latencies),
+            "p50": round(statistics.median(latencies), 2),
+            "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 2),
+        },
     }
 
 
@@ -325,7 +393,8 @@ def verdicts(result: dict) -> dict[str, bool]:
         "no_5xx_on_valid": result["valid_5xx"] == 0 and result["valid_non_200"] == 0,
         "refusals_as_expected": result["wrong_status"] == 0,
         "routes_as_chosen": result["misrouted"] == 0,
-        "every_escalation_logged_once": result["log_duplicates"] == 0 and result["escalations_missing_from_log"] == 0
+        "every_escalation_logged_once": result["log_duplicates"] == 0
+        and result["escalations_missing_from_log"] == 0
         and result["log_records_unexplained"] == 0,
         "budget_never_exceeded": result["ledger_spent_usd"] <= result["budget_usd"]
         and result["teacher_billed_usd"] <= result["budget_usd"],
@@ -335,8 +404,10 @@ def verdicts(result: dict) -> dict[str, bool]:
 def soak(requests: int, clients: int, work: Path, sample_rss: bool = True, pool_size: int = 600) -> dict:
     folder = tiny_model(work / "tiny")
     pool = prompt_pool(folder, pool_size)
-    with FaultServer(fault_rate=0.1, slow_s=1.5, seed=1) as server, \
-            Router(folder, pool.threshold, server.base_url, work) as router:
+    with (
+        FaultServer(fault_rate=0.1, slow_s=1.5, seed=1) as server,
+        Router(folder, pool.threshold, server.base_url, work) as router,
+    ):
         rss: list[tuple[int, float]] = []
         every = max(requests // 10, 1)
 
@@ -348,13 +419,21 @@ def soak(requests: int, clients: int, work: Path, sample_rss: bool = True, pool_
         outcomes = drive(router.url, pool, requests, clients, on_progress=on_progress)
         wall = time.perf_counter() - started
         result = check(outcomes, work, server)
-    result.update(clients=clients, wall_s=round(wall, 1), pool={"stay": len(pool.stay), "escalate": len(pool.escalate),
-                                                                "threshold": round(pool.threshold, 4)})
+    result.update(
+        clients=clients,
+        wall_s=round(wall, 1),
+        pool={"stay": len(pool.stay), "escalate": len(pool.escalate), "threshold": round(pool.threshold, 4)},
+    )
     if rss:
         warm = [m for n, m in rss if n >= WARMUP_SHARE * requests]
-        result["rss_mib"] = {"samples": [{"after_requests": n, "mib": m} for n, m in rss],
-                             "warmup_requests": int(WARMUP_SHARE * requests), "after_warmup": warm[0], "end": warm[-1],
-                             "growth": round(warm[-1] - warm[0], 1), "bound": RSS_BOUND_MIB}
+        result["rss_mib"] = {
+            "samples": [{"after_requests": n, "mib": m} for n, m in rss],
+            "warmup_requests": int(WARMUP_SHARE * requests),
+            "after_warmup": warm[0],
+            "end": warm[-1],
+            "growth": round(warm[-1] - warm[0], 1),
+            "bound": RSS_BOUND_MIB,
+        }
     result["verdicts"] = verdicts(result)
     if rss:
         result["verdicts"]["rss_flat"] = result["rss_mib"]["growth"] <= RSS_BOUND_MIB

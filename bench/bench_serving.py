@@ -36,8 +36,11 @@ def artifacts(export: Path) -> tuple[str, list[tuple[str, Path]], str]:
     if (merged / "config.json").is_file():
         ggufs = sorted((export / "gguf").glob("*.gguf")) if (export / "gguf").is_dir() else []
         return str(merged), [(p.stem, p) for p in ggufs], f"export {export}"
-    return resolve_model(MODEL), [("embedded-q4_1", embedded_gguf("smollm2-135m-instruct"))], \
-        f"no export at {export}: the embedded {MODEL}"
+    return (
+        resolve_model(MODEL),
+        [("embedded-q4_1", embedded_gguf("smollm2-135m-instruct"))],
+        f"no export at {export}: the embedded {MODEL}",
+    )
 
 
 def hf_arm(model_dir: str, conversations: list[list[dict]], tokens: int, batch: int) -> dict:
@@ -55,8 +58,13 @@ def hf_arm(model_dir: str, conversations: list[list[dict]], tokens: int, batch: 
     def generate(enc, n: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            model.generate(
+                **enc,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
         return time.perf_counter() - start
 
     generate(encode(conversations[:1]), 2)  # warm-up
@@ -64,8 +72,12 @@ def hf_arm(model_dir: str, conversations: list[list[dict]], tokens: int, batch: 
     single = sum(generate(encode([c]), tokens) for c in conversations)
     batched = sum(generate(encode(conversations[i : i + batch]), tokens) for i in range(0, len(conversations), batch))
     n = len(conversations) * tokens
-    return {"first_token_ms_p50": 1000 * statistics.median(first), "tokens_per_s_batch1": n / single,
-            f"tokens_per_s_batch{batch}": n / batched, "batch": batch}
+    return {
+        "first_token_ms_p50": 1000 * statistics.median(first),
+        "tokens_per_s_batch1": n / single,
+        f"tokens_per_s_batch{batch}": n / batched,
+        "batch": batch,
+    }
 
 
 def gguf_arm(path: Path, conversations: list[list[dict]], tokens: int) -> dict:
@@ -88,8 +100,11 @@ def gguf_arm(path: Path, conversations: list[list[dict]], tokens: int) -> dict:
         runs = [generate(ids, tokens) for ids in prompts]
     finally:
         model.close()
-    return {"first_token_ms_p50": 1000 * statistics.median(f for f, _ in runs),
-            "tokens_per_s_batch1": len(prompts) * tokens / sum(w for _, w in runs), "load_s": model.load_s}
+    return {
+        "first_token_ms_p50": 1000 * statistics.median(f for f, _ in runs),
+        "tokens_per_s_batch1": len(prompts) * tokens / sum(w for _, w in runs),
+        "load_s": model.load_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_jsonl(ROOT / "data" / "prompts.jsonl")[: args.prompts]
     conversations = [user_turn(r["prompt"]) for r in rows]
     merged, ggufs, source = artifacts(args.export)
-    result = {"source": source, "prompts": len(conversations), "tokens_per_prompt": args.tokens,
-              "arms": {"merged (transformers)": hf_arm(merged, conversations, args.tokens, args.batch)}}
+    result = {
+        "source": source,
+        "prompts": len(conversations),
+        "tokens_per_prompt": args.tokens,
+        "arms": {"merged (transformers)": hf_arm(merged, conversations, args.tokens, args.batch)},
+    }
     for name, path in ggufs:
         result["arms"][f"{name} (llama.cpp)"] = gguf_arm(path, conversations, args.tokens)
     for arm, figures in result["arms"].items():

@@ -71,7 +71,8 @@ class LlguidanceEngine:
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
         # The separators xgrammar and json.dumps use, so the replayed tokens are valid for every engine.
         self.grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            schema, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+            schema, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        )
         self.matcher()  # compiles lazily: build one so setup time includes it
 
     def matcher(self):
@@ -182,9 +183,12 @@ def replay(engine, sequences: list[list[int]], vocab_size: int) -> dict:
             accept_s += time.perf_counter() - t1
             fill_s += t1 - t0
             tokens += 1
-    return {"tokens": tokens, "mask_us_per_token": 1e6 * fill_s / tokens,
-            "advance_us_per_token": 1e6 * accept_s / tokens,
-            "us_per_token": 1e6 * (fill_s + accept_s) / tokens}
+    return {
+        "tokens": tokens,
+        "mask_us_per_token": 1e6 * fill_s / tokens,
+        "advance_us_per_token": 1e6 * accept_s / tokens,
+        "us_per_token": 1e6 * (fill_s + accept_s) / tokens,
+    }
 
 
 def main() -> None:
@@ -205,16 +209,18 @@ def main() -> None:
     import torch
 
     from pipeline.artifacts import read_jsonl
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.conversation import user_turn
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.task import load_task
 
     task = load_task(ROOT / "data" / "extraction_task.yaml")
     rows = read_jsonl(ROOT / "data" / "extraction_prompts.jsonl")
     tokenizer, model = load_tokenizer(MODEL), load_model(MODEL, device_plan()).eval()
     vocab_size = model.config.vocab_size
-    sequences = [tokenizer(json.dumps(r["gold"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                 for r in rows[: args.records]]
+    sequences = [
+        tokenizer(json.dumps(r["gold"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for r in rows[: args.records]
+    ]
     # Zero-shot (instructions, then the message): what a base model told the task sees, short enough to run here.
     conversations = [task.teacher_messages(user_turn(r["prompt"]), few_shot=False) for r in rows[: args.prompts]]
     tokenizer.padding_side = "left"
@@ -224,12 +230,18 @@ def main() -> None:
     def generate(processor) -> tuple[float, list[str], int]:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 **({"logits_processor": [processor]} if processor else {}))
-        new = out[:, encoded["input_ids"].shape[1]:]
-        lengths = [next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), len(row))
-                   for row in new.tolist()]
+            out = model.generate(
+                **encoded,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **({"logits_processor": [processor]} if processor else {}),
+            )
+        new = out[:, encoded["input_ids"].shape[1] :]
+        lengths = [
+            next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), len(row)) for row in new.tolist()
+        ]
         texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new.tolist(), lengths)]
         return time.perf_counter() - start, texts, sum(lengths)
 
@@ -263,26 +275,41 @@ def main() -> None:
         best = {"generate_s": min(arm["generate_s"])}
         if name != "unconstrained":
             fastest = min(arm["replay"], key=lambda r: r["us_per_token"])
-            best |= {"setup_s": min(arm["setup_s"]), "us_per_token": fastest["us_per_token"],
-                     "mask_us_per_token": fastest["mask_us_per_token"],
-                     "advance_us_per_token": fastest["advance_us_per_token"],
-                     "processor_us_per_row": min(arm["processor_us_per_row"])}
+            best |= {
+                "setup_s": min(arm["setup_s"]),
+                "us_per_token": fastest["us_per_token"],
+                "mask_us_per_token": fastest["mask_us_per_token"],
+                "advance_us_per_token": fastest["advance_us_per_token"],
+                "processor_us_per_row": min(arm["processor_us_per_row"]),
+            }
         best |= {"schema_valid": arm["schema_valid"], "generated_tokens": arm["generated_tokens"]}
         best["generate_ms_per_token"] = 1000 * best["generate_s"] / max(arm["generated_tokens"], 1)
         summary[name] = best
     chosen = min((n for n in summary if n != "unconstrained"), key=lambda n: summary[n]["us_per_token"])
     result = {
-        "schema": "data/extraction_task.yaml output_schema (9 fields)", "model": MODEL,
-        "records_replayed": len(sequences), "replayed_tokens": arms[chosen]["replay"][0]["tokens"],
-        "prompts": len(conversations), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-        "arms": summary, "runs": arms, "lowest_per_token_cost": chosen,
+        "schema": "data/extraction_task.yaml output_schema (9 fields)",
+        "model": MODEL,
+        "records_replayed": len(sequences),
+        "replayed_tokens": arms[chosen]["replay"][0]["tokens"],
+        "prompts": len(conversations),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "arms": summary,
+        "runs": arms,
+        "lowest_per_token_cost": chosen,
         "command": f"python bench/bench_structured.py --records {args.records} --prompts {args.prompts} "
-                   f"--max-new-tokens {args.max_new_tokens}",
+        f"--max-new-tokens {args.max_new_tokens}",
     }
     harness.write("structured", result, args)
-    print(json.dumps({"lowest_per_token_cost": chosen,
-                      **{n: {k: round(v, 2) for k, v in a.items() if isinstance(v, float)} for n, a in summary.items()}},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "lowest_per_token_cost": chosen,
+                **{n: {k: round(v, 2) for k, v in a.items() if isinstance(v, float)} for n, a in summary.items()},
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ SECOND_EXAMPLES = [
 
 def described_instructions(labels: list[str]) -> str:
     lines = "\n".join(f"- {label}: {DESCRIPTIONS[label]}" for label in labels)
-    return ("You triage customer support messages for an online store. Reply with exactly one label "
-            f"from this list and nothing else.\n{lines}")
+    return (
+        "You triage customer support messages for an online store. Reply with exactly one label "
+        f"from this list and nothing else.\n{lines}"
+    )
 
 
 def variant(task_data: dict, wording: str, per_label: int) -> dict:
@@ -100,15 +102,17 @@ def main() -> None:
     args = parser.parse_args()
     args.prompts = args.prompts or (12 if args.quick else 240)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    arms_wanted = [("list", 0), ("list", 1)] if args.quick else [(w, n) for w in ("list", "described") for n in (0, 1, 2)]
+    arms_wanted = (
+        [("list", 0), ("list", 1)] if args.quick else [(w, n) for w in ("list", "described") for n in (0, 1, 2)]
+    )
     resamples = 200 if args.quick else 1000
 
     from pipeline.artifacts import read_jsonl
     from pipeline.config import load_recipe
-    from pipeline.stats import mean_figure
+    from pipeline.conversation import user_turn
     from pipeline.llm.generate import PrefixCache, generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
-    from pipeline.conversation import user_turn
+    from pipeline.stats import mean_figure
     from pipeline.task import Task
 
     task_data = yaml.safe_load((ROOT / "data" / "task.yaml").read_text())
@@ -123,20 +127,29 @@ def main() -> None:
         start, cache, answers = time.perf_counter(), PrefixCache(), []
         conversations = [task.teacher_messages(user_turn(r["prompt"])) for r in rows]
         for i in range(0, len(conversations), args.batch):
-            answers += generate_batch(model, tokenizer, conversations[i : i + args.batch], 8, task.labels,
-                                      prefix_cache=cache)
+            answers += generate_batch(
+                model, tokenizer, conversations[i : i + args.batch], 8, task.labels, prefix_cache=cache
+            )
         correct = [task.normalize_label(a.text) == r["gold"] for a, r in zip(answers, rows)]
         figure = mean_figure(correct, resamples, 0)
-        arm = {"wording": wording, "examples_per_label": per_label, "gold_accuracy": figure.value,
-               "ci95": [figure.lo, figure.hi], "prefix_tokens": len(tokenizer.apply_chat_template(
-                   task.teacher_messages(user_turn(""))[:-1])["input_ids"]),
-               "wall_s": round(time.perf_counter() - start, 1)}
+        arm = {
+            "wording": wording,
+            "examples_per_label": per_label,
+            "gold_accuracy": figure.value,
+            "ci95": [figure.lo, figure.hi],
+            "prefix_tokens": len(tokenizer.apply_chat_template(task.teacher_messages(user_turn(""))[:-1])["input_ids"]),
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
         arms.append(arm)
         print(json.dumps(arm), flush=True)
     best = max(arms, key=lambda a: a["gold_accuracy"])
     result = {
-        "prompts": len(rows), "sample": f"{len(rows) // len(task_data['labels'])} per label from data/prompts.jsonl "
-        f"rows {limit}+ (never captured by the demo), seed {SEED}", "teacher": MODEL, "arms": arms, "best": best,
+        "prompts": len(rows),
+        "sample": f"{len(rows) // len(task_data['labels'])} per label from data/prompts.jsonl "
+        f"rows {limit}+ (never captured by the demo), seed {SEED}",
+        "teacher": MODEL,
+        "arms": arms,
+        "best": best,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": f"python bench/bench_teacher_prompt.py --prompts {args.prompts}",
     }

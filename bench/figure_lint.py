@@ -14,8 +14,10 @@ from dataclasses import dataclass
 # A number with a unit that measurements are stated in. The ratio sign must touch the number
 # ("1.5x"), so a shape such as "seq 2048 x batch 4" is not a figure.
 _NUMBER = r"(?P<num>\d[\d,]*(?:\.\d+)?)"
-_UNIT = (r"(?:(?P<ratio>[x×])(?!\w)|\s?(?P<unit>%|ms|s|sec|seconds?|min|minutes?|h|hours?|[A-Za-z]+/s|[KMGT]i?B"
-         r"|nats?|points?|pts)(?![\w/]))")
+_UNIT = (
+    r"(?:(?P<ratio>[x×])(?!\w)|\s?(?P<unit>%|ms|s|sec|seconds?|min|minutes?|h|hours?|[A-Za-z]+/s|[KMGT]i?B"
+    r"|nats?|points?|pts)(?![\w/]))"
+)
 _START = r"(?<![\w.$/])"
 FIGURE = re.compile(_START + _NUMBER + _UNIT)
 # A number that takes its unit from the figure it is paired with: "1.96 vs 1.34 ms", "+1.6 / +2.3 ms",
@@ -148,7 +150,7 @@ def citations(text: str) -> tuple[list[str], list[str]]:
 def matches(fig: Figure, numbers: list[float]) -> bool:
     """Whether a number from the cited JSON, printed at the figure's precision, is the figure.
     A fraction may be printed as a percent, seconds as minutes, seconds as milliseconds."""
-    tolerance = 0.5 * 10 ** -fig.decimals + 1e-9 * max(1.0, fig.value)
+    tolerance = 0.5 * 10**-fig.decimals + 1e-9 * max(1.0, fig.value)
     scales = {"%": (1, 100), "min": (1, 1 / 60), "minutes": (1, 1 / 60), "ms": (1, 1000)}.get(fig.unit, (1,))
     return any(abs(abs(n) * s - fig.value) <= tolerance for n in numbers if math.isfinite(n) for s in scales)
 
@@ -168,9 +170,11 @@ def check(path: str, markdown: str, numbers_in: Callable[[str], list[float] | No
         where = f"{path}:{unit.line}"
         if not (jsons or commands):
             listed = ", ".join(repr(f.text) for f in figures)
-            problems.append(f"{where}: {listed}: measured, with no source in the "
-                            f"{'table row or its caption' if unit.kind == 'row' else unit.kind} (cite a "
-                            "bench/results/<name>.json or a backticked command such as `time make distill`)")
+            problems.append(
+                f"{where}: {listed}: measured, with no source in the "
+                f"{'table row or its caption' if unit.kind == 'row' else unit.kind} (cite a "
+                "bench/results/<name>.json or a backticked command such as `time make distill`)"
+            )
             continue
         known: list[float] = []
         for ref in jsons:
@@ -183,8 +187,10 @@ def check(path: str, markdown: str, numbers_in: Callable[[str], list[float] | No
             continue  # the command printed it; nothing to compare against
         for fig in figures:
             if not matches(fig, known):
-                problems.append(f"{where}: {fig.text!r} is not in {', '.join(sorted(set(jsons)))} "
-                                "(a unit that cites JSON quotes only that JSON)")
+                problems.append(
+                    f"{where}: {fig.text!r} is not in {', '.join(sorted(set(jsons)))} "
+                    "(a unit that cites JSON quotes only that JSON)"
+                )
     return problems
 
 
@@ -196,8 +202,9 @@ def _check_blocks(path: str, markdown: str) -> list[str]:
             continue
         if m["edge"] == "start":
             if open_name is not None:
-                problems.append(f"{path}:{number}: bench:{m['name']} starts inside bench:{open_name} "
-                                f"(line {open_line})")
+                problems.append(
+                    f"{path}:{number}: bench:{m['name']} starts inside bench:{open_name} (line {open_line})"
+                )
             open_name, open_line = m["name"], number
         elif m["name"] != open_name:
             problems.append(f"{path}:{number}: bench:{m['name']}:end without its start")

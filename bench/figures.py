@@ -9,15 +9,32 @@ recomputes them for JSON written before the scripts did (the results' own number
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
-def fig(name: str, value: float, unit: str, *, better: str = "higher", baseline: float | None = None,
-        baseline_name: str | None = None, headline: bool = False, note: str | None = None) -> dict:
+def fig(
+    name: str,
+    value: float,
+    unit: str,
+    *,
+    better: str = "higher",
+    baseline: float | None = None,
+    baseline_name: str | None = None,
+    headline: bool = False,
+    note: str | None = None,
+) -> dict:
     ratio = value / baseline if baseline not in (None, 0) else None
-    return {"name": name, "value": value, "unit": unit, "better": better, "baseline": baseline,
-            "baseline_name": baseline_name if baseline is not None else None, "ratio": ratio,
-            "headline": headline, "note": note}
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "better": better,
+        "baseline": baseline,
+        "baseline_name": baseline_name if baseline is not None else None,
+        "ratio": ratio,
+        "headline": headline,
+        "note": note,
+    }
 
 
 def curate(r: dict) -> list[dict]:
@@ -26,10 +43,19 @@ def curate(r: dict) -> list[dict]:
     records = r["records"]
     tfidf = arms["tfidf"]["wall_s"] if "tfidf" in arms else None
     budget = f"budget {r['budget_s']} s" if r.get("budget_s") and records == 10_000 else None
-    return [fig(f"curate, {emb} selection: s for {records:,} records (target {r['target_size']:,})",
-                arm["wall_s"], "s", better="lower", baseline=tfidf if emb != "tfidf" else None,
-                baseline_name="tfidf", headline=True, note=budget)
-            for emb, arm in arms.items()]
+    return [
+        fig(
+            f"curate, {emb} selection: s for {records:,} records (target {r['target_size']:,})",
+            arm["wall_s"],
+            "s",
+            better="lower",
+            baseline=tfidf if emb != "tfidf" else None,
+            baseline_name="tfidf",
+            headline=True,
+            note=budget,
+        )
+        for emb, arm in arms.items()
+    ]
 
 
 def finetune(r: dict) -> list[dict]:
@@ -41,11 +67,24 @@ def finetune(r: dict) -> list[dict]:
     out = [fig("fp32 matmul rate (the roofline)", gflops, "GFLOP/s")]
     for name, run in runs.items():
         is_base = name == base_name
-        out.append(fig(f"training {name}: real tokens/s ({r['examples']} examples, {r['recipe']})",
-                       run["tokens_per_s"], "tok/s", baseline=None if is_base else base,
-                       baseline_name=base_name, headline=name in ("padding_free", base_name)))
-        out.append(fig(f"training {name}: fraction of the fp32 roofline (4·N FLOPs/token)",
-                       run["roofline_fraction"], "fraction", headline=name == "padding_free"))
+        out.append(
+            fig(
+                f"training {name}: real tokens/s ({r['examples']} examples, {r['recipe']})",
+                run["tokens_per_s"],
+                "tok/s",
+                baseline=None if is_base else base,
+                baseline_name=base_name,
+                headline=name in ("padding_free", base_name),
+            )
+        )
+        out.append(
+            fig(
+                f"training {name}: fraction of the fp32 roofline (4·N FLOPs/token)",
+                run["roofline_fraction"],
+                "fraction",
+                headline=name == "padding_free",
+            )
+        )
     return out
 
 
@@ -56,14 +95,28 @@ def capture(r: dict) -> list[dict]:
     out = []
     for level, run in sorted(levels.items(), key=lambda kv: int(kv[0])):
         is_base = level == first
-        out.append(fig(f"capture via llama.cpp server, concurrency {level}: calls/s ({run['calls']} prompts)",
-                       run["calls_per_s"], "calls/s", baseline=None if is_base else base,
-                       baseline_name=f"concurrency {first}", headline=True))
+        out.append(
+            fig(
+                f"capture via llama.cpp server, concurrency {level}: calls/s ({run['calls']} prompts)",
+                run["calls_per_s"],
+                "calls/s",
+                baseline=None if is_base else base,
+                baseline_name=f"concurrency {first}",
+                headline=True,
+            )
+        )
     cached = r["cached"]
-    out.append(fig(f"capture re-run, all {cached['prompts']:,} cached: s per 1,000 prompts",
-                   cached["cached_rerun_s_per_1000"], "s", better="lower",
-                   baseline=cached["first_run_s"] * 1000 / cached["prompts"],
-                   baseline_name="first run, fault server", headline=True))
+    out.append(
+        fig(
+            f"capture re-run, all {cached['prompts']:,} cached: s per 1,000 prompts",
+            cached["cached_rerun_s_per_1000"],
+            "s",
+            better="lower",
+            baseline=cached["first_run_s"] * 1000 / cached["prompts"],
+            baseline_name="first run, fault server",
+            headline=True,
+        )
+    )
     return out
 
 
@@ -72,10 +125,22 @@ def local_teacher(r: dict) -> list[dict]:
     what = f"{r['prompts']} prompts, batch {r['batch']}, {r['prompt_tokens_first']}-token prompt"
     return [
         fig(f"local teacher, plain: prompts/s ({what})", pps["plain"], "prompts/s"),
-        fig(f"local teacher, shared-prefix KV cache: prompts/s ({what})", pps["prefix_cache"], "prompts/s",
-            baseline=pps["plain"], baseline_name="plain", headline=True),
-        fig("local teacher: answers identical between the arms", r["identical_answers"], "answers",
-            baseline=r["prompts"], baseline_name="prompts", headline=True),
+        fig(
+            f"local teacher, shared-prefix KV cache: prompts/s ({what})",
+            pps["prefix_cache"],
+            "prompts/s",
+            baseline=pps["plain"],
+            baseline_name="plain",
+            headline=True,
+        ),
+        fig(
+            "local teacher: answers identical between the arms",
+            r["identical_answers"],
+            "answers",
+            baseline=r["prompts"],
+            baseline_name="prompts",
+            headline=True,
+        ),
     ]
 
 
@@ -84,33 +149,77 @@ def label_scoring(r: dict) -> list[dict]:
     for batch, s in sorted(r["scoring"].items(), key=lambda kv: int(kv[0])):
         t, what = s["s_per_request"], f"{r['labels']} labels, batch {batch}, {s['prompts']} prompts"
         out += [
-            fig(f"label scoring, trie: s per request ({what})", t["trie"], "s", better="lower",
-                baseline=t["bucketed"], baseline_name="per-label buckets", headline=True),
-            fig(f"label scoring, trie against the floor (one causal pass over prompt + trie), batch {batch}",
-                t["trie"], "s", better="lower", baseline=t["floor"], baseline_name="floor", headline=True),
-            fig(f"label scoring, trie against greedy generation of {s['greedy_tokens']} tokens, batch {batch}",
-                t["trie"], "s", better="lower", baseline=t["greedy"], baseline_name="greedy generation"),
-            fig(f"label scoring, batch {batch}: largest |trie - per-label buckets| token log-prob",
-                s["max_abs_logprob_difference"], "nats", better="lower"),
+            fig(
+                f"label scoring, trie: s per request ({what})",
+                t["trie"],
+                "s",
+                better="lower",
+                baseline=t["bucketed"],
+                baseline_name="per-label buckets",
+                headline=True,
+            ),
+            fig(
+                f"label scoring, trie against the floor (one causal pass over prompt + trie), batch {batch}",
+                t["trie"],
+                "s",
+                better="lower",
+                baseline=t["floor"],
+                baseline_name="floor",
+                headline=True,
+            ),
+            fig(
+                f"label scoring, trie against greedy generation of {s['greedy_tokens']} tokens, batch {batch}",
+                t["trie"],
+                "s",
+                better="lower",
+                baseline=t["greedy"],
+                baseline_name="greedy generation",
+            ),
+            fig(
+                f"label scoring, batch {batch}: largest |trie - per-label buckets| token log-prob",
+                s["max_abs_logprob_difference"],
+                "nats",
+                better="lower",
+            ),
         ]
     c = r["capture"]
     wall = {arm: c["prompts"] / pps for arm, pps in c["prompts_per_s"].items()}
     what = f"{c['prompts']} demo prompts, {c['labels']} labels, batch {c['batch']}"
     for arm in ("distribution_trie", "distribution_bucketed"):
         scorer = "trie" if arm.endswith("trie") else "per-label buckets"
-        out.append(fig(f"local-teacher capture with the label distribution ({scorer}): s ({what})", wall[arm], "s",
-                       better="lower", baseline=wall["plain"], baseline_name="plain capture",
-                       headline=arm == "distribution_trie"))
+        out.append(
+            fig(
+                f"local-teacher capture with the label distribution ({scorer}): s ({what})",
+                wall[arm],
+                "s",
+                better="lower",
+                baseline=wall["plain"],
+                baseline_name="plain capture",
+                headline=arm == "distribution_trie",
+            )
+        )
     return out
 
 
 def label_serving(r: dict) -> list[dict]:
     rps, what = r["requests_per_s"], f"{r['labels']} labels, {r['clients']} clients, {r['requests']} requests"
     return [
-        fig(f"serving by label posterior, trie: requests/s ({what})", rps["trie"], "req/s",
-            baseline=rps["bucketed"], baseline_name="per-label buckets", headline=True),
-        fig("serving by label posterior: answers identical between the arms", r["identical_answers"], "answers",
-            baseline=r["requests"], baseline_name="requests", headline=True),
+        fig(
+            f"serving by label posterior, trie: requests/s ({what})",
+            rps["trie"],
+            "req/s",
+            baseline=rps["bucketed"],
+            baseline_name="per-label buckets",
+            headline=True,
+        ),
+        fig(
+            "serving by label posterior: answers identical between the arms",
+            r["identical_answers"],
+            "answers",
+            baseline=r["requests"],
+            baseline_name="requests",
+            headline=True,
+        ),
     ]
 
 
@@ -119,10 +228,18 @@ def _latency(section: str, arm: str, baseline: str, block: dict, headline: bool)
     for level, comparison in block.items():
         c = level.replace("concurrency_", "concurrency ")
         for p in ("p50_ms", "p99_ms"):
-            out.append(fig(f"{section}, {c}: {arm} {p[:3]}", comparison[arm][p], "ms", better="lower",
-                           baseline=comparison[baseline][p], baseline_name=baseline,
-                           headline=headline and p == "p50_ms",
-                           note=f"n={comparison[arm]['n']}"))
+            out.append(
+                fig(
+                    f"{section}, {c}: {arm} {p[:3]}",
+                    comparison[arm][p],
+                    "ms",
+                    better="lower",
+                    baseline=comparison[baseline][p],
+                    baseline_name=baseline,
+                    headline=headline and p == "p50_ms",
+                    note=f"n={comparison[arm]['n']}",
+                )
+            )
     return out
 
 
@@ -139,30 +256,67 @@ def router(r: dict) -> list[dict]:
     if "d_micro_batching" in r:
         d = r["d_micro_batching"]
         rps = d["requests_per_s"]
-        out.append(fig(f"micro-batching, concurrency {d['concurrency']}: max_batch 4 requests/s",
-                       rps["max_batch_4"], "req/s", baseline=rps["max_batch_1"], baseline_name="max_batch 1",
-                       headline=True, note=f"{d['requests_per_arm']} requests per arm"))
+        out.append(
+            fig(
+                f"micro-batching, concurrency {d['concurrency']}: max_batch 4 requests/s",
+                rps["max_batch_4"],
+                "req/s",
+                baseline=rps["max_batch_1"],
+                baseline_name="max_batch 1",
+                headline=True,
+                note=f"{d['requests_per_arm']} requests per arm",
+            )
+        )
     return out
 
 
 def router_soak(r: dict) -> list[dict]:
     kinds = r["by_kind"]
     what = f"{r['requests']:,} requests, {r['clients']} clients"
-    out = [fig(f"soak ({what}): valid requests answered 200", r["valid_latency_ms"]["n"] - r["valid_non_200"],
-               "requests", baseline=kinds["valid"] + kinds["escalating"], baseline_name="valid requests sent",
-               better="closer to 1x", headline=True),
-           fig(f"soak ({what}): valid p50 latency", r["valid_latency_ms"]["p50"], "ms", better="lower"),
-           fig(f"soak ({what}): valid p99 latency", r["valid_latency_ms"]["p99"], "ms", better="lower"),
-           fig(f"soak ({what}): escalation log records", r["log_records"], "records",
-               baseline=r["escalations_answered_by_teacher"], baseline_name="answers from the teacher",
-               better="closer to 1x", headline=True),
-           fig(f"soak ({what}): teacher spend", r["ledger_spent_usd"], "$", baseline=r["budget_usd"],
-               baseline_name="serve.budget_usd", better="lower")]
+    out = [
+        fig(
+            f"soak ({what}): valid requests answered 200",
+            r["valid_latency_ms"]["n"] - r["valid_non_200"],
+            "requests",
+            baseline=kinds["valid"] + kinds["escalating"],
+            baseline_name="valid requests sent",
+            better="closer to 1x",
+            headline=True,
+        ),
+        fig(f"soak ({what}): valid p50 latency", r["valid_latency_ms"]["p50"], "ms", better="lower"),
+        fig(f"soak ({what}): valid p99 latency", r["valid_latency_ms"]["p99"], "ms", better="lower"),
+        fig(
+            f"soak ({what}): escalation log records",
+            r["log_records"],
+            "records",
+            baseline=r["escalations_answered_by_teacher"],
+            baseline_name="answers from the teacher",
+            better="closer to 1x",
+            headline=True,
+        ),
+        fig(
+            f"soak ({what}): teacher spend",
+            r["ledger_spent_usd"],
+            "$",
+            baseline=r["budget_usd"],
+            baseline_name="serve.budget_usd",
+            better="lower",
+        ),
+    ]
     if "rss_mib" in r:
         rss = r["rss_mib"]
-        out.append(fig(f"soak ({what}): server RSS at the end", rss["end"], "MiB", baseline=rss["after_warmup"],
-                       baseline_name=f"after {rss['warmup_requests']:,} requests", better="lower", headline=True,
-                       note=f"stated bound: growth <= {rss['bound']:g} MiB"))
+        out.append(
+            fig(
+                f"soak ({what}): server RSS at the end",
+                rss["end"],
+                "MiB",
+                baseline=rss["after_warmup"],
+                baseline_name=f"after {rss['warmup_requests']:,} requests",
+                better="lower",
+                headline=True,
+                note=f"stated bound: growth <= {rss['bound']:g} MiB",
+            )
+        )
     return out
 
 
@@ -172,12 +326,18 @@ def teacher_prompt(r: dict) -> list[dict]:
     out = []
     for a in arms:
         is_base = a is base
-        out.append(fig(f"teacher prompt '{a['wording']}', {a['examples_per_label']} examples/label: gold accuracy "
-                       f"({r['prompts']} prompts)", a["gold_accuracy"], "fraction",
-                       baseline=None if is_base or base is None else base["gold_accuracy"],
-                       baseline_name="'list', 0 examples/label",
-                       headline=a == r.get("best"),
-                       note=f"95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}], {a['prefix_tokens']}-token prefix"))
+        out.append(
+            fig(
+                f"teacher prompt '{a['wording']}', {a['examples_per_label']} examples/label: gold accuracy "
+                f"({r['prompts']} prompts)",
+                a["gold_accuracy"],
+                "fraction",
+                baseline=None if is_base or base is None else base["gold_accuracy"],
+                baseline_name="'list', 0 examples/label",
+                headline=a == r.get("best"),
+                note=f"95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}], {a['prefix_tokens']}-token prefix",
+            )
+        )
     return out
 
 
@@ -189,21 +349,51 @@ def loop_demo(r: dict) -> list[dict]:
     for stage in sorted(stages, key=lambda k: order.index(k) if k in order else len(order)):
         seconds = stages[stage]
         out.append(fig(f"loop demo round 0, {stage}: wall s", seconds, "s", better="lower", headline=True))
-    out.append(fig(f"loop demo: serve + replay {r['requests']['sent']} requests: wall s",
-                   t["serve_and_replay_s"], "s", better="lower", headline=True))
+    out.append(
+        fig(
+            f"loop demo: serve + replay {r['requests']['sent']} requests: wall s",
+            t["serve_and_replay_s"],
+            "s",
+            better="lower",
+            headline=True,
+        )
+    )
     out.append(fig("loop demo: retrain (round 1): wall s", t["retrain_s"], "s", better="lower", headline=True))
     rounds = {row["round"]: row for row in r["rounds"]}
     zero = rounds.get(0)
     for n, row in sorted(rounds.items()):
-        def vs0(key: str) -> float | None:
+
+        def vs0(key: str, n: int = n) -> float | None:
             return zero[key] if zero is not None and n != 0 else None
 
-        out.append(fig(f"loop round {n}: student agrees with teacher (frozen test)", row["test_agreement"],
-                       "fraction", baseline=vs0("test_agreement"), baseline_name="round 0"))
-        out.append(fig(f"loop round {n}: local share at the quality target", row["local_share"], "fraction",
-                       baseline=vs0("local_share"), baseline_name="round 0"))
-        out.append(fig(f"loop round {n}: routed $ per 1,000 requests", row["routed_usd_per_1k"], "$",
-                       better="lower", baseline=vs0("routed_usd_per_1k"), baseline_name="round 0"))
+        out.append(
+            fig(
+                f"loop round {n}: student agrees with teacher (frozen test)",
+                row["test_agreement"],
+                "fraction",
+                baseline=vs0("test_agreement"),
+                baseline_name="round 0",
+            )
+        )
+        out.append(
+            fig(
+                f"loop round {n}: local share at the quality target",
+                row["local_share"],
+                "fraction",
+                baseline=vs0("local_share"),
+                baseline_name="round 0",
+            )
+        )
+        out.append(
+            fig(
+                f"loop round {n}: routed $ per 1,000 requests",
+                row["routed_usd_per_1k"],
+                "$",
+                better="lower",
+                baseline=vs0("routed_usd_per_1k"),
+                baseline_name="round 0",
+            )
+        )
     return out
 
 
@@ -214,15 +404,38 @@ def gpu(r: dict) -> list[dict]:
     if r.get("tokens_per_s") is not None:
         out.append(fig(f"QLoRA mistral7b shape: tokens/s ({where})", r["tokens_per_s"], "tok/s", headline=True))
     if measured.get("peak_allocated") is not None:
-        out.append(fig(f"QLoRA mistral7b shape: peak VRAM allocated ({where})", measured["peak_allocated"], "GiB",
-                       better="lower", headline=True))
-        out.append(fig("VRAM planner estimate (less the CUDA context) vs the measured peak",
-                       est["comparable_to_allocated"], "GiB", better="closer to 1x",
-                       baseline=measured["peak_allocated"], baseline_name="measured peak", headline=True,
-                       note=f"accepted band {r.get('band')}"))
+        out.append(
+            fig(
+                f"QLoRA mistral7b shape: peak VRAM allocated ({where})",
+                measured["peak_allocated"],
+                "GiB",
+                better="lower",
+                headline=True,
+            )
+        )
+        out.append(
+            fig(
+                "VRAM planner estimate (less the CUDA context) vs the measured peak",
+                est["comparable_to_allocated"],
+                "GiB",
+                better="closer to 1x",
+                baseline=measured["peak_allocated"],
+                baseline_name="measured peak",
+                headline=True,
+                note=f"accepted band {r.get('band')}",
+            )
+        )
     if measured.get("weights_after_load") is not None and est.get("weights") is not None:
-        out.append(fig("NF4 base weights after load: planner vs measured", est["weights"], "GiB",
-                       better="closer to 1x", baseline=measured["weights_after_load"], baseline_name="measured"))
+        out.append(
+            fig(
+                "NF4 base weights after load: planner vs measured",
+                est["weights"],
+                "GiB",
+                better="closer to 1x",
+                baseline=measured["weights_after_load"],
+                baseline_name="measured",
+            )
+        )
     return out + gpu_defect_sections(r)
 
 
@@ -231,24 +444,50 @@ def gpu_defect_sections(r: dict) -> list[dict]:
     out = []
     packed = r.get("padding_free_vs_padded") or {}
     if (packed.get("padding_free") or {}).get("tokens_per_s") and (packed.get("padded") or {}).get("tokens_per_s"):
-        out.append(fig(f"padding-free ({packed['padding_free']['attention']}) vs padded batches: tokens/s",
-                       packed["padding_free"]["tokens_per_s"], "tok/s", baseline=packed["padded"]["tokens_per_s"],
-                       baseline_name="padded, sdpa"))
+        out.append(
+            fig(
+                f"padding-free ({packed['padding_free']['attention']}) vs padded batches: tokens/s",
+                packed["padding_free"]["tokens_per_s"],
+                "tok/s",
+                baseline=packed["padded"]["tokens_per_s"],
+                baseline_name="padded, sdpa",
+            )
+        )
     merge = (r.get("export_bf16") or {}).get("correct_merge")
     if merge:
-        out.append(fig("export check in bf16 on the GPU: max |delta log-softmax|, merged vs base + adapter",
-                       merge["max_logprob_delta"], "nats", better="lower", baseline=merge["logprob_tolerance"],
-                       baseline_name="tolerance"))
+        out.append(
+            fig(
+                "export check in bf16 on the GPU: max |delta log-softmax|, merged vs base + adapter",
+                merge["max_logprob_delta"],
+                "nats",
+                better="lower",
+                baseline=merge["logprob_tolerance"],
+                baseline_name="tolerance",
+            )
+        )
     export = r.get("export_a10g") or {}
     if export.get("peak_allocated_gib") is not None:
-        out.append(fig(f"export check of a random-weight 7B in bf16 under a {export['cap_gib']:g} GiB cap: peak "
-                       "allocated", export["peak_allocated_gib"], "GiB", better="lower",
-                       baseline=export["one_copy_gib"], baseline_name="one bf16 copy of the weights",
-                       note=f"check {export['check'][:60]}"))
+        out.append(
+            fig(
+                f"export check of a random-weight 7B in bf16 under a {export['cap_gib']:g} GiB cap: peak allocated",
+                export["peak_allocated_gib"],
+                "GiB",
+                better="lower",
+                baseline=export["one_copy_gib"],
+                baseline_name="one bf16 copy of the weights",
+                note=f"check {export['check'][:60]}",
+            )
+        )
     nf4 = r.get("nf4_vs_bf16")
     if nf4:
-        out.append(fig("NF4-trained adapter: greedy agreement, NF4 base vs bf16 base", nf4["greedy_agreement"],
-                       "fraction", note=f"{nf4['prompts']} prompts, {nf4['max_new_tokens']} tokens each"))
+        out.append(
+            fig(
+                "NF4-trained adapter: greedy agreement, NF4 base vs bf16 base",
+                nf4["greedy_agreement"],
+                "fraction",
+                note=f"{nf4['prompts']} prompts, {nf4['max_new_tokens']} tokens each",
+            )
+        )
     return out
 
 
@@ -257,15 +496,37 @@ def serving(r: dict) -> list[dict]:
     base = arms[merged]["tokens_per_s_batch1"]
     out = []
     for arm, run in arms.items():
-        out.append(fig(f"serving {arm}: first-token latency, batch 1 (p50)", run["first_token_ms_p50"], "ms",
-                       better="lower", headline=True))
-        out.append(fig(f"serving {arm}: generation tokens/s, batch 1", run["tokens_per_s_batch1"], "tok/s",
-                       baseline=None if arm == merged else base, baseline_name=f"{merged}, batch 1",
-                       headline=True))
+        out.append(
+            fig(
+                f"serving {arm}: first-token latency, batch 1 (p50)",
+                run["first_token_ms_p50"],
+                "ms",
+                better="lower",
+                headline=True,
+            )
+        )
+        out.append(
+            fig(
+                f"serving {arm}: generation tokens/s, batch 1",
+                run["tokens_per_s_batch1"],
+                "tok/s",
+                baseline=None if arm == merged else base,
+                baseline_name=f"{merged}, batch 1",
+                headline=True,
+            )
+        )
         batched = [k for k in run if k.startswith("tokens_per_s_batch") and k != "tokens_per_s_batch1"]
         for key in batched:
-            out.append(fig(f"serving {arm}: generation tokens/s, batch {run['batch']}", run[key], "tok/s",
-                           baseline=run["tokens_per_s_batch1"], baseline_name="batch 1", headline=True))
+            out.append(
+                fig(
+                    f"serving {arm}: generation tokens/s, batch {run['batch']}",
+                    run[key],
+                    "tok/s",
+                    baseline=run["tokens_per_s_batch1"],
+                    baseline_name="batch 1",
+                    headline=True,
+                )
+            )
     return out
 
 
@@ -280,37 +541,74 @@ def cost(r: dict) -> list[dict]:
     per_hour = f"${hourly:,.2f}/h" if hourly >= 0.01 else f"{_usd(hourly)}/h"
     if p["teacher_basis"] == "ledger":
         teacher_short = f"teacher {_usd(p['teacher_usd_per_request'])}/request (captured meta.cost_usd)"
-        teacher = (f"teacher {_usd(p['teacher_usd_per_request'])}/request = the mean captured meta.cost_usd "
-                   f"(the ledger's tokens x price)")
+        teacher = (
+            f"teacher {_usd(p['teacher_usd_per_request'])}/request = the mean captured meta.cost_usd "
+            f"(the ledger's tokens x price)"
+        )
     else:
         seconds = p.get("teacher_s_per_request")
         took = f"{seconds:.3g} s" if seconds is not None else "latency"
         teacher_short = f"teacher {_usd(p['teacher_usd_per_request'])}/request ({took} x {per_hour})"
-        teacher = (f"teacher {_usd(p['teacher_usd_per_request'])}/request = the local teacher's measured "
-                   f"{took} per request x {per_hour} (eval.cost.student_usd_per_hour; nobody bills a local teacher)")
+        teacher = (
+            f"teacher {_usd(p['teacher_usd_per_request'])}/request = the local teacher's measured "
+            f"{took} per request x {per_hour} (eval.cost.student_usd_per_hour; nobody bills a local teacher)"
+        )
     rps = p.get("student_requests_per_s")
-    student = (f"student {_usd(p['student_usd_per_request'])}/request = {per_hour} (eval.cost.student_usd_per_hour)"
-               + (f" / {rps:.3g} requests/s measured by evaluate" if rps else ""))
+    student = f"student {_usd(p['student_usd_per_request'])}/request = {per_hour} (eval.cost.student_usd_per_hour)" + (
+        f" / {rps:.3g} requests/s measured by evaluate" if rps else ""
+    )
     escalated = 1 - share["value"]
     where = r["source"].get("recipe") or r["source"]["report"]
     return [
-        fig(f"cost, teacher only: $ per 1,000 requests ({where})", usd["teacher_only"], "$", better="lower",
-            headline=True, note=teacher),
-        fig(f"cost, routed: $ per 1,000 requests ({where})", usd["routed"], "$", better="lower",
-            baseline=usd["teacher_only"], baseline_name="teacher only", headline=True,
-            note=f"{student}, on every request; + {teacher_short} on the {escalated:.1%} escalated"),
-        fig(f"cost, student only: $ per 1,000 requests ({where})", usd["student_only"], "$", better="lower",
-            baseline=usd["teacher_only"], baseline_name="teacher only", headline=True, note=student),
-        fig(f"cost: local share at the chosen threshold ({share['split']} split)", share["value"], "fraction",
+        fig(
+            f"cost, teacher only: $ per 1,000 requests ({where})",
+            usd["teacher_only"],
+            "$",
+            better="lower",
             headline=True,
-            note=", ".join(x for x in (
-                f"95% CI [{share['lo']:.3f}, {share['hi']:.3f}], n={share['n']}"
-                if share.get("lo") is not None and share.get("hi") is not None else None,
-                f"threshold {r['threshold']:.3g}" if r.get("threshold") is not None else None,
-                f"quality target {r['quality_target']:g} agreement with the teacher" +
-                (f" (routed: {r['system_agreement']:.1%})" if r.get("system_agreement") is not None else "")
-                if r.get("quality_target") is not None else None,
-            ) if x) or None),
+            note=teacher,
+        ),
+        fig(
+            f"cost, routed: $ per 1,000 requests ({where})",
+            usd["routed"],
+            "$",
+            better="lower",
+            baseline=usd["teacher_only"],
+            baseline_name="teacher only",
+            headline=True,
+            note=f"{student}, on every request; + {teacher_short} on the {escalated:.1%} escalated",
+        ),
+        fig(
+            f"cost, student only: $ per 1,000 requests ({where})",
+            usd["student_only"],
+            "$",
+            better="lower",
+            baseline=usd["teacher_only"],
+            baseline_name="teacher only",
+            headline=True,
+            note=student,
+        ),
+        fig(
+            f"cost: local share at the chosen threshold ({share['split']} split)",
+            share["value"],
+            "fraction",
+            headline=True,
+            note=", ".join(
+                x
+                for x in (
+                    f"95% CI [{share['lo']:.3f}, {share['hi']:.3f}], n={share['n']}"
+                    if share.get("lo") is not None and share.get("hi") is not None
+                    else None,
+                    f"threshold {r['threshold']:.3g}" if r.get("threshold") is not None else None,
+                    f"quality target {r['quality_target']:g} agreement with the teacher"
+                    + (f" (routed: {r['system_agreement']:.1%})" if r.get("system_agreement") is not None else "")
+                    if r.get("quality_target") is not None
+                    else None,
+                )
+                if x
+            )
+            or None,
+        ),
     ]
 
 
@@ -324,18 +622,58 @@ def structured(r: dict) -> list[dict]:
         if name == "unconstrained":
             continue
         other = name != chosen
-        out.append(fig(f"structured decoding, {name}: mask + advance µs per token ({r['replayed_tokens']:,} tokens "
-                       "of gold records replayed)", arm["us_per_token"], "µs", better="lower",
-                       baseline=base["us_per_token"] if other else None, baseline_name=chosen, headline=True))
-        out.append(fig(f"structured decoding, {name}: setup s (vocabulary index + schema compile)", arm["setup_s"], "s",
-                       better="lower", baseline=base["setup_s"] if other else None, baseline_name=chosen))
-        out.append(fig(f"structured decoding, {name}: generate ms per token, SmolLM2-135M, batch {r['prompts']}",
-                       arm["generate_ms_per_token"], "ms", better="lower", baseline=free["generate_ms_per_token"],
-                       baseline_name="unconstrained"))
-        out.append(fig(f"structured decoding, {name}: schema-valid answers of {r['prompts']}", arm["schema_valid"],
-                       "answers", baseline=r["prompts"], baseline_name="prompts", headline=not other))
-    out.append(fig(f"unconstrained SmolLM2-135M: schema-valid answers of {r['prompts']}", free["schema_valid"],
-                   "answers", baseline=r["prompts"], baseline_name="prompts", headline=True))
+        out.append(
+            fig(
+                f"structured decoding, {name}: mask + advance µs per token ({r['replayed_tokens']:,} tokens "
+                "of gold records replayed)",
+                arm["us_per_token"],
+                "µs",
+                better="lower",
+                baseline=base["us_per_token"] if other else None,
+                baseline_name=chosen,
+                headline=True,
+            )
+        )
+        out.append(
+            fig(
+                f"structured decoding, {name}: setup s (vocabulary index + schema compile)",
+                arm["setup_s"],
+                "s",
+                better="lower",
+                baseline=base["setup_s"] if other else None,
+                baseline_name=chosen,
+            )
+        )
+        out.append(
+            fig(
+                f"structured decoding, {name}: generate ms per token, SmolLM2-135M, batch {r['prompts']}",
+                arm["generate_ms_per_token"],
+                "ms",
+                better="lower",
+                baseline=free["generate_ms_per_token"],
+                baseline_name="unconstrained",
+            )
+        )
+        out.append(
+            fig(
+                f"structured decoding, {name}: schema-valid answers of {r['prompts']}",
+                arm["schema_valid"],
+                "answers",
+                baseline=r["prompts"],
+                baseline_name="prompts",
+                headline=not other,
+            )
+        )
+    out.append(
+        fig(
+            f"unconstrained SmolLM2-135M: schema-valid answers of {r['prompts']}",
+            free["schema_valid"],
+            "answers",
+            baseline=r["prompts"],
+            baseline_name="prompts",
+            headline=True,
+        )
+    )
     return out
 
 
@@ -358,15 +696,34 @@ def generic(r: dict, prefix: str = "") -> list[dict]:
 def f16_reference(r: dict) -> list[dict]:
     gaps = r["f16_gap_nats"]
     where = f"{r['model']}, {r['prompts']} prompts x {r['max_new_tokens']} tokens"
-    return [fig(f"F16 GGUF gap from bf16 merged-model references ({where})", gaps["bfloat16"]["max"], "nats",
-                better="lower", baseline=gaps["float32"]["max"], baseline_name="from fp32 references")]
+    return [
+        fig(
+            f"F16 GGUF gap from bf16 merged-model references ({where})",
+            gaps["bfloat16"]["max"],
+            "nats",
+            better="lower",
+            baseline=gaps["float32"]["max"],
+            baseline_name="from fp32 references",
+        )
+    ]
 
 
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
-    "curate": curate, "finetune": finetune, "capture": capture, "local_teacher": local_teacher,
-    "router": router, "teacher_prompt": teacher_prompt, "loop_demo": loop_demo, "gpu": gpu,
-    "serving": serving, "cost": cost, "f16_reference": f16_reference, "router_soak": router_soak,
-    "structured": structured, "label_scoring": label_scoring, "label_serving": label_serving,
+    "curate": curate,
+    "finetune": finetune,
+    "capture": capture,
+    "local_teacher": local_teacher,
+    "router": router,
+    "teacher_prompt": teacher_prompt,
+    "loop_demo": loop_demo,
+    "gpu": gpu,
+    "serving": serving,
+    "cost": cost,
+    "f16_reference": f16_reference,
+    "router_soak": router_soak,
+    "structured": structured,
+    "label_scoring": label_scoring,
+    "label_serving": label_serving,
 }
 
 

@@ -30,8 +30,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 QUICK_RESULTS = ROOT / "bench" / "results-quick"
-PACKAGES = ("torch", "transformers", "peft", "trl", "llama-cpp-python", "datasets", "accelerate",
-            "bitsandbytes", "sentence-transformers", "fastapi", "uvicorn", "xgrammar", "llguidance", "outlines-core")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "llama-cpp-python",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "sentence-transformers",
+    "fastapi",
+    "uvicorn",
+    "xgrammar",
+    "llguidance",
+    "outlines-core",
+)
 _STARTED: dict[str, float | tuple] = {}
 
 
@@ -41,10 +55,18 @@ def quick_from_env() -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--quick and --out-dir / --out, the same on every script. Also starts the clock and load average."""
-    parser.add_argument("--quick", action="store_true", default=quick_from_env(),
-                        help="tiny sizes, a few seconds to a minute (default: BENCH_QUICK=1 in the environment)")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="folder for <name>.json (default bench/results, or bench/results-quick with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=quick_from_env(),
+        help="tiny sizes, a few seconds to a minute (default: BENCH_QUICK=1 in the environment)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="folder for <name>.json (default bench/results, or bench/results-quick with --quick)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="the JSON file itself (overrides --out-dir)")
     start()
 
@@ -98,10 +120,17 @@ def _ram_gib() -> float | None:
 def machine() -> dict:
     cores = os.cpu_count()
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    info = {"arch": platform.machine(), "cpu": _cpu_model(), "os": platform.platform(terse=True),
-            "cores": cores, "affinity": affinity,
-            "pinned": affinity is not None and cores is not None and len(affinity) < cores,
-            "ram_gib": _ram_gib(), "torch_threads": None, "gpu": None}
+    info = {
+        "arch": platform.machine(),
+        "cpu": _cpu_model(),
+        "os": platform.platform(terse=True),
+        "cores": cores,
+        "affinity": affinity,
+        "pinned": affinity is not None and cores is not None and len(affinity) < cores,
+        "ram_gib": _ram_gib(),
+        "torch_threads": None,
+        "gpu": None,
+    }
     torch = sys.modules.get("torch")  # only when the bench used torch: importing it here costs seconds
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
@@ -113,8 +142,9 @@ def machine() -> dict:
 def git() -> dict:
     def out(*cmd: str) -> str | None:
         try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
@@ -135,12 +165,17 @@ def command(argv: list[str] | None = None) -> str:
 def envelope(quick: bool) -> dict:
     start()
     return {
-        "command": command(), "quick": quick,
-        "started_at": dt.datetime.fromtimestamp(_STARTED["time"], dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command(),
+        "quick": quick,
+        "started_at": dt.datetime.fromtimestamp(_STARTED["time"], dt.UTC).isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - _STARTED["perf"], 1),
-        "load_average": {"start": [round(v, 2) for v in _STARTED["loadavg"]],
-                         "end": [round(v, 2) for v in os.getloadavg()]},
-        "machine": machine(), "versions": versions(), "git": git(),
+        "load_average": {
+            "start": [round(v, 2) for v in _STARTED["loadavg"]],
+            "end": [round(v, 2) for v in os.getloadavg()],
+        },
+        "machine": machine(),
+        "versions": versions(),
+        "git": git(),
     }
 
 

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     from pipeline.cli import DEFAULT_RECIPE, configure_logging
     from pipeline.config import load_recipe
-    from pipeline.registry import CHAMPION, Registry
     from pipeline.loop.retrain import Rounds, first_champion, registered_name, retrain, round_table
+    from pipeline.registry import CHAMPION, Registry
     from pipeline.report import print_rounds
     from pipeline.runner import run_pipeline
     from pipeline.tracking import resolve_uri
@@ -69,13 +69,31 @@ def main(argv: list[str] | None = None) -> int:
         promoted = registry.promote(name, result.candidate.version).version
     table = round_table(rounds)
     print_rounds(table)
-    print(f"round {n}: {result.report['verdict']} ({result.report['why']})"
-          + (f"; version {promoted} is the champion now" if promoted else "; the champion stays"))
-    atomic_write_json(OUT, {"recipe": recipe.name, "round": n, "requests": served, "timings_s": timings,
-                            "verdict": result.report["verdict"], "why": result.report["why"],
-                            "promoted_version": promoted, "rounds": table,
-                            "command": " ".join(["python -m pipeline.loop.demo", recipe_name, *args.overrides,
-                                                 f"--requests {args.requests} --concurrency {args.concurrency}"])})
+    print(
+        f"round {n}: {result.report['verdict']} ({result.report['why']})"
+        + (f"; version {promoted} is the champion now" if promoted else "; the champion stays")
+    )
+    atomic_write_json(
+        OUT,
+        {
+            "recipe": recipe.name,
+            "round": n,
+            "requests": served,
+            "timings_s": timings,
+            "verdict": result.report["verdict"],
+            "why": result.report["why"],
+            "promoted_version": promoted,
+            "rounds": table,
+            "command": " ".join(
+                [
+                    "python -m pipeline.loop.demo",
+                    recipe_name,
+                    *args.overrides,
+                    f"--requests {args.requests} --concurrency {args.concurrency}",
+                ]
+            ),
+        },
+    )
     print(f"wrote {OUT}")
     return 0
 
@@ -101,11 +119,22 @@ def unseen_prompts(recipe, round_no: int, count: int) -> list[str]:
     return picked
 
 
-def serve_and_replay(recipe_name: str, overrides: list[str], model_name: str, log_path: Path, prompts: list[str],
-                     concurrency: int) -> dict:
+def serve_and_replay(
+    recipe_name: str, overrides: list[str], model_name: str, log_path: Path, prompts: list[str], concurrency: int
+) -> dict:
     port = _free_port()
-    command = [sys.executable, "-m", "pipeline", "serve", recipe_name, *overrides, "--model",
-               f"models:/{model_name}@champion", f"serve.port={port}", f"serve.escalations={log_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "serve",
+        recipe_name,
+        *overrides,
+        "--model",
+        f"models:/{model_name}@champion",
+        f"serve.port={port}",
+        f"serve.escalations={log_path}",
+    ]
     server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
@@ -123,12 +152,14 @@ def replay(url: str, prompts: list[str], concurrency: int) -> dict:
     """Send every prompt once through the real `openai` SDK; count what the router did."""
     import openai
 
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("DISTILL_DEMO_KEY", "unused"),
-                           max_retries=2, timeout=300)
+    client = openai.OpenAI(
+        base_url=f"{url}/v1", api_key=os.environ.get("DISTILL_DEMO_KEY", "unused"), max_retries=2, timeout=300
+    )
 
     def ask(prompt: str) -> str:
         raw = client.chat.completions.with_raw_response.create(
-            model="distill-student", max_tokens=16, messages=[{"role": "user", "content": prompt}])
+            model="distill-student", max_tokens=16, messages=[{"role": "user", "content": prompt}]
+        )
         return raw.headers.get("x-distill-route", "unknown")
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -145,6 +176,7 @@ def _safe(fn):
             return fn(prompt)
         except Exception as err:  # counted, not fatal: the table says how many failed
             return f"failed: {type(err).__name__}"
+
     return call
 
 

@@ -50,7 +50,20 @@ from figures import figures_for  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w.-]+):start -->.*?<!-- bench:(?P=name):end -->", re.S)
 NOT_RECORDED = "not recorded"
-ORDER = ("finetune", "local_teacher", "label_scoring", "label_serving", "capture", "curate", "router", "router_soak", "loop_demo", "cost", "teacher_prompt", "gpu")
+ORDER = (
+    "finetune",
+    "local_teacher",
+    "label_scoring",
+    "label_serving",
+    "capture",
+    "curate",
+    "router",
+    "router_soak",
+    "loop_demo",
+    "cost",
+    "teacher_prompt",
+    "gpu",
+)
 WHAT = {
     "finetune": "CPU training throughput: the recipe's settings vs plain TRL SFTTrainer defaults",
     "local_teacher": "local teacher: shared-prefix KV cache vs plain batched generation",
@@ -86,8 +99,17 @@ def envelope_of(data: dict) -> dict:
     if "envelope" in data:
         return data["envelope"]
     command = data.get("command")
-    return {"command": command if isinstance(command, str) else None, "quick": False, "started_at": None,
-            "wall_s": None, "load_average": None, "machine": None, "versions": None, "git": None, "legacy": True}
+    return {
+        "command": command if isinstance(command, str) else None,
+        "quick": False,
+        "started_at": None,
+        "wall_s": None,
+        "load_average": None,
+        "machine": None,
+        "versions": None,
+        "git": None,
+        "legacy": True,
+    }
 
 
 # ---------------------------------------------------------------- formatting
@@ -144,8 +166,12 @@ def _machine(env: dict) -> str:
         parts.append(f"affinity {m['affinity']}, {'pinned' if m.get('pinned') else 'not pinned'}")
     else:
         parts.append(f"pinning {NOT_RECORDED}")
-    for key, label in (("ram_gib", "GiB RAM"), ("torch_threads", "torch threads"), ("threads", "torch threads"),
-                       ("torch_threads_a", "torch threads (arm a)")):
+    for key, label in (
+        ("ram_gib", "GiB RAM"),
+        ("torch_threads", "torch threads"),
+        ("threads", "torch threads"),
+        ("torch_threads_a", "torch threads (arm a)"),
+    ):
         if m.get(key) is not None:
             parts.append(f"{m[key]} {label}")
     parts.append(f"GPU {m['gpu']}" if m.get("gpu") else ("no GPU" if "gpu" in m else f"GPU {NOT_RECORDED}"))
@@ -190,7 +216,7 @@ def render_results(docs: list[tuple[str, dict]], results: Path) -> str:
         "The machines are shared and noisy: compare ratios (value / a baseline measured in the same",
         "run) rather than absolute figures, and read each bench's load average. Each bench ran on its",
         "own, at its own time; results written before the scripts recorded an envelope say",
-        f"\"{NOT_RECORDED}\" for what they lack.",
+        f'"{NOT_RECORDED}" for what they lack.',
         "",
         *render_headline(docs),
     ]
@@ -198,35 +224,45 @@ def render_results(docs: list[tuple[str, dict]], results: Path) -> str:
         env = envelope_of(data)
         figures = figures_of(name, data)
         command = _command(env)
-        lines += [f"## {name}: {WHAT.get(name, name)}", "",
-                  f"`{rel}/{name}.json`{' — **quick run** (tiny sizes, not a measurement)' if env.get('quick') else ''}",
-                  "",
-                  f"- command: `{command}`",
-                  f"- run: started {env.get('started_at') or NOT_RECORDED}, "
-                  f"wall {format_amount(env['wall_s'], 's') if env.get('wall_s') is not None else NOT_RECORDED}",
-                  f"- machine: {_machine(env)}",
-                  f"- load average: {_load(env)}",
-                  f"- versions: {_versions(env)}",
-                  f"- git: {_git(env)}",
-                  "",
-                  "| figure | value | baseline | ratio | better | note | command |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {name}: {WHAT.get(name, name)}",
+            "",
+            f"`{rel}/{name}.json`{' — **quick run** (tiny sizes, not a measurement)' if env.get('quick') else ''}",
+            "",
+            f"- command: `{command}`",
+            f"- run: started {env.get('started_at') or NOT_RECORDED}, "
+            f"wall {format_amount(env['wall_s'], 's') if env.get('wall_s') is not None else NOT_RECORDED}",
+            f"- machine: {_machine(env)}",
+            f"- load average: {_load(env)}",
+            f"- versions: {_versions(env)}",
+            f"- git: {_git(env)}",
+            "",
+            "| figure | value | baseline | ratio | better | note | command |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for f in figures:
-            lines.append(f"| {f['name']} | {format_value(f)} | {format_baseline(f)} | {format_ratio(f)} | "
-                         f"{f['better']} | {f.get('note') or ''} | `{command}` |")
+            lines.append(
+                f"| {f['name']} | {format_value(f)} | {format_baseline(f)} | {format_ratio(f)} | "
+                f"{f['better']} | {f.get('note') or ''} | `{command}` |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def render_headline(docs: list[tuple[str, dict]]) -> list[str]:
-    lines = ["## Headline figures", "",
-             "| bench | figure | value | baseline (same run) | ratio | note |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "## Headline figures",
+        "",
+        "| bench | figure | value | baseline (same run) | ratio | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, data in docs:
         for f in figures_of(name, data):
             if f.get("headline"):
-                lines.append(f"| {name} | {f['name']} | {format_value(f)} | {format_baseline(f)} | "
-                             f"{format_ratio(f)} | {f.get('note') or ''} |")
+                lines.append(
+                    f"| {name} | {f['name']} | {format_value(f)} | {format_baseline(f)} | "
+                    f"{format_ratio(f)} | {f.get('note') or ''} |"
+                )
     return lines + [""]
 
 
@@ -235,23 +271,30 @@ def render_block(name: str, data: dict, results: Path, results_md: Path, doc: Pa
     rel = _rel(results)
     env = envelope_of(data)
     link = Path(os.path.relpath(results_md.resolve(), doc.resolve().parent)).as_posix()
-    lines = [f"<!-- bench:{name}:start -->",
-             f"<!-- generated by bench/report.py from {rel}/{name}.json; rerun the bench, do not edit -->",
-             "",
-             "| figure | value | baseline (same run) | ratio | note |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"<!-- bench:{name}:start -->",
+        f"<!-- generated by bench/report.py from {rel}/{name}.json; rerun the bench, do not edit -->",
+        "",
+        "| figure | value | baseline (same run) | ratio | note |",
+        "|---|---|---|---|---|",
+    ]
     for f in figures_of(name, data):
-        lines.append(f"| {f['name']} | {format_value(f)} | {format_baseline(f)} | {format_ratio(f)} | "
-                     f"{f.get('note') or ''} |")
+        lines.append(
+            f"| {f['name']} | {format_value(f)} | {format_baseline(f)} | {format_ratio(f)} | {f.get('note') or ''} |"
+        )
     started = env.get("started_at") or "date not recorded"
-    lines += ["", f"`{rel}/{name}.json`: `{_command(env)}`; {started}; load average {_load(env)}; "
-                  f"machine and versions in [{Path(link).name}]({link}).",
-              f"<!-- bench:{name}:end -->"]
+    lines += [
+        "",
+        f"`{rel}/{name}.json`: `{_command(env)}`; {started}; load average {_load(env)}; "
+        f"machine and versions in [{Path(link).name}]({link}).",
+        f"<!-- bench:{name}:end -->",
+    ]
     return "\n".join(lines)
 
 
 def render_doc(text: str, doc: Path, docs: dict[str, dict], results: Path, results_md: Path) -> str:
     """The doc with each generated block re-rendered (unknown bench names are left for the check)."""
+
     def block(m: re.Match) -> str:
         name = m["name"]
         return render_block(name, docs[name], results, results_md, doc) if name in docs else m.group(0)
@@ -260,8 +303,11 @@ def render_doc(text: str, doc: Path, docs: dict[str, dict], results: Path, resul
 
 
 def unknown_blocks(text: str, doc: Path, docs: dict[str, dict], results: Path) -> list[str]:
-    return [f"{_rel(doc)}: bench:{m['name']} names no {_rel(results)}/{m['name']}.json"
-            for m in BLOCK.finditer(text) if m["name"] not in docs]
+    return [
+        f"{_rel(doc)}: bench:{m['name']} names no {_rel(results)}/{m['name']}.json"
+        for m in BLOCK.finditer(text)
+        if m["name"] not in docs
+    ]
 
 
 def numbers_in(ref: str) -> list[float] | None:
@@ -302,21 +348,30 @@ def _rel(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--out", type=Path, default=None, help="default: RESULTS.md next to --results' folder "
-                        "(bench/RESULTS.md for bench/results)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: RESULTS.md next to --results' folder (bench/RESULTS.md for bench/results)",
+    )
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--docs", type=Path, default=None, help="folder of *.md pages (default: docs/ next to "
-                        "--readme)")
+    parser.add_argument(
+        "--docs", type=Path, default=None, help="folder of *.md pages (default: docs/ next to --readme)"
+    )
     parser.add_argument("--no-readme", action="store_true", help="leave README.md and docs/ alone (quick runs)")
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when anything is stale "
-                        "or a figure in the README or docs is not backed")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 when anything is stale or a figure in the README or docs is not backed",
+    )
     args = parser.parse_args(argv)
 
     docs = load(args.results)
     if not docs:
         raise SystemExit(f"no *.json in {args.results}")
-    out = args.out or (args.results.parent / "RESULTS.md" if args.results.name == "results"
-                       else args.results / "RESULTS.md")
+    out = args.out or (
+        args.results.parent / "RESULTS.md" if args.results.name == "results" else args.results / "RESULTS.md"
+    )
     targets = {out: render_results(docs, args.results) + "\n"}
     problems: list[str] = []
     if not args.no_readme:

@@ -27,24 +27,59 @@ from pathlib import Path
 
 # What the GPU tier imports beyond torch + transformers (and their own dependencies), with the
 # dependencies of those that such a node may lack. Versions: the ones installed here, i.e. tested.
-PACKAGES = ("trl", "peft", "accelerate", "bitsandbytes", "datasets", "pydantic", "pydantic-core", "annotated-types",
-            "typing-inspection", "typing-extensions", "pyarrow", "pandas", "python-dateutil", "six", "dill",
-            "multiprocess", "xxhash", "fsspec", "psutil", "pytest", "pluggy", "iniconfig")
+PACKAGES = (
+    "trl",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "pyarrow",
+    "pandas",
+    "python-dateutil",
+    "six",
+    "dill",
+    "multiprocess",
+    "xxhash",
+    "fsspec",
+    "psutil",
+    "pytest",
+    "pluggy",
+    "iniconfig",
+)
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64", "manylinux_2_28_x86_64")
 # Members dropped from each wheel (fnmatch patterns on the path inside the wheel).
 TRIM = {
-    "pyarrow": ("pyarrow/libarrow_flight.so*", "pyarrow/_flight.*", "pyarrow/include/*", "pyarrow/tests/*",
-                "pyarrow/src/*", "pyarrow/includes/*", "pyarrow/*.pxd", "pyarrow/*.pyx", "pyarrow/*.pxi",
-                # two more copies of libarrow_python.so.2500 (symlinks in a build tree, files in a zip)
-                "pyarrow/libarrow_python.so", "pyarrow/libarrow_python.so.*.*.*"),
+    "pyarrow": (
+        "pyarrow/libarrow_flight.so*",
+        "pyarrow/_flight.*",
+        "pyarrow/include/*",
+        "pyarrow/tests/*",
+        "pyarrow/src/*",
+        "pyarrow/includes/*",
+        "pyarrow/*.pxd",
+        "pyarrow/*.pyx",
+        "pyarrow/*.pxi",
+        # two more copies of libarrow_python.so.2500 (symlinks in a build tree, files in a zip)
+        "pyarrow/libarrow_python.so",
+        "pyarrow/libarrow_python.so.*.*.*",
+    ),
     "pandas": ("pandas/tests/*",),
 }
 
 
 def bnb_trim(keep_cuda: list[str]) -> tuple[str, ...]:
     """Every native library but the CPU one and the CUDA versions kept."""
-    return ("bitsandbytes/libbitsandbytes_rocm*", "bitsandbytes/libbitsandbytes_xpu*",
-            *[f"!bitsandbytes/libbitsandbytes_cuda{v}.so" for v in keep_cuda], "bitsandbytes/libbitsandbytes_cuda*")
+    return (
+        "bitsandbytes/libbitsandbytes_rocm*",
+        "bitsandbytes/libbitsandbytes_xpu*",
+        *[f"!bitsandbytes/libbitsandbytes_cuda{v}.so" for v in keep_cuda],
+        "bitsandbytes/libbitsandbytes_cuda*",
+    )
 
 
 def pins(packages=PACKAGES) -> list[str]:
@@ -52,9 +87,26 @@ def pins(packages=PACKAGES) -> list[str]:
 
 
 def download(requirements: list[str], dest: Path, python: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "--dest", str(dest),
-           "--python-version", python, "--implementation", "cp", "--abi", f"cp{python.replace('.', '')}",
-           *[arg for p in PLATFORMS for arg in ("--platform", p)], *requirements]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--dest",
+        str(dest),
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{python.replace('.', '')}",
+        *[arg for p in PLATFORMS for arg in ("--platform", p)],
+        *requirements,
+    ]
     subprocess.run(cmd, check=True)
 
 
@@ -65,7 +117,9 @@ def trim_wheel(wheel: Path, patterns: tuple[str, ...]) -> int:
     drop_rules = [p for p in patterns if not p.startswith("!")]
 
     def dropped(name: str) -> bool:
-        return any(fnmatch.fnmatch(name, p) for p in drop_rules) and not any(fnmatch.fnmatch(name, p) for p in keep_rules)
+        return any(fnmatch.fnmatch(name, p) for p in drop_rules) and not any(
+            fnmatch.fnmatch(name, p) for p in keep_rules
+        )
 
     before = wheel.stat().st_size
     tmp = wheel.with_suffix(".tmp")
@@ -87,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--python", default="3.12", help="the GPU node's Python (major.minor)")
-    parser.add_argument("--bnb-cuda", default="124 130",
-                        help="bitsandbytes CUDA libraries to keep, e.g. '124 130' (one per CUDA major the node may have)")
+    parser.add_argument(
+        "--bnb-cuda",
+        default="124 130",
+        help="bitsandbytes CUDA libraries to keep, e.g. '124 130' (one per CUDA major the node may have)",
+    )
     parser.add_argument("--limit-mib", type=float, default=64.0)
     args = parser.parse_args(argv)
 
@@ -110,11 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.move(str(staging), args.out)
     wheels = sorted(args.out.glob("*.whl"), key=lambda p: -p.stat().st_size)
     total = sum(p.stat().st_size for p in wheels) / 2**20
-    print(f"{args.out}: {len(wheels)} wheels, {total:.1f} MiB (limit {args.limit_mib:g} MiB), for CPython {args.python}")
+    print(
+        f"{args.out}: {len(wheels)} wheels, {total:.1f} MiB (limit {args.limit_mib:g} MiB), for CPython {args.python}"
+    )
     if total > args.limit_mib:
         largest = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in wheels[:4])
-        print(f"gpu-wheelhouse: {total - args.limit_mib:.1f} MiB over the limit; largest: {largest}. Keep fewer "
-              "bitsandbytes CUDA libraries (BNB_CUDA=124) or bring the rest another way", file=sys.stderr)
+        print(
+            f"gpu-wheelhouse: {total - args.limit_mib:.1f} MiB over the limit; largest: {largest}. Keep fewer "
+            "bitsandbytes CUDA libraries (BNB_CUDA=124) or bring the rest another way",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

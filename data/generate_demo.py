@@ -394,58 +394,187 @@ TEMPLATES: dict[str, list[str]] = {
 
 # Slot values: everyday store catalogue and customer details (all invented).
 PRODUCTS = [
-    "coffee grinder", "pair of wireless earbuds", "yoga mat", "desk lamp", "blender", "phone case",
-    "backpack", "rice cooker", "sonic toothbrush", "bluetooth speaker", "cast iron pan", "smartwatch",
-    "kettle", "gaming mouse", "mechanical keyboard", "standing fan", "table lamp", "water bottle",
-    "set of kitchen knives", "hair dryer", "webcam", "baby monitor", "dog bed", "tent", "camping stove",
-    "board game", "vacuum cleaner", "laptop stand", "ceramic vase", "set of bath towels",
+    "coffee grinder",
+    "pair of wireless earbuds",
+    "yoga mat",
+    "desk lamp",
+    "blender",
+    "phone case",
+    "backpack",
+    "rice cooker",
+    "sonic toothbrush",
+    "bluetooth speaker",
+    "cast iron pan",
+    "smartwatch",
+    "kettle",
+    "gaming mouse",
+    "mechanical keyboard",
+    "standing fan",
+    "table lamp",
+    "water bottle",
+    "set of kitchen knives",
+    "hair dryer",
+    "webcam",
+    "baby monitor",
+    "dog bed",
+    "tent",
+    "camping stove",
+    "board game",
+    "vacuum cleaner",
+    "laptop stand",
+    "ceramic vase",
+    "set of bath towels",
 ]
 GARMENTS = [
-    "running shoes", "denim jacket", "wool sweater", "rain jacket", "hiking boots", "linen shirt",
-    "summer dress", "pair of jeans", "winter coat", "hoodie", "pair of sneakers", "leggings",
+    "running shoes",
+    "denim jacket",
+    "wool sweater",
+    "rain jacket",
+    "hiking boots",
+    "linen shirt",
+    "summer dress",
+    "pair of jeans",
+    "winter coat",
+    "hoodie",
+    "pair of sneakers",
+    "leggings",
 ]
 COLOURS = ["black", "navy", "white", "red", "forest green", "grey", "beige", "pink", "sky blue"]
 SIZES = ["XS", "S", "M", "L", "XL", "8", "10", "12", "42", "44"]
 CITIES = [
-    "Leeds", "Manchester", "Bristol", "Dublin", "Lyon", "Berlin", "Madrid", "Austin", "Denver",
-    "Toronto", "Chicago", "Glasgow", "Rotterdam", "Portland", "Seattle", "Munich", "Boston",
+    "Leeds",
+    "Manchester",
+    "Bristol",
+    "Dublin",
+    "Lyon",
+    "Berlin",
+    "Madrid",
+    "Austin",
+    "Denver",
+    "Toronto",
+    "Chicago",
+    "Glasgow",
+    "Rotterdam",
+    "Portland",
+    "Seattle",
+    "Munich",
+    "Boston",
 ]
 STREETS = [
-    "Elm Road", "Station Street", "Maple Avenue", "Church Lane", "Harbour View", "Oak Close",
-    "Mill Road", "Victoria Street", "Cedar Drive", "Park Terrace",
+    "Elm Road",
+    "Station Street",
+    "Maple Avenue",
+    "Church Lane",
+    "Harbour View",
+    "Oak Close",
+    "Mill Road",
+    "Victoria Street",
+    "Cedar Drive",
+    "Park Terrace",
 ]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]  # templates say "on {date}"
 CARDS = ["Visa", "Mastercard", "Amex card", "debit card", "credit card", "PayPal account"]
-PLANS = ["Plus membership", "Premium plan", "VIP club membership", "monthly snack box subscription",
-         "Fast Shipping Pass", "coffee subscription", "Gold membership", "beauty box subscription"]
-CODES = ["SPRING20", "WELCOME10", "SAVE15", "FREESHIP", "BLACKFRIDAY", "VIP25", "SUMMER30", "NEWYOU",
-         "THANKS5", "HOLIDAY40"]
+PLANS = [
+    "Plus membership",
+    "Premium plan",
+    "VIP club membership",
+    "monthly snack box subscription",
+    "Fast Shipping Pass",
+    "coffee subscription",
+    "Gold membership",
+    "beauty box subscription",
+]
+CODES = [
+    "SPRING20",
+    "WELCOME10",
+    "SAVE15",
+    "FREESHIP",
+    "BLACKFRIDAY",
+    "VIP25",
+    "SUMMER30",
+    "NEWYOU",
+    "THANKS5",
+    "HOLIDAY40",
+]
 NAMES = ["Sam", "Priya", "Tom", "Ana", "Jordan", "Mei", "Lukas", "Fatima", "Chris", "Olga", "Dan", "Aisha"]
 
 # Decorations that carry no intent, so they never change the label.
 # They end in "!" or "." so the message after them can keep its capital letter.
-GREETINGS = ["Hi!", "Hello.", "Hey!", "Hi there!", "Good morning.", "Hello team!", "Hi support.",
-             "Good afternoon.", "Hello there."]
+GREETINGS = [
+    "Hi!",
+    "Hello.",
+    "Hey!",
+    "Hi there!",
+    "Good morning.",
+    "Hello team!",
+    "Hi support.",
+    "Good afternoon.",
+    "Hello there.",
+]
 PREAMBLES = [
-    "Sorry to bother you.", "Quick question.", "I've been a customer for years.",
-    "I'm writing on behalf of my mum, who doesn't use email.", "Hope you're well.",
-    "I tried the help centre first but couldn't find an answer.", "First time ordering from you.",
+    "Sorry to bother you.",
+    "Quick question.",
+    "I've been a customer for years.",
+    "I'm writing on behalf of my mum, who doesn't use email.",
+    "Hope you're well.",
+    "I tried the help centre first but couldn't find an answer.",
+    "First time ordering from you.",
     "I'm on my phone so excuse the brevity.",
     "I ordered a few things from you last month and have mostly been happy.",
     "I called yesterday but was on hold for forty minutes, so I'm trying email instead.",
 ]
-ANNOYED = ["This is really frustrating.", "Please sort this out ASAP.", "I'm not happy about this at all.",
-           "I expected better from you.", "This is the second time I'm writing about this.",
-           "Seriously?", "I need an answer today."]
-SIGNOFFS = ["Thanks.", "Thank you!", "Thanks in advance.", "Cheers, {name}", "Regards, {name}",
-            "Many thanks, {name}", "Appreciate the help.", "thx", "Best, {name}"]
+ANNOYED = [
+    "This is really frustrating.",
+    "Please sort this out ASAP.",
+    "I'm not happy about this at all.",
+    "I expected better from you.",
+    "This is the second time I'm writing about this.",
+    "Seriously?",
+    "I need an answer today.",
+]
+SIGNOFFS = [
+    "Thanks.",
+    "Thank you!",
+    "Thanks in advance.",
+    "Cheers, {name}",
+    "Regards, {name}",
+    "Many thanks, {name}",
+    "Appreciate the help.",
+    "thx",
+    "Best, {name}",
+]
 # Misspellings real customers make; one may be applied to a message.
-TYPOS = {"receive": "recieve", "address": "adress", "password": "pasword", "order": "oder",
-         "received": "recieved", "cancel": "cancle", "refund": "refudn", "please": "plese",
-         "invoice": "invoce", "delivery": "delivary", "because": "becuase", "package": "pakage",
-         "discount": "discoutn", "subscription": "subscripton", "tracking": "traking"}
+TYPOS = {
+    "receive": "recieve",
+    "address": "adress",
+    "password": "pasword",
+    "order": "oder",
+    "received": "recieved",
+    "cancel": "cancle",
+    "refund": "refudn",
+    "please": "plese",
+    "invoice": "invoce",
+    "delivery": "delivary",
+    "because": "becuase",
+    "package": "pakage",
+    "discount": "discoutn",
+    "subscription": "subscripton",
+    "tracking": "traking",
+}
 
 
 def slot_values(rng: random.Random) -> dict[str, str]:
@@ -459,16 +588,27 @@ def slot_values(rng: random.Random) -> dict[str, str]:
     name = rng.choice(NAMES)
     return {
         "order": ("#" + digits) if rng.random() < 0.75 else digits,
-        "product": product, "product2": product2, "garment": rng.choice(GARMENTS),
-        "color": colour, "color2": colour2, "size": size, "size2": size2,
-        "date": rng.choice([f"{month} {rng.randint(1, 28)}", f"the {_ordinal(rng.randint(1, 28))}",
-                            rng.choice(WEEKDAYS)]),
-        "month": month, "city": rng.choice(CITIES),
-        "street": f"{rng.randint(1, 240)} {rng.choice(STREETS)}", "num": str(rng.randint(1, 60)),
+        "product": product,
+        "product2": product2,
+        "garment": rng.choice(GARMENTS),
+        "color": colour,
+        "color2": colour2,
+        "size": size,
+        "size2": size2,
+        "date": rng.choice(
+            [f"{month} {rng.randint(1, 28)}", f"the {_ordinal(rng.randint(1, 28))}", rng.choice(WEEKDAYS)]
+        ),
+        "month": month,
+        "city": rng.choice(CITIES),
+        "street": f"{rng.randint(1, 240)} {rng.choice(STREETS)}",
+        "num": str(rng.randint(1, 60)),
         "amount": f"{currency}{rng.randint(5, 400)}" + rng.choice(["", ".99", ".50", f".{rng.randint(10, 89)}"]),
         "off": f"{currency}{rng.randint(2, 15)}",
-        "days": str(rng.randint(3, 21)), "card": rng.choice(CARDS), "plan": rng.choice(PLANS),
-        "code": rng.choice(CODES), "pct": str(rng.choice([5, 10, 15, 20, 25, 30, 40])),
+        "days": str(rng.randint(3, 21)),
+        "card": rng.choice(CARDS),
+        "plan": rng.choice(PLANS),
+        "code": rng.choice(CODES),
+        "pct": str(rng.choice([5, 10, 15, 20, 25, 30, 40])),
         "email": f"{name.lower()}{rng.randint(1, 99)}@{rng.choice(['gmail.com', 'outlook.com', 'mail.com'])}",
         "name": name,
     }
@@ -511,7 +651,7 @@ def add_typo(text: str, rng: random.Random) -> str:
     i = rng.choice(long_ones)
     w = words[i]
     j = rng.randint(1, len(w) - 3)
-    words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2:]
+    words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
     return " ".join(words)
 
 

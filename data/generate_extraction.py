@@ -26,11 +26,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SEED = 20240917
 ROWS = 900
-FIELDS = ("order_id", "customer_name", "request_type", "order_date", "amount", "currency", "items", "urgent",
-          "contact_email")
+FIELDS = (
+    "order_id",
+    "customer_name",
+    "request_type",
+    "order_date",
+    "amount",
+    "currency",
+    "items",
+    "urgent",
+    "contact_email",
+)
 
-REQUEST_TYPES = ("refund", "return", "exchange", "cancellation", "delivery_problem", "address_change",
-                 "billing_question")
+REQUEST_TYPES = (
+    "refund",
+    "return",
+    "exchange",
+    "cancellation",
+    "delivery_problem",
+    "address_change",
+    "billing_question",
+)
 # The sentence that carries the request; {items} is the product phrase, {when} an optional date clause.
 ASKS: dict[str, list[str]] = {
     "refund": [
@@ -77,23 +93,100 @@ ASKS: dict[str, list[str]] = {
     ],
 }
 
-PRODUCTS = ["yoga mat", "desk lamp", "coffee grinder", "rain jacket", "hiking boots", "phone case",
-            "water bottle", "wool scarf", "laptop stand", "kettle", "backpack", "table lamp", "running shoes",
-            "bath towels", "blender", "webcam", "throw pillow", "cast iron pan", "bike helmet", "tea set",
-            "denim jacket", "wall clock", "board game", "plant pot"]
-FIRST = ["Priya", "Tom", "Ana", "Jordan", "Mei", "Lukas", "Fatima", "Chris", "Olga", "Daniel", "Aisha", "Sam",
-         "Elena", "Marcus", "Yuki", "Grace", "Omar", "Hannah"]
-LAST = ["Shah", "Becker", "Silva", "Okafor", "Chen", "Novak", "Haddad", "Murphy", "Ivanova", "Reyes", "Khan",
-        "Larsen", "Rossi", "Brooks", "Tanaka", "Walsh", "Diallo", "Meyer"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
-CURRENCIES = {"USD": ["${v}", "{v} USD", "US${v}"], "EUR": ["€{v}", "{v} EUR", "EUR {v}"],
-              "GBP": ["£{v}", "{v} GBP", "GBP {v}"]}
+PRODUCTS = [
+    "yoga mat",
+    "desk lamp",
+    "coffee grinder",
+    "rain jacket",
+    "hiking boots",
+    "phone case",
+    "water bottle",
+    "wool scarf",
+    "laptop stand",
+    "kettle",
+    "backpack",
+    "table lamp",
+    "running shoes",
+    "bath towels",
+    "blender",
+    "webcam",
+    "throw pillow",
+    "cast iron pan",
+    "bike helmet",
+    "tea set",
+    "denim jacket",
+    "wall clock",
+    "board game",
+    "plant pot",
+]
+FIRST = [
+    "Priya",
+    "Tom",
+    "Ana",
+    "Jordan",
+    "Mei",
+    "Lukas",
+    "Fatima",
+    "Chris",
+    "Olga",
+    "Daniel",
+    "Aisha",
+    "Sam",
+    "Elena",
+    "Marcus",
+    "Yuki",
+    "Grace",
+    "Omar",
+    "Hannah",
+]
+LAST = [
+    "Shah",
+    "Becker",
+    "Silva",
+    "Okafor",
+    "Chen",
+    "Novak",
+    "Haddad",
+    "Murphy",
+    "Ivanova",
+    "Reyes",
+    "Khan",
+    "Larsen",
+    "Rossi",
+    "Brooks",
+    "Tanaka",
+    "Walsh",
+    "Diallo",
+    "Meyer",
+]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+CURRENCIES = {
+    "USD": ["${v}", "{v} USD", "US${v}"],
+    "EUR": ["€{v}", "{v} EUR", "EUR {v}"],
+    "GBP": ["£{v}", "{v} GBP", "GBP {v}"],
+}
 DOMAINS = ["gmail.com", "outlook.com", "mail.com", "proton.me"]
 GREETINGS = ["Hi,", "Hello,", "Hi there,", "Dear support,", "Good morning,", "Hello team,"]
 OPENERS = ["Order note:", "Re: my order.", "Quick one.", "Following up on my purchase."]
-URGENT_CUES = ["This is urgent.", "Please sort this out ASAP.", "I need this resolved today.",
-               "Urgent: please reply quickly."]
+URGENT_CUES = [
+    "This is urgent.",
+    "Please sort this out ASAP.",
+    "I need this resolved today.",
+    "Urgent: please reply quickly.",
+]
 CALM_CLOSERS = ["Thanks in advance.", "Thank you.", "Have a nice day.", "No rush."]
 RELATIVE_DATES = ["last Tuesday", "a few days ago", "at the weekend", "earlier this month"]
 
@@ -131,8 +224,14 @@ def money(value: float, currency: str, rng: random.Random) -> str:
 
 def date_text(iso: str, rng: random.Random) -> str:
     year, month, day = (int(x) for x in iso.split("-"))
-    return rng.choice([iso, f"{day} {MONTHS[month - 1]} {year}", f"{MONTHS[month - 1]} {day}, {year}",
-                       f"{day:02d}/{month:02d}/{year}"])
+    return rng.choice(
+        [
+            iso,
+            f"{day} {MONTHS[month - 1]} {year}",
+            f"{MONTHS[month - 1]} {day}, {year}",
+            f"{day:02d}/{month:02d}/{year}",
+        ]
+    )
 
 
 def items_text(items: list[str]) -> str:
@@ -146,7 +245,8 @@ def message(gold: dict, ambiguous: list[str], rng: random.Random) -> tuple[str, 
     when = ""
     if gold["order_date"]:
         when = rng.choice([" I ordered on {d}", " bought on {d}", " from my order of {d}"]).format(
-            d=date_text(gold["order_date"], rng))
+            d=date_text(gold["order_date"], rng)
+        )
     elif "order_date" in ambiguous:
         when = f" I bought {rng.choice(RELATIVE_DATES)}"
     ask = rng.choice(ASKS[gold["request_type"]])
@@ -162,8 +262,11 @@ def message(gold: dict, ambiguous: list[str], rng: random.Random) -> tuple[str, 
         if rng.random() < 0.12:  # typed in lower case: the record still writes it as the store does
             order_id = order_id.lower()
             ambiguous.append("order_id")
-        facts.append(rng.choice(["My order number is {o}.", "Order {o}.", "The order id is {o}.",
-                                 "Reference: {o}."]).format(o=order_id))
+        facts.append(
+            rng.choice(["My order number is {o}.", "Order {o}.", "The order id is {o}.", "Reference: {o}."]).format(
+                o=order_id
+            )
+        )
     if gold["amount"] is not None:
         paid = money(gold["amount"], gold["currency"], rng)
         if rng.random() < 0.15:  # a second, different amount that is not the charge
@@ -171,11 +274,15 @@ def message(gold: dict, ambiguous: list[str], rng: random.Random) -> tuple[str, 
             facts.append(f"The price shown was {other} but I was charged {paid}.")
             ambiguous.append("amount")
         else:
-            facts.append(rng.choice(["I paid {m}.", "It cost {m}.", "The total was {m}.", "I was charged {m}."])
-                         .format(m=paid))
+            facts.append(
+                rng.choice(["I paid {m}.", "It cost {m}.", "The total was {m}.", "I was charged {m}."]).format(m=paid)
+            )
     if gold["contact_email"]:
-        facts.append(rng.choice(["You can reach me at {e}.", "Please reply to {e}.", "My email is {e}."])
-                     .format(e=gold["contact_email"]))
+        facts.append(
+            rng.choice(["You can reach me at {e}.", "Please reply to {e}.", "My email is {e}."]).format(
+                e=gold["contact_email"]
+            )
+        )
     body = facts[:1] + sorted(facts[1:], key=lambda _: rng.random())  # the details in any order
     parts = []
     if rng.random() < 0.5:
@@ -200,10 +307,15 @@ def message(gold: dict, ambiguous: list[str], rng: random.Random) -> tuple[str, 
     return text, ambiguous
 
 
-SUMMARY_VERBS = {"refund": "asks for a refund", "return": "wants to return", "exchange": "wants to exchange",
-                 "cancellation": "wants to cancel", "delivery_problem": "reports a missing delivery of",
-                 "address_change": "asks to change the delivery address of",
-                 "billing_question": "questions the charge for"}
+SUMMARY_VERBS = {
+    "refund": "asks for a refund",
+    "return": "wants to return",
+    "exchange": "wants to exchange",
+    "cancellation": "wants to cancel",
+    "delivery_problem": "reports a missing delivery of",
+    "address_change": "asks to change the delivery address of",
+    "billing_question": "questions the charge for",
+}
 
 
 def summary(gold: dict) -> str:
@@ -231,8 +343,15 @@ def generate(rng: random.Random, excluded: set[str]) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        rows.append({"id": f"x{len(rows) + 1:05d}", "prompt": prompt, "gold": gold,
-                     "ambiguous": sorted(set(ambiguous)), "summary": summary(gold)})
+        rows.append(
+            {
+                "id": f"x{len(rows) + 1:05d}",
+                "prompt": prompt,
+                "gold": gold,
+                "ambiguous": sorted(set(ambiguous)),
+                "summary": summary(gold),
+            }
+        )
     return rows
 
 

@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -39,11 +40,10 @@ def gguf_name(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
-
 class Manifest(BaseModel):
     stage: str
     fingerprint: str = Field("", description="Hash of the stage's config and its inputs' hashes.")
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     inputs: dict[str, str] = Field(default_factory=dict, description="input name -> content hash")
     outputs: dict[str, str] = Field(default_factory=dict, description="relative path -> content hash")
     counts: dict[str, int] = Field(default_factory=dict)
@@ -52,8 +52,10 @@ class Manifest(BaseModel):
     wall_s: float = 0.0
     notes: list[str] = Field(default_factory=list)
     student_input: str | None = Field(
-        None, description="export: what the shipped student reads (conversation | user), as it was trained and "
-        "evaluated; the router refuses a policy that says otherwise.")
+        None,
+        description="export: what the shipped student reads (conversation | user), as it was trained and "
+        "evaluated; the router refuses a policy that says otherwise.",
+    )
 
 
 # ---------------------------------------------------------------- hashing
@@ -173,8 +175,9 @@ def read_manifest(stage_dir: Path) -> Manifest | None:
         # A hand-edited or half-copied manifest: say which file, not a pydantic dump.
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "the file"
-        raise DistillError(f"{path}: not a valid manifest ({where}: {first['msg']}); "
-                           f"delete {stage_dir} to redo that stage") from None
+        raise DistillError(
+            f"{path}: not a valid manifest ({where}: {first['msg']}); delete {stage_dir} to redo that stage"
+        ) from None
 
 
 def completed_stage(run_dir: Path, stage: str, artifact: str) -> Path:

@@ -1,14 +1,14 @@
 """`distill` command line: parses arguments and calls the runner or a stage. No logic here.
 
-    distill run [RECIPE] [key=value ...]      every stage (what `make distill` runs)
-    distill finetune mistral7b train.epochs=2  stages up to finetune, unchanged ones skipped
-    distill validate RECIPE                    check a recipe without running anything
-    distill init NAME --from chat.jsonl        a task file and a recipe inferred from logs
-    distill sweep RECIPE train.lr=3e-4,1e-3    recipe search: one trial per combination, best on validation
-    distill plan mistral7b                     estimated peak GPU memory on A10G / A100 (no GPU needed)
-    distill retrain RECIPE                     the loop's next round from the router's escalations
-    distill promote RECIPE [VERSION]           / distill rollback RECIPE: move the registry's champion alias
-    distill batches RECIPE [--cancel ID]       provider batches of teacher.mode=batch captures
+distill run [RECIPE] [key=value ...]      every stage (what `make distill` runs)
+distill finetune mistral7b train.epochs=2  stages up to finetune, unchanged ones skipped
+distill validate RECIPE                    check a recipe without running anything
+distill init NAME --from chat.jsonl        a task file and a recipe inferred from logs
+distill sweep RECIPE train.lr=3e-4,1e-3    recipe search: one trial per combination, best on validation
+distill plan mistral7b                     estimated peak GPU memory on A10G / A100 (no GPU needed)
+distill retrain RECIPE                     the loop's next round from the router's escalations
+distill promote RECIPE [VERSION]           / distill rollback RECIPE: move the registry's champion alias
+distill batches RECIPE [--cancel ID]       provider batches of teacher.mode=batch captures
 """
 
 from __future__ import annotations
@@ -18,15 +18,20 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
 from pipeline.errors import DistillError
 
 DEFAULT_RECIPE = "smollm2-135m-cpu"
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Distil a teacher's task into a small student.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distil a teacher's task into a small student.",
+)
 
 RecipeArg = typer.Argument(DEFAULT_RECIPE, help="Recipe name in recipes/ or a path to a YAML file.")
 OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=2 lora.r=32.")
@@ -45,59 +50,102 @@ def _pipeline(until: str | None, recipe: str, overrides: list[str] | None, runs_
 
 
 @app.command()
-def run(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, runs_dir: Path = RunsOpt, force: bool = ForceOpt):
+def run(
+    recipe: str = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    runs_dir: Path = RunsOpt,
+    force: bool = ForceOpt,
+):
     """Run every stage: capture, curate, finetune, evaluate, export."""
     _pipeline(None, recipe, overrides, runs_dir, force)
 
 
 def _stage_command(stage: str, doc: str):
-    def command(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, runs_dir: Path = RunsOpt, force: bool = ForceOpt):
+    def command(
+        recipe: str = RecipeArg,
+        overrides: list[str] | None = OverridesArg,
+        runs_dir: Path = RunsOpt,
+        force: bool = ForceOpt,
+    ):
         _pipeline(stage, recipe, overrides, runs_dir, force)
 
-    command.__doc__ = f"{doc}\n\nOften overridden: {', '.join(STAGE_OVERRIDES[stage])} (all fields: recipes/REFERENCE.md)."
+    command.__doc__ = (
+        f"{doc}\n\nOften overridden: {', '.join(STAGE_OVERRIDES[stage])} (all fields: recipes/REFERENCE.md)."
+    )
     app.command(name=stage)(command)
 
 
 # The dotted overrides users reach for first, per command; the full list is generated in recipes/REFERENCE.md.
 STAGE_OVERRIDES = {
-    "capture": ["teacher.spec=openai:gpt-4o-mini", "teacher.base_url=URL", "teacher.budget_usd=5",
-                "teacher.concurrency=8", "teacher.rpm=500", "teacher.price.input_per_mtok=0.15",
-                "teacher.price.output_per_mtok=0.6", "teacher.max_new_tokens=12", "capture.limit=1000",
-                "teacher.mode=batch"],
+    "capture": [
+        "teacher.spec=openai:gpt-4o-mini",
+        "teacher.base_url=URL",
+        "teacher.budget_usd=5",
+        "teacher.concurrency=8",
+        "teacher.rpm=500",
+        "teacher.price.input_per_mtok=0.15",
+        "teacher.price.output_per_mtok=0.6",
+        "teacher.max_new_tokens=12",
+        "capture.limit=1000",
+        "teacher.mode=batch",
+    ],
     "curate": ["curate.target_size=2000", "curate.pii=true", "curate.near_dup_threshold=0.7", "eval.file=PATH"],
     "finetune": ["train.epochs=2", "train.lr=2e-4", "train.lora.r=32", "train.max_seq_len=512", "train.batch_size=8"],
-    "evaluate": ["router.quality_target=0.9", "router.signal=label_prob", "eval.base_prompt=few_shot", "eval.file=PATH"],
+    "evaluate": [
+        "router.quality_target=0.9",
+        "router.signal=label_prob",
+        "eval.base_prompt=few_shot",
+        "eval.file=PATH",
+    ],
     "export": ["export.formats=[merged,adapter,gguf]", "export.gguf_types=[f16,q8_0,q4_k_m]"],
 }
 
 
 @app.command(name="capture")
-def capture(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, runs_dir: Path = RunsOpt,
-            force: bool = ForceOpt,
-            no_wait: bool = typer.Option(False, "--no-wait", help="teacher.mode=batch: submit the batches and exit; "
-                                         "the next capture collects them (teacher.batch_wait=false).")):
+def capture(
+    recipe: str = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    runs_dir: Path = RunsOpt,
+    force: bool = ForceOpt,
+    no_wait: bool = typer.Option(
+        False,
+        "--no-wait",
+        help="teacher.mode=batch: submit the batches and exit; "
+        "the next capture collects them (teacher.batch_wait=false).",
+    ),
+):
     from pipeline.teachers.batch import BatchesPending
 
     try:
-        _pipeline("capture", recipe, [*(overrides or []), *(["teacher.batch_wait=false"] if no_wait else [])],
-                  runs_dir, force)
+        _pipeline(
+            "capture", recipe, [*(overrides or []), *(["teacher.batch_wait=false"] if no_wait else [])], runs_dir, force
+        )
     except BatchesPending as pending:
         typer.echo(f"submitted: {pending}")
 
 
-capture.__doc__ = ("Label the prompts with the teacher (cached, so reruns cost nothing).\n\n"
-                   f"Often overridden: {', '.join(STAGE_OVERRIDES['capture'])} (all fields: recipes/REFERENCE.md).")
+capture.__doc__ = (
+    "Label the prompts with the teacher (cached, so reruns cost nothing).\n\n"
+    f"Often overridden: {', '.join(STAGE_OVERRIDES['capture'])} (all fields: recipes/REFERENCE.md)."
+)
 
 
 @app.command()
-def batches(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
-            cancel: Optional[str] = typer.Option(None, "--cancel", help="Cancel this provider batch id; the next "
-                                                 "capture keeps what it finished and resubmits the rest.")):
+def batches(
+    recipe: str = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    cancel: str | None = typer.Option(
+        None,
+        "--cancel",
+        help="Cancel this provider batch id; the next capture keeps what it finished and resubmits the rest.",
+    ),
+):
     """List the provider batches of the recipe's teacher cache (teacher.mode=batch): status, requests, cost."""
     import asyncio
 
     from pipeline.config import load_recipe
-    from pipeline.teachers.batch import cancel as cancel_batch, format_batches, list_batches, refresh
+    from pipeline.teachers.batch import cancel as cancel_batch
+    from pipeline.teachers.batch import format_batches, list_batches, refresh
     from pipeline.teachers.service import TeacherService
 
     cfg = load_recipe(recipe, overrides)
@@ -126,14 +174,23 @@ for _name, _doc in [
 @app.command()
 def sweep(
     recipe: str = RecipeArg,
-    axes: Optional[list[str]] = typer.Argument(None, help="Axes key=v1,v2 (dotted overrides with comma-separated "
-                                               "values; a key=value is applied to every trial)."),
+    axes: list[str] | None = typer.Argument(
+        None,
+        help="Axes key=v1,v2 (dotted overrides with comma-separated values; a key=value is applied to every trial).",
+    ),
     runs_dir: Path = RunsOpt,
-    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run only trials K, K+N, ... (one process per "
-                                        "GPU, each with its CUDA_VISIBLE_DEVICES; all share the parent run)."),
-    prepare: bool = typer.Option(False, "--prepare", help="Create the parent run and the shared capture/curate, "
-                                 "train nothing (before launching --shard processes)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Sweep folder name; default a hash of the recipe and axes."),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="K/N: run only trials K, K+N, ... (one process per "
+        "GPU, each with its CUDA_VISIBLE_DEVICES; all share the parent run).",
+    ),
+    prepare: bool = typer.Option(
+        False,
+        "--prepare",
+        help="Create the parent run and the shared capture/curate, train nothing (before launching --shard processes).",
+    ),
+    name: str | None = typer.Option(None, "--name", help="Sweep folder name; default a hash of the recipe and axes."),
 ):
     """Recipe search: train and evaluate every combination of the axes, each trial a child MLflow run
     under one parent; the best is chosen on validation agreement (never test). Reruns skip finished trials."""
@@ -152,37 +209,42 @@ def sweep(
 @app.command()
 def retrain(
     recipe: str = RecipeArg,
-    overrides: Optional[list[str]] = OverridesArg,
+    overrides: list[str] | None = OverridesArg,
     runs_dir: Path = RunsOpt,
-    escalations: Optional[list[Path]] = typer.Option(
-        None, "--escalations", help="Escalation logs to gather (repeatable); default retrain.escalations, "
-        "else serve.escalations."),
+    escalations: list[Path] | None = typer.Option(
+        None,
+        "--escalations",
+        help="Escalation logs to gather (repeatable); default retrain.escalations, else serve.escalations.",
+    ),
 ):
     """The next round of the loop: gather the router's escalations, curate, finetune and evaluate a
     candidate on the frozen test split, compare it with the champion, register it as `candidate`."""
     from pipeline.config import load_recipe
-    from pipeline.loop.retrain import Rounds, retrain as run_round, round_table
+    from pipeline.loop.retrain import Rounds, round_table
+    from pipeline.loop.retrain import retrain as run_round
     from pipeline.report import print_rounds
 
     cfg = load_recipe(recipe, overrides)
     result = run_round(cfg, runs_dir, escalations)
     typer.echo(f"round {result.round}: {result.report['verdict'].upper()} ({result.report['why']})")
-    typer.echo(f"report: {result.run_dir / 'compare' / 'report.md'}; candidate is version {result.candidate.version}"
-               f" (`distill promote {recipe}` makes it the champion)")
+    typer.echo(
+        f"report: {result.run_dir / 'compare' / 'report.md'}; candidate is version {result.candidate.version}"
+        f" (`distill promote {recipe}` makes it the champion)"
+    )
     print_rounds(round_table(Rounds(runs_dir / cfg.name)))
 
 
 @app.command()
 def promote(
     recipe: str = RecipeArg,
-    version: Optional[str] = typer.Argument(None, help="Registered version; default: the `candidate` alias."),
+    version: str | None = typer.Argument(None, help="Registered version; default: the `candidate` alias."),
     force: bool = typer.Option(False, "--force", help="Promote even a candidate worse than the champion."),
 ):
     """Point the `champion` alias at VERSION (the old champion becomes `previous`); a router serving
     models:/<name>@champion follows within serve.registry_poll_s."""
     from pipeline.config import load_recipe
-    from pipeline.registry import Registry
     from pipeline.loop.retrain import registered_name
+    from pipeline.registry import Registry
     from pipeline.tracking import resolve_uri
 
     cfg = load_recipe(recipe)
@@ -194,8 +256,8 @@ def promote(
 def rollback(recipe: str = RecipeArg):
     """Point the `champion` alias back at the version it replaced."""
     from pipeline.config import load_recipe
-    from pipeline.registry import Registry
     from pipeline.loop.retrain import registered_name
+    from pipeline.registry import Registry
     from pipeline.tracking import resolve_uri
 
     cfg = load_recipe(recipe)
@@ -206,25 +268,29 @@ def rollback(recipe: str = RecipeArg):
 @app.command()
 def init(
     name: str = typer.Argument(..., help="Name of the recipe (and of its task file) to write."),
-    source: str = typer.Option(..., "--from", help="The logs to learn from: chat JSONL, ShareGPT, an OpenAI Batch "
-                               "input+output pair (a.jsonl+b.jsonl), CSV/JSONL columns, or a datasets folder."),
-    prompt_col: Optional[str] = typer.Option(None, help="Column holding the prompt (tables); default: guessed."),
-    label_col: Optional[str] = typer.Option(None, help="Column holding the answer (tables); default: guessed."),
-    base: str = typer.Option("embedded:smollm2-135m-instruct", help="Student base model (its tokenizer counts "
-                             "the lengths)."),
+    source: str = typer.Option(
+        ...,
+        "--from",
+        help="The logs to learn from: chat JSONL, ShareGPT, an OpenAI Batch "
+        "input+output pair (a.jsonl+b.jsonl), CSV/JSONL columns, or a datasets folder.",
+    ),
+    prompt_col: str | None = typer.Option(None, help="Column holding the prompt (tables); default: guessed."),
+    label_col: str | None = typer.Option(None, help="Column holding the answer (tables); default: guessed."),
+    base: str = typer.Option(
+        "embedded:smollm2-135m-instruct", help="Student base model (its tokenizer counts the lengths)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing recipe or task file of that name."),
 ):
     """Write a task file and a recipe from logs: kind, labels or JSON Schema, student input, lengths, size."""
     from pipeline.scaffold import init as scaffold
 
-    task_path, recipe_path = scaffold(name, source, prompt_col=prompt_col, label_col=label_col, base=base,
-                                      force=force)
+    task_path, recipe_path = scaffold(name, source, prompt_col=prompt_col, label_col=label_col, base=base, force=force)
     typer.echo(f"wrote {task_path} and {recipe_path} (each inferred choice is commented there)")
     typer.echo(f"next: make distill RECIPE={name}    (or: distill run {name})")
 
 
 @app.command()
-def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg):
+def validate(recipe: str = RecipeArg, overrides: list[str] | None = OverridesArg):
     """Check a recipe (and overrides) without running anything."""
     from pipeline.config import check_input_files, load_recipe
 
@@ -236,15 +302,19 @@ def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = Overrides
 @app.command()
 def plan(
     recipe: str = RecipeArg,
-    overrides: Optional[list[str]] = OverridesArg,
-    model_dir: Optional[Path] = typer.Option(None, help="Read config.json from this folder instead of the built-in table."),
+    overrides: list[str] | None = OverridesArg,
+    model_dir: Path | None = typer.Option(
+        None, help="Read config.json from this folder instead of the built-in table."
+    ),
 ):
     """Estimate the recipe's peak GPU memory on A10G 24 GB, A100 40 GB and 80 GB (no GPU needed)."""
     from pipeline.config import load_recipe
     from pipeline.planner import load_architecture, plan_table
 
     cfg = load_recipe(recipe, overrides)
-    arch = load_architecture(str(model_dir) if model_dir else cfg.model.base, None if model_dir else cfg.model.architecture)
+    arch = load_architecture(
+        str(model_dir) if model_dir else cfg.model.base, None if model_dir else cfg.model.architecture
+    )
     typer.echo(plan_table(arch, cfg.train, cfg.name))
 
 
@@ -264,31 +334,42 @@ def schema(out: Path = typer.Option(Path("recipes"), help="Folder for schema.jso
     from pipeline.config import recipe_reference, recipe_schema
 
     atomic_write_text(out / "schema.json", json.dumps(recipe_schema(), indent=2) + "\n")
-    atomic_write_text(out / "REFERENCE.md", "# Recipe reference\n\nGenerated by `make schema` from pipeline/config.py.\n\n" + recipe_reference())
+    atomic_write_text(
+        out / "REFERENCE.md",
+        "# Recipe reference\n\nGenerated by `make schema` from pipeline/config.py.\n\n" + recipe_reference(),
+    )
     typer.echo(f"wrote {out / 'schema.json'} and {out / 'REFERENCE.md'}")
 
 
 @app.command()
 def serve(
     recipe: str = RecipeArg,
-    overrides: Optional[list[str]] = OverridesArg,
+    overrides: list[str] | None = OverridesArg,
     runs_dir: Path = RunsOpt,
-    model_dir: Optional[Path] = typer.Option(None, help="Serve this model folder instead of the recipe's export."),
-    policy_file: Optional[Path] = typer.Option(None, "--policy", help="Router policy JSON (default: the run's evaluate)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Serve a registry alias, models:/<name>@<alias>, with "
-                                        "its run's policy, and follow it when `distill promote`/`rollback` move it."),
-    teacher_only: bool = typer.Option(False, "--teacher-only", help="No student: a capture proxy forwarding each "
-                                      "request as sent to the recipe's teacher and recording every pair to "
-                                      "serve.proxy_log (point the app's OPENAI_BASE_URL here)."),
+    model_dir: Path | None = typer.Option(None, help="Serve this model folder instead of the recipe's export."),
+    policy_file: Path | None = typer.Option(None, "--policy", help="Router policy JSON (default: the run's evaluate)."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Serve a registry alias, models:/<name>@<alias>, with "
+        "its run's policy, and follow it when `distill promote`/`rollback` move it.",
+    ),
+    teacher_only: bool = typer.Option(
+        False,
+        "--teacher-only",
+        help="No student: a capture proxy forwarding each "
+        "request as sent to the recipe's teacher and recording every pair to "
+        "serve.proxy_log (point the app's OPENAI_BASE_URL here).",
+    ),
 ):
     """Serve the student behind an OpenAI-compatible API that escalates low-confidence requests to the
     recipe's teacher (serve.mode, serve.host:serve.port, 127.0.0.1 by default); with --teacher-only, a
     capture proxy in front of the teacher, before any student exists."""
     from pipeline.artifacts import EVAL_POLICY, EXPORT_MERGED, completed_stage
     from pipeline.config import load_recipe
+    from pipeline.llm.policy import Policy
     from pipeline.router.wiring import check_policy_matches_export, exported_student_input
     from pipeline.router.wiring import serve as serve_app
-    from pipeline.llm.policy import Policy
 
     cfg = load_recipe(recipe, overrides)
     if teacher_only:
@@ -307,8 +388,9 @@ def serve(
         policy_path = completed_stage(run_dir, "evaluate", EVAL_POLICY)
     model_dir = model_dir or completed_stage(run_dir, "export", EXPORT_MERGED)
     if policy_path is None:
-        logging.getLogger(__name__).warning("no evaluated policy for %s: serving student-only, nothing escalates",
-                                            model_dir)
+        logging.getLogger(__name__).warning(
+            "no evaluated policy for %s: serving student-only, nothing escalates", model_dir
+        )
         policy = Policy.student_only(cfg.router.signal, exported_student_input(Path(model_dir).parent))
     else:
         policy = Policy.load(policy_path)
@@ -325,16 +407,31 @@ def _serve_alias(cfg, model: str, model_dir: Path | None, policy_file: Path | No
 
     if model_dir is not None or policy_file is not None:
         given = "--model-dir" if model_dir is not None else "--policy"
-        raise DistillError(f"--model serves a registry version with its own run's policy; drop {given}, "
-                           "or drop --model to serve a folder")
+        raise DistillError(
+            f"--model serves a registry version with its own run's policy; drop {given}, "
+            "or drop --model to serve a folder"
+        )
     name, alias = parse_model_uri(model)  # before opening the registry: a typo fails at once
     serve_alias(Registry(resolve_uri(cfg.tracking.uri)), name, alias, cfg.serve, recipe=cfg)
 
 
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "datasets", "transformers", "peft", "bitsandbytes",
-                  "httpx2", "openai", "anthropic"):
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in (
+        "alembic",
+        "mlflow",
+        "httpx",
+        "urllib3",
+        "datasets",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "httpx2",
+        "openai",
+        "anthropic",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "bitsandbytes" else logging.WARNING)
 
 

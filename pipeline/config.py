@@ -73,7 +73,7 @@ class TeacherConfig(Section):
         True,
         description="Classification task: the local teacher decodes only the task's label strings (guided "
         "decoding); an openai: teacher is sent a response_format JSON-schema enum of them, whose "
-        "{\"label\": ...} wrapper counts against max_new_tokens (dropped when the server refuses it).",
+        '{"label": ...} wrapper counts against max_new_tokens (dropped when the server refuses it).',
     )
     constrain_to_schema: bool = Field(
         True,
@@ -93,8 +93,9 @@ class TeacherConfig(Section):
     )
     logprobs: bool = Field(True, description="Ask for token logprobs (openai:); dropped if the server refuses them.")
     label_distribution: bool = Field(
-        False, description="Classification, local: teacher: also score every label after the prompt and record "
-        "the teacher's distribution over the labels, for train.soft_labels."
+        False,
+        description="Classification, local: teacher: also score every label after the prompt and record "
+        "the teacher's distribution over the labels, for train.soft_labels.",
     )
     concurrency: int = Field(8, ge=1, description="Teacher calls in flight at once (remote teachers).")
     rpm: int | None = Field(None, ge=1, description="Requests-per-minute limit (remote teachers).")
@@ -103,9 +104,7 @@ class TeacherConfig(Section):
     max_retries: int = Field(6, ge=0, description="Retries per call on 429/5xx/timeouts/bad responses.")
     backoff_initial_s: float = Field(1.0, gt=0, description="First retry wait; doubles per retry, with jitter.")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between retries (also caps Retry-After).")
-    price: PriceConfig | None = Field(
-        None, description="Price of this teacher; overrides pipeline/prices.yaml."
-    )
+    price: PriceConfig | None = Field(None, description="Price of this teacher; overrides pipeline/prices.yaml.")
     allow_unpriced: bool = Field(False, description="Run a teacher with no known price (cost recorded as 0).")
     budget_usd: float | None = Field(
         None,
@@ -126,15 +125,18 @@ class TeacherConfig(Section):
         "as provider batches (OpenAI Batch API, Anthropic Message Batches) at the batch price, about half.",
     )
     batch_wait: bool = Field(
-        True, description="batch mode: wait for the batches to finish (false, or `distill capture --no-wait`: "
-        "submit and exit; the next capture collects them)."
+        True,
+        description="batch mode: wait for the batches to finish (false, or `distill capture --no-wait`: "
+        "submit and exit; the next capture collects them).",
     )
     batch_poll_s: float = Field(
         15.0, gt=0, description="batch mode: first wait between status polls; doubles up to 20x this."
     )
     batch_max_requests: int | None = Field(
-        None, ge=1, description="batch mode: most requests per batch; default the provider's limit "
-        "(OpenAI 50,000, Anthropic 100,000); larger prompt sets are split."
+        None,
+        ge=1,
+        description="batch mode: most requests per batch; default the provider's limit "
+        "(OpenAI 50,000, Anthropic 100,000); larger prompt sets are split.",
     )
 
     @model_validator(mode="after")
@@ -149,8 +151,7 @@ class TeacherConfig(Section):
     def _batch_needs_a_batch_provider(self) -> TeacherConfig:
         if self.mode == "batch" and not self.spec.startswith(("openai:", "anthropic:")):
             raise ValueError(
-                f"teacher.mode='batch' needs an openai: or anthropic: teacher, not '{self.spec}'; "
-                "set teacher.mode=sync"
+                f"teacher.mode='batch' needs an openai: or anthropic: teacher, not '{self.spec}'; set teacher.mode=sync"
             )
         return self
 
@@ -213,13 +214,17 @@ class CurateConfig(Section):
     min_completion_tokens: int = Field(1, ge=0, description="Shortest answer kept, in student tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Longest answer kept, in student tokens.")
     near_dup_threshold: float | None = Field(
-        0.7, gt=0, le=1,
+        0.7,
+        gt=0,
+        le=1,
         description="MinHash Jaccard (word 1+2-grams of the prompt) at or above which prompts are near-duplicates; "
         "null turns near-duplicate removal off.",
     )
     minhash_perm: int = Field(128, ge=16, description="MinHash permutations (more: slower, more exact).")
     consistency_threshold: float = Field(
-        0.6, ge=0, le=1,
+        0.6,
+        ge=0,
+        le=1,
         description="With n>1 teacher samples per prompt: least share of samples agreeing with the majority answer.",
     )
     pii: bool = Field(
@@ -227,11 +232,14 @@ class CurateConfig(Section):
     )
     decontam_ngram: int = Field(8, ge=1, description="Word n-gram size for test/train decontamination.")
     decontam_overlap: float = Field(
-        0.5, gt=0, le=1,
+        0.5,
+        gt=0,
+        le=1,
         description="A test prompt is contaminated when this share of its word n-grams also occurs in train.",
     )
     target_size: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Examples to keep (typically 1k-10k): label-balanced when labelled, else diversity-first; "
         "null keeps every survivor.",
     )
@@ -283,8 +291,9 @@ class QuantConfig(Section):
         "bfloat16", description="Matmul dtype for 4-bit layers on CUDA (CPU always uses float32)."
     )
     on_cpu: Literal["refuse", "skip", "run"] = Field(
-        "refuse", description="QLoRA without CUDA: refuse (finetune stops, naming torch's CUDA build, the driver "
-        "and the fix); skip -> fp32 LoRA on the CPU; run -> real bitsandbytes 4-bit on the CPU (slow, tests)."
+        "refuse",
+        description="QLoRA without CUDA: refuse (finetune stops, naming torch's CUDA build, the driver "
+        "and the fix); skip -> fp32 LoRA on the CPU; run -> real bitsandbytes 4-bit on the CPU (slow, tests).",
     )
 
 
@@ -304,8 +313,13 @@ def optimizer_names() -> frozenset[str]:
         return frozenset()
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ClassDef) and node.name == "OptimizerNames":
-            return frozenset(item.value.value for item in node.body if isinstance(item, ast.Assign)
-                             and isinstance(item.value, ast.Constant) and isinstance(item.value.value, str))
+            return frozenset(
+                item.value.value
+                for item in node.body
+                if isinstance(item, ast.Assign)
+                and isinstance(item.value, ast.Constant)
+                and isinstance(item.value.value, str)
+            )
     return frozenset()
 
 
@@ -325,17 +339,24 @@ class TrainConfig(Section):
     )
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. paged_adamw_8bit.")
     max_grad_norm: float = Field(
-        1.0, ge=0, description="Clip the global gradient norm to this before each optimizer step (0: no clipping); "
-        "1.0 is transformers' default, the QLoRA paper uses 0.3."
+        1.0,
+        ge=0,
+        description="Clip the global gradient norm to this before each optimizer step (0: no clipping); "
+        "1.0 is transformers' default, the QLoRA paper uses 0.3.",
     )
     label_smoothing: float = Field(
-        0.0, ge=0, lt=1, description="Label smoothing of the answer tokens' targets (transformers' "
-        "label_smoothing_factor); 0: none."
+        0.0,
+        ge=0,
+        lt=1,
+        description="Label smoothing of the answer tokens' targets (transformers' label_smoothing_factor); 0: none.",
     )
     soft_labels: float = Field(
-        0.0, ge=0, le=1, description="Classification: weight of the teacher's label distribution in each answer "
+        0.0,
+        ge=0,
+        le=1,
+        description="Classification: weight of the teacher's label distribution in each answer "
         "token's target, where curate has one (teacher.label_distribution, or several samples per prompt); the "
-        "rest stays on the teacher's answer. 0: hard labels only; 1: the distribution only."
+        "rest stays on the teacher's answer. 0: hard labels only; 1: the distribution only.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     packing: bool = Field(False, description="Pack examples into full max_seq_len sequences (best-fit, padding-free).")
@@ -346,9 +367,11 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point).")
     logging_steps: int = Field(5, ge=1, description="Log loss every N steps.")
     eval_steps: int | None = Field(
-        None, ge=1, description="Compute the loss on the validation split every N optimizer steps, logged as "
+        None,
+        ge=1,
+        description="Compute the loss on the validation split every N optimizer steps, logged as "
         "eval_loss beside the training loss (MLflow, train_log.jsonl, the manifest's last value); monitoring "
-        "only, nothing is chosen on it. null: never."
+        "only, nothing is chosen on it. null: never.",
     )
     seed: int = Field(0, description="Training seed.")
     eos_check: Literal["fail", "warn", "off"] = Field(
@@ -361,7 +384,8 @@ class TrainConfig(Section):
         "fail", description="On CUDA, refuse (fail) or only warn when the VRAM planner says the recipe won't fit."
     )
     max_cpu_params: int | None = Field(
-        1_000_000_000, ge=1,
+        1_000_000_000,
+        ge=1,
         description="Without CUDA, finetune refuses a base with this many parameters or more (fp32 LoRA on a CPU "
         "takes days for a 7B), naming torch's CUDA build, the driver and the fix; null: train on the CPU anyway.",
     )
@@ -377,8 +401,10 @@ class TrainConfig(Section):
         known = optimizer_names()
         if known and self.optim not in known:
             hint = difflib.get_close_matches(self.optim, sorted(known), n=1)
-            errors.append(f"train.optim: '{self.optim}' is not a transformers optimizer"
-                          + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            errors.append(
+                f"train.optim: '{self.optim}' is not a transformers optimizer"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
         if self.soft_labels and self.label_smoothing:
             errors.append("train.soft_labels and train.label_smoothing both reshape the targets; set one of them")
         if self.method == "qlora" and not self.quant.load_in_4bit:
@@ -394,7 +420,8 @@ class TrainConfig(Section):
 
 class EvalCostConfig(Section):
     student_usd_per_hour: float = Field(
-        0.10, ge=0,
+        0.10,
+        ge=0,
         description="Price of the machine serving the student, US$/hour (default: a 2-vCPU cloud VM, ~$0.10/h); "
         "also prices an in-process local teacher by its measured latency.",
     )
@@ -406,7 +433,8 @@ class EvalCostConfig(Section):
         "tokens are counted in the teacher's own tokenizer.",
     )
     teacher_price: PriceConfig | None = Field(
-        None, description="An explicit price for `teacher_priced_as` (needed when the table does not list it).",
+        None,
+        description="An explicit price for `teacher_priced_as` (needed when the table does not list it).",
     )
 
     @model_validator(mode="after")
@@ -423,8 +451,10 @@ class EvalCostConfig(Section):
         if priced_as(spec) is None:
             near = nearest_specs(spec)
             hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
-            raise ValueError(f"eval.cost.teacher_priced_as: '{spec}' is not in pipeline/prices.yaml{hint}; or give "
-                             "eval.cost.teacher_price")
+            raise ValueError(
+                f"eval.cost.teacher_priced_as: '{spec}' is not in pipeline/prices.yaml{hint}; or give "
+                "eval.cost.teacher_price"
+            )
         return self
 
 
@@ -478,7 +508,8 @@ class ExportConfig(Section):
         "llama.cpp's type list.",
     )
     f16_logprob_tolerance: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="F16 GGUF in llama.cpp, teacher-forced on the merged model's greedy answers to the "
         "verification prompts: each answer token's log-probability must be within this many nats of the merged "
         "model's (computed in the compute dtype on the compute device), and no more than this below F16's own top "
@@ -488,7 +519,8 @@ class ExportConfig(Section):
     verify_prompts: int = Field(4, ge=1, description="Validation prompts re-generated to verify the export.")
     verify_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per verification prompt.")
     verify_logprob_tolerance: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Largest |difference| of next-token log-probabilities (nats, any vocabulary token, at each "
         "position of base + adapter's greedy answer to a verification prompt) allowed between the reloaded "
         "merged folder and base + adapter, both run in the compute dtype on the compute device; over it the "
@@ -496,24 +528,32 @@ class ExportConfig(Section):
         "(rounding noise measured 8e-5 / 0.24-0.93 nats; a dropped adapter 3.4+; pipeline/export/merged.py).",
     )
     verify_min_agreement: float = Field(
-        0.75, ge=0, le=1,
+        0.75,
+        ge=0,
+        le=1,
         description="Share of verification prompts on which the merged folder must give base + adapter's "
         "greedy answer token for token (bf16 rounding may flip a near-tie); under it the export fails.",
     )
     parity_limit: int | None = Field(
-        200, ge=1, description="Test examples every artifact is scored on (the first N, as eval.limit takes "
+        200,
+        ge=1,
+        description="Test examples every artifact is scored on (the first N, as eval.limit takes "
         "them): each GGUF answers them one at a time in llama.cpp, so a 7B's whole test split would take hours "
-        "where llama.cpp runs on the CPU; null: the whole test split."
+        "where llama.cpp runs on the CPU; null: the whole test split.",
     )
     parity_max_new_tokens: int = Field(12, ge=1, description="Longest answer per test prompt in the parity run.")
     parity_tolerance: float = Field(
-        0.02, ge=0, le=1, description="A quantized artifact whose agreement with the teacher (or EOS stop rate) "
-        "is more than this below the merged model's is rejected."
+        0.02,
+        ge=0,
+        le=1,
+        description="A quantized artifact whose agreement with the teacher (or EOS stop rate) "
+        "is more than this below the merged model's is rejected.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generate call for the transformers artifacts.")
     require: list[str] = Field(
-        [], description="Artifacts (merged, adapter, gguf-<type>) whose rejection fails the stage; others are "
-        "only marked rejected and left unregistered."
+        [],
+        description="Artifacts (merged, adapter, gguf-<type>) whose rejection fails the stage; others are "
+        "only marked rejected and left unregistered.",
     )
     registry: bool = Field(True, description="Register artifacts that pass parity in the MLflow model registry.")
     model_name: str | None = Field(None, description="Registered model name; default: the recipe name.")
@@ -522,16 +562,19 @@ class ExportConfig(Section):
     def _formats_consistent(self) -> ExportConfig:
         from pipeline.gguf_types import gguf_type_errors
 
-        errors = [f"export.formats: listed twice: {f}" for f in sorted(set(self.formats))
-                  if self.formats.count(f) > 1]
+        errors = [f"export.formats: listed twice: {f}" for f in sorted(set(self.formats)) if self.formats.count(f) > 1]
         if "merged" not in self.formats:
-            errors.append("export.formats must include merged: GGUF is converted from it and every artifact "
-                          "is checked against it")
+            errors.append(
+                "export.formats must include merged: GGUF is converted from it and every artifact is checked against it"
+            )
         if "gguf" in self.formats:
             errors += gguf_type_errors(self.gguf_types)
         produced = self.artifact_names()
-        errors += [f"export.require: '{name}' is not produced by export.formats/gguf_types "
-                   f"(produced: {', '.join(produced)})" for name in self.require if name not in produced]
+        errors += [
+            f"export.require: '{name}' is not produced by export.formats/gguf_types (produced: {', '.join(produced)})"
+            for name in self.require
+            if name not in produced
+        ]
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -548,8 +591,9 @@ class RouterConfig(Section):
     quality_target: float = Field(
         0.9, gt=0, le=1, description="Agreement with the teacher the router must keep on answered requests."
     )
-    signal: Literal["mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin",
-                    "field_prob"] = Field(
+    signal: Literal[
+        "mean_logprob", "min_logprob", "p10_logprob", "logistic", "label_prob", "label_margin", "field_prob"
+    ] = Field(
         "mean_logprob",
         description="Confidence signal the threshold is set on (pipeline/llm/policy.py SIGNALS): "
         "mean_logprob / min_logprob / p10_logprob = average / lowest / 10th-percentile log-probability of the "
@@ -596,7 +640,8 @@ class TierConfig(Section):
     gguf: Path | None = Field(None, description="student=llama.cpp: the GGUF file.")
     base_url: str | None = Field(None, description="student=openai:<model>: the server's base URL (.../v1).")
     api_key_env: str | None = Field(
-        None, description="student=openai:<model>: env var holding its API key (default OPENAI_API_KEY; a "
+        None,
+        description="student=openai:<model>: env var holding its API key (default OPENAI_API_KEY; a "
         "loopback base URL needs none).",
     )
     policy: Path = Field(
@@ -604,8 +649,9 @@ class TierConfig(Section):
         "policy keeps its answer, else the request passes to the next tier.",
     )
     timeout_s: float | None = Field(
-        None, gt=0, description="Most this tier may take before the request passes on; default what is left "
-        "of serve.deadline_s.",
+        None,
+        gt=0,
+        description="Most this tier may take before the request passes on; default what is left of serve.deadline_s.",
     )
 
     @model_validator(mode="after")
@@ -614,9 +660,16 @@ class TierConfig(Section):
         if getattr(self, needed) is None:
             raise ValueError(f"tier {self.name} (student={self.student}) needs {needed}")
         upstream = self.student.startswith("openai:")
-        stray = [name for name, used in (("model_dir", self.student == "transformers"),
-                                         ("gguf", self.student == "llama.cpp"), ("base_url", upstream),
-                                         ("api_key_env", upstream)) if getattr(self, name) is not None and not used]
+        stray = [
+            name
+            for name, used in (
+                ("model_dir", self.student == "transformers"),
+                ("gguf", self.student == "llama.cpp"),
+                ("base_url", upstream),
+                ("api_key_env", upstream),
+            )
+            if getattr(self, name) is not None and not used
+        ]
         if stray:
             raise ValueError(f"tier {self.name}: {stray[0]} does not apply to student={self.student}; drop it")
         return self
@@ -629,29 +682,35 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="Port.")
     model_name: str = Field("distill-student", description="Model name clients send (`model` in the request).")
     student: str = Field(
-        "transformers", pattern=r"^(transformers|llama\.cpp|openai:.+)$",
+        "transformers",
+        pattern=r"^(transformers|llama\.cpp|openai:.+)$",
         description="What answers as the student: transformers = the merged export in process (micro-batched); "
         "llama.cpp = the GGUF export in process (llama-cpp-python); openai:<model> = any OpenAI-compatible "
         "server already serving it (vllm serve, Ollama, llama.cpp's server) at student_base_url.",
     )
     student_gguf: Path | None = Field(
-        None, description="student=llama.cpp: the GGUF file; default the export's gguf/ file (the only one, or "
+        None,
+        description="student=llama.cpp: the GGUF file; default the export's gguf/ file (the only one, or "
         "the q8_0 one).",
     )
     student_base_url: str | None = Field(
-        None, description="student=openai:<model>: the server's base URL, e.g. http://127.0.0.1:8001/v1.",
+        None,
+        description="student=openai:<model>: the server's base URL, e.g. http://127.0.0.1:8001/v1.",
     )
     student_api_key_env: str | None = Field(
-        None, description="student=openai:<model>: env var holding its API key (default OPENAI_API_KEY; a "
+        None,
+        description="student=openai:<model>: env var holding its API key (default OPENAI_API_KEY; a "
         "loopback base URL needs none).",
     )
     max_tokens: int = Field(256, ge=1, description="Default and ceiling for completion tokens per request.")
     api_key_env: str | None = Field(
-        None, description="Env var holding the bearer key clients must send, or several, comma-separated; "
+        None,
+        description="Env var holding the bearer key clients must send, or several, comma-separated; "
         "none (and no api_keys_file): no auth (loopback only).",
     )
     api_keys_file: Path | None = Field(
-        None, description="File of bearer keys clients may send, one per line (blank lines and # comments "
+        None,
+        description="File of bearer keys clients may send, one per line (blank lines and # comments "
         "skipped); with api_key_env, either source's keys are accepted.",
     )
     mode: str = Field(
@@ -664,41 +723,57 @@ class ServeConfig(Section):
     )
     max_queue: int = Field(64, ge=1, description="Requests admitted at once; beyond it the router answers 429.")
     max_prompt_tokens: int = Field(
-        2048, ge=1, description="Longest prompt, in the student's tokens (chat template included), a request may "
+        2048,
+        ge=1,
+        description="Longest prompt, in the student's tokens (chat template included), a request may "
         "send; a longer one is refused with 400 before it is queued.",
     )
     max_connections: int = Field(
-        512, ge=1, description="Open connections and requests in progress the server holds at once (uvicorn's "
+        512,
+        ge=1,
+        description="Open connections and requests in progress the server holds at once (uvicorn's "
         "limit_concurrency); a request arriving beyond it gets 503.",
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="A connection that has not sent a whole request head (line and headers) this long "
+        10.0,
+        gt=0,
+        description="A connection that has not sent a whole request head (line and headers) this long "
         "after connecting, or after its last answer, is closed.",
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="A request body not received in full this long after its headers is refused "
+        30.0,
+        gt=0,
+        description="A request body not received in full this long after its headers is refused "
         "with 408 and the connection closed.",
     )
     keep_alive_s: int = Field(5, ge=1, description="An idle keep-alive connection is closed after this many seconds.")
     protect_ops: bool = Field(
-        False, description="Require the bearer key on /metrics and /ready too (/health stays open for probes).",
+        False,
+        description="Require the bearer key on /metrics and /ready too (/health stays open for probes).",
     )
-    docs: bool = Field(False, description="Serve FastAPI's /docs and /openapi.json (off: they describe the API "
-                       "to anyone who asks).")
+    docs: bool = Field(
+        False, description="Serve FastAPI's /docs and /openapi.json (off: they describe the API to anyone who asks)."
+    )
     deadline_s: float = Field(
         30.0, gt=0, description="Per-request deadline; a teacher not done by then leaves the student's answer."
     )
     budget_usd: float | None = Field(
-        None, gt=0, description="Most the router may spend on teacher calls (reserved before each call); "
-        "default teacher.budget_usd. Past it, escalations get the student's answer (student-fallback)."
+        None,
+        gt=0,
+        description="Most the router may spend on teacher calls (reserved before each call); "
+        "default teacher.budget_usd. Past it, escalations get the student's answer (student-fallback).",
     )
     max_batch: int = Field(8, ge=1, description="Concurrent student requests that share one generate call (1: none).")
     batch_window_ms: float = Field(
-        0.0, ge=0, description="How long the first request of a micro-batch waits for company; 0: only requests "
+        0.0,
+        ge=0,
+        description="How long the first request of a micro-batch waits for company; 0: only requests "
         "that queued while the previous generate call ran are batched (no added latency when idle).",
     )
     rollback_window: int = Field(
-        200, ge=1, description="Shadowed answers the policy would keep, over which agreement with the teacher "
+        200,
+        ge=1,
+        description="Shadowed answers the policy would keep, over which agreement with the teacher "
         "is averaged; below router.quality_target the router switches itself to mode off.",
     )
     escalations: Path = Field(
@@ -708,7 +783,8 @@ class ServeConfig(Section):
         "<name>-<UTC timestamp>.jsonl beside it.",
     )
     scrub_pii: bool = Field(
-        True, description="Replace e-mails, card numbers, IBANs, phone numbers and API-key-shaped strings with "
+        True,
+        description="Replace e-mails, card numbers, IBANs, phone numbers and API-key-shaped strings with "
         "placeholders (curate's scrubber) before a record reaches the escalation or proxy log.",
     )
     ledger: Path = Field(
@@ -722,11 +798,16 @@ class ServeConfig(Section):
         "appended, in the capture record format (meta.source=proxy); `teacher.spec=logs:<this file>` imports it.",
     )
     registry_poll_s: float = Field(
-        5.0, gt=0, description="Serving by registry alias (`distill serve --model models:/<name>@<alias>`): how "
+        5.0,
+        gt=0,
+        description="Serving by registry alias (`distill serve --model models:/<name>@<alias>`): how "
         "often the alias is read again; when it moves, the new version is loaded and swapped in.",
     )
     candidate_percent: float = Field(
-        0.0, ge=0, le=100, description="Serving by registry alias: share of requests answered by the `candidate` "
+        0.0,
+        ge=0,
+        le=100,
+        description="Serving by registry alias: share of requests answered by the `candidate` "
         "alias's version, with its own policy (by a hash of `user`, else the request id); the champion answers "
         "the rest. Ignored when there is no candidate alias.",
     )
@@ -746,10 +827,15 @@ class ServeConfig(Section):
         upstream = self.student.startswith("openai:")
         if upstream and not self.student_base_url:
             raise ValueError(f"serve.student={self.student} needs serve.student_base_url (the server's /v1 URL)")
-        stray = [name for name, used, value in (
-            ("student_gguf", self.student == "llama.cpp", self.student_gguf),
-            ("student_base_url", upstream, self.student_base_url),
-            ("student_api_key_env", upstream, self.student_api_key_env)) if value is not None and not used]
+        stray = [
+            name
+            for name, used, value in (
+                ("student_gguf", self.student == "llama.cpp", self.student_gguf),
+                ("student_base_url", upstream, self.student_base_url),
+                ("student_api_key_env", upstream, self.student_api_key_env),
+            )
+            if value is not None and not used
+        ]
         if stray:
             raise ValueError(f"serve.{stray[0]} does not apply to serve.student={self.student}; drop it")
         return self
@@ -760,11 +846,12 @@ class RetrainConfig(Section):
 
     escalations: list[Path] = Field(
         default_factory=list,
-        description="Escalation logs to gather (router format, or any capture-record JSONL); "
-        "empty: serve.escalations.",
+        description="Escalation logs to gather (router format, or any capture-record JSONL); empty: serve.escalations.",
     )
     holdout: float = Field(
-        0.2, ge=0, lt=1,
+        0.2,
+        ge=0,
+        lt=1,
         description="Share of the new escalated prompts (by a hash of the prompt) held back from training "
         "as the escalated slice both models are compared on.",
     )
@@ -797,10 +884,16 @@ class Recipe(Section):
     def input_files(self) -> dict[str, Path]:
         """The files this recipe reads that must exist before anything runs, by dotted key.
         (capture.prompts may be a hub dataset id, so the capture stage checks it.)"""
-        named = {"model.chat_template": self.model.chat_template, "capture.task": self.capture.task,
-                 "capture.records": self.capture.records, "curate.frozen_test": self.curate.frozen_test,
-                 "train.init_adapter": self.train.init_adapter, "eval.file": self.eval.file,
-                 "serve.student_gguf": self.serve.student_gguf, "serve.api_keys_file": self.serve.api_keys_file}
+        named = {
+            "model.chat_template": self.model.chat_template,
+            "capture.task": self.capture.task,
+            "capture.records": self.capture.records,
+            "curate.frozen_test": self.curate.frozen_test,
+            "train.init_adapter": self.train.init_adapter,
+            "eval.file": self.eval.file,
+            "serve.student_gguf": self.serve.student_gguf,
+            "serve.api_keys_file": self.serve.api_keys_file,
+        }
         return {key: path for key, path in named.items() if path is not None}
 
 
@@ -865,8 +958,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(value)
     except yaml.YAMLError as err:
-        raise DistillError(f"override '{item}': invalid YAML value ({getattr(err, 'problem', None) or err}); "
-                           "quote it if it is meant as text") from None
+        raise DistillError(
+            f"override '{item}': invalid YAML value ({getattr(err, 'problem', None) or err}); "
+            "quote it if it is meant as text"
+        ) from None
 
 
 def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:

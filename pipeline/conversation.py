@@ -32,8 +32,15 @@ REQUEST_PARAMS = ("response_format", "max_tokens", "max_completion_tokens", "tem
 
 # Content-part types that carry text (Chat Completions, Responses API), and those we cannot train on.
 _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
-_UNSUPPORTED_PARTS = {"image_url": "images", "input_image": "images", "image": "images",
-                      "input_audio": "audio", "audio": "audio", "file": "files", "input_file": "files"}
+_UNSUPPORTED_PARTS = {
+    "image_url": "images",
+    "input_image": "images",
+    "image": "images",
+    "input_audio": "audio",
+    "audio": "audio",
+    "file": "files",
+    "input_file": "files",
+}
 
 
 class Unsupported(ValueError):
@@ -180,12 +187,23 @@ def resolve_student_input(requested: StudentInput, conversations: list[list[dict
             reason += f"; the data has {len(prompts)} distinct system prompts, all left out of the student's input"
         return StudentView(requested, requested, len(prompts), static or None, reason)
     if static is None:
-        return StudentView("conversation", "auto", len(prompts), None,
-                           f"auto: {len(prompts)} distinct system prompts carry per-request context, kept")
+        return StudentView(
+            "conversation",
+            "auto",
+            len(prompts),
+            None,
+            f"auto: {len(prompts)} distinct system prompts carry per-request context, kept",
+        )
     if static == "":
-        return StudentView("user", "auto", 1, None, "auto: no system prompt in the data; the student sees the "
-                           "user and assistant turns (the task file's instructions, if the teacher had them, "
-                           "are learned away)")
+        return StudentView(
+            "user",
+            "auto",
+            1,
+            None,
+            "auto: no system prompt in the data; the student sees the "
+            "user and assistant turns (the task file's instructions, if the teacher had them, "
+            "are learned away)",
+        )
     return StudentView("user", "auto", 1, static, "auto: one system prompt shared by every record, learned away")
 
 

@@ -56,24 +56,54 @@ GPUS: dict[str, float] = {
 # planner needs, copied from the published configs of the recipes' bases.
 KNOWN_ARCHITECTURES: dict[str, dict] = {
     "mistralai/Mistral-7B-Instruct-v0.3": dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=32768, tie_word_embeddings=False, head_dim=128,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+        head_dim=128,
     ),
     "meta-llama/Llama-3.2-1B-Instruct": dict(
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        head_dim=64,
     ),
     "meta-llama/Llama-3.2-3B-Instruct": dict(
-        hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=128,
+        hidden_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        head_dim=128,
     ),
     "Qwen/Qwen2.5-1.5B-Instruct": dict(
-        hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-        intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, attention_bias=True,
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        attention_bias=True,
     ),
     "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, head_dim=64,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        head_dim=64,
     ),
 }
 KNOWN_ARCHITECTURES["embedded:smollm2-135m-instruct"] = KNOWN_ARCHITECTURES["HuggingFaceTB/SmolLM2-135M-Instruct"]
@@ -108,20 +138,34 @@ class Architecture:
         try:
             hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
             return cls(
-                hidden=hidden, layers=cfg["num_hidden_layers"], heads=heads,
-                kv_heads=cfg.get("num_key_value_heads") or heads, intermediate=cfg["intermediate_size"],
-                vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
-                head_dim=cfg.get("head_dim") or hidden // heads, attention_bias=bool(cfg.get("attention_bias", False)),
+                hidden=hidden,
+                layers=cfg["num_hidden_layers"],
+                heads=heads,
+                kv_heads=cfg.get("num_key_value_heads") or heads,
+                intermediate=cfg["intermediate_size"],
+                vocab=cfg["vocab_size"],
+                tied=bool(cfg.get("tie_word_embeddings", False)),
+                head_dim=cfg.get("head_dim") or hidden // heads,
+                attention_bias=bool(cfg.get("attention_bias", False)),
             )
         except KeyError as err:
-            raise DistillError(f"model config lacks {err.args[0]}: the planner needs a LLaMA-style config.json") from None
+            raise DistillError(
+                f"model config lacks {err.args[0]}: the planner needs a LLaMA-style config.json"
+            ) from None
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection in one block."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     @property
     def linear_params(self) -> int:
@@ -157,8 +201,14 @@ class Estimate:
         return self.weights + self.lora + self.optimizer + self.activations + self.logits + self.overhead
 
     def parts(self) -> dict[str, float]:
-        return {"weights": self.weights, "lora+grads": self.lora, "optimizer": self.optimizer,
-                "activations": self.activations, "logits": self.logits, "overhead": self.overhead}
+        return {
+            "weights": self.weights,
+            "lora+grads": self.lora,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "logits": self.logits,
+            "overhead": self.overhead,
+        }
 
 
 def load_architecture(base: str, architecture: str | None = None) -> Architecture:
@@ -170,7 +220,9 @@ def load_architecture(base: str, architecture: str | None = None) -> Architectur
     if key in KNOWN_ARCHITECTURES:
         return Architecture.from_config(KNOWN_ARCHITECTURES[key])
     known = ", ".join(KNOWN_ARCHITECTURES)
-    raise DistillError(f"planner: no config.json for '{key}'; use a local model folder or set model.architecture to one of: {known}")
+    raise DistillError(
+        f"planner: no config.json for '{key}'; use a local model folder or set model.architecture to one of: {known}"
+    )
 
 
 def lora_params(arch: Architecture, r: int, targets) -> int:
@@ -195,7 +247,9 @@ def estimate(arch: Architecture, train, compute_dtype: str = "bfloat16") -> Esti
     tokens = train.batch_size * train.max_seq_len  # padding-free / packing / padded: at most this many
     per_token_hidden, per_token_inter = ACTIVATION_COEFFICIENTS[quantized]
     repeated_kv = 2 * (arch.heads - arch.kv_heads) * arch.head_dim
-    per_layer = tokens * (per_token_hidden * arch.hidden + per_token_inter * arch.intermediate + repeated_kv) * act_bytes
+    per_layer = (
+        tokens * (per_token_hidden * arch.hidden + per_token_inter * arch.intermediate + repeated_kv) * act_bytes
+    )
     if train.gradient_checkpointing:
         activations = arch.layers * tokens * arch.hidden * act_bytes + per_layer
     else:
@@ -216,8 +270,11 @@ def tiled_lm_head() -> bool:
     import importlib.util
 
     spec = importlib.util.find_spec("trl")
-    return bool(spec and spec.submodule_search_locations and any(
-        (Path(p) / "kernels" / "chunked_logprob.py").is_file() for p in spec.submodule_search_locations))
+    return bool(
+        spec
+        and spec.submodule_search_locations
+        and any((Path(p) / "kernels" / "chunked_logprob.py").is_file() for p in spec.submodule_search_locations)
+    )
 
 
 def advice(arch: Architecture, train, budget_gib: float, compute_dtype: str = "bfloat16") -> list[str]:
@@ -227,12 +284,20 @@ def advice(arch: Architecture, train, budget_gib: float, compute_dtype: str = "b
     if not train.gradient_checkpointing:
         candidates.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
     if not train.quant.load_in_4bit:
-        candidates.append(("train.method=qlora train.quant.load_in_4bit=true",
-                           {"method": "qlora", "quant": train.quant.model_copy(update={"load_in_4bit": True})}))
+        candidates.append(
+            (
+                "train.method=qlora train.quant.load_in_4bit=true",
+                {"method": "qlora", "quant": train.quant.model_copy(update={"load_in_4bit": True})},
+            )
+        )
     if train.batch_size > 1:
         half = max(1, train.batch_size // 2)
-        candidates.append((f"train.batch_size={half} train.grad_accum={train.grad_accum * train.batch_size // half}",
-                           {"batch_size": half, "grad_accum": train.grad_accum * train.batch_size // half}))
+        candidates.append(
+            (
+                f"train.batch_size={half} train.grad_accum={train.grad_accum * train.batch_size // half}",
+                {"batch_size": half, "grad_accum": train.grad_accum * train.batch_size // half},
+            )
+        )
     if train.max_seq_len > 512:
         candidates.append((f"train.max_seq_len={train.max_seq_len // 2}", {"max_seq_len": train.max_seq_len // 2}))
     for text, update in candidates:
@@ -249,10 +314,12 @@ def format_estimate(est: Estimate) -> str:
 def plan_table(arch: Architecture, train, name: str) -> str:
     """What `distill plan` prints: the estimate and whether it fits each reference GPU."""
     est = estimate(arch, train)
-    lines = [f"{name}: {arch.params / 1e9:.2f}B params, {lora_params(arch, train.lora.r, train.lora.targets) / 1e6:.1f}M LoRA, "
-             f"{'NF4' if train.quant.load_in_4bit else 'bf16'} base, seq {train.max_seq_len} x batch {train.batch_size}, "
-             f"checkpointing {'on' if train.gradient_checkpointing else 'off'}",
-             f"estimated peak: {format_estimate(est)}"]
+    lines = [
+        f"{name}: {arch.params / 1e9:.2f}B params, {lora_params(arch, train.lora.r, train.lora.targets) / 1e6:.1f}M LoRA, "
+        f"{'NF4' if train.quant.load_in_4bit else 'bf16'} base, seq {train.max_seq_len} x batch {train.batch_size}, "
+        f"checkpointing {'on' if train.gradient_checkpointing else 'off'}",
+        f"estimated peak: {format_estimate(est)}",
+    ]
     for gpu, total in GPUS.items():
         verdict = "fits" if est.total <= total else "does NOT fit"
         lines.append(f"  {gpu:<11} {total:5.1f} GiB: {verdict} ({total - est.total:+.1f} GiB)")

@@ -104,8 +104,10 @@ class Registry:
     def require(self, name: str, alias: str) -> ServedVersion:
         served = self.resolve(name, alias)
         if served is None:
-            raise DistillError(f"registry {self.uri}: {name} has no '{alias}' alias "
-                               f"(`distill promote` sets champion; `distill retrain` sets candidate)")
+            raise DistillError(
+                f"registry {self.uri}: {name} has no '{alias}' alias "
+                f"(`distill promote` sets champion; `distill retrain` sets candidate)"
+            )
         return served
 
     def versions(self, name: str) -> list[ServedVersion]:
@@ -142,9 +144,11 @@ class Registry:
         unless `force`."""
         target = self.version(name, version) if version else self.require(name, CANDIDATE)
         if target.tags.get(WORSE_TAG) == "true" and not force:
-            raise DistillError(f"{name} version {target.version} is worse than the champion beyond the CI "
-                               f"({target.tags.get(VERDICT_TAG, 'keep')}); see its comparison report, "
-                               "or pass --force to promote it anyway")
+            raise DistillError(
+                f"{name} version {target.version} is worse than the champion beyond the CI "
+                f"({target.tags.get(VERDICT_TAG, 'keep')}); see its comparison report, "
+                "or pass --force to promote it anyway"
+            )
         current = self.resolve(name, CHAMPION)
         if current is not None and current.version == target.version:
             return target

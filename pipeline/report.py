@@ -30,26 +30,50 @@ def evaluate_rows(m: dict, spec: str | None = None) -> list[tuple[str, str]]:
     """Quality of base / tuned / teacher, the routed system at the threshold, and its cost."""
     rows = [("teacher agreement: base / tuned", f"{_ci(m, 'base_agreement')} / {_ci(m, 'tuned_agreement')}")]
     if "teacher_accuracy" in m:
-        rows.append(("gold accuracy: base / tuned / teacher",
-                     f"{_ci(m, 'base_accuracy')} / {_ci(m, 'tuned_accuracy')} / {_ci(m, 'teacher_accuracy')}"))
+        rows.append(
+            (
+                "gold accuracy: base / tuned / teacher",
+                f"{_ci(m, 'base_accuracy')} / {_ci(m, 'tuned_accuracy')} / {_ci(m, 'teacher_accuracy')}",
+            )
+        )
     if "tuned_field_f1" in m:  # extraction
-        rows.append(("record exact match vs teacher: base / tuned",
-                     f"{_ci(m, 'base_exact_match')} / {_ci(m, 'tuned_exact_match')}"))
+        rows.append(
+            (
+                "record exact match vs teacher: base / tuned",
+                f"{_ci(m, 'base_exact_match')} / {_ci(m, 'tuned_exact_match')}",
+            )
+        )
         rows.append(("field F1 vs teacher: base / tuned", f"{_ci(m, 'base_field_f1')} / {_ci(m, 'tuned_field_f1')}"))
         if "teacher_gold_field_f1" in m:
-            rows.append(("field F1 vs gold: tuned / teacher",
-                         f"{_ci(m, 'tuned_gold_field_f1')} / {_ci(m, 'teacher_gold_field_f1')}"))
+            rows.append(
+                (
+                    "field F1 vs gold: tuned / teacher",
+                    f"{_ci(m, 'tuned_gold_field_f1')} / {_ci(m, 'teacher_gold_field_f1')}",
+                )
+            )
     if "local_share" in m:
         rows.append(("routed: local share / agreement", f"{_ci(m, 'local_share')} / {_ci(m, 'system_agreement')}"))
     if "routed_usd_per_1k" in m:
-        rows.append(("$/1k requests: routed / teacher (measured)",
-                     f"{_usd(m['routed_usd_per_1k'])} / {_usd(m.get('teacher_only_usd_per_1k'))}"))
+        rows.append(
+            (
+                "$/1k requests: routed / teacher (measured)",
+                f"{_usd(m['routed_usd_per_1k'])} / {_usd(m.get('teacher_only_usd_per_1k'))}",
+            )
+        )
     if spec and "priced_routed_usd_per_1k" in m:
-        rows.append((f"$/1k priced as {spec}: routed / API",
-                     f"{_usd(m['priced_routed_usd_per_1k'])} / {_usd(m['teacher_priced_usd_per_1k'])}"))
+        rows.append(
+            (
+                f"$/1k priced as {spec}: routed / API",
+                f"{_usd(m['priced_routed_usd_per_1k'])} / {_usd(m['teacher_priced_usd_per_1k'])}",
+            )
+        )
         if m.get("priced_saving") is not None:
-            rows.append((f"routing saves vs {spec}",
-                         f"{_pct(m['priced_saving'])} [{100 * m['priced_saving_lo']:.0f}-{100 * m['priced_saving_hi']:.0f}]"))
+            rows.append(
+                (
+                    f"routing saves vs {spec}",
+                    f"{_pct(m['priced_saving'])} [{100 * m['priced_saving_lo']:.0f}-{100 * m['priced_saving_hi']:.0f}]",
+                )
+            )
     return rows
 
 
@@ -68,11 +92,16 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
             table.add_row("prompts captured", f"{c['prompts']} (0 teacher calls: unchanged)")
             table.add_row("teacher cost (this run)", "$0.0000")
         else:
-            table.add_row("prompts captured", f"{c['prompts']} ({c['teacher_calls']} teacher calls, {c['cache_hits']} cached)")
+            table.add_row(
+                "prompts captured", f"{c['prompts']} ({c['teacher_calls']} teacher calls, {c['cache_hits']} cached)"
+            )
             table.add_row("teacher cost (this run)", f"${capture.cost_usd:.4f}")
     if curate:
-        table.add_row("examples kept", f"{curate.counts['kept']} (train {curate.counts['train']} / "
-                      f"val {curate.counts['validation']} / test {curate.counts['test']})")
+        table.add_row(
+            "examples kept",
+            f"{curate.counts['kept']} (train {curate.counts['train']} / "
+            f"val {curate.counts['validation']} / test {curate.counts['test']})",
+        )
     if evaluate:
         for row in evaluate_rows(evaluate.metrics, recipe.eval.cost.teacher_priced_as):
             table.add_row(*row)
@@ -87,11 +116,26 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
 def print_rounds(rows: list[dict], console: Console | None = None) -> None:
     """The loop's round-over-round table (`distill retrain`, `make loop-demo`)."""
     table = Table(title="Rounds (frozen test split; local share and cost at each round's own threshold)")
-    for column in ("round", "train examples", "added", "student agrees with teacher", "local share",
-                   "routed agreement", "routed $ / 1k requests", "verdict"):
+    for column in (
+        "round",
+        "train examples",
+        "added",
+        "student agrees with teacher",
+        "local share",
+        "routed agreement",
+        "routed $ / 1k requests",
+        "verdict",
+    ):
         table.add_column(column)
     for r in rows:
-        table.add_row(str(r["round"]), str(r["train_examples"]), str(r["examples_added"]), _pct(r["test_agreement"]),
-                      _pct(r["local_share"]), _pct(r["routed_agreement"]), _usd(r["routed_usd_per_1k"]),
-                      r["verdict"] or "champion (round 0)")
+        table.add_row(
+            str(r["round"]),
+            str(r["train_examples"]),
+            str(r["examples_added"]),
+            _pct(r["test_agreement"]),
+            _pct(r["local_share"]),
+            _pct(r["routed_agreement"]),
+            _usd(r["routed_usd_per_1k"]),
+            r["verdict"] or "champion (round 0)",
+        )
     (console or Console()).print(table)

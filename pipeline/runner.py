@@ -71,8 +71,14 @@ def stages_until(until: str | None) -> tuple[Stage, ...]:
     return STAGES[: STAGE_NAMES.index(until) + 1]
 
 
-def run_pipeline(recipe: Recipe, until: str | None = None, runs_root: Path = Path("runs"), force: bool = False,
-                 ranks: Ranks | None = None, run_name: str | None = None) -> PipelineResult:
+def run_pipeline(
+    recipe: Recipe,
+    until: str | None = None,
+    runs_root: Path = Path("runs"),
+    force: bool = False,
+    ranks: Ranks | None = None,
+    run_name: str | None = None,
+) -> PipelineResult:
     """Every stage up to `until`, in `runs_root/<run_name>` (default: the recipe name; a
     retrain round is `runs/<recipe>/rounds/r<N>`). Under a multi-process launch only the main
     process writes folders and MLflow runs; the other ranks get a NullTracker and join ALL_RANKS stages."""
@@ -101,8 +107,14 @@ def fingerprint(stage: Stage, recipe: Recipe, input_hashes: dict[str, str]) -> s
     return sha256_json({"stage": stage.NAME, "config": field_values(recipe, stage.READS), "inputs": input_hashes})
 
 
-def run_stage(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerProtocol,
-              force: bool = False, ranks: Ranks = Ranks()) -> StageOutcome:
+def run_stage(
+    stage: Stage,
+    recipe: Recipe,
+    layout: RunLayout,
+    tracker: TrackerProtocol,
+    force: bool = False,
+    ranks: Ranks = Ranks(),
+) -> StageOutcome:
     if ranks.count > 1 and not stage.ALL_RANKS:
         return _on_main_only(stage, recipe, layout, tracker, force, ranks)
     inputs, input_hashes = resolve_inputs(stage, recipe, layout)
@@ -140,8 +152,9 @@ def run_stage(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerP
     return StageOutcome(stage.NAME, manifest, skipped=False, wall_s=time.perf_counter() - start)
 
 
-def _on_main_only(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerProtocol, force: bool,
-                  ranks: Ranks) -> StageOutcome:
+def _on_main_only(
+    stage: Stage, recipe: Recipe, layout: RunLayout, tracker: TrackerProtocol, force: bool, ranks: Ranks
+) -> StageOutcome:
     """A stage that must run once: the main process runs it, the other ranks wait, then read its manifest."""
     outcome = run_stage(stage, recipe, layout, tracker, force) if ranks.main else None
     ranks.barrier()
@@ -155,8 +168,9 @@ def _on_main_only(stage: Stage, recipe: Recipe, layout: RunLayout, tracker: Trac
 
 def write_resolved_config(folder: Path, recipe: Recipe) -> None:
     """The whole recipe the stage ran with (secrets masked), like litgpt's saved hyperparameters."""
-    atomic_write_text(folder / RESOLVED_CONFIG,
-                      yaml.safe_dump(redact_tree(recipe.model_dump(mode="json")), sort_keys=False))
+    atomic_write_text(
+        folder / RESOLVED_CONFIG, yaml.safe_dump(redact_tree(recipe.model_dump(mode="json")), sort_keys=False)
+    )
 
 
 def resolve_inputs(stage: Stage, recipe: Recipe, layout: RunLayout) -> tuple[dict[str, Path], dict[str, str]]:

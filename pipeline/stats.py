@@ -10,8 +10,8 @@ reproducible; the percentile interval is used because the figures are bounded ra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,8 +38,9 @@ def resample_indices(n: int, reps: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(reps, n))
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float], n: int, reps: int = 1000, seed: int = 0,
-              level: float = 0.95) -> Figure:
+def bootstrap(
+    statistic: Callable[[np.ndarray], float], n: int, reps: int = 1000, seed: int = 0, level: float = 0.95
+) -> Figure:
     """`statistic(indices)` on the full set, and the percentile interval over `reps` resamples."""
     if n == 0:
         raise ValueError("bootstrap over an empty set")

@@ -25,16 +25,15 @@ class Task(BaseModel):
     name: str
     kind: Literal["classification", "generation", "extraction"] = "classification"
     description: str = ""
-    instructions: str = Field(description="System prompt given to the teacher when the app sends none of its own; "
-                              "'' for none.")
+    instructions: str = Field(
+        description="System prompt given to the teacher when the app sends none of its own; '' for none."
+    )
     labels: list[str] = Field(default_factory=list, description="Label set (classification).")
     examples: list[WorkedExample] = Field(default_factory=list)
     output_schema: dict[str, Any] | None = Field(
         None, description="JSON Schema every answer must satisfy (extraction); checked by curate."
     )
-    answer_regex: str | None = Field(
-        None, description="Regex every (whole) answer must match; checked by curate."
-    )
+    answer_regex: str | None = Field(None, description="Regex every (whole) answer must match; checked by curate.")
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> Task:
@@ -59,8 +58,10 @@ class Task(BaseModel):
         `system`). When the app sent no system prompt of its own, the task's instructions and
         worked examples come first: what capture sends for a prompts file, and what the router
         sends on escalation, so a teacher answers live what it answered at capture."""
-        turns = [{"role": "system" if m["role"] in SYSTEM_ROLES else m["role"], "content": m["content"]}
-                 for m in conversation]
+        turns = [
+            {"role": "system" if m["role"] in SYSTEM_ROLES else m["role"], "content": m["content"]}
+            for m in conversation
+        ]
         if any(m["role"] == "system" for m in turns):
             return turns
         prefix = [{"role": "system", "content": self.instructions}] if self.instructions else []
@@ -141,6 +142,7 @@ def record_fields(text: str) -> dict[str, Any] | None:
 
 def same_field(answer: dict[str, Any], reference: dict[str, Any], key: str) -> bool:
     """One top-level field of two JSON objects agrees (absent, null, [] and "" alike)."""
+
     def present(v: Any) -> Any:
         return None if v in (None, [], "", {}) else v
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,6 @@ class Tracker:
         else:
             self._mlflow.log_artifact(str(path), artifact_path=subdir)
 
-
     def register_model(self, name: str, source: str, tags: dict[str, str], description: str = "") -> str:
         """A new version of registered model `name` (created when missing) whose source is
         `source`, linked to the active (stage) run, with `tags`; returns the version number."""
@@ -164,9 +164,13 @@ class Tracker:
                 raise
             client.create_registered_model(name, description="Distilled student exported by distill")
         active = self._mlflow.active_run()
-        version = client.create_model_version(name, source=source, run_id=active.info.run_id if active else None,
-                                              tags={k: str(v) for k, v in redact(tags).items()},
-                                              description=description)
+        version = client.create_model_version(
+            name,
+            source=source,
+            run_id=active.info.run_id if active else None,
+            tags={k: str(v) for k, v in redact(tags).items()},
+            description=description,
+        )
         return str(version.version)
 
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
@@ -23,14 +23,19 @@ def write_prompts(path: Path, n: int, prefix: str = "question") -> Path:
     return path
 
 
-def write_recipe(folder: Path, teacher: dict, capture: dict | None = None, tracking_uri: str | None = None,
-                 name: str = "cap") -> Path:
+def write_recipe(
+    folder: Path, teacher: dict, capture: dict | None = None, tracking_uri: str | None = None, name: str = "cap"
+) -> Path:
     """A recipe whose capture section points into `folder` (own cache) and whose MLflow store is shared."""
     recipe = {
         "name": name,
         "teacher": {"few_shot": False, "max_new_tokens": 4, **teacher},
-        "capture": {"prompts": str(folder / "prompts.jsonl"), "task": str(TASK),
-                    "cache": str(folder / "cache.sqlite"), **(capture or {})},
+        "capture": {
+            "prompts": str(folder / "prompts.jsonl"),
+            "task": str(TASK),
+            "cache": str(folder / "cache.sqlite"),
+            **(capture or {}),
+        },
         "tracking": {"uri": tracking_uri or f"sqlite:///{folder / 'mlflow.db'}", "experiment": "capture-tests"},
     }
     path = folder / f"{name}.yaml"
@@ -41,9 +46,15 @@ def write_recipe(folder: Path, teacher: dict, capture: dict | None = None, track
 def fast_retries(base_url: str, **extra) -> dict:
     """Teacher settings for a loopback fault server: short timeouts and backoff, a known price."""
     return {
-        "spec": "openai:fault-model", "base_url": base_url, "timeout_s": 5, "max_retries": 8,
-        "backoff_initial_s": 0.01, "backoff_max_s": 0.2, "concurrency": 8,
-        "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}, **extra,
+        "spec": "openai:fault-model",
+        "base_url": base_url,
+        "timeout_s": 5,
+        "max_retries": 8,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.2,
+        "concurrency": 8,
+        "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+        **extra,
     }
 
 
@@ -68,9 +79,25 @@ def llama_server(log_path: Path, timeout_s: float = 180) -> Iterator[str]:
     port = free_port()
     # One thread: on a shared 2-core machine llama.cpp's worker threads spin at barriers
     # while a neighbour holds the other core, and prompt evaluation swings 10x.
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf(LLAMA_ALIAS)),
-           "--model_alias", LLAMA_ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-           "--n_threads", "1", "--n_threads_batch", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(embedded_gguf(LLAMA_ALIAS)),
+        "--model_alias",
+        LLAMA_ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "1",
+        "--n_threads_batch",
+        "1",
+    ]
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"

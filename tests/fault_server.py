@@ -32,7 +32,7 @@ import re
 import threading
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("429", "500", "slow", "truncated")
@@ -44,11 +44,23 @@ def answer_for(prompt: str) -> str:
 
 
 class FaultServer:
-    def __init__(self, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS, latency_s: float = 0.0,
-                 slow_s: float = 2.0, retry_after: str = "0.05", status: int | None = None,
-                 plan: dict[int, str] | None = None, reject_logprobs: bool = False, seed: int = 0,
-                 response_format: str = "ignore", batch_step: int | None = None, batch_fail: int = 0,
-                 batch_expire_at: float | None = None, upload_failures: int = 0):
+    def __init__(
+        self,
+        fault_rate: float = 0.0,
+        faults: tuple[str, ...] = FAULTS,
+        latency_s: float = 0.0,
+        slow_s: float = 2.0,
+        retry_after: str = "0.05",
+        status: int | None = None,
+        plan: dict[int, str] | None = None,
+        reject_logprobs: bool = False,
+        seed: int = 0,
+        response_format: str = "ignore",
+        batch_step: int | None = None,
+        batch_fail: int = 0,
+        batch_expire_at: float | None = None,
+        upload_failures: int = 0,
+    ):
         self.fault_rate = fault_rate
         self.faults = faults
         self.latency_s = latency_s
@@ -202,8 +214,9 @@ def _handler(server: FaultServer):
             data = json.dumps({"error": {"message": message, "type": "error", "code": status}}).encode()
             self._send(status, data, headers)
 
-        def _send(self, status: int, data: bytes, headers: dict | None = None,
-                  content_type: str = "application/json") -> None:
+        def _send(
+            self, status: int, data: bytes, headers: dict | None = None, content_type: str = "application/json"
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
@@ -250,23 +263,43 @@ def _chat_response(body: dict, prompt: str, follow_schema: bool = False) -> dict
     content = (_structured_answer(body, prompt) if follow_schema else None) or answer_for(prompt)
     logprobs = None
     if body.get("logprobs"):
-        logprobs = {"content": [{"token": "ans", "logprob": -0.25, "bytes": None, "top_logprobs": []},
-                                {"token": "-x", "logprob": -0.75, "bytes": None, "top_logprobs": []}]}
+        logprobs = {
+            "content": [
+                {"token": "ans", "logprob": -0.25, "bytes": None, "top_logprobs": []},
+                {"token": "-x", "logprob": -0.75, "bytes": None, "top_logprobs": []},
+            ]
+        }
     return {
-        "id": "chatcmpl-fault", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": "stop", "logprobs": logprobs}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "id": "chatcmpl-fault",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+                "logprobs": logprobs,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
 def _messages_response(body: dict, prompt: str) -> dict:
     prompt_tokens, completion_tokens = _usage(body)
     return {
-        "id": "msg_fault", "type": "message", "role": "assistant", "model": body.get("model"),
+        "id": "msg_fault",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model"),
         "content": [{"type": "text", "text": answer_for(prompt)}],
-        "stop_reason": "end_turn", "stop_sequence": None,
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
         "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
     }
 
@@ -300,8 +333,16 @@ def _batch_get(server: FaultServer, path: str):
         with server._lock:
             data = [_batch_json(server, b) for b in server.batches.values() if b["anthropic"] == anthropic]
         data.reverse()  # newest first, as both providers list them
-        return _json(200, {"object": "list", "data": data, "has_more": False,
-                           "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+        return _json(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            },
+        )
     if "batches" in parts and parts[-1] in server.batches:
         return _json(200, _poll(server, parts[-1]))
     if parts[-1] == "results" and parts[-2] in server.batches:
@@ -317,14 +358,27 @@ def _upload(server: FaultServer, raw: bytes, content_type: str):
         if server.uploads <= server.upload_failures:
             return _json(500, {"error": {"message": "upload failed", "type": "server_error"}})
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
-    fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-              for part in message.iter_parts()}
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    fields = {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in message.iter_parts()
+    }
     with server._lock:
         file_id = f"file-{len(server.files) + 1}"
         server.files[file_id] = fields["file"]
-    return _json(200, {"id": file_id, "object": "file", "bytes": len(fields["file"]), "created_at": int(time.time()),
-                       "filename": "batch.jsonl", "purpose": fields["purpose"].decode(), "status": "processed"})
+    return _json(
+        200,
+        {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(fields["file"]),
+            "created_at": int(time.time()),
+            "filename": "batch.jsonl",
+            "purpose": fields["purpose"].decode(),
+            "status": "processed",
+        },
+    )
 
 
 def _create_batch(server: FaultServer, body: dict, anthropic: bool):
@@ -337,12 +391,23 @@ def _create_batch(server: FaultServer, body: dict, anthropic: bool):
         n = len(server.batch_log)
         batch_id = f"msgbatch_{n + 1:04d}" if anthropic else f"batch_{n + 1:04d}"
         server.batches[batch_id] = {
-            "id": batch_id, "anthropic": anthropic, "requests": requests, "done": 0, "status": "in_progress",
-            "first": n == 0, "input_file_id": body.get("input_file_id"), "metadata": body.get("metadata"),
-            "created_at": time.time(), "output_file_id": None, "error_file_id": None, "cancel": False, "counts": {},
+            "id": batch_id,
+            "anthropic": anthropic,
+            "requests": requests,
+            "done": 0,
+            "status": "in_progress",
+            "first": n == 0,
+            "input_file_id": body.get("input_file_id"),
+            "metadata": body.get("metadata"),
+            "created_at": time.time(),
+            "output_file_id": None,
+            "error_file_id": None,
+            "cancel": False,
+            "counts": {},
         }
-        server.batch_log.append({"id": batch_id, "requests": len(requests),
-                                 "custom_ids": [r["custom_id"] for r in requests]})
+        server.batch_log.append(
+            {"id": batch_id, "requests": len(requests), "custom_ids": [r["custom_id"] for r in requests]}
+        )
         return _json(200, _batch_json(server, server.batches[batch_id]))
 
 
@@ -409,32 +474,57 @@ def _answered(server: FaultServer, request: dict, anthropic: bool) -> dict:
     server.billed.append(_usage(body))
     server.batch_answers[prompt] += 1
     if anthropic:
-        return {"custom_id": request["custom_id"],
-                "result": {"type": "succeeded", "message": _messages_response(body, prompt)}}
+        return {
+            "custom_id": request["custom_id"],
+            "result": {"type": "succeeded", "message": _messages_response(body, prompt)},
+        }
     response = _chat_response(body, prompt, server.response_format == "follow")
-    return {"id": f"batch_req_{request['custom_id'][:8]}", "custom_id": request["custom_id"],
-            "response": {"status_code": 200, "request_id": "req_fault", "body": response}, "error": None}
+    return {
+        "id": f"batch_req_{request['custom_id'][:8]}",
+        "custom_id": request["custom_id"],
+        "response": {"status_code": 200, "request_id": "req_fault", "body": response},
+        "error": None,
+    }
 
 
 def _failed(request: dict, anthropic: bool) -> dict:
     if anthropic:
-        return {"custom_id": request["custom_id"], "result": {"type": "errored", "error": {
-            "type": "error", "error": {"type": "api_error", "message": "internal error"}}}}
-    return {"id": "batch_req_failed", "custom_id": request["custom_id"], "error": None,
-            "response": {"status_code": 500, "request_id": "req_fault",
-                         "body": {"error": {"message": "internal error", "type": "server_error"}}}}
+        return {
+            "custom_id": request["custom_id"],
+            "result": {
+                "type": "errored",
+                "error": {"type": "error", "error": {"type": "api_error", "message": "internal error"}},
+            },
+        }
+    return {
+        "id": "batch_req_failed",
+        "custom_id": request["custom_id"],
+        "error": None,
+        "response": {
+            "status_code": 500,
+            "request_id": "req_fault",
+            "body": {"error": {"message": "internal error", "type": "server_error"}},
+        },
+    }
 
 
 def _not_run(request: dict, outcome: str, anthropic: bool) -> dict:
     if anthropic:
-        return {"custom_id": request["custom_id"], "result": {"type": "expired" if outcome == "expired" else "canceled"}}
+        return {
+            "custom_id": request["custom_id"],
+            "result": {"type": "expired" if outcome == "expired" else "canceled"},
+        }
     code = "batch_expired" if outcome == "expired" else "batch_cancelled"
-    return {"id": "batch_req_not_run", "custom_id": request["custom_id"], "response": None,
-            "error": {"code": code, "message": f"This request was not run: the batch {outcome}."}}
+    return {
+        "id": "batch_req_not_run",
+        "custom_id": request["custom_id"],
+        "response": None,
+        "error": {"code": code, "message": f"This request was not run: the batch {outcome}."},
+    }
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def _batch_json(server: FaultServer, batch: dict) -> dict:
@@ -442,21 +532,42 @@ def _batch_json(server: FaultServer, batch: dict) -> dict:
     ended = status in ("completed", "expired", "cancelled")
     if batch["anthropic"]:
         c = batch["counts"]
-        counts = {"processing": 0 if ended else n, "succeeded": c.get("succeeded", 0), "errored": c.get("errored", 0),
-                  "canceled": c.get("canceled", 0), "expired": c.get("expired", 0)}
-        return {"id": batch["id"], "type": "message_batch",
-                "processing_status": "ended" if ended else ("canceling" if status == "cancelling" else "in_progress"),
-                "request_counts": counts, "created_at": _iso(batch["created_at"]),
-                "expires_at": _iso(batch["created_at"] + 86400), "ended_at": _iso(time.time()) if ended else None,
-                "archived_at": None, "cancel_initiated_at": _iso(batch["created_at"]) if batch["cancel"] else None,
-                "results_url": (f"http://127.0.0.1:{server.port}/v1/messages/batches/{batch['id']}/results"
-                                if ended else None)}
+        counts = {
+            "processing": 0 if ended else n,
+            "succeeded": c.get("succeeded", 0),
+            "errored": c.get("errored", 0),
+            "canceled": c.get("canceled", 0),
+            "expired": c.get("expired", 0),
+        }
+        return {
+            "id": batch["id"],
+            "type": "message_batch",
+            "processing_status": "ended" if ended else ("canceling" if status == "cancelling" else "in_progress"),
+            "request_counts": counts,
+            "created_at": _iso(batch["created_at"]),
+            "expires_at": _iso(batch["created_at"] + 86400),
+            "ended_at": _iso(time.time()) if ended else None,
+            "archived_at": None,
+            "cancel_initiated_at": _iso(batch["created_at"]) if batch["cancel"] else None,
+            "results_url": (
+                f"http://127.0.0.1:{server.port}/v1/messages/batches/{batch['id']}/results" if ended else None
+            ),
+        }
     failed = batch["counts"].get("errored", 0) if ended else min(done, server.batch_fail if batch["first"] else 0)
-    return {"id": batch["id"], "object": "batch", "endpoint": "/v1/chat/completions", "errors": None,
-            "input_file_id": batch["input_file_id"], "completion_window": "24h", "status": status,
-            "output_file_id": batch["output_file_id"], "error_file_id": batch["error_file_id"],
-            "created_at": int(batch["created_at"]), "metadata": batch["metadata"],
-            "request_counts": {"total": n, "completed": done - failed, "failed": failed}}
+    return {
+        "id": batch["id"],
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "errors": None,
+        "input_file_id": batch["input_file_id"],
+        "completion_window": "24h",
+        "status": status,
+        "output_file_id": batch["output_file_id"],
+        "error_file_id": batch["error_file_id"],
+        "created_at": int(batch["created_at"]),
+        "metadata": batch["metadata"],
+        "request_counts": {"total": n, "completed": done - failed, "failed": failed},
+    }
 
 
 def main() -> None:
@@ -468,9 +579,13 @@ def main() -> None:
     parser.add_argument("--batch-fail", type=int, default=0, help="first N requests of the first batch fail")
     parser.add_argument("--follow-schema", action="store_true", help="answer a response_format label enum")
     args = parser.parse_args()
-    server = FaultServer(fault_rate=args.fault_rate, latency_s=args.latency_s, batch_step=args.batch_step,
-                         batch_fail=args.batch_fail,
-                         response_format="follow" if args.follow_schema else "ignore").start(args.port)
+    server = FaultServer(
+        fault_rate=args.fault_rate,
+        latency_s=args.latency_s,
+        batch_step=args.batch_step,
+        batch_fail=args.batch_fail,
+        response_format="follow" if args.follow_schema else "ignore",
+    ).start(args.port)
     print(f"serving on {server.base_url}", flush=True)
     try:
         threading.Event().wait()

@@ -47,7 +47,8 @@ def mistral_v03_dir() -> Path:
         # As Mistral-7B-Instruct-v0.3's tokenizer_config.json: BOS added, no EOS, no pad token.
         (tmp / "tokenizer_config.json").write_text(
             '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",'
-            ' "add_bos_token": true, "add_eos_token": false, "legacy": false}')
+            ' "add_bos_token": true, "add_eos_token": false, "legacy": false}'
+        )
         AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp)
     return target
 
@@ -73,7 +74,8 @@ def llama3_dir() -> Path:
         tok.backend_tokenizer.model.ignore_merges = True
         bos = tok.bos_token  # <|begin_of_text|>, added in front as Meta's post-processor does
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tok.bos_token_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tok.bos_token_id)]
+        )
         tok.eos_token = "<|eot_id|>"  # the instruct models' end of turn, as their tokenizer_config.json
         tok.save_pretrained(tmp)
         (tmp / LLAMA3_VOCAB).unlink()

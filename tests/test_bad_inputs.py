@@ -28,6 +28,7 @@ def write_bytes(name: str, data: bytes):
     def make(folder: Path) -> Path:
         (folder / name).write_bytes(data)
         return folder / name
+
     return make
 
 
@@ -43,36 +44,92 @@ def corrupt_manifest(folder: Path) -> Path:
 # (id, how to make the prompts file, extra overrides, command, what the one line must hold)
 CASES = [
     ("override-yaml", None, ["train.lr=[1,"], "validate", ["override 'train.lr=[1,'", "invalid YAML"]),
-    ("jsonl-not-utf8", write_bytes("p.jsonl", b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'), [], "capture",
-     ["p.jsonl:2: not UTF-8", "column 16"]),
-    ("json-broken", write_bytes("p.json", b'[{"prompt": "a"},\n {"prompt": "b"\n'), [], "capture",
-     ["p.json:3: invalid JSON"]),
-    ("parquet-corrupt", write_bytes("p.parquet", b"PAR1 this is not parquet PAR1"), [], "capture",
-     ["p.parquet: not a readable Parquet file"]),
-    ("csv-nul", write_bytes("p.csv", b"id,prompt\na,hello\nb,wor\x00ld\n"), [], "capture",
-     ["p.csv:3: NUL byte in column 'prompt'"]),
-    ("hub-id-typo", None, ["model.base=HuggingFaceTB/SmolLM2-135M-Instructt"], "capture",
-     ["model.base: 'HuggingFaceTB/SmolLM2-135M-Instructt'", "HF_HUB_OFFLINE"]),
+    (
+        "jsonl-not-utf8",
+        write_bytes("p.jsonl", b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'),
+        [],
+        "capture",
+        ["p.jsonl:2: not UTF-8", "column 16"],
+    ),
+    (
+        "json-broken",
+        write_bytes("p.json", b'[{"prompt": "a"},\n {"prompt": "b"\n'),
+        [],
+        "capture",
+        ["p.json:3: invalid JSON"],
+    ),
+    (
+        "parquet-corrupt",
+        write_bytes("p.parquet", b"PAR1 this is not parquet PAR1"),
+        [],
+        "capture",
+        ["p.parquet: not a readable Parquet file"],
+    ),
+    (
+        "csv-nul",
+        write_bytes("p.csv", b"id,prompt\na,hello\nb,wor\x00ld\n"),
+        [],
+        "capture",
+        ["p.csv:3: NUL byte in column 'prompt'"],
+    ),
+    (
+        "hub-id-typo",
+        None,
+        ["model.base=HuggingFaceTB/SmolLM2-135M-Instructt"],
+        "capture",
+        ["model.base: 'HuggingFaceTB/SmolLM2-135M-Instructt'", "HF_HUB_OFFLINE"],
+    ),
     ("local-teacher-unknown", None, ["teacher.spec=local:foo"], "capture", ["teacher.spec=local:foo: 'foo'"]),
-    ("path-without-dot", None, ["model.base=runs/student/export/merged"], "capture",
-     ["model.base: 'runs/student/export/merged' is neither an existing folder"]),
-    ("chat-template-missing", None, ["model.chat_template=recipes/templates/nope.jinja"], "capture",
-     ["model.chat_template: recipes/templates/nope.jinja does not exist"]),
-    ("chat-template-missing-validate", None, ["model.chat_template=recipes/templates/nope.jinja"], "validate",
-     ["model.chat_template: recipes/templates/nope.jinja does not exist"]),
-    ("task-file-missing-validate", None, ["capture.task=data/nope.yaml", "eval.file=nope.jsonl"], "validate",
-     ["capture.task: data/nope.yaml does not exist", "eval.file: nope.jsonl does not exist"]),
-    ("optim-unknown", None, ["train.optim=adamw_foo"], "validate",
-     ["train.optim: 'adamw_foo' is not a transformers optimizer", "did you mean 'adamw_torch'"]),
-    ("lora-target-typo", None, ["train.lora.targets=[q_proj,vproj]"], "capture",
-     ["train.lora.targets: 'vproj' matches no module", "did you mean 'v_proj'"]),
+    (
+        "path-without-dot",
+        None,
+        ["model.base=runs/student/export/merged"],
+        "capture",
+        ["model.base: 'runs/student/export/merged' is neither an existing folder"],
+    ),
+    (
+        "chat-template-missing",
+        None,
+        ["model.chat_template=recipes/templates/nope.jinja"],
+        "capture",
+        ["model.chat_template: recipes/templates/nope.jinja does not exist"],
+    ),
+    (
+        "chat-template-missing-validate",
+        None,
+        ["model.chat_template=recipes/templates/nope.jinja"],
+        "validate",
+        ["model.chat_template: recipes/templates/nope.jinja does not exist"],
+    ),
+    (
+        "task-file-missing-validate",
+        None,
+        ["capture.task=data/nope.yaml", "eval.file=nope.jsonl"],
+        "validate",
+        ["capture.task: data/nope.yaml does not exist", "eval.file: nope.jsonl does not exist"],
+    ),
+    (
+        "optim-unknown",
+        None,
+        ["train.optim=adamw_foo"],
+        "validate",
+        ["train.optim: 'adamw_foo' is not a transformers optimizer", "did you mean 'adamw_torch'"],
+    ),
+    (
+        "lora-target-typo",
+        None,
+        ["train.lora.targets=[q_proj,vproj]"],
+        "capture",
+        ["train.lora.targets: 'vproj' matches no module", "did you mean 'v_proj'"],
+    ),
     ("manifest-corrupt", corrupt_manifest, [], "capture-resume", ["capture/manifest.json: not a valid manifest"]),
 ]
 
 
 @pytest.mark.parametrize(("make", "overrides", "command", "needles"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_naming_where_and_a_non_zero_exit(make, overrides, command, needles, tmp_path,
-                                                              server, tracking_uri, capsys):
+def test_bad_input_is_one_line_naming_where_and_a_non_zero_exit(
+    make, overrides, command, needles, tmp_path, server, tracking_uri, capsys
+):
     prompts = make(tmp_path) if make else write_prompts(tmp_path / "prompts.jsonl", 2)
     recipe = write_recipe(tmp_path, fast_retries(server.base_url), tracking_uri=tracking_uri)
     if prompts.name != "prompts.jsonl":

@@ -38,7 +38,11 @@ def write_csv(path: Path, n: int = 20) -> Path:
 
 def test_the_recipe_imports_banking77_labels_and_curates_1250(recipe, task):
     assert recipe.teacher.spec.startswith("logs:") and recipe.teacher.spec.endswith("banking77/train.csv")
-    assert (recipe.teacher.prompt_col, recipe.teacher.label_col, recipe.capture.gold_field) == ("text", "category", "category")
+    assert (recipe.teacher.prompt_col, recipe.teacher.label_col, recipe.capture.gold_field) == (
+        "text",
+        "category",
+        "category",
+    )
     assert recipe.curate.target_size == 1250
     assert task.kind == "classification" and len(task.labels) == len(set(task.labels)) == 77
     assert set(LABELS_SAMPLE) <= set(task.labels)  # the dataset's own spellings, oddities included
@@ -69,9 +73,22 @@ def test_capture_with_the_recipe_writes_teacher_and_gold_labels(tmp_path, monkey
     data = write_csv(tmp_path / "train.csv")
     monkeypatch.chdir(ROOT)  # the recipe's task path is relative to the project, as `distill` runs it
     runs = tmp_path / "runs"
-    assert main(["capture", "banking77-cpu", f"teacher.spec=logs:{data}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-                 "--runs-dir", str(runs)]) == 0
-    records = [json.loads(line) for line in (runs / "banking77-cpu" / "capture" / "teacher.jsonl").read_text().splitlines()]
+    assert (
+        main(
+            [
+                "capture",
+                "banking77-cpu",
+                f"teacher.spec=logs:{data}",
+                f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                "--runs-dir",
+                str(runs),
+            ]
+        )
+        == 0
+    )
+    records = [
+        json.loads(line) for line in (runs / "banking77-cpu" / "capture" / "teacher.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 20
     assert all(r["messages"][-1]["content"] == r["meta"]["gold"] for r in records)
     assert records[1]["messages"][-1]["content"] == "Refund_not_showing_up"
@@ -87,16 +104,21 @@ def write_hub_shaped(folder: Path) -> Path:
     (folder / "README.md").write_text(
         "---\ndataset_info:\n  features:\n  - name: text\n    dtype: string\n  - name: label\n    dtype:\n"
         f"      class_label:\n        names:\n{names}\nconfigs:\n- config_name: default\n  data_files:\n"
-        "  - split: train\n    path: data/train-*\n---\n")
-    pq.write_table(pa.table({"text": ["where is my card", "my refund is missing", "no label here"],
-                             "label": [0, 1, -1]}), folder / "data" / "train-00000-of-00001.parquet")
+        "  - split: train\n    path: data/train-*\n---\n"
+    )
+    pq.write_table(
+        pa.table({"text": ["where is my card", "my refund is missing", "no label here"], "label": [0, 1, -1]}),
+        folder / "data" / "train-00000-of-00001.parquet",
+    )
     return folder
 
 
 def test_a_hub_shaped_dataset_gives_label_names_not_integers(tmp_path):
     imported = import_logs(write_hub_shaped(tmp_path / "banking77"), "text", "label")
-    assert [(r.messages[-1]["content"], r.answer) for r in imported.records] == [("where is my card", "card_arrival"),
-                                                                 ("my refund is missing", "Refund_not_showing_up")]
+    assert [(r.messages[-1]["content"], r.answer) for r in imported.records] == [
+        ("where is my card", "card_arrival"),
+        ("my refund is missing", "Refund_not_showing_up"),
+    ]
     assert len(imported.rejected) == 1 and "no 'label'" in imported.rejected[0][1]  # -1: unlabelled, not index -1
 
 

@@ -30,8 +30,9 @@ FIGURE_KEYS = {"name", "value", "unit", "better", "baseline", "baseline_name", "
 
 
 def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -92,8 +93,10 @@ def test_quick_benches_write_every_envelope_field_and_sane_figures(quick_results
     assert curate["arms"]["tfidf"]["counts"]["input"] == 500
     router = json.loads((quick_results / "router.json").read_text())
     names = {f["name"] for f in router["figures"]}
-    assert {"router layer, concurrency 1: router_null_backend p50",
-            "router layer, concurrency 4: router_null_backend p99"} <= names
+    assert {
+        "router layer, concurrency 1: router_null_backend p50",
+        "router layer, concurrency 4: router_null_backend p99",
+    } <= names
     assert all(f["baseline_name"] == "bare_uvicorn" for f in router["figures"])
 
 
@@ -162,14 +165,24 @@ def test_report_renders_every_figure_of_fresh_and_committed_results(quick_result
     readme.write_text("# X\n\nabove\n\n<!-- bench:router:start -->\nold table\n<!-- bench:router:end -->\n\nbelow\n")
     (tmp_path / "docs").mkdir()
     page = tmp_path / "docs" / "page.md"
-    page.write_text("# Page\n\n<!-- bench:curate:start -->\n<!-- bench:curate:end -->\n\n"
-                    "<!-- bench:quick_router:start -->\n<!-- bench:quick_router:end -->\n")
+    page.write_text(
+        "# Page\n\n<!-- bench:curate:start -->\n<!-- bench:curate:end -->\n\n"
+        "<!-- bench:quick_router:start -->\n<!-- bench:quick_router:end -->\n"
+    )
 
     assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
     docs = report.load(results)
-    assert {name for name, _ in docs} >= {"curate", "finetune", "capture", "local_teacher", "router", "loop_demo",
-                                          "teacher_prompt", "quick_router"}
+    assert {name for name, _ in docs} >= {
+        "curate",
+        "finetune",
+        "capture",
+        "local_teacher",
+        "router",
+        "loop_demo",
+        "teacher_prompt",
+        "quick_router",
+    }
     rendered_figures_present(text, docs)
     rendered_figures_present(text, docs, where="headline")
     for name, _ in docs:
@@ -214,25 +227,50 @@ def synthetic_evaluate_run(folder: Path, *, basis: str = "latency") -> Path:
     """An evaluate folder as the stage writes it: report.json (cost + router), manifest, resolved config."""
     folder.mkdir(parents=True)
     teacher_usd, student_usd, share = 2e-05, 5e-06, 0.75
-    rows = [{"system": "teacher only", "usd_per_1k": 1000 * teacher_usd, "local_share": 0.0,
-             "saving_vs_teacher": 0.0},
-            {"system": "routed", "usd_per_1k": 1000 * (student_usd + (1 - share) * teacher_usd),
-             "local_share": share, "saving_vs_teacher": 0.5},
-            {"system": "student only", "usd_per_1k": 1000 * student_usd, "local_share": 1.0,
-             "saving_vs_teacher": 0.75}]
-    report = {"cost": {"teacher_usd_per_request": teacher_usd, "teacher_basis": basis,
-                       "student_usd_per_request": student_usd, "student_usd_per_hour": 0.36,
-                       "student_requests_per_s": 20.0, "rows": rows, "curve": [[0.03, 1.0]]},
-              "router": {"threshold": 0.5, "quality_target": 0.9,
-                         "test": {"local_share": {"value": share, "lo": 0.7, "hi": 0.8, "n": 200},
-                                  "system_agreement": {"value": 0.93}}}}
+    rows = [
+        {"system": "teacher only", "usd_per_1k": 1000 * teacher_usd, "local_share": 0.0, "saving_vs_teacher": 0.0},
+        {
+            "system": "routed",
+            "usd_per_1k": 1000 * (student_usd + (1 - share) * teacher_usd),
+            "local_share": share,
+            "saving_vs_teacher": 0.5,
+        },
+        {"system": "student only", "usd_per_1k": 1000 * student_usd, "local_share": 1.0, "saving_vs_teacher": 0.75},
+    ]
+    report = {
+        "cost": {
+            "teacher_usd_per_request": teacher_usd,
+            "teacher_basis": basis,
+            "student_usd_per_request": student_usd,
+            "student_usd_per_hour": 0.36,
+            "student_requests_per_s": 20.0,
+            "rows": rows,
+            "curve": [[0.03, 1.0]],
+        },
+        "router": {
+            "threshold": 0.5,
+            "quality_target": 0.9,
+            "test": {
+                "local_share": {"value": share, "lo": 0.7, "hi": 0.8, "n": 200},
+                "system_agreement": {"value": 0.93},
+            },
+        },
+    }
     text = json.dumps(report)
     (folder / "report.json").write_text(text)
     import hashlib
 
-    (folder / "manifest.json").write_text(json.dumps({
-        "stage": "evaluate", "fingerprint": "f" * 64, "created_at": "2026-01-02T03:04:05+00:00",
-        "inputs": {"capture": "c" * 64}, "outputs": {"report.json": hashlib.sha256(text.encode()).hexdigest()}}))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "stage": "evaluate",
+                "fingerprint": "f" * 64,
+                "created_at": "2026-01-02T03:04:05+00:00",
+                "inputs": {"capture": "c" * 64},
+                "outputs": {"report.json": hashlib.sha256(text.encode()).hexdigest()},
+            }
+        )
+    )
     (folder / "resolved_config.yaml").write_text("name: synthetic-recipe\nteacher:\n  spec: local:tiny\n")
     return folder / "report.json"
 
@@ -294,8 +332,9 @@ def test_cost_bench_reads_an_evaluate_report_and_states_its_prices(tmp_path, bas
 def test_cost_bench_without_a_report_writes_nothing_and_exits_0(tmp_path):
     out = tmp_path / "results"
     for quick in ((), ("--quick",)):
-        proc = run_bench("bench_cost.py", *quick, "--report", str(tmp_path / "none" / "report.json"),
-                         "--out-dir", str(out))
+        proc = run_bench(
+            "bench_cost.py", *quick, "--report", str(tmp_path / "none" / "report.json"), "--out-dir", str(out)
+        )
         assert "no evaluate report" in proc.stderr and "nothing written" in proc.stderr
         assert not out.exists() and "wrote" not in proc.stdout
     # The default destination too: the committed measurement stays as it is.
@@ -309,9 +348,20 @@ def test_cost_bench_without_a_report_writes_nothing_and_exits_0(tmp_path):
 def test_cost_bench_refuses_a_report_without_a_cost_section(tmp_path):
     report_path = tmp_path / "report.json"
     report_path.write_text(json.dumps({"metrics": {}}))
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_cost.py"), "--report", str(report_path),
-                           "--out-dir", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_cost.py"),
+            "--report",
+            str(report_path),
+            "--out-dir",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "no `cost` section" in proc.stderr
     assert not (tmp_path / "results").exists()
 
@@ -341,15 +391,19 @@ def test_check_fails_on_an_unbacked_figure_and_passes_once_it_names_its_command(
 
 def test_a_unit_citing_a_bench_json_may_quote_only_that_json(check_readme):
     # The router figures an older README quoted, against the committed router.json: caught even with a command.
-    stale = ("The router layer answers in 1.96 vs 1.34 ms p50, +1.6 / +2.3 ms at concurrency 4, and micro-batching "
-             "gives 1.47x (`python bench/bench_router.py`, `bench/results/router.json`).\n")
+    stale = (
+        "The router layer answers in 1.96 vs 1.34 ms p50, +1.6 / +2.3 ms at concurrency 4, and micro-batching "
+        "gives 1.47x (`python bench/bench_router.py`, `bench/results/router.json`).\n"
+    )
     rc, out = check_readme(stale)
     assert rc == 1
     for figure in ("'1.96 ms'", "'1.34 ms'", "'2.3 ms'", "'1.47x'"):
         assert f"{figure} is not in bench/results/router.json" in out
-    current = ("The router layer answers in 1.57 vs 1.15 ms p50, +1.9 / +5.2 ms at concurrency 4, and micro-batching "
-               "gives 1.40x (`bench/results/router.json`); the demo's teacher costs $0.00549 per 1,000 requests and "
-               "keeps 62.0% local (`bench/results/cost.json`).\n")
+    current = (
+        "The router layer answers in 1.57 vs 1.15 ms p50, +1.9 / +5.2 ms at concurrency 4, and micro-batching "
+        "gives 1.40x (`bench/results/router.json`); the demo's teacher costs $0.00549 per 1,000 requests and "
+        "keeps 62.0% local (`bench/results/cost.json`).\n"
+    )
     assert check_readme(current) == (0, "")
     rc, out = check_readme("It took 3 s (`bench/results/nope.json`).\n")
     assert rc == 1 and "cites bench/results/nope.json, which does not exist" in out
@@ -371,18 +425,34 @@ confidence. The recipe fits one A10G 24 GB or an A100 40/80 GB, or any 24 GB GPU
 <!-- measured once: 5 s -->
 """
     assert check_readme(text) == (0, "")
-    found = figure_lint.figures_in("1.57 vs 1.15 ms, 4.75x, 0.70–0.87x, $0.0101, 42.5%, 7.08 prompts/s, 11.6 GiB, "
-                                   "+2.6 points, 0.001 nats, `3 s`, 95% CI, x86_64, 2026-12-01, [a](b/1.5x.md)")
+    found = figure_lint.figures_in(
+        "1.57 vs 1.15 ms, 4.75x, 0.70–0.87x, $0.0101, 42.5%, 7.08 prompts/s, 11.6 GiB, "
+        "+2.6 points, 0.001 nats, `3 s`, 95% CI, x86_64, 2026-12-01, [a](b/1.5x.md)"
+    )
     assert sorted(f.text for f in found) == sorted(
-        ["1.15 ms", "4.75x", "0.87x", "42.5%", "7.08 prompts/s", "11.6 GiB", "2.6 points", "0.001 nats",
-         "$0.0101", "1.57 ms", "0.70x"])
+        [
+            "1.15 ms",
+            "4.75x",
+            "0.87x",
+            "42.5%",
+            "7.08 prompts/s",
+            "11.6 GiB",
+            "2.6 points",
+            "0.001 nats",
+            "$0.0101",
+            "1.57 ms",
+            "0.70x",
+        ]
+    )
 
 
 def test_table_rows_rely_on_their_caption_and_header_rows_are_names(check_readme):
     table = "| run | test, 70% most confident | training |\n|---|---|---|\n| a | 91.6% | 16.4 min |\n"
     assert check_readme(f"From `distill sweep banking77-cpu train.lora.r=64 --name b77-r64`:\n\n{table}") == (0, "")
     rc, out = check_readme(f"# Results\n\n{table}")
-    assert rc == 1 and "README.md:5: '91.6%', '16.4 min': measured, with no source in the table row or its caption" in out
+    assert (
+        rc == 1 and "README.md:5: '91.6%', '16.4 min': measured, with no source in the table row or its caption" in out
+    )
     assert "70%" not in out  # the header row names a column
 
 

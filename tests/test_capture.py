@@ -27,9 +27,9 @@ from pipeline.artifacts import read_manifest
 from pipeline.cli import main
 from pipeline.config import CaptureConfig, Recipe, TeacherConfig
 from pipeline.errors import DistillError
+from pipeline.prices import load_price_table, lookup_price
 from pipeline.stages.capture import load_prompts
 from pipeline.teachers import PROVIDERS, TEACHERS, Teacher, TeacherAuthError, build_teacher
-from pipeline.prices import load_price_table, lookup_price
 from pipeline.teachers.service import NOT_SENT, TeacherService
 
 
@@ -223,8 +223,11 @@ def test_anthropic_teacher_sends_the_system_prompt_apart_and_is_priced(tmp_path,
     write_prompts(tmp_path / "prompts.jsonl", 3)
     runs = tmp_path / "runs"
     with FaultServer() as server:
-        teacher = {"spec": "anthropic:claude-3-5-haiku-20241022", "base_url": f"http://127.0.0.1:{server.port}",
-                   "timeout_s": 5}
+        teacher = {
+            "spec": "anthropic:claude-3-5-haiku-20241022",
+            "base_url": f"http://127.0.0.1:{server.port}",
+            "timeout_s": 5,
+        }
         recipe = write_recipe(tmp_path, teacher, tracking_uri=tracking_uri)
         assert run_capture(recipe, runs) == 0
         body = server.bodies[-1]
@@ -233,7 +236,9 @@ def test_anthropic_teacher_sends_the_system_prompt_apart_and_is_priced(tmp_path,
     records = read_records(runs)
     usage = records[0]["meta"]["usage"]
     assert records[0]["messages"][-1]["content"] == answer_for("question number 0")
-    assert records[0]["meta"]["cost_usd"] == pytest.approx((usage["prompt_tokens"] * 0.8 + usage["completion_tokens"] * 4.0) / 1e6)
+    assert records[0]["meta"]["cost_usd"] == pytest.approx(
+        (usage["prompt_tokens"] * 0.8 + usage["completion_tokens"] * 4.0) / 1e6
+    )
 
 
 def test_n_samples_per_prompt_are_separate_calls_and_records(tmp_path, tracking_uri):
@@ -289,8 +294,13 @@ def test_bad_prompt_lines_are_named_by_file_and_line(tmp_path):
 
 
 def test_logs_import_chat_jsonl_rejects_records_without_an_answer(tmp_path, tracking_uri, caplog):
-    good = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "where is my parcel"},
-                         {"role": "assistant", "content": "track_order"}]}
+    good = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "where is my parcel"},
+            {"role": "assistant", "content": "track_order"},
+        ]
+    }
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
     empty_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
     log = tmp_path / "chat.jsonl"
@@ -370,8 +380,11 @@ def test_service_answers_from_cache_without_asking_the_teacher_again(tmp_path):
 def test_concurrent_answer_calls_pay_once_per_distinct_prompt():
     async def ask(service: TeacherService) -> list[list]:
         try:
-            return await asyncio.gather(service.answer([user("x"), user("y")]), service.answer([user("y"), user("z")]),
-                                        *(service.answer([user("x")]) for _ in range(5)))
+            return await asyncio.gather(
+                service.answer([user("x"), user("y")]),
+                service.answer([user("y"), user("z")]),
+                *(service.answer([user("x")]) for _ in range(5)),
+            )
         finally:
             await service.aclose()
 
@@ -380,8 +393,10 @@ def test_concurrent_answer_calls_pay_once_per_distinct_prompt():
         service = TeacherService.from_config(service_cfg(server.base_url), ":memory:")
         results = asyncio.run(ask(service))
     assert dict(server.requests) == {"x": 1, "y": 1, "z": 1}
-    assert [[c.text for c in r] for r in results[:2]] == [[answer_for("x"), answer_for("y")],
-                                                          [answer_for("y"), answer_for("z")]]
+    assert [[c.text for c in r] for r in results[:2]] == [
+        [answer_for("x"), answer_for("y")],
+        [answer_for("y"), answer_for("z")],
+    ]
     assert all(r[0].text == answer_for("x") and r[0].error is None for r in results[2:])
     report = service.report
     assert (report.asked, report.calls, report.joined, report.cache_hits) == (9, 3, 6, 0)
@@ -391,8 +406,9 @@ def test_concurrent_answer_calls_pay_once_per_distinct_prompt():
 def test_an_auth_error_reaches_every_caller_waiting_on_that_call():
     async def ask(service: TeacherService) -> list:
         try:
-            return await asyncio.gather(service.answer([user("x")]), service.answer([user("x")]),
-                                        return_exceptions=True)
+            return await asyncio.gather(
+                service.answer([user("x")]), service.answer([user("x")]), return_exceptions=True
+            )
         finally:
             await service.aclose()
 
@@ -456,8 +472,9 @@ def test_local_teacher_service_generates_in_batches_then_answers_from_cache(tmp_
 # ---------------------------------------------------------------- registry and protocol
 
 
-@pytest.mark.parametrize("spec", ["local:embedded:smollm2-135m-instruct", "openai:gpt-4o-mini",
-                                  "anthropic:claude-3-5-haiku-latest"])
+@pytest.mark.parametrize(
+    "spec", ["local:embedded:smollm2-135m-instruct", "openai:gpt-4o-mini", "anthropic:claude-3-5-haiku-latest"]
+)
 def test_registry_builds_every_provider_with_the_whole_protocol(spec, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
@@ -495,5 +512,8 @@ def test_capture_asks_through_the_service_without_provider_branches():
     called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
     assert "getattr" not in called and not strings & set(TEACHERS)
-    assert not [name for name in imported_modules(capture_stage)
-                if name.startswith("pipeline.teachers.") and name.rsplit(".", 1)[1] in ("cache", "dispatch", "ledger")]
+    assert not [
+        name
+        for name in imported_modules(capture_stage)
+        if name.startswith("pipeline.teachers.") and name.rsplit(".", 1)[1] in ("cache", "dispatch", "ledger")
+    ]

@@ -66,8 +66,9 @@ def test_sigkill_while_polling_then_rerun_submits_one_batch_and_imports_it_once(
         proc.stderr.close()
         assert server.batches["batch_0001"]["status"] == "in_progress"
         server.batch_hold_after = None
-        assert db_rows(cache, "SELECT batch_id, state FROM batches") == [("batch_0001", "submitted")], \
+        assert db_rows(cache, "SELECT batch_id, state FROM batches") == [("batch_0001", "submitted")], (
             "the batch was not recorded before the capture started waiting"
+        )
 
         second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-3000:]
@@ -186,15 +187,24 @@ def test_failed_requests_are_retried_sync_and_ledger_card_and_mlflow_show_batch_
     assert manifest.counts["batch_failed"] == 2 and manifest.counts["teacher_calls"] == 2
     assert any("batch price $0.5/$1.0 per 1M tokens" in note for note in manifest.notes)
 
-    card = render_card(task_name="t", raw=records, steps=[], labels_before=Counter(),
-                       splits={"train": [], "validation": [], "test": []}, pii_counts=None, figures=[], notes=[],
-                       view=StudentView("user", "auto", 1, None, "auto: no system prompt"))
+    card = render_card(
+        task_name="t",
+        raw=records,
+        steps=[],
+        labels_before=Counter(),
+        splits={"train": [], "validation": [], "test": []},
+        pii_counts=None,
+        figures=[],
+        notes=[],
+        view=StudentView("user", "auto", 1, None, "auto: no system prompt"),
+    )
     assert f"{n - 2} answers came from provider batches at ${paid:.4f}" in card
     assert f"saved ${paid:.4f} (50%)" in card
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("capture-tests").experiment_id],
-                               filter_string="tags.mlflow.runName = 'capture'")
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("capture-tests").experiment_id], filter_string="tags.mlflow.runName = 'capture'"
+    )
     assert abs(run.data.metrics["batch_saved_usd"] - paid) < 1e-12
 
 
@@ -221,7 +231,7 @@ def test_an_expired_batch_keeps_what_finished_and_resubmits_only_the_rest(tmp_pa
         assert capture(recipe, runs) == 0
     first, second = server.batch_log
     assert server.batches[first["id"]]["status"] == "expired"
-    assert second["custom_ids"] == first["custom_ids"][n // 2:]
+    assert second["custom_ids"] == first["custom_ids"][n // 2 :]
     assert Counter(server.batch_answers) == Counter({p: 1 for p in prompts_of(server, n)}), "an answer was bought twice"
     assert server.total == 0
     assert_answers_right(read_records(runs))
@@ -250,8 +260,11 @@ def test_anthropic_message_batches_cancel_keeps_what_finished_and_the_next_run_r
     write_prompts(tmp_path / "prompts.jsonl", n)
     runs = tmp_path / "runs"
     with FaultServer(batch_step=3) as server:
-        teacher = {**batch_teacher(server), "spec": "anthropic:claude-3-5-haiku",
-                   "base_url": f"http://127.0.0.1:{server.port}"}
+        teacher = {
+            **batch_teacher(server),
+            "spec": "anthropic:claude-3-5-haiku",
+            "base_url": f"http://127.0.0.1:{server.port}",
+        }
         recipe = write_recipe(tmp_path, teacher)
         assert capture(recipe, runs, "--no-wait") == 0
         assert main(["batches", str(recipe)]) == 0  # refreshes its status: the server runs 3 requests
@@ -274,6 +287,9 @@ def test_the_api_key_is_never_stored_in_the_cache_or_the_records(tmp_path, monke
     with FaultServer() as server:
         recipe = write_recipe(tmp_path, batch_teacher(server, api_key_env="BATCH_TEST_KEY"))
         assert capture(recipe, tmp_path / "runs") == 0
-    stored = b"".join(p.read_bytes() for p in tmp_path.glob("cache.sqlite*")) + (tmp_path / "runs" / "cap" / "capture" / "teacher.jsonl").read_bytes()
+    stored = (
+        b"".join(p.read_bytes() for p in tmp_path.glob("cache.sqlite*"))
+        + (tmp_path / "runs" / "cap" / "capture" / "teacher.jsonl").read_bytes()
+    )
     assert b"sk-batch-secret" not in stored
     assert json.loads((tmp_path / "runs" / "cap" / "capture" / "teacher.jsonl").read_text().splitlines()[0])

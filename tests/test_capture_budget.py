@@ -31,8 +31,9 @@ def test_budget_is_a_hard_ceiling_for_us_and_for_the_provider_under_20pct_faults
     # Timeouts ("slow") and cut-off bodies ("truncated") were generated, so the server bills them.
     budget = 6.6e-4
     with FaultServer(fault_rate=0.2, slow_s=0.8, retry_after="0.01", seed=3) as server:
-        cfg = TeacherConfig(**{**fast_retries(server.base_url, timeout_s=0.4, concurrency=4), "max_new_tokens": 4,
-                               "budget_usd": budget})
+        cfg = TeacherConfig(
+            **{**fast_retries(server.base_url, timeout_s=0.4, concurrency=4), "max_new_tokens": 4, "budget_usd": budget}
+        )
         service = TeacherService.from_config(cfg, ":memory:")
         service.answer_sync([user(f"question number {i}") for i in range(200)])
         service.close()
@@ -47,8 +48,9 @@ def test_budget_is_a_hard_ceiling_for_us_and_for_the_provider_under_20pct_faults
 @pytest.mark.parametrize("model", ["o4-mini", "o3", "gpt-5-mini"])
 def test_reasoning_models_get_max_completion_tokens_and_no_temperature(model):
     with FaultServer() as server:
-        cfg = TeacherConfig(spec=f"openai:{model}", base_url=server.base_url, max_new_tokens=16, timeout_s=5,
-                            max_retries=0)
+        cfg = TeacherConfig(
+            spec=f"openai:{model}", base_url=server.base_url, max_new_tokens=16, timeout_s=5, max_retries=0
+        )
         service = TeacherService.from_config(cfg, ":memory:")
         [answer] = service.answer_sync([user("hello")])
         service.close()
@@ -82,8 +84,12 @@ def test_an_unreachable_teacher_fails_in_seconds_with_one_line_naming_the_url(tm
     # retries of up to 4 s each (minutes, 8 at a time); with it, the first call alone (the
     # preflight) trips it after 3 refused connections, about a second of backoff. The bound
     # is loose because it includes creating the MLflow store on a busy machine.
-    teacher = {**fast_retries(f"http://user:hunter2@127.0.0.1:{port}/v1"), "backoff_initial_s": 0.5,
-               "backoff_max_s": 4, "max_retries": 6}
+    teacher = {
+        **fast_retries(f"http://user:hunter2@127.0.0.1:{port}/v1"),
+        "backoff_initial_s": 0.5,
+        "backoff_max_s": 4,
+        "max_retries": 6,
+    }
     recipe = write_recipe(tmp_path, teacher)
     start = time.monotonic()
     assert main(["capture", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--force"]) == 1
@@ -99,9 +105,8 @@ def test_an_unreachable_teacher_fails_in_seconds_with_one_line_naming_the_url(tm
 
 
 def structured_capture(tmp_path, server) -> tuple[list[dict], list[str], list[str]]:
-    from capture_helpers import TASK, read_records
-
     import yaml
+    from capture_helpers import TASK, read_records
 
     from pipeline.artifacts import read_manifest
 

@@ -1,6 +1,6 @@
 """SIGKILL a real capture process mid-run, rerun it: nothing answered is asked for again.
 
-    .venv/bin/pytest tests/test_capture_kill.py -q
+.venv/bin/pytest tests/test_capture_kill.py -q
 """
 
 import json

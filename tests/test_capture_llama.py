@@ -6,7 +6,6 @@ The server (`python -m llama_cpp.server`, from llama-cpp-python) serves the embe
 GGUF on 127.0.0.1; nothing here is faked.
 """
 
-
 import pytest
 import yaml
 from capture_helpers import LLAMA_ALIAS, ROOT, read_records, write_recipe
@@ -28,8 +27,15 @@ def llama_server(tmp_path_factory):
 
 def test_capture_through_openai_provider_against_llama_cpp(llama_server, tmp_path):
     # 16 tokens: the answer comes as {"label": "..."} (response_format with the task's label enum).
-    teacher = {"spec": f"openai:{ALIAS}", "base_url": llama_server, "max_new_tokens": 16, "concurrency": 2,
-               "few_shot": True, "timeout_s": 120, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4}}
+    teacher = {
+        "spec": f"openai:{ALIAS}",
+        "base_url": llama_server,
+        "max_new_tokens": 16,
+        "concurrency": 2,
+        "few_shot": True,
+        "timeout_s": 120,
+        "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
+    }
     capture = {"prompts": str(ROOT / "data" / "prompts.jsonl"), "limit": 6}
     recipe = write_recipe(tmp_path, teacher, capture)
     runs = tmp_path / "runs"
@@ -45,9 +51,11 @@ def test_capture_through_openai_provider_against_llama_cpp(llama_server, tmp_pat
         assert meta["error"] is None and record["messages"][-1]["content"].strip()
         assert meta["usage"]["prompt_tokens"] > 100 and 1 <= meta["usage"]["completion_tokens"] <= 16
         assert meta["cost_usd"] == pytest.approx(
-            (meta["usage"]["prompt_tokens"] * 0.1 + meta["usage"]["completion_tokens"] * 0.4) / 1e6)
+            (meta["usage"]["prompt_tokens"] * 0.1 + meta["usage"]["completion_tokens"] * 0.4) / 1e6
+        )
         assert isinstance(meta["logprobs"], float) and meta["logprobs"] <= 0
         assert meta["finish_reason"] in ("stop", "length") and meta["params"]["base_url"] == llama_server
     manifest = read_manifest(runs / "cap" / "capture")
     assert manifest.counts["teacher_calls"] == 6 and manifest.cost_usd == pytest.approx(
-        sum(r["meta"]["cost_usd"] for r in records))
+        sum(r["meta"]["cost_usd"] for r in records)
+    )

@@ -6,12 +6,11 @@ Ctrl-C: exit 130, the resume hint, every answer bought so far committed (issue 1
 
 import signal
 import sqlite3
-
-import pytest
 import subprocess
 import sys
 import time
 
+import pytest
 from capture_helpers import ROOT, fast_retries, write_prompts, write_recipe
 from fault_server import FaultServer
 
@@ -32,8 +31,14 @@ def test_sigterm_mid_capture_exits_like_ctrl_c_with_answers_committed(tmp_path, 
     with FaultServer(latency_s=0.2) as server:
         recipe = write_recipe(tmp_path, fast_retries(server.base_url, concurrency=2))
         cmd = [sys.executable, "-m", "pipeline", "capture", str(recipe), "--runs-dir", str(tmp_path / "runs")]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint,
+        )
         deadline = time.monotonic() + 120
         while sum(server.successes.values()) < 4:
             assert proc.poll() is None, proc.stderr.read()

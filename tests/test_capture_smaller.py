@@ -34,8 +34,11 @@ def test_local_teacher_identity_and_capture_inputs_follow_the_model_content(tmp_
     assert {"teacher_model/config.json", "teacher_model/model.safetensors"} <= set(inputs)
 
     weights = load_file(folder / "model.safetensors")
-    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})  # retrained in place: same path, new weights
+    save_file(
+        {k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()},
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )  # retrained in place: same path, new weights
     after = cache_key(build_teacher(cfg.spec, cfg).identity(), messages, 0)
     assert after != before, "a model retrained in place would be answered from the old model's cache"
     assert capture.file_inputs(Recipe(name="t", teacher=cfg)) == inputs, "same files, whose hashes the runner takes"
@@ -47,8 +50,15 @@ def test_readme_example_a_loopback_openai_teacher_defaults_to_zero_dollars(tmp_p
     with FaultServer() as server:
         # The README's line: teacher.spec=openai:local teacher.base_url=http://127.0.0.1:8080/v1, no price.
         recipe = write_recipe(tmp_path, {"timeout_s": 5})
-        argv = ["capture", str(recipe), "teacher.spec=openai:local", f"teacher.base_url={server.base_url}",
-                "--runs-dir", str(runs), "--force"]
+        argv = [
+            "capture",
+            str(recipe),
+            "teacher.spec=openai:local",
+            f"teacher.base_url={server.base_url}",
+            "--runs-dir",
+            str(runs),
+            "--force",
+        ]
         with caplog.at_level("INFO"):
             assert main(argv) == 0
     assert [r["meta"]["cost_usd"] for r in read_records(runs)] == [0.0, 0.0, 0.0]
@@ -90,8 +100,14 @@ def test_curate_is_byte_identical_across_two_processes(tmp_path, embedded_dir):
         out = tmp_path / name / "out"
         out.parent.mkdir()
         env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, "-c", CURATE_SCRIPT, str(embedded_dir), str(out)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", CURATE_SCRIPT, str(embedded_dir), str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(hash_outputs(out))
     assert outs[0] == outs[1] and len(outs[0]) > 5

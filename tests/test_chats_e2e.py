@@ -23,8 +23,12 @@ def chats_run(tmp_path_factory, tiny_llama_dir):
     recipe = yaml.safe_load((ROOT / "recipes" / "support-chats-cpu.yaml").read_text())
     recipe["model"] |= {"base": str(tiny_llama_dir), "chat_template": str(ROOT / recipe["model"]["chat_template"])}
     recipe["teacher"] |= {"max_new_tokens": 8}
-    recipe["capture"] |= {"prompts": str(ROOT / recipe["capture"]["prompts"]), "task": str(ROOT / recipe["capture"]["task"]),
-                          "limit": 24, "cache": str(folder / "cache.sqlite")}
+    recipe["capture"] |= {
+        "prompts": str(ROOT / recipe["capture"]["prompts"]),
+        "task": str(ROOT / recipe["capture"]["task"]),
+        "limit": 24,
+        "cache": str(folder / "cache.sqlite"),
+    }
     # Answers cut at 8 tokens are kept: the splits stay non-empty at this size.
     recipe["curate"] |= {"drop_truncated": False, "min_examples": 10}
     recipe["train"] |= {"max_steps": 2, "batch_size": 4, "eos_check": "warn"}

@@ -13,11 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _recipe(tmp_path, **capture):
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "bad",
-        "capture": {"task": str(ROOT / "data" / "task.yaml"), "cache": str(tmp_path / "c.sqlite"), **capture},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad",
+                "capture": {"task": str(ROOT / "data" / "task.yaml"), "cache": str(tmp_path / "c.sqlite"), **capture},
+                "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            }
+        )
+    )
     return str(path)
 
 
@@ -57,8 +61,12 @@ def test_missing_prompts_file_is_named(tmp_path, capsys):
 
 
 def test_validate_accepts_shipped_recipe_with_overrides():
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", "mistral7b", "train.epochs=1"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", "mistral7b", "train.epochs=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "mistral7b: ok" in proc.stdout
 
 
@@ -68,7 +76,10 @@ def test_serve_refuses_a_stage_folder_without_a_manifest(tmp_path, capsys):
     (run / "evaluate" / "router_policy.json").write_text('{"threshold": -1.0}')  # looks done, has no manifest
     assert main(["serve", _recipe(tmp_path), "--runs-dir", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {run / 'evaluate'}: no manifest.json, so evaluate has not completed there; run `distill evaluate` first"
+    assert (
+        err
+        == f"error: {run / 'evaluate'}: no manifest.json, so evaluate has not completed there; run `distill evaluate` first"
+    )
 
 
 def test_overrides_suggested_in_help_are_real_recipe_fields(tmp_path, capsys):
@@ -77,7 +88,7 @@ def test_overrides_suggested_in_help_are_real_recipe_fields(tmp_path, capsys):
     from pipeline.config import load_recipe
 
     placeholder = {"PATH": str(tmp_path / "heldout.jsonl"), "URL": "http://127.0.0.1:8080/v1"}
-    for stage, overrides in STAGE_OVERRIDES.items():
+    for overrides in STAGE_OVERRIDES.values():
         concrete = [o.split("=")[0] + "=" + placeholder.get(o.split("=", 1)[1], o.split("=", 1)[1]) for o in overrides]
         load_recipe("smollm2-135m-cpu", concrete, root=ROOT)
     assert main(["capture", "--help"]) == 0

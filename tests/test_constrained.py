@@ -3,8 +3,8 @@
 import pytest
 
 from pipeline.llm.constrained import label_token_trie
-from pipeline.llm.loading import load_model, load_tokenizer, device_plan
 from pipeline.llm.generate import generate_batch
+from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
 LABELS = ["track_order", "refund_status", "promo_code"]
 

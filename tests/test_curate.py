@@ -8,10 +8,10 @@ from pipeline.config import CurateConfig, Recipe
 from pipeline.curation.dedup import NgramIndex, step_decontaminate, step_exact_dedupe, step_near_dedupe
 from pipeline.curation.filters import FormatChecker, count_tokens, step_consistency, step_format, step_length
 from pipeline.curation.pii import step_pii
-from pipeline.pii import iban_valid, luhn_valid, scrub
 from pipeline.curation.records import mean_logprob, normalize_text, step_normalise, to_example
 from pipeline.curation.selection import balanced_quotas, embed, k_center, step_select, stratified_split
 from pipeline.errors import DistillError
+from pipeline.pii import iban_valid, luhn_valid, scrub
 from pipeline.task import Task
 
 LABELS = ["track_order", "return_item", "refund_status"]
@@ -28,8 +28,11 @@ def rec(id, prompt, answer, *, logprob=-0.5, finish="stop", error=None, gold=Non
         meta["gold"] = gold
     if sample is not None:
         meta["sample"] = sample
-    return {"id": id, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "meta": meta}
+    return {
+        "id": id,
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        "meta": meta,
+    }
 
 
 def examples(task, *records, shape="user") -> list[dict]:
@@ -67,8 +70,11 @@ def test_normalise_drops_failed_empty_refusals_and_cut_off_answers(task):
     kept, removed = step_normalise(raw, task, CurateConfig(), "user")
     assert ids(kept) == ["ok", "cut_but_label", "polite"]
     assert {r.id: r.reason for r in removed} == {
-        "failed": "failed_call", "empty_p": "empty_prompt", "empty_a": "empty_answer",
-        "refusal": "refusal", "cut": "truncated",
+        "failed": "failed_call",
+        "empty_p": "empty_prompt",
+        "empty_a": "empty_answer",
+        "refusal": "refusal",
+        "cut": "truncated",
     }
 
 
@@ -101,9 +107,12 @@ def tokenizer(embedded_dir):
 
 
 def test_length_filter_counts_student_tokens_and_drops_instead_of_truncating(task, tokenizer):
-    items = examples(task, rec("short", "where is it", "track_order"),
-                     rec("long", "where is my order " * 60, "track_order"),
-                     rec("long_answer", "refund?", "refund status " * 10))
+    items = examples(
+        task,
+        rec("short", "where is it", "track_order"),
+        rec("long", "where is my order " * 60, "track_order"),
+        rec("long_answer", "refund?", "refund status " * 10),
+    )
     count_tokens(items, tokenizer)
     assert items[0]["prompt_tokens"] == len(tokenizer("where is it", add_special_tokens=False)["input_ids"])
     cfg = CurateConfig(max_completion_tokens=8)
@@ -123,7 +132,10 @@ def test_lengths_count_what_the_student_reads_of_the_conversation(task, tokenize
     for items in (kept, dropped, plain):
         count_tokens(items, tokenizer)
     assert kept[0]["seq_tokens"] > plain[0]["seq_tokens"] + 20 and kept[0]["prompt_tokens"] > 20
-    assert (dropped[0]["seq_tokens"], dropped[0]["prompt_tokens"]) == (plain[0]["seq_tokens"], plain[0]["prompt_tokens"])
+    assert (dropped[0]["seq_tokens"], dropped[0]["prompt_tokens"]) == (
+        plain[0]["seq_tokens"],
+        plain[0]["prompt_tokens"],
+    )
 
 
 def chat(id, system, turns, answer, **meta) -> dict:
@@ -141,10 +153,12 @@ def chat(id, system, turns, answer, **meta) -> dict:
 def test_dedupe_compares_whole_conversations_as_the_student_reads_them(task):
     """The same last message is no duplicate with another customer's context (kept as the student
     reads it) or another earlier exchange; it is when the context is learned away."""
-    same_question = [chat("a", "Customer: Premium since 2015.", [("where is my refund", None)], "refund_status"),
-                     chat("b", "Customer: Basic, joined 2023.", [("where is my refund", None)], "refund_status"),
-                     chat("c", None, [("I returned boots", "Got it."), ("where is my refund", None)], "refund_status"),
-                     chat("d", None, [("where is my refund", None)], "refund_status")]
+    same_question = [
+        chat("a", "Customer: Premium since 2015.", [("where is my refund", None)], "refund_status"),
+        chat("b", "Customer: Basic, joined 2023.", [("where is my refund", None)], "refund_status"),
+        chat("c", None, [("I returned boots", "Got it."), ("where is my refund", None)], "refund_status"),
+        chat("d", None, [("where is my refund", None)], "refund_status"),
+    ]
     kept, _ = step_exact_dedupe(examples(task, *same_question, shape="conversation"))
     assert ids(kept) == ["a", "b", "c", "d"]
     kept, removed = step_exact_dedupe(examples(task, *same_question, shape="user"))
@@ -153,10 +167,15 @@ def test_dedupe_compares_whole_conversations_as_the_student_reads_them(task):
 
 def test_near_dup_ignores_a_templated_system_prompt_and_compares_the_dialogue(task):
     template = "You are the support agent of an online store. Be polite and brief. Customer profile: {}."
-    questions = ["where is my parcel", "I want to return the green boots", "my card was declined at checkout",
-                 "please change my delivery address"]
-    records = [chat(f"r{i}", template.format(f"customer #{i}"), [(q, None)], "track_order")
-               for i, q in enumerate(questions)]
+    questions = [
+        "where is my parcel",
+        "I want to return the green boots",
+        "my card was declined at checkout",
+        "please change my delivery address",
+    ]
+    records = [
+        chat(f"r{i}", template.format(f"customer #{i}"), [(q, None)], "track_order") for i, q in enumerate(questions)
+    ]
     kept, removed = step_near_dedupe(examples(task, *records, shape="conversation"), 0.7, 128, 0)
     assert ids(kept) == ["r0", "r1", "r2", "r3"] and not removed
     twice = records + [chat("r9", template.format("customer #0"), [("where is my parcel??", None)], "track_order")]
@@ -167,9 +186,12 @@ def test_near_dup_ignores_a_templated_system_prompt_and_compares_the_dialogue(ta
 def test_pii_is_scrubbed_in_every_turn(task):
     from pipeline.curation.pii import scrub_records
 
-    record = chat("a", "Customer email: ann@example.com", [("my phone is +44 20 7946 0958", "Thanks, noted."),
-                                                           ("card 4111 1111 1111 1111 was charged twice", None)],
-                  "Refunded to ann@example.com.")
+    record = chat(
+        "a",
+        "Customer email: ann@example.com",
+        [("my phone is +44 20 7946 0958", "Thanks, noted."), ("card 4111 1111 1111 1111 was charged twice", None)],
+        "Refunded to ann@example.com.",
+    )
     (scrubbed,), changed, counts = scrub_records([record])
     text = " ".join(m["content"] for m in scrubbed["messages"])
     assert "ann@example.com" not in text and "4111" not in text and "7946" not in text
@@ -180,9 +202,12 @@ def test_pii_is_scrubbed_in_every_turn(task):
 
 
 def test_exact_dedupe_keeps_the_best_rated_copy(task):
-    items = examples(task, rec("a", "Where is my order?", "track_order", logprob=-2.0),
-                     rec("b", "where is  my ORDER?", "track_order", logprob=-0.1),
-                     rec("c", "Return my shoes", "return_item"))
+    items = examples(
+        task,
+        rec("a", "Where is my order?", "track_order", logprob=-2.0),
+        rec("b", "where is  my ORDER?", "track_order", logprob=-0.1),
+        rec("c", "Return my shoes", "return_item"),
+    )
     kept, removed = step_exact_dedupe(items)
     assert ids(kept) == ["b", "c"] and ids(removed) == ["a"]
 
@@ -196,10 +221,18 @@ def test_exact_dedupe_merges_numbered_samples_of_one_prompt(task):
 def test_near_duplicates_differing_by_one_word_are_caught_and_different_intents_kept(task):
     items = examples(
         task,
-        rec("a1", "I ordered a blue kettle last week and it still has not arrived at my flat", "track_order",
-            logprob=-1.0),
-        rec("a2", "I ordered a red kettle last week and it still has not arrived at my flat", "track_order",
-            logprob=-0.2),
+        rec(
+            "a1",
+            "I ordered a blue kettle last week and it still has not arrived at my flat",
+            "track_order",
+            logprob=-1.0,
+        ),
+        rec(
+            "a2",
+            "I ordered a red kettle last week and it still has not arrived at my flat",
+            "track_order",
+            logprob=-0.2,
+        ),
         rec("b", "I ordered a blue kettle last week and want to send it back for a refund", "return_item"),
         rec("c", "Has the money for my returned kettle reached my card yet", "refund_status"),
     )
@@ -209,7 +242,9 @@ def test_near_duplicates_differing_by_one_word_are_caught_and_different_intents_
 
 
 def test_near_dedupe_can_be_turned_off(task):
-    items = examples(task, rec("a", "where is my order now", "track_order"), rec("b", "where is my order now!", "track_order"))
+    items = examples(
+        task, rec("a", "where is my order now", "track_order"), rec("b", "where is my order now!", "track_order")
+    )
     assert ids(step_near_dedupe(items, None, 128, 0)[0]) == ["a", "b"]
 
 
@@ -230,18 +265,31 @@ def test_off_label_answers_kept_when_labels_only_is_false(task):
 
 
 def test_json_schema_and_regex_checks():
-    schema = {"type": "object", "required": ["order"], "properties": {"order": {"type": "string", "pattern": "^A\\d+$"}}}
+    schema = {
+        "type": "object",
+        "required": ["order"],
+        "properties": {"order": {"type": "string", "pattern": "^A\\d+$"}},
+    }
     task = Task(name="x", kind="extraction", instructions="Extract.", output_schema=schema, answer_regex=r"[{`].*")
-    items = examples(task, rec("ok", "q1", '{"order": "A12"}'), rec("fenced", "q2", '```json\n{"order": "A7"}\n```'),
-                     rec("bad_json", "q3", "{order: A12"), rec("wrong", "q4", '{"order": 12}'),
-                     rec("regex", "q5", '"A12"'))
+    items = examples(
+        task,
+        rec("ok", "q1", '{"order": "A12"}'),
+        rec("fenced", "q2", '```json\n{"order": "A7"}\n```'),
+        rec("bad_json", "q3", "{order: A12"),
+        rec("wrong", "q4", '{"order": 12}'),
+        rec("regex", "q5", '"A12"'),
+    )
     kept, removed = step_format(items, FormatChecker(task, labels_only=True))
     assert ids(kept) == ["ok", "fenced"]
-    assert {r.id: r.reason for r in removed} == {"bad_json": "invalid_json", "wrong": "schema_mismatch",
-                                                 "regex": "schema_mismatch"}
+    assert {r.id: r.reason for r in removed} == {
+        "bad_json": "invalid_json",
+        "wrong": "schema_mismatch",
+        "regex": "schema_mismatch",
+    }
     task2 = Task(name="y", kind="generation", instructions="Answer.", answer_regex=r"Answer: \d+")
-    kept, removed = step_format(examples(task2, rec("a", "q", "Answer: 42"), rec("b", "q2", "42")),
-                                FormatChecker(task2, labels_only=True))
+    kept, removed = step_format(
+        examples(task2, rec("a", "q", "Answer: 42"), rec("b", "q2", "42")), FormatChecker(task2, labels_only=True)
+    )
     assert ids(kept) == ["a"] and removed[0].reason == "regex_mismatch"
 
 
@@ -258,15 +306,21 @@ def test_task_file_rejects_bad_schema_and_regex():
 
 
 def test_self_consistency_keeps_agreeing_prompts_and_records_confidence(task):
-    raw = [rec(f"p1-{k}", "Where is my order?", a, logprob=lp, sample=k)
-           for k, (a, lp) in enumerate([("track_order", -0.9), ("Track order", -0.1), ("refund_status", -0.05)])]
-    raw += [rec(f"p2-{k}", "Money back?", a, sample=k) for k, a in enumerate(["refund_status", "return_item", "nonsense"])]
+    raw = [
+        rec(f"p1-{k}", "Where is my order?", a, logprob=lp, sample=k)
+        for k, (a, lp) in enumerate([("track_order", -0.9), ("Track order", -0.1), ("refund_status", -0.05)])
+    ]
+    raw += [
+        rec(f"p2-{k}", "Money back?", a, sample=k) for k, a in enumerate(["refund_status", "return_item", "nonsense"])
+    ]
     raw += [rec("p3", "Return it", "return_item")]
     items = step_exact_dedupe(examples(task, *raw))[0]
     items = step_format(items, FormatChecker(task, labels_only=True))[0]
     kept, removed = step_consistency(items, task, labels_only=True, threshold=0.6)
     assert [(e["id"], e["completion"], round(e["confidence"], 2)) for e in kept] == [
-        ("p1-0", "track_order", 0.67), ("p3", "return_item", 1.0)]
+        ("p1-0", "track_order", 0.67),
+        ("p3", "return_item", 1.0),
+    ]
     assert kept[0]["teacher_logprob"] == -0.1, "representative is the most confident agreeing sample"
     # The samples' vote shares are the teacher's label distribution for train.soft_labels.
     assert kept[0]["label_probs"] == pytest.approx({"track_order": 2 / 3, "refund_status": 1 / 3})
@@ -289,10 +343,13 @@ def test_luhn_valid_card_is_replaced_and_invalid_is_not():
 def test_emails_phones_ibans_become_typed_placeholders_and_order_numbers_stay():
     assert iban_valid("DE89 3704 0044 0532 0130 00") and not iban_valid("DE00 3704 0044 0532 0130 00")
     counts = Counter()
-    text = ("Mail jo.doe+shop@example.co.uk or call +44 20 7946 0958 / (555) 123-4567. "
-            "IBAN DE89 3704 0044 0532 0130 00. Order A1234567 on 2024-06-11, #100234.")
-    assert scrub(text, counts) == ("Mail [EMAIL] or call [PHONE] / [PHONE]. IBAN [IBAN]. "
-                                   "Order A1234567 on 2024-06-11, #100234.")
+    text = (
+        "Mail jo.doe+shop@example.co.uk or call +44 20 7946 0958 / (555) 123-4567. "
+        "IBAN DE89 3704 0044 0532 0130 00. Order A1234567 on 2024-06-11, #100234."
+    )
+    assert scrub(text, counts) == (
+        "Mail [EMAIL] or call [PHONE] / [PHONE]. IBAN [IBAN]. Order A1234567 on 2024-06-11, #100234."
+    )
     assert counts == Counter(email=1, phone=2, iban=1)
 
 
@@ -309,11 +366,14 @@ def test_pii_step_scrubs_prompts_and_answers_and_counts(task):
 def test_ngram_decontamination_catches_overlap_and_keeps_unrelated(task):
     train = ["my parcel was due on tuesday and the tracking page has not moved since then"]
     index = NgramIndex(train, n=8)
-    items = examples(task,
-                     rec("leak", "Hello! My parcel was due on Tuesday and the tracking page has not moved since then.",
-                         "track_order"),
-                     rec("fresh", "I would like a refund for the broken lamp I sent back last week please", "refund_status"),
-                     rec("short_same", "the tracking page", "track_order"))
+    items = examples(
+        task,
+        rec(
+            "leak", "Hello! My parcel was due on Tuesday and the tracking page has not moved since then.", "track_order"
+        ),
+        rec("fresh", "I would like a refund for the broken lamp I sent back last week please", "refund_status"),
+        rec("short_same", "the tracking page", "track_order"),
+    )
     kept, removed = step_decontaminate(items, index, 0.5, "test_train_overlap", "train")
     assert ids(kept) == ["fresh", "short_same"] and ids(removed) == ["leak"]
     assert NgramIndex(["where is it"], n=8).overlap("Where is it?") == 1.0, "short texts match only whole"
@@ -334,8 +394,11 @@ def test_k_center_picks_the_rare_kind_before_more_paraphrases():
 
 
 def test_selection_to_target_and_warning_when_target_exceeds_survivors(task):
-    items = examples(task, *(rec(f"t{i:02d}", f"where is order number {i} today", "track_order") for i in range(10)),
-                     rec("r1", "refund for the lamp", "refund_status"))
+    items = examples(
+        task,
+        *(rec(f"t{i:02d}", f"where is order number {i} today", "track_order") for i in range(10)),
+        rec("r1", "refund for the lamp", "refund_status"),
+    )
     kept, removed, notes = step_select(items, 4, "tfidf")
     assert len(kept) == 4 and "r1" in ids(kept) and len(removed) == 7 and not notes
     kept, removed, notes = step_select(items, 50, "tfidf")
@@ -344,8 +407,11 @@ def test_selection_to_target_and_warning_when_target_exceeds_survivors(task):
 
 
 def test_random_selection_keeps_label_quotas_is_seeded_and_differs_from_k_center(task):
-    items = examples(task, *(rec(f"t{i:02d}", f"where is order number {i} today", "track_order") for i in range(30)),
-                     *(rec(f"r{i:02d}", f"refund for lamp {i}", "refund_status") for i in range(30)))
+    items = examples(
+        task,
+        *(rec(f"t{i:02d}", f"where is order number {i} today", "track_order") for i in range(30)),
+        *(rec(f"r{i:02d}", f"refund for lamp {i}", "refund_status") for i in range(30)),
+    )
     kept, removed, _ = step_select(items, 10, "tfidf", "random", seed=1)
     assert sorted(ex["label"] for ex in kept) == ["refund_status"] * 5 + ["track_order"] * 5
     assert ids(kept) == ids(step_select(items, 10, "tfidf", "random", seed=1)[0])  # same seed, same sample
@@ -365,7 +431,9 @@ def test_embeddings_minilm_is_an_error_when_the_package_is_missing(monkeypatch):
 
 
 def test_stratified_split_keeps_every_label_in_every_split_with_a_fixed_seed():
-    items = [{"id": f"{label}{i:02d}", "label": label} for label, n in (("a", 40), ("b", 7), ("c", 3)) for i in range(n)]
+    items = [
+        {"id": f"{label}{i:02d}", "label": label} for label, n in (("a", 40), ("b", 7), ("c", 3)) for i in range(n)
+    ]
     splits = stratified_split(items, 0.1, 0.15, seed=0)
     for name in ("train", "validation", "test"):
         assert {e["label"] for e in splits[name]} == {"a", "b", "c"}, name

@@ -36,9 +36,18 @@ def test_minilm_places_paraphrases_nearer_than_other_requests():
 def test_selection_on_minilm_keeps_one_of_each_kind_and_balances_labels():
     task = Task(name="t", instructions="Reply with one label.", labels=["needs_agent", "greeting"])
     prompts = [(t, "needs_agent") for t in TEXTS] + [("hello there", "greeting"), ("hi!", "greeting")]
-    items = [to_example({"id": f"p{i:02d}", "meta": {"teacher": "openai:t"},
-                         "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": label}]}, task, "user")
-             for i, (p, label) in enumerate(prompts)]
+    items = [
+        to_example(
+            {
+                "id": f"p{i:02d}",
+                "meta": {"teacher": "openai:t"},
+                "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": label}],
+            },
+            task,
+            "user",
+        )
+        for i, (p, label) in enumerate(prompts)
+    ]
     kept, removed, notes = step_select(items, 5, "minilm")
     assert not notes and len(kept) == 5 and len(removed) == 6
     by_label = {label: [ex["prompt"] for ex in kept if ex["label"] == label] for label in task.labels}

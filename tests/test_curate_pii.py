@@ -40,8 +40,12 @@ def test_no_raw_pii_in_the_card_the_outputs_or_mlflow(tmp_path, embedded_dir):
     capture = tmp_path / "capture"
     capture.mkdir()
     (capture / "teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in planted_records()))
-    recipe = Recipe(name="t", model={"base": str(embedded_dir)}, curate={"min_examples": 10, "pii": True},
-                    train={"max_seq_len": 256})
+    recipe = Recipe(
+        name="t",
+        model={"base": str(embedded_dir)},
+        curate={"min_examples": 10, "pii": True},
+        train={"max_seq_len": 256},
+    )
     out = tmp_path / "out"
     out.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -5,7 +5,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from pipeline.artifacts import hash_outputs
@@ -31,9 +30,18 @@ LEAK = "my parcel was due on tuesday and the tracking page has not moved since t
 
 
 def record(i: int, prompt: str, answer: str, **meta) -> dict:
-    return {"id": f"r{i:03d}", "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "meta": {"teacher": "openai:gpt-test", "logprobs": -0.1 * (i % 7), "finish_reason": "stop", "error": None,
-                     "cost_usd": 0.002, **meta}}
+    return {
+        "id": f"r{i:03d}",
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        "meta": {
+            "teacher": "openai:gpt-test",
+            "logprobs": -0.1 * (i % 7),
+            "finish_reason": "stop",
+            "error": None,
+            "cost_usd": 0.002,
+            **meta,
+        },
+    }
 
 
 def capture_records() -> list[dict]:
@@ -44,9 +52,29 @@ def capture_records() -> list[dict]:
     records = []
     for i in range(60):
         label = LABELS[i % 3]
-        records.append(record(i, " ".join(rng.sample(vocab, 9)) + f" {label.split('_')[0]}?", label.replace("_", " ").title()))
-    for k, extra in enumerate(["Hi!", "Hello.", "Thanks.", "Regards, Sam", "Good morning.", "Cheers, Ana", "ASAP!", "thx",
-                               "Hey.", "Yo!", "Help!", "Cheers, Tom", "Quick one.", "Urgent!", "Sorry.", "Best, Mei"]):
+        records.append(
+            record(i, " ".join(rng.sample(vocab, 9)) + f" {label.split('_')[0]}?", label.replace("_", " ").title())
+        )
+    for k, extra in enumerate(
+        [
+            "Hi!",
+            "Hello.",
+            "Thanks.",
+            "Regards, Sam",
+            "Good morning.",
+            "Cheers, Ana",
+            "ASAP!",
+            "thx",
+            "Hey.",
+            "Yo!",
+            "Help!",
+            "Cheers, Tom",
+            "Quick one.",
+            "Urgent!",
+            "Sorry.",
+            "Best, Mei",
+        ]
+    ):
         records.append(record(100 + k, f"{extra} {LEAK}", "track_order"))
     records.append(record(200, "please help", "I'm sorry, but I can't help with that."))
     records.append(record(201, "where is it", "", error="timeout"))
@@ -64,8 +92,13 @@ def setup(tmp_path, embedded_dir):
     (capture / "teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in capture_records()))
 
     def run(name="out", eval_file=None, **curate_cfg):
-        recipe = Recipe(name="t", model={"base": str(embedded_dir)}, curate={"min_examples": 10, **curate_cfg},
-                        train={"max_seq_len": 256}, eval={"file": eval_file})
+        recipe = Recipe(
+            name="t",
+            model={"base": str(embedded_dir)},
+            curate={"min_examples": 10, **curate_cfg},
+            train={"max_seq_len": 256},
+            eval={"file": eval_file},
+        )
         out = tmp_path / name
         out.mkdir()
         tracker = NullTracker()
@@ -87,10 +120,12 @@ def test_stage_writes_the_contract_and_a_card(setup):
 
     manifest, out, tracker = setup()
     assert {"train.jsonl", "validation.jsonl", "test.jsonl", "card.md", "lengths.png", "dataset/dataset_dict.json"} <= {
-        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+    }
     dataset = load_from_disk(str(out / "dataset"))
     assert {"id", "messages", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence"} <= set(
-        dataset["train"].column_names)
+        dataset["train"].column_names
+    )
     rows = [r for split in dataset.values() for r in split]
     assert all(r["completion"] == r["label"] and r["label"] in LABELS for r in rows), "answers normalised to labels"
     assert read_jsonl(out / "train.jsonl")[0]["messages"][1]["role"] == "assistant"
@@ -99,11 +134,19 @@ def test_stage_writes_the_contract_and_a_card(setup):
     assert c["removed_refusal"] == 1 and c["removed_failed_call"] == 1 and c["removed_truncated"] == 1
     assert c["removed_off_label"] == 1
     card = (out / "card.md").read_text()
-    for needle in ("## Steps", "| normalise | 80 |", "## Label distribution", "![lengths.png](lengths.png)",
-                   "| openai:gpt-test | 80 | 0.1600 |", "normalise / refusal"):
+    for needle in (
+        "## Steps",
+        "| normalise | 80 |",
+        "## Label distribution",
+        "![lengths.png](lengths.png)",
+        "| openai:gpt-test | 80 | 0.1600 |",
+        "normalise / refusal",
+    ):
         assert needle in card, needle
     assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [a.name for a, _ in tracker.artifacts] == ["card.md", "lengths.png"] and tracker.last_metrics()["kept"] == c["kept"]
+    assert [a.name for a, _ in tracker.artifacts] == ["card.md", "lengths.png"] and tracker.last_metrics()["kept"] == c[
+        "kept"
+    ]
 
 
 def test_planted_test_train_overlap_is_removed_from_test(setup):
@@ -121,7 +164,9 @@ def test_external_eval_file_decontaminates_every_split(setup, tmp_path):
     eval_file.write_text(json.dumps({"prompt": LEAK.upper()}) + "\n")
     manifest, out, _ = setup(eval_file=str(eval_file))
     assert manifest.counts["removed_eval_overlap"] >= 1
-    prompts = [r["messages"][0]["content"] for s in ("train", "validation", "test") for r in read_jsonl(out / f"{s}.jsonl")]
+    prompts = [
+        r["messages"][0]["content"] for s in ("train", "validation", "test") for r in read_jsonl(out / f"{s}.jsonl")
+    ]
     assert not any(LEAK in p.lower() for p in prompts)
     assert "eval_file" in curate.file_inputs(Recipe(name="t", eval={"file": str(eval_file)}))
 
@@ -162,7 +207,9 @@ def test_card_lists_the_registry_steps_in_registry_order(setup, tmp_path):
     _, out, _ = setup(pii=True, eval_file=str(eval_file))
     frozen = "decontaminate (frozen test)"  # retrain's rounds only (tests/test_loop.py)
     assert card_steps((out / "card.md").read_text()) == [s.name for s in STEPS if s.name != frozen] + [
-        SPLIT, TEST_DECONTAMINATION]
+        SPLIT,
+        TEST_DECONTAMINATION,
+    ]
     assert set(OPTIONAL) <= {s.name for s in STEPS}
 
 
@@ -196,8 +243,11 @@ def test_a_step_with_the_common_signature_can_be_added_to_the_registry(ctx):
     assert [s.name for s in result.steps][:4] == ["normalise", "length", "no refunds", "exact dedupe"]
     assert trail["no refunds"].n_in - trail["no refunds"].n_out == removed_counts(result.steps)["no_refunds"] > 0
     assert not any(ex["prompt"].endswith("refund?") for split in result.splits.values() for ex in split)
-    assert any(ex["prompt"].endswith("refund?") for split in curate.curate_records(
-        capture_records(), ctx).splits.values() for ex in split), "the default registry keeps them"
+    assert any(
+        ex["prompt"].endswith("refund?")
+        for split in curate.curate_records(capture_records(), ctx).splits.values()
+        for ex in split
+    ), "the default registry keeps them"
 
 
 def test_a_step_removed_from_the_registry_does_not_run(ctx):
@@ -217,20 +267,27 @@ def test_optional_steps_decide_from_the_context(ctx):
     on = CurateContext(ctx.task, ctx.cfg.model_copy(update={"pii": True}), ctx.max_seq_len, ctx.tokenizer, ("a b",))
     assert enabled["pii scrub"](on) and enabled["decontaminate (eval file)"](on)
     assert not enabled["decontaminate (frozen test)"](ctx)
-    assert enabled["decontaminate (frozen test)"](CurateContext(ctx.task, ctx.cfg, ctx.max_seq_len, ctx.tokenizer,
-                                                                frozen_test=({"prompt": "a b"},)))
+    assert enabled["decontaminate (frozen test)"](
+        CurateContext(ctx.task, ctx.cfg, ctx.max_seq_len, ctx.tokenizer, frozen_test=({"prompt": "a b"},))
+    )
     assert all(s.enabled(ctx) for s in STEPS if s.name not in OPTIONAL)
 
 
 def with_system(records: list[dict], system) -> list[dict]:
     """The records as an app sends them: a system prompt (`system(i)`) first."""
-    return [{**r, "messages": [{"role": "system", "content": system(i)}, *r["messages"]]} for i, r in enumerate(records)]
+    return [
+        {**r, "messages": [{"role": "system", "content": system(i)}, *r["messages"]]} for i, r in enumerate(records)
+    ]
 
 
-@pytest.mark.parametrize("system,shape", [(lambda i: "You triage support messages. Reply with one label.", "user"),
-                                          (lambda i: f"Reply with one label. Customer #{i}, tier {i % 3}.",
-                                           "conversation"),
-                                          (None, "user")])
+@pytest.mark.parametrize(
+    "system,shape",
+    [
+        (lambda i: "You triage support messages. Reply with one label.", "user"),
+        (lambda i: f"Reply with one label. Customer #{i}, tier {i % 3}.", "conversation"),
+        (None, "user"),
+    ],
+)
 def test_auto_learns_a_shared_system_prompt_away_and_keeps_a_varying_one(setup, tmp_path, system, shape):
     """student_input=auto: one system prompt shared by every record is learned away (and named in the
     card); one carrying per-request data is kept. The splits keep the conversation as sent either way."""

@@ -58,8 +58,7 @@ def test_examples_cover_each_label_once_and_are_held_out(rows, task):
 
 def test_generator_is_deterministic(tmp_path):
     out = tmp_path / "prompts.jsonl"
-    subprocess.run([sys.executable, str(DATA / "generate_demo.py"), "--out", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(DATA / "generate_demo.py"), "--out", str(out)], check=True, capture_output=True)
     assert out.read_bytes() == (DATA / "prompts.jsonl").read_bytes()
 
 
@@ -80,7 +79,10 @@ def test_chats_are_what_an_app_sends_with_context_that_varies(chats):
         messages = read_messages(chat["messages"])
         check_conversation(messages)
         assert messages[0]["role"] == "system" and "Customer:" in messages[0]["content"]
-        assert [m["role"] for m in messages[1:]] in (["user", "assistant", "user"], ["user", "assistant"] * 2 + ["user"])
+        assert [m["role"] for m in messages[1:]] in (
+            ["user", "assistant", "user"],
+            ["user", "assistant"] * 2 + ["user"],
+        )
         assert chat["reference"].strip()
     assert len({c["messages"][0]["content"] for c in chats}) == len(chats)  # per-request context
     histories = Counter(len(c["messages"]) for c in chats)
@@ -89,5 +91,7 @@ def test_chats_are_what_an_app_sends_with_context_that_varies(chats):
 
 def test_chats_generator_is_deterministic(tmp_path):
     out = tmp_path / "chats.jsonl"
-    subprocess.run([sys.executable, str(DATA / "generate_chats.py"), "--out", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(DATA / "generate_chats.py"), "--out", str(out)], check=True, capture_output=True
+    )
     assert out.read_bytes() == (DATA / "chats.jsonl").read_bytes()

@@ -45,9 +45,12 @@ class FakeHub(BaseHTTPRequestHandler):
         FakeHub.requests.append((self.command, self.path, authorized))
         if GATED in self.path:
             status = 403 if authorized else 401
-            message = (f"Access to model {GATED} is restricted and you are not in the authorized list."
-                       if authorized else f"Access to model {GATED} is restricted. You must have access to it "
-                                          "and be authenticated to access it. Please log in.")
+            message = (
+                f"Access to model {GATED} is restricted and you are not in the authorized list."
+                if authorized
+                else f"Access to model {GATED} is restricted. You must have access to it "
+                "and be authenticated to access it. Please log in."
+            )
             headers = {"X-Error-Code": "GatedRepo", "X-Error-Message": message}
         else:
             status, headers = 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
@@ -78,8 +81,15 @@ def hub():
 
 def online_env(hub: str, tmp_path: Path, token: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "HUGGING"))}
-    env |= {"HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-            "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT), "HF_HUB_ETAG_TIMEOUT": "5"}
+    env |= {
+        "HF_ENDPOINT": hub,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_ETAG_TIMEOUT": "5",
+    }
     return env | ({"HF_TOKEN": token} if token else {})
 
 
@@ -88,12 +98,24 @@ def test_a_gated_base_fails_capture_in_one_line_before_anything_is_captured(hub,
     csv = tmp_path / "logs.csv"
     csv.write_text("text,category\nwhere is my card,card_arrival\n")
     recipe = tmp_path / "gated.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "gated", "model": {"base": GATED},
-                                      "teacher": {"spec": f"logs:{csv}", "prompt_col": "text", "label_col": "category"},
-                                      "capture": {"task": str(ROOT / "data" / "banking77_task.yaml")}}))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "capture", str(recipe), "--runs-dir", str(tmp_path / "runs")],
-                          env=online_env(hub, tmp_path, token=None), capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "gated",
+                "model": {"base": GATED},
+                "teacher": {"spec": f"logs:{csv}", "prompt_col": "text", "label_col": "category"},
+                "capture": {"task": str(ROOT / "data" / "banking77_task.yaml")},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "capture", str(recipe), "--runs-dir", str(tmp_path / "runs")],
+        env=online_env(hub, tmp_path, token=None),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if not line[:2].isdigit()]  # log lines start with a time
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -118,8 +140,14 @@ for call in (lambda: check_hub_access({GATED!r}, "model.base"), lambda: load_tok
     except DistillError as err:
         print(err)
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=online_env(hub, tmp_path, token="hf_test_token"),
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=online_env(hub, tmp_path, token="hf_test_token"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and len(lines) == 4, proc.stdout + proc.stderr
     for line in lines[:3]:
@@ -146,12 +174,16 @@ def test_qlora_without_cuda_is_refused_naming_the_build_the_driver_and_the_fix(t
     with pytest.raises(DistillError) as err:
         loading.check_training_device(recipe(str(tiny_base), method="qlora", quant={"load_in_4bit": True}))
     msg = str(err.value)
-    assert "no CUDA device" in msg and f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)" in msg
+    assert (
+        "no CUDA device" in msg and f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)" in msg
+    )
     assert "NVIDIA driver" in msg and "the recipe is QLoRA" in msg
     assert "TORCH_INDEX=https://download.pytorch.org/whl/cu126" in msg and "train.quant.on_cpu=skip" in msg
     # The recipe insisting: fp32 LoRA instead, or real 4-bit on the CPU.
     for on_cpu in ("skip", "run"):
-        loading.check_training_device(recipe(str(tiny_base), method="qlora", quant={"load_in_4bit": True, "on_cpu": on_cpu}))
+        loading.check_training_device(
+            recipe(str(tiny_base), method="qlora", quant={"load_in_4bit": True, "on_cpu": on_cpu})
+        )
 
 
 def test_a_7b_base_without_cuda_is_refused_unless_the_recipe_says_so():
@@ -166,8 +198,16 @@ def test_distill_run_refuses_the_flagship_on_a_cpu_before_capture(tmp_path, caps
     runs = tmp_path / "runs"
     csv = tmp_path / "train.csv"
     csv.write_text("text,category\nwhere is my card,card_arrival\n")
-    code = main(["run", "mistral7b", f"teacher.spec=logs:{csv}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-                 "--runs-dir", str(runs)])
+    code = main(
+        [
+            "run",
+            "mistral7b",
+            f"teacher.spec=logs:{csv}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+            "--runs-dir",
+            str(runs),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "refusing because the recipe is QLoRA" in err
     assert "7.2B parameters" in err and not (runs / "mistral7b" / "capture").exists()
@@ -179,8 +219,12 @@ def test_the_finetune_stage_refuses_before_loading_anything(tiny_base, monkeypat
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
     with pytest.raises(DistillError, match="refusing because the recipe is QLoRA"):
-        finetune.run(recipe(str(tiny_base), method="qlora", quant={"load_in_4bit": True}),
-                     {"curate": tmp_path}, tmp_path / "out", NullTracker())
+        finetune.run(
+            recipe(str(tiny_base), method="qlora", quant={"load_in_4bit": True}),
+            {"curate": tmp_path},
+            tmp_path / "out",
+            NullTracker(),
+        )
 
 
 # ---------------------------------------------------------------- several GPUs, no launcher
@@ -199,15 +243,26 @@ def test_several_gpus_in_one_process_are_refused_with_the_launch_command(four_gp
     msg = str(err.value)
     assert "4 GPUs are visible to one process" in msg and "DataParallel" in msg
     assert "CUDA_VISIBLE_DEVICES=0 distill finetune banking" in msg
-    assert "accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 4 -m pipeline finetune banking" in msg
+    assert (
+        "accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 4 -m pipeline finetune banking"
+        in msg
+    )
     loading.check_training_device(recipe(str(tiny_base)), num_processes=4)  # under the launcher: one GPU per rank
 
 
 def test_distill_run_refuses_several_gpus_before_capture(four_gpus, tmp_path, capsys):
     csv = tmp_path / "train.csv"
     csv.write_text("text,category\nwhere is my card,card_arrival\n")
-    code = main(["run", "mistral7b", f"teacher.spec=logs:{csv}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-                 "--runs-dir", str(tmp_path / "runs")])
+    code = main(
+        [
+            "run",
+            "mistral7b",
+            f"teacher.spec=logs:{csv}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "accelerate launch" in err and not (tmp_path / "runs" / "mistral7b" / "capture").exists()
 
@@ -228,8 +283,13 @@ def test_a_stages_model_is_freed_when_the_stage_ends(tiny_base, tmp_path, monkey
     layout = RunLayout(tmp_path / "runs", "mem")
     curate = layout.stage_dir("curate")
     rows = [{"id": str(i), "prompt": f"my card {i} has not arrived", "completion": "card_arrival"} for i in range(12)]
-    DatasetDict({"train": Dataset.from_list(rows[:8]), "validation": Dataset.from_list(rows[8:]),
-                 "test": Dataset.from_list(rows[8:])}).save_to_disk(str(curate / "dataset"))
+    DatasetDict(
+        {
+            "train": Dataset.from_list(rows[:8]),
+            "validation": Dataset.from_list(rows[8:]),
+            "test": Dataset.from_list(rows[8:]),
+        }
+    ).save_to_disk(str(curate / "dataset"))
     write_manifest(curate, Manifest(stage="curate", outputs=hash_outputs(curate)))
     models = []
     real = loading.load_model
@@ -256,7 +316,9 @@ def test_cuda_loads_go_straight_to_this_ranks_gpu_in_the_compute_dtype(monkeypat
     assert nf4["device_map"] == {"": "cuda:1"} and nf4["attn_implementation"] == "sdpa"
     assert nf4["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
     assert loading.load_kwargs(DevicePlan("cpu", "float32", False, "cpu")) == {"dtype": torch.float32}
-    assert loading.load_kwargs(DevicePlan("cpu", "float32", True, "cpu"), QuantConfig(load_in_4bit=True))["device_map"] == {"": "cpu"}
+    assert loading.load_kwargs(DevicePlan("cpu", "float32", True, "cpu"), QuantConfig(load_in_4bit=True))[
+        "device_map"
+    ] == {"": "cpu"}
 
 
 def test_device_plan_can_be_pinned_to_the_cpu(four_gpus):
@@ -286,5 +348,8 @@ def test_export_says_the_disk_a_7b_needs_and_refuses_when_it_is_not_free(tmp_pat
     needs = disk_needed(flagship, DevicePlan("cuda", "bfloat16", False, "cuda"), torch.bfloat16)
     assert needs["merged (bfloat16)"] == pytest.approx(14.5e9, rel=0.01)
     assert "gguf f16" in needs and sum(needs.values()) > 30e9
-    with pytest.raises(DistillError, match=r"export: needs about .* GB of disk \(merged \(bfloat16\) .* GB, \+10%\) under .* only .* GB is free"):
+    with pytest.raises(
+        DistillError,
+        match=r"export: needs about .* GB of disk \(merged \(bfloat16\) .* GB, \+10%\) under .* only .* GB is free",
+    ):
         check_disk(tmp_path, {"merged (bfloat16)": 1e18})

@@ -30,15 +30,19 @@ def recipe(tmp_path, tiny_llama_dir) -> Path:
     logs = tmp_path / "labels.jsonl"
     logs.write_text("".join(json.dumps({"prompt": r["prompt"], "label": r["gold"]}) + "\n" for r in rows))
     path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "ddp",
-        "model": {"base": str(tiny_llama_dir)},
-        "teacher": {"spec": f"logs:{logs}"},
-        "capture": {"task": str(ROOT / "data" / "task.yaml"), "cache": str(tmp_path / "cache.sqlite")},
-        "curate": {"min_examples": 10},
-        "train": {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "max_seq_len": 128, "eos_check": "off"},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ddp"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ddp",
+                "model": {"base": str(tiny_llama_dir)},
+                "teacher": {"spec": f"logs:{logs}"},
+                "capture": {"task": str(ROOT / "data" / "task.yaml"), "cache": str(tmp_path / "cache.sqlite")},
+                "curate": {"min_examples": 10},
+                "train": {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "max_seq_len": 128, "eos_check": "off"},
+                "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ddp"},
+            }
+        )
+    )
     return path
 
 
@@ -47,8 +51,23 @@ def test_two_ranks_train_and_only_the_main_process_writes(recipe, tmp_path):
     from mlflow.tracking import MlflowClient
 
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "pipeline", "finetune", str(recipe), "--runs-dir", str(runs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "pipeline",
+        "finetune",
+        str(recipe),
+        "--runs-dir",
+        str(runs),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,7 +76,9 @@ def test_two_ranks_train_and_only_the_main_process_writes(recipe, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["capture", "curate", "finetune"], "a partial folder survived"
     manifest = read_manifest(run / "finetune")
     assert manifest.outputs == hash_outputs(run / "finetune")
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "train_log.jsonl"} <= set(manifest.outputs)
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "train_log.jsonl"} <= set(
+        manifest.outputs
+    )
     assert manifest.counts["steps"] == 2
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

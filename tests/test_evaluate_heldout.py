@@ -12,17 +12,26 @@ from pipeline.stages import evaluate
 
 def test_reads_jsonl_prompts_chat_messages_and_csv(tmp_path):
     jsonl = tmp_path / "eval.jsonl"
-    jsonl.write_text(json.dumps({"id": "a", "prompt": " where is my parcel ", "gold": "track_order"}) + "\n"
-                     + json.dumps({"messages": [{"role": "system", "content": "s"},
-                                                {"role": "user", "content": "refund please"}]}) + "\n")
+    jsonl.write_text(
+        json.dumps({"id": "a", "prompt": " where is my parcel ", "gold": "track_order"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "refund please"}]})
+        + "\n"
+    )
     rows = read_heldout(jsonl, "prompt", "gold")
-    assert rows == [{"id": "a", "messages": [{"role": "user", "content": "where is my parcel"}], "gold": "track_order"},
-                    {"id": "heldout-1", "messages": [{"role": "system", "content": "s"},
-                                                     {"role": "user", "content": "refund please"}], "gold": ""}]
+    assert rows == [
+        {"id": "a", "messages": [{"role": "user", "content": "where is my parcel"}], "gold": "track_order"},
+        {
+            "id": "heldout-1",
+            "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "refund please"}],
+            "gold": "",
+        },
+    ]
     csv = tmp_path / "eval.csv"
     csv.write_text("text,label\nmy card was declined,payment_failed\n")
-    assert read_heldout(csv, "text", "label") == [{"id": "heldout-0", "gold": "payment_failed",
-                                                    "messages": [{"role": "user", "content": "my card was declined"}]}]
+    assert read_heldout(csv, "text", "label") == [
+        {"id": "heldout-0", "gold": "payment_failed", "messages": [{"role": "user", "content": "my card was declined"}]}
+    ]
     with pytest.raises(DistillError, match="no prompts \\(expected a 'question' field"):
         read_heldout(csv, "question", None)
 

@@ -22,12 +22,19 @@ def test_judge_through_llama_cpp_asks_both_orders(tmp_path):
     from pipeline.teachers.service import TeacherService
 
     with llama_server(tmp_path / "server.log") as base_url:
-        cfg = TeacherConfig(spec="openai:smollm2-135m-instruct", base_url=base_url, max_new_tokens=3,
-                            concurrency=1, timeout_s=120, price={"input_per_mtok": 0.1, "output_per_mtok": 0.4})
+        cfg = TeacherConfig(
+            spec="openai:smollm2-135m-instruct",
+            base_url=base_url,
+            max_new_tokens=3,
+            concurrency=1,
+            timeout_s=120,
+            price={"input_per_mtok": 0.1, "output_per_mtok": 0.4},
+        )
         service = TeacherService.from_config(cfg, tmp_path / "cache.sqlite")
         try:
-            outcomes, verdicts = pairwise(service, ["Say hello.", "Name a colour."], ["Hello!", "Blue."],
-                                          ["Hi there.", "The sky."])
+            outcomes, verdicts = pairwise(
+                service, ["Say hello.", "Name a colour."], ["Hello!", "Blue."], ["Hi there.", "The sky."]
+            )
             report = service.report
         finally:
             service.close()

@@ -49,14 +49,22 @@ REFERENCES = [
 ]
 ANSWERS = [
     '{"id": "A1", "name": "Anne", "amount": 5.0, "items": ["y", "x"], "extra": "z"}',
-    'not json',
+    "not json",
     '{"id": "C3", "name": "Cy", "amount": 3, "note": null}',
     '{"id":"D4","name":"Di","amount":1,"items":["q"],"note":"n"}',
 ]
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "name", "amount", "items", "note"],
-          "properties": {"id": {"type": "string"}, "name": {"type": ["string", "null"]},
-                         "amount": {"type": ["number", "null"]}, "items": {"type": "array"},
-                         "note": {"type": ["string", "null"]}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id", "name", "amount", "items", "note"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": ["string", "null"]},
+        "amount": {"type": ["number", "null"]},
+        "items": {"type": "array"},
+        "note": {"type": ["string", "null"]},
+    },
+}
 
 
 def test_field_level_metrics_match_hand_computed_values_with_missing_and_extra_fields():
@@ -69,8 +77,14 @@ def test_field_level_metrics_match_hand_computed_values_with_missing_and_extra_f
     assert figs["field_f1"].lo <= 5 / 7 <= figs["field_f1"].hi and figs["field_f1"].n == 4
     table = per_field(ANSWERS, REFERENCES)
     assert list(table) == ["id", "name", "amount", "items", "note", "extra"]
-    assert table["name"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
-                             "f1": pytest.approx(2 / 3), "accuracy": 0.75, "support": 3, "wrong": 1}
+    assert table["name"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(2 / 3),
+        "accuracy": 0.75,
+        "support": 3,
+        "wrong": 1,
+    }
     assert (table["amount"]["wrong"], table["amount"]["support"]) == (2, 3)
     assert table["id"]["precision"] == 1.0 and table["id"]["recall"] == 0.75
     assert table["items"]["recall"] == pytest.approx(2 / 3) and table["note"]["recall"] == 0.5

@@ -7,14 +7,22 @@ import pytest
 from pipeline.llm.completion import Completion
 from pipeline.llm.policy import Policy
 
-LABELS = ["track_order", "return_item", "refund_status", "x", "cancel_my_yearly_subscription_and_refund_it"]  # several lengths
-CONVS = [[{"role": "user", "content": "where is my parcel"}],
-         [{"role": "user", "content": "I want my money back for the broken mug I sent you last week"}]]
+LABELS = [
+    "track_order",
+    "return_item",
+    "refund_status",
+    "x",
+    "cancel_my_yearly_subscription_and_refund_it",
+]  # several lengths
+CONVS = [
+    [{"role": "user", "content": "where is my parcel"}],
+    [{"role": "user", "content": "I want my money back for the broken mug I sent you last week"}],
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
-    from pipeline.llm.loading import load_model, load_tokenizer, device_plan
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
     return load_model(str(tiny_llama_dir), device_plan()).eval(), load_tokenizer(str(tiny_llama_dir))
 
@@ -23,8 +31,9 @@ def brute_force(model, tokenizer, conv, label) -> float:
     """One unpadded sequence per (prompt, label): sum of log p over the label tokens and EOS."""
     import torch
 
-    prompt = tokenizer(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(
+        tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )["input_ids"]
     answer = tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor([prompt + answer])
     with torch.no_grad():

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from pipeline.evaluation.calibration import auroc, fit_temperature, reliability
-from pipeline.stats import clopper_pearson_lower, examples_needed
 from pipeline.evaluation.threshold import choose_threshold, measure, sweep
 from pipeline.llm.completion import Completion
 from pipeline.llm.policy import Policy, replay
+from pipeline.stats import clopper_pearson_lower, examples_needed
 
 
 def answer(mean: float | None) -> Completion:
@@ -33,8 +33,9 @@ def test_threshold_keeps_the_confident_block_that_supports_the_target():
     assert choice.reason == "met" and choice.bound >= 0.9
     n = choice.answered
     # The known answer: the largest prefix whose exact bound is >= 0.9 before the first failure.
-    expected = max(k for k in range(29, 101) if all(
-        clopper_pearson_lower(sum(agree[:j]), j) >= 0.9 for j in range(29, k + 1)))
+    expected = max(
+        k for k in range(29, 101) if all(clopper_pearson_lower(sum(agree[:j]), j) >= 0.9 for j in range(29, k + 1))
+    )
     assert n == expected and 60 <= n < 100
     assert choice.policy.threshold == scores[n - 1]
     on = measure(choice.policy, [answer(s) for s in scores], agree)

@@ -1,6 +1,6 @@
 """`export` recipe section: formats, llama.cpp types and required artifacts checked before anything runs.
 
-    .venv/bin/pytest -q tests/test_export_config.py
+.venv/bin/pytest -q tests/test_export_config.py
 """
 
 from pathlib import Path
@@ -30,23 +30,36 @@ def test_a_quant_type_typo_fails_distill_validate_naming_the_entry_and_the_fix(t
 
 
 def test_a_good_gguf_recipe_validates(tmp_path, capsys):
-    recipe = write(tmp_path, {"formats": ["merged", "adapter", "gguf"], "gguf_types": ["f16", "q8_0", "q4_k_m"],
-                              "require": ["merged", "gguf-q8_0"]})
+    recipe = write(
+        tmp_path,
+        {
+            "formats": ["merged", "adapter", "gguf"],
+            "gguf_types": ["f16", "q8_0", "q4_k_m"],
+            "require": ["merged", "gguf-q8_0"],
+        },
+    )
     assert main(["validate", str(recipe)]) == 0
     assert ExportConfig(formats=["merged", "adapter", "gguf"], gguf_types=["f16", "q8_0"]).artifact_names() == [
-        "merged", "adapter", "gguf-f16", "gguf-q8_0"]
+        "merged",
+        "adapter",
+        "gguf-f16",
+        "gguf-q8_0",
+    ]
 
 
-@pytest.mark.parametrize(("export", "message"), [
-    ({"formats": ["adapter", "gguf"]}, "export.formats must include merged"),
-    ({"formats": ["merged", "gguf"], "gguf_types": ["q8_0"]}, "must include 'f16'"),
-    ({"formats": ["merged", "gguf"], "gguf_types": ["f16", "iq2_xs"]}, "'iq2_xs' needs an importance matrix"),
-    ({"formats": ["merged", "gguf"], "gguf_types": ["f16", "q8_0", "q8_0"]}, "listed twice: q8_0"),
-    ({"formats": ["merged"], "require": ["gguf-q8_0"]}, "'gguf-q8_0' is not produced"),
-    ({"formats": ["merged", "megred"]}, "export.formats.1"),
-    ({"verify_min_agreement": 1.5}, "export.verify_min_agreement"),
-    ({"verify_logprob_tolerance": 0}, "export.verify_logprob_tolerance"),
-])
+@pytest.mark.parametrize(
+    ("export", "message"),
+    [
+        ({"formats": ["adapter", "gguf"]}, "export.formats must include merged"),
+        ({"formats": ["merged", "gguf"], "gguf_types": ["q8_0"]}, "must include 'f16'"),
+        ({"formats": ["merged", "gguf"], "gguf_types": ["f16", "iq2_xs"]}, "'iq2_xs' needs an importance matrix"),
+        ({"formats": ["merged", "gguf"], "gguf_types": ["f16", "q8_0", "q8_0"]}, "listed twice: q8_0"),
+        ({"formats": ["merged"], "require": ["gguf-q8_0"]}, "'gguf-q8_0' is not produced"),
+        ({"formats": ["merged", "megred"]}, "export.formats.1"),
+        ({"verify_min_agreement": 1.5}, "export.verify_min_agreement"),
+        ({"verify_logprob_tolerance": 0}, "export.verify_logprob_tolerance"),
+    ],
+)
 def test_inconsistent_export_sections_are_refused(export, message):
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
         Recipe.model_validate({"name": "x", "export": export})
@@ -58,8 +71,12 @@ def test_the_type_table_is_llama_cpps_own():
     for name, value in {**CONVERTED, **QUANTIZED}.items():
         constant = "LLAMA_FTYPE_ALL_F32" if name == "f32" else f"LLAMA_FTYPE_MOSTLY_{name.upper()}"
         assert getattr(llama_cpp, constant) == value, name
-    known = {k.removeprefix("LLAMA_FTYPE_MOSTLY_").lower() for k in dir(llama_cpp) if k.startswith("LLAMA_FTYPE_MOSTLY_")}
-    assert known == (set(CONVERTED) | set(QUANTIZED) | set(REFUSED)) - {"f32"}, "a llama.cpp type is neither accepted nor refused"
+    known = {
+        k.removeprefix("LLAMA_FTYPE_MOSTLY_").lower() for k in dir(llama_cpp) if k.startswith("LLAMA_FTYPE_MOSTLY_")
+    }
+    assert known == (set(CONVERTED) | set(QUANTIZED) | set(REFUSED)) - {"f32"}, (
+        "a llama.cpp type is neither accepted nor refused"
+    )
 
 
 def test_every_shipped_recipe_still_validates(capsys):

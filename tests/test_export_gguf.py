@@ -12,14 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.conversation import user_turn
 from pipeline.errors import DistillError
 from pipeline.export.gguf import describe, export_gguf, gguf_metadata, quantize
 from pipeline.export.modelfile import infer_chat_format, modelfile_text, stop_strings
-from pipeline.export.parity import (ArtifactParity, check_reference_type, forced_references, gguf_problems,
-                                    logprob_gap, table_markdown)
+from pipeline.export.parity import (
+    ArtifactParity,
+    check_reference_type,
+    forced_references,
+    gguf_problems,
+    logprob_gap,
+    table_markdown,
+)
 from pipeline.llm.gguf_runtime import GgufModel, GgufUnusable, probe
 from pipeline.llm.loading import cache_root
-from pipeline.conversation import user_turn
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +45,20 @@ def peaky(tmp_path_factory, embedded_dir):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("peaky")
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -143,8 +159,11 @@ def test_a_crash_in_the_probe_is_one_line_not_a_dead_process(peaky, monkeypatch)
     monkeypatch.setattr(gguf_runtime, "PROBE", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     gguf_runtime._probe_once.cache_clear()
     try:
-        with pytest.raises(GgufUnusable, match=r"^llama.cpp crashed \(SIGSEGV\) decoding model-q8_0.gguf in a probe "
-                                               r"process: .* reinstall it with `make setup`"):
+        with pytest.raises(
+            GgufUnusable,
+            match=r"^llama.cpp crashed \(SIGSEGV\) decoding model-q8_0.gguf in a probe "
+            r"process: .* reinstall it with `make setup`",
+        ):
             GgufModel(files["q8_0"].path, n_ctx=512)
     finally:
         monkeypatch.undo()
@@ -175,7 +194,9 @@ def test_gguf_tokenizer_chat_template_and_special_ids_match_the_hf_tokenizer(pea
     gguf = GgufModel(files["f16"].path, n_ctx=512)
     try:
         meta = gguf_metadata(gguf.llm)
-        assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id and not meta["tokenizer.ggml.add_bos_token"]
+        assert (
+            meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id and not meta["tokenizer.ggml.add_bos_token"]
+        )
         assert gguf_problems(gguf, meta, tokenizer, prompts(4)) == []
     finally:
         gguf.close()
@@ -209,8 +230,13 @@ def test_k_quants_report_their_real_bits_per_weight(peaky, tmp_path):
     q4 = describe(target, "q4_k_m")
     # hidden size 64 (like SmolLM2's 576) is no multiple of 256: the k-quant rows fall back to legacy types
     assert q4.bits_per_weight > 5.0 and "q4_k" not in q4.tensor_types and len(q4.tensor_types) > 2
-    row = ArtifactParity("gguf-q4_k_m", "gguf/model-q4_k_m.gguf", q4.size_bytes, bits_per_weight=q4.bits_per_weight,
-                         tensor_types=q4.tensor_types)
+    row = ArtifactParity(
+        "gguf-q4_k_m",
+        "gguf/model-q4_k_m.gguf",
+        q4.size_bytes,
+        bits_per_weight=q4.bits_per_weight,
+        tensor_types=q4.tensor_types,
+    )
     table = table_markdown([row], {"test_examples": 0, "tolerance": 0.02, "batch_size": 16})
     assert f"{q4.bits_per_weight:.2f} bits/weight" in table and "fall back to legacy types" in table
 
@@ -235,8 +261,9 @@ def test_modelfile_template_reproduces_the_training_chat_template(peaky):
 
 
 def test_the_converter_is_the_pinned_releases_own_and_stays_out_of_this_process(peaky, monkeypatch):
-    import gguf
     from importlib import metadata
+
+    import gguf
 
     from pipeline.export import converter
 
@@ -246,7 +273,8 @@ def test_the_converter_is_the_pinned_releases_own_and_stays_out_of_this_process(
     assert cache_root() not in Path(gguf.__file__).parents  # transformers still reads GGUF with PyPI's gguf
 
     real = metadata.version
-    monkeypatch.setattr(converter.metadata, "version",
-                        lambda name: "0.3.99" if name == "llama_cpp_python" else real(name))
+    monkeypatch.setattr(
+        converter.metadata, "version", lambda name: "0.3.99" if name == "llama_cpp_python" else real(name)
+    )
     with pytest.raises(DistillError, match="llama-cpp-python 0.3.99 is installed but the GGUF converter is pinned to"):
         converter.converter_dir(cache_root())

@@ -48,30 +48,50 @@ def stage_inputs(root: Path, embedded_dir: Path, dtype: torch.dtype) -> tuple[Pa
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     base = root / "base"
     LlamaForCausalLM(config).to(dtype).save_pretrained(base)
     tokenizer.save_pretrained(base)
     rows = [{"id": f"x{i}", "prompt": p, "completion": "track_order"} for i, p in enumerate(PROMPTS)]
     curate = root / "curate"
-    DatasetDict({"train": Dataset.from_list(rows[:2]), "validation": Dataset.from_list(rows[:2]),
-                 "test": Dataset.from_list(rows[2:])}).save_to_disk(str(curate / "dataset"))
+    DatasetDict(
+        {
+            "train": Dataset.from_list(rows[:2]),
+            "validation": Dataset.from_list(rows[:2]),
+            "test": Dataset.from_list(rows[2:]),
+        }
+    ).save_to_disk(str(curate / "dataset"))
     finetune = root / "finetune"
     torch.manual_seed(1)
-    adapted = get_peft_model(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
-                             LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    adapted = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
     adapted.save_pretrained(finetune / "adapter")
     tokenizer.save_pretrained(finetune / "adapter")
     del adapted
     evaluate = root / "evaluate"
     evaluate.mkdir()
     (evaluate / "report.json").write_text(json.dumps({"figures": {}}))
-    inputs = {"task": ROOT / "data" / "task.yaml", "curate": finished(curate, "curate"),
-              "finetune": finished(finetune, "finetune"), "evaluate": finished(evaluate, "evaluate")}
+    inputs = {
+        "task": ROOT / "data" / "task.yaml",
+        "curate": finished(curate, "curate"),
+        "finetune": finished(finetune, "finetune"),
+        "evaluate": finished(evaluate, "evaluate"),
+    }
     return base, inputs
 
 
@@ -100,9 +120,17 @@ def count_reloads(monkeypatch) -> list[int]:
 
 
 def run_export(base: Path, inputs: dict, out: Path, **export_cfg):
-    recipe = Recipe(name="mem", model={"base": str(base)},
-                    export={"verify_prompts": 2, "verify_max_new_tokens": 3, "parity_max_new_tokens": 2,
-                            "registry": False, **export_cfg})
+    recipe = Recipe(
+        name="mem",
+        model={"base": str(base)},
+        export={
+            "verify_prompts": 2,
+            "verify_max_new_tokens": 3,
+            "parity_max_new_tokens": 2,
+            "registry": False,
+            **export_cfg,
+        },
+    )
     out.mkdir()
     return export.run(recipe, inputs, out, NullTracker())
 
@@ -129,8 +157,15 @@ def test_f16_is_held_to_the_bf16_merged_model_without_an_fp32_reload(tmp_path, e
     from pipeline.llm import loading
 
     real_plan = loading.device_plan
-    monkeypatch.setattr(loading, "device_plan", lambda *a, **k: loading.DevicePlan(
-        "cpu", "bfloat16", False, "bf16 on the CPU: the CUDA path's dtypes") if not a and not k else real_plan(*a, **k))
+    monkeypatch.setattr(
+        loading,
+        "device_plan",
+        lambda *a, **k: (
+            loading.DevicePlan("cpu", "bfloat16", False, "bf16 on the CPU: the CUDA path's dtypes")
+            if not a and not k
+            else real_plan(*a, **k)
+        ),
+    )
     base, inputs = stage_inputs(tmp_path, embedded_dir, torch.bfloat16)
     copy = one_copy_bytes(base, torch.bfloat16)
     gc.collect()

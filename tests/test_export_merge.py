@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipeline.artifacts import EXPORT_MERGED
+from pipeline.conversation import user_turn
 from pipeline.errors import DistillError
 from pipeline.export.merged import base_dtype, export_merged, set_generation_eos
-from pipeline.conversation import user_turn
 
 CONVS = [user_turn("where is my order #1234?"), user_turn("cancel my subscription")]
 
@@ -25,17 +25,28 @@ def random_adapter(model):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                            init_lora_weights=False)).eval()
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    ).eval()
 
 
 def tiny_mistral(folder: Path, tokenizer_dir: Path) -> Path:
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     MistralForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -47,8 +58,9 @@ def check_merge(base_dir: Path, out: Path, max_new_tokens: int = 6) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     adapted = random_adapter(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
-    ids = tokenizer.apply_chat_template(CONVS[0], add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(CONVS[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     with torch.no_grad():
         expected = adapted(ids).logits
     result = export_merged(lambda: adapted, tokenizer, CONVS, max_new_tokens, out, base_dtype(str(base_dir)))
@@ -58,8 +70,13 @@ def check_merge(base_dir: Path, out: Path, max_new_tokens: int = 6) -> None:
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-3, rtol=1e-4)
     assert result.verified_prompts == 2 and all(a.token_ids for a in result.answers)
     files = {p.name for p in (out / EXPORT_MERGED).iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "chat_template.jinja"} <= files and not any("adapter" in f for f in files)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= files and not any("adapter" in f for f in files)
     assert merged.generation_config.eos_token_id == tokenizer.eos_token_id
 
 
@@ -136,8 +153,9 @@ def wrong_merge(adapted, monkeypatch, damage):
 def tiny_adapted(base_dir: Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(base_dir), random_adapter(AutoModelForCausalLM.from_pretrained(base_dir,
-                                                                                                       dtype=dtype))
+    return AutoTokenizer.from_pretrained(base_dir), random_adapter(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    )
 
 
 def test_a_correct_merge_passes_with_its_figures_recorded(tiny_llama_dir, tmp_path):
@@ -161,15 +179,19 @@ def test_one_wrong_weight_in_the_merged_model_fails_the_export(tiny_llama_dir, t
         merged.model.layers[1].mlp.down_proj.weight[0, 0] += 0.5
 
     wrong_merge(adapted, monkeypatch, one_weight)
-    with pytest.raises(DistillError, match=r"log-probabilities differ from base\+adapter's by up to .* nats, over "
-                                           r"export.verify_logprob_tolerance=0.001, on .*float32 on cpu"):
+    with pytest.raises(
+        DistillError,
+        match=r"log-probabilities differ from base\+adapter's by up to .* nats, over "
+        r"export.verify_logprob_tolerance=0.001, on .*float32 on cpu",
+    ):
         export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path, base_dtype(str(tiny_llama_dir)))
     figures = json.loads((tmp_path / "verification.json").read_text())
     assert figures["max_logprob_delta"] > 1e-3  # left behind for inspection
 
 
-def test_the_check_runs_in_the_compute_dtype_and_a_dropped_adapter_fails_in_bf16(tiny_llama_dir, tmp_path,
-                                                                               monkeypatch, caplog):
+def test_the_check_runs_in_the_compute_dtype_and_a_dropped_adapter_fails_in_bf16(
+    tiny_llama_dir, tmp_path, monkeypatch, caplog
+):
     tokenizer, adapted = tiny_adapted(tiny_llama_dir, torch.bfloat16)
     result = export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path / "good", torch.bfloat16)
     assert next(result.model.parameters()).dtype == torch.bfloat16  # reloaded as base + adapter ran, not fp32
@@ -197,6 +219,9 @@ def test_a_dropped_adapter_fails_the_logits_bar_in_fp32(tiny_llama_dir, tmp_path
 def test_greedy_answers_below_the_agreement_bar_fail_the_export(tiny_llama_dir, tmp_path, monkeypatch):
     tokenizer, adapted = tiny_adapted(tiny_llama_dir)
     monkeypatch.setattr(adapted, "merge_and_unload", adapted.unload)
-    with pytest.raises(DistillError, match=r"greedy answer on 0% of 2 verification prompts, under "
-                                           r"export.verify_min_agreement=0.75"):
+    with pytest.raises(
+        DistillError,
+        match=r"greedy answer on 0% of 2 verification prompts, under "
+        r"export.verify_min_agreement=0.75",
+    ):
         export_merged(lambda: adapted, tokenizer, CONVS, 6, tmp_path, logprob_tolerance=1e9)

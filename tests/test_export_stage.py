@@ -13,14 +13,22 @@ import torch
 from pipeline.artifacts import Manifest, hash_outputs, write_manifest
 from pipeline.config import Recipe
 from pipeline.errors import DistillError
-from pipeline.stages import export
 from pipeline.export.parity import ArtifactParity
+from pipeline.stages import export
 from pipeline.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["where is my parcel", "cancel my order please", "the item arrived broken", "refund me",
-           "change my address", "is this in stock", "wrong size sent", "my card was charged twice"]
+PROMPTS = [
+    "where is my parcel",
+    "cancel my order please",
+    "the item arrived broken",
+    "refund me",
+    "change my address",
+    "is this in stock",
+    "wrong size sent",
+    "my card was charged twice",
+]
 
 
 def finished(folder: Path, stage: str) -> Path:
@@ -38,28 +46,48 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("export-inputs")
     rows = [{"id": f"x{i}", "prompt": p, "completion": "track_order"} for i, p in enumerate(PROMPTS)]
     curate = root / "curate"
-    DatasetDict({"train": Dataset.from_list(rows[:2]), "validation": Dataset.from_list(rows[:2]),
-                 "test": Dataset.from_list(rows[2:])}).save_to_disk(str(curate / "dataset"))
-    (curate / "card.md").write_text("# Dataset card\n\n## Splits\n\n| split | examples |\n|---|---|\n| test | 6 |\n"
-                                    "\n## Other\n\nnot in the model card\n")
+    DatasetDict(
+        {
+            "train": Dataset.from_list(rows[:2]),
+            "validation": Dataset.from_list(rows[:2]),
+            "test": Dataset.from_list(rows[2:]),
+        }
+    ).save_to_disk(str(curate / "dataset"))
+    (curate / "card.md").write_text(
+        "# Dataset card\n\n## Splits\n\n| split | examples |\n|---|---|\n| test | 6 |\n"
+        "\n## Other\n\nnot in the model card\n"
+    )
     finetune = root / "finetune"
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
     model.save_pretrained(finetune / "adapter")
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(finetune / "adapter")
     evaluate = root / "evaluate"
     evaluate.mkdir()
-    (evaluate / "report.json").write_text(json.dumps(
-        {"figures": {"tuned_agreement": {"value": 0.5, "lo": 0.25, "hi": 0.75, "n": 6}}}))
+    (evaluate / "report.json").write_text(
+        json.dumps({"figures": {"tuned_agreement": {"value": 0.5, "lo": 0.25, "hi": 0.75, "n": 6}}})
+    )
     (evaluate / "router_policy.json").write_text(json.dumps({"threshold": None}))
-    return {"task": ROOT / "data" / "task.yaml", "curate": finished(curate, "curate"),
-            "finetune": finished(finetune, "finetune"), "evaluate": finished(evaluate, "evaluate")}
+    return {
+        "task": ROOT / "data" / "task.yaml",
+        "curate": finished(curate, "curate"),
+        "finetune": finished(finetune, "finetune"),
+        "evaluate": finished(evaluate, "evaluate"),
+    }
 
 
 def recipe(base: Path, **export_cfg) -> Recipe:
-    cfg = {"formats": ["merged", "adapter", "gguf"], "gguf_types": ["f16", "q8_0"], "verify_prompts": 2,
-           "verify_max_new_tokens": 4, "parity_max_new_tokens": 4, **export_cfg}
+    cfg = {
+        "formats": ["merged", "adapter", "gguf"],
+        "gguf_types": ["f16", "q8_0"],
+        "verify_prompts": 2,
+        "verify_max_new_tokens": 4,
+        "parity_max_new_tokens": 4,
+        **export_cfg,
+    }
     return Recipe(name="tiny-export", model={"base": str(base)}, export=cfg)
 
 
@@ -86,8 +114,9 @@ def crash_decoding(monkeypatch, gguf_type: str):
     the probe process really segfaults on that file (and probes the others for real)."""
     from pipeline.llm import gguf_runtime
 
-    crash = (f"import os, signal, sys\nif sys.argv[1].endswith('-{gguf_type}.gguf'): "
-             "os.kill(os.getpid(), signal.SIGSEGV)\n")
+    crash = (
+        f"import os, signal, sys\nif sys.argv[1].endswith('-{gguf_type}.gguf'): os.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
     monkeypatch.setattr(gguf_runtime, "PROBE", crash + gguf_runtime.PROBE)
 
 
@@ -111,10 +140,21 @@ def exported(tmp_path_factory, inputs, tiny_llama_dir):
 def test_every_format_is_written_with_its_parity_table_card_and_modelfile(exported):
     out, manifest, _, _ = exported
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert {"merged/model.safetensors", "merged/generation_config.json", "merged/chat_template.jinja",
-            "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-            "gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "gguf/model-q4_k_m.gguf", "gguf/Modelfile",
-            "parity.json", "parity.md", "README.md", "verification.json"} <= files
+    assert {
+        "merged/model.safetensors",
+        "merged/generation_config.json",
+        "merged/chat_template.jinja",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "gguf/model-f16.gguf",
+        "gguf/model-q8_0.gguf",
+        "gguf/model-q4_k_m.gguf",
+        "gguf/Modelfile",
+        "parity.json",
+        "parity.md",
+        "README.md",
+        "verification.json",
+    } <= files
     assert not [f for f in files if f.endswith(".tmp")]
     assert manifest.counts["accepted"] == 3 and manifest.counts["rejected"] == 2
 
@@ -157,8 +197,10 @@ def test_a_gguf_that_crashes_llama_cpp_is_rejected_with_the_reason_and_the_rest_
 
 def test_the_parity_gate_rejects_the_planted_broken_gguf_with_a_clear_message(exported):
     out, manifest, _, _ = exported
-    assert manifest.notes[0] == ("gguf-q8_0 rejected: EOS id 3 in the GGUF, but the tokenizer's EOS is 2 "
-                                 "('<|im_end|>'): llama.cpp runtimes would not stop where the model was trained to")
+    assert manifest.notes[0] == (
+        "gguf-q8_0 rejected: EOS id 3 in the GGUF, but the tokenizer's EOS is 2 "
+        "('<|im_end|>'): llama.cpp runtimes would not stop where the model was trained to"
+    )
     assert manifest.notes[1].startswith("gguf-q4_k_m rejected: llama.cpp crashed (SIGSEGV)")
     assert "FROM ./model-f16.gguf" in (out / "gguf" / "Modelfile").read_text()  # never the rejected file
     assert "Rejected (kept for inspection, not registered): gguf-q8_0: EOS id 3" in (out / "README.md").read_text()

@@ -45,7 +45,8 @@ def test_absent_and_ambiguous_fields_are_represented(rows, task):
         assert 0.1 * len(rows) < absent < 0.9 * len(rows), (name, absent)
     assert any(r["gold"]["items"] == [] for r in rows) and any(len(r["gold"]["items"]) > 1 for r in rows)
     assert set(Counter(r["gold"]["request_type"] for r in rows)) == set(
-        task.output_schema["properties"]["request_type"]["enum"])
+        task.output_schema["properties"]["request_type"]["enum"]
+    )
     assert sum(bool(r["ambiguous"]) for r in rows) >= 50
 
 
@@ -56,6 +57,7 @@ def test_worked_examples_are_held_out(rows, task):
 
 def test_generator_is_deterministic(tmp_path):
     out = tmp_path / "extraction_prompts.jsonl"
-    subprocess.run([sys.executable, str(DATA / "generate_extraction.py"), "--out", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(DATA / "generate_extraction.py"), "--out", str(out)], check=True, capture_output=True
+    )
     assert out.read_bytes() == (DATA / "extraction_prompts.jsonl").read_bytes()

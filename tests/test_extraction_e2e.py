@@ -23,12 +23,24 @@ TASK = ROOT / "data" / "extraction_task.yaml"
 
 
 def overrides(folder: Path, model: Path) -> list[str]:
-    return [f"model.base={model}", f"model.chat_template={ROOT / 'recipes' / 'templates' / 'chatml.jinja'}",
-            f"teacher.spec=local:{model}", f"capture.prompts={ROOT / 'data' / 'extraction_prompts.jsonl'}",
-            f"capture.task={TASK}", "capture.limit=48", f"capture.cache={folder / 'cache.sqlite'}",
-            "curate.min_examples=10", "train.max_steps=2", "train.batch_size=4", "train.eos_check=warn",
-            "eval.limit=10", "eval.bootstrap=100", "export.verify_prompts=1", "export.parity_limit=4",
-            f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"]
+    return [
+        f"model.base={model}",
+        f"model.chat_template={ROOT / 'recipes' / 'templates' / 'chatml.jinja'}",
+        f"teacher.spec=local:{model}",
+        f"capture.prompts={ROOT / 'data' / 'extraction_prompts.jsonl'}",
+        f"capture.task={TASK}",
+        "capture.limit=48",
+        f"capture.cache={folder / 'cache.sqlite'}",
+        "curate.min_examples=10",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.eos_check=warn",
+        "eval.limit=10",
+        "eval.bootstrap=100",
+        "export.verify_prompts=1",
+        "export.parity_limit=4",
+        f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +72,39 @@ def test_curate_validates_recorded_answers_against_the_schema_and_counts_the_dro
     """Answers from elsewhere (capture.records: logs, an unconstrained teacher) are checked with
     jsonschema: one that is not JSON and one that breaks the schema are dropped and counted."""
     records = [json.loads(line) for line in (run / "capture" / "teacher.jsonl").read_text().splitlines()]
-    bad_json = {**records[0], "id": "bad-json", "messages": [
-        {"role": "user", "content": records[0]["messages"][0]["content"] + " (again)"},
-        {"role": "assistant", "content": '{"order_id": '}]}
+    bad_json = {
+        **records[0],
+        "id": "bad-json",
+        "messages": [
+            {"role": "user", "content": records[0]["messages"][0]["content"] + " (again)"},
+            {"role": "assistant", "content": '{"order_id": '},
+        ],
+    }
     wrong = json.loads(records[1]["messages"][-1]["content"]) | {"request_type": "complaint"}
-    bad_schema = {**records[1], "id": "bad-schema", "messages": [
-        {"role": "user", "content": records[1]["messages"][0]["content"] + " (again)"},
-        {"role": "assistant", "content": json.dumps(wrong)}]}
+    bad_schema = {
+        **records[1],
+        "id": "bad-schema",
+        "messages": [
+            {"role": "user", "content": records[1]["messages"][0]["content"] + " (again)"},
+            {"role": "assistant", "content": json.dumps(wrong)},
+        ],
+    }
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [*records, bad_json, bad_schema]))
     runs = tmp_path / "runs"
-    assert main(["curate", "extraction-cpu", *overrides(tmp_path, tiny_llama_dir), f"capture.records={path}",
-                 "--runs-dir", str(runs)]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                "extraction-cpu",
+                *overrides(tmp_path, tiny_llama_dir),
+                f"capture.records={path}",
+                "--runs-dir",
+                str(runs),
+            ]
+        )
+        == 0
+    )
     counts = json.loads((runs / "extraction-cpu" / "curate" / "manifest.json").read_text())["counts"]
     assert counts["removed_invalid_json"] == 1 and counts["removed_schema_mismatch"] == 1, counts
     assert counts["kept"] == len(records)
@@ -81,8 +114,15 @@ def test_curate_validates_recorded_answers_against_the_schema_and_counts_the_dro
 def test_evaluate_reports_field_metrics_with_cis_and_a_field_prob_policy(run, schema):
     report = json.loads((run / "evaluate" / "report.json").read_text())
     figures = report["figures"]
-    for name in ("tuned_field_f1", "tuned_exact_match", "tuned_schema_valid_rate", "tuned_gold_field_f1",
-                 "teacher_gold_field_f1", "base_field_f1", "local_share"):
+    for name in (
+        "tuned_field_f1",
+        "tuned_exact_match",
+        "tuned_schema_valid_rate",
+        "tuned_gold_field_f1",
+        "teacher_gold_field_f1",
+        "base_field_f1",
+        "local_share",
+    ):
         assert figures[name]["lo"] <= figures[name]["value"] <= figures[name]["hi"], name
     assert figures["tuned_schema_valid_rate"]["value"] == 1.0  # decoded under the schema
     assert set(report["detail"]["per_field"]) == set(schema["properties"])
@@ -124,24 +164,36 @@ def test_served_answers_validate_and_escalations_name_the_weakest_field(run, sch
     policy = replace(policy, threshold=1.01, fields=None)  # p <= 1: every answer escalates
     model_dir = run / "export" / "merged"
     student = StudentBackend(model_dir, schema=policy.schema)
-    teacher = TeacherBackend(TeacherConfig(spec=f"local:{model_dir}", max_new_tokens=200), load_task(TASK),
-                             tmp_path / "cache.sqlite")
-    app = create_app(ServeSettings(max_tokens=200, mode=Mode.parse("live"), deadline_s=300),
-                     {"distill-student": student}, policy, teacher=teacher)
-    prompts = [json.loads(line)["prompt"] for line in
-               (ROOT / "data" / "extraction_prompts.jsonl").read_text().splitlines()[100:104]]
-    local = create_app(ServeSettings(max_tokens=200, mode=Mode.parse("live"), deadline_s=300),
-                       {"distill-student": student}, replace(policy, threshold=-math.inf))  # never escalates
+    teacher = TeacherBackend(
+        TeacherConfig(spec=f"local:{model_dir}", max_new_tokens=200), load_task(TASK), tmp_path / "cache.sqlite"
+    )
+    app = create_app(
+        ServeSettings(max_tokens=200, mode=Mode.parse("live"), deadline_s=300),
+        {"distill-student": student},
+        policy,
+        teacher=teacher,
+    )
+    prompts = [
+        json.loads(line)["prompt"]
+        for line in (ROOT / "data" / "extraction_prompts.jsonl").read_text().splitlines()[100:104]
+    ]
+    local = create_app(
+        ServeSettings(max_tokens=200, mode=Mode.parse("live"), deadline_s=300),
+        {"distill-student": student},
+        replace(policy, threshold=-math.inf),
+    )  # never escalates
     with running(local) as url:
         for prompt in prompts:
             raw = client(url).chat.completions.with_raw_response.create(
-                model="distill-student", messages=[{"role": "user", "content": prompt}], max_tokens=200)
+                model="distill-student", messages=[{"role": "user", "content": prompt}], max_tokens=200
+            )
             assert raw.headers["x-distill-route"] == "student"
             jsonschema.validate(json.loads(raw.parse().choices[0].message.content), schema)
     with running(app) as url:
         for prompt in prompts:
             raw = client(url).chat.completions.with_raw_response.create(
-                model="distill-student", messages=[{"role": "user", "content": prompt}], max_tokens=200)
+                model="distill-student", messages=[{"role": "user", "content": prompt}], max_tokens=200
+            )
             reply = raw.parse()
             jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
             assert raw.headers["x-distill-route"] == "teacher"
@@ -150,8 +202,9 @@ def test_served_answers_validate_and_escalations_name_the_weakest_field(run, sch
     served = student._generate([([{"role": "user", "content": p}], 0) for p in prompts], 200)
     for answer in served:
         tokens = answer.tokens
-        found = weakest_field(field_logprobs([t.token for t in tokens], [t.logprob for t in tokens]),
-                              policy.field_temperatures)
+        found = weakest_field(
+            field_logprobs([t.token for t in tokens], [t.logprob for t in tokens]), policy.field_temperatures
+        )
         decision = policy.decide(answer)
         assert decision.route == "escalate"
         assert decision.reason == f"`{found[0]}` p={found[1]:.3f} < threshold 1.010"

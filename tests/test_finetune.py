@@ -12,9 +12,16 @@ from pipeline.tracking import NullTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund", "top_up_failed"]
-PROMPTS = ["my card has not arrived yet", "I lost my card yesterday", "please refund my payment",
-           "top up did not work", "where is my new card", "someone stole my wallet and card",
-           "I want my money back", "my top-up was declined"]
+PROMPTS = [
+    "my card has not arrived yet",
+    "I lost my card yesterday",
+    "please refund my payment",
+    "top up did not work",
+    "where is my new card",
+    "someone stole my wallet and card",
+    "I want my money back",
+    "my top-up was declined",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +29,43 @@ def curated(tmp_path_factory) -> Path:
     """A curate-stage folder: dataset/ with train and validation splits."""
     from datasets import Dataset, DatasetDict
 
-    rows = [{"id": str(i), "prompt": p, "completion": LABELS[i % 4], "label": LABELS[i % 4]}
-            for i, p in enumerate(PROMPTS * 3)]
+    rows = [
+        {"id": str(i), "prompt": p, "completion": LABELS[i % 4], "label": LABELS[i % 4]}
+        for i, p in enumerate(PROMPTS * 3)
+    ]
     folder = tmp_path_factory.mktemp("curate")
-    DatasetDict({"train": Dataset.from_list(rows[:20]), "validation": Dataset.from_list(rows[20:]),
-                 "test": Dataset.from_list(rows[20:])}).save_to_disk(str(folder / "dataset"))
+    DatasetDict(
+        {
+            "train": Dataset.from_list(rows[:20]),
+            "validation": Dataset.from_list(rows[20:]),
+            "test": Dataset.from_list(rows[20:]),
+        }
+    ).save_to_disk(str(folder / "dataset"))
     return folder
 
 
 def recipe(base: Path, **train) -> Recipe:
-    train = {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "max_seq_len": 128, "lr": 1e-3,
-             "eos_check": "off", "save_steps": 50, **train}
+    train = {
+        "max_steps": 2,
+        "batch_size": 4,
+        "logging_steps": 1,
+        "max_seq_len": 128,
+        "lr": 1e-3,
+        "eos_check": "off",
+        "save_steps": 50,
+        **train,
+    }
     return Recipe.model_validate({"name": "t", "model": {"base": str(base)}, "train": train})
+
+
+def _then(hook, inherited):
+    """A callback method that calls `hook(state=..., **kw)`, then the inherited method."""
+
+    def method(self, args, state, control, **kw):
+        hook(state=state, **kw)
+        return inherited(self, args, state, control, **kw)
+
+    return method
 
 
 def spy_on_trainer(monkeypatch, **hooks):
@@ -42,11 +74,8 @@ def spy_on_trainer(monkeypatch, **hooks):
 
     def patched(*args, **kwargs):
         callback = original(*args, **kwargs)
-        callback.__class__ = type("Spy", (type(callback),), {
-            name: (lambda hook, inherited: lambda self, args, state, control, **kw: (
-                hook(state=state, **kw), inherited(self, args, state, control, **kw))[1])(
-                hook, getattr(type(callback), name))
-            for name, hook in hooks.items()})
+        methods = {name: _then(hook, getattr(type(callback), name)) for name, hook in hooks.items()}
+        callback.__class__ = type("Spy", (type(callback),), methods)
         return callback
 
     monkeypatch.setattr(finetune, "_metrics_callback", patched)
@@ -59,11 +88,22 @@ def tiny_mistral_dir(tmp_path_factory, embedded_dir) -> Path:
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     tok = AutoTokenizer.from_pretrained(embedded_dir)
-    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]})
+    tok.add_special_tokens(
+        {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]}
+    )
     tok.chat_template = (ROOT / "recipes" / "templates" / "mistral-v0.3.jinja").read_text()
-    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-mistral")
     MistralForCausalLM(config).save_pretrained(out)
@@ -86,11 +126,16 @@ def test_qlora_on_cpu_trains_lora_only_and_the_adapter_reloads(tiny_mistral_dir,
         def hook(model, **_):
             snapshots[tag] = {n: p.detach().clone() for n, p in model.named_parameters()}
             snapshots["types"] = {n: type(p).__name__ for n, p in model.named_parameters()}
+
         return hook
 
     spy_on_trainer(monkeypatch, on_train_begin=snapshot("begin"), on_train_end=snapshot("end"))
-    cfg = recipe(tiny_mistral_dir, method="qlora", quant={"load_in_4bit": True, "on_cpu": "run"},
-                 lora={"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"})
+    cfg = recipe(
+        tiny_mistral_dir,
+        method="qlora",
+        quant={"load_in_4bit": True, "on_cpu": "run"},
+        lora={"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"},
+    )
     manifest = finetune.run(cfg, {"curate": curated}, tmp_path, NullTracker())
 
     assert manifest.counts["steps"] == 2
@@ -106,8 +151,9 @@ def test_qlora_on_cpu_trains_lora_only_and_the_adapter_reloads(tiny_mistral_dir,
     # Packed 4-bit codes are stored in a float32 tensor here, where some byte patterns read as NaN: compare bytes.
     moved = [n for n in frozen if not torch.equal(begin[n].view(torch.uint8), end[n].view(torch.uint8))]
     assert not moved, f"frozen base weights moved: {moved}"
-    assert all(begin[n].abs().sum() == 0 and end[n].abs().sum() > 0 for n in lora if "lora_B" in n), \
+    assert all(begin[n].abs().sum() == 0 and end[n].abs().sum() > 0 for n in lora if "lora_B" in n), (
         "LoRA B weights did not move from their zero init"
+    )
 
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
@@ -127,15 +173,25 @@ def test_qlora_keeps_the_residual_stream_in_the_compute_dtype(tiny_mistral_dir, 
 
     from pipeline.llm.loading import DevicePlan, load_model, load_tokenizer
 
-    cfg = recipe(tiny_mistral_dir, method="qlora", quant={"load_in_4bit": True, "on_cpu": "run",
-                                                           "compute_dtype": "bfloat16"},
-                 gradient_checkpointing=True).train
+    cfg = recipe(
+        tiny_mistral_dir,
+        method="qlora",
+        quant={"load_in_4bit": True, "on_cpu": "run", "compute_dtype": "bfloat16"},
+        gradient_checkpointing=True,
+    ).train
     plan = DevicePlan("cpu", "bfloat16", True, "test: bf16 compute on CPU to see dtypes")
     tokenizer = load_tokenizer(str(tiny_mistral_dir))
     model = load_model(str(tiny_mistral_dir), plan, cfg.quant)
-    train = finetune.tokenize_dataset(finetune.to_prompt_completion(curated_split(curated), "user"), tokenizer, cfg.max_seq_len)
-    trainer = SFTTrainer(model=model, args=finetune.build_sft_config(cfg, tmp_path, plan), train_dataset=train,
-                         processing_class=tokenizer, peft_config=finetune.build_lora_config(cfg.lora))
+    train = finetune.tokenize_dataset(
+        finetune.to_prompt_completion(curated_split(curated), "user"), tokenizer, cfg.max_seq_len
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=finetune.build_sft_config(cfg, tmp_path, plan),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=finetune.build_lora_config(cfg.lora),
+    )
     base = trainer.model.get_base_model()
     assert base.model.embed_tokens.weight.dtype == torch.bfloat16
     assert base.model.norm.weight.dtype == torch.bfloat16 and base.lm_head.weight.dtype == torch.bfloat16
@@ -144,8 +200,10 @@ def test_qlora_keeps_the_residual_stream_in_the_compute_dtype(tiny_mistral_dir, 
     def record(name, tensor) -> None:  # hooks must return None, or they replace the module's input/output
         seen.setdefault(name, tensor.dtype)
 
-    hooks = [base.model.layers[1].register_forward_pre_hook(lambda m, a: record("layer_input", a[0])),
-             base.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, a, out: record("gate_proj", out))]
+    hooks = [
+        base.model.layers[1].register_forward_pre_hook(lambda m, a: record("layer_input", a[0])),
+        base.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, a, out: record("gate_proj", out)),
+    ]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         trainer.model(torch.tensor([[1, 5, 42, 7]]))
     for hook in hooks:
@@ -179,7 +237,9 @@ def never_stopping_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 
 def test_a_student_that_never_stops_fails_the_stage(never_stopping_dir, curated, tmp_path):
     with pytest.raises(DistillError, match=r"EOS check failed: the tuned student ended 0 of 4 validation answers"):
-        finetune.run(recipe(never_stopping_dir, max_steps=1, eos_check="fail"), {"curate": curated}, tmp_path, NullTracker())
+        finetune.run(
+            recipe(never_stopping_dir, max_steps=1, eos_check="fail"), {"curate": curated}, tmp_path, NullTracker()
+        )
     assert (tmp_path / "adapter" / "adapter_config.json").is_file(), "the failing adapter is kept for inspection"
 
 
@@ -198,8 +258,9 @@ def test_eos_check_passes_a_student_that_stops(never_stopping_dir, curated):
 
 
 def test_eos_check_warn_lets_the_stage_finish(never_stopping_dir, curated, tmp_path):
-    manifest = finetune.run(recipe(never_stopping_dir, max_steps=1, eos_check="warn"), {"curate": curated},
-                            tmp_path, NullTracker())
+    manifest = finetune.run(
+        recipe(never_stopping_dir, max_steps=1, eos_check="warn"), {"curate": curated}, tmp_path, NullTracker()
+    )
     assert manifest.metrics["eos_stop_rate"] == 0.0
 
 

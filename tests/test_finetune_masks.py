@@ -8,8 +8,8 @@ recipes/templates/ and with the model family's published template.
 from pathlib import Path
 
 import pytest
-
 import real_tokenizers
+
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.errors import DistillError
 from pipeline.llm.loading import DevicePlan
@@ -84,8 +84,11 @@ LLAMA31_OFFICIAL = """\
 {%- endif %}
 """
 SHIPPED = {"mistral": "mistral-v0.3.jinja", "llama3": "llama3.jinja", "llama3.2": "llama3.2.jinja"}
-OFFICIAL = {"mistral-official": MISTRAL_V03_OFFICIAL, "llama3-official": LLAMA3_OFFICIAL,
-            "llama3.1-official": LLAMA31_OFFICIAL}
+OFFICIAL = {
+    "mistral-official": MISTRAL_V03_OFFICIAL,
+    "llama3-official": LLAMA3_OFFICIAL,
+    "llama3.1-official": LLAMA31_OFFICIAL,
+}
 # How each family's assistant turn ends: the labels must be exactly this, tokenized on its own.
 ANSWER = {"smollm2": "{answer}<|im_end|>", "mistral": " {answer}</s>", "llama3": "{answer}<|eot_id|>"}
 
@@ -94,8 +97,11 @@ def _real(family: str, embedded_dir):
     from transformers import AutoTokenizer
 
     base = "llama3" if family.startswith("llama3") else family.split("-")[0]
-    folder = {"smollm2": embedded_dir, "mistral": real_tokenizers.mistral_v03_dir(),
-              "llama3": real_tokenizers.llama3_dir()}[base]
+    folder = {
+        "smollm2": embedded_dir,
+        "mistral": real_tokenizers.mistral_v03_dir(),
+        "llama3": real_tokenizers.llama3_dir(),
+    }[base]
     tok = AutoTokenizer.from_pretrained(folder)
     if family in SHIPPED:
         tok.chat_template = (ROOT / "recipes" / "templates" / SHIPPED[family]).read_text()
@@ -122,8 +128,12 @@ def test_the_tokenizers_are_the_real_ones(tokenizers):
     assert len(texts) == len(ids) > 40
     for text, expected in zip(texts, ids):
         assert llama3(text, add_special_tokens=False)["input_ids"] == [int(t) for t in expected.split()], text
-    assert (len(llama3), llama3.bos_token, llama3.eos_token, llama3.pad_token) == (128256 + 1, "<|begin_of_text|>",
-                                                                                   "<|eot_id|>", None)
+    assert (len(llama3), llama3.bos_token, llama3.eos_token, llama3.pad_token) == (
+        128256 + 1,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        None,
+    )
 
     mistral, _ = tokenizers["mistral"]
     sp = sentencepiece.SentencePieceProcessor(model_file=str(real_tokenizers.mistral_v03_dir() / "tokenizer.model"))
@@ -145,17 +155,31 @@ def _prepared(tokenizer, rows, tmp_path, system: str | None = None):
         pairs = pairs.map(lambda ex: {"prompt": [{"role": "system", "content": system}, *ex["prompt"]]})
     train = finetune.tokenize_dataset(pairs, tokenizer, max_len=256)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    trainer = SFTTrainer(model=model, args=finetune.build_sft_config(TrainConfig(max_steps=1), tmp_path, CPU),
-                         train_dataset=train, processing_class=tokenizer,
-                         peft_config=finetune.build_lora_config(LoraConfig(r=2, alpha=4)))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=finetune.build_sft_config(TrainConfig(max_steps=1), tmp_path, CPU),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=finetune.build_lora_config(LoraConfig(r=2, alpha=4)),
+    )
     return trainer
 
 
 # The published Mistral template with a system message is refused (the test after the next).
-@pytest.mark.parametrize("family,system", [(f, s) for s in (None, SYSTEM) for f in ["smollm2", *SHIPPED, *OFFICIAL]
-                                           if not (f == "mistral-official" and s)])
+@pytest.mark.parametrize(
+    "family,system",
+    [(f, s) for s in (None, SYSTEM) for f in ["smollm2", *SHIPPED, *OFFICIAL] if not (f == "mistral-official" and s)],
+)
 def test_labels_are_exactly_the_answer_and_its_eos(family, system, tokenizers, tmp_path):
     tokenizer, answer_format = tokenizers[family]
     trainer = _prepared(tokenizer, ROWS, tmp_path, system)
@@ -170,7 +194,9 @@ def test_labels_are_exactly_the_answer_and_its_eos(family, system, tokenizers, t
         # The trained tokens are the tail of the sequence; everything before them is the prompt as inference renders it.
         n = len(trained)
         assert labels[-n:] == ids[-n:] and all(t == -100 for t in labels[:-n])
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": row["prompt"]}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": row["prompt"]}
+        ]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert tokenizer.decode(ids[:-n]) == prompt
         assert ids[:-n] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -197,9 +223,12 @@ def test_mistral_ids_are_mistral_commons_v3_encoding(system, tokenizers, tmp_pat
 def test_the_published_mistral_template_with_a_system_message_is_refused(tokenizers):
     tokenizer, _ = tokenizers["mistral-official"]
     with pytest.raises(DistillError, match="renders the prompt differently"):
-        finetune.tokenize_prompt_completion(tokenizer, [{"role": "system", "content": SYSTEM},
-                                                        {"role": "user", "content": "refund"}],
-                                            [{"role": "assistant", "content": "refund"}], 256)
+        finetune.tokenize_prompt_completion(
+            tokenizer,
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "refund"}],
+            [{"role": "assistant", "content": "refund"}],
+            256,
+        )
 
 
 def test_collated_batch_keeps_eos_in_the_labels_when_pad_is_eos(tokenizers, tmp_path):
@@ -217,11 +246,14 @@ def test_template_that_never_closes_the_turn_is_refused(embedded_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(embedded_dir)
-    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
-                        "{% if add_generation_prompt %}assistant:{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     with pytest.raises(DistillError, match="does not end the assistant turn with the EOS token"):
-        finetune.tokenize_prompt_completion(tok, [{"role": "user", "content": "hi"}],
-                                            [{"role": "assistant", "content": "card_arrival"}], 64)
+        finetune.tokenize_prompt_completion(
+            tok, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "card_arrival"}], 64
+        )
 
 
 def test_template_that_moves_the_prompt_is_refused(embedded_dir):
@@ -234,8 +266,9 @@ def test_template_that_moves_the_prompt_is_refused(embedded_dir):
         "[/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     )
     with pytest.raises(DistillError, match="renders the prompt differently"):
-        finetune.tokenize_prompt_completion(tok, [{"role": "user", "content": "hi"}],
-                                            [{"role": "assistant", "content": "x"}], 64)
+        finetune.tokenize_prompt_completion(
+            tok, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "x"}], 64
+        )
 
 
 def test_an_example_longer_than_max_seq_len_is_dropped_not_truncated(tokenizers):
@@ -243,9 +276,13 @@ def test_an_example_longer_than_max_seq_len_is_dropped_not_truncated(tokenizers)
     from datasets import Dataset
 
     tokenizer, _ = tokenizers["smollm2"]
-    rows = [{"prompt": "where is my parcel", "completion": "track_order"},
-            {"prompt": "where is my parcel", "completion": "track order " * 40}]  # fits but for its answer
-    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, max_len=64)
+    rows = [
+        {"prompt": "where is my parcel", "completion": "track_order"},
+        {"prompt": "where is my parcel", "completion": "track order " * 40},
+    ]  # fits but for its answer
+    train = finetune.tokenize_dataset(
+        finetune.to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, max_len=64
+    )
     assert len(train) == 1
     (kept,) = list(train)
     assert kept["input_ids"][-1] == tokenizer.eos_token_id and kept["completion_mask"][-1] == 1
@@ -256,16 +293,34 @@ def test_an_example_longer_than_max_seq_len_is_dropped_not_truncated(tokenizers)
 # Curated rows of conversations as apps send them: a system prompt with per-request data, earlier
 # exchanges; the loss must fall on the final answer only.
 CONVERSATIONS = [
-    {"messages": [{"role": "system", "content": "Customer profile: Premium since 2015."},
-                  {"role": "user", "content": "hi, it's about order A-12"},
-                  {"role": "assistant", "content": "Sure, what happened to it?"},
-                  {"role": "user", "content": "it never arrived"}], "completion": "track_order"},
-    {"messages": [{"role": "developer", "content": "Classify the banking request."},
-                  {"role": "user", "content": "my card"}, {"role": "assistant", "content": "Which card?"},
-                  {"role": "user", "content": "the new one, 2 weeks"}, {"role": "assistant", "content": "I see."},
-                  {"role": "user", "content": "Où est ma carte ?"}], "completion": "40 € manquants: card_arrival"},
-    {"messages": [{"role": "user", "content": "refund"}, {"role": "assistant", "content": "For which order?"},
-                  {"role": "user", "content": "the last one"}], "completion": "Request a refund, please."},
+    {
+        "messages": [
+            {"role": "system", "content": "Customer profile: Premium since 2015."},
+            {"role": "user", "content": "hi, it's about order A-12"},
+            {"role": "assistant", "content": "Sure, what happened to it?"},
+            {"role": "user", "content": "it never arrived"},
+        ],
+        "completion": "track_order",
+    },
+    {
+        "messages": [
+            {"role": "developer", "content": "Classify the banking request."},
+            {"role": "user", "content": "my card"},
+            {"role": "assistant", "content": "Which card?"},
+            {"role": "user", "content": "the new one, 2 weeks"},
+            {"role": "assistant", "content": "I see."},
+            {"role": "user", "content": "Où est ma carte ?"},
+        ],
+        "completion": "40 € manquants: card_arrival",
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "refund"},
+            {"role": "assistant", "content": "For which order?"},
+            {"role": "user", "content": "the last one"},
+        ],
+        "completion": "Request a refund, please.",
+    },
 ]
 
 
@@ -285,11 +340,14 @@ def test_multi_turn_loss_is_on_the_final_answer_only(family, shape, tokenizers, 
     for row, ex in zip(CONVERSATIONS, train):
         ids, mask = ex["input_ids"], ex["completion_mask"]
         trained = [t for t, m in zip(ids, mask) if m]
-        assert trained == tokenizer(answer_format.format(answer=row["completion"]), add_special_tokens=False)["input_ids"]
+        assert (
+            trained == tokenizer(answer_format.format(answer=row["completion"]), add_special_tokens=False)["input_ids"]
+        )
         n = len(trained)
         assert mask[-n:] == [1] * n and not any(mask[:-n])
-        prompt = tokenizer.apply_chat_template(student_messages(row["messages"], shape), add_generation_prompt=True,
-                                               tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            student_messages(row["messages"], shape), add_generation_prompt=True, tokenize=False
+        )
         assert ids[:-n] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
         context = tokenizer.decode(ids[:-n])
         for turn in row["messages"]:
@@ -306,8 +364,9 @@ def test_multi_turn_mistral_ids_are_mistral_commons_v3_encoding(shape, tokenizer
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(real_tokenizers.mistral_v03_dir() / "tokenizer.model"))
     tokenizer, _ = tokenizers["mistral"]
-    train = finetune.tokenize_dataset(finetune.to_prompt_completion(Dataset.from_list(CONVERSATIONS), shape),
-                                      tokenizer, max_len=512)
+    train = finetune.tokenize_dataset(
+        finetune.to_prompt_completion(Dataset.from_list(CONVERSATIONS), shape), tokenizer, max_len=512
+    )
     for row, ex in zip(CONVERSATIONS, train):
         system = "\n\n".join(m["content"] for m in row["messages"] if m["role"] in ("system", "developer"))
         turns = [m for m in row["messages"] if m["role"] not in ("system", "developer")]
@@ -315,8 +374,11 @@ def test_multi_turn_mistral_ids_are_mistral_commons_v3_encoding(shape, tokenizer
         expected = [sp.bos_id()]
         for i, m in enumerate(turns):
             if m["role"] == "user":
-                text = f"{system}\n\n{m['content']}" if shape == "conversation" and system and i == last_user \
+                text = (
+                    f"{system}\n\n{m['content']}"
+                    if shape == "conversation" and system and i == last_user
                     else m["content"]
+                )
                 expected += [3, *sp.encode(text), 4]
             else:
                 expected += [*sp.encode(m["content"]), sp.eos_id()]

@@ -26,10 +26,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BANKING77_CSV = "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/master/banking_data/train.csv"
 LABELS = 8  # of the 77 intents, 12 queries each: 96 rows
-WORDS = ("card arrived never still waiting account money transfer pending fee charged twice refund app phone lost "
-         "stolen pin blocked top up failed cash machine exchange rate euro dollar verify identity apple pay virtual "
-         "disposable limit declined beneficiary receive salary statement contactless expire replace order cancel "
-         "direct debit cheque deposit balance update country support age passcode forgot spare weekend").split()
+WORDS = (
+    "card arrived never still waiting account money transfer pending fee charged twice refund app phone lost "
+    "stolen pin blocked top up failed cash machine exchange rate euro dollar verify identity apple pay virtual "
+    "disposable limit declined beneficiary receive salary statement contactless expire replace order cancel "
+    "direct debit cheque deposit balance update country support age passcode forgot spare weekend"
+).split()
 
 
 def banking77_shaped_csv(path: Path) -> Path:
@@ -50,8 +52,11 @@ def test_the_flagship_is_mistral7b_qlora_on_banking77_from_its_published_csv():
     assert recipe.model.base == "mistralai/Mistral-7B-Instruct-v0.3"
     assert recipe.train.method == "qlora" and recipe.train.quant.load_in_4bit
     assert recipe.teacher.spec == f"logs:{BANKING77_CSV}"
-    assert (recipe.teacher.prompt_col, recipe.teacher.label_col, recipe.capture.gold_field) == ("text", "category",
-                                                                                               "category")
+    assert (recipe.teacher.prompt_col, recipe.teacher.label_col, recipe.capture.gold_field) == (
+        "text",
+        "category",
+        "category",
+    )
     assert 1000 <= recipe.curate.target_size <= 10000
     assert set(recipe.export.formats) == {"merged", "adapter", "gguf"} and recipe.export.parity_limit
     assert "# spec: openai:" in (ROOT / "recipes" / "mistral7b.yaml").read_text()
@@ -88,14 +93,28 @@ def twin_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flagship-twin")
     data = banking77_shaped_csv(folder / "train.csv")
     overrides = [
-        "model.base=embedded:smollm2-135m-instruct", f"model.chat_template={ROOT / 'recipes/templates/chatml.jinja'}",
-        f"teacher.spec=logs:{data}", f"capture.task={ROOT / 'data/banking77_task.yaml'}",
-        "train.method=lora", "train.quant.load_in_4bit=false", "train.max_steps=3", "train.batch_size=4",
-        "train.grad_accum=1", "train.max_seq_len=256", "train.optim=adamw_torch", "train.gradient_checkpointing=false",
-        "train.eos_check=warn", "train.logging_steps=1", "eval.max_new_tokens=12", "eval.limit=4",
+        "model.base=embedded:smollm2-135m-instruct",
+        f"model.chat_template={ROOT / 'recipes/templates/chatml.jinja'}",
+        f"teacher.spec=logs:{data}",
+        f"capture.task={ROOT / 'data/banking77_task.yaml'}",
+        "train.method=lora",
+        "train.quant.load_in_4bit=false",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.grad_accum=1",
+        "train.max_seq_len=256",
+        "train.optim=adamw_torch",
+        "train.gradient_checkpointing=false",
+        "train.eos_check=warn",
+        "train.logging_steps=1",
+        "eval.max_new_tokens=12",
+        "eval.limit=4",
         "export.gguf_types=[f16]",
-        "export.verify_prompts=2", "export.verify_max_new_tokens=8", "export.parity_max_new_tokens=8",
-        "export.parity_limit=4", f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+        "export.verify_prompts=2",
+        "export.verify_max_new_tokens=8",
+        "export.parity_max_new_tokens=8",
+        "export.parity_limit=4",
+        f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
     ]
     assert main(["run", "mistral7b", *overrides, "--runs-dir", str(folder / "runs")]) == 0
     return folder / "runs" / "mistral7b", load_recipe("mistral7b", root=ROOT, overrides=overrides)
@@ -131,8 +150,13 @@ def test_the_cpu_twin_is_served_and_answers_with_an_intent(twin_run):
     student = student_for(run / "export" / "merged", policy, recipe.serve)
     app = create_app(ServeSettings(), {recipe.serve.model_name: student}, policy)
     with TestClient(app) as client:
-        reply = client.post("/v1/chat/completions", json={
-            "model": recipe.serve.model_name, "messages": [{"role": "user", "content": "my card has not arrived"}]})
+        reply = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": recipe.serve.model_name,
+                "messages": [{"role": "user", "content": "my card has not arrived"}],
+            },
+        )
     assert reply.status_code == 200, reply.text
     answer = reply.json()["choices"][0]["message"]["content"]
     assert answer in load_task(ROOT / "data" / "banking77_task.yaml").labels  # label_posterior decode

@@ -22,8 +22,8 @@ def test_common_prefix_leaves_every_row_a_token_of_its_own():
 @pytest.fixture(scope="module")
 def teacher(embedded_dir):
     from pipeline.artifacts import read_jsonl
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.conversation import user_turn
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.task import load_task
 
     task = load_task(ROOT / "data" / "task.yaml")

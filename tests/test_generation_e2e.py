@@ -21,15 +21,26 @@ TEACHER = "local:embedded:smollm2-135m-instruct"
 def run(tmp_path_factory, tiny_llama_dir):
     folder = tmp_path_factory.mktemp("generation")
     recipe = yaml.safe_load((ROOT / "recipes" / "summary-cpu.yaml").read_text())
-    recipe["model"] = {"base": str(tiny_llama_dir), "chat_template": str(ROOT / "recipes" / "templates" / "chatml.jinja")}
+    recipe["model"] = {
+        "base": str(tiny_llama_dir),
+        "chat_template": str(ROOT / "recipes" / "templates" / "chatml.jinja"),
+    }
     recipe["teacher"].update(max_new_tokens=40)  # a sentence; cut ones are dropped by curate
-    recipe["capture"].update(prompts=str(ROOT / "data" / "extraction_prompts.jsonl"),
-                             task=str(ROOT / "data" / "summary_task.yaml"), limit=24, cache=str(folder / "cache.sqlite"))
+    recipe["capture"].update(
+        prompts=str(ROOT / "data" / "extraction_prompts.jsonl"),
+        task=str(ROOT / "data" / "summary_task.yaml"),
+        limit=24,
+        cache=str(folder / "cache.sqlite"),
+    )
     recipe["curate"]["min_examples"] = 8
     recipe["train"].update(max_steps=2, batch_size=4, eos_check="warn")
     # The judge is the embedded SmolLM2 too: its verdicts need only parse, not be wise, here.
-    recipe["eval"] = {"max_new_tokens": 12, "limit": 8, "bootstrap": 100,
-                      "judge": {"spec": TEACHER, "max_new_tokens": 3}}
+    recipe["eval"] = {
+        "max_new_tokens": 12,
+        "limit": 8,
+        "bootstrap": 100,
+        "judge": {"spec": TEACHER, "max_new_tokens": 3},
+    }
     recipe["export"].update(verify_prompts=1, verify_max_new_tokens=4, parity_limit=4)
     recipe["tracking"] = {"uri": f"sqlite:///{folder / 'mlflow.db'}"}
     path = folder / "summary-cpu.yaml"
@@ -48,8 +59,7 @@ def test_captured_summaries_carry_their_gold_sentence(run):
 def test_evaluate_reports_text_overlap_and_the_judge_with_its_parse_rate(run):
     report = json.loads((run / "evaluate" / "report.json").read_text())
     figures = report["figures"]
-    for name in ("tuned_chrf", "base_chrf", "tuned_rouge_l", "tuned_judge_win_rate", "judge_parse_rate",
-                 "local_share"):
+    for name in ("tuned_chrf", "base_chrf", "tuned_rouge_l", "tuned_judge_win_rate", "judge_parse_rate", "local_share"):
         key = name if name in figures else f"tuned_{name}"
         assert figures[key]["lo"] <= figures[key]["value"] <= figures[key]["hi"], name
     policy = json.loads((run / "evaluate" / "router_policy.json").read_text())
@@ -73,19 +83,26 @@ def test_served_summaries_route_on_p10_logprob(run, tmp_path):
     policy = Policy.load(run / "evaluate" / "router_policy.json")
     assert policy.signal == "p10_logprob" and policy.schema is None
     student = StudentBackend(run / "export" / "merged")
-    teacher = TeacherBackend(TeacherConfig(spec=TEACHER, max_new_tokens=40),
-                             load_task(ROOT / "data" / "summary_task.yaml"), tmp_path / "cache.sqlite")
+    teacher = TeacherBackend(
+        TeacherConfig(spec=TEACHER, max_new_tokens=40),
+        load_task(ROOT / "data" / "summary_task.yaml"),
+        tmp_path / "cache.sqlite",
+    )
     settings = ServeSettings(max_tokens=16, mode=Mode.parse("live"), deadline_s=300)
     message = [{"role": "user", "content": "Please cancel the desk lamp, order ORD-123456. Thanks, Ana Silva"}]
     with running(create_app(settings, {"distill-student": student}, replace(policy, threshold=-math.inf))) as url:
-        raw = client(url).chat.completions.with_raw_response.create(model="distill-student", messages=message,
-                                                                     max_tokens=16)
+        raw = client(url).chat.completions.with_raw_response.create(
+            model="distill-student", messages=message, max_tokens=16
+        )
     assert raw.headers["x-distill-route"] == "student"
     with running(create_app(settings, {"distill-student": student}, policy, teacher=teacher)) as url:
-        raw = client(url).chat.completions.with_raw_response.create(model="distill-student", messages=message,
-                                                                     max_tokens=16)
+        raw = client(url).chat.completions.with_raw_response.create(
+            model="distill-student", messages=message, max_tokens=16
+        )
         reply = raw.parse()
     assert raw.headers["x-distill-route"] == "teacher"
     assert reply.choices[0].message.content.strip()
-    assert reply.distill["reason"] in ("answer ended by length, not by itself",
-                                       "no threshold met the quality target: every request escalates")
+    assert reply.distill["reason"] in (
+        "answer ended by length, not by itself",
+        "no threshold met the quality target: every request escalates",
+    )

@@ -48,14 +48,30 @@ SMOKE = ["train.max_steps=3", "train.grad_accum=1", "train.logging_steps=1", "tr
 # The CPU rehearsal: tiny rows, and a plain optimizer (paged 8-bit AdamW is CUDA-only).
 CPU_SMOKE = SMOKE + ["train.max_seq_len=96", "train.batch_size=2", "train.optim=adamw_torch", "train.quant.on_cpu=run"]
 # Defects 3-6 on the GPU: a small Mistral (Mistral's vocabulary, ~50M parameters): seconds a run.
-SMALL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-             intermediate_size=1536, vocab_size=32768, tie_word_embeddings=False, head_dim=64)
+SMALL = dict(
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    intermediate_size=1536,
+    vocab_size=32768,
+    tie_word_embeddings=False,
+    head_dim=64,
+)
 SMALL_SMOKE = SMOKE + ["train.max_seq_len=512", "train.batch_size=4", "train.lr=2e-3"]
 SMALL_PADDING = SMOKE + ["train.max_steps=6", "train.max_seq_len=1024", "train.batch_size=8"]
 # padding-free vs padded: the same rows' loss, relative (bf16 kernels differ in summation order)
 LOSS_RTOL = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-4}
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=1024, tie_word_embeddings=False, head_dim=16)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=1024,
+    tie_word_embeddings=False,
+    head_dim=16,
+)
 
 # Tolerance for the planner, against torch.cuda.max_memory_allocated() over the training steps.
 # The estimate's CUDA-context share (planner.CUDA_CONTEXT_GIB) is not a tensor, so it is taken
@@ -98,9 +114,15 @@ def write_random_model(folder: Path, shape: dict, device: str) -> Path:
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     # v0.3's own settings beside the shape: no sliding window (a padding-free batch is one long row).
-    config = MistralConfig(**shape, max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None,
-                           rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                           bos_token_id=1, eos_token_id=2)
+    config = MistralConfig(
+        **shape,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it is fast: 7B normal_() on a GPU takes a second
         model = MistralForCausalLM._from_config(config, dtype=torch.bfloat16)
@@ -162,8 +184,9 @@ def same_bytes(a, b) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = None, rows=None,
-              device: str | None = None) -> dict:
+def qlora_run(
+    folder: Path, overrides: list[str], adapter_out: Path | None = None, rows=None, device: str | None = None
+) -> dict:
     """Train like the finetune stage for max_steps on random rows; return what happened and what it cost.
     The residual stream's dtypes are recorded during the training forwards (defect 3); with
     `adapter_out` the trained adapter is saved there (defect 6 reads it); `rows` replaces the random rows."""
@@ -196,8 +219,14 @@ def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = Non
     args = build_sft_config(cfg, folder.parent / f"{folder.name}-checkpoints", plan)
     args.save_strategy, args.disable_tqdm = "no", True
     timer = step_timer()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                         peft_config=build_lora_config(cfg.lora), callbacks=[timer])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(cfg.lora),
+        callbacks=[timer],
+    )
     types = {n: type(p).__name__ for n, p in trainer.model.named_parameters()}
     begin = snapshot(trainer.model)
     if cuda:
@@ -227,14 +256,31 @@ def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = Non
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None,
         "versions": _versions(),
-        "arch": asdict(arch), "params": arch.params,
-        "train": {k: getattr(cfg, k) for k in ("max_seq_len", "batch_size", "grad_accum", "max_steps", "optim",
-                                                "gradient_checkpointing", "padding_free", "packing")}
-        | {"lora_r": cfg.lora.r, "compute_dtype": plan.dtype_name, "tokens_per_step": tokens,
-           "attention": attention or "sdpa"},
+        "arch": asdict(arch),
+        "params": arch.params,
+        "train": {
+            k: getattr(cfg, k)
+            for k in (
+                "max_seq_len",
+                "batch_size",
+                "grad_accum",
+                "max_steps",
+                "optim",
+                "gradient_checkpointing",
+                "padding_free",
+                "packing",
+            )
+        }
+        | {
+            "lora_r": cfg.lora.r,
+            "compute_dtype": plan.dtype_name,
+            "tokens_per_step": tokens,
+            "attention": attention or "sdpa",
+        },
         "estimate_gib": est.parts() | {"total": est.total, "comparable_to_allocated": est_alloc},
-        "measured_gib": {"weights_after_load": weights,
-                         "peak_allocated": peak, "peak_reserved": reserved} if cuda else None,
+        "measured_gib": {"weights_after_load": weights, "peak_allocated": peak, "peak_reserved": reserved}
+        if cuda
+        else None,
         "estimate_over_measured": est_alloc / peak if cuda else None,
         "band": [LOW, HIGH],
         "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
@@ -242,10 +288,15 @@ def qlora_run(folder: Path, overrides: list[str], adapter_out: Path | None = Non
         "steps": result.global_step,
         "step_s": [b - a for a, b in zip([start, *timer.ends], timer.ends)],
         "tokens_per_s": tokens * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else None,
-        "load_s": load_s, "train_s": train_s,
+        "load_s": load_s,
+        "train_s": train_s,
         "residual_dtypes": {k: sorted(v) for k, v in dtypes.items()},
         # for the assertions; dropped from the JSON
-        "_types": types, "_lora": lora, "_frozen": frozen, "_frozen_moved": frozen_moved, "_lora_moved": lora_moved,
+        "_types": types,
+        "_lora": lora,
+        "_frozen": frozen,
+        "_frozen_moved": frozen_moved,
+        "_lora_moved": lora_moved,
         "_lora_b_zero_at_start": all(begin[n].abs().sum() == 0 for n in lora if "lora_B" in n),
     }
 
@@ -306,9 +357,12 @@ def residual_hooks(model):
     hooks = []
     for name, module in model.named_modules():
         if type(module).__name__.endswith("DecoderLayer"):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, kwargs: record("layer_input", args[0] if args else kwargs.get("hidden_states")),
-                with_kwargs=True))
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, kwargs: record("layer_input", args[0] if args else kwargs.get("hidden_states")),
+                    with_kwargs=True,
+                )
+            )
             hooks.append(module.register_forward_hook(lambda m, args, out: record("layer_output", out)))
         elif name.endswith("mlp.gate_proj"):
             hooks.append(module.register_forward_hook(lambda m, args, out: record("gate_proj", out)))
@@ -323,8 +377,9 @@ def assert_residual_stream_in(record: dict, dtype_name: str) -> None:
     seen = record["residual_dtypes"]
     assert {"embeddings", "layer_input", "layer_output", "gate_proj", "final_norm"} <= seen.keys(), seen
     wrong = {k: v for k, v in seen.items() if v != [dtype_name]}
-    assert not wrong, (f"residual stream not in {dtype_name} during training (defect 3: a k-bit preparation "
-                       f"upcast?): {wrong}")
+    assert not wrong, (
+        f"residual stream not in {dtype_name} during training (defect 3: a k-bit preparation upcast?): {wrong}"
+    )
 
 
 def variable_rows(n: int, max_len: int, vocab: int, seed: int = 0):
@@ -362,12 +417,21 @@ def padding_comparison(folder: Path, overrides: list[str], device: str | None = 
     tokenizer = load_tokenizer(str(folder))
     rows = variable_rows(cfg.max_steps * cfg.batch_size * cfg.grad_accum, cfg.max_seq_len, arch.vocab)
     real_tokens = sum(len(r) for r in rows["input_ids"])
-    out = {"device": plan.reason, "gpu": torch.cuda.get_device_name(0) if cuda else None,
-           "flash_attn_installed": flash, "padding_free_attention": attention or "sdpa",
-           "flash_attn_varlen": attention is not None, "varlen_why": why,
-           "stage_trains_padding_free": staged.padding_free,  # what the finetune stage would do on this machine
-           "rows": len(rows), "real_tokens": real_tokens, "max_seq_len": cfg.max_seq_len,
-           "batch_size": cfg.batch_size, "steps": cfg.max_steps, "compute_dtype": plan.dtype_name}
+    out = {
+        "device": plan.reason,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "flash_attn_installed": flash,
+        "padding_free_attention": attention or "sdpa",
+        "flash_attn_varlen": attention is not None,
+        "varlen_why": why,
+        "stage_trains_padding_free": staged.padding_free,  # what the finetune stage would do on this machine
+        "rows": len(rows),
+        "real_tokens": real_tokens,
+        "max_seq_len": cfg.max_seq_len,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.max_steps,
+        "compute_dtype": plan.dtype_name,
+    }
     for arm, padding_free, attn in (("padding_free", True, attention), ("padded", False, None)):
         arm_cfg = cfg.model_copy(update={"padding_free": padding_free})
         model = load_model(str(folder), plan, arm_cfg.quant, attn)
@@ -375,8 +439,14 @@ def padding_comparison(folder: Path, overrides: list[str], device: str | None = 
         args.save_strategy, args.disable_tqdm = "no", True
         torch.manual_seed(cfg.seed)
         timer = step_timer()
-        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                             peft_config=build_lora_config(cfg.lora), callbacks=[timer])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            peft_config=build_lora_config(cfg.lora),
+            callbacks=[timer],
+        )
         first = [trainer.train_dataset[i] for i in range(cfg.batch_size)]
         batch = trainer._prepare_inputs(trainer.data_collator(first))
         trainer.model.eval()
@@ -390,12 +460,15 @@ def padding_comparison(folder: Path, overrides: list[str], device: str | None = 
         train_s = time.perf_counter() - start
         ends = timer.ends
         per_step = real_tokens / cfg.max_steps
-        out[arm] = {"attention": attn or "sdpa", "batch_shape": list(batch["input_ids"].shape),
-                    "first_batch_loss": loss,
-                    "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
-                    "train_s": train_s,
-                    "tokens_per_s": per_step * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else None,
-                    "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None}
+        out[arm] = {
+            "attention": attn or "sdpa",
+            "batch_shape": list(batch["input_ids"].shape),
+            "first_batch_loss": loss,
+            "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
+            "train_s": train_s,
+            "tokens_per_s": per_step * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else None,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        }
         del trainer, model, batch
         gc.collect()
         if cuda:
@@ -414,8 +487,15 @@ def prompts(n: int, vocab: int, length: int = 12, seed: int = 5) -> list[list[di
     return [[{"role": "user", "content": " ".join(f"t{i}" for i in row)}] for row in ids]
 
 
-def export_check(folder: Path, out: Path, device: str, dtype_name: str, drop_adapter: bool = False,
-                 n_prompts: int = 8, max_new_tokens: int = 4):
+def export_check(
+    folder: Path,
+    out: Path,
+    device: str,
+    dtype_name: str,
+    drop_adapter: bool = False,
+    n_prompts: int = 8,
+    max_new_tokens: int = 4,
+):
     """Defect 5: pipeline.export.merged.export_merged on base + a LoRA in `dtype_name` on `device`, the
     way the export stage runs it (merged weights saved in the base's dtype, reloaded in the compute
     dtype on the compute device). The LoRA has random non-zero A and B: a 3-step adapter from B=0
@@ -435,8 +515,9 @@ def export_check(folder: Path, out: Path, device: str, dtype_name: str, drop_ada
     def load_adapted():  # a loader: export_merged frees base + adapter before it reloads the merged folder
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
         torch.manual_seed(1)
-        adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                  init_lora_weights=False)).eval()
+        adapted = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        ).eval()
         if drop_adapter:
             adapted.merge_and_unload = adapted.unload
         return adapted
@@ -447,9 +528,19 @@ def export_check(folder: Path, out: Path, device: str, dtype_name: str, drop_ada
 
 def export_record(result, out: Path) -> dict:
     figures = json.loads((out / "verification.json").read_text())
-    return {k: figures[k] for k in ("compute", "saved_dtype", "prompts", "greedy_agreement", "min_agreement",
-                                    "max_logprob_delta", "logprob_tolerance", "adapter_logprob_effect")} | (
-        {"reload_s": result.load_s} if result is not None else {})
+    return {
+        k: figures[k]
+        for k in (
+            "compute",
+            "saved_dtype",
+            "prompts",
+            "greedy_agreement",
+            "min_agreement",
+            "max_logprob_delta",
+            "logprob_tolerance",
+            "adapter_logprob_effect",
+        )
+    } | ({"reload_s": result.load_s} if result is not None else {})
 
 
 def answers_to_learn(folder: Path, n: int, length: int = 6, seed: int = 7) -> list[list[dict]]:
@@ -479,8 +570,14 @@ def memorise_rows(folder: Path, n: int, repeats: int, seed: int = 7):
     return Dataset.from_dict({k: [r[k] for r in rows] for k in ("input_ids", "completion_mask")})
 
 
-def nf4_vs_bf16(folder: Path, adapter: Path, overrides: list[str], n_prompts: int = 8,
-                max_new_tokens: int = 8, device: str | None = None) -> dict:
+def nf4_vs_bf16(
+    folder: Path,
+    adapter: Path,
+    overrides: list[str],
+    n_prompts: int = 8,
+    max_new_tokens: int = 8,
+    device: str | None = None,
+) -> dict:
     """Defect 6: an adapter trained on the NF4 base, greedy on that NF4 base and on the unquantized
     base (bf16 on CUDA; fp32 on the CPU) the evaluate and export stages load. Figures: the share
     of prompts answered token for token alike (greedy_agreement) and the mean share of leading
@@ -521,24 +618,35 @@ def nf4_vs_bf16(folder: Path, adapter: Path, overrides: list[str], n_prompts: in
             leading.append(k / max(len(x), len(y), 1))
         return same, sum(leading) / len(leading)
 
-    target = [tokenizer(a[0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-              for a in answers_to_learn(folder, n_prompts)]
+    target = [
+        tokenizer(a[0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for a in answers_to_learn(folder, n_prompts)
+    ]
     with_adapter = agreement(answers["nf4+adapter"], answers["unquantized+adapter"])
     base_only = agreement(answers["nf4"], answers["unquantized"])
-    return {"device": nf4.reason, "unquantized_dtype": nf4.dtype_name,
-            "prompts": n_prompts, "max_new_tokens": max_new_tokens,
-            "greedy_agreement": with_adapter[0], "token_agreement": with_adapter[1],
-            "base_greedy_agreement": base_only[0], "base_token_agreement": base_only[1],
-            "learned_answer_agreement": {"nf4": agreement(answers["nf4+adapter"], target)[1],
-                                         "unquantized": agreement(answers["unquantized+adapter"], target)[1]},
-            "adapter_changes_nf4_answers": answers["nf4+adapter"] != answers["nf4"]}
+    return {
+        "device": nf4.reason,
+        "unquantized_dtype": nf4.dtype_name,
+        "prompts": n_prompts,
+        "max_new_tokens": max_new_tokens,
+        "greedy_agreement": with_adapter[0],
+        "token_agreement": with_adapter[1],
+        "base_greedy_agreement": base_only[0],
+        "base_token_agreement": base_only[1],
+        "learned_answer_agreement": {
+            "nf4": agreement(answers["nf4+adapter"], target)[1],
+            "unquantized": agreement(answers["unquantized+adapter"], target)[1],
+        },
+        "adapter_changes_nf4_answers": answers["nf4+adapter"] != answers["nf4"],
+    }
 
 
 def assert_agreement_figures(record: dict, floor: float) -> None:
     """Every figure is a share; the NF4-trained adapter's answers on the unquantized base agree with its
     answers on the NF4 base on at least `floor` of the prompts, and it learned its answers on both."""
-    figures = {k: record[k] for k in ("greedy_agreement", "token_agreement", "base_greedy_agreement",
-                                      "base_token_agreement")} | record["learned_answer_agreement"]
+    figures = {
+        k: record[k] for k in ("greedy_agreement", "token_agreement", "base_greedy_agreement", "base_token_agreement")
+    } | record["learned_answer_agreement"]
     for key, value in figures.items():
         assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
     assert record["adapter_changes_nf4_answers"], "the adapter changed nothing: the comparison says nothing"
@@ -546,7 +654,8 @@ def assert_agreement_figures(record: dict, floor: float) -> None:
     assert learned["nf4"] >= floor, f"the adapter did not learn its answers on the NF4 base it trained on: {record}"
     assert record["greedy_agreement"] >= floor and learned["unquantized"] >= floor, (
         f"NF4-trained adapter on the unquantized base: greedy agreement {record['greedy_agreement']:.2f}, learned "
-        f"answers {learned['unquantized']:.2f}, under the floor {floor}: {record}")
+        f"answers {learned['unquantized']:.2f}, under the floor {floor}: {record}"
+    )
 
 
 def assert_trained_lora_only(record: dict) -> None:
@@ -586,15 +695,23 @@ def mistral7b_dir(tmp_path_factory):
 def mistral7b_run(mistral7b_dir):
     record = qlora_run(mistral7b_dir, SMOKE, device="cuda")
     write_results(record, RESULTS)  # before any assertion: a failing run's numbers are the interesting ones
-    print(json.dumps({k: record[k] for k in ("gpu", "estimate_gib", "measured_gib", "estimate_over_measured",
-                                             "losses", "tokens_per_s")}, indent=1, default=str))
+    print(
+        json.dumps(
+            {
+                k: record[k]
+                for k in ("gpu", "estimate_gib", "measured_gib", "estimate_over_measured", "losses", "tokens_per_s")
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return record
 
 
 @gpu
 @needs_cuda
 def test_qlora_steps_on_the_full_mistral7b_shape_train_lora_only(mistral7b_dir, mistral7b_run):
-    from pipeline.planner import Architecture, KNOWN_ARCHITECTURES, load_architecture
+    from pipeline.planner import KNOWN_ARCHITECTURES, Architecture, load_architecture
 
     assert load_architecture(str(mistral7b_dir)) == Architecture.from_config(KNOWN_ARCHITECTURES[MISTRAL])
     assert mistral7b_run["params"] == pytest.approx(7.25e9, rel=0.01)
@@ -607,12 +724,14 @@ def test_qlora_steps_on_the_full_mistral7b_shape_train_lora_only(mistral7b_dir, 
 def test_vram_planner_estimate_brackets_the_measured_peak(mistral7b_run):
     est, measured = mistral7b_run["estimate_gib"], mistral7b_run["measured_gib"]
     weights = measured["weights_after_load"]
-    assert abs(weights - est["weights"]) <= WEIGHTS_TOLERANCE * est["weights"], \
+    assert abs(weights - est["weights"]) <= WEIGHTS_TOLERANCE * est["weights"], (
         f"NF4 base + bf16 embeddings measured {weights:.2f} GiB, planned {est['weights']:.2f} GiB"
+    )
     peak, planned = measured["peak_allocated"], est["comparable_to_allocated"]
     assert LOW * peak <= planned <= HIGH * peak, (
         f"planner {planned:.2f} GiB (+{est['total'] - planned:.1f} GiB CUDA context = {est['total']:.2f}) vs measured "
-        f"peak {peak:.2f} GiB allocated: ratio {planned / peak:.2f}, outside [{LOW}, {HIGH}]; parts {est}; see {RESULTS}")
+        f"peak {peak:.2f} GiB allocated: ratio {planned / peak:.2f}, outside [{LOW}, {HIGH}]; parts {est}; see {RESULTS}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -626,8 +745,11 @@ def small_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_run(small_dir):
     record = qlora_run(small_dir, SMALL_SMOKE, device="cuda")
-    write_section("residual_stream", {k: record[k] for k in ("device", "gpu", "arch", "train", "residual_dtypes",
-                                                            "losses", "tokens_per_s")}, RESULTS)
+    write_section(
+        "residual_stream",
+        {k: record[k] for k in ("device", "gpu", "arch", "train", "residual_dtypes", "losses", "tokens_per_s")},
+        RESULTS,
+    )
     return record
 
 
@@ -682,8 +804,14 @@ def test_export_check_in_bf16_on_cuda_passes_a_merge_and_fails_a_dropped_adapter
         write_section("export_bf16", record, RESULTS)
 
 
-MEMORISE = ["train.max_steps=40", "train.batch_size=8", "train.max_seq_len=512", "train.lr=5e-3",
-            "train.warmup_ratio=0", "train.lora.dropout=0"]
+MEMORISE = [
+    "train.max_steps=40",
+    "train.batch_size=8",
+    "train.max_seq_len=512",
+    "train.lr=5e-3",
+    "train.warmup_ratio=0",
+    "train.lora.dropout=0",
+]
 
 
 @gpu
@@ -693,8 +821,9 @@ def test_nf4_trained_adapter_on_the_nf4_and_the_bf16_base(small_dir, tmp_path):
     it trained against and on the bf16 base evaluate / export load: their agreement, and how much of
     the learned answers each reproduces."""
     overrides = SMOKE + MEMORISE
-    qlora_run(small_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(small_dir, 8, 40),
-              device="cuda")
+    qlora_run(
+        small_dir, overrides, adapter_out=tmp_path / "adapter", rows=memorise_rows(small_dir, 8, 40), device="cuda"
+    )
     record = nf4_vs_bf16(small_dir, tmp_path / "adapter", overrides, device="cuda")
     write_section("nf4_vs_bf16", record | {"floor": NF4_VS_BF16_FLOOR}, RESULTS)
     print(json.dumps(record, indent=1))
@@ -758,8 +887,9 @@ def test_cpu_rehearsal_padding_free_and_padded_batches_give_the_same_loss(tiny_d
     assert record["loss_rel_diff"] <= LOSS_RTOL["float32"], record
     assert record["stage_trains_padding_free"] and not record["flash_attn_varlen"]  # CPU: attention_plan keeps it
     assert "padding-free (sdpa) vs padded batches: tokens/s" in bench_figure_names(tmp_path / "gpu.json")
-    assert all(record[arm]["tokens_per_s"] > 0 and len(record[arm]["losses"]) == 3
-               for arm in ("padding_free", "padded"))
+    assert all(
+        record[arm]["tokens_per_s"] > 0 and len(record[arm]["losses"]) == 3 for arm in ("padding_free", "padded")
+    )
 
 
 def test_cpu_rehearsal_bf16_export_check_passes_a_merge_and_fails_a_dropped_adapter(tiny_dir, tmp_path):

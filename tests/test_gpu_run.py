@@ -27,8 +27,11 @@ def bench_module(name: str):
 def write_wheel(path: Path, name: str, version: str, members: dict[str, bytes]) -> Path:
     """A minimal valid wheel: the files, METADATA, WHEEL and a RECORD listing them all."""
     dist = f"{name}-{version}.dist-info"
-    files = {**members, f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        **members,
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     record = "".join(f"{f},,\n" for f in files) + f"{dist}/RECORD,,\n"
     wheel = path / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
@@ -40,8 +43,10 @@ def write_wheel(path: Path, name: str, version: str, members: dict[str, bytes]) 
 
 def test_trimming_drops_the_unused_libraries_and_their_record_lines(tmp_path):
     wheelhouse = bench_module("wheelhouse")
-    libs = {f"bitsandbytes/libbitsandbytes_{v}.so": b"x" * 1000
-            for v in ("cpu", "cuda118", "cuda124", "cuda128", "cuda130", "rocm64", "xpu2025")}
+    libs = {
+        f"bitsandbytes/libbitsandbytes_{v}.so": b"x" * 1000
+        for v in ("cpu", "cuda118", "cuda124", "cuda128", "cuda130", "rocm64", "xpu2025")
+    }
     wheel = write_wheel(tmp_path, "bitsandbytes", "0.50.2", {"bitsandbytes/__init__.py": b"", **libs})
     saved = wheelhouse.trim_wheel(wheel, wheelhouse.bnb_trim(["124", "130"]))
     with zipfile.ZipFile(wheel) as z:
@@ -57,10 +62,22 @@ def test_trimming_drops_the_unused_libraries_and_their_record_lines(tmp_path):
 
 def run_script(tmp_path: Path, wheelhouse: Path, *args: str) -> subprocess.CompletedProcess:
     # The shared venv's packages stand in for the GPU node's system site-packages (torch, transformers).
-    env = {**os.environ, "PYTHON": sys.executable, "WHEELHOUSE": str(wheelhouse), "GPU_VENV": str(tmp_path / "venv"),
-           "PYTHONPATH": sysconfig.get_paths()["purelib"], "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "WHEELHOUSE": str(wheelhouse),
+        "GPU_VENV": str(tmp_path / "venv"),
+        "PYTHONPATH": sysconfig.get_paths()["purelib"],
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_run.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_gpu_run_without_a_wheelhouse_says_how_to_make_one(tmp_path):
@@ -76,8 +93,9 @@ def test_gpu_run_installs_offline_then_rehearses_preflight_and_the_capped_export
     out = tmp_path / "gpu.json"
     proc = run_script(tmp_path, wheelhouse, "--cpu-rehearsal", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    probe = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", "import distill_gpu_probe"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [str(tmp_path / "venv" / "bin" / "python"), "-c", "import distill_gpu_probe"], capture_output=True, text=True
+    )
     assert probe.returncode == 0, probe.stderr  # installed into the venv from the wheelhouse, no index
     record = json.loads(out.read_text())
     assert record["preflight"]["cuda_available"] is False and record["preflight"]["trl"]

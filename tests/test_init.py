@@ -47,8 +47,12 @@ def test_the_demo_chats_make_a_free_text_recipe_that_keeps_the_conversation(work
     """The demo's chats as an OpenAI chat log: free text, a system prompt that varies (conversation)."""
     rows = [json.loads(line) for line in (ROOT / "data" / "chats.jsonl").read_text().splitlines()][:120]
     log = workdir / "chat_log.jsonl"
-    log.write_text("".join(json.dumps({"messages": [*r["messages"], {"role": "assistant", "content": r["reference"]}]})
-                           + "\n" for r in rows))
+    log.write_text(
+        "".join(
+            json.dumps({"messages": [*r["messages"], {"role": "assistant", "content": r["reference"]}]}) + "\n"
+            for r in rows
+        )
+    )
     task, recipe, task_text, recipe_text = init("chats", log, capsys)
     assert task["kind"] == "generation" and recipe["model"]["student_input"] == "conversation"
     assert "120 distinct system prompts" in recipe_text and "free text" in task_text
@@ -62,8 +66,18 @@ def test_the_demo_chats_make_a_free_text_recipe_that_keeps_the_conversation(work
 def banking_csv(path: Path, n: int = 200) -> Path:
     """Banking77-shaped: text,label; ten intents, a few off-label answers."""
     rng = random.Random(0)
-    intents = ["card_arrival", "card_linking", "exchange_rate", "top_up_failed", "lost_or_stolen_card", "refund",
-               "pin_blocked", "cash_withdrawal", "transfer_timing", "verify_identity"]
+    intents = [
+        "card_arrival",
+        "card_linking",
+        "exchange_rate",
+        "top_up_failed",
+        "lost_or_stolen_card",
+        "refund",
+        "pin_blocked",
+        "cash_withdrawal",
+        "transfer_timing",
+        "verify_identity",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
@@ -92,11 +106,24 @@ def test_json_answers_make_an_extraction_recipe_with_an_inferred_schema(workdir,
         answer = {"order_id": f"A-{1000 + i}", "issue": issues[i % 4]}
         if i % 3 == 0:
             answer["amount"] = 10.5 + i
-        rows.append({"messages": [{"role": "system", "content": system},
-                                  {"role": "user", "content": f"Order A-{1000 + i} is {issues[i % 4]}, please help"},
-                                  {"role": "assistant", "content": json.dumps(answer)}]})
-    rows.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"},
-                              {"role": "assistant", "content": "Sorry, which order?"}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"Order A-{1000 + i} is {issues[i % 4]}, please help"},
+                    {"role": "assistant", "content": json.dumps(answer)},
+                ]
+            }
+        )
+    rows.append(
+        {
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Sorry, which order?"},
+            ]
+        }
+    )
     log = workdir / "extract.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task, recipe, task_text, _ = init("extract", log, capsys)

@@ -16,8 +16,11 @@ from pipeline.loop.gather import gather, in_slice, prompt_key
 
 
 def record(rid: str, prompt: str, answer: str, **meta) -> dict:
-    return {"id": rid, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "meta": meta}
+    return {
+        "id": rid,
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        "meta": meta,
+    }
 
 
 def write(path: Path, records: list[dict]) -> Path:
@@ -26,8 +29,12 @@ def write(path: Path, records: list[dict]) -> Path:
 
 
 PREVIOUS = [record("t1", "Where is my parcel?", "track_order"), record("t2", "Refund me please", "refund_status")]
-NEW = [record(f"req-{i}", f"My order {i} never arrived, what now?", "track_order", source="router",
-              reason="low_confidence") for i in range(40)]
+NEW = [
+    record(
+        f"req-{i}", f"My order {i} never arrived, what now?", "track_order", source="router", reason="low_confidence"
+    )
+    for i in range(40)
+]
 
 
 # ---------------------------------------------------------------- gather
@@ -53,10 +60,18 @@ def test_an_escalated_test_prompt_never_joins_the_pool(tmp_path):
 def test_holdout_is_a_stable_share_of_prompts_the_same_in_every_process(tmp_path):
     keys = [prompt_key(r) for r in NEW]
     here = [in_slice(k, 0.25) for k in keys]
-    code = ("import json, sys; from pipeline.loop.gather import in_slice; "
-            "print(json.dumps([in_slice(k, 0.25) for k in json.load(sys.stdin)]))")
-    there = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), capture_output=True, text=True,
-                           env={"PYTHONHASHSEED": "12345", "PATH": ""}, check=True)
+    code = (
+        "import json, sys; from pipeline.loop.gather import in_slice; "
+        "print(json.dumps([in_slice(k, 0.25) for k in json.load(sys.stdin)]))"
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(keys),
+        capture_output=True,
+        text=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+        check=True,
+    )
     assert json.loads(there.stdout) == here
     assert 0 < sum(here) < len(here)  # some held back, not all
 
@@ -87,12 +102,25 @@ def test_frozen_test_split_is_used_verbatim_and_its_near_duplicates_do_not_train
     root = Path(__file__).resolve().parents[1]
     task = load_task(root / "data" / "task.yaml")
     labels = task.labels
-    frozen = [{"id": f"f{i}", "messages": [{"role": "user", "content":
-                                           f"frozen question number {i} about my account and its settings today"}],
-               "completion": labels[i % 3], "label": labels[i % 3], "gold": None, "teacher": "t",
-               "teacher_logprob": None, "confidence": None} for i in range(6)]
-    raw = [record(f"r{i:03d}", f"Question {i}: how do I do thing {i} with order {1000 + i}?", labels[i % 4])
-           for i in range(60)]
+    frozen = [
+        {
+            "id": f"f{i}",
+            "messages": [
+                {"role": "user", "content": f"frozen question number {i} about my account and its settings today"}
+            ],
+            "completion": labels[i % 3],
+            "label": labels[i % 3],
+            "gold": None,
+            "teacher": "t",
+            "teacher_logprob": None,
+            "confidence": None,
+        }
+        for i in range(6)
+    ]
+    raw = [
+        record(f"r{i:03d}", f"Question {i}: how do I do thing {i} with order {1000 + i}?", labels[i % 4])
+        for i in range(60)
+    ]
     near_copy = "frozen question number 2 about my account and its settings today please"
     raw.append(record("r999", near_copy, labels[0]))
     recipe = Recipe(name="t", curate={"min_examples": 3, "labels_only": True})
@@ -208,8 +236,9 @@ def test_alias_resolution_gives_the_served_folder_and_its_runs_policy(registry):
 def test_a_lower_local_share_is_kept_even_with_better_agreement():
     champion = [True] * 10 + [False] * 10
     candidate = [True] * 14 + [False] * 6
-    decision, worse, why = verdict(paired(champion, candidate, reps=200), None,
-                                   Routing(0.8, 0.40, 0.95, 0.016), Routing(0.9, 0.27, 0.98, 0.018))
+    decision, worse, why = verdict(
+        paired(champion, candidate, reps=200), None, Routing(0.8, 0.40, 0.95, 0.016), Routing(0.9, 0.27, 0.98, 0.018)
+    )
     assert (decision, worse) == ("keep", False) and "local share" in why
 
 
@@ -227,10 +256,10 @@ def test_the_slice_is_answered_as_served_by_label_posterior(tiny_llama_dir, tmp_
     """A label_posterior recipe: the loop's champion-vs-candidate slice must read the labels'
     posterior, as the router serves, not greedy text (a random model's greedy text is no label)."""
     from pipeline.config import Recipe
+    from pipeline.conversation import user_turn
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.llm.scoring import label_logprobs
     from pipeline.loop.retrain import slice_outcomes
-    from pipeline.conversation import user_turn
     from pipeline.task import load_task
 
     task_file = Path(__file__).resolve().parents[1] / "data" / "task.yaml"

@@ -10,11 +10,11 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from test_pipeline_e2e import ROOT, write_recipe
+from test_router import running
 
 from pipeline.artifacts import read_jsonl, read_manifest
 from pipeline.cli import main
-from test_pipeline_e2e import ROOT, write_recipe
-from test_router import running
 
 SERVED_PROMPTS = 12  # unseen prompts the router answers: rows after capture.limit
 
@@ -40,10 +40,12 @@ def conversation_for(i: int, prompt: str) -> list[dict]:
     """Every other request as an app sends it: per-request context and an earlier exchange."""
     if i % 2:
         return [{"role": "user", "content": prompt}]
-    return [{"role": "system", "content": f"Customer #{i}: Premium since {2010 + i}. Classify the last message."},
-            {"role": "user", "content": "hi, I have a question"},
-            {"role": "assistant", "content": "Hello! How can I help you today?"},
-            {"role": "user", "content": prompt}]
+    return [
+        {"role": "system", "content": f"Customer #{i}: Premium since {2010 + i}. Classify the last message."},
+        {"role": "user", "content": "hi, I have a question"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+        {"role": "user", "content": prompt},
+    ]
 
 
 def unseen_prompts(limit: int) -> list[str]:
@@ -54,29 +56,35 @@ def unseen_prompts(limit: int) -> list[str]:
 def serve_round_zero(recipe_path: Path, run: Path, prompts: list[str]) -> None:
     """The evaluated policy of round 0 decides; the teacher answers what it escalates."""
     from pipeline.config import load_recipe
-    from pipeline.router.settings import ServeSettings
+    from pipeline.llm.policy import Policy
     from pipeline.router.app import create_app
     from pipeline.router.backends import StudentBackend, TeacherBackend
     from pipeline.router.escalations import EscalationLog
-    from pipeline.llm.policy import Policy
+    from pipeline.router.settings import ServeSettings
     from pipeline.task import load_task
 
     cfg = load_recipe(str(recipe_path))
     policy = Policy.load(run / "evaluate" / "router_policy.json")
     teacher = TeacherBackend(cfg.teacher, load_task(cfg.capture.task), cfg.capture.cache)
-    app = create_app(ServeSettings(max_tokens=8), {"distill-student": StudentBackend(run / "export" / "merged")},
-                     policy, teacher=teacher, escalations=EscalationLog(cfg.serve.escalations))
+    app = create_app(
+        ServeSettings(max_tokens=8),
+        {"distill-student": StudentBackend(run / "export" / "merged")},
+        policy,
+        teacher=teacher,
+        escalations=EscalationLog(cfg.serve.escalations),
+    )
     with running(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for i, prompt in enumerate(prompts):
-            client.chat.completions.create(model="distill-student", max_tokens=8,
-                                           messages=conversation_for(i, prompt))
+            client.chat.completions.create(model="distill-student", max_tokens=8, messages=conversation_for(i, prompt))
 
 
 def append_escalation(path: Path, prompt: str) -> None:
-    line = {"id": "dup-of-test", "messages": [{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": "track_order"}],
-            "meta": {"source": "router", "reason": "low_confidence"}}
+    line = {
+        "id": "dup-of-test",
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "track_order"}],
+        "meta": {"source": "router", "reason": "low_confidence"},
+    }
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -201,11 +209,15 @@ def test_warm_start_trains_on_from_the_given_adapter(loop_run, tmp_path):
 
     _, recipe_path, run = loop_run
     champion = run / "finetune" / "adapter"
-    cfg = load_recipe(str(recipe_path), [f"train.init_adapter={champion}", "train.lr=1e-12", "train.max_steps=1",
-                                         "train.eos_check='off'"])
+    cfg = load_recipe(
+        str(recipe_path),
+        [f"train.init_adapter={champion}", "train.lr=1e-12", "train.max_steps=1", "train.eos_check='off'"],
+    )
     finetune.run(cfg, {"curate": run / "curate"}, tmp_path, NullTracker())
-    before, after = load_file(champion / "adapter_model.safetensors"), load_file(
-        tmp_path / "adapter" / "adapter_model.safetensors")
+    before, after = (
+        load_file(champion / "adapter_model.safetensors"),
+        load_file(tmp_path / "adapter" / "adapter_model.safetensors"),
+    )
     assert before.keys() == after.keys()
     lora_b = [k for k in before if "lora_B" in k]
     assert lora_b and any(before[k].abs().sum() > 0 for k in lora_b)  # a trained adapter, not a fresh one

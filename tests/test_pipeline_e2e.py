@@ -35,7 +35,14 @@ def write_recipe(folder: Path, student: Path, **train) -> Path:
         # The real teacher answers off-label often at this size; keep them so splits stay non-empty.
         "curate": {"labels_only": False, "min_examples": 10},
         # A random tiny student never learns to stop in 2 steps: the EOS gate only warns here.
-        "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "max_seq_len": 256, "eos_check": "warn", **train},
+        "train": {
+            "max_steps": 2,
+            "batch_size": 4,
+            "logging_steps": 1,
+            "max_seq_len": 256,
+            "eos_check": "warn",
+            **train,
+        },
         "eval": {"max_new_tokens": 4, "limit": 8},
         "export": {"verify_prompts": 2, "verify_max_new_tokens": 4},
         "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "e2e"},
@@ -62,16 +69,44 @@ def test_each_stage_wrote_exactly_its_artifacts(pipeline_run):
     _, _, run = pipeline_run
     assert files_under(run / "capture") == {"teacher.jsonl", "resolved_config.yaml", "manifest.json"}
     curate = files_under(run / "curate")
-    assert {"train.jsonl", "validation.jsonl", "test.jsonl", "card.md", "manifest.json", "dataset/dataset_dict.json"} <= curate
+    assert {
+        "train.jsonl",
+        "validation.jsonl",
+        "test.jsonl",
+        "card.md",
+        "manifest.json",
+        "dataset/dataset_dict.json",
+    } <= curate
     assert not [f for f in curate if "cache-" in f], "a later stage wrote cache files into the curated data"
-    assert files_under(run / "finetune") >= {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "train_log.jsonl"}
+    assert files_under(run / "finetune") >= {
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "train_log.jsonl",
+    }
     assert not (run / "finetune" / "checkpoints").exists()
-    assert files_under(run / "evaluate") == {"report.json", "report.md", "predictions.jsonl", "router_policy.json",
-                                             "confusion.png", "reliability.png", "risk_coverage.png",
-                                             "cost_quality.png", "resolved_config.yaml", "manifest.json"}
-    assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "merged/chat_template.jinja",
-            "merged/generation_config.json", "verification.json", "parity.json", "parity.md",
-            "README.md"} <= files_under(run / "export")
+    assert files_under(run / "evaluate") == {
+        "report.json",
+        "report.md",
+        "predictions.jsonl",
+        "router_policy.json",
+        "confusion.png",
+        "reliability.png",
+        "risk_coverage.png",
+        "cost_quality.png",
+        "resolved_config.yaml",
+        "manifest.json",
+    }
+    assert {
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+        "merged/chat_template.jinja",
+        "merged/generation_config.json",
+        "verification.json",
+        "parity.json",
+        "parity.md",
+        "README.md",
+    } <= files_under(run / "export")
     assert not list(run.glob("*.partial")), "no partial folder survives a successful run"
     assert (run.parent / "latest").resolve() == run.resolve()
 
@@ -117,8 +152,11 @@ def test_evaluation_report_matches_predictions(pipeline_run):
     md = (run / "evaluate" / "report.md").read_text()
     assert md.index("| system | agreement with teacher") < md.index("## Routing threshold")
     assert all(f"]({png})" in md for png in report["plots"]) and len(report["plots"]) == 4
-    assert report["base_weights"] == {"trained_against": "unquantised", "evaluated_on": "unquantised float32",
-                                      "same": True}
+    assert report["base_weights"] == {
+        "trained_against": "unquantised",
+        "evaluated_on": "unquantised float32",
+        "same": True,
+    }
     assert "Base weights: the adapter was trained against the unquantised base" in md
 
 
@@ -127,7 +165,9 @@ def test_router_policy_names_its_signal_settings_and_adapter(pipeline_run):
 
     _, _, run = pipeline_run
     policy = json.loads((run / "evaluate" / "router_policy.json").read_text())
-    assert {"signal", "threshold", "bound", "quality_target", "settings", "adapter_sha256", "expected", "test"} <= set(policy)
+    assert {"signal", "threshold", "bound", "quality_target", "settings", "adapter_sha256", "expected", "test"} <= set(
+        policy
+    )
     assert policy["settings"]["max_new_tokens"] == 4
     assert policy["adapter_sha256"] == read_manifest(run / "evaluate").inputs["finetune"]
     loaded = Policy.load(run / "evaluate" / "router_policy.json")
@@ -146,8 +186,12 @@ def test_merged_export_reloads_with_plain_transformers_and_matches_adapter_logit
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, run / "finetune" / "adapter").eval()
     tok = AutoTokenizer.from_pretrained(run / "export" / "merged")
-    ids = tok.apply_chat_template([{"role": "user", "content": "where is my order"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "where is my order"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
     verification = json.loads((run / "export" / "verification.json").read_text())
@@ -192,17 +236,36 @@ def test_serving_and_planner_settings_rerun_no_stage(pipeline_run):
     _, recipe, run = pipeline_run
     assert main(["run", str(recipe), "--runs-dir", str(run.parent)]) == 0  # back to the recipe as written
     before = {s: read_manifest(run / s).created_at for s in STAGES}
-    assert main(["run", str(recipe), "serve.port=9123", "serve.host=0.0.0.0", "model.architecture=mistral7b",
-                 "--runs-dir", str(run.parent)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(recipe),
+                "serve.port=9123",
+                "serve.host=0.0.0.0",
+                "model.architecture=mistral7b",
+                "--runs-dir",
+                str(run.parent),
+            ]
+        )
+        == 0
+    )
     assert {s: read_manifest(run / s).created_at for s in STAGES} == before
 
 
 def test_eval_file_is_answered_by_the_teacher_and_scored_like_the_test_split(pipeline_run):
     folder, recipe, run = pipeline_run
     heldout = folder / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"prompt": p, "gold": g}) + "\n" for p, g in
-                               [("my parcel never came", "track_order"), ("send me a VAT invoice", "invoice_request"),
-                                ("the vase arrived broken", "damaged_item")]))
+    heldout.write_text(
+        "".join(
+            json.dumps({"prompt": p, "gold": g}) + "\n"
+            for p, g in [
+                ("my parcel never came", "track_order"),
+                ("send me a VAT invoice", "invoice_request"),
+                ("the vase arrived broken", "damaged_item"),
+            ]
+        )
+    )
     assert main(["evaluate", str(recipe), f"eval.file={heldout}", "--runs-dir", str(run.parent)]) == 0
     report = json.loads((run / "evaluate" / "report.json").read_text())
     assert report["heldout"]["n"] == 3 and "file_tuned_agreement" in report["figures"]
@@ -216,16 +279,25 @@ def test_missed_gate_fails_evaluate_naming_the_figure_and_export_does_not_start(
     folder, recipe, run = pipeline_run
     before = read_manifest(run / "export").created_at
     # The export override changes export's fingerprint: had the runner reached export, it would rerun.
-    code = main(["run", str(recipe), "eval.gate={tuned_agreement: 1.0}", "export.verify_prompts=1",
-                 "--runs-dir", str(run.parent)])
+    code = main(
+        [
+            "run",
+            str(recipe),
+            "eval.gate={tuned_agreement: 1.0}",
+            "export.verify_prompts=1",
+            "--runs-dir",
+            str(run.parent),
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "quality gate failed: tuned_agreement = " in err and "is below the bar 1.0" in err
     assert read_manifest(run / "export").created_at == before
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     exp = client.get_experiment_by_name("e2e")
-    latest = client.search_runs([exp.experiment_id], "attributes.run_name = 'evaluate'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    latest = client.search_runs(
+        [exp.experiment_id], "attributes.run_name = 'evaluate'", order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
     assert latest.info.status == "FAILED"
 
 
@@ -239,8 +311,15 @@ def test_ctrl_c_during_finetune_then_rerun_resumes_from_checkpoint(tmp_path, tin
     recipe = write_recipe(tmp_path, tiny_llama_dir, max_steps=40, save_steps=2)
     cmd = [sys.executable, "-m", "pipeline", "run", str(recipe), "--runs-dir", str(tmp_path / "runs")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=sigint_as_in_a_terminal)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=sigint_as_in_a_terminal,
+    )
     checkpoints = tmp_path / "runs" / "e2e" / "finetune.partial" / "checkpoints"
     deadline = time.monotonic() + 600
     while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):

@@ -8,15 +8,20 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import available_recipes, load_recipe
 from pipeline.errors import DistillError
-from pipeline.planner import GIB, Architecture, KNOWN_ARCHITECTURES, check_fits, estimate, load_architecture
+from pipeline.planner import GIB, KNOWN_ARCHITECTURES, Architecture, check_fits, estimate, load_architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.3"
 
 
 def test_param_counts_match_the_published_sizes():
-    sizes = {MISTRAL: 7.25e9, "meta-llama/Llama-3.2-1B-Instruct": 1.24e9, "meta-llama/Llama-3.2-3B-Instruct": 3.21e9,
-             "Qwen/Qwen2.5-1.5B-Instruct": 1.54e9, "HuggingFaceTB/SmolLM2-135M-Instruct": 1.35e8}
+    sizes = {
+        MISTRAL: 7.25e9,
+        "meta-llama/Llama-3.2-1B-Instruct": 1.24e9,
+        "meta-llama/Llama-3.2-3B-Instruct": 3.21e9,
+        "Qwen/Qwen2.5-1.5B-Instruct": 1.54e9,
+        "HuggingFaceTB/SmolLM2-135M-Instruct": 1.35e8,
+    }
     for name, published in sizes.items():
         assert Architecture.from_config(KNOWN_ARCHITECTURES[name]).params == pytest.approx(published, rel=0.02), name
 
@@ -92,23 +97,32 @@ def backbone_peak_per_token(folder: Path, quantized: bool, seq: int, batch: int 
     import json
 
     import torch
+    from test_gpu import random_rows
     from torch.profiler import ProfilerActivity, profile
     from trl import SFTTrainer
 
     from pipeline.llm.loading import DevicePlan, load_model, load_tokenizer
     from pipeline.stages.finetune import build_lora_config, build_sft_config
-    from test_gpu import random_rows
 
-    overrides = [f"train.max_seq_len={seq}", f"train.batch_size={batch}", "train.optim=adamw_torch",
-                 "train.quant.on_cpu=run", "train.padding_free=false"]
+    overrides = [
+        f"train.max_seq_len={seq}",
+        f"train.batch_size={batch}",
+        "train.optim=adamw_torch",
+        "train.quant.on_cpu=run",
+        "train.padding_free=false",
+    ]
     if not quantized:
         overrides += ["train.method=lora", "train.quant.load_in_4bit=false"]
     cfg = load_recipe("mistral7b", root=ROOT, overrides=overrides).train
     plan = DevicePlan("cpu", "bfloat16", quantized, "bf16 autocast on CPU: the CUDA step's dtypes")
     args = build_sft_config(cfg, folder.parent / "checkpoints", plan)
-    trainer = SFTTrainer(model=load_model(str(folder), plan, cfg.quant), args=args,
-                         train_dataset=random_rows(batch, seq, 512), processing_class=load_tokenizer(str(folder)),
-                         peft_config=build_lora_config(cfg.lora))
+    trainer = SFTTrainer(
+        model=load_model(str(folder), plan, cfg.quant),
+        args=args,
+        train_dataset=random_rows(batch, seq, 512),
+        processing_class=load_tokenizer(str(folder)),
+        peft_config=build_lora_config(cfg.lora),
+    )
     model = trainer.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     model.train()
@@ -132,16 +146,26 @@ def test_activation_coefficients_bracket_a_measured_step(quantized, tmp_path):
     26,196 / 36,638 bytes per token (NF4 / bf16 base) against 26,982 / 37,171 planned. It fails if
     the residual stream turns fp32 again (with peft.prepare_model_for_kbit_training: 35,284, the
     planner 24% short) or if an upgrade changes what PEFT / TRL keep for backward."""
-    from pipeline.planner import Architecture
     from test_gpu import write_random_model
 
-    shape = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                 intermediate_size=896, vocab_size=512, tie_word_embeddings=False, head_dim=32)
+    from pipeline.planner import Architecture
+
+    shape = dict(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=896,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        head_dim=32,
+    )
     folder = write_random_model(tmp_path / "model", shape, "cpu")
     short, long = (backbone_peak_per_token(folder, quantized, seq) for seq in (256, 512))
     measured = (long * 2 * 512 - short * 2 * 256) / (2 * 256)  # bytes per token
-    train = load_recipe("mistral7b", root=ROOT, overrides=[] if quantized else [
-        "train.method=lora", "train.quant.load_in_4bit=false"]).train
+    train = load_recipe(
+        "mistral7b", root=ROOT, overrides=[] if quantized else ["train.method=lora", "train.quant.load_in_4bit=false"]
+    ).train
     est = estimate(Architecture.from_config(shape), train, "bfloat16")
     planned = est.activations * GIB / est.tokens_per_step
     # The planner adds GQA's repeated keys/values (SDPA with a padding mask); these rows have none.

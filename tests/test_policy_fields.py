@@ -34,8 +34,9 @@ def test_the_reason_names_the_weakest_field_and_its_calibrated_probability():
     ok = policy.decide(answer({"order_id": -0.05, "amount": -0.1, "items": -0.3}))
     assert ok.route == "student" and ok.reason == "`items` p=0.741 >= threshold 0.630"
     # Only the recipe's fields count; temperatures rescale each field (T_items = 10: p = exp(-0.3 / 10) = 0.970).
-    scoped = Policy(threshold=0.63, signal="field_prob", fields=("order_id", "items"),
-                    field_temperatures={"items": 10.0, "*": 1.0})
+    scoped = Policy(
+        threshold=0.63, signal="field_prob", fields=("order_id", "items"), field_temperatures={"items": 10.0, "*": 1.0}
+    )
     assert scoped.decide(low).reason == "`order_id` p=0.951 >= threshold 0.630"
     # Round trip through router_policy.json keeps what the server needs.
     again = Policy.from_json(json.loads(json.dumps({**scoped.to_json(), "schema": {"type": "object"}})))
@@ -47,10 +48,13 @@ def test_invalid_json_and_a_cut_off_answer_escalate_whatever_the_fields_say():
     schema = load_task(ROOT / "data" / "extraction_task.yaml").output_schema
     policy = Policy(threshold=0.1, signal="field_prob", gates=Gates(output_schema=schema))
     sure = {"order_id": 0.0}
-    assert policy.decide(answer(sure, text='{"order_id": "ORD-1')).reason == \
-        "answer is not JSON (the task has an output_schema)"
+    assert (
+        policy.decide(answer(sure, text='{"order_id": "ORD-1')).reason
+        == "answer is not JSON (the task has an output_schema)"
+    )
     assert policy.decide(answer(sure, text='{"order_id": "ORD-1"}')).reason.startswith(
-        "answer fails the task's output_schema")
+        "answer fails the task's output_schema"
+    )
     assert policy.decide(answer(sure, finish_reason="length")).reason == "answer ended by length, not by itself"
     unscored = Policy(threshold=0.1, signal="field_prob").decide(answer(None))  # e.g. an upstream without logprobs
     assert unscored.route == "escalate" and unscored.reason.startswith("no field_prob on the answer")
@@ -66,12 +70,15 @@ def test_field_temperature_puts_a_long_list_field_on_the_scale_of_the_short_ones
         amount_right, items_right = rng.random() < 0.5, rng.random() < 0.95
         lp = {"amount": -0.4 if amount_right else -0.9, "items": -3.0 if items_right else -4.0}
         completions.append(answer(lp, text=json.dumps({"amount": 1, "items": ["a", "b", "c"]})))
-        references.append(json.dumps({"amount": 1 if amount_right else 2, "items": ["a", "b", "c"] if items_right
-                                       else ["x"]}))
+        references.append(
+            json.dumps({"amount": 1 if amount_right else 2, "items": ["a", "b", "c"] if items_right else ["x"]})
+        )
     temps = fit_field_temperatures(completions, references)
     assert temps["items"] > 10 * temps["amount"]
-    raw, calibrated = Policy(threshold=0.5, signal="field_prob"), Policy(threshold=0.5, signal="field_prob",
-                                                                         field_temperatures=temps)
+    raw, calibrated = (
+        Policy(threshold=0.5, signal="field_prob"),
+        Policy(threshold=0.5, signal="field_prob", field_temperatures=temps),
+    )
     doubtful = answer({"amount": -0.9, "items": -3.0})
     assert raw.decide(doubtful).reason.startswith("`items`")
     assert calibrated.decide(doubtful).reason.startswith("`amount`")
@@ -90,16 +97,18 @@ def test_a_planted_wrong_field_is_the_one_the_escalation_names():
     task = load_task(ROOT / "data" / "extraction_task.yaml")
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     model = load_model("embedded:smollm2-135m-instruct", device_plan()).eval()
-    conv = task.teacher_messages(user_turn("Hello, I want to send back the kettle. It cost £45.50. "
-                                           "Order ORD-204518. Regards, Ana Silva"))
+    conv = task.teacher_messages(
+        user_turn("Hello, I want to send back the kettle. It cost £45.50. Order ORD-204518. Regards, Ana Silva")
+    )
     (first,) = generate_batch(model, tok, [conv], 160, schema=task.output_schema)
     record = json.loads(first.text)
     assert record["order_id"] == "ORD-204518", first.text  # read right: planting makes it wrong
     planted = json.dumps({**record, "order_id": "ORD-731946"})
 
     def constrained_scores(text: str, ids: list[int] | None = None) -> Completion:
-        prompt = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"]
+        prompt = tok(
+            tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+        )["input_ids"]
         ids = ids or tok(text, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([prompt + ids])).logits[0].float()
@@ -107,8 +116,12 @@ def test_a_planted_wrong_field_is_the_one_the_escalation_names():
         for k, token in enumerate(ids):
             row = processor(torch.tensor([prompt + ids[:k]]), logits[len(prompt) - 1 + k][None].clone())
             logprobs.append(float(torch.log_softmax(row, dim=-1)[0, token]))
-        return Completion(text=text, token_ids=ids, token_logprobs=logprobs,
-                          field_logprobs=field_logprobs(decoded_pieces(tok, ids), logprobs))
+        return Completion(
+            text=text,
+            token_ids=ids,
+            token_logprobs=logprobs,
+            field_logprobs=field_logprobs(decoded_pieces(tok, ids), logprobs),
+        )
 
     policy = Policy(threshold=0.5, signal="field_prob", gates=Gates(output_schema=task.output_schema))
     original = constrained_scores(first.text, first.token_ids)

@@ -98,8 +98,10 @@ def test_logistic_fit_learns_the_weakest_token_and_ranks_agreement():
     policy = Policy(threshold=None, signal="logistic", weights=weights)
     assert calibration.auroc(scores_of(test, policy), test_agree) > 0.75
     mean_only = Policy(threshold=None, signal="mean_logprob")
-    assert calibration.auroc(scores_of(test, policy), test_agree) >= calibration.auroc(
-        scores_of(test, mean_only), test_agree) - 0.02
+    assert (
+        calibration.auroc(scores_of(test, policy), test_agree)
+        >= calibration.auroc(scores_of(test, mean_only), test_agree) - 0.02
+    )
     assert all(0 < s < 1 for s in scores_of(test, policy))
 
 

@@ -51,8 +51,8 @@ def backend(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def base_url(backend):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     with running(create_app(ServeSettings(max_tokens=8), {MODEL: backend}, Policy.student_only())) as url:
         yield url
@@ -62,8 +62,8 @@ def base_url(backend):
 def auth_url(backend):
     from pydantic import SecretStr
 
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     settings = ServeSettings(api_keys=(SecretStr(KEY),), max_tokens=8)
     with running(create_app(settings, {MODEL: backend}, Policy(threshold=0.0))) as url:
@@ -78,7 +78,8 @@ def test_chat_completion_shape_and_usage(base_url, tiny_llama_dir):
     from pipeline.llm.loading import load_tokenizer
 
     raw = client(base_url).chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
+        model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS
+    )
     reply = raw.parse()
     assert raw.headers["x-distill-route"] == "student"  # a student-only policy never escalates
     assert reply.distill["route"] == "student" and reply.distill["request_id"] == raw.headers["x-request-id"]
@@ -94,11 +95,10 @@ def test_chat_completion_shape_and_usage(base_url, tiny_llama_dir):
 
 
 def test_answer_equals_direct_greedy_generation(base_url, tiny_llama_dir):
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.llm.generate import generate_batch
+    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
-    reply = client(base_url).chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_completion_tokens=MAX_TOKENS)
+    reply = client(base_url).chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=MAX_TOKENS)
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     (direct,) = generate_batch(load_model(str(tiny_llama_dir), device_plan()), tokenizer, [MESSAGES], MAX_TOKENS)
     assert reply.choices[0].message.content == direct.text
@@ -113,8 +113,15 @@ def test_unknown_model_is_404_not_a_fallback(base_url):
     assert MODEL in err.value.message
 
 
-@pytest.mark.parametrize(("extra", "param"), [({"n": 2}, "n"), ({"max_tokens": 9}, "max_tokens"),
-                                              ({"temperature": 0.7}, "temperature"), ({"top_p": 0.5}, "top_p")])
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"max_tokens": 9}, "max_tokens"),
+        ({"temperature": 0.7}, "temperature"),
+        ({"top_p": 0.5}, "top_p"),
+    ],
+)
 def test_unsupported_options_are_400(base_url, extra, param):
     kwargs = {"max_tokens": MAX_TOKENS, **extra}
     with pytest.raises(openai.BadRequestError) as err:
@@ -132,8 +139,13 @@ def test_malformed_request_is_400_in_openai_envelope(base_url):
 def test_unknown_fields_are_accepted_and_logged(base_url, caplog):
     caplog.set_level(logging.INFO, logger="pipeline.router")
     reply = client(base_url).chat.completions.create(
-        model=MODEL, messages=[{**MESSAGES[0], "name": "alice"}], max_tokens=2, seed=7, temperature=0,
-        extra_body={"frobnicate": {"level": 3}})
+        model=MODEL,
+        messages=[{**MESSAGES[0], "name": "alice"}],
+        max_tokens=2,
+        seed=7,
+        temperature=0,
+        extra_body={"frobnicate": {"level": 3}},
+    )
     assert reply.choices[0].message.role == "assistant"
     ignored = [r.getMessage() for r in caplog.records if "ignoring unsupported" in r.getMessage()]
     # seed and temperature=0 are honoured (greedy decoding is deterministic), so not "ignored".
@@ -155,7 +167,8 @@ def test_bearer_auth(auth_url):
     with pytest.raises(openai.AuthenticationError):
         client(auth_url, key="sk-wrong").chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     raw = client(auth_url, key=KEY).chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=2)
+        model=MODEL, messages=MESSAGES, max_tokens=2
+    )
     assert raw.parse().choices[0].message.role == "assistant"
     # A random model is far from confident: mean log-prob < 0 = threshold, so the policy escalates;
     # with no teacher configured the student's answer comes back, marked as such.
@@ -169,24 +182,28 @@ def test_no_threshold_escalates_every_request_through_the_served_app(backend):
     import tempfile
     from pathlib import Path
 
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "router_policy.json"
         path.write_text(json.dumps({"threshold": None, "signal": "mean_logprob", "quality_target": 0.99}))
         policy = Policy.load(path)
     with running(create_app(ServeSettings(max_tokens=8), {MODEL: backend}, policy)) as url:
-        routes = {client(url).chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=2).headers["x-distill-route"]
-            for text in ("where is my parcel", "refund please", "hello")}
+        routes = {
+            client(url)
+            .chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=2
+            )
+            .headers["x-distill-route"]
+            for text in ("where is my parcel", "refund please", "hello")
+        }
     assert routes == {"student-fallback"}  # escalated; no teacher here (tests/test_router_escalation.py has one)
 
 
 def test_serve_without_export_says_what_to_run(tmp_path):
-    from pipeline.router.wiring import serve
-
     from pipeline.config import ServeConfig
+    from pipeline.router.wiring import serve
 
     with pytest.raises(DistillError, match="make export"):
         serve(tmp_path, Policy.student_only(), ServeConfig())
@@ -207,14 +224,15 @@ def test_api_key_env_must_be_set(monkeypatch):
 
 
 def test_oversize_body_and_too_many_messages_are_refused(backend):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     settings = ServeSettings(max_tokens=8, max_body_bytes=2000, max_messages=3)
     with running(create_app(settings, {MODEL: backend}, Policy.student_only())) as url:
         with pytest.raises(openai.APIStatusError) as err:
-            client(url).chat.completions.create(model=MODEL, max_tokens=2,
-                                                messages=[{"role": "user", "content": "x" * 3000}])
+            client(url).chat.completions.create(
+                model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x" * 3000}]
+            )
         assert err.value.status_code == 413 and err.value.code == "body_too_large"
         with pytest.raises(openai.BadRequestError) as err:
             client(url).chat.completions.create(model=MODEL, max_tokens=2, messages=MESSAGES * 4)

@@ -12,11 +12,11 @@ import logging
 import httpx
 import openai
 import pytest
+from test_router import MESSAGES, MODEL, client, running
 
 from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
 from pipeline.llm.policy import Policy
-from test_router import MESSAGES, MODEL, client, running
 
 KEYS = ("sk-env-one-1111", "sk-env-two-2222", "sk-file-three-3333", "sk-file-four-4444")
 
@@ -32,8 +32,8 @@ def student(tiny_llama_dir):
 
 
 def test_every_configured_key_works_and_a_wrong_one_is_401(student, tmp_path, monkeypatch, caplog):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     monkeypatch.setenv("DISTILL_TEST_KEYS", f" {KEYS[0]} ,{KEYS[1]},")
     keys_file = tmp_path / "keys.txt"
@@ -86,8 +86,8 @@ def real_student(embedded_dir):
 
 @pytest.fixture(scope="module")
 def real_url(real_student):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     with running(create_app(ServeSettings(max_tokens=8), {MODEL: real_student}, Policy.student_only())) as url:
         yield url
@@ -97,7 +97,8 @@ def test_logprobs_are_the_students_own_tokens_with_ranked_alternatives(real_url,
     from pipeline.llm.generate import generate_batch
 
     raw = client(real_url).chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=3)
+        model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=3
+    )
     reply = raw.parse()
     (choice,) = reply.choices
     tokens = choice.logprobs.content
@@ -123,11 +124,14 @@ def test_logprobs_without_alternatives_and_cut_at_a_stop_sequence(real_url):
     plain = client(real_url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True)
     tokens = plain.choices[0].logprobs.content
     assert tokens and all(t.top_logprobs == [] for t in tokens)
-    assert client(real_url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8) \
-        .choices[0].logprobs is None  # not asked: not sent
+    assert (
+        client(real_url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8).choices[0].logprobs
+        is None
+    )  # not asked: not sent
     stop = tokens[-2].token  # a word inside the answer: what follows it is cut, tokens included
-    cut = client(real_url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True,
-                                                   stop=[stop])
+    cut = client(real_url).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, stop=[stop]
+    )
     text = cut.choices[0].message.content
     assert text == plain.choices[0].message.content.split(stop)[0]
     kept = cut.choices[0].logprobs.content
@@ -136,11 +140,13 @@ def test_logprobs_without_alternatives_and_cut_at_a_stop_sequence(real_url):
 
 
 def test_streamed_logprobs_equal_the_non_streamed_ones(real_url):
-    once = client(real_url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True,
-                                                    top_logprobs=2)
+    once = client(real_url).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2
+    )
     text, streamed = "", []
-    for chunk in client(real_url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,
-                                                          logprobs=True, top_logprobs=2, stream=True):
+    for chunk in client(real_url).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2, stream=True
+    ):
         for choice in chunk.choices:
             text += choice.delta.content or ""
             streamed += choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
@@ -161,22 +167,27 @@ class _NoTokenLogprobs:
 
 
 def test_logprobs_the_backend_cannot_give_are_refused_not_ignored(student):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
-    app = create_app(ServeSettings(max_tokens=8), {MODEL: student, "text-only": _NoTokenLogprobs()},
-                     Policy.student_only())
+    app = create_app(
+        ServeSettings(max_tokens=8), {MODEL: student, "text-only": _NoTokenLogprobs()}, Policy.student_only()
+    )
     with running(app) as url:
-        cases = [({"model": MODEL, "top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
-                 ({"model": MODEL, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
-                 ({"model": "text-only", "logprobs": True}, "logprobs", "returns no token logprobs")]
+        cases = [
+            ({"model": MODEL, "top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
+            ({"model": MODEL, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
+            ({"model": "text-only", "logprobs": True}, "logprobs", "returns no token logprobs"),
+        ]
         for kwargs, param, says in cases:
             with pytest.raises(openai.BadRequestError) as err:
                 client(url).chat.completions.create(messages=MESSAGES, max_tokens=2, **kwargs)
             assert err.value.param == param and says in err.value.message
         # Without logprobs the text-only student answers as ever.
-        assert client(url).chat.completions.create(model="text-only", messages=MESSAGES).choices[0] \
-            .message.content == "late"
+        assert (
+            client(url).chat.completions.create(model="text-only", messages=MESSAGES).choices[0].message.content
+            == "late"
+        )
 
 
 def test_a_teachers_answer_carries_no_student_logprobs(student):
@@ -185,9 +196,12 @@ def test_a_teachers_answer_carries_no_student_logprobs(student):
 
     with FaultServer() as server, running(app_for(student, Policy(threshold=0.0), teacher_for(server))) as url:
         raw = client(url).chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=1)
+            model=MODEL, messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=1
+        )
     reply = raw.parse()
-    assert reply.distill["route"] == "teacher" and reply.choices[0].message.content == answer_for(MESSAGES[0]["content"])
+    assert reply.distill["route"] == "teacher" and reply.choices[0].message.content == answer_for(
+        MESSAGES[0]["content"]
+    )
     assert reply.choices[0].logprobs is None  # the student's tokens would describe another answer
 
 
@@ -199,14 +213,19 @@ def _scrape(url: str, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def _freed(url: str) -> bool:
     """The router counted the hang-up and holds no request any more."""
-    return (_scrape(url, "distill_errors_total", kind="client_disconnected") == 1
-            and _scrape(url, "distill_in_flight") == 0)
+    return (
+        _scrape(url, "distill_errors_total", kind="client_disconnected") == 1 and _scrape(url, "distill_in_flight") == 0
+    )
 
 
 def _wait_for(condition, what: str, limit_s: float = 20.0) -> None:
@@ -248,16 +267,19 @@ def test_a_client_gone_while_the_student_works_never_reaches_the_teacher(student
     from test_router_escalation import app_for, teacher_for
 
     gated = _GatedStudent(student)
-    with FaultServer() as server, running(app_for(gated, Policy(threshold=0.0), teacher_for(server),
-                                                  max_queue=1)) as url:
+    with (
+        FaultServer() as server,
+        running(app_for(gated, Policy(threshold=0.0), teacher_for(server), max_queue=1)) as url,
+    ):
         try:
             _hang_up(url, "left early")
             _wait_for(lambda: _freed(url), "the router noticed the hang-up and freed the slot")
         finally:
             gated.gate.set()
         # The one slot is free again: the next request is admitted (not 429) and escalates.
-        reply = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "stayed"}],
-                                                    max_tokens=4)
+        reply = client(url).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "stayed"}], max_tokens=4
+        )
         assert reply.distill["route"] == "teacher" and reply.choices[0].message.content == answer_for("stayed")
         assert gated.asked == ["left early", "stayed"]
     # Every policy here escalates, so a request that kept running would have asked the teacher.
@@ -269,15 +291,27 @@ def test_a_client_gone_while_the_teacher_is_slow_frees_its_queue_slot(student, t
     from test_router_escalation import app_for, read_lines, teacher_for
 
     # The first teacher call takes 60 s (longer than this test waits), the next ones answer at once.
-    with FaultServer(plan={1: "slow"}, slow_s=60) as server, running(app_for(
-            student, Policy(threshold=0.0), teacher_for(server, timeout_s=120), tmp_path / "esc.jsonl",
-            mode="off", max_queue=1, deadline_s=120)) as url:
+    with (
+        FaultServer(plan={1: "slow"}, slow_s=60) as server,
+        running(
+            app_for(
+                student,
+                Policy(threshold=0.0),
+                teacher_for(server, timeout_s=120),
+                tmp_path / "esc.jsonl",
+                mode="off",
+                max_queue=1,
+                deadline_s=120,
+            )
+        ) as url,
+    ):
         _hang_up(url, "slow one")
         # Freed while the teacher is still working on it: only cancelling frees it this early.
         _wait_for(lambda: _freed(url), "the slot came back before the teacher answered")
         assert server.requests["slow one"] == 1 and not server.successes["slow one"]
-        reply = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "next"}],
-                                                    max_tokens=4)
+        reply = client(url).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "next"}], max_tokens=4
+        )
         assert reply.distill["route"] == "teacher" and reply.choices[0].message.content == answer_for("next")
     # Only the answered request reached the training log.
     assert [r["messages"][-1]["content"] for r in read_lines(tmp_path / "esc.jsonl")] == [answer_for("next")]
@@ -291,11 +325,14 @@ def test_in_shadow_mode_the_client_never_waits_for_the_student(student, tmp_path
     from test_router_escalation import app_for, read_lines, teacher_for
 
     gated, log_path = _GatedStudent(student), tmp_path / "esc.jsonl"
-    with FaultServer() as server, running(app_for(gated, Policy(threshold=0.0), teacher_for(server), log_path,
-                                                  mode="shadow")) as url:
+    with (
+        FaultServer() as server,
+        running(app_for(gated, Policy(threshold=0.0), teacher_for(server), log_path, mode="shadow")) as url,
+    ):
         try:
             reply = client(url).chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "shadowed"}], max_tokens=4, timeout=30)
+                model=MODEL, messages=[{"role": "user", "content": "shadowed"}], max_tokens=4, timeout=30
+            )
             assert reply.distill["route"] == "teacher" and reply.choices[0].message.content == answer_for("shadowed")
             _wait_for(lambda: gated.asked == ["shadowed"], "the student was asked in the background")
             assert not gated.gate.is_set() and read_lines(log_path) == []  # the student has not answered yet

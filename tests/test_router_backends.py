@@ -10,12 +10,12 @@ import math
 
 import openai
 import pytest
-
-from pipeline.config import TeacherConfig
-from pipeline.llm.policy import Policy
 from capture_helpers import LLAMA_ALIAS, llama_server
 from fault_server import FaultServer, answer_for
 from test_router import MESSAGES, MODEL, client, running
+
+from pipeline.config import TeacherConfig
+from pipeline.llm.policy import Policy
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def gguf_student(gguf_path):
 
 
 def serve(student, policy):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     return running(create_app(ServeSettings(max_tokens=8), {MODEL: student}, policy))
 
@@ -50,8 +50,7 @@ def test_gguf_student_decodes_as_the_export_check_does_and_scores_every_token(gg
     assert len(got.token_logprobs) == len(got.token_ids) and all(-30 < v <= 0 for v in got.token_logprobs)
     for token, lp in zip(got.tokens, got.token_logprobs):
         assert token.logprob == lp and token.top_logprobs[0].token == token.token  # greedy: its own best
-        assert [a.logprob for a in token.top_logprobs] == sorted((a.logprob for a in token.top_logprobs),
-                                                                 reverse=True)
+        assert [a.logprob for a in token.top_logprobs] == sorted((a.logprob for a in token.top_logprobs), reverse=True)
         assert sum(math.exp(a.logprob) for a in token.top_logprobs) <= 1 + 1e-6  # a real distribution
     assert bytes(b for t in got.tokens for b in t.bytes).decode().strip() == got.text
     cut = asyncio.run(gguf_student.complete(MESSAGES, 2))  # no logprobs asked: a plain Completion
@@ -61,7 +60,8 @@ def test_gguf_student_decodes_as_the_export_check_does_and_scores_every_token(gg
 def test_the_policy_reads_the_gguf_students_confidence(gguf_student):
     with serve(gguf_student, Policy(threshold=-100.0)) as url:
         raw = client(url).chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2)
+            model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2
+        )
     reply = raw.parse()
     tokens = reply.choices[0].logprobs.content
     mean = sum(t.logprob for t in tokens) / len(tokens)
@@ -84,7 +84,8 @@ def test_upstream_student_on_llama_cpp_server_matches_the_gguf_in_process(gguf_s
     local = asyncio.run(gguf_student.complete(MESSAGES, 8, top_logprobs=2))
     with llama_server(tmp_path / "llama.log") as base_url, serve(upstream(base_url), Policy(threshold=-100.0)) as url:
         raw = client(url).chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2)
+            model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2
+        )
     reply = raw.parse()
     tokens = reply.choices[0].logprobs.content
     # The same file, greedy both times: the same answer, token for token, and close log-probs.
@@ -99,16 +100,20 @@ def test_upstream_student_on_llama_cpp_server_matches_the_gguf_in_process(gguf_s
 
 def test_upstream_student_reads_logprobs_and_fails_as_a_503_without_its_key(monkeypatch):
     monkeypatch.setenv("DISTILL_TEST_UPSTREAM_KEY", "sk-test-abcdefghijklmnop")
-    with FaultServer() as server, serve(upstream(server.base_url, api_key_env="DISTILL_TEST_UPSTREAM_KEY"),
-                                        Policy(threshold=-0.6)) as url:
+    with (
+        FaultServer() as server,
+        serve(upstream(server.base_url, api_key_env="DISTILL_TEST_UPSTREAM_KEY"), Policy(threshold=-0.6)) as url,
+    ):
         reply = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, logprobs=True)
         (body,) = server.bodies
     assert reply.choices[0].message.content == answer_for(MESSAGES[0]["content"])
     assert [t.token for t in reply.choices[0].logprobs.content] == ["ans", "-x"]
     assert reply.distill["confidence"] == pytest.approx(-0.5) and reply.distill["route"] == "student"
     assert body["max_tokens"] == 4 and body["logprobs"] is True and body["temperature"] == 0.0
-    with FaultServer(status=500) as server, serve(upstream(server.base_url, api_key_env="DISTILL_TEST_UPSTREAM_KEY"),
-                                                  Policy(threshold=-0.6)) as url:
+    with (
+        FaultServer(status=500) as server,
+        serve(upstream(server.base_url, api_key_env="DISTILL_TEST_UPSTREAM_KEY"), Policy(threshold=-0.6)) as url,
+    ):
         with pytest.raises(openai.InternalServerError) as err:
             client(url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
     assert err.value.status_code == 503 and err.value.code == "backend_unavailable"
@@ -118,8 +123,8 @@ def test_upstream_student_reads_logprobs_and_fails_as_a_503_without_its_key(monk
 def test_serve_student_setting_picks_the_backend_and_refuses_what_cannot_work(gguf_path, tmp_path):
     from pipeline.config import ServeConfig
     from pipeline.errors import DistillError
-    from pipeline.router.wiring import export_gguf_file, student_for
     from pipeline.router.backends import GgufBackend, UpstreamBackend
+    from pipeline.router.wiring import export_gguf_file, student_for
 
     export = tmp_path / "export"
     (export / "merged").mkdir(parents=True)
@@ -134,8 +139,9 @@ def test_serve_student_setting_picks_the_backend_and_refuses_what_cannot_work(gg
     with pytest.raises(DistillError, match="choose one with serve.student_gguf"):
         export_gguf_file(export)
 
-    student = student_for(export / "merged", Policy(threshold=-1.0), ServeConfig(student="llama.cpp",
-                                                                               student_gguf=gguf_path))
+    student = student_for(
+        export / "merged", Policy(threshold=-1.0), ServeConfig(student="llama.cpp", student_gguf=gguf_path)
+    )
     assert isinstance(student, GgufBackend) and student.path == gguf_path
     student.gguf.close()
     cfg = ServeConfig(student="openai:served-student", student_base_url="http://127.0.0.1:9/v1")

@@ -14,17 +14,21 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from fault_server import FaultServer, answer_for
+from test_router import MODEL, client, running
+from waiting import wait_for
 
 from pipeline.config import PriceConfig, TeacherConfig
 from pipeline.conversation import user_turn
 from pipeline.llm.policy import Policy
 from pipeline.task import Task, WorkedExample
-from fault_server import FaultServer, answer_for
-from waiting import wait_for
-from test_router import MODEL, client, running
 
-TASK = Task(name="support", instructions="Classify the customer message.", labels=["damaged", "late"],
-            examples=[WorkedExample(prompt="the box was crushed", label="damaged")])
+TASK = Task(
+    name="support",
+    instructions="Classify the customer message.",
+    labels=["damaged", "late"],
+    examples=[WorkedExample(prompt="the box was crushed", label="damaged")],
+)
 PROMPT = "Classify: the parcel arrived broken."
 ESCALATE = Policy(threshold=0.0)  # a random model's mean log-prob is < 0: every answer escalates
 
@@ -39,27 +43,36 @@ def student(tiny_llama_dir):
 def teacher_for(server: FaultServer, **overrides):
     from pipeline.router.backends import TeacherBackend
 
-    fields = dict(spec="openai:fault-teacher", base_url=server.base_url, allow_unpriced=True, max_retries=0,
-                  timeout_s=5, backoff_initial_s=0.01, logprobs=False)
+    fields = dict(
+        spec="openai:fault-teacher",
+        base_url=server.base_url,
+        allow_unpriced=True,
+        max_retries=0,
+        timeout_s=5,
+        backoff_initial_s=0.01,
+        logprobs=False,
+    )
     cfg = TeacherConfig(**{**fields, **overrides})
     return TeacherBackend(cfg, TASK, ":memory:")
 
 
 def app_for(student, policy, teacher=None, escalations=None, **settings):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
     from pipeline.router.modes import Mode
+    from pipeline.router.settings import ServeSettings
 
     mode = Mode.parse(settings.pop("mode", "live"))
     log = EscalationLog(escalations) if escalations is not None else None
-    return create_app(ServeSettings(max_tokens=8, mode=mode, **settings), {MODEL: student}, policy,
-                      teacher=teacher, escalations=log)
+    return create_app(
+        ServeSettings(max_tokens=8, mode=mode, **settings), {MODEL: student}, policy, teacher=teacher, escalations=log
+    )
 
 
 def ask(url: str, prompt: str = PROMPT, key: str = "unused", **kwargs):
     return client(url, key=key).chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6, **kwargs)
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6, **kwargs
+    )
 
 
 def read_lines(path):
@@ -71,8 +84,12 @@ def shadow_pairs(url: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "distill_shadow_pairs_total")
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "distill_shadow_pairs_total"
+    )
 
 
 # ---------------------------------------------------------------- escalation
@@ -81,8 +98,12 @@ def shadow_pairs(url: str) -> float:
 def test_escalation_returns_the_teachers_answer_and_logs_it(student, tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_TEST_TEACHER_KEY", "sk-teacher-secret-123456")
     log_path = tmp_path / "escalations.jsonl"
-    with FaultServer() as server, running(app_for(student, ESCALATE, teacher_for(
-            server, api_key_env="DISTILL_TEST_TEACHER_KEY"), log_path)) as url:
+    with (
+        FaultServer() as server,
+        running(
+            app_for(student, ESCALATE, teacher_for(server, api_key_env="DISTILL_TEST_TEACHER_KEY"), log_path)
+        ) as url,
+    ):
         raw = ask(url, extra_headers={"x-request-id": "req-abc.1"})
     reply = raw.parse()
     assert reply.choices[0].message.content == answer_for(PROMPT)
@@ -96,8 +117,10 @@ def test_escalation_returns_the_teachers_answer_and_logs_it(student, tmp_path, m
     assert body["messages"] == TASK.teacher_messages(user_turn(PROMPT))
     (record,) = read_lines(log_path)
     assert record["id"] == "req-abc.1"
-    assert record["messages"] == [{"role": "user", "content": PROMPT},
-                                  {"role": "assistant", "content": answer_for(PROMPT)}]
+    assert record["messages"] == [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": answer_for(PROMPT)},
+    ]
     meta = record["meta"]
     assert meta["source"] == "router" and meta["route"] == "teacher" and meta["teacher"] == "openai:fault-teacher"
     assert meta["policy"] == raw.headers["x-distill-policy"] and meta["confidence"] == pytest.approx(confidence)
@@ -107,10 +130,12 @@ def test_escalation_returns_the_teachers_answer_and_logs_it(student, tmp_path, m
 
 
 # An app's request as it is sent: per-request context in its system prompt, an earlier exchange.
-CONVERSATION = [{"role": "developer", "content": "Customer profile: Premium since 2015; order A-12 in transit."},
-                {"role": "user", "content": "hi, it's about my order"},
-                {"role": "assistant", "content": "Sure, what happened?"},
-                {"role": "user", "content": "the parcel arrived broken"}]
+CONVERSATION = [
+    {"role": "developer", "content": "Customer profile: Premium since 2015; order A-12 in transit."},
+    {"role": "user", "content": "hi, it's about my order"},
+    {"role": "assistant", "content": "Sure, what happened?"},
+    {"role": "user", "content": "the parcel arrived broken"},
+]
 
 
 class Seen:
@@ -136,8 +161,12 @@ def test_a_multi_turn_request_reaches_the_teacher_whole_and_is_logged_whole(stud
     from pipeline.teachers.logs import import_logs
 
     log_path, seen = tmp_path / "escalations.jsonl", Seen(student)
-    with FaultServer() as server, running(app_for(seen, Policy(threshold=0.0, student_input="conversation"),
-                                                  teacher_for(server), log_path)) as url:
+    with (
+        FaultServer() as server,
+        running(
+            app_for(seen, Policy(threshold=0.0, student_input="conversation"), teacher_for(server), log_path)
+        ) as url,
+    ):
         raw = converse(url, CONVERSATION)
     assert raw.headers["x-distill-route"] == "teacher"
     (body,) = server.bodies
@@ -161,9 +190,12 @@ def test_in_user_mode_the_task_instructions_come_first_and_the_student_reads_no_
         converse(url, history)
         converse(url, CONVERSATION)
     without, with_system = server.bodies
-    assert without["messages"] == [{"role": "system", "content": TASK.instructions},
-                                   {"role": "user", "content": TASK.examples[0].prompt},
-                                   {"role": "assistant", "content": TASK.examples[0].label}, *history]
+    assert without["messages"] == [
+        {"role": "system", "content": TASK.instructions},
+        {"role": "user", "content": TASK.examples[0].prompt},
+        {"role": "assistant", "content": TASK.examples[0].label},
+        *history,
+    ]
     assert with_system["messages"] == [{"role": "system", "content": CONVERSATION[0]["content"]}, *history]
     assert seen.messages == [history, history]
     assert [r["messages"][:-1] for r in read_lines(log_path)] == [history, CONVERSATION]
@@ -171,8 +203,10 @@ def test_in_user_mode_the_task_instructions_come_first_and_the_student_reads_no_
 
 def test_never_escalate_policy_never_asks_the_teacher(student, tmp_path):
     log_path = tmp_path / "escalations.jsonl"
-    with FaultServer() as server, running(app_for(student, Policy.student_only(), teacher_for(server),
-                                                  log_path)) as url:
+    with (
+        FaultServer() as server,
+        running(app_for(student, Policy.student_only(), teacher_for(server), log_path)) as url,
+    ):
         routes = {ask(url, p).headers["x-distill-route"] for p in ("hello", "refund please")}
     assert routes == {"student"} and server.total == 0 and not log_path.exists()
 
@@ -184,7 +218,8 @@ def test_null_policy_escalates_every_request(student, tmp_path):
         raws = [ask(url, p) for p in ("where is my parcel", "refund please", "hello")]
     assert {r.headers["x-distill-route"] for r in raws} == {"teacher"}
     assert [r.parse().choices[0].message.content for r in raws] == [
-        answer_for(p) for p in ("where is my parcel", "refund please", "hello")]
+        answer_for(p) for p in ("where is my parcel", "refund please", "hello")
+    ]
 
 
 @pytest.mark.parametrize("fault", ["500", "slow", "truncated", "429"])
@@ -219,8 +254,9 @@ def test_teacher_process_killed_mid_test_degrades_without_5xx(student):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     script = Path(__file__).with_name("fault_server.py")
-    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--fault-rate", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--fault-rate", "0"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert "serving on" in proc.stdout.readline()
 
@@ -261,7 +297,9 @@ def test_shadow_mode_answers_from_the_teacher_and_logs_both(student, tmp_path):
         app = app_for(student, ESCALATE, teacher_for(server), log_path, mode="shadow")
         with running(app) as url:
             raw = ask(url)
-            wait_for(lambda: read_lines(log_path), "the shadowed student's answer in the log (it lands after the reply)")
+            wait_for(
+                lambda: read_lines(log_path), "the shadowed student's answer in the log (it lands after the reply)"
+            )
     assert raw.headers["x-distill-route"] == "teacher" and raw.parse().choices[0].message.content == answer_for(PROMPT)
     (record,) = read_lines(log_path)
     assert record["meta"]["student_answer"] is not None and record["meta"]["agree"] is False
@@ -269,8 +307,10 @@ def test_shadow_mode_answers_from_the_teacher_and_logs_both(student, tmp_path):
 
 
 def test_off_mode_is_teacher_only(student):
-    with FaultServer() as server, running(app_for(student, Policy.student_only(), teacher_for(server),
-                                                  mode="off")) as url:
+    with (
+        FaultServer() as server,
+        running(app_for(student, Policy.student_only(), teacher_for(server), mode="off")) as url,
+    ):
         raw = ask(url)
     assert raw.headers["x-distill-route"] == "teacher" and raw.headers["x-distill-confidence"] == "none"
 
@@ -290,8 +330,10 @@ def test_canary_routes_by_user_over_http(student):
 
     canary = Mode.parse("canary:50")
     users = [f"u{i}" for i in range(8)]
-    with FaultServer() as server, running(app_for(student, Policy.student_only(), teacher_for(server),
-                                                  mode="canary:50")) as url:
+    with (
+        FaultServer() as server,
+        running(app_for(student, Policy.student_only(), teacher_for(server), mode="canary:50")) as url,
+    ):
         routes = [ask(url, "hello", user=u).headers["x-distill-route"] for u in users]
     assert routes == ["student" if canary.routed(u) else "teacher" for u in users]
 
@@ -328,15 +370,24 @@ def test_metrics_are_scraped_and_ready_says_what_serves(student):
         ask(url, "two")
         text = httpx.get(f"{url}/metrics").text
         ready = httpx.get(f"{url}/ready").json()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert samples[("distill_requests_total", (("mode", "live"), ("route", "teacher")))] == 2
     assert samples[("distill_escalation_rate", ())] == 1.0
     assert samples[("distill_confidence_mean_logprob_count", ())] == 2
     assert samples[("distill_latency_seconds_count", (("phase", "teacher"),))] == 2
     assert samples[("distill_tokens_total", (("kind", "completion"), ("system", "teacher")))] == 6
-    assert ready == {"status": "ready", "mode": "live", "policy": ready["policy"], "threshold": 0.0,
-                     "teacher": "openai:fault-teacher", "rolled_back": False}
+    assert ready == {
+        "status": "ready",
+        "mode": "live",
+        "policy": ready["policy"],
+        "threshold": 0.0,
+        "teacher": "openai:fault-teacher",
+        "rolled_back": False,
+    }
 
 
 # ---------------------------------------------------------------- admission and budget
@@ -344,8 +395,11 @@ def test_metrics_are_scraped_and_ready_says_what_serves(student):
 
 def test_full_queue_answers_429_with_retry_after_and_health_stays_fast(student):
     server = FaultServer(latency_s=8.0)  # the admitted two wait on the teacher, using no CPU
-    with server, running(app_for(student, ESCALATE, teacher_for(server, timeout_s=60), max_queue=2,
-                                 deadline_s=120)) as url:
+    with (
+        server,
+        running(app_for(student, ESCALATE, teacher_for(server, timeout_s=60), max_queue=2, deadline_s=120)) as url,
+    ):
+
         def one(i: int):
             try:
                 return ask(url, f"prompt {i}").headers["x-distill-route"]
@@ -355,8 +409,10 @@ def test_full_queue_answers_429_with_retry_after_and_health_stays_fast(student):
 
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, i) for i in range(8)]
-            wait_for(lambda: server.total == 2 and sum(f.done() for f in futures) == 6,
-                     "two requests at the teacher and six refused")
+            wait_for(
+                lambda: server.total == 2 and sum(f.done() for f in futures) == 6,
+                "two requests at the teacher and six refused",
+            )
             assert httpx.get(f"{url}/health").status_code == 200
             assert sum(not f.done() for f in futures) == 2  # health answered while both still wait
             results = [f.result() for f in futures]
@@ -372,8 +428,9 @@ def test_concurrent_escalations_never_exceed_the_budget(student):
         teacher = TeacherBackend(teacher.cfg, TASK, ":memory:", budget_usd=0.2)
         with running(app_for(student, ESCALATE, teacher, max_queue=32)) as url:
             with ThreadPoolExecutor(16) as pool:
-                routes = list(pool.map(lambda i: ask(url, f"distinct prompt {i}").headers["x-distill-route"],
-                                       range(16)))
+                routes = list(
+                    pool.map(lambda i: ask(url, f"distinct prompt {i}").headers["x-distill-route"], range(16))
+                )
         spent = teacher.spent_usd
     assert spent <= 0.2 and math.isfinite(spent)
     assert 0 < routes.count("teacher") < 16 and routes.count("teacher") + routes.count("student-fallback") == 16
@@ -425,8 +482,10 @@ def test_distill_serve_refuses_a_mismatched_policy_before_loading(tmp_path, caps
 
     name = load_recipe("smollm2-135m-cpu").name
     run = tmp_path / name
-    for stage, outputs, inputs in (("export", {"merged/config.json": "x"}, {"finetune": "a" * 64}),
-                                   ("evaluate", {"router_policy.json": "y"}, {})):
+    for stage, outputs, inputs in (
+        ("export", {"merged/config.json": "x"}, {"finetune": "a" * 64}),
+        ("evaluate", {"router_policy.json": "y"}, {}),
+    ):
         (run / stage).mkdir(parents=True)
         write_manifest(run / stage, Manifest(stage=stage, outputs=outputs, inputs=inputs))
     (run / "evaluate" / "router_policy.json").write_text(json.dumps({"threshold": -1.0, "adapter_sha256": "b" * 64}))
@@ -445,20 +504,27 @@ class FixedStudent:
     async def complete(self, messages, max_tokens):
         from pipeline.llm.completion import Completion
 
-        return Completion(text="damaged", source="student", prompt_tokens=9, completion_tokens=1,
-                          token_logprobs=[-0.01])
+        return Completion(
+            text="damaged", source="student", prompt_tokens=9, completion_tokens=1, token_logprobs=[-0.01]
+        )
 
 
 def test_shadow_disagreement_rolls_back_to_off(tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 
     keep_all = Policy(threshold=-5.0, quality_target=0.9)  # the policy would keep every answer
-    with FaultServer() as server, running(app_for(FixedStudent(), keep_all, teacher_for(server),
-                                                  tmp_path / "e.jsonl", mode="shadow", rollback_window=3)) as url:
+    with (
+        FaultServer() as server,
+        running(
+            app_for(
+                FixedStudent(), keep_all, teacher_for(server), tmp_path / "e.jsonl", mode="shadow", rollback_window=3
+            )
+        ) as url,
+    ):
         modes = []
         for i in range(6):
             modes.append(ask(url, f"p{i}").parse().distill["mode"])
-            wait_for(lambda: shadow_pairs(url) == min(i + 1, 3), "the background comparison to land")
+            wait_for(lambda i=i: shadow_pairs(url) == min(i + 1, 3), "the background comparison to land")
         ready = httpx.get(f"{url}/ready").json()
         text = httpx.get(f"{url}/metrics").text
     # The student ("damaged") never agrees with the fault teacher ("ans-..."): 3 pairs trip it.
@@ -489,17 +555,24 @@ def test_policy_reload_under_load_fails_no_request(tmp_path):
 
     from pydantic import SecretStr
 
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
+    from pipeline.router.settings import ServeSettings
 
     admin = {"Authorization": "Bearer sk-admin-test"}
     with FaultServer() as server:
-        app = create_app(ServeSettings(max_tokens=8, api_keys=(SecretStr("sk-admin-test"),)), {MODEL: FixedStudent()},
-                         reload(), teacher=teacher_for(server), reload_policy=reload)
+        app = create_app(
+            ServeSettings(max_tokens=8, api_keys=(SecretStr("sk-admin-test"),)),
+            {MODEL: FixedStudent()},
+            reload(),
+            teacher=teacher_for(server),
+            reload_policy=reload,
+        )
         with running(app) as url:
             with ThreadPoolExecutor(4) as pool:
-                futures = [pool.submit(lambda i: ask(url, f"q{i % 3}", key="sk-admin-test").headers["x-distill-route"],
-                                       i) for i in range(24)]
+                futures = [
+                    pool.submit(lambda i: ask(url, f"q{i % 3}", key="sk-admin-test").headers["x-distill-route"], i)
+                    for i in range(24)
+                ]
                 hashes = []
                 for threshold in (0.0, -5.0, None):
                     path.write_text(json.dumps({"threshold": threshold}))
@@ -548,6 +621,7 @@ def test_concurrent_requests_share_a_generate_call_with_batch_of_one_answers(tin
     with running(app_for(backend, Policy.student_only())) as url, ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda p: ask(url, p).parse().choices[0].message.content, prompts))
     assert backend.batches == [4]
-    alone = [generate_batch(backend.model, backend.tokenizer, [[{"role": "user", "content": p}]], 6)[0].text
-             for p in prompts]
+    alone = [
+        generate_batch(backend.model, backend.tokenizer, [[{"role": "user", "content": p}]], 6)[0].text for p in prompts
+    ]
     assert replies == alone

@@ -18,10 +18,10 @@ import weakref
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_router import MODEL, client, running
 
 from pipeline.config import ServeConfig
 from pipeline.registry import Registry
-from test_router import MODEL, client, running
 
 PROMPT = [{"role": "user", "content": "Classify: the parcel arrived broken."}]
 POLL_S = 0.2
@@ -34,10 +34,17 @@ def tiny_llama(out, tokenizer_dir, seed: int):
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out)
@@ -94,6 +101,7 @@ def version_of(url: str, user: str | None = None) -> str:
 
 def ready(url: str) -> dict:
     """/ready once the follower has read the registry (it answers 503 before)."""
+
     def answered() -> dict | None:
         response = httpx.get(f"{url}/ready")
         return response.json() if response.status_code == 200 else None
@@ -112,8 +120,12 @@ def until(predicate, timeout_s: float = 60.0):
 
 def errors(url: str, kind: str) -> float:
     text = httpx.get(f"{url}/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "distill_errors_total" and s.labels.get("kind") == kind)
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "distill_errors_total" and s.labels.get("kind") == kind
+    )
 
 
 class Traffic:
@@ -199,8 +211,10 @@ def test_candidate_answers_its_share_deterministically_per_user_with_its_own_pol
         assert by_version == {"1", "2"}  # 8 users at 50 %: both sides (fixed by the hash, not by chance)
         assert again == {u: first[u]["x-distill-model-version"] for u in users}
         for u in users:  # each version decided with its own policy: 1 student-only, 2 escalates everything
-            expected = {"1": ("student", served["champion"]["policy"]),
-                        "2": ("student-fallback", served["candidate"]["policy"])}[again[u]]
+            expected = {
+                "1": ("student", served["champion"]["policy"]),
+                "2": ("student-fallback", served["candidate"]["policy"]),
+            }[again[u]]
             assert (first[u]["x-distill-route"], first[u]["x-distill-policy"]) == expected
         registry.promote("canary")  # the candidate becomes champion: already loaded, and no candidate left
         until(lambda: {a: v["version"] for a, v in ready(url)["versions"].items()} == {"champion": "2"})
@@ -236,11 +250,11 @@ def test_escalations_carry_the_model_version_and_still_import(uri, sources, tmp_
     from fault_server import FaultServer
     from test_router_escalation import teacher_for
 
-    from pipeline.router.wiring import load_version
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
     from pipeline.router.follow import Follower
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.wiring import load_version
     from pipeline.teachers.logs import import_logs
 
     registry = registered(uri, "loop", sources)
@@ -253,8 +267,13 @@ def test_escalations_carry_the_model_version_and_still_import(uri, sources, tmp_
     follower = Follower(registry, "loop", "champion", load(registry.require("loop", "champion")), load, POLL_S)
     log_path = tmp_path / "escalations.jsonl"
     with FaultServer() as server:
-        app = create_app(ServeSettings(max_tokens=8), {MODEL: follower}, follower.served.champion.policy,
-                         teacher=teacher_for(server), escalations=EscalationLog(log_path))
+        app = create_app(
+            ServeSettings(max_tokens=8),
+            {MODEL: follower},
+            follower.served.champion.policy,
+            teacher=teacher_for(server),
+            escalations=EscalationLog(log_path),
+        )
         with running(app) as url:
             headers, _ = ask(url)
     assert headers["x-distill-route"] == "teacher" and headers["x-distill-model-version"] == "2"
@@ -270,6 +289,5 @@ def test_serve_by_alias_refuses_a_model_dir_or_policy_and_a_missing_alias(uri, t
     assert "drop --model-dir" in capsys.readouterr().err
     assert main(["serve", "smollm2-135m-cpu", "--model", "x@champion"]) == 1
     assert "expected models:/<registered name>@<alias>" in capsys.readouterr().err
-    assert main(["serve", "smollm2-135m-cpu", "--model", "models:/nothing-here@champion",
-                 f"tracking.uri={uri}"]) == 1
+    assert main(["serve", "smollm2-135m-cpu", "--model", "models:/nothing-here@champion", f"tracking.uri={uri}"]) == 1
     assert "has no 'champion' alias" in capsys.readouterr().err

@@ -11,21 +11,25 @@ import stat
 from pathlib import Path
 
 import pytest
-
-from pipeline.artifacts import read_jsonl
-from pipeline.llm.policy import Policy
 from fault_server import FaultServer, answer_for
 from test_router import MODEL
 from test_router_escalation import teacher_for
 
-PII = ("my card is 4111 1111 1111 1111, mail me at jo.doe@example.com, and here is our key "
-       "sk-proj-AbCdEf0123456789AbCdEf0123456789xyz")
+from pipeline.artifacts import read_jsonl
+from pipeline.llm.policy import Policy
+
+PII = (
+    "my card is 4111 1111 1111 1111, mail me at jo.doe@example.com, and here is our key "
+    "sk-proj-AbCdEf0123456789AbCdEf0123456789xyz"
+)
 
 
 def record(n: int, text: str = "the parcel arrived broken") -> dict:
-    return {"id": f"r{n}", "messages": [{"role": "user", "content": f"{text} #{n}"},
-                                        {"role": "assistant", "content": "damaged"}],
-            "meta": {"source": "router", "teacher": "openai:t", "prompt_sha": "abc"}}
+    return {
+        "id": f"r{n}",
+        "messages": [{"role": "user", "content": f"{text} #{n}"}, {"role": "assistant", "content": "damaged"}],
+        "meta": {"source": "router", "teacher": "openai:t", "prompt_sha": "abc"},
+    }
 
 
 def every_record(folder: Path) -> list[dict]:
@@ -102,19 +106,26 @@ def test_a_full_disk_is_counted_and_never_raises():
 
 def test_a_full_disk_does_not_turn_a_paid_answer_into_a_500(tmp_path):
     import httpx
+    from test_router import running
+    from test_router_escalation import FixedStudent
 
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
     from pipeline.router.settings import ServeSettings
-    from test_router import running
-    from test_router_escalation import FixedStudent
 
     with FaultServer() as server:
-        app = create_app(ServeSettings(max_tokens=8), {MODEL: FixedStudent()}, Policy(threshold=0.0),
-                         teacher=teacher_for(server), escalations=EscalationLog(Path("/dev/full")))
+        app = create_app(
+            ServeSettings(max_tokens=8),
+            {MODEL: FixedStudent()},
+            Policy(threshold=0.0),
+            teacher=teacher_for(server),
+            escalations=EscalationLog(Path("/dev/full")),
+        )
         with running(app) as url:
-            reply = httpx.post(f"{url}/v1/chat/completions", json={
-                "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "paid for"}]})
+            reply = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "paid for"}]},
+            )
             metrics = httpx.get(f"{url}/metrics").text
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == answer_for("paid for")
     assert 'distill_log_write_failures{log="escalations"} 1.0' in metrics
@@ -123,21 +134,31 @@ def test_a_full_disk_does_not_turn_a_paid_answer_into_a_500(tmp_path):
 
 def test_escalations_are_scrubbed_in_the_served_log_and_still_import(tmp_path):
     import httpx
+    from test_router import running
+    from test_router_escalation import FixedStudent
 
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
     from pipeline.router.settings import ServeSettings
     from pipeline.teachers.logs import import_logs
-    from test_router import running
-    from test_router_escalation import FixedStudent
 
     path = tmp_path / "escalations.jsonl"
     with FaultServer() as server:
-        app = create_app(ServeSettings(max_tokens=8), {MODEL: FixedStudent()}, Policy(threshold=0.0),
-                         teacher=teacher_for(server), escalations=EscalationLog(path))
+        app = create_app(
+            ServeSettings(max_tokens=8),
+            {MODEL: FixedStudent()},
+            Policy(threshold=0.0),
+            teacher=teacher_for(server),
+            escalations=EscalationLog(path),
+        )
         with running(app) as url:
-            assert httpx.post(f"{url}/v1/chat/completions", json={
-                "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": PII}]}).status_code == 200
+            assert (
+                httpx.post(
+                    f"{url}/v1/chat/completions",
+                    json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": PII}]},
+                ).status_code
+                == 200
+            )
     assert "4111" not in path.read_text() and "sk-proj" not in path.read_text()
     imported = import_logs(path, "prompt", "label")
     assert not imported.rejected and "[CARD]" in imported.records[0].messages[-1]["content"]

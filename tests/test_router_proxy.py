@@ -12,12 +12,12 @@ import json
 import httpx
 import openai
 import pytest
+from fault_server import FaultServer, answer_for
+from test_router import running
 
 from pipeline.artifacts import read_jsonl
 from pipeline.config import PriceConfig, TeacherConfig
 from pipeline.errors import DistillError
-from fault_server import FaultServer, answer_for
-from test_router import running
 
 CONVERSATION = [
     {"role": "system", "content": "You are Acme's support bot. Customer profile: Premium since 2015."},
@@ -27,8 +27,14 @@ CONVERSATION = [
     {"role": "user", "content": [{"type": "text", "text": "It is "}, {"type": "text", "text": "A1234567."}]},
 ]
 AS_SENT = [*CONVERSATION[:4], {"role": "user", "content": "It is A1234567."}]
-PARAMS = {"max_tokens": 20, "temperature": 0.3, "top_p": 0.9, "seed": 7, "stop": ["\n\n"],
-          "response_format": {"type": "json_object"}}
+PARAMS = {
+    "max_tokens": 20,
+    "temperature": 0.3,
+    "top_p": 0.9,
+    "seed": 7,
+    "stop": ["\n\n"],
+    "response_format": {"type": "json_object"},
+}
 MODEL = "fault-teacher"
 
 
@@ -37,8 +43,15 @@ def proxy_for(server: FaultServer, tmp_path, **overrides):
     from pipeline.router.record_log import RecordLog
     from pipeline.router.settings import ServeSettings
 
-    fields = dict(spec=f"openai:{MODEL}", base_url=server.base_url, allow_unpriced=True, max_retries=0,
-                  timeout_s=10, backoff_initial_s=0.01, logprobs=False)
+    fields = dict(
+        spec=f"openai:{MODEL}",
+        base_url=server.base_url,
+        allow_unpriced=True,
+        max_retries=0,
+        timeout_s=10,
+        backoff_initial_s=0.01,
+        logprobs=False,
+    )
     cfg = TeacherConfig(**{**fields, **overrides})
     teacher = ProxyTeacher(cfg, tmp_path / "cache.sqlite", ledger_path=tmp_path / "ledger.json")
     log = RecordLog(tmp_path / "proxy.jsonl")
@@ -56,8 +69,13 @@ def test_each_request_reaches_the_teacher_as_sent_and_lands_in_the_capture_log(t
         app, log = proxy_for(server, tmp_path)
         with running(app) as url:
             reply = sdk(url).chat.completions.create(model=MODEL, messages=CONVERSATION, **PARAMS)
-            streamed = "".join(c.choices[0].delta.content or "" for c in sdk(url).chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "stream this"}], stream=True) if c.choices)
+            streamed = "".join(
+                c.choices[0].delta.content or ""
+                for c in sdk(url).chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "stream this"}], stream=True
+                )
+                if c.choices
+            )
     assert reply.choices[0].message.content == answer_for("It is A1234567.")
     assert streamed == answer_for("stream this")
     first, second = server.bodies
@@ -68,13 +86,16 @@ def test_each_request_reaches_the_teacher_as_sent_and_lands_in_the_capture_log(t
     records = read_jsonl(log.path)
     assert [r["messages"] for r in records] == [
         [*AS_SENT, {"role": "assistant", "content": answer_for("It is A1234567.")}],
-        [{"role": "user", "content": "stream this"}, {"role": "assistant", "content": answer_for("stream this")}]]
+        [{"role": "user", "content": "stream this"}, {"role": "assistant", "content": answer_for("stream this")}],
+    ]
     meta = records[0]["meta"]
     assert meta["source"] == "proxy" and meta["teacher"] == f"openai:{MODEL}" and meta["request"] == PARAMS
     assert records[1]["meta"]["request"] == {"max_tokens": 64}
     imported = import_logs(log.path, "prompt", "label")  # the whole conversation comes back, zero rejects
     assert not imported.rejected and [r.messages for r in imported.records] == [
-        AS_SENT, [{"role": "user", "content": "stream this"}]]
+        AS_SENT,
+        [{"role": "user", "content": "stream this"}],
+    ]
 
 
 def test_a_repeated_request_is_answered_from_the_cache_and_the_budget_is_kept(tmp_path):
@@ -84,24 +105,33 @@ def test_a_repeated_request_is_answered_from_the_cache_and_the_budget_is_kept(tm
         with running(app) as url:
             ask = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "once"}]}
             replies = [httpx.post(f"{url}/v1/chat/completions", json=ask) for _ in range(2)]
-            over = httpx.post(f"{url}/v1/chat/completions",
-                              json={**ask, "messages": [{"role": "user", "content": "x" * 400}]})
+            over = httpx.post(
+                f"{url}/v1/chat/completions", json={**ask, "messages": [{"role": "user", "content": "x" * 400}]}
+            )
     assert [r.status_code for r in replies] == [200, 200] and server.requests["once"] == 1
     assert over.status_code == 429 and over.json()["error"]["code"] == "budget_exhausted"
     assert server.total == 1 and len(read_jsonl(log.path)) == 2
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"n": 2}, "n"), ({"logprobs": True}, "logprobs")])
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
 def test_what_a_record_cannot_hold_is_refused_not_dropped(tmp_path, extra, param):
     with FaultServer() as server:
         app, log = proxy_for(server, tmp_path)
         with running(app) as url:
-            reply = httpx.post(f"{url}/v1/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra})
-            unknown = httpx.post(f"{url}/v1/chat/completions", json={
-                "model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+            reply = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra},
+            )
+            unknown = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+            )
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param
     assert unknown.status_code == 404 and server.total == 0 and not log.path.exists()
 
@@ -120,8 +150,9 @@ def test_personal_data_never_reaches_the_proxy_log(tmp_path):
     with FaultServer() as server:
         app, log = proxy_for(server, tmp_path)
         with running(app) as url:
-            sdk(url).chat.completions.create(model=MODEL, messages=[
-                {"role": "user", "content": "refund card 4111 1111 1111 1111 to jo@example.com"}])
+            sdk(url).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "refund card 4111 1111 1111 1111 to jo@example.com"}]
+            )
     assert server.bodies[0]["messages"][0]["content"].endswith("jo@example.com")  # the teacher got it as sent
     text = log.path.read_text()
     assert "4111" not in text and "jo@example.com" not in text and json.loads(text)["meta"]["source"] == "proxy"

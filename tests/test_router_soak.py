@@ -15,8 +15,13 @@ import bench_router_soak  # noqa: E402
 
 def test_a_small_soak_keeps_every_promise(tmp_path):
     result = bench_router_soak.soak(150, 8, tmp_path, sample_rss=False, pool_size=192)
-    assert result["verdicts"] == {"no_5xx_on_valid": True, "refusals_as_expected": True, "routes_as_chosen": True,
-                                  "every_escalation_logged_once": True, "budget_never_exceeded": True}, result
+    assert result["verdicts"] == {
+        "no_5xx_on_valid": True,
+        "refusals_as_expected": True,
+        "routes_as_chosen": True,
+        "every_escalation_logged_once": True,
+        "budget_never_exceeded": True,
+    }, result
     kinds = result["by_kind"]
     assert set(kinds) == {"valid", "escalating", "malformed", "oversize", "disconnect"}, kinds
     assert result["escalations_answered_by_teacher"] > 0 and result["log_records"] > 0

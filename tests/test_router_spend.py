@@ -10,14 +10,14 @@ import asyncio
 import json
 
 import httpx
-
-from pipeline.conversation import user_turn
-from pipeline.config import PriceConfig
-from pipeline.llm.completion import Completion
-from pipeline.llm.policy import Policy
 from fault_server import FaultServer, answer_for
 from test_router import MODEL, running
 from test_router_escalation import TASK, FixedStudent, teacher_for
+
+from pipeline.config import PriceConfig
+from pipeline.conversation import user_turn
+from pipeline.llm.completion import Completion
+from pipeline.llm.policy import Policy
 
 PRICE = PriceConfig(input_per_mtok=1000.0, output_per_mtok=1000.0)  # dear: a cent is a few tokens
 
@@ -38,8 +38,15 @@ def _dispatcher(server: FaultServer, concurrency: int, budget_usd: float | None,
     from pipeline.teachers.ledger import Ledger
     from pipeline.teachers.registry import build_teacher
 
-    cfg = TeacherConfig(spec="openai:fault", base_url=server.base_url, price=PRICE, max_retries=0, logprobs=False,
-                        max_new_tokens=4, timeout_s=30)
+    cfg = TeacherConfig(
+        spec="openai:fault",
+        base_url=server.base_url,
+        price=PRICE,
+        max_retries=0,
+        logprobs=False,
+        max_new_tokens=4,
+        timeout_s=30,
+    )
     teacher = build_teacher(cfg.spec, cfg)
     limits = Limits(concurrency=concurrency, max_new_tokens=4, rpm=rpm)
     return Dispatcher(teacher, limits, Ledger(teacher.price, budget_usd)), teacher
@@ -65,7 +72,9 @@ def test_calls_cancelled_while_throttled_or_waiting_for_budget_give_back_their_s
             # Waiting for budget: one worst case fits, two do not; the second waits for the first.
             one = _dispatcher(server, concurrency=2, budget_usd=None)[0].ledger.max_call_cost(messages("c"), 4)
             budgeted, teacher = _dispatcher(server, concurrency=2, budget_usd=one * 1.5)
-            first = asyncio.create_task(budgeted.run([Job("c", messages("c"))], lambda job, c: answered.append(job.key)))
+            first = asyncio.create_task(
+                budgeted.run([Job("c", messages("c"))], lambda job, c: answered.append(job.key))
+            )
             await until(lambda: server.total == 2, "the first call reached the teacher")
             for key in ("d", "e"):  # two calls cancelled while waiting for the budget
                 blocked = asyncio.create_task(budgeted.run([Job(key, messages(key))], lambda *_: None))
@@ -88,8 +97,15 @@ def test_a_caller_who_leaves_mid_call_is_charged_its_cost_not_its_worst_case_and
     from pipeline.teachers.service import TeacherService
 
     async def scenario(server: FaultServer):
-        cfg = TeacherConfig(spec="openai:fault", base_url=server.base_url, price=PRICE, max_retries=0,
-                            logprobs=False, max_new_tokens=4, timeout_s=30)
+        cfg = TeacherConfig(
+            spec="openai:fault",
+            base_url=server.base_url,
+            price=PRICE,
+            max_retries=0,
+            logprobs=False,
+            max_new_tokens=4,
+            timeout_s=30,
+        )
         service = TeacherService.from_config(cfg, cache_path=tmp_path / "cache.sqlite", charge_cached=False)
         ask = messages("a large prompt the client gave up on " * 50)
         worst = service.ledger.max_call_cost(ask, 4)
@@ -141,14 +157,19 @@ def test_the_serving_ledger_survives_a_restart(tmp_path):
     from pipeline.teachers.ledger import Ledger, Price
 
     ledger = tmp_path / "serve_ledger.json"
-    worst = Ledger(Price(1000.0, 1000.0, "test"), None).max_call_cost(TASK.teacher_messages(user_turn("second day")), 12)
+    worst = Ledger(Price(1000.0, 1000.0, "test"), None).max_call_cost(
+        TASK.teacher_messages(user_turn("second day")), 12
+    )
     with FaultServer() as server:
+
         def app():  # one call's worst case fits the budget; a call more does not
             base = teacher_for(server, price=PRICE, allow_unpriced=False)
-            teacher = TeacherBackend(base.cfg, TASK, tmp_path / "cache.sqlite", budget_usd=worst * 1.1,
-                                     ledger_path=ledger)
-            return create_app(ServeSettings(max_tokens=8), {MODEL: FixedStudent()}, Policy(threshold=0.0),
-                              teacher=teacher)
+            teacher = TeacherBackend(
+                base.cfg, TASK, tmp_path / "cache.sqlite", budget_usd=worst * 1.1, ledger_path=ledger
+            )
+            return create_app(
+                ServeSettings(max_tokens=8), {MODEL: FixedStudent()}, Policy(threshold=0.0), teacher=teacher
+            )
 
         with running(app()) as url:
             first = _ask(url, "first day")
@@ -162,6 +183,7 @@ def test_the_serving_ledger_survives_a_restart(tmp_path):
 
 
 def _ask(url: str, prompt: str) -> tuple[str, str]:
-    reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": MODEL, "max_tokens": 4, "messages": messages(prompt)}).json()
+    reply = httpx.post(
+        f"{url}/v1/chat/completions", timeout=60, json={"model": MODEL, "max_tokens": 4, "messages": messages(prompt)}
+    ).json()
     return reply["distill"]["route"], reply["choices"][0]["message"]["content"]

@@ -14,15 +14,15 @@ import json
 
 import httpx
 import pytest
+from capture_helpers import LLAMA_ALIAS, free_port, llama_server
+from fault_server import FaultServer, answer_for
+from test_router import MESSAGES, MODEL, client, running
+from test_router_escalation import read_lines, teacher_for
 
 from pipeline.config import ServeConfig, validate_recipe
 from pipeline.errors import DistillError
 from pipeline.llm.policy import Policy
 from pipeline.router.routing import policy_hash
-from capture_helpers import LLAMA_ALIAS, free_port, llama_server
-from fault_server import FaultServer, answer_for
-from test_router import MESSAGES, MODEL, client, running
-from test_router_escalation import read_lines, teacher_for
 
 PROMPT = MESSAGES[0]["content"]
 KEEP = -100.0  # a student threshold every stopped answer passes
@@ -44,26 +44,35 @@ def policy_file(path, threshold):
 
 
 def tier(tmp_path, name, base_url, threshold, **extra):
-    return {"name": name, "student": f"openai:{name}-model", "base_url": base_url,
-            "policy": str(policy_file(tmp_path / f"{name}_policy.json", threshold)), **extra}
+    return {
+        "name": name,
+        "student": f"openai:{name}-model",
+        "base_url": base_url,
+        "policy": str(policy_file(tmp_path / f"{name}_policy.json", threshold)),
+        **extra,
+    }
 
 
 def tiered_app(student, student_threshold, tiers, teacher=None, log_path=None, deadline_s=30.0):
     """The app `distill serve` builds: serve.tiers through build_tiers, then create_app."""
-    from pipeline.router.wiring import build_tiers
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
+    from pipeline.router.settings import ServeSettings
+    from pipeline.router.wiring import build_tiers
 
     built = build_tiers(ServeConfig(tiers=tiers))
-    return create_app(ServeSettings(max_tokens=8, deadline_s=deadline_s), {MODEL: student},
-                      Policy(threshold=student_threshold), teacher=teacher,
-                      escalations=EscalationLog(log_path) if log_path else None, tiers=built)
+    return create_app(
+        ServeSettings(max_tokens=8, deadline_s=deadline_s),
+        {MODEL: student},
+        Policy(threshold=student_threshold),
+        teacher=teacher,
+        escalations=EscalationLog(log_path) if log_path else None,
+        tiers=built,
+    )
 
 
 def ask(url, **kwargs):
-    return client(url).chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=8,
-                                                                 **kwargs)
+    return client(url).chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=8, **kwargs)
 
 
 def mean(values):
@@ -75,9 +84,15 @@ def mean(values):
 
 def test_a_confident_student_answers_and_no_tier_is_asked(gguf_student, tmp_path):
     log_path = tmp_path / "escalations.jsonl"
-    with FaultServer() as mid, FaultServer() as teacher_server, running(tiered_app(
-            gguf_student, KEEP, [tier(tmp_path, "mid", mid.base_url, -0.6)], teacher_for(teacher_server),
-            log_path)) as url:
+    with (
+        FaultServer() as mid,
+        FaultServer() as teacher_server,
+        running(
+            tiered_app(
+                gguf_student, KEEP, [tier(tmp_path, "mid", mid.base_url, -0.6)], teacher_for(teacher_server), log_path
+            )
+        ) as url,
+    ):
         raw = ask(url, logprobs=True)
     reply = raw.parse()
     assert raw.headers["x-distill-route"] == "student" and reply.distill["route"] == "student"
@@ -89,12 +104,21 @@ def test_a_confident_student_answers_and_no_tier_is_asked(gguf_student, tmp_path
 
 def test_b_a_student_below_threshold_is_answered_by_the_mid_tier(gguf_student, tmp_path):
     log_path = tmp_path / "escalations.jsonl"
-    with FaultServer() as mid, FaultServer() as teacher_server, running(tiered_app(
-            gguf_student, ESCALATE, [tier(tmp_path, "mid", mid.base_url, -0.6)], teacher_for(teacher_server),
-            log_path)) as url:
+    with (
+        FaultServer() as mid,
+        FaultServer() as teacher_server,
+        running(
+            tiered_app(
+                gguf_student,
+                ESCALATE,
+                [tier(tmp_path, "mid", mid.base_url, -0.6)],
+                teacher_for(teacher_server),
+                log_path,
+            )
+        ) as url,
+    ):
         raw = ask(url)
-        chunks = list(client(url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,
-                                                          stream=True))
+        chunks = list(client(url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, stream=True))
         ready = httpx.get(f"{url}/ready").json()
         (body, _) = mid.bodies
     reply = raw.parse()
@@ -102,8 +126,10 @@ def test_b_a_student_below_threshold_is_answered_by_the_mid_tier(gguf_student, t
     assert reply.choices[0].message.content == answer_for(PROMPT)
     # x-distill-confidence is the answering tier's, read by its own policy.
     assert float(raw.headers["x-distill-confidence"]) == pytest.approx(MID)
-    assert reply.distill["reason"].startswith("student: mean_logprob") and "mid: mean_logprob -0.500 >= " \
-        "threshold -0.600" in reply.distill["reason"]
+    assert (
+        reply.distill["reason"].startswith("student: mean_logprob")
+        and "mid: mean_logprob -0.500 >= threshold -0.600" in reply.distill["reason"]
+    )
     # The tier is sent the client's messages, as the student is, with the request's max_tokens.
     assert body["messages"] == MESSAGES and body["max_tokens"] == 8 and body["model"] == "mid-model"
     assert teacher_server.total == 0 and not log_path.exists()  # no teacher answer: nothing to learn from
@@ -117,9 +143,19 @@ def test_b_a_student_below_threshold_is_answered_by_the_mid_tier(gguf_student, t
 
 def test_c_a_mid_tier_below_its_threshold_goes_to_the_teacher(gguf_student, tmp_path):
     log_path = tmp_path / "escalations.jsonl"
-    with FaultServer() as mid, FaultServer() as teacher_server, running(tiered_app(
-            gguf_student, ESCALATE, [tier(tmp_path, "mid", mid.base_url, -0.4)], teacher_for(teacher_server),
-            log_path)) as url:
+    with (
+        FaultServer() as mid,
+        FaultServer() as teacher_server,
+        running(
+            tiered_app(
+                gguf_student,
+                ESCALATE,
+                [tier(tmp_path, "mid", mid.base_url, -0.4)],
+                teacher_for(teacher_server),
+                log_path,
+            )
+        ) as url,
+    ):
         raw = ask(url, extra_headers={"x-request-id": "req-tier-c"})
     reply = raw.parse()
     assert raw.headers["x-distill-route"] == "teacher" and reply.choices[0].message.content == answer_for(PROMPT)
@@ -132,9 +168,14 @@ def test_c_a_mid_tier_below_its_threshold_goes_to_the_teacher(gguf_student, tmp_
     assert student_step["tier"] == "student" and student_step["outcome"] == "escalated"
     assert student_step["confidence"] < 0 and student_step["policy"] == raw.headers["x-distill-policy"]
     assert student_step["answer"] == meta["student_answer"] != answer_for(PROMPT)
-    assert mid_step == {"tier": "mid", "outcome": "escalated", "confidence": pytest.approx(MID),
-                        "reason": "mean_logprob -0.500 < threshold -0.400", "policy": mid_step["policy"],
-                        "answer": answer_for(PROMPT)}
+    assert mid_step == {
+        "tier": "mid",
+        "outcome": "escalated",
+        "confidence": pytest.approx(MID),
+        "reason": "mean_logprob -0.500 < threshold -0.400",
+        "policy": mid_step["policy"],
+        "answer": answer_for(PROMPT),
+    }
     assert len(mid_step["policy"]) == 12 and mid_step["policy"] != student_step["policy"]
 
 
@@ -146,9 +187,18 @@ def test_d_a_mid_tier_that_fails_passes_to_the_teacher_without_5xx(gguf_student,
     base_url = mid.start().base_url if mid else f"http://127.0.0.1:{free_port()}/v1"  # nothing listens
     extra = {"timeout_s": 1.0} if fault == "slow" else {}
     try:
-        with FaultServer() as teacher_server, running(tiered_app(
-                gguf_student, ESCALATE, [tier(tmp_path, "mid", base_url, -0.6, **extra)],
-                teacher_for(teacher_server), log_path)) as url:
+        with (
+            FaultServer() as teacher_server,
+            running(
+                tiered_app(
+                    gguf_student,
+                    ESCALATE,
+                    [tier(tmp_path, "mid", base_url, -0.6, **extra)],
+                    teacher_for(teacher_server),
+                    log_path,
+                )
+            ) as url,
+        ):
             raw = ask(url)
     finally:
         if mid:
@@ -164,12 +214,24 @@ def test_d_a_mid_tier_that_fails_passes_to_the_teacher_without_5xx(gguf_student,
 
 
 def test_tiers_are_asked_in_order_and_the_first_kept_answer_wins(gguf_student, tmp_path):
-    with FaultServer() as first, FaultServer() as second, FaultServer() as third, \
-            FaultServer() as teacher_server, running(tiered_app(
-                gguf_student, ESCALATE, [tier(tmp_path, "first", first.base_url, -0.4),
-                                         tier(tmp_path, "second", second.base_url, -0.6),
-                                         tier(tmp_path, "third", third.base_url, -0.6)],
-                teacher_for(teacher_server))) as url:
+    with (
+        FaultServer() as first,
+        FaultServer() as second,
+        FaultServer() as third,
+        FaultServer() as teacher_server,
+        running(
+            tiered_app(
+                gguf_student,
+                ESCALATE,
+                [
+                    tier(tmp_path, "first", first.base_url, -0.4),
+                    tier(tmp_path, "second", second.base_url, -0.6),
+                    tier(tmp_path, "third", third.base_url, -0.6),
+                ],
+                teacher_for(teacher_server),
+            )
+        ) as url,
+    ):
         raw = ask(url)
     assert raw.headers["x-distill-route"] == "tier:second"
     assert (first.total, second.total, third.total, teacher_server.total) == (1, 1, 0, 0)
@@ -178,12 +240,23 @@ def test_tiers_are_asked_in_order_and_the_first_kept_answer_wins(gguf_student, t
 
 def test_teacher_failing_after_the_tiers_gives_the_highest_tiers_answer_as_fallback(gguf_student, tmp_path):
     log_path = tmp_path / "escalations.jsonl"
-    with FaultServer() as mid, FaultServer(status=500) as teacher_server, running(tiered_app(
-            gguf_student, ESCALATE, [tier(tmp_path, "mid", mid.base_url, -0.4)], teacher_for(teacher_server),
-            log_path)) as url:
+    with (
+        FaultServer() as mid,
+        FaultServer(status=500) as teacher_server,
+        running(
+            tiered_app(
+                gguf_student,
+                ESCALATE,
+                [tier(tmp_path, "mid", mid.base_url, -0.4)],
+                teacher_for(teacher_server),
+                log_path,
+            )
+        ) as url,
+    ):
         raw = ask(url)
-        student_only = tiered_app(gguf_student, ESCALATE, [tier(tmp_path, "down", f"http://127.0.0.1:{free_port()}/v1",
-                                                                -0.4)])
+        student_only = tiered_app(
+            gguf_student, ESCALATE, [tier(tmp_path, "down", f"http://127.0.0.1:{free_port()}/v1", -0.4)]
+        )
         with running(student_only) as bare:  # no teacher, the only tier down: the student's answer
             fallback = ask(bare)
     assert raw.http_response.status_code == 200 and raw.headers["x-distill-route"] == "tier:mid-fallback"
@@ -203,8 +276,12 @@ def test_llama_cpp_server_as_a_real_mid_tier(tiny_llama_dir, gguf_student, tmp_p
     want = asyncio.run(gguf_student.complete(MESSAGES, 8))  # what llama.cpp's server answers (same file, greedy)
     log_path = tmp_path / "escalations.jsonl"
     with llama_server(tmp_path / "llama.log") as base_url, FaultServer() as teacher_server:
-        keep = {"name": "llama", "student": f"openai:{LLAMA_ALIAS}", "base_url": base_url,
-                "policy": str(policy_file(tmp_path / "keep.json", -100.0))}
+        keep = {
+            "name": "llama",
+            "student": f"openai:{LLAMA_ALIAS}",
+            "base_url": base_url,
+            "policy": str(policy_file(tmp_path / "keep.json", -100.0)),
+        }
         with running(tiered_app(student, ESCALATE, [keep], teacher_for(teacher_server))) as url:
             kept = ask(url, logprobs=True, top_logprobs=2)
         passed = {**keep, "policy": str(policy_file(tmp_path / "pass.json", ESCALATE))}
@@ -227,14 +304,23 @@ def test_llama_cpp_server_as_a_real_mid_tier(tiny_llama_dir, gguf_student, tmp_p
 
 
 def test_without_tiers_the_escalation_record_is_unchanged(gguf_student, tmp_path):
-    from pipeline.router.settings import ServeSettings
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
+    from pipeline.router.settings import ServeSettings
 
     log_path = tmp_path / "escalations.jsonl"
-    with FaultServer() as teacher_server, running(create_app(
-            ServeSettings(max_tokens=8), {MODEL: gguf_student}, Policy(threshold=ESCALATE),
-            teacher=teacher_for(teacher_server), escalations=EscalationLog(log_path))) as url:
+    with (
+        FaultServer() as teacher_server,
+        running(
+            create_app(
+                ServeSettings(max_tokens=8),
+                {MODEL: gguf_student},
+                Policy(threshold=ESCALATE),
+                teacher=teacher_for(teacher_server),
+                escalations=EscalationLog(log_path),
+            )
+        ) as url,
+    ):
         raw = ask(url)
         ready = httpx.get(f"{url}/ready").json()
     assert raw.headers["x-distill-route"] == "teacher" and "tiers" not in ready
@@ -252,8 +338,12 @@ def recipe_with(tiers):
 def test_bad_tier_settings_are_refused_naming_the_setting(tmp_path):
     from pipeline.router.wiring import build_tiers
 
-    ok = {"name": "mid", "student": "openai:m", "base_url": "http://127.0.0.1:9/v1",
-          "policy": str(policy_file(tmp_path / "p.json", -1.0))}
+    ok = {
+        "name": "mid",
+        "student": "openai:m",
+        "base_url": "http://127.0.0.1:9/v1",
+        "policy": str(policy_file(tmp_path / "p.json", -1.0)),
+    }
     with pytest.raises(DistillError, match=r"serve\.tiers\.0\.policy: Field required"):
         recipe_with([{k: v for k, v in ok.items() if k != "policy"}])
     with pytest.raises(DistillError, match=r"serve\.tiers\.0\.student: String should match"):
@@ -274,11 +364,17 @@ def test_bad_tier_settings_are_refused_naming_the_setting(tmp_path):
     with pytest.raises(DistillError, match=r"serve\.tiers\.0 \(mid\)\.policy: .*not a router policy"):
         build_tiers(recipe_with([{**ok, "policy": str(tmp_path / "broken.json")}]).serve)
     with pytest.raises(DistillError, match=r"serve\.tiers\.0 \(mid\)\.model_dir: .* no config.json"):
-        build_tiers(recipe_with([{"name": "mid", "student": "transformers", "model_dir": str(tmp_path),
-                                  "policy": ok["policy"]}]).serve)
+        build_tiers(
+            recipe_with(
+                [{"name": "mid", "student": "transformers", "model_dir": str(tmp_path), "policy": ok["policy"]}]
+            ).serve
+        )
     with pytest.raises(DistillError, match=r"serve\.tiers\.0 \(mid\): .*no API key in \$DISTILL_TEST_UNSET_KEY"):
-        build_tiers(recipe_with([{**ok, "base_url": "https://api.example.com/v1",
-                                  "api_key_env": "DISTILL_TEST_UNSET_KEY"}]).serve)
+        build_tiers(
+            recipe_with(
+                [{**ok, "base_url": "https://api.example.com/v1", "api_key_env": "DISTILL_TEST_UNSET_KEY"}]
+            ).serve
+        )
     label = tmp_path / "label.json"
     label.write_text(json.dumps(Policy(threshold=0.5, signal="label_prob", labels=("a", "b")).to_json()))
     with pytest.raises(DistillError, match=r"serve\.tiers\.0 \(mid\): .*only serve.student=transformers"):
@@ -287,15 +383,29 @@ def test_bad_tier_settings_are_refused_naming_the_setting(tmp_path):
 
 def test_tier_settings_build_their_backends(tmp_path):
     from pipeline.llm.loading import embedded_gguf
-    from pipeline.router.wiring import build_tiers
     from pipeline.router.backends import GgufBackend, UpstreamBackend
+    from pipeline.router.wiring import build_tiers
 
     policy = policy_file(tmp_path / "p.json", -0.7)
-    upstream, local = build_tiers(recipe_with([
-        {"name": "mid", "student": "openai:m", "base_url": "http://127.0.0.1:9/v1", "policy": str(policy),
-         "timeout_s": 3},
-        {"name": "gguf", "student": "llama.cpp", "gguf": str(embedded_gguf(LLAMA_ALIAS)), "policy": str(policy)},
-    ]).serve)
+    upstream, local = build_tiers(
+        recipe_with(
+            [
+                {
+                    "name": "mid",
+                    "student": "openai:m",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "policy": str(policy),
+                    "timeout_s": 3,
+                },
+                {
+                    "name": "gguf",
+                    "student": "llama.cpp",
+                    "gguf": str(embedded_gguf(LLAMA_ALIAS)),
+                    "policy": str(policy),
+                },
+            ]
+        ).serve
+    )
     assert isinstance(upstream.backend, UpstreamBackend) and upstream.backend.base_url == "http://127.0.0.1:9/v1"
     assert upstream.route == "tier:mid" and upstream.timeout_s == 3 and upstream.policy.threshold == -0.7
     assert upstream.policy_hash == policy_hash(Policy(threshold=-0.7))

@@ -5,13 +5,12 @@ import json
 import math
 
 import pytest
+from test_finetune import LABELS, PROMPTS, recipe
 
 from pipeline.errors import DistillError
 from pipeline.llm import soft_labels
 from pipeline.stages import finetune
 from pipeline.tracking import NullTracker
-
-from test_finetune import LABELS, PROMPTS, recipe
 
 # ---------------------------------------------------------------- targets along the label trie
 
@@ -21,9 +20,9 @@ def test_targets_spread_where_labels_branch_and_are_one_hot_past_the_branch():
     q = {"card_fee": 0.5, "card_lost": 0.3, "atm": 0.2}
     ids, probs = soft_labels.token_targets(labels["card_fee"], labels, q, weight=1.0)
     assert [dict(zip(i, p)) for i, p in zip(ids, probs)] == [
-        pytest.approx({5: 0.8, 8: 0.2}),            # first token: both card_* labels vs atm
+        pytest.approx({5: 0.8, 8: 0.2}),  # first token: both card_* labels vs atm
         pytest.approx({6: 0.5 / 0.8, 7: 0.3 / 0.8}),  # given "card": fee vs lost, renormalised
-        {9: 1.0},                                    # given "card_fee": only its EOS
+        {9: 1.0},  # given "card_fee": only its EOS
     ]
     half = soft_labels.token_targets(labels["card_fee"], labels, q, weight=0.5)
     assert dict(zip(*[x[0] for x in half])) == pytest.approx({5: 0.5 + 0.5 * 0.8, 8: 0.5 * 0.2})
@@ -60,8 +59,12 @@ def _rows(tokenizer, probs: list[dict | None], weight: float):
     """Tokenized training rows as the stage builds them, one label distribution per prompt."""
     from datasets import Dataset
 
-    pairs = Dataset.from_list([{"prompt": p, "completion": LABELS[i % 4], "teacher_label_probs":
-                                json.dumps(probs[i]) if probs[i] else ""} for i, p in enumerate(PROMPTS[:len(probs)])])
+    pairs = Dataset.from_list(
+        [
+            {"prompt": p, "completion": LABELS[i % 4], "teacher_label_probs": json.dumps(probs[i]) if probs[i] else ""}
+            for i, p in enumerate(PROMPTS[: len(probs)])
+        ]
+    )
     return finetune.tokenize_dataset(finetune.to_prompt_completion(pairs, "user"), tokenizer, 128, weight)
 
 
@@ -71,8 +74,12 @@ def _trainer(model_dir, rows, tmp_path, padding_free: bool):
     cfg = recipe(model_dir, padding_free=padding_free, soft_labels=1.0).train
     plan = device_plan()
     trainer = soft_labels.trainer_class()(
-        model=load_model(str(model_dir), plan), args=finetune.build_sft_config(cfg, tmp_path, plan), train_dataset=rows,
-        processing_class=load_tokenizer(str(model_dir)), peft_config=finetune.build_lora_config(cfg.lora))
+        model=load_model(str(model_dir), plan),
+        args=finetune.build_sft_config(cfg, tmp_path, plan),
+        train_dataset=rows,
+        processing_class=load_tokenizer(str(model_dir)),
+        peft_config=finetune.build_lora_config(cfg.lora),
+    )
     trainer.data_collator = soft_labels.collate(trainer.data_collator)
     return trainer
 
@@ -119,8 +126,10 @@ def test_soft_loss_is_the_cross_entropy_against_the_targets(tiny_llama_dir, tmp_
     logp = torch.log_softmax(logits.float(), -1)
     targets = [(i, p) for r in range(2) for i, p in zip(rows[r]["soft_ids"], rows[r]["soft_probs"])]
     positions = (batch["labels"][0, 1:] != -100).nonzero().flatten()
-    by_hand = -sum(sum(pk * float(logp[pos, ik]) for ik, pk in zip(ids, probs))
-                   for pos, (ids, probs) in zip(positions.tolist(), targets)) / len(targets)
+    by_hand = -sum(
+        sum(pk * float(logp[pos, ik]) for ik, pk in zip(ids, probs))
+        for pos, (ids, probs) in zip(positions.tolist(), targets)
+    ) / len(targets)
     hard = -sum(float(logp[pos, batch["labels"][0, pos + 1]]) for pos in positions.tolist()) / len(targets)
     assert loss == pytest.approx(by_hand, rel=1e-5)
     assert abs(loss - hard) > 1e-3
@@ -134,16 +143,32 @@ def _curated(folder, distribution):
     """A curate-stage folder whose rows carry `distribution(i)` as the teacher's label distribution."""
     from datasets import Dataset, DatasetDict
 
-    rows = [{"id": str(i), "prompt": p, "completion": LABELS[i % 4], "label": LABELS[i % 4],
-             "teacher_label_probs": json.dumps(distribution(i))} for i, p in enumerate(PROMPTS * 3)]
-    DatasetDict({"train": Dataset.from_list(rows[:20]), "validation": Dataset.from_list(rows[20:]),
-                 "test": Dataset.from_list(rows[20:])}).save_to_disk(str(folder / "dataset"))
+    rows = [
+        {
+            "id": str(i),
+            "prompt": p,
+            "completion": LABELS[i % 4],
+            "label": LABELS[i % 4],
+            "teacher_label_probs": json.dumps(distribution(i)),
+        }
+        for i, p in enumerate(PROMPTS * 3)
+    ]
+    DatasetDict(
+        {
+            "train": Dataset.from_list(rows[:20]),
+            "validation": Dataset.from_list(rows[20:]),
+            "test": Dataset.from_list(rows[20:]),
+        }
+    ).save_to_disk(str(folder / "dataset"))
     return folder
 
 
 def _losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def test_the_stage_on_one_hot_distributions_trains_exactly_as_on_hard_labels(tiny_llama_dir, tmp_path):
@@ -154,10 +179,12 @@ def test_the_stage_on_one_hot_distributions_trains_exactly_as_on_hard_labels(tin
     spread = _curated(tmp_path / "spread", lambda i: {LABELS[i % 4]: 0.6, LABELS[(i + 1) % 4]: 0.4})
     train = {"max_steps": 4, "lr": 5e-2, "warmup_ratio": 0.0}
     hard = finetune.run(recipe(tiny_llama_dir, **train), {"curate": one_hot}, tmp_path / "hard", NullTracker())
-    soft = finetune.run(recipe(tiny_llama_dir, soft_labels=1.0, **train), {"curate": one_hot}, tmp_path / "soft",
-                        NullTracker())
-    finetune.run(recipe(tiny_llama_dir, soft_labels=1.0, **train), {"curate": spread}, tmp_path / "spread",
-                 NullTracker())
+    soft = finetune.run(
+        recipe(tiny_llama_dir, soft_labels=1.0, **train), {"curate": one_hot}, tmp_path / "soft", NullTracker()
+    )
+    finetune.run(
+        recipe(tiny_llama_dir, soft_labels=1.0, **train), {"curate": spread}, tmp_path / "spread", NullTracker()
+    )
     assert soft.counts["steps"] == hard.counts["steps"] == 4
     assert _losses(tmp_path / "soft") == pytest.approx(_losses(tmp_path / "hard"), rel=1e-5)
     assert _losses(tmp_path / "hard")[-1] < _losses(tmp_path / "hard")[0]  # it trains
@@ -171,10 +198,12 @@ def test_soft_labels_without_any_distribution_fail_clearly(tiny_llama_dir, tmp_p
 
     rows = [{"id": str(i), "prompt": p, "completion": LABELS[i % 4]} for i, p in enumerate(PROMPTS)]
     DatasetDict({s: Dataset.from_list(rows) for s in ("train", "validation", "test")}).save_to_disk(
-        str(tmp_path / "curate" / "dataset"))
+        str(tmp_path / "curate" / "dataset")
+    )
     with pytest.raises(DistillError, match="train.soft_labels is set but no curated training example carries"):
-        finetune.run(recipe(tiny_llama_dir, soft_labels=0.5), {"curate": tmp_path / "curate"}, tmp_path / "out",
-                     NullTracker())
+        finetune.run(
+            recipe(tiny_llama_dir, soft_labels=0.5), {"curate": tmp_path / "curate"}, tmp_path / "out", NullTracker()
+        )
 
 
 # ---------------------------------------------------------------- where the distribution comes from
@@ -198,8 +227,14 @@ def test_a_local_teacher_records_its_label_distribution_and_curate_reads_it(tiny
     assert teacher.identity() != plain.identity(), "scored and unscored answers must not share a cache entry"
     completion = asyncio.run(teacher.complete([{"role": "user", "content": PROMPTS[0]}]))
     assert set(completion.label_logprobs) == set(LABELS) and all(v < 0 for v in completion.label_logprobs.values())
-    record = make_record({"id": "1", "messages": [{"role": "user", "content": PROMPTS[0]}]}, completion, cfg.spec,
-                         teacher.identity(), "capture", None)
+    record = make_record(
+        {"id": "1", "messages": [{"role": "user", "content": PROMPTS[0]}]},
+        completion,
+        cfg.spec,
+        teacher.identity(),
+        "capture",
+        None,
+    )
     probs = to_example(record, task, "user")["label_probs"]
     assert sum(probs.values()) == pytest.approx(1.0)
     assert max(probs, key=probs.get) == max(completion.label_logprobs, key=completion.label_logprobs.get)

@@ -41,15 +41,18 @@ def test_serving_settings_and_planner_hints_invalidate_no_stage():
     assert fingerprints(moved) == fingerprints(base)
 
 
-@pytest.mark.parametrize(("field", "value", "invalidated"), [
-    ("train.lr", 1e-5, {"finetune"}),
-    ("train.max_seq_len", 128, {"curate", "finetune"}),
-    ("router.quality_target", 0.5, {"evaluate"}),
-    ("eval.max_new_tokens", 3, {"evaluate"}),
-    ("export.verify_prompts", 9, {"export"}),
-    ("teacher.max_new_tokens", 3, {"capture", "evaluate"}),  # evaluate asks the teacher about eval.file
-    ("model.base", "/some/model", {"curate", "finetune", "evaluate", "export"}),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "invalidated"),
+    [
+        ("train.lr", 1e-5, {"finetune"}),
+        ("train.max_seq_len", 128, {"curate", "finetune"}),
+        ("router.quality_target", 0.5, {"evaluate"}),
+        ("eval.max_new_tokens", 3, {"evaluate"}),
+        ("export.verify_prompts", 9, {"export"}),
+        ("teacher.max_new_tokens", 3, {"capture", "evaluate"}),  # evaluate asks the teacher about eval.file
+        ("model.base", "/some/model", {"curate", "finetune", "evaluate", "export"}),
+    ],
+)
 def test_a_read_field_invalidates_exactly_the_stages_that_read_it(field, value, invalidated):
     base = Recipe(name="x")
     raw = base.model_dump(mode="json")

@@ -46,8 +46,28 @@ def test_value_spans_and_field_logprobs_on_hand_made_pieces():
     text = '{"a": "xy", "b": [1, 2], "c": null}'
     spans = value_spans(text)
     assert {k: text[s:e] for k, (s, e) in spans.items()} == {"a": '"xy"', "b": "[1, 2]", "c": "null"}
-    pieces = ['{"', 'a', '":', ' "', 'x', 'y', '",', ' "b', '":', ' [', '1', ',', ' ', '2', ']', ',', ' "c', '":',
-              ' null', '}']
+    pieces = [
+        '{"',
+        "a",
+        '":',
+        ' "',
+        "x",
+        "y",
+        '",',
+        ' "b',
+        '":',
+        " [",
+        "1",
+        ",",
+        " ",
+        "2",
+        "]",
+        ",",
+        ' "c',
+        '":',
+        " null",
+        "}",
+    ]
     logprobs = [-0.0] * len(pieces)
     logprobs[pieces.index("x")], logprobs[pieces.index("y")] = -0.5, -0.25
     logprobs[pieces.index(" null")] = -2.0
@@ -106,8 +126,9 @@ def test_llama_cpp_decodes_under_the_schema_grammar(task):
     assert 'root ::= "{" space order-id-kv' in grammar
     model = GgufModel(embedded_gguf("smollm2-135m-instruct"), n_ctx=1024)
     try:
-        conv = task.teacher_messages(user_turn("Please cancel the desk lamp. Order ORD-123456. Thanks, Ana Silva"),
-                                     few_shot=False)
+        conv = task.teacher_messages(
+            user_turn("Please cancel the desk lamp. Order ORD-123456. Thanks, Ana Silva"), few_shot=False
+        )
         answer = model.answer(model.tokenize(model.render(conv)), 160, grammar)
     finally:
         model.close()

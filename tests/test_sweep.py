@@ -27,25 +27,48 @@ def write_inputs(folder: Path, student: Path) -> Path:
     rows = []
     for i in range(64):
         label = "yes" if i % 2 else "no"
-        rows.append({"text": f"{'sun' if label == 'yes' else 'moon'} " + " ".join(rng.sample(WORDS, 6)) + f" {i}",
-                     "label": label})
+        rows.append(
+            {
+                "text": f"{'sun' if label == 'yes' else 'moon'} " + " ".join(rng.sample(WORDS, 6)) + f" {i}",
+                "label": label,
+            }
+        )
     with open(folder / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["text", "label"])
         writer.writeheader()
         writer.writerows(rows)
-    (folder / "task.yaml").write_text(yaml.safe_dump({
-        "name": "sun-or-moon", "kind": "classification", "labels": ["yes", "no"],
-        "instructions": "Reply yes when the message starts with sun, no otherwise."}))
+    (folder / "task.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "sun-or-moon",
+                "kind": "classification",
+                "labels": ["yes", "no"],
+                "instructions": "Reply yes when the message starts with sun, no otherwise.",
+            }
+        )
+    )
     recipe = {
         "name": "sweepy",
         "model": {"base": str(student)},
         "teacher": {"spec": f"logs:{folder / 'labels.csv'}", "prompt_col": "text", "label_col": "label"},
         "capture": {"task": str(folder / "task.yaml"), "cache": str(folder / "cache.sqlite")},
-        "curate": {"near_dup_threshold": None, "embeddings": "tfidf", "min_examples": 10,
-                   "split": {"validation": 0.25, "test": 0.25}},
-        "train": {"max_steps": 8, "batch_size": 8, "max_seq_len": 64, "logging_steps": 10, "save_steps": 100,
-                  "warmup_ratio": 0.0, "scheduler": "constant", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                  "eos_check": "warn"},
+        "curate": {
+            "near_dup_threshold": None,
+            "embeddings": "tfidf",
+            "min_examples": 10,
+            "split": {"validation": 0.25, "test": 0.25},
+        },
+        "train": {
+            "max_steps": 8,
+            "batch_size": 8,
+            "max_seq_len": 64,
+            "logging_steps": 10,
+            "save_steps": 100,
+            "warmup_ratio": 0.0,
+            "scheduler": "constant",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "eos_check": "warn",
+        },
         # Both labels are one token: the answer is the first token, which 8 steps teach (stopping takes longer).
         "eval": {"max_new_tokens": 1, "bootstrap": 100},
         "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "sweep-test"},
@@ -100,12 +123,19 @@ def test_child_runs_sit_under_the_parent_with_the_winner_tagged(swept):
     parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
     experiment = client.get_experiment_by_name("sweep-test")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
-                and "distill.sweep.trial" in r.data.tags]
-    assert sorted(r.data.tags["distill.sweep.trial"] for r in children) == sorted(f"train.lr={lr}" for lr in (BAD_LR, GOOD_LR))
+    children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id and "distill.sweep.trial" in r.data.tags
+    ]
+    assert sorted(r.data.tags["distill.sweep.trial"] for r in children) == sorted(
+        f"train.lr={lr}" for lr in (BAD_LR, GOOD_LR)
+    )
     for child in children:
         assert "validation_agreement" in child.data.metrics
-        stages = {r.data.tags.get("mlflow.runName") for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id}
+        stages = {
+            r.data.tags.get("mlflow.runName")
+            for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == child.info.run_id
+        }
         assert stages == {"finetune", "evaluate"}  # capture and curate were linked, not rerun
     parent = client.get_run(parent_id)
     winner = next(c for c in children if c.data.tags["distill.sweep.trial"] == f"train.lr={GOOD_LR}")
@@ -138,13 +168,16 @@ def test_axes_split_on_commas_outside_brackets():
     assert trial_name(trials[0], axes) == "train.lr=1e-3__train.lora.targets=_q_proj_v_proj_"
 
 
-@pytest.mark.parametrize("items, message", [
-    ([], "at least one axis"),
-    (["train.lr=1e-3,,2e-3"], "empty value"),
-    (["train.lr=1e-3,1e-3"], "listed twice"),
-    (["lr=1e-3"], "section.key=v1,v2"),
-    (["train.lr=1e-3", "train.lr=2e-3"], "given twice"),
-])
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ([], "at least one axis"),
+        (["train.lr=1e-3,,2e-3"], "empty value"),
+        (["train.lr=1e-3,1e-3"], "listed twice"),
+        (["lr=1e-3"], "section.key=v1,v2"),
+        (["train.lr=1e-3", "train.lr=2e-3"], "given twice"),
+    ],
+)
 def test_bad_axes_are_refused_before_anything_runs(items, message):
     with pytest.raises(DistillError, match=message):
         parse_axes(items)

@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 import real_tokenizers
 from test_finetune_masks import MISTRAL_V03_OFFICIAL
 
@@ -122,14 +121,23 @@ LLAMA32_OFFICIAL = """\
 CONVERSATIONS = {
     "user": [{"role": "user", "content": "my card never arrived"}],
     "system+user": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "my card never arrived"}],
-    "multi": [{"role": "user", "content": "refund"}, {"role": "assistant", "content": "Request a refund, please."},
-              {"role": "user", "content": "Où est ma carte ? 2 semaines déjà…"}],
-    "system+multi": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "refund"},
-                     {"role": "assistant", "content": "refund"},
-                     {"role": "user", "content": "how do I top up by bank transfer? it has been pending for days"}],
+    "multi": [
+        {"role": "user", "content": "refund"},
+        {"role": "assistant", "content": "Request a refund, please."},
+        {"role": "user", "content": "Où est ma carte ? 2 semaines déjà…"},
+    ],
+    "system+multi": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "refund"},
+        {"role": "assistant", "content": "refund"},
+        {"role": "user", "content": "how do I top up by bank transfer? it has been pending for days"},
+    ],
     "train": [{"role": "user", "content": "my card never arrived"}, {"role": "assistant", "content": "card_arrival"}],
-    "system+train": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "my card never arrived"},
-                     {"role": "assistant", "content": "card_arrival"}],
+    "system+train": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "my card never arrived"},
+        {"role": "assistant", "content": "card_arrival"},
+    ],
 }
 # mistral-common 1.13.1, MistralTokenizer.v3(): encode_chat_completion(ChatCompletionRequest(messages=...)).tokens
 # for the conversations ending with a user turn; instruct_tokenizer.encode_instruct(InstructRequest(messages=...,
@@ -138,13 +146,91 @@ CONVERSATIONS = {
 MISTRAL_COMMON_V3 = {
     "user": [1, 3, 1354, 4916, 2252, 7560, 4],
     "system+user": [1, 3, 5718, 2343, 1040, 23033, 2927, 29491, 781, 781, 2684, 4916, 2252, 7560, 4],
-    "multi": [1, 3, 20874, 4, 12284, 1032, 20874, 29493, 5433, 29491, 2, 3, 1219, 29680, 1702, 4896, 2021, 1192, 2318,
-              29473, 29518, 4314, 18019, 29088, 29646, 4],
-    "system+multi": [1, 3, 20874, 4, 20874, 2, 3, 5718, 2343, 1040, 23033, 2927, 29491, 781, 781, 6613, 1279, 1083,
-                     2598, 1350, 1254, 5974, 6766, 29572, 1146, 1427, 1518, 16234, 1122, 2970, 4],
+    "multi": [
+        1,
+        3,
+        20874,
+        4,
+        12284,
+        1032,
+        20874,
+        29493,
+        5433,
+        29491,
+        2,
+        3,
+        1219,
+        29680,
+        1702,
+        4896,
+        2021,
+        1192,
+        2318,
+        29473,
+        29518,
+        4314,
+        18019,
+        29088,
+        29646,
+        4,
+    ],
+    "system+multi": [
+        1,
+        3,
+        20874,
+        4,
+        20874,
+        2,
+        3,
+        5718,
+        2343,
+        1040,
+        23033,
+        2927,
+        29491,
+        781,
+        781,
+        6613,
+        1279,
+        1083,
+        2598,
+        1350,
+        1254,
+        5974,
+        6766,
+        29572,
+        1146,
+        1427,
+        1518,
+        16234,
+        1122,
+        2970,
+        4,
+    ],
     "train": [1, 3, 1354, 4916, 2252, 7560, 4, 4916, 29498, 1051, 1582, 1050, 2],
-    "system+train": [1, 3, 5718, 2343, 1040, 23033, 2927, 29491, 781, 781, 2684, 4916, 2252, 7560, 4, 4916, 29498, 1051,
-                     1582, 1050, 2],
+    "system+train": [
+        1,
+        3,
+        5718,
+        2343,
+        1040,
+        23033,
+        2927,
+        29491,
+        781,
+        781,
+        2684,
+        4916,
+        2252,
+        7560,
+        4,
+        4916,
+        29498,
+        1051,
+        1582,
+        1050,
+        2,
+    ],
 }
 
 
@@ -182,8 +268,9 @@ def test_llama32_template_is_metas_with_the_date_pinned(name, llama3_dir):
     # Meta's, as transformers renders it (strftime_now defined): today's date, so data would change daily
     today = _render(meta, conv)
     assert f"Today Date: {datetime.now().strftime('%d %b %Y')}\n" in today
-    assert ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=False) == \
-        meta.apply_chat_template(conv, add_generation_prompt=True, tokenize=False, date_string="26 Jul 2024")
+    assert ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=False) == meta.apply_chat_template(
+        conv, add_generation_prompt=True, tokenize=False, date_string="26 Jul 2024"
+    )
 
 
 def test_llama32_prompt_is_a_prefix_of_the_training_text_and_ends_on_eot(llama3_dir):

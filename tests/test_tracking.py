@@ -2,7 +2,14 @@ from pipeline.tracking import Tracker, redact
 
 
 def test_redact_masks_secret_keys_and_key_shaped_values():
-    out = redact({"teacher.api_key": "abc", "note": "uses sk-abcdefghijklmnop here", "teacher.api_key_env": "OPENAI_API_KEY", "lr": 0.1})
+    out = redact(
+        {
+            "teacher.api_key": "abc",
+            "note": "uses sk-abcdefghijklmnop here",
+            "teacher.api_key_env": "OPENAI_API_KEY",
+            "lr": 0.1,
+        }
+    )
     assert out["teacher.api_key"] == "***"
     assert "sk-abcdefghijklmnop" not in out["note"]
     assert out["teacher.api_key_env"] == "OPENAI_API_KEY"  # the variable's name is not the secret
@@ -38,8 +45,12 @@ def test_every_recipe_field_reaches_a_real_store_verbatim_except_secrets(tmp_pat
     from pipeline.config import Recipe
     from pipeline.tracking import flatten
 
-    recipe = Recipe(name="verbatim", teacher={"max_new_tokens": 7, "api_key_env": "MY_KEY"}, eval={"max_new_tokens": 9},
-                    curate={"max_prompt_tokens": 77, "max_completion_tokens": 33, "min_prompt_tokens": 2})
+    recipe = Recipe(
+        name="verbatim",
+        teacher={"max_new_tokens": 7, "api_key_env": "MY_KEY"},
+        eval={"max_new_tokens": 9},
+        curate={"max_prompt_tokens": 77, "max_completion_tokens": 33, "min_prompt_tokens": 2},
+    )
     expected = {k: str(v) for k, v in flatten({"recipe": recipe.model_dump(mode="json")}).items()}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "exp")
@@ -47,8 +58,16 @@ def test_every_recipe_field_reaches_a_real_store_verbatim_except_secrets(tmp_pat
         tracker.params({"recipe": recipe.model_dump(mode="json")})
     logged = MlflowClient(uri).get_run(run_id).data.params
     assert logged == expected
-    for key, value in {"teacher.max_new_tokens": "7", "eval.max_new_tokens": "9", "curate.max_prompt_tokens": "77",
-                       "curate.max_completion_tokens": "33", "teacher.api_key_env": "MY_KEY"}.items():
+    for key, value in {
+        "teacher.max_new_tokens": "7",
+        "eval.max_new_tokens": "9",
+        "curate.max_prompt_tokens": "77",
+        "curate.max_completion_tokens": "33",
+        "teacher.api_key_env": "MY_KEY",
+    }.items():
         assert logged[f"recipe.{key}"] == value, key
     assert redact({"hf_token": "x", "access_token": "y", "teacher.max_new_tokens": 7}) == {
-        "hf_token": "***", "access_token": "***", "teacher.max_new_tokens": "7"}
+        "hf_token": "***",
+        "access_token": "***",
+        "teacher.max_new_tokens": "7",
+    }

@@ -25,12 +25,16 @@ CONVS = [  # of different lengths: the left padding is exercised
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "Answer with an intent."}, {"role": "user", "content": "top up fee?"}],
 ]
-INSTRUCTIONS = ("You route an online bank's customer queries to one intent. Reply with exactly one intent label "
-                "and nothing else. The intents cover cards (arrival, linking, payments, fees), top-ups (by card, "
-                "by bank transfer, by cash or cheque, their limits and failures), transfers, exchange rates, "
-                "cash withdrawals, identity checks and account details.")
-SHARED = [[{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": text}]
-          for text in ("where is my new card", "why was I charged twice for one coffee?", "exchange rate")]
+INSTRUCTIONS = (
+    "You route an online bank's customer queries to one intent. Reply with exactly one intent label "
+    "and nothing else. The intents cover cards (arrival, linking, payments, fees), top-ups (by card, "
+    "by bank transfer, by cash or cheque, their limits and failures), transfers, exchange rates, "
+    "cash withdrawals, identity checks and account details."
+)
+SHARED = [
+    [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": text}]
+    for text in ("where is my new card", "why was I charged twice for one coffee?", "exchange rate")
+]
 TOLERANCE = 1e-4
 
 
@@ -44,8 +48,9 @@ def brute_force(model, tokenizer, conv: list[dict], label: str) -> list[float]:
 
     key = (model, repr(conv), label)
     if key not in _ORACLE:
-        prompt = tokenizer(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
-                           add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(
+            tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+        )["input_ids"]
         answer = tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         with torch.inference_mode():
             logits = model(torch.tensor([prompt + answer], device=model.device)).logits[0].float()
@@ -103,10 +108,18 @@ def _tiny(kind: str, attention: str, tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     if kind == "llama":
         return load_model(str(tiny_llama_dir), device_plan(), attn_implementation=attention).eval(), tokenizer
-    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                 pad_token_id=tokenizer.pad_token_id)
+    shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     config = MistralConfig(**shape) if kind == "mistral" else Qwen2Config(**shape)
     torch.manual_seed(1 if kind == "mistral" else 2)  # weights of their own, not the tiny Llama's
     return AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval(), tokenizer
@@ -207,8 +220,15 @@ def test_a_sliding_window_the_trie_would_overflow_is_refused(tiny_llama_dir):
     from pipeline.llm.scoring import label_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, sliding_window=64)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=64,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(ValueError, match="sliding attention window"):

@@ -109,9 +109,13 @@ def _student_input_section(view: StudentView, splits: dict[str, list[dict]]) -> 
     """What the student reads, and why: the system prompt learned away is named in full."""
     examples = [ex for s in SPLITS for ex in splits[s]]
     history = sum(any(m["role"] == "assistant" for m in ex["messages"]) for ex in examples)
-    lines = ["## Student input", "", f"The student reads: **{view.shape}** ({view.reason}).", "",
-             f"{history} of {len(examples)} kept examples carry earlier turns (their loss is on the final answer "
-             "only)."]
+    lines = [
+        "## Student input",
+        "",
+        f"The student reads: **{view.shape}** ({view.reason}).",
+        "",
+        f"{history} of {len(examples)} kept examples carry earlier turns (their loss is on the final answer only).",
+    ]
     if view.shape == "user" and view.static_system_prompt:
         quoted = "\n".join(f"> {line}" for line in view.static_system_prompt.splitlines())
         lines += ["", "Learned away, the system prompt every record shares:", "", quoted]
@@ -133,8 +137,11 @@ def _batch_savings(raw: list[dict]) -> list[str]:
     paid = sum(float(m.get("cost_usd") or 0.0) for m in batch)
     sync = sum(float(m.get("sync_cost_usd") or 0.0) for m in batch)
     share = f" ({(sync - paid) / sync:.0%})" if sync else ""
-    return [f"Batch capture: {len(batch)} answers came from provider batches at ${paid:.4f}; at sync prices "
-            f"they would have cost ${sync:.4f}, saved ${sync - paid:.4f}{share}.", ""]
+    return [
+        f"Batch capture: {len(batch)} answers came from provider batches at ${paid:.4f}; at sync prices "
+        f"they would have cost ${sync:.4f}, saved ${sync - paid:.4f}{share}.",
+        "",
+    ]
 
 
 def _steps_section(steps: list[StepRecord]) -> list[str]:
@@ -153,8 +160,14 @@ def _splits_section(splits: dict[str, list[dict]]) -> list[str]:
 
 def _labels_section(labels_before: Counter, splits: dict[str, list[dict]]) -> list[str]:
     per_split = {s: Counter(e["label"] for e in splits[s]) for s in SPLITS}
-    lines = ["## Label distribution", "", "Before: the teacher's answers after normalisation. After: the kept splits.", "",
-             "| label | before | train | validation | test | after |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Label distribution",
+        "",
+        "Before: the teacher's answers after normalisation. After: the kept splits.",
+        "",
+        "| label | before | train | validation | test | after |",
+        "|---|---|---|---|---|---|",
+    ]
     for label in sorted(set(labels_before) | set().union(*per_split.values())):
         after = sum(per_split[s][label] for s in SPLITS)
         row = [label or "(none)", labels_before.get(label, 0), *(per_split[s][label] for s in SPLITS), after]
@@ -165,8 +178,10 @@ def _labels_section(labels_before: Counter, splits: dict[str, list[dict]]) -> li
 def _length_stats(splits: dict[str, list[dict]]) -> list[str]:
     lines = ["| split | prompt tokens (min / median / max) | answer tokens (min / median / max) |", "|---|---|---|"]
     for s in SPLITS:
-        lines.append(f"| {s} | {_stats([e['prompt_tokens'] for e in splits[s]])} | "
-                     f"{_stats([e['completion_tokens'] for e in splits[s]])} |")
+        lines.append(
+            f"| {s} | {_stats([e['prompt_tokens'] for e in splits[s]])} | "
+            f"{_stats([e['completion_tokens'] for e in splits[s]])} |"
+        )
     return lines + [""]
 
 
@@ -186,8 +201,9 @@ def _removed_section(steps: list[StepRecord]) -> list[str]:
                 continue
             shown[r.reason] += 1
             detail = f" ({_cell(r.detail, 100)})" if r.detail else ""
-            lines.append(f"- **{step.name} / {r.reason}** `{r.id}`: `{_cell(r.prompt, 80)}` → "
-                         f"`{_cell(r.answer, 40)}`{detail}")
+            lines.append(
+                f"- **{step.name} / {r.reason}** `{r.id}`: `{_cell(r.prompt, 80)}` → `{_cell(r.answer, 40)}`{detail}"
+            )
     if len(lines) == 2:
         lines.append("Nothing was removed or changed.")
     return lines + [""]

@@ -23,8 +23,11 @@ def scrub_records(records: list[dict]) -> tuple[list[dict], list[Removal], Count
         messages = [{**m, "content": scrub(str(m.get("content") or ""), counts)} for m in record.get("messages", [])]
         scrubbed.append({**record, "messages": messages})
         if sum(counts.values()) > before:
-            changed.append(Removal("pii_scrubbed", str(record.get("id", "")), _last(messages, "user"),
-                                   _last(messages, "assistant")))
+            changed.append(
+                Removal(
+                    "pii_scrubbed", str(record.get("id", "")), _last(messages, "user"), _last(messages, "assistant")
+                )
+            )
     return scrubbed, changed, counts
 
 

@@ -107,31 +107,41 @@ def to_example(record: dict, task: Task, shape: Shape) -> dict:
     label = task.normalize_label(answer) if task.kind == "classification" and answer else None
     gold = gold_text(meta.get("gold"))
     logprob = mean_logprob(meta.get("logprobs"))
-    sample = {"id": str(record.get("id", "")), "completion": answer, "label": label, "logprob": logprob,
-              "finish_reason": meta.get("finish_reason") or "stop"}
-    return with_student_view({
+    sample = {
         "id": str(record.get("id", "")),
-        "messages": messages,
         "completion": answer,
-        "label": label or "",
-        "gold": gold,
-        "teacher": str(meta.get("teacher") or ""),
-        "teacher_logprob": logprob,
-        "confidence": 1.0,
-        # Each label's log-likelihood (a local teacher with teacher.label_distribution) -> its posterior.
-        "label_probs": posterior(meta["label_logprobs"])
-        if task.kind == "classification" and meta.get("label_logprobs") else None,
-        "finish_reason": sample["finish_reason"],
-        "error": meta.get("error"),
-        "sample": meta.get("sample"),
-        "gold_agrees": bool(gold) and (agrees(task, answer, gold) if task.kind == "extraction"
-                                       else (label or answer) == gold),
-        "samples": [sample],
-    }, shape)
+        "label": label,
+        "logprob": logprob,
+        "finish_reason": meta.get("finish_reason") or "stop",
+    }
+    return with_student_view(
+        {
+            "id": str(record.get("id", "")),
+            "messages": messages,
+            "completion": answer,
+            "label": label or "",
+            "gold": gold,
+            "teacher": str(meta.get("teacher") or ""),
+            "teacher_logprob": logprob,
+            "confidence": 1.0,
+            # Each label's log-likelihood (a local teacher with teacher.label_distribution) -> its posterior.
+            "label_probs": posterior(meta["label_logprobs"])
+            if task.kind == "classification" and meta.get("label_logprobs")
+            else None,
+            "finish_reason": sample["finish_reason"],
+            "error": meta.get("error"),
+            "sample": meta.get("sample"),
+            "gold_agrees": bool(gold)
+            and (agrees(task, answer, gold) if task.kind == "extraction" else (label or answer) == gold),
+            "samples": [sample],
+        },
+        shape,
+    )
 
 
-def step_normalise(records: list[dict], task: Task, cfg: CurateConfig,
-                   shape: Shape) -> tuple[list[dict], list[Removal]]:
+def step_normalise(
+    records: list[dict], task: Task, cfg: CurateConfig, shape: Shape
+) -> tuple[list[dict], list[Removal]]:
     """Step 1: normalise text; drop failed calls, empty sides (a conversation must end with a
     user turn), refusals, cut-off answers."""
     refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]

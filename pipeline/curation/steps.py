@@ -54,12 +54,19 @@ class CurateContext:
         return self.view.shape
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, task: Task, tokenizer: Any, eval_conversations: list[list[dict]] | None,
-                    frozen_test: list[dict] | None = None) -> CurateContext:
+    def from_recipe(
+        cls,
+        recipe: Recipe,
+        task: Task,
+        tokenizer: Any,
+        eval_conversations: list[list[dict]] | None,
+        frozen_test: list[dict] | None = None,
+    ) -> CurateContext:
         prompts = tuple(eval_conversations) if eval_conversations is not None else None
         frozen = tuple(frozen_test) if frozen_test is not None else None
-        return cls(task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts, frozen,
-                   recipe.model.student_input)
+        return cls(
+            task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts, frozen, recipe.model.student_input
+        )
 
 
 @dataclass
@@ -131,20 +138,25 @@ def pii(records: list[dict], ctx: CurateContext) -> StepResult:
 def eval_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
     texts = ("\n".join(m["content"] for m in student_messages(c, ctx.shape)) for c in ctx.eval_conversations or ())
     reference = NgramIndex(texts, ctx.cfg.decontam_ngram)
-    return StepResult(*step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "eval_overlap",
-                                          "the eval file"))
+    return StepResult(
+        *step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "eval_overlap", "the eval file")
+    )
 
 
 def frozen_test_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
     """Nothing that is, or nearly is, a frozen test prompt may train (an escalated copy of one included)."""
     reference = NgramIndex((student_text(ex) for ex in ctx.frozen_test or ()), ctx.cfg.decontam_ngram)
-    return StepResult(*step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "frozen_test_overlap",
-                                          "the frozen test split"))
+    return StepResult(
+        *step_decontaminate(
+            examples, reference, ctx.cfg.decontam_overlap, "frozen_test_overlap", "the frozen test split"
+        )
+    )
 
 
 def select(examples: list[dict], ctx: CurateContext) -> StepResult:
-    kept, removed, notes = step_select(examples, ctx.cfg.target_size, ctx.cfg.embeddings, ctx.cfg.selection,
-                                       ctx.cfg.seed)
+    kept, removed, notes = step_select(
+        examples, ctx.cfg.target_size, ctx.cfg.embeddings, ctx.cfg.selection, ctx.cfg.seed
+    )
     return StepResult(kept, removed, notes=notes)
 
 
@@ -161,8 +173,9 @@ STEPS: tuple[CurateStep, ...] = (
     CurateStep("answer format", answer_format),
     CurateStep("self-consistency", consistency),
     CurateStep("decontaminate (eval file)", eval_decontaminate, enabled=lambda ctx: ctx.eval_conversations is not None),
-    CurateStep("decontaminate (frozen test)", frozen_test_decontaminate,
-               enabled=lambda ctx: ctx.frozen_test is not None),
+    CurateStep(
+        "decontaminate (frozen test)", frozen_test_decontaminate, enabled=lambda ctx: ctx.frozen_test is not None
+    ),
     CurateStep("select", select),
 )
 
@@ -187,5 +200,6 @@ def decontaminate_test(splits: dict[str, list[dict]], ctx: CurateContext) -> Ste
     if ctx.frozen_test is not None:
         return StepResult(list(splits["test"]))
     train_index = NgramIndex((student_text(ex) for ex in splits["train"]), ctx.cfg.decontam_ngram)
-    return StepResult(*step_decontaminate(splits["test"], train_index, ctx.cfg.decontam_overlap,
-                                          "test_train_overlap", "train"))
+    return StepResult(
+        *step_decontaminate(splits["test"], train_index, ctx.cfg.decontam_overlap, "test_train_overlap", "train")
+    )

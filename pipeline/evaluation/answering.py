@@ -32,8 +32,16 @@ def base_conversation(task: Task, conversation: list[dict], form: str, shape: Sh
     return task.teacher_messages(conversation, few_shot=form == "few_shot")
 
 
-def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, desc: str, shape: Shape,
-               base_prompt: str | None = None) -> Answers:
+def answer_all(
+    model,
+    tokenizer,
+    rows: list[dict],
+    recipe: Recipe,
+    task: Task,
+    desc: str,
+    shape: Shape,
+    base_prompt: str | None = None,
+) -> Answers:
     """Answers in batches, timed. The tuned student answers as served (`answer_as_served` on what
     it sees of each conversation, in `shape`, decoded as `router.decode` says, every label scored
     on a classification task, which the label signals read); the base student, told the task,
@@ -46,13 +54,22 @@ def answer_all(model, tokenizer, rows: list[dict], recipe: Recipe, task: Task, d
 
     if base_prompt is None:
         convs = [student_messages(conversation_of(r), shape) for r in rows]
-        completions = answer_as_served(model, tokenizer, convs, Serving.of(recipe, task), source=desc,
-                                       progress=progress)
+        completions = answer_as_served(
+            model, tokenizer, convs, Serving.of(recipe, task), source=desc, progress=progress
+        )
         return Answers(completions, time.perf_counter() - start)
     prefix = PrefixCache()  # the instructions, run once for every batch
     completions, size = [], recipe.eval.batch_size
     for i in progress(range(0, len(rows), size)):
         convs = [base_conversation(task, conversation_of(r), base_prompt, shape) for r in rows[i : i + size]]
-        completions += generate_batch(model, tokenizer, convs, recipe.eval.max_new_tokens, labels=labels,
-                                      source=desc, prefix_cache=prefix, schema=served_schema(recipe, task))
+        completions += generate_batch(
+            model,
+            tokenizer,
+            convs,
+            recipe.eval.max_new_tokens,
+            labels=labels,
+            source=desc,
+            prefix_cache=prefix,
+            schema=served_schema(recipe, task),
+        )
     return Answers(completions, time.perf_counter() - start)

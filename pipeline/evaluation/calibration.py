@@ -104,8 +104,15 @@ def reliability(probs: list[float | None], agree: list[bool], bins: int = 10) ->
     for b in range(bins):
         mask = which == b
         if mask.any():
-            rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "confidence": float(p[mask].mean()),
-                         "agreement": float(a[mask].mean()), "n": int(mask.sum())})
+            rows.append(
+                {
+                    "lo": float(edges[b]),
+                    "hi": float(edges[b + 1]),
+                    "confidence": float(p[mask].mean()),
+                    "agreement": float(a[mask].mean()),
+                    "n": int(mask.sum()),
+                }
+            )
             ece += mask.mean() * abs(p[mask].mean() - a[mask].mean())
     return {"bins": rows, "ece": float(ece)}
 

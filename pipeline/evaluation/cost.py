@@ -62,34 +62,53 @@ def cost_rows(teacher_usd: float, student_usd: float, local_share: float) -> lis
     def saving(x: float) -> float | None:
         return None if teacher_1k == 0 else 1 - x / teacher_1k
 
-    return [CostRow("teacher only", teacher_1k, 0.0, 0.0 if teacher_1k else None),
-            CostRow("routed", routed_1k, local_share, saving(routed_1k)),
-            CostRow("student only", student_1k, 1.0, saving(student_1k))]
+    return [
+        CostRow("teacher only", teacher_1k, 0.0, 0.0 if teacher_1k else None),
+        CostRow("routed", routed_1k, local_share, saving(routed_1k)),
+        CostRow("student only", student_1k, 1.0, saving(student_1k)),
+    ]
 
 
 def rows_json(rows: list[CostRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def cost_figures(records: list[dict], student_wall_s: float, requests: int, usd_per_hour: float,
-                 local_share: float, curve: list[dict]) -> dict:
+def cost_figures(
+    records: list[dict],
+    student_wall_s: float,
+    requests: int,
+    usd_per_hour: float,
+    local_share: float,
+    curve: list[dict],
+) -> dict:
     """The report's cost section: prices, the three rows, and the cost-quality curve over thresholds."""
     teacher = teacher_price(records, usd_per_hour)
     student = student_price(student_wall_s, requests, usd_per_hour)
     rows = cost_rows(teacher.usd_per_request, student, local_share)
     # From "escalate everything" (coverage 0: the student runs, then the teacher) to every threshold.
     points = [(1000 * (student + teacher.usd_per_request), 1.0)]
-    points += [(1000 * (student + (1 - r["coverage"]) * teacher.usd_per_request), r["system_agreement"])
-               for r in curve]
-    return {"teacher_usd_per_request": teacher.usd_per_request, "teacher_basis": teacher.basis,
-            "student_usd_per_request": student, "student_usd_per_hour": usd_per_hour,
-            "student_requests_per_s": requests / student_wall_s if student_wall_s else None,
-            "rows": rows_json(rows), "curve": points}
+    points += [(1000 * (student + (1 - r["coverage"]) * teacher.usd_per_request), r["system_agreement"]) for r in curve]
+    return {
+        "teacher_usd_per_request": teacher.usd_per_request,
+        "teacher_basis": teacher.basis,
+        "student_usd_per_request": student,
+        "student_usd_per_hour": usd_per_hour,
+        "student_requests_per_s": requests / student_wall_s if student_wall_s else None,
+        "rows": rows_json(rows),
+        "curve": points,
+    }
 
 
-def api_price_figures(records: list[dict], spec: str, price: Price, student_usd: float, local_share: float,
-                      local_lo: float, local_hi: float,
-                      count_tokens: Callable[[dict], tuple[int, int]] | None = None) -> dict | None:
+def api_price_figures(
+    records: list[dict],
+    spec: str,
+    price: Price,
+    student_usd: float,
+    local_share: float,
+    local_lo: float,
+    local_hi: float,
+    count_tokens: Callable[[dict], tuple[int, int]] | None = None,
+) -> dict | None:
     """The captured teacher traffic priced as the API `spec`: each answered request's prompt and
     completion tokens at `price`, and what routing saves against it, with the local share's CI carried
     into the saving's range. Tokens are the teacher's own count (meta.usage) where it recorded one, else
@@ -118,21 +137,47 @@ def api_price_figures(records: list[dict], spec: str, price: Price, student_usd:
     def saving(usd: float) -> float | None:
         return None if teacher_1k == 0 else 1 - usd / teacher_1k
 
-    return {"spec": spec, "input_per_mtok": price.input_per_mtok, "output_per_mtok": price.output_per_mtok,
-            "price_source": price.source, "requests": len(counts), "tokens": " and ".join(sorted(sources)),
-            "prompt_tokens_per_request": prompt, "completion_tokens_per_request": completion,
-            "teacher_usd_per_1k": teacher_1k, "routed_usd_per_1k": routed(local_share),
-            "routed_usd_per_1k_lo": routed(local_hi), "routed_usd_per_1k_hi": routed(local_lo),
-            "saving": saving(routed(local_share)), "saving_lo": saving(routed(local_lo)),
-            "saving_hi": saving(routed(local_hi))}
+    return {
+        "spec": spec,
+        "input_per_mtok": price.input_per_mtok,
+        "output_per_mtok": price.output_per_mtok,
+        "price_source": price.source,
+        "requests": len(counts),
+        "tokens": " and ".join(sorted(sources)),
+        "prompt_tokens_per_request": prompt,
+        "completion_tokens_per_request": completion,
+        "teacher_usd_per_1k": teacher_1k,
+        "routed_usd_per_1k": routed(local_share),
+        "routed_usd_per_1k_lo": routed(local_hi),
+        "routed_usd_per_1k_hi": routed(local_lo),
+        "saving": saving(routed(local_share)),
+        "saving_lo": saving(routed(local_lo)),
+        "saving_hi": saving(routed(local_hi)),
+    }
 
 
-def priced_as_api(cfg: EvalCostConfig, records: list[dict], student_usd: float, local_share: Figure,
-                  count_tokens: Callable[[dict], tuple[int, int]] | None = None) -> dict | None:
+def priced_as_api(
+    cfg: EvalCostConfig,
+    records: list[dict],
+    student_usd: float,
+    local_share: Figure,
+    count_tokens: Callable[[dict], tuple[int, int]] | None = None,
+) -> dict | None:
     """`eval.cost.teacher_priced_as`'s figures, or None when the recipe names no API."""
     if cfg.teacher_priced_as is None:
         return None
-    price = (Price(cfg.teacher_price.input_per_mtok, cfg.teacher_price.output_per_mtok, "recipe")
-             if cfg.teacher_price is not None else priced_as(cfg.teacher_priced_as))
-    return api_price_figures(records, cfg.teacher_priced_as, price, student_usd, local_share.value, local_share.lo,
-                             local_share.hi, count_tokens)
+    price = (
+        Price(cfg.teacher_price.input_per_mtok, cfg.teacher_price.output_per_mtok, "recipe")
+        if cfg.teacher_price is not None
+        else priced_as(cfg.teacher_priced_as)
+    )
+    return api_price_figures(
+        records,
+        cfg.teacher_priced_as,
+        price,
+        student_usd,
+        local_share.value,
+        local_share.lo,
+        local_share.hi,
+        count_tokens,
+    )

@@ -52,13 +52,16 @@ def read_heldout(path: Path, prompt_field: str, gold_field: str | None) -> list[
         messages = _conversation_of(record, prompt_field)
         if messages:
             gold = record.get(gold_field) if gold_field else None
-            rows.append({"id": str(record.get("id") or f"heldout-{i}"), "messages": messages,
-                         "gold": gold_text(gold)})
+            rows.append({"id": str(record.get("id") or f"heldout-{i}"), "messages": messages, "gold": gold_text(gold)})
     if not rows:
         raise DistillError(f"{path}: no prompts (expected a '{prompt_field}' field/column or chat 'messages')")
     if len(rows) < len(records):
-        log.warning("%s: %d of %d rows have no prompt or conversation the student can read; skipped", path,
-                    len(records) - len(rows), len(records))
+        log.warning(
+            "%s: %d of %d rows have no prompt or conversation the student can read; skipped",
+            path,
+            len(records) - len(rows),
+            len(records),
+        )
     return rows
 
 
@@ -67,19 +70,27 @@ def teacher_answers(recipe, task: Task, rows: list[dict]) -> tuple[list[dict], f
     from pipeline.teachers.service import TeacherService
 
     if recipe.teacher.spec.startswith("logs:"):
-        raise DistillError("eval.file needs a teacher that can answer new prompts; teacher.spec is "
-                           f"{recipe.teacher.spec} (imported answers). Add the file's prompts to the logs instead")
-    service = TeacherService.for_task(recipe.teacher, recipe.capture.cache, task,  # as capture asks it
-                                      progress="evaluate (eval.file teacher)")
+        raise DistillError(
+            "eval.file needs a teacher that can answer new prompts; teacher.spec is "
+            f"{recipe.teacher.spec} (imported answers). Add the file's prompts to the logs instead"
+        )
+    service = TeacherService.for_task(
+        recipe.teacher,
+        recipe.capture.cache,
+        task,  # as capture asks it
+        progress="evaluate (eval.file teacher)",
+    )
     try:
         answers: list[Completion] = service.answer_sync(
-            [task.teacher_messages(r["messages"], recipe.teacher.few_shot) for r in rows])
+            [task.teacher_messages(r["messages"], recipe.teacher.few_shot) for r in rows]
+        )
         spent = service.report.spent_usd
     finally:
         service.close()
     failed = [r["id"] for r, a in zip(rows, answers) if a.error]
     if failed:
-        raise DistillError(f"evaluate: the teacher failed on {len(failed)} eval.file prompts (first: {failed[0]}); "
-                           "rerun to retry them (answers already bought are cached)")
+        raise DistillError(
+            f"evaluate: the teacher failed on {len(failed)} eval.file prompts (first: {failed[0]}); "
+            "rerun to retry them (answers already bought are cached)"
+        )
     return [{**r, "completion": a.text.strip()} for r, a in zip(rows, answers)], spent
-

@@ -16,15 +16,19 @@ import re
 
 from pipeline.stats import Figure, mean_figure
 
-DEFAULT_RUBRIC = ("Judge which answer better does what the user asked: correct, complete, relevant and concise. "
-                  "Ignore the order in which the answers are shown and their length.")
+DEFAULT_RUBRIC = (
+    "Judge which answer better does what the user asked: correct, complete, relevant and concise. "
+    "Ignore the order in which the answers are shown and their length."
+)
 VERDICTS = ("A", "B", "tie")
 
 
 def judge_conversation(prompt: str, first: str, second: str, rubric: str) -> list[dict]:
     system = f"You are an impartial judge. {rubric} Reply with exactly one word: A, B or tie."
-    user = (f"User request:\n{prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
-            "Which answer is better? Reply A, B or tie.")
+    user = (
+        f"User request:\n{prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
+        "Which answer is better? Reply A, B or tie."
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -43,21 +47,28 @@ def outcome(student_first: str | None, teacher_first: str | None) -> str:
     return "win" if net > 0 else "loss" if net < 0 else "tie"
 
 
-def pairwise(service, prompts: list[str], student: list[str], teacher: list[str], rubric: str | None = None
-             ) -> tuple[list[str], list[tuple[str | None, str | None]]]:
+def pairwise(
+    service, prompts: list[str], student: list[str], teacher: list[str], rubric: str | None = None
+) -> tuple[list[str], list[tuple[str | None, str | None]]]:
     """Per prompt: the student's outcome, and the raw verdicts (student first, teacher first)."""
     rubric = rubric or DEFAULT_RUBRIC
     n = len(prompts)
     convs = [judge_conversation(p, s, t, rubric) for p, s, t in zip(prompts, student, teacher)]
     convs += [judge_conversation(p, t, s, rubric) for p, s, t in zip(prompts, student, teacher)]
     answers = service.answer_sync(convs)
-    verdicts = [(parse_verdict(answers[i].text) if not answers[i].error else None,
-                 parse_verdict(answers[n + i].text) if not answers[n + i].error else None) for i in range(n)]
+    verdicts = [
+        (
+            parse_verdict(answers[i].text) if not answers[i].error else None,
+            parse_verdict(answers[n + i].text) if not answers[n + i].error else None,
+        )
+        for i in range(n)
+    ]
     return [outcome(a, b) for a, b in verdicts], verdicts
 
 
-def judge_figures(outcomes: list[str], verdicts: list[tuple[str | None, str | None]], reps: int, seed: int
-                  ) -> dict[str, Figure]:
+def judge_figures(
+    outcomes: list[str], verdicts: list[tuple[str | None, str | None]], reps: int, seed: int
+) -> dict[str, Figure]:
     """Win / tie / loss rates of the student vs the teacher, the share of the judge's verdicts
     that were parseable, and how often it contradicted itself when the order was swapped."""
     # Consistent: the same answer preferred (or a tie) whichever position it was shown in.

@@ -29,8 +29,9 @@ def macro_f1(y_true: list[str], y_pred: list[str], labels: list[str]) -> float:
     return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
 
 
-def classification_figures(y_true: list[str], y_pred: list[str], labels: list[str], reps: int, seed: int
-                           ) -> dict[str, Figure]:
+def classification_figures(
+    y_true: list[str], y_pred: list[str], labels: list[str], reps: int, seed: int
+) -> dict[str, Figure]:
     """Accuracy and macro-F1 of y_pred against y_true, each with its bootstrap CI."""
     t, p = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
     return {
@@ -110,8 +111,9 @@ def schema_valid(answer: str, schema: dict | None) -> bool:
     return schema is None or Draft202012Validator(schema).is_valid(value)
 
 
-def extraction_figures(answers: list[str], references: list[str], schema: dict | None, reps: int, seed: int
-                       ) -> dict[str, Figure]:
+def extraction_figures(
+    answers: list[str], references: list[str], schema: dict | None, reps: int, seed: int
+) -> dict[str, Figure]:
     """Parse and schema-valid rates, record exact match, and micro-averaged field precision /
     recall / F1 over every (record, field), each with its bootstrap CI over records."""
     counts = field_counts(answers, references)
@@ -119,8 +121,9 @@ def extraction_figures(answers: list[str], references: list[str], schema: dict |
     exact = [all(c.right[i] for c in counts.values()) and parse_json(a) is not None for i, a in enumerate(answers)]
 
     def micro(which: int) -> Figure:
-        return bootstrap(lambda i: FieldCounts.prf(tp[i].sum(), fp[i].sum(), fn[i].sum())[which], len(answers),
-                         reps, seed)
+        return bootstrap(
+            lambda i: FieldCounts.prf(tp[i].sum(), fp[i].sum(), fn[i].sum())[which], len(answers), reps, seed
+        )
 
     return {
         "parse_rate": mean_figure([isinstance(parse_json(a), dict) for a in answers], reps, seed),
@@ -138,8 +141,14 @@ def per_field(answers: list[str], references: list[str]) -> dict[str, dict[str, 
     table = {}
     for name, c in field_counts(answers, references).items():
         p, r, f = FieldCounts.prf(c.tp.sum(), c.fp.sum(), c.fn.sum())
-        table[name] = {"precision": p, "recall": r, "f1": f, "accuracy": float(c.right.mean()),
-                       "support": int((c.tp + c.fn).sum()), "wrong": int(len(c.right) - c.right.sum())}
+        table[name] = {
+            "precision": p,
+            "recall": r,
+            "f1": f,
+            "accuracy": float(c.right.mean()),
+            "support": int((c.tp + c.fn).sum()),
+            "wrong": int(len(c.right) - c.right.sum()),
+        }
     return table
 
 

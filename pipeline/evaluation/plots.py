@@ -69,8 +69,9 @@ def reliability_png(path: Path, bins: list[dict], signal_name: str, ece: float |
     save_png(plt, fig, path)
 
 
-def risk_coverage_png(path: Path, curves: dict[str, list[dict]], chosen: tuple[float, float] | None,
-                      target: float) -> None:
+def risk_coverage_png(
+    path: Path, curves: dict[str, list[dict]], chosen: tuple[float, float] | None, target: float
+) -> None:
     plt, fig, ax = _figure()
     for name, rows in curves.items():
         if rows:
@@ -86,8 +87,9 @@ def risk_coverage_png(path: Path, curves: dict[str, list[dict]], chosen: tuple[f
     save_png(plt, fig, path)
 
 
-def cost_quality_png(path: Path, points: list[tuple[float, float]], chosen: tuple[float, float] | None,
-                     teacher: tuple[float, float]) -> None:
+def cost_quality_png(
+    path: Path, points: list[tuple[float, float]], chosen: tuple[float, float] | None, teacher: tuple[float, float]
+) -> None:
     """x: $ per 1,000 requests, y: system agreement with the teacher, one point per threshold."""
     plt, fig, ax = _figure()
     if points:
@@ -102,8 +104,9 @@ def cost_quality_png(path: Path, points: list[tuple[float, float]], chosen: tupl
     save_png(plt, fig, path)
 
 
-def plot_interval_bars(path: Path, names: list[str], figures: list[dict], highlight: list[bool], xlabel: str,
-                       ylabel: str, title: str) -> None:
+def plot_interval_bars(
+    path: Path, names: list[str], figures: list[dict], highlight: list[bool], xlabel: str, ylabel: str, title: str
+) -> None:
     """One bar per figure ({value, lo, hi}) with its 95% CI, the highlighted ones in green; written atomically."""
     import matplotlib
 
@@ -113,8 +116,9 @@ def plot_interval_bars(path: Path, names: list[str], figures: list[dict], highli
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(figures) + 2), 3.6))
     values = [f["value"] for f in figures]
     errors = [[v - f["lo"] for v, f in zip(values, figures)], [f["hi"] - v for v, f in zip(values, figures)]]
-    ax.bar(range(len(figures)), values, yerr=errors, color=["tab:green" if h else "tab:gray" for h in highlight],
-           capsize=3)
+    ax.bar(
+        range(len(figures)), values, yerr=errors, color=["tab:green" if h else "tab:gray" for h in highlight], capsize=3
+    )
     ax.set_xticks(range(len(figures)), names)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

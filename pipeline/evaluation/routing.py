@@ -16,14 +16,13 @@ from dataclasses import dataclass, replace
 from pipeline.config import Recipe
 from pipeline.conversation import Shape
 from pipeline.evaluation import calibration
-from pipeline.task import agrees
-from pipeline.stats import Figure, mean_figure
 from pipeline.evaluation.threshold import Choice, Coverage, choose_threshold, measure, scores_of, sweep
 from pipeline.llm.answer import served_schema
 from pipeline.llm.completion import Completion
 from pipeline.llm.gates import Gates
 from pipeline.llm.policy import SIGNALS, Policy, replay
-from pipeline.task import Task
+from pipeline.stats import Figure, mean_figure
+from pipeline.task import Task, agrees
 
 
 @dataclass
@@ -44,24 +43,42 @@ def agreement(task: Task, answers: list[Completion], rows: list[dict], fields: l
     return [agrees(task, a.text, ex["completion"], fields) for a, ex in zip(answers, rows)]
 
 
-def policy_template(recipe: Recipe, task: Task, validation: list[dict], val: list[Completion],
-                    shape: Shape) -> Policy:
+def policy_template(recipe: Recipe, task: Task, validation: list[dict], val: list[Completion], shape: Shape) -> Policy:
     """Everything of the policy but its threshold (and the logistic weights, fitted separately);
     `shape`: what the student was shown (the router feeds it the same)."""
     labels = tuple(task.labels) if task.kind == "classification" else None
     temperature = calibration.fit_temperature(val, label_targets(task, validation)) if labels else 1.0
     gates = Gates.for_task(task, recipe.curate.refusal_patterns)
     weights = {"intercept": 0.0} if recipe.router.signal == "logistic" else None  # replaced by the fit
-    field_temperatures = (calibration.fit_field_temperatures(val, [ex["completion"] for ex in validation])
-                          if task.kind == "extraction" else None)
-    return Policy(threshold=None, signal=recipe.router.signal, labels=labels, temperature=temperature, gates=gates,
-                  weights=weights, decode=recipe.router.decode, schema=served_schema(recipe, task),
-                  fields=tuple(recipe.router.fields) or None, field_temperatures=field_temperatures,
-                  student_input=shape)
+    field_temperatures = (
+        calibration.fit_field_temperatures(val, [ex["completion"] for ex in validation])
+        if task.kind == "extraction"
+        else None
+    )
+    return Policy(
+        threshold=None,
+        signal=recipe.router.signal,
+        labels=labels,
+        temperature=temperature,
+        gates=gates,
+        weights=weights,
+        decode=recipe.router.decode,
+        schema=served_schema(recipe, task),
+        fields=tuple(recipe.router.fields) or None,
+        field_temperatures=field_temperatures,
+        student_input=shape,
+    )
 
 
-def routing(recipe: Recipe, task: Task, test: list[dict], validation: list[dict], tuned: list[Completion],
-            val: list[Completion], shape: Shape) -> Routing:
+def routing(
+    recipe: Recipe,
+    task: Task,
+    test: list[dict],
+    validation: list[dict],
+    tuned: list[Completion],
+    val: list[Completion],
+    shape: Shape,
+) -> Routing:
     """Threshold chosen on validation, then the same policy replayed on test."""
     template = policy_template(recipe, task, validation, val, shape)
     fields = recipe.router.fields
@@ -73,7 +90,11 @@ def routing(recipe: Recipe, task: Task, test: list[dict], validation: list[dict]
         weights = calibration.fit_logistic([val[i] for i in fit_rows], [val_agree[i] for i in fit_rows])
         template = replace(template, weights=weights or {"intercept": 0.0})
         chosen_on = "validation (odd rows; the logistic weights were fitted on the even rows)"
-    val, validation, val_agree = [val[i] for i in chosen], [validation[i] for i in chosen], [val_agree[i] for i in chosen]
+    val, validation, val_agree = (
+        [val[i] for i in chosen],
+        [validation[i] for i in chosen],
+        [val_agree[i] for i in chosen],
+    )
     choice = choose_threshold(val, val_agree, recipe.router.quality_target, template, recipe.eval.confidence)
     reps, seed = recipe.eval.bootstrap, recipe.eval.seed
     expected = replay_figures(choice.policy, val, val_agree, validation, task, reps, seed, fields)
@@ -81,23 +102,42 @@ def routing(recipe: Recipe, task: Task, test: list[dict], validation: list[dict]
     return Routing(choice, expected, confirmed, measure(choice.policy, tuned, test_agree), chosen_on)
 
 
-def replay_figures(policy: Policy, answers: list[Completion], agree: list[bool], rows: list[dict], task: Task,
-                   reps: int, seed: int, fields: list[str] | None = None) -> dict[str, Figure]:
+def replay_figures(
+    policy: Policy,
+    answers: list[Completion],
+    agree: list[bool],
+    rows: list[dict],
+    task: Task,
+    reps: int,
+    seed: int,
+    fields: list[str] | None = None,
+) -> dict[str, Figure]:
     """Local share and system agreement (escalations answered by the teacher), and system gold
     accuracy where gold exists, each with its bootstrap CI."""
     local = [d.route == "student" for d in replay(policy, answers)]
-    figures = {"local_share": mean_figure(local, reps, seed),
-               "system_agreement": mean_figure([ok if lo else True for ok, lo in zip(agree, local)], reps, seed)}
+    figures = {
+        "local_share": mean_figure(local, reps, seed),
+        "system_agreement": mean_figure([ok if lo else True for ok, lo in zip(agree, local)], reps, seed),
+    }
     gold_rows = [i for i, ex in enumerate(rows) if ex.get("gold")]
     if gold_rows:
-        correct = [agrees(task, (answers[i].text if local[i] else rows[i]["completion"]), rows[i]["gold"], fields)
-                   for i in gold_rows]
+        correct = [
+            agrees(task, (answers[i].text if local[i] else rows[i]["completion"]), rows[i]["gold"], fields)
+            for i in gold_rows
+        ]
         figures["system_accuracy"] = mean_figure(correct, reps, seed)
     return figures
 
 
-def signal_quality(task: Task, test: list[dict], tuned: list[Completion], validation: list[dict],
-                   val: list[Completion], policy: Policy, fields: list[str] | None = None) -> dict:
+def signal_quality(
+    task: Task,
+    test: list[dict],
+    tuned: list[Completion],
+    validation: list[dict],
+    val: list[Completion],
+    policy: Policy,
+    fields: list[str] | None = None,
+) -> dict:
     """AUROC of every applicable signal for "agrees with teacher" on test, and their risk-coverage
     curves, each read through the chosen policy's gates. The logistic signal is the policy's own
     fit when it routes on it, else fitted on the whole validation split for this comparison."""
@@ -105,8 +145,11 @@ def signal_quality(task: Task, test: list[dict], tuned: list[Completion], valida
     weights = policy.weights or calibration.fit_logistic(val, agreement(task, val, validation, fields))
     out = {}
     for name, sig in SIGNALS.items():
-        if (sig.needs_label_scores and task.kind != "classification") or (name == "logistic" and not weights) \
-                or (name == "field_prob" and task.kind != "extraction"):
+        if (
+            (sig.needs_label_scores and task.kind != "classification")
+            or (name == "logistic" and not weights)
+            or (name == "field_prob" and task.kind != "extraction")
+        ):
             continue
         scores = scores_of(tuned, replace(policy, signal=name, weights=weights))
         out[name] = {"auroc": calibration.auroc(scores, agree), "curve": sweep(scores, agree)}
@@ -123,5 +166,4 @@ def signal_quality(task: Task, test: list[dict], tuned: list[Completion], valida
         probs = [None if a.mean_logprob is None else math.exp(a.mean_logprob) for a in tuned]
     reliability = calibration.reliability(probs, agree)
     reliability["signal"] = prob
-    return {"signals": out, "reliability": reliability, "temperature": policy.temperature,
-            "logistic_weights": weights}
+    return {"signals": out, "reliability": reliability, "temperature": policy.temperature, "logistic_weights": weights}

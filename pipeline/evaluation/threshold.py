@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from pipeline.stats import clopper_pearson_lower, examples_needed
 from pipeline.llm.completion import Completion
 from pipeline.llm.policy import Policy, replay
+from pipeline.stats import clopper_pearson_lower, examples_needed
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,13 @@ def scores_of(completions: list[Completion], policy: Policy) -> list[float | Non
     return [policy.score(c) for c in completions]
 
 
-def choose_threshold(completions: list[Completion], agree: list[bool], target: float,
-                     template: Policy | None = None, confidence: float = 0.95) -> Choice:
+def choose_threshold(
+    completions: list[Completion],
+    agree: list[bool],
+    target: float,
+    template: Policy | None = None,
+    confidence: float = 0.95,
+) -> Choice:
     """Walk the distinct signal values from the most confident down (fixed-sequence testing);
     the lowest value whose answered set's lower bound still meets the target is the threshold.
     `template` is the policy without its threshold (signal, labels, temperature, gates, weights).
@@ -87,11 +92,19 @@ def choose_threshold(completions: list[Completion], agree: list[bool], target: f
         best = (score, bound, i, agreeing)
     if best is None:
         reason = "too_few_examples" if len(ranked) < needed else "target_not_met"
-        return Choice(replace(template, threshold=None, quality_target=target), None, 0, 0, len(completions),
-                      needed, reason)
+        return Choice(
+            replace(template, threshold=None, quality_target=target), None, 0, 0, len(completions), needed, reason
+        )
     score, bound, answered, agreeing = best
-    return Choice(replace(template, threshold=score, quality_target=target), bound, answered, agreeing,
-                  len(completions), needed, "met")
+    return Choice(
+        replace(template, threshold=score, quality_target=target),
+        bound,
+        answered,
+        agreeing,
+        len(completions),
+        needed,
+        "met",
+    )
 
 
 def measure(policy: Policy, completions: list[Completion], agree: list[bool]) -> Coverage:
@@ -100,8 +113,9 @@ def measure(policy: Policy, completions: list[Completion], agree: list[bool]) ->
     answered = [ok for ok, d in zip(agree, decisions) if d.route == "student"]
     if not completions or not answered:
         return Coverage(0.0, None, 0, 0, len(completions))
-    return Coverage(len(answered) / len(completions), sum(answered) / len(answered), len(answered),
-                    sum(answered), len(completions))
+    return Coverage(
+        len(answered) / len(completions), sum(answered) / len(answered), len(answered), sum(answered), len(completions)
+    )
 
 
 def agreement_at_coverage(curve: list[dict], coverage: float) -> float | None:
@@ -120,6 +134,12 @@ def sweep(scores: list[float | None], agree: list[bool]) -> list[dict]:
         agreeing += ok
         if i < len(ranked) and ranked[i][0] == score:
             continue
-        rows.append({"threshold": score, "coverage": i / n, "agreement_answered": agreeing / i,
-                     "system_agreement": (agreeing + n - i) / n})
+        rows.append(
+            {
+                "threshold": score,
+                "coverage": i / n,
+                "agreement_answered": agreeing / i,
+                "system_agreement": (agreeing + n - i) / n,
+            }
+        )
     return rows

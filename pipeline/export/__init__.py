@@ -14,8 +14,8 @@ file names below are what `distill serve` and users read, beside EXPORT_MERGED i
 
 from __future__ import annotations
 
-from pipeline.export.adapter import EXPORT_ADAPTER
 from pipeline.artifacts import EXPORT_GGUF, gguf_name
+from pipeline.export.adapter import EXPORT_ADAPTER
 from pipeline.export.modelfile import MODELFILE
 from pipeline.export.parity import PARITY_JSON, PARITY_MD
 

@@ -19,7 +19,10 @@ EXPORT_ADAPTER = "adapter"
 
 def export_adapter(source: Path, out: Path) -> Path:
     files = [p for p in sorted(Path(source).iterdir()) if p.is_file() and p.name.startswith("adapter_")]
-    if not any(p.name.startswith("adapter_model.") for p in files) or not (Path(source) / "adapter_config.json").is_file():
+    if (
+        not any(p.name.startswith("adapter_model.") for p in files)
+        or not (Path(source) / "adapter_config.json").is_file()
+    ):
         raise DistillError(f"{source}: no adapter_config.json + adapter_model.* (rerun `distill finetune --force`)")
     target = out / EXPORT_ADAPTER
     target.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,14 @@ def evaluation_headline(report: dict | None) -> list[str]:
     return lines
 
 
-def render_card(recipe, rows: list[ArtifactParity], parity_md: str, dataset_card: str | None,
-                report: dict | None, modelfile: str | None) -> str:
+def render_card(
+    recipe,
+    rows: list[ArtifactParity],
+    parity_md: str,
+    dataset_card: str | None,
+    report: dict | None,
+    modelfile: str | None,
+) -> str:
     accepted = {r.artifact for r in rows if r.status == "accepted"}
     lines = [
         f"# {recipe.export.model_name or recipe.name}",
@@ -69,11 +75,15 @@ def render_card(recipe, rows: list[ArtifactParity], parity_md: str, dataset_card
         "",
     ]
     if "merged" in accepted:
-        lines += ["- transformers: `AutoModelForCausalLM.from_pretrained('merged')` with its tokenizer and chat template",
-                  "- vLLM: `vllm serve ./merged`"]
+        lines += [
+            "- transformers: `AutoModelForCausalLM.from_pretrained('merged')` with its tokenizer and chat template",
+            "- vLLM: `vllm serve ./merged`",
+        ]
     if "adapter" in accepted:
-        lines.append(f"- multi-LoRA servers: `vllm serve {recipe.model.base} --enable-lora --lora-modules "
-                     "student=./adapter` (the adapter alone; its base must be the one above)")
+        lines.append(
+            f"- multi-LoRA servers: `vllm serve {recipe.model.base} --enable-lora --lora-modules "
+            "student=./adapter` (the adapter alone; its base must be the one above)"
+        )
     ggufs = [r for r in rows if r.artifact.startswith("gguf-") and r.status == "accepted"]
     for r in ggufs:
         lines.append(f"- llama.cpp: `llama-server -m {r.path}` ({r.artifact}, {r.bits_per_weight:.2f} bits/weight)")
@@ -81,11 +91,17 @@ def render_card(recipe, rows: list[ArtifactParity], parity_md: str, dataset_card
         lines.append(f"- Ollama: `cd gguf && ollama create {recipe.export.model_name or recipe.name} -f Modelfile`")
     rejected = [r for r in rows if r.status == "rejected"]
     if rejected:
-        lines += ["", "Rejected (kept for inspection, not registered): "
-                  + "; ".join(f"{r.artifact}: {'; '.join(r.reasons)}" for r in rejected)]
+        lines += [
+            "",
+            "Rejected (kept for inspection, not registered): "
+            + "; ".join(f"{r.artifact}: {'; '.join(r.reasons)}" for r in rejected),
+        ]
     shape = ((report or {}).get("router") or {}).get("student_input", "user")
-    reads = ("the conversation as the app sends it, system prompt and earlier turns included" if shape == "conversation"
-             else "the user and assistant turns of a conversation, without a system prompt")
+    reads = (
+        "the conversation as the app sends it, system prompt and earlier turns included"
+        if shape == "conversation"
+        else "the user and assistant turns of a conversation, without a system prompt"
+    )
     lines += [
         "",
         "## Intended use and limits",

@@ -43,11 +43,15 @@ def installed_llama_cpp() -> str:
     try:
         version = metadata.version("llama_cpp_python")
     except metadata.PackageNotFoundError:
-        raise DistillError("export.formats has gguf, which needs llama-cpp-python: "
-                           "pip install -e '.[gguf]' (compiles ~9 min once) or `make setup`") from None
+        raise DistillError(
+            "export.formats has gguf, which needs llama-cpp-python: "
+            "pip install -e '.[gguf]' (compiles ~9 min once) or `make setup`"
+        ) from None
     if version not in SDIST_SHA256:
-        raise DistillError(f"export: llama-cpp-python {version} is installed but the GGUF converter is pinned to "
-                           f"{LLAMA_CPP_VERSION}; pip install -e '.[gguf]' to get the pinned release")
+        raise DistillError(
+            f"export: llama-cpp-python {version} is installed but the GGUF converter is pinned to "
+            f"{LLAMA_CPP_VERSION}; pip install -e '.[gguf]' to get the pinned release"
+        )
     for module in ("sentencepiece",):  # the converter imports it before choosing a tokenizer kind
         try:
             metadata.version(module)
@@ -79,8 +83,19 @@ def llama_cpp_sdist(cache: Path, version: str = LLAMA_CPP_VERSION) -> Path:
         log.info("fetching the llama-cpp-python %s sdist (one time, ~1 min)", version)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as download:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                   f"llama-cpp-python=={version}", "-d", download]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--quiet",
+                f"llama-cpp-python=={version}",
+                "-d",
+                download,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             found = sorted(Path(download).glob(sdist.name))
             if done.returncode != 0 or not found:
@@ -89,8 +104,10 @@ def llama_cpp_sdist(cache: Path, version: str = LLAMA_CPP_VERSION) -> Path:
             os.replace(found[0], sdist)
     digest = sha256_file(sdist)
     if digest != SDIST_SHA256[version]:
-        raise DistillError(f"export: {sdist} has sha256 {digest}, pinned {SDIST_SHA256[version]}; refusing it "
-                           "(delete it to fetch it again)")
+        raise DistillError(
+            f"export: {sdist} has sha256 {digest}, pinned {SDIST_SHA256[version]}; refusing it "
+            "(delete it to fetch it again)"
+        )
     return sdist
 
 
@@ -119,6 +136,8 @@ def convert(merged: Path, outfile: Path, outtype: str, cache: Path) -> None:
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         last = outfile.with_suffix(".convert.log").read_text().strip().splitlines()[-1:] or ["no output"]
-        raise DistillError(f"export: llama.cpp's converter failed on {merged.name} ({last[0][:200]}); "
-                           f"full log: {outfile.with_suffix('.convert.log')}")
+        raise DistillError(
+            f"export: llama.cpp's converter failed on {merged.name} ({last[0][:200]}); "
+            f"full log: {outfile.with_suffix('.convert.log')}"
+        )
     os.replace(tmp, outfile)

@@ -20,7 +20,6 @@ from pipeline.errors import DistillError
 from pipeline.gguf_types import CONVERTED, QUANTIZED, REFERENCE_TYPE
 
 
-
 @dataclass(frozen=True)
 class GgufFile:
     type: str

@@ -81,9 +81,16 @@ class Reference:
     device: object
 
 
-def export_merged(load_adapted: Callable[[], object], tokenizer, conversations: list[list[dict]],
-                  max_new_tokens: int, out: Path, save_dtype=None, logprob_tolerance: float | None = None,
-                  min_agreement: float = 0.75) -> MergedExport:
+def export_merged(
+    load_adapted: Callable[[], object],
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    out: Path,
+    save_dtype=None,
+    logprob_tolerance: float | None = None,
+    min_agreement: float = 0.75,
+) -> MergedExport:
     """`load_adapted()` returns a PeftModel on an unquantized base; it is consumed by the merge. It is a
     loader, not a model, so that no caller keeps the weights alive: base + adapter answer the
     verification prompts, are merged and saved, and every reference to them is dropped and collected
@@ -100,45 +107,68 @@ def export_merged(load_adapted: Callable[[], object], tokenizer, conversations: 
     reloaded = reload_plain(out / EXPORT_MERGED, reference.dtype, reference.device)
     load_s = time.perf_counter() - start
     got = _answers(reloaded, tokenizer, conversations, max_new_tokens)
-    deltas = [float((answer_logprobs(reloaded, tokenizer, c, e.token_ids) - ref).abs().max())
-              for c, e, ref in zip(conversations, reference.expected, reference.logprobs)]
+    deltas = [
+        float((answer_logprobs(reloaded, tokenizer, c, e.token_ids) - ref).abs().max())
+        for c, e, ref in zip(conversations, reference.expected, reference.logprobs)
+    ]
     expected, effect = reference.expected, reference.adapter_effect
     saved = _dtype_name(save_dtype or reference.dtype)
     coarsest = min((_dtype_name(reference.dtype), saved), key=lambda d: _MANTISSA_BITS.get(d, 0))
     tolerance = logprob_tolerance if logprob_tolerance is not None else DEFAULT_LOGPROB_TOLERANCE.get(coarsest, 2.0)
-    mismatches = [(c[-1]["content"], e, g) for c, e, g in zip(conversations, expected, got) if e.token_ids != g.token_ids]
+    mismatches = [
+        (c[-1]["content"], e, g) for c, e, g in zip(conversations, expected, got) if e.token_ids != g.token_ids
+    ]
     agreement = 1 - len(mismatches) / max(len(conversations), 1)
     worst = max(range(len(deltas)), key=deltas.__getitem__, default=None)
     max_delta = deltas[worst] if worst is not None else 0.0
     compute = f"{_dtype_name(reference.dtype)} on {reference.device}"
-    atomic_write_json(out / "verification.json",
-                      {"prompts": len(conversations), "mismatches": len(mismatches),
-                       "greedy_agreement": agreement, "min_agreement": min_agreement,
-                       "max_logprob_delta": max_delta, "logprob_tolerance": tolerance, "logprob_deltas": deltas,
-                       "adapter_logprob_effect": effect, "compute": compute, "saved_dtype": saved,
-                       "expected": [c.text for c in expected], "merged": [c.text for c in got]})
+    atomic_write_json(
+        out / "verification.json",
+        {
+            "prompts": len(conversations),
+            "mismatches": len(mismatches),
+            "greedy_agreement": agreement,
+            "min_agreement": min_agreement,
+            "max_logprob_delta": max_delta,
+            "logprob_tolerance": tolerance,
+            "logprob_deltas": deltas,
+            "adapter_logprob_effect": effect,
+            "compute": compute,
+            "saved_dtype": saved,
+            "expected": [c.text for c in expected],
+            "merged": [c.text for c in got],
+        },
+    )
     where = f"(base + adapter in {compute}, merged weights saved as {saved}; {out / 'verification.json'})"
     if effect <= tolerance:
-        log.warning("export: the adapter moves log-probabilities by at most %.3g nats, within the %.3g-nat tolerance: "
-                    "the logits check cannot tell a dropped adapter from a correct merge here, only greedy agreement "
-                    "can (export.verify_logprob_tolerance)", effect, tolerance)
+        log.warning(
+            "export: the adapter moves log-probabilities by at most %.3g nats, within the %.3g-nat tolerance: "
+            "the logits check cannot tell a dropped adapter from a correct merge here, only greedy agreement "
+            "can (export.verify_logprob_tolerance)",
+            effect,
+            tolerance,
+        )
     if max_delta > tolerance:
         raise DistillError(
             f"export: merged model's log-probabilities differ from base+adapter's by up to {max_delta:.4g} nats, "
             f"over export.verify_logprob_tolerance={tolerance:g}, on '{conversations[worst][-1]['content'][:60]}' "
-            f"{where}: the merge is wrong")
+            f"{where}: the merge is wrong"
+        )
     if agreement < min_agreement:
         prompt, e, g = mismatches[0]
         raise DistillError(
             f"export: merged model gives base+adapter's greedy answer on {agreement:.0%} of {len(conversations)} "
             f"verification prompts, under export.verify_min_agreement={min_agreement:g} (first, '{prompt[:60]}': "
-            f"{e.text!r} vs {g.text!r}; largest log-probability difference {max_delta:.4g} nats) {where}")
-    return MergedExport(EXPORT_MERGED, len(conversations), got, load_s, reloaded, max_delta, agreement, tolerance,
-                        effect)
+            f"{e.text!r} vs {g.text!r}; largest log-probability difference {max_delta:.4g} nats) {where}"
+        )
+    return MergedExport(
+        EXPORT_MERGED, len(conversations), got, load_s, reloaded, max_delta, agreement, tolerance, effect
+    )
 
 
-def _merge_and_save(adapted, tokenizer, conversations: list[list[dict]], max_new_tokens: int, out: Path,
-                    save_dtype) -> Reference:
+def _merge_and_save(
+    adapted, tokenizer, conversations: list[list[dict]], max_new_tokens: int, out: Path, save_dtype
+) -> Reference:
     """Record base + adapter's answers and log-probabilities, merge, save; the model dies with this frame."""
     if getattr(adapted, "is_loaded_in_4bit", False) or getattr(adapted, "is_loaded_in_8bit", False):
         raise DistillError("export: refusing to merge into a quantized base; load it unquantized")
@@ -151,8 +181,13 @@ def _merge_and_save(adapted, tokenizer, conversations: list[list[dict]], max_new
     # The distributions that chose each reference token (and the stop after them), teacher-forced.
     logprobs = [answer_logprobs(adapted, tokenizer, c, e.token_ids) for c, e in zip(conversations, expected)]
     with adapted.disable_adapter():  # what the adapter itself moves: the scale a wrong merge is read against
-        effect = max((float((answer_logprobs(adapted, tokenizer, c, e.token_ids) - ref).abs().max())
-                      for c, e, ref in zip(conversations, expected, logprobs)), default=0.0)
+        effect = max(
+            (
+                float((answer_logprobs(adapted, tokenizer, c, e.token_ids) - ref).abs().max())
+                for c, e, ref in zip(conversations, expected, logprobs)
+            ),
+            default=0.0,
+        )
     merged = adapted.merge_and_unload()
     set_generation_eos(merged.generation_config, tokenizer)
     if save_dtype is not None:
@@ -170,8 +205,7 @@ def answer_logprobs(model, tokenizer, conversation: list[dict], answer_ids: list
     prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + list(answer_ids)
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=model.device),
-                       logits_to_keep=len(answer_ids) + 1).logits[0]
+        logits = model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=len(answer_ids) + 1).logits[0]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
@@ -206,8 +240,9 @@ def reload_plain(folder: Path, dtype=None, device="cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
-                                                device_map={"": str(device)}).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype or torch.float32, device_map={"": str(device)}
+    ).eval()
 
 
 def base_dtype(folder: str):

@@ -21,8 +21,12 @@ PROBES = [
     [{"role": "user", "content": "hello"}],
     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-    [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-     {"role": "user", "content": "c"}],
+    [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ],
     [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "c"}],
 ]
 
@@ -59,8 +63,10 @@ class ChatFormat:
         # No `{{-` trim markers anywhere: the literal pieces end in newlines that must survive.
         default = ""
         if self.default_system is not None:
-            default = (f'{{{{ if ne .Role "system" }}}}{self.before["system"]}{self.intro}{self.default_system}'
-                       f"{self.after}{{{{ end }}}}")
+            default = (
+                f'{{{{ if ne .Role "system" }}}}{self.before["system"]}{self.intro}{self.default_system}'
+                f"{self.after}{{{{ end }}}}"
+            )
         intro = f"{{{{ if eq $i 0 }}}}{self.intro}{{{{ end }}}}" if self.intro else ""
         return (
             "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
@@ -107,21 +113,25 @@ def _infer(tokenizer) -> list[ChatFormat]:
     """Candidate formats (no prelude, or the BOS text as prelude); the caller keeps the first
     that reproduces the template. Empty when the template is not of this form at all."""
     m = _MARK
-    conv = [{"role": "system", "content": m["system"]}, {"role": "user", "content": m["user1"]},
-            {"role": "assistant", "content": m["assistant"]}, {"role": "user", "content": m["user2"]}]
+    conv = [
+        {"role": "system", "content": m["system"]},
+        {"role": "user", "content": m["user1"]},
+        {"role": "assistant", "content": m["assistant"]},
+        {"role": "user", "content": m["user2"]},
+    ]
     full, closed = _render(tokenizer, conv, True), _render(tokenizer, conv, False)
     if not full.startswith(closed):
         return []
-    generation = full[len(closed):]
+    generation = full[len(closed) :]
     pos = [closed.index(m[k]) for k in ("system", "user1", "assistant", "user2")]
     ends = [p + len(m[k]) for p, k in zip(pos, ("system", "user1", "assistant", "user2"))]
     if pos != sorted(pos):
         return []
-    head, after = closed[: pos[0]], closed[ends[3]:]
+    head, after = closed[: pos[0]], closed[ends[3] :]
     joins = [closed[ends[i] : pos[i + 1]] for i in range(3)]
     if not after or not all(j.startswith(after) for j in joins):
         return []
-    before_user, before_assistant = joins[0][len(after):], joins[1][len(after):]
+    before_user, before_assistant = joins[0][len(after) :], joins[1][len(after) :]
     if joins[2] != after + before_user:
         return []
     # Without a system message: is a default one injected, and what comes before everything?
@@ -140,9 +150,9 @@ def _infer(tokenizer) -> list[ChatFormat]:
             default = lead[len(head) : -len(after)]
         else:
             continue
-        system, intro = head[len(prelude):], ""
+        system, intro = head[len(prelude) :], ""
         if later_system is not None and system.startswith(later_system):
-            system, intro = later_system, system[len(later_system):]
+            system, intro = later_system, system[len(later_system) :]
         before = {"system": system, "user": before_user, "assistant": before_assistant}
         found.append(ChatFormat(prelude, default, before, after, generation, intro))
     return found
@@ -154,8 +164,15 @@ def _later_system_header(tokenizer, after: str) -> str | None:
 
     m = _MARK
     try:
-        mid = _render(tokenizer, [{"role": "user", "content": m["user1"]}, {"role": "system", "content": m["system"]},
-                                  {"role": "user", "content": m["user2"]}], False)
+        mid = _render(
+            tokenizer,
+            [
+                {"role": "user", "content": m["user1"]},
+                {"role": "system", "content": m["system"]},
+                {"role": "user", "content": m["user2"]},
+            ],
+            False,
+        )
     except TemplateError:
         return None
     start = mid.find(m["user1"] + after)
@@ -174,13 +191,17 @@ def stop_strings(fmt: ChatFormat | None, tokenizer) -> list[str]:
 
 
 def modelfile_text(gguf_file: str, fmt: ChatFormat | None, stops: list[str], temperature: float = 0.0) -> str:
-    lines = [f"# ollama create <name> -f {MODELFILE}   (run in this folder; FROM is relative to it)",
-             f"FROM ./{gguf_file}"]
+    lines = [
+        f"# ollama create <name> -f {MODELFILE}   (run in this folder; FROM is relative to it)",
+        f"FROM ./{gguf_file}",
+    ]
     if fmt is not None:
         lines.append(f'TEMPLATE """{fmt.go_template()}"""')
     else:
-        lines.append("# TEMPLATE omitted: the chat template is not of a prefix/content/suffix form this export "
-                     "can translate; Ollama detects one from the GGUF's tokenizer.chat_template")
+        lines.append(
+            "# TEMPLATE omitted: the chat template is not of a prefix/content/suffix form this export "
+            "can translate; Ollama detects one from the GGUF's tokenizer.chat_template"
+        )
     lines += [f"PARAMETER stop {_quote(s)}" for s in stops]
     lines.append(f"PARAMETER temperature {temperature:g}")
     return "\n".join(lines) + "\n"

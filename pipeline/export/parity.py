@@ -80,8 +80,9 @@ class ArtifactParity:
 # ---------------------------------------------------------------- llama.cpp side
 
 
-def gguf_answers(model: GgufModel, conversations: list[list[dict]], max_new_tokens: int,
-                 schema: dict | None = None) -> Answers:
+def gguf_answers(
+    model: GgufModel, conversations: list[list[dict]], max_new_tokens: int, schema: dict | None = None
+) -> Answers:
     """Greedy answers in llama.cpp; under llama.cpp's grammar for `schema` when given."""
     from pipeline.llm.structured import gbnf
 
@@ -94,25 +95,32 @@ def gguf_problems(model: GgufModel, metadata: dict, tokenizer, conversations: li
     problems = []
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     if eos != tokenizer.eos_token_id:
-        problems.append(f"EOS id {eos} in the GGUF, but the tokenizer's EOS is {tokenizer.eos_token_id} "
-                        f"({tokenizer.eos_token!r}): llama.cpp runtimes would not stop where the model was trained to")
+        problems.append(
+            f"EOS id {eos} in the GGUF, but the tokenizer's EOS is {tokenizer.eos_token_id} "
+            f"({tokenizer.eos_token!r}): llama.cpp runtimes would not stop where the model was trained to"
+        )
     if tokenizer.bos_token_id is not None and metadata.get("tokenizer.ggml.bos_token_id") != tokenizer.bos_token_id:
-        problems.append(f"BOS id {metadata.get('tokenizer.ggml.bos_token_id')} in the GGUF, tokenizer has "
-                        f"{tokenizer.bos_token_id}")
+        problems.append(
+            f"BOS id {metadata.get('tokenizer.ggml.bos_token_id')} in the GGUF, tokenizer has {tokenizer.bos_token_id}"
+        )
     if metadata.get("tokenizer.chat_template") != tokenizer.chat_template:
         problems.append("the chat template in the GGUF is not the tokenizer's")
     for conv in conversations:
         expected = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         rendered = model.render(conv)
         if rendered != expected:
-            problems.append(f"llama.cpp renders the chat template differently on {_short(conv)}: "
-                            f"{_first_diff(rendered or '', expected)}")
+            problems.append(
+                f"llama.cpp renders the chat template differently on {_short(conv)}: "
+                f"{_first_diff(rendered or '', expected)}"
+            )
             break
         want = tokenizer(expected, add_special_tokens=False)["input_ids"]
         got = model.tokenize(expected)
         if got != want:
-            problems.append(f"llama.cpp tokenizes {_short(conv)} differently ({len(got)} vs {len(want)} tokens, "
-                            f"first difference at token {_first_index(got, want)})")
+            problems.append(
+                f"llama.cpp tokenizes {_short(conv)} differently ({len(got)} vs {len(want)} tokens, "
+                f"first difference at token {_first_index(got, want)})"
+            )
             break
     return problems
 
@@ -120,8 +128,15 @@ def gguf_problems(model: GgufModel, metadata: dict, tokenizer, conversations: li
 # ---------------------------------------------------------------- transformers side
 
 
-def hf_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
-               load_s: float, schema: dict | None = None) -> Answers:
+def hf_answers(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int,
+    load_s: float,
+    schema: dict | None = None,
+) -> Answers:
     """Merged's greedy answers (under `schema` when the student is served under one). Greedy, whatever
     `router.decode` says: GGUF runtimes generate, and parity measures what the conversion changed,
     not what the decoding does."""
@@ -138,8 +153,8 @@ def hf_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens
 
 def score(row: ArtifactParity, answers: Answers, references: list[str], task) -> list[bool]:
     """Fill the row's figures from its answers; returns the per-prompt agreement."""
-    from pipeline.task import agrees
     from pipeline.stats import mean_figure
+    from pipeline.task import agrees
 
     hits = [agrees(task, c.text, ref) for c, ref in zip(answers.completions, references)]
     row.agreement = mean_figure([float(h) for h in hits]).to_json()
@@ -153,17 +168,20 @@ def judge(row: ArtifactParity, merged: ArtifactParity, tolerance: float) -> None
     """Reject a row whose agreement or EOS stop rate falls more than `tolerance` below merged's."""
     row.delta_vs_merged = row.agreement["value"] - merged.agreement["value"]
     if row.delta_vs_merged < -tolerance - 1e-9:
-        row.reject(f"agreement {100 * row.agreement['value']:.1f}% is {-100 * row.delta_vs_merged:.1f} points below "
-                   f"merged's {100 * merged.agreement['value']:.1f}% (export.parity_tolerance="
-                   f"{100 * tolerance:.1f} points)")
+        row.reject(
+            f"agreement {100 * row.agreement['value']:.1f}% is {-100 * row.delta_vs_merged:.1f} points below "
+            f"merged's {100 * merged.agreement['value']:.1f}% (export.parity_tolerance="
+            f"{100 * tolerance:.1f} points)"
+        )
     stop_drop = merged.eos_stop_rate - row.eos_stop_rate
     if stop_drop > tolerance + 1e-9:
         row.reject(f"EOS stop rate {100 * row.eos_stop_rate:.1f}% is {100 * stop_drop:.1f} points below merged's")
     if row.schema_valid_rate is not None and merged.schema_valid_rate is not None:
         valid_drop = merged.schema_valid_rate - row.schema_valid_rate
         if valid_drop > tolerance + 1e-9:
-            row.reject(f"schema-valid rate {100 * row.schema_valid_rate:.1f}% is {100 * valid_drop:.1f} points "
-                       "below merged's")
+            row.reject(
+                f"schema-valid rate {100 * row.schema_valid_rate:.1f}% is {100 * valid_drop:.1f} points below merged's"
+            )
 
 
 @dataclass
@@ -207,16 +225,19 @@ def logprob_gap(model: GgufModel, reference: ForcedReference) -> float:
     return gap
 
 
-def check_reference_type(row: ArtifactParity, model: GgufModel, references: list[ForcedReference],
-                         tolerance: float) -> None:
+def check_reference_type(
+    row: ArtifactParity, model: GgufModel, references: list[ForcedReference], tolerance: float
+) -> None:
     """F16 is held to the merged model's teacher-forced log-probabilities on the verification prompts."""
     gaps = [logprob_gap(model, r) for r in references]
     worst = max(range(len(gaps)), key=gaps.__getitem__, default=None)
     row.verify_max_logprob_delta = gaps[worst] if worst is not None else 0.0
     row.verify_logprob_tolerance = tolerance
     if worst is not None and gaps[worst] > tolerance:
-        row.reject(f"teacher-forced on merged's greedy answers, log-probabilities differ by up to {gaps[worst]:.3g} "
-                   f"nats (export.f16_logprob_tolerance={tolerance:g}) on {_short(references[worst].conversation)}")
+        row.reject(
+            f"teacher-forced on merged's greedy answers, log-probabilities differ by up to {gaps[worst]:.3g} "
+            f"nats (export.f16_logprob_tolerance={tolerance:g}) on {_short(references[worst].conversation)}"
+        )
 
 
 # ---------------------------------------------------------------- the table
@@ -227,28 +248,51 @@ def table_json(rows: list[ArtifactParity], meta: dict) -> dict:
 
 
 def table_markdown(rows: list[ArtifactParity], meta: dict) -> str:
-    head = ("| artifact | size | bits/weight | load s | tok/s | agreement [95% CI] | Δ vs merged | EOS stop | status |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| artifact | size | bits/weight | load s | tok/s | agreement [95% CI] | Δ vs merged | EOS stop | status |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     structured = [r for r in rows if r.schema_valid_rate is not None]
     for r in rows:
-        agreement = (f"{100 * r.agreement['value']:.1f}% [{100 * r.agreement['lo']:.1f}, {100 * r.agreement['hi']:.1f}]"
-                     if r.agreement else "= merged" if r.artifact == "adapter" else "not measured")
+        agreement = (
+            f"{100 * r.agreement['value']:.1f}% [{100 * r.agreement['lo']:.1f}, {100 * r.agreement['hi']:.1f}]"
+            if r.agreement
+            else "= merged"
+            if r.artifact == "adapter"
+            else "not measured"
+        )
         status = f"{r.status}: {'; '.join(r.reasons)}" if r.reasons else r.status + (f" ({r.note})" if r.note else "")
-        lines.append(" | ".join([
-            f"| {r.artifact}", _size(r.size_bytes), f"{r.bits_per_weight:.2f}" if r.bits_per_weight else "",
-            _num(r.load_s, 2), _num(r.tokens_per_s, 1), agreement,
-            f"{100 * r.delta_vs_merged:+.1f} pts" if r.delta_vs_merged is not None else "",
-            f"{100 * r.eos_stop_rate:.0f}%" if r.eos_stop_rate is not None else "", status + " |",
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    f"| {r.artifact}",
+                    _size(r.size_bytes),
+                    f"{r.bits_per_weight:.2f}" if r.bits_per_weight else "",
+                    _num(r.load_s, 2),
+                    _num(r.tokens_per_s, 1),
+                    agreement,
+                    f"{100 * r.delta_vs_merged:+.1f} pts" if r.delta_vs_merged is not None else "",
+                    f"{100 * r.eos_stop_rate:.0f}%" if r.eos_stop_rate is not None else "",
+                    status + " |",
+                ]
+            )
+        )
     if structured:
-        lines += ["", "Structured output (merged: xgrammar under the task's schema; GGUF: llama.cpp's grammar "
-                      "converted from it):", "", "| artifact | schema-valid | field F1 vs merged [95% CI] |",
-                  "|---|---|---|"]
+        lines += [
+            "",
+            "Structured output (merged: xgrammar under the task's schema; GGUF: llama.cpp's grammar "
+            "converted from it):",
+            "",
+            "| artifact | schema-valid | field F1 vs merged [95% CI] |",
+            "|---|---|---|",
+        ]
         for r in structured:
             f1 = r.field_f1_vs_merged
-            lines.append(f"| {r.artifact} | {100 * r.schema_valid_rate:.1f}% | "
-                         + (f"{f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}] |" if f1 else "1.000 (reference) |"))
+            lines.append(
+                f"| {r.artifact} | {100 * r.schema_valid_rate:.1f}% | "
+                + (f"{f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}] |" if f1 else "1.000 (reference) |")
+            )
     notes = [
         "",
         f"{meta['test_examples']} test prompts, agreement with the teacher's answers (bootstrap 95% CI over prompts); "
@@ -258,8 +302,10 @@ def table_markdown(rows: list[ArtifactParity], meta: dict) -> str:
     for r in rows:
         if r.tensor_types and len(r.tensor_types) > 2:
             mix = ", ".join(f"{n} {t}" for t, n in sorted(r.tensor_types.items(), key=lambda kv: -kv[1]))
-            notes.append(f"{r.artifact}: {r.bits_per_weight:.2f} bits/weight from its file size; tensors: {mix} "
-                         "(k-quants fall back to legacy types where a row is not a multiple of 256).")
+            notes.append(
+                f"{r.artifact}: {r.bits_per_weight:.2f} bits/weight from its file size; tensors: {mix} "
+                "(k-quants fall back to legacy types where a row is not a multiple of 256)."
+            )
     return "\n".join(lines + notes) + "\n"
 
 

@@ -35,14 +35,18 @@ def version_tags(row: ArtifactParity) -> dict[str, str]:
     return tags
 
 
-def register_accepted(tracker, name: str, rows: list[ArtifactParity], final_dir: Path,
-                      lineage: dict[str, str]) -> dict[str, str]:
+def register_accepted(
+    tracker, name: str, rows: list[ArtifactParity], final_dir: Path, lineage: dict[str, str]
+) -> dict[str, str]:
     """artifact -> registered version, for every accepted row."""
     versions = {}
     for row in rows:
         if row.status != "accepted":
             continue
         versions[row.artifact] = tracker.register_model(
-            name, str(final_dir / row.path), {**lineage, **version_tags(row)},
-            f"{row.artifact} of recipe {lineage.get('recipe')}: passed export parity")
+            name,
+            str(final_dir / row.path),
+            {**lineage, **version_tags(row)},
+            f"{row.artifact} of recipe {lineage.get('recipe')}: passed export parity",
+        )
     return versions

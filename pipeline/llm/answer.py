@@ -36,8 +36,13 @@ class Serving:
         """As the recipe serves this task: `router.decode`, `eval.max_new_tokens`, `eval.batch_size`,
         the labels of a classification task, the schema of an extraction one (`router.structured`)."""
         labels = tuple(task.labels) if task.kind == "classification" else None
-        return cls(recipe.router.decode, labels, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                   served_schema(recipe, task))
+        return cls(
+            recipe.router.decode,
+            labels,
+            recipe.eval.max_new_tokens,
+            recipe.eval.batch_size,
+            served_schema(recipe, task),
+        )
 
     def __post_init__(self) -> None:
         if self.decode not in ("generate", "label_posterior"):
@@ -51,16 +56,29 @@ def served_schema(recipe: Recipe, task: Task) -> dict | None:
     return task.output_schema if task.kind == "extraction" and recipe.router.structured else None
 
 
-def answer_as_served(model, tokenizer, conversations: list[list[dict]], serving: Serving, *,
-                     source: str = "student",
-                     progress: Callable[[range], Iterable[int]] | None = None) -> list[Completion]:
+def answer_as_served(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    serving: Serving,
+    *,
+    source: str = "student",
+    progress: Callable[[range], Iterable[int]] | None = None,
+) -> list[Completion]:
     """The student's answers to `conversations` (already in the shape the student is served), in
     batches of `serving.batch_size`. `progress` wraps the batch range (tqdm) where a person waits."""
     starts = range(0, len(conversations), serving.batch_size)
     labels = list(serving.labels) if serving.labels else None
     completions: list[Completion] = []
     for i in progress(starts) if progress else starts:
-        completions += generate_batch(model, tokenizer, conversations[i : i + serving.batch_size],
-                                      serving.max_new_tokens, source=source, score_labels=labels,
-                                      decode=serving.decode, schema=serving.schema)
+        completions += generate_batch(
+            model,
+            tokenizer,
+            conversations[i : i + serving.batch_size],
+            serving.max_new_tokens,
+            source=source,
+            score_labels=labels,
+            decode=serving.decode,
+            schema=serving.schema,
+        )
     return completions

@@ -8,7 +8,7 @@ highest, token by token. Used by the local teacher when `teacher.constrain_to_la
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def label_token_trie(tokenizer, labels: list[str]) -> dict:
@@ -21,7 +21,7 @@ def label_token_trie(tokenizer, labels: list[str]) -> dict:
     return trie
 
 
-def allowed_tokens_fn(tokenizer, labels: list[str], prompt_len: int) -> Callable[[int, "object"], list[int]]:
+def allowed_tokens_fn(tokenizer, labels: list[str], prompt_len: int) -> Callable[[int, object], list[int]]:
     """A `prefix_allowed_tokens_fn` for `generate`: only continuations of some label.
 
     `prompt_len` is the (left-padded) prompt length, so generated tokens start there for

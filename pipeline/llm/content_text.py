@@ -17,7 +17,7 @@ and by the router's GGUF student, with its own tokenizer.
 from __future__ import annotations
 
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 
 class ContentNotVerbatim(ValueError):
@@ -49,8 +49,9 @@ def content_pieces(render: Callable[[list[dict]], str], conversation: list[dict]
         pieces = _split(marked, markers, contents)
         if "".join(text for text, _ in pieces) == real:
             return [(text, is_content) for text, is_content in pieces if text]
-    raise ContentNotVerbatim("this chat template rewrites message content, so a special-token string in it "
-                             "cannot be kept as text")
+    raise ContentNotVerbatim(
+        "this chat template rewrites message content, so a special-token string in it cannot be kept as text"
+    )
 
 
 def _split(marked: str, markers: list[str], contents: list[str]) -> list[tuple[str, bool]]:

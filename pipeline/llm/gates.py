@@ -66,8 +66,11 @@ class Gates:
         return validator_for(self.output_schema)(self.output_schema)
 
     def to_json(self) -> dict[str, Any]:
-        return {"answer_regex": self.answer_regex, "output_schema": self.output_schema,
-                "refusal_patterns": list(self.refusal_patterns)}
+        return {
+            "answer_regex": self.answer_regex,
+            "output_schema": self.output_schema,
+            "refusal_patterns": list(self.refusal_patterns),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Gates:

@@ -18,9 +18,16 @@ from pipeline.llm.scoring import label_logprobs, label_token_ids, label_token_lo
 
 
 def generate_batch(
-    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, labels: list[str] | None = None,
-    source: str = "", score_labels: list[str] | None = None, prefix_cache: PrefixCache | None = None,
-    decode: str = "generate", schema: dict | None = None,
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    labels: list[str] | None = None,
+    source: str = "",
+    score_labels: list[str] | None = None,
+    prefix_cache: PrefixCache | None = None,
+    decode: str = "generate",
+    schema: dict | None = None,
 ) -> list[Completion]:
     """Greedy, batched generation (left padding). With `labels`, decoding is constrained to
     those strings (see constrained.py); with a JSON `schema`, to answers valid against it, and
@@ -56,7 +63,7 @@ def generate_batch(
             eos_token_id=tokenizer.eos_token_id,
             **constraint,
         )
-    new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+    new_tokens = out.sequences[:, enc["input_ids"].shape[1] :]
     logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
     chosen = logprobs.gather(-1, new_tokens[:, : logprobs.shape[1], None]).squeeze(-1)
     prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
@@ -68,18 +75,20 @@ def generate_batch(
     for row, lp, prompt_len, label_lp in zip(new_tokens.tolist(), chosen.tolist(), prompt_lengths, scores):
         length = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), None)
         n = length if length is not None else len(row)
-        results.append(Completion(
-            text=tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
-            source=source,
-            prompt_tokens=int(prompt_len),
-            completion_tokens=n,
-            token_ids=row[:n],
-            token_logprobs=lp[: max(n, 1)],
-            finish_reason="stop" if length is not None else "length",
-            latency_ms=per_item_ms,
-            label_logprobs=label_lp,
-            field_logprobs=_field_logprobs(tokenizer, row[:n], lp[:n]) if schema is not None else None,
-        ))
+        results.append(
+            Completion(
+                text=tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
+                source=source,
+                prompt_tokens=int(prompt_len),
+                completion_tokens=n,
+                token_ids=row[:n],
+                token_logprobs=lp[: max(n, 1)],
+                finish_reason="stop" if length is not None else "length",
+                latency_ms=per_item_ms,
+                label_logprobs=label_lp,
+                field_logprobs=_field_logprobs(tokenizer, row[:n], lp[:n]) if schema is not None else None,
+            )
+        )
     return results
 
 
@@ -89,8 +98,15 @@ def _field_logprobs(tokenizer, ids: list[int], logprobs: list[float]) -> dict[st
     return field_logprobs(decoded_pieces(tokenizer, ids), logprobs)
 
 
-def _answer_by_label_posterior(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
-                               labels: list[str] | None, source: str, start: float) -> list[Completion]:
+def _answer_by_label_posterior(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    labels: list[str] | None,
+    source: str,
+    start: float,
+) -> list[Completion]:
     """The label whose tokens (EOS included) are most likely after the prompt: what a closed-set
     classifier answers. The answer's token log-probs are that label's teacher-forced ones, so the
     token signals read the same kind of numbers as after generation. A label longer than
@@ -107,15 +123,17 @@ def _answer_by_label_posterior(model, tokenizer, conversations: list[list[dict]]
         ids = token_ids[best][:-1]  # the label's tokens; EOS is scored but, as after generation, not kept
         stopped = len(ids) < max_new_tokens  # room for the label and its EOS
         n = len(ids) if stopped else max_new_tokens
-        results.append(Completion(
-            text=best if stopped else tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
-            source=source,
-            prompt_tokens=len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
-            completion_tokens=n,
-            token_ids=ids[:n],
-            token_logprobs=scores[best][: max(n, 1)],
-            finish_reason="stop" if stopped else "length",
-            latency_ms=per_item_ms,
-            label_logprobs={label: sum(v) for label, v in scores.items()},
-        ))
+        results.append(
+            Completion(
+                text=best if stopped else tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
+                source=source,
+                prompt_tokens=len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                completion_tokens=n,
+                token_ids=ids[:n],
+                token_logprobs=scores[best][: max(n, 1)],
+                finish_reason="stop" if stopped else "length",
+                latency_ms=per_item_ms,
+                label_logprobs={label: sum(v) for label, v in scores.items()},
+            )
+        )
     return results

@@ -59,8 +59,9 @@ def probe(path: Path) -> None:
 def _probe_once(path: str, size: int, mtime_ns: int) -> str | None:
     del size, mtime_ns  # part of the cache key only: a rewritten file is probed again
     try:
-        done = subprocess.run([sys.executable, "-c", PROBE, path], capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S)
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, path], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         return f"llama.cpp did not decode {Path(path).name} within {PROBE_TIMEOUT_S} s in a probe process"
     return probe_verdict(Path(path), done.returncode, done.stderr)
@@ -75,9 +76,11 @@ def probe_verdict(path: Path, returncode: int, stderr: str) -> str | None:
             how = signal.Signals(-returncode).name
         except ValueError:
             how = f"signal {-returncode}"
-        return (f"llama.cpp crashed ({how}) decoding {path.name} in a probe process: the installed "
-                f"llama-cpp-python cannot run this file's weight types on this CPU (a build with AMX kernels "
-                f"does this on AMX Xeons); reinstall it with `make setup`, which compiles it without AMX")
+        return (
+            f"llama.cpp crashed ({how}) decoding {path.name} in a probe process: the installed "
+            f"llama-cpp-python cannot run this file's weight types on this CPU (a build with AMX kernels "
+            f"does this on AMX Xeons); reinstall it with `make setup`, which compiles it without AMX"
+        )
     last = (stderr or "").strip().splitlines()[-1:] or [f"exit code {returncode}"]
     return f"llama.cpp could not load or decode {path.name} ({last[0][:200]})"
 
@@ -174,12 +177,22 @@ class GgufModel:
         text = llm.detokenize(tokens, special=False).decode("utf-8", errors="replace").strip()
         fields = None
         if gbnf is not None:
-            pieces = [llm.detokenize([t], prev_tokens=tokens[:i]).decode("utf-8", errors="replace")
-                      for i, t in enumerate(tokens)]
+            pieces = [
+                llm.detokenize([t], prev_tokens=tokens[:i]).decode("utf-8", errors="replace")
+                for i, t in enumerate(tokens)
+            ]
             fields = field_logprobs(pieces, logprobs[: len(tokens)])
-        return Completion(text=text, source="gguf", prompt_tokens=len(prompt_ids), completion_tokens=len(tokens),
-                          token_ids=tokens, token_logprobs=logprobs, finish_reason=finish,
-                          latency_ms=int((time.perf_counter() - start) * 1000), field_logprobs=fields)
+        return Completion(
+            text=text,
+            source="gguf",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(tokens),
+            token_ids=tokens,
+            token_logprobs=logprobs,
+            finish_reason=finish,
+            latency_ms=int((time.perf_counter() - start) * 1000),
+            field_logprobs=fields,
+        )
 
     def forced_logprobs(self, prompt_ids: list[int], answer_ids: list[int]):
         """Teacher-forced: the next-token log-softmax rows at each answer position and the one after
@@ -195,8 +208,9 @@ class GgufModel:
             rows.append(self.next_logprobs())
         return np.stack(rows)
 
-    def answer_all(self, conversations: list[list[dict]], max_new_tokens: int,
-                   gbnf: str | None = None) -> tuple[list[Completion], float]:
+    def answer_all(
+        self, conversations: list[list[dict]], max_new_tokens: int, gbnf: str | None = None
+    ) -> tuple[list[Completion], float]:
         """Greedy answers to each conversation (under the `gbnf` grammar when given), and the seconds they took."""
         start = time.perf_counter()
         completions = [self.answer(self.tokenize(self.render(c) or ""), max_new_tokens, gbnf) for c in conversations]

@@ -122,9 +122,13 @@ def device_plan(want_4bit: bool = False, allow_cpu_4bit: bool = False, device: s
         raise DistillError(f"device must be cpu or cuda, not {device!r}")
     if device != "cpu" and torch.cuda.is_available():
         bf16 = torch.cuda.is_bf16_supported()
-        plan = DevicePlan("cuda", "bfloat16" if bf16 else "float16", want_4bit,
-                          f"CUDA {torch.cuda.get_device_name(local_rank())}: {'bf16' if bf16 else 'fp16'}"
-                          + (", NF4 base" if want_4bit else ""))
+        plan = DevicePlan(
+            "cuda",
+            "bfloat16" if bf16 else "float16",
+            want_4bit,
+            f"CUDA {torch.cuda.get_device_name(local_rank())}: {'bf16' if bf16 else 'fp16'}"
+            + (", NF4 base" if want_4bit else ""),
+        )
     elif device == "cuda":
         raise DistillError(f"CUDA was asked for but {cuda_diagnosis()}")
     elif want_4bit and allow_cpu_4bit:
@@ -141,8 +145,11 @@ def cuda_diagnosis() -> str:
     import torch
 
     driver = nvidia_driver_version()
-    build = (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)" if torch.version.cuda is None
-             else f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no device")
+    build = (
+        f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+        if torch.version.cuda is None
+        else f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no device"
+    )
     if driver is None:
         return f"{build}, and no NVIDIA driver was found (/proc/driver/nvidia/version)"
     return f"{build}; NVIDIA driver {driver}"
@@ -160,8 +167,10 @@ def nvidia_driver_version() -> str | None:
 
 # CUDA 12.x wheels run on a driver >= 525.60.13 (minor-version compatibility); PyPI's default CUDA 13
 # wheel needs >= 580, which older GPU images do not have.
-TORCH_INDEX_HINT = ("make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126 (any driver >= 525.60.13; "
-                    "PyPI's default torch is built for CUDA 13, which needs driver >= 580); see docs/gpu.md")
+TORCH_INDEX_HINT = (
+    "make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126 (any driver >= 525.60.13; "
+    "PyPI's default torch is built for CUDA 13, which needs driver >= 580); see docs/gpu.md"
+)
 
 
 def check_training_device(recipe, num_processes: int = 1) -> None:
@@ -179,7 +188,8 @@ def check_training_device(recipe, num_processes: int = 1) -> None:
                 f"finetune: {count} GPUs are visible to one process, and the Trainer would wrap the model in "
                 f"DataParallel, which TRL refuses. Train on one: CUDA_VISIBLE_DEVICES=0 distill finetune {recipe.name}; "
                 f"on all {count}: accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes {count} "
-                f"-m pipeline finetune {recipe.name}")
+                f"-m pipeline finetune {recipe.name}"
+            )
         return
     why = []
     if train.quant.load_in_4bit and train.quant.on_cpu == "refuse":
@@ -187,11 +197,15 @@ def check_training_device(recipe, num_processes: int = 1) -> None:
     params = parameter_count(recipe.model.base, recipe.model.architecture)
     limit = train.max_cpu_params
     if limit is not None and params is not None and params >= limit:
-        why.append(f"{recipe.model.base} has {params / 1e9:.1f}B parameters, over train.max_cpu_params={limit:.3g} "
-                   "(days of fp32 training on a CPU; train.max_cpu_params=null trains anyway)")
+        why.append(
+            f"{recipe.model.base} has {params / 1e9:.1f}B parameters, over train.max_cpu_params={limit:.3g} "
+            "(days of fp32 training on a CPU; train.max_cpu_params=null trains anyway)"
+        )
     if why:
-        raise DistillError(f"finetune: no CUDA device: {cuda_diagnosis()}; refusing because {' and '.join(why)}. "
-                           f"Fix: install a CUDA build of torch for this driver: {TORCH_INDEX_HINT}")
+        raise DistillError(
+            f"finetune: no CUDA device: {cuda_diagnosis()}; refusing because {' and '.join(why)}. "
+            f"Fix: install a CUDA build of torch for this driver: {TORCH_INDEX_HINT}"
+        )
 
 
 def parameter_count(ref: str, architecture: str | None = None) -> int | None:
@@ -384,16 +398,21 @@ def hub_access_error(ref: str, where: str, err) -> DistillError:
     from huggingface_hub.errors import GatedRepoError
 
     page = f"{constants.ENDPOINT}/{ref}"
-    token = "HF_TOKEN=hf_... (a read token from {}/settings/tokens) or run `hf auth login`".format(constants.ENDPOINT)
+    token = f"HF_TOKEN=hf_... (a read token from {constants.ENDPOINT}/settings/tokens) or run `hf auth login`"
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, GatedRepoError):
         if status == 403:  # a token was sent, but its account has not been granted access
-            return DistillError(f"{where}: {ref} is gated and this token's account has no access yet: accept its "
-                                f"terms at {page} (logged in as the token's owner), wait for approval, then rerun")
-        return DistillError(f"{where}: {ref} is gated: accept its terms at {page}, then give this machine a token: "
-                            f"{token}")
-    return DistillError(f"{where}: {ref} is not on the Hugging Face hub, or it is private and no token here can read "
-                        f"it: check the spelling ({page}), or set {token}")
+            return DistillError(
+                f"{where}: {ref} is gated and this token's account has no access yet: accept its "
+                f"terms at {page} (logged in as the token's owner), wait for approval, then rerun"
+            )
+        return DistillError(
+            f"{where}: {ref} is gated: accept its terms at {page}, then give this machine a token: {token}"
+        )
+    return DistillError(
+        f"{where}: {ref} is not on the Hugging Face hub, or it is private and no token here can read "
+        f"it: check the spelling ({page}), or set {token}"
+    )
 
 
 def check_chat_template(path: Path | None, where: str = "model.chat_template") -> None:
@@ -436,9 +455,11 @@ def check_lora_targets(ref: str, targets: list[str] | str) -> None:
         if not any(name == target or name.endswith("." + target) for name in names):
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
             hint = difflib.get_close_matches(target, leaves, n=1)
-            raise DistillError(f"train.lora.targets: '{target}' matches no module of {ref}"
-                               + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                               + f"; its modules include: {', '.join(leaves[:20])}")
+            raise DistillError(
+                f"train.lora.targets: '{target}' matches no module of {ref}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; its modules include: {', '.join(leaves[:20])}"
+            )
 
 
 def _module_names(ref: str) -> list[str] | None:
@@ -458,10 +479,24 @@ def _module_names(ref: str) -> list[str] | None:
 
 # What decides a model folder's answers: config, weights, tokenizer and template. A model
 # retrained in place keeps its path, so caches and stage fingerprints key on these instead.
-CONTENT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "tokenizer.json",
-                    "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
-TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                      "chat_template.jinja")
+CONTENT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+TOKENIZER_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def model_files(ref: str, patterns: tuple[str, ...] = CONTENT_PATTERNS) -> dict[str, Path]:
@@ -483,8 +518,9 @@ def model_content_hash(ref: str) -> str | None:
     files = model_files(ref)
     if not files:
         return None
-    return sha256_json({name: _file_hash(path, path.stat().st_size, path.stat().st_mtime_ns)
-                        for name, path in files.items()})
+    return sha256_json(
+        {name: _file_hash(path, path.stat().st_size, path.stat().st_mtime_ns) for name, path in files.items()}
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -41,8 +41,8 @@ from typing import Any, Literal, Protocol
 
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
-from pipeline.llm.scoring import posterior
 from pipeline.llm.gates import Gates
+from pipeline.llm.scoring import posterior
 from pipeline.llm.structured import weakest_field
 
 Route = Literal["student", "escalate"]
@@ -101,9 +101,12 @@ def token_features(completion: Completion) -> dict[str, float] | None:
     mean = completion.mean_logprob
     if mean is None:
         return None
-    return {"mean_logprob": mean, "min_logprob": completion.min_logprob,
-            "p10_logprob": logprob_quantile(completion, 0.1),
-            "log_tokens": math.log1p(len(completion.token_logprobs or []))}
+    return {
+        "mean_logprob": mean,
+        "min_logprob": completion.min_logprob,
+        "p10_logprob": logprob_quantile(completion, 0.1),
+        "log_tokens": math.log1p(len(completion.token_logprobs or [])),
+    }
 
 
 class Logistic:
@@ -177,8 +180,9 @@ class FieldProb:
         return None if found is None else found[1]
 
 
-SIGNALS: dict[str, Signal] = {s.name: s for s in (MeanLogprob(), MinLogprob(), P10Logprob(), Logistic(),
-                                                  LabelProb(), LabelMargin(), FieldProb())}
+SIGNALS: dict[str, Signal] = {
+    s.name: s for s in (MeanLogprob(), MinLogprob(), P10Logprob(), Logistic(), LabelProb(), LabelMargin(), FieldProb())
+}
 
 
 def signal(name: str) -> Signal:
@@ -293,13 +297,20 @@ class Policy:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Policy:
         labels = data.get("labels")
-        return cls(threshold=data["threshold"], signal=data.get("signal", "mean_logprob"),
-                   quality_target=data.get("quality_target"), labels=tuple(labels) if labels else None,
-                   temperature=data.get("temperature") or 1.0, gates=Gates.from_json(data.get("gates")),
-                   weights=data.get("weights"), decode=data.get("decode", "generate"), schema=data.get("schema"),
-                   fields=tuple(data["fields"]) if data.get("fields") else None,
-                   field_temperatures=data.get("field_temperatures"),
-                   student_input=data.get("student_input", "user"))
+        return cls(
+            threshold=data["threshold"],
+            signal=data.get("signal", "mean_logprob"),
+            quality_target=data.get("quality_target"),
+            labels=tuple(labels) if labels else None,
+            temperature=data.get("temperature") or 1.0,
+            gates=Gates.from_json(data.get("gates")),
+            weights=data.get("weights"),
+            decode=data.get("decode", "generate"),
+            schema=data.get("schema"),
+            fields=tuple(data["fields"]) if data.get("fields") else None,
+            field_temperatures=data.get("field_temperatures"),
+            student_input=data.get("student_input", "user"),
+        )
 
     @classmethod
     def load(cls, path: Path) -> Policy:

@@ -41,15 +41,19 @@ def label_token_ids(tokenizer, labels: list[str]) -> list[list[int]]:
     return [tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for label in labels]
 
 
-def label_logprobs(model, tokenizer, conversations: list[list[dict]], labels: list[str],
-                   prefix_cache=None) -> list[dict[str, float]]:
+def label_logprobs(
+    model, tokenizer, conversations: list[list[dict]], labels: list[str], prefix_cache=None
+) -> list[dict[str, float]]:
     """For each conversation, {label: sum of log p(token) over the label's tokens + EOS}."""
-    return [{label: sum(lps) for label, lps in row.items()}
-            for row in label_token_logprobs(model, tokenizer, conversations, labels, prefix_cache)]
+    return [
+        {label: sum(lps) for label, lps in row.items()}
+        for row in label_token_logprobs(model, tokenizer, conversations, labels, prefix_cache)
+    ]
 
 
-def label_token_logprobs(model, tokenizer, conversations: list[list[dict]], labels: list[str],
-                         prefix_cache=None) -> list[dict[str, list[float]]]:
+def label_token_logprobs(
+    model, tokenizer, conversations: list[list[dict]], labels: list[str], prefix_cache=None
+) -> list[dict[str, list[float]]]:
     """For each conversation, {label: log p of each of the label's tokens, EOS last}. With a
     `prefix_cache` (encoding.PrefixCache) the prompts' shared prefix (a teacher's instructions)
     is not recomputed."""
@@ -58,8 +62,7 @@ def label_token_logprobs(model, tokenizer, conversations: list[list[dict]], labe
     enc = encode_prompts(model, tokenizer, conversations, prefix_cache)
     trie = LabelTrie.build(label_token_ids(tokenizer, labels))
     node_logprobs = _trie_node_logprobs(model, enc, trie).tolist()
-    return [{label: [row[node] for node in path] for label, path in zip(labels, trie.paths)}
-            for row in node_logprobs]
+    return [{label: [row[node] for node in path] for label, path in zip(labels, trie.paths)} for row in node_logprobs]
 
 
 def _trie_node_logprobs(model, enc: dict, trie: LabelTrie):
@@ -86,9 +89,14 @@ def _trie_node_logprobs(model, enc: dict, trie: LabelTrie):
             first_kept = max(start, prompt_len - 1)  # logits are needed from the prompt's last position on
             mask = torch.zeros(allowed[:, None, start:end, :end].shape, dtype=model.dtype, device=ids.device)
             mask.masked_fill_(~allowed[:, None, start:end, :end], torch.finfo(model.dtype).min)
-            out = model(input_ids=ids[:, start:end], attention_mask=mask, position_ids=positions[:, start:end],
-                        use_cache=True, logits_to_keep=end - first_kept,
-                        **({kv_name: cache} if cache is not None else {}))
+            out = model(
+                input_ids=ids[:, start:end],
+                attention_mask=mask,
+                position_ids=positions[:, start:end],
+                use_cache=True,
+                logits_to_keep=end - first_kept,
+                **({kv_name: cache} if cache is not None else {}),
+            )
             cache = cache_of(out)
             # log p = logit - logsumexp(logits), the normaliser a slice at a time: no second full-size copy
             norm = torch.cat([part.float().logsumexp(-1) for part in out.logits.split(64, dim=1)], dim=1)
@@ -107,8 +115,10 @@ def _check_attention(model, length: int) -> None:
         raise ValueError(f"label scoring needs sdpa or eager attention (a tree mask); the model uses {attention}")
     window = getattr(model.config, "sliding_window", None)
     if window is not None and length >= window:
-        raise ValueError(f"label scoring: the prompt and the label trie ({length} tokens) reach "
-                         f"the model's sliding attention window ({window})")
+        raise ValueError(
+            f"label scoring: the prompt and the label trie ({length} tokens) reach "
+            f"the model's sliding attention window ({window})"
+        )
 
 
 def _trie_inputs(enc: dict, trie: LabelTrie, inner: list[int]):
@@ -122,8 +132,9 @@ def _trie_inputs(enc: dict, trie: LabelTrie, inner: list[int]):
     nodes = torch.tensor([trie.tokens[n] for n in inner], device=device, dtype=enc["input_ids"].dtype)
     ids = torch.cat([enc["input_ids"], nodes.expand(n_prompts, -1)], dim=1)
     depths = torch.tensor([trie.depths[n] for n in inner], device=device)
-    positions = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                           prompt_mask.sum(-1, keepdim=True) + depths[None, :]], dim=1)
+    positions = torch.cat(
+        [(prompt_mask.cumsum(-1) - 1).clamp(min=0), prompt_mask.sum(-1, keepdim=True) + depths[None, :]], dim=1
+    )
     return ids, positions, _tree_mask(prompt_mask, trie.ancestors_or_self(inner), len(inner))
 
 

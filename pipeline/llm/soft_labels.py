@@ -39,8 +39,9 @@ def top_labels(probs: dict[str, float]) -> dict[str, float]:
     return {label: p / mass for label, p in kept}
 
 
-def token_targets(answer: list[int], label_answers: dict[str, list[int]], probs: dict[str, float],
-                  weight: float) -> tuple[list[list[int]], list[list[float]]]:
+def token_targets(
+    answer: list[int], label_answers: dict[str, list[int]], probs: dict[str, float], weight: float
+) -> tuple[list[list[int]], list[list[float]]]:
     """Per answer token: the candidate next-token ids and their target probabilities (see module doc).
     `answer`: the teacher's answer tokens (EOS included); `label_answers`: each label's answer tokens
     after the same prompt. When the answer is none of them, its targets are one-hot."""

@@ -65,8 +65,7 @@ def compiled_grammar(tokenizer, vocab_size: int, schema_json: str):
     worked examples show, so the teacher's answers and the student's training data agree."""
     import xgrammar as xgr
 
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                              stop_token_ids=[tokenizer.eos_token_id])
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[tokenizer.eos_token_id])
     return xgr.GrammarCompiler(info).compile_json_schema(schema_json, any_whitespace=False)
 
 
@@ -108,7 +107,7 @@ def value_spans(text: str) -> dict[str, tuple[int, int]] | None:
                 return None
     except ValueError:
         return None
-    return spans if not text[_skip_space(text, i + 1):].strip() else None
+    return spans if not text[_skip_space(text, i + 1) :].strip() else None
 
 
 def _skip_space(text: str, i: int) -> int:
@@ -163,8 +162,11 @@ def decoded_pieces(tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
-def weakest_field(field_lp: dict[str, float] | None, temperatures: dict[str, float] | None = None,
-                  fields: tuple[str, ...] | None = None) -> tuple[str, float] | None:
+def weakest_field(
+    field_lp: dict[str, float] | None,
+    temperatures: dict[str, float] | None = None,
+    fields: tuple[str, ...] | None = None,
+) -> tuple[str, float] | None:
     """(the field with the lowest calibrated probability, that probability) among `fields`
     (all when None); p = exp(logprob / T_field), T from `fit_field_temperatures` (1 when unfitted)."""
     if not field_lp:

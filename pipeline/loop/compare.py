@@ -54,8 +54,14 @@ def paired(champion: list[bool], candidate: list[bool], reps: int = 1000, seed: 
     lo, hi = np.quantile(diffs, [0.025, 0.975])
     delta = Figure(float((b - a).mean()), float(lo), float(hi), int(a.size))
     champion_only, candidate_only = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    return Paired(mean_figure(a, reps, seed), mean_figure(b, reps, seed), delta, champion_only, candidate_only,
-                  mcnemar_exact(champion_only, candidate_only))
+    return Paired(
+        mean_figure(a, reps, seed),
+        mean_figure(b, reps, seed),
+        delta,
+        champion_only,
+        candidate_only,
+        mcnemar_exact(champion_only, candidate_only),
+    )
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -69,8 +75,10 @@ def frozen_test_outcomes(champion_eval: Path, candidate_eval: Path) -> tuple[lis
     """Per-prompt agreement of both evaluates, joined on prompt id; refused unless the ids match."""
     a, b = agreement_by_id(champion_eval), agreement_by_id(candidate_eval)
     if set(a) != set(b):
-        raise DistillError(f"the test splits differ ({len(set(a) ^ set(b))} ids in one only): {champion_eval} and "
-                           f"{candidate_eval} were not evaluated on the same frozen test split")
+        raise DistillError(
+            f"the test splits differ ({len(set(a) ^ set(b))} ids in one only): {champion_eval} and "
+            f"{candidate_eval} were not evaluated on the same frozen test split"
+        )
     ids = sorted(a)
     return ids, [a[i] for i in ids], [b[i] for i in ids]
 
@@ -100,11 +108,23 @@ class Routing:
 def verdict(test: Paired, sliced: Paired | None, champion: Routing, candidate: Routing) -> tuple[str, bool, str]:
     """(promote|keep, significantly worse, why)."""
     if test.delta.hi < 0:
-        return "keep", True, (f"worse on the frozen test split beyond the 95% CI "
-                              f"(delta {test.delta.value:+.3f} [{test.delta.lo:+.3f}, {test.delta.hi:+.3f}])")
+        return (
+            "keep",
+            True,
+            (
+                f"worse on the frozen test split beyond the 95% CI "
+                f"(delta {test.delta.value:+.3f} [{test.delta.lo:+.3f}, {test.delta.hi:+.3f}])"
+            ),
+        )
     if candidate.local_share < champion.local_share:
-        return "keep", False, (f"local share at the quality target fell {champion.local_share:.3f} -> "
-                               f"{candidate.local_share:.3f}: more traffic would go to the teacher")
+        return (
+            "keep",
+            False,
+            (
+                f"local share at the quality target fell {champion.local_share:.3f} -> "
+                f"{candidate.local_share:.3f}: more traffic would go to the teacher"
+            ),
+        )
     gains = []
     if test.delta.value > 0:
         gains.append(f"test agreement {test.delta.value:+.3f}")
@@ -117,43 +137,70 @@ def verdict(test: Paired, sliced: Paired | None, champion: Routing, candidate: R
     return "promote", False, "not worse beyond the CI; better on " + ", ".join(gains)
 
 
-def comparison(ids: list[str], test: Paired, sliced: Paired | None, champion: Routing, candidate: Routing,
-               versions: dict[str, str | None]) -> dict:
+def comparison(
+    ids: list[str],
+    test: Paired,
+    sliced: Paired | None,
+    champion: Routing,
+    candidate: Routing,
+    versions: dict[str, str | None],
+) -> dict:
     decision, worse, why = verdict(test, sliced, champion, candidate)
-    return {"verdict": decision, "significantly_worse": worse, "why": why, "versions": versions,
-            "frozen_test": {"ids": len(ids), **test.to_json()},
-            "escalated_slice": sliced.to_json() if sliced else None,
-            "routing": {"champion": asdict(champion), "candidate": asdict(candidate)}}
+    return {
+        "verdict": decision,
+        "significantly_worse": worse,
+        "why": why,
+        "versions": versions,
+        "frozen_test": {"ids": len(ids), **test.to_json()},
+        "escalated_slice": sliced.to_json() if sliced else None,
+        "routing": {"champion": asdict(champion), "candidate": asdict(candidate)},
+    }
 
 
 def render_markdown(report: dict, gathered: dict) -> str:
     """The round's report: what it added, the paired figures, the verdict."""
+
     def pct(fig: dict) -> str:
         return f"{100 * fig['value']:.1f}% [{100 * fig['lo']:.1f}, {100 * fig['hi']:.1f}]"
 
     def pp(fig: dict) -> str:
         return f"{100 * fig['value']:+.1f} pp [{100 * fig['lo']:+.1f}, {100 * fig['hi']:+.1f}]"
 
-    lines = [f"# Round {gathered['round']}: candidate vs champion", "",
-             f"**{report['verdict'].upper()}**: {report['why']}.", "",
-             f"Versions: champion {report['versions'].get('champion')}, candidate {report['versions'].get('candidate')}.",
-             "", "| slice | prompts | champion | candidate | delta (paired) | McNemar p |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Round {gathered['round']}: candidate vs champion",
+        "",
+        f"**{report['verdict'].upper()}**: {report['why']}.",
+        "",
+        f"Versions: champion {report['versions'].get('champion')}, candidate {report['versions'].get('candidate')}.",
+        "",
+        "| slice | prompts | champion | candidate | delta (paired) | McNemar p |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, key in (("frozen test", "frozen_test"), ("escalated (held back)", "escalated_slice")):
         fig = report[key]
         if fig:
-            lines.append(f"| {name} | {fig['delta']['n']} | {pct(fig['champion'])} | {pct(fig['candidate'])} | "
-                         f"{pp(fig['delta'])} | {fig['mcnemar_p']:.3f} |")
+            lines.append(
+                f"| {name} | {fig['delta']['n']} | {pct(fig['champion'])} | {pct(fig['candidate'])} | "
+                f"{pp(fig['delta'])} | {fig['mcnemar_p']:.3f} |"
+            )
     champ, cand = report["routing"]["champion"], report["routing"]["candidate"]
-    lines += ["", "| at its own threshold | champion | candidate |", "|---|---|---|",
-              f"| threshold | {champ['threshold']} | {cand['threshold']} |",
-              f"| local share (test) | {champ['local_share']:.3f} | {cand['local_share']:.3f} |",
-              f"| routed system's agreement (test) | {champ['system_agreement']:.3f} | "
-              f"{cand['system_agreement']:.3f} |",
-              f"| routed $ / 1,000 requests | {_usd(champ['routed_usd_per_1k'])} | {_usd(cand['routed_usd_per_1k'])} |",
-              "", "## What the round added", "",
-              f"{gathered['added']} new training records ({gathered['pool']} in all), {gathered['escalated_slice']} "
-              f"escalations held back as the escalated slice; skipped: {gathered['skipped'] or 'none'}.", "",
-              "| answer (teacher) | added |", "|---|---|"]
+    lines += [
+        "",
+        "| at its own threshold | champion | candidate |",
+        "|---|---|---|",
+        f"| threshold | {champ['threshold']} | {cand['threshold']} |",
+        f"| local share (test) | {champ['local_share']:.3f} | {cand['local_share']:.3f} |",
+        f"| routed system's agreement (test) | {champ['system_agreement']:.3f} | {cand['system_agreement']:.3f} |",
+        f"| routed $ / 1,000 requests | {_usd(champ['routed_usd_per_1k'])} | {_usd(cand['routed_usd_per_1k'])} |",
+        "",
+        "## What the round added",
+        "",
+        f"{gathered['added']} new training records ({gathered['pool']} in all), {gathered['escalated_slice']} "
+        f"escalations held back as the escalated slice; skipped: {gathered['skipped'] or 'none'}.",
+        "",
+        "| answer (teacher) | added |",
+        "|---|---|",
+    ]
     lines += [f"| {label} | {n} |" for label, n in gathered["added_by_label"].items()]
     lines += ["", "| why the champion escalated | records |", "|---|---|"]
     lines += [f"| {reason} | {n} |" for reason, n in gathered["added_by_reason"].items()]

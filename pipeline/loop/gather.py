@@ -34,7 +34,9 @@ class Gathered:
 
     def summary(self) -> dict:
         return {
-            "pool": len(self.pool), "added": len(self.added), "escalated_slice": len(self.slice),
+            "pool": len(self.pool),
+            "added": len(self.added),
+            "escalated_slice": len(self.slice),
             "skipped": dict(sorted(self.skipped.items())),
             "added_by_label": _count(self.added, lambda r: r["messages"][-1]["content"]),
             "added_by_reason": _count(self.added + self.slice, reason_kind),
@@ -51,8 +53,9 @@ def in_slice(key: str, holdout: float) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 16**16 < holdout
 
 
-def gather(previous: list[dict], escalation_files: list[Path], excluded: set[str], holdout: float,
-           round_no: int) -> Gathered:
+def gather(
+    previous: list[dict], escalation_files: list[Path], excluded: set[str], holdout: float, round_no: int
+) -> Gathered:
     """`excluded`: prompt keys that may not train (frozen test, earlier escalated slices)."""
     known = {prompt_key(r) for r in previous}
     ids = {r["id"] for r in previous}
@@ -82,8 +85,10 @@ def _check_escalation(where: str, row: dict) -> dict:
         messages = read_messages(row.get("messages"))
         split_answer(messages)
     except ValueError as err:
-        raise DistillError(f"{where}: not an escalation record ({err}; want messages [..., user, assistant]: "
-                           "the router's serve.escalations file has this shape)") from None
+        raise DistillError(
+            f"{where}: not an escalation record ({err}; want messages [..., user, assistant]: "
+            "the router's serve.escalations file has this shape)"
+        ) from None
     return {"id": str(row.get("id") or ""), "messages": messages, "meta": dict(row.get("meta") or {})}
 
 

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import (
-    CAPTURE_RECORDS, EVAL_REPORT, atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl, write_jsonl,
+    CAPTURE_RECORDS,
+    EVAL_REPORT,
+    atomic_write_json,
+    atomic_write_text,
+    iter_jsonl,
+    read_jsonl,
+    write_jsonl,
 )
 from pipeline.config import Recipe, validate_recipe
 from pipeline.errors import DistillError
@@ -86,15 +92,22 @@ def retrain(recipe: Recipe, runs_root: Path = Path("runs"), escalations: list[Pa
     n = rounds.next()
     frozen = freeze_test(rounds)
     gathered = gather_round(recipe, rounds, n, frozen, escalations)
-    log.info("retrain round %d: %d new records, %d held back, champion is version %s", n, len(gathered.added),
-             len(gathered.slice), champion.version)
+    log.info(
+        "retrain round %d: %d new records, %d held back, champion is version %s",
+        n,
+        len(gathered.added),
+        len(gathered.slice),
+        champion.version,
+    )
 
     round_recipe = round_recipe_for(recipe, rounds, n, frozen, champion)
     run_pipeline(round_recipe, runs_root=rounds.root, run_name=f"r{n}")
     candidate = registry.merged_version_for(name, rounds.run_dir(n))
     if candidate is None:
-        raise DistillError(f"round {n}: export registered no merged version of {name} (see "
-                           f"{rounds.run_dir(n) / 'export' / 'parity.md'})")
+        raise DistillError(
+            f"round {n}: export registered no merged version of {name} (see "
+            f"{rounds.run_dir(n) / 'export' / 'parity.md'})"
+        )
     report = compare_round(recipe, champion, candidate, rounds.run_dir(n), gathered.slice)
     summary = {"round": n, **gathered.summary()}
     publish(recipe, registry, name, candidate, report, summary, rounds.run_dir(n) / "compare", n)
@@ -109,8 +122,9 @@ def first_champion(registry: Registry, name: str, base: Path) -> ServedVersion:
     """No champion yet: round 0's registered merged export becomes it (it is what serves today)."""
     version = registry.merged_version_for(name, base)
     if version is None:
-        raise DistillError(f"no registered merged export of {name} for {base} in {registry.uri}: run "
-                           "`make distill` (round 0) first")
+        raise DistillError(
+            f"no registered merged export of {name} for {base} in {registry.uri}: run `make distill` (round 0) first"
+        )
     registry.tag(name, version.version, {"round": 0})
     log.info("retrain: %s version %s (round 0) is the first champion", name, version.version)
     return registry.promote(name, version.version)
@@ -139,14 +153,17 @@ def gather_round(recipe: Recipe, rounds: Rounds, n: int, frozen: Path, escalatio
     files = escalation_files(recipe, escalations)
     gathered = gather(previous, files, excluded, recipe.retrain.holdout, n)
     if len(gathered.added) < recipe.retrain.min_new:
-        raise DistillError(f"retrain round {n}: {len(gathered.added)} new training records from "
-                           f"{', '.join(map(str, files))} (retrain.min_new={recipe.retrain.min_new}; "
-                           f"skipped: {dict(gathered.skipped) or 'none'}); serve more traffic first")
+        raise DistillError(
+            f"retrain round {n}: {len(gathered.added)} new training records from "
+            f"{', '.join(map(str, files))} (retrain.min_new={recipe.retrain.min_new}; "
+            f"skipped: {dict(gathered.skipped) or 'none'}); serve more traffic first"
+        )
     out = rounds.run_dir(n) / "gather"
     write_jsonl(out / GATHERED, gathered.pool)
     write_jsonl(out / SLICE, gathered.slice)
-    atomic_write_json(out / GATHER_SUMMARY, {"round": n, "escalation_files": [str(f) for f in files],
-                                             **gathered.summary()})
+    atomic_write_json(
+        out / GATHER_SUMMARY, {"round": n, "escalation_files": [str(f) for f in files], **gathered.summary()}
+    )
     return gathered
 
 
@@ -181,8 +198,9 @@ def round_recipe_for(recipe: Recipe, rounds: Rounds, n: int, frozen: Path, champ
     return validate_recipe(raw, source=f"{recipe.name} round {n}")
 
 
-def compare_round(recipe: Recipe, champion: ServedVersion, candidate: ServedVersion, run_dir: Path,
-                  held_back: list[dict]) -> dict:
+def compare_round(
+    recipe: Recipe, champion: ServedVersion, candidate: ServedVersion, run_dir: Path, held_back: list[dict]
+) -> dict:
     ids, a, b = compare.frozen_test_outcomes(champion.run_dir / "evaluate", run_dir / "evaluate")
     reps, seed = recipe.eval.bootstrap, recipe.eval.seed
     test = compare.paired(a, b, reps, seed)
@@ -192,10 +210,18 @@ def compare_round(recipe: Recipe, champion: ServedVersion, candidate: ServedVers
         a_slice = slice_outcomes(champion.source, held_back, task_file, recipe, served_shape(champion))
         b_slice = slice_outcomes(candidate.source, held_back, task_file, recipe, served_shape(candidate))
         sliced = compare.paired(a_slice, b_slice, reps, seed)
-    routing = {who: compare.Routing.from_report(v.run_dir / "evaluate") for who, v in
-               (("champion", champion), ("candidate", candidate))}
-    return compare.comparison(ids, test, sliced, routing["champion"], routing["candidate"],
-                              {"champion": champion.version, "candidate": candidate.version})
+    routing = {
+        who: compare.Routing.from_report(v.run_dir / "evaluate")
+        for who, v in (("champion", champion), ("candidate", candidate))
+    }
+    return compare.comparison(
+        ids,
+        test,
+        sliced,
+        routing["champion"],
+        routing["candidate"],
+        {"champion": champion.version, "candidate": candidate.version},
+    )
 
 
 def served_shape(version: ServedVersion) -> str:
@@ -226,25 +252,45 @@ def slice_outcomes(model_dir: Path, records: list[dict], task_file: Path, recipe
     return [agrees(task, c.text, r["messages"][-1]["content"], recipe.router.fields) for c, r in zip(answers, records)]
 
 
-def publish(recipe: Recipe, registry: Registry, name: str, candidate: ServedVersion, report: dict,
-            summary: dict, out: Path, n: int) -> None:
+def publish(
+    recipe: Recipe,
+    registry: Registry,
+    name: str,
+    candidate: ServedVersion,
+    report: dict,
+    summary: dict,
+    out: Path,
+    n: int,
+) -> None:
     """The report on disk and in MLflow; the candidate tagged and aliased (promotion is a separate step)."""
     from pipeline.tracking import Tracker, resolve_uri
 
     atomic_write_json(out / COMPARE_JSON, {**report, "gathered": summary})
     atomic_write_text(out / COMPARE_MD, compare.render_markdown(report, summary))
     test = report["frozen_test"]
-    registry.tag(name, candidate.version, {
-        "round": n, VERDICT_TAG: report["verdict"], WORSE_TAG: str(report["significantly_worse"]).lower(),
-        "compare.test_delta": f"{test['delta']['value']:+.4f}",
-        "compare.test_delta_ci": f"[{test['delta']['lo']:+.4f}, {test['delta']['hi']:+.4f}]",
-        "compare.why": report["why"][:500],
-    })
+    registry.tag(
+        name,
+        candidate.version,
+        {
+            "round": n,
+            VERDICT_TAG: report["verdict"],
+            WORSE_TAG: str(report["significantly_worse"]).lower(),
+            "compare.test_delta": f"{test['delta']['value']:+.4f}",
+            "compare.test_delta_ci": f"[{test['delta']['lo']:+.4f}, {test['delta']['hi']:+.4f}]",
+            "compare.why": report["why"][:500],
+        },
+    )
     registry.set_alias(name, CANDIDATE, candidate.version)
     tracker = Tracker(resolve_uri(recipe.tracking.uri), recipe.tracking.experiment)
     with tracker.run(f"{recipe.name}/r{n}/compare"):
-        tracker.params({"round": n, "champion_version": report["versions"]["champion"],
-                        "candidate_version": candidate.version, "verdict": report["verdict"]})
+        tracker.params(
+            {
+                "round": n,
+                "champion_version": report["versions"]["champion"],
+                "candidate_version": candidate.version,
+                "verdict": report["verdict"],
+            }
+        )
         tracker.metrics(compare_metrics(report, summary))
         tracker.artifact(out / COMPARE_MD)
         tracker.artifact(out / COMPARE_JSON)
@@ -280,10 +326,17 @@ def round_table(rounds: Rounds) -> list[dict]:
             result = json.loads((rounds.run_dir(n) / "compare" / COMPARE_JSON).read_text())
             added, verdict = result["gathered"]["added"], result["verdict"]
         train = sum(1 for _ in iter_jsonl(rounds.run_dir(n) / "curate" / "train.jsonl"))
-        rows.append({"round": n, "train_examples": train, "examples_added": added,
-                     "test_agreement": sum(agree) / len(agree) if agree else None,
-                     "local_share": routing.local_share, "routed_agreement": routing.system_agreement,
-                     "routed_usd_per_1k": routing.routed_usd_per_1k,
-                     "verdict": verdict})
+        rows.append(
+            {
+                "round": n,
+                "train_examples": train,
+                "examples_added": added,
+                "test_agreement": sum(agree) / len(agree) if agree else None,
+                "local_share": routing.local_share,
+                "routed_agreement": routing.system_agreement,
+                "routed_usd_per_1k": routing.routed_usd_per_1k,
+                "verdict": verdict,
+            }
+        )
         n += 1
     return rows

@@ -28,9 +28,10 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -38,6 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pipeline.conversation import request_params, student_messages
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
+from pipeline.llm.policy import Policy
 from pipeline.router.backends import (
     Backend,
     TeacherBackend,
@@ -51,25 +53,24 @@ from pipeline.router.errors import (
 )
 from pipeline.router.escalations import EscalationLog
 from pipeline.router.follow import Follower
+from pipeline.router.guards import add_error_handlers, bearer_auth, limit_body
 from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from pipeline.router.modes import Rollback
-from pipeline.llm.policy import Policy
 from pipeline.router.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    Choice,
     ChoiceLogprobs,
     ChunkChoice,
-    Choice,
     Delta,
     DistillInfo,
     ModelCard,
     ModelList,
     Usage,
+    describe_ignored,
 )
-from pipeline.router.guards import add_error_handlers, bearer_auth, limit_body
-from pipeline.router.protocol import describe_ignored
 from pipeline.router.routing import Ask, Routed, Router, Tier
 from pipeline.router.settings import ServeSettings
 
@@ -83,9 +84,16 @@ VERSION_HEADER = "x-distill-model-version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower], policy: Policy, *,
-               teacher: TeacherBackend | None = None, escalations: EscalationLog | None = None,
-               reload_policy: Callable[[], Policy] | None = None, tiers: tuple[Tier, ...] = ()) -> FastAPI:
+def create_app(
+    settings: ServeSettings,
+    backends: dict[str, Backend | Follower],
+    policy: Policy,
+    *,
+    teacher: TeacherBackend | None = None,
+    escalations: EscalationLog | None = None,
+    reload_policy: Callable[[], Policy] | None = None,
+    tiers: tuple[Tier, ...] = (),
+) -> FastAPI:
     """Build the app; `backends` maps each public model name to the student that answers it, or
     to a Follower of a registry alias (at most one), whose versions bring their own policies.
     `teacher`: where escalations go (None: escalations get the student's answer, marked
@@ -94,7 +102,9 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
     `tiers`: serve.tiers, asked in order between the student and the teacher (build_tiers);
     the app closes their connections when it shuts down."""
     if settings.mode.needs_teacher and teacher is None:
-        raise DistillError(f"serve.mode={settings.mode} needs a teacher; use serve.mode=live to serve the student alone")
+        raise DistillError(
+            f"serve.mode={settings.mode} needs a teacher; use serve.mode=live to serve the student alone"
+        )
     followers = [b for b in backends.values() if isinstance(b, Follower)]
     if len(followers) > 1:
         raise DistillError("one registry alias per server: /ready reports one set of served versions")
@@ -111,8 +121,9 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
             metrics.errors.labels("policy_reload").inc()
             log.error("policy reload refused, keeping %s: %s", router.policy_hash, err)
             # The reason names files on this server: it stays in the server's log.
-            raise InvalidRequest(f"policy reload refused, kept the current one ({router.policy_hash}); the "
-                                 "server log says why") from None
+            raise InvalidRequest(
+                f"policy reload refused, kept the current one ({router.policy_hash}); the server log says why"
+            ) from None
         previous = router.swap_policy(fresh)
         return {"policy": router.policy_hash, "previous": previous}
 
@@ -136,8 +147,12 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
     app = FastAPI(title="distill router", lifespan=lifespan, **docs)
     app.state.router = router
     add_error_handlers(app, metrics)
-    limit_body(app, settings.max_body_bytes, settings.body_timeout_s,
-               on_refused=lambda code: metrics.rejected.labels(code).inc())
+    limit_body(
+        app,
+        settings.max_body_bytes,
+        settings.body_timeout_s,
+        on_refused=lambda code: metrics.rejected.labels(code).inc(),
+    )
     auth = [Depends(bearer_auth(settings.api_keys))]
     ops = auth if settings.protect_ops else []
     created = int(time.time())
@@ -155,14 +170,21 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
         served = followers[0].served if followers else None  # one read: a swap may land meanwhile
         if served is not None:
             policy, digest = served.champion.policy, served.champion.policy_hash
-        body = {"status": "ready" if loaded else "loading", "mode": str(router.mode), "policy": digest,
-                "threshold": _threshold_text(policy.threshold), "teacher": teacher.spec if teacher else None,
-                "rolled_back": bool(rollback and rollback.tripped)}
+        body = {
+            "status": "ready" if loaded else "loading",
+            "mode": str(router.mode),
+            "policy": digest,
+            "threshold": _threshold_text(policy.threshold),
+            "teacher": teacher.spec if teacher else None,
+            "rolled_back": bool(rollback and rollback.tripped),
+        }
         if served is not None:
             body["versions"] = followers[0].describe(served)
         if router.tiers:
-            body["tiers"] = [{"name": t.name, "policy": t.policy_hash, "threshold": _threshold_text(t.policy.threshold)}
-                             for t in router.tiers]
+            body["tiers"] = [
+                {"name": t.name, "policy": t.policy_hash, "threshold": _threshold_text(t.policy.threshold)}
+                for t in router.tiers
+            ]
         return JSONResponse(body, status_code=200 if loaded else 503)
 
     @app.get("/metrics", dependencies=ops)
@@ -194,9 +216,15 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
             raise ModelNotFound(request.model, sorted(backends))
         max_tokens = _checked_options(request, settings)
         request_id = _request_id(raw.headers.get("x-request-id"))
-        ask = Ask(request_id=request_id, key=request.user or request_id, conversation=request.conversation(),
-                  max_tokens=max_tokens, deadline=started + settings.deadline_s, deadline_s=settings.deadline_s,
-                  request=request_params(request.model_dump()))
+        ask = Ask(
+            request_id=request_id,
+            key=request.user or request_id,
+            conversation=request.conversation(),
+            max_tokens=max_tokens,
+            deadline=started + settings.deadline_s,
+            deadline_s=settings.deadline_s,
+            request=request_params(request.model_dump()),
+        )
         backend, ask = _pick(backend, ask)
         ask = replace(ask, top_logprobs=_checked_logprobs(request, backend))
         ask = router.with_policy(ask)
@@ -215,18 +243,29 @@ def create_app(settings: ServeSettings, backends: dict[str, Backend | Follower],
         text, finish = _apply_stop(routed.answer, request.stop_sequences())
         cut = len(text) if text != routed.answer.text else None  # a stop sequence cut the answer
         logprobs = _choice_logprobs(routed, cut) if ask.top_logprobs is not None else None
-        info = DistillInfo(route=routed.route, confidence=_finite(routed.confidence), policy=routed.policy_hash,
-                           request_id=request_id, mode=str(routed.mode), reason=routed.reason)
+        info = DistillInfo(
+            route=routed.route,
+            confidence=_finite(routed.confidence),
+            policy=routed.policy_hash,
+            request_id=request_id,
+            mode=str(routed.mode),
+            reason=routed.reason,
+        )
         headers = _distill_headers(info, ask.model_version)
         usage = _usage(routed.answer)
         if request.stream:
             include_usage = bool((request.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(request.model, text, finish, info, usage if include_usage else None,
-                                          logprobs), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                _sse(request.model, text, finish, info, usage if include_usage else None, logprobs),
+                media_type="text/event-stream",
+                headers=headers,
+            )
         body = ChatCompletionResponse(
-            model=request.model, usage=usage, distill=info,
-            choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=finish,
-                            logprobs=logprobs)])
+            model=request.model,
+            usage=usage,
+            distill=info,
+            choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=finish, logprobs=logprobs)],
+        )
         return JSONResponse(body.model_dump(), headers=headers)
 
     app.include_router(v1)
@@ -241,17 +280,23 @@ def _checked_options(request: ChatCompletionRequest, settings: ServeSettings) ->
     if request.n != 1:
         raise InvalidRequest(f"n={request.n} is not supported; only n=1", param="n")
     if not request.has_user_text():
-        raise InvalidRequest("messages has no user message with text; this server answers a user's message",
-                             param="messages")
+        raise InvalidRequest(
+            "messages has no user message with text; this server answers a user's message", param="messages"
+        )
     if len(request.messages) > settings.max_messages:
-        raise InvalidRequest(f"{len(request.messages)} messages; this server takes at most {settings.max_messages}",
-                             param="messages")
+        raise InvalidRequest(
+            f"{len(request.messages)} messages; this server takes at most {settings.max_messages}", param="messages"
+        )
     if request.temperature not in (None, 0):
-        raise InvalidRequest(f"temperature={request.temperature}: this server decodes greedily (what was "
-                             "evaluated); send temperature=0 or omit it", param="temperature")
+        raise InvalidRequest(
+            f"temperature={request.temperature}: this server decodes greedily (what was "
+            "evaluated); send temperature=0 or omit it",
+            param="temperature",
+        )
     if request.top_p not in (None, 1):
-        raise InvalidRequest(f"top_p={request.top_p}: this server decodes greedily; send top_p=1 or omit it",
-                             param="top_p")
+        raise InvalidRequest(
+            f"top_p={request.top_p}: this server decodes greedily; send top_p=1 or omit it", param="top_p"
+        )
     if len(request.stop_sequences()) > 4 or any(not s for s in request.stop_sequences()):
         raise InvalidRequest("stop takes up to 4 non-empty strings", param="stop")
     asked = request.max_completion_tokens or request.max_tokens
@@ -273,8 +318,7 @@ def _checked_logprobs(request: ChatCompletionRequest, backend: Backend) -> int |
         raise InvalidRequest("this model's backend returns no token logprobs; omit logprobs", param="logprobs")
     top = request.top_logprobs or 0
     if top > most:
-        raise InvalidRequest(f"top_logprobs={top}: this model's backend returns at most {most}",
-                             param="top_logprobs")
+        raise InvalidRequest(f"top_logprobs={top}: this model's backend returns at most {most}", param="top_logprobs")
     return top
 
 
@@ -284,8 +328,11 @@ async def _check_prompt_length(backend: Backend, messages: list[dict[str, str]],
     measure = getattr(backend, "prompt_tokens", None)  # a minimal Backend (tests, benches) measures nothing
     tokens = await measure(messages) if measure is not None else None
     if tokens is not None and tokens > most:
-        raise InvalidRequest(f"the prompt is {tokens} tokens; this server takes at most {most} "
-                             "(serve.max_prompt_tokens)", param="messages", code="context_length_exceeded")
+        raise InvalidRequest(
+            f"the prompt is {tokens} tokens; this server takes at most {most} (serve.max_prompt_tokens)",
+            param="messages",
+            code="context_length_exceeded",
+        )
 
 
 def _pick(entry: Backend | Follower, ask: Ask) -> tuple[Backend, Ask]:
@@ -293,8 +340,9 @@ def _pick(entry: Backend | Follower, ask: Ask) -> tuple[Backend, Ask]:
     if not isinstance(entry, Follower):
         return entry, ask
     loaded = entry.pick(ask.key)
-    return loaded.backend, replace(ask, policy=loaded.policy, policy_hash=loaded.policy_hash,
-                                   model_version=loaded.version)
+    return loaded.backend, replace(
+        ask, policy=loaded.policy, policy_hash=loaded.policy_hash, model_version=loaded.version
+    )
 
 
 async def _unless_client_leaves(raw: Request, work: Awaitable[Routed]) -> Routed:
@@ -394,8 +442,9 @@ def _pieces(text: str) -> list[str]:
     return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
 
 
-async def _sse(model: str, text: str, finish: str, info: DistillInfo, usage: Usage | None,
-               logprobs: ChoiceLogprobs | None = None) -> AsyncIterator[bytes]:
+async def _sse(
+    model: str, text: str, finish: str, info: DistillInfo, usage: Usage | None, logprobs: ChoiceLogprobs | None = None
+) -> AsyncIterator[bytes]:
     """OpenAI chunk shapes: role, content deltas, finish, optional usage chunk, [DONE]. With
     logprobs, the content goes in one delta carrying all its tokens (word pieces would split
     tokens)."""

@@ -45,8 +45,9 @@ class Backend(Protocol):
 
     max_top_logprobs: int | None
 
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
-                       top_logprobs: int | None = None) -> Completion: ...
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int | None = None
+    ) -> Completion: ...
 
     async def prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """The prompt's length in this student's tokens, chat template included (None: this
@@ -107,8 +108,15 @@ class StudentBackend:
 
     max_top_logprobs = 20  # OpenAI's ceiling
 
-    def __init__(self, model_dir: Path, score_labels: list[str] | None = None, max_batch: int = 8,
-                 window_s: float = 0.0, decode: str = "generate", schema: dict | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        score_labels: list[str] | None = None,
+        max_batch: int = 8,
+        window_s: float = 0.0,
+        decode: str = "generate",
+        schema: dict | None = None,
+    ):
         from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
         self.model_dir = Path(model_dir)
@@ -153,8 +161,9 @@ class StudentBackend:
             except (TemplateError, ContentNotVerbatim) as err:
                 raise InvalidRequest(f"the student cannot take this conversation: {err}", param="messages") from None
 
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
-                       top_logprobs: int | None = None) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int | None = None
+    ) -> Completion:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._queue, self._worker = loop, asyncio.Queue(), None
@@ -198,8 +207,9 @@ class StudentBackend:
         # requests keep being answered meanwhile.
         futures = [future for _, _, future in group]
         try:
-            completions = await asyncio.to_thread(self._generate, [(m, top) for m, top, _ in group], max_tokens,
-                                                  Callers.watching(futures))
+            completions = await asyncio.to_thread(
+                self._generate, [(m, top) for m, top, _ in group], max_tokens, Callers.watching(futures)
+            )
         except GenerationAbandoned:
             self.abandoned += 1
             return
@@ -211,8 +221,9 @@ class StudentBackend:
                         future.set_exception(err)
                 return
             # Which member broke the batch is unknown: each is answered alone, so only it fails.
-            log.warning("a micro-batch of %d failed (%s); answering its members one by one", len(group),
-                        type(err).__name__)
+            log.warning(
+                "a micro-batch of %d failed (%s); answering its members one by one", len(group), type(err).__name__
+            )
             for member in waiting:
                 await self._run([member], max_tokens)
             return
@@ -220,8 +231,9 @@ class StudentBackend:
             if not future.done():
                 future.set_result(completion)
 
-    def _generate(self, asks: list[tuple[list[dict[str, str]], int | None]], max_tokens: int,
-                  callers: Callers) -> list[Completion]:
+    def _generate(
+        self, asks: list[tuple[list[dict[str, str]], int | None]], max_tokens: int, callers: Callers
+    ) -> list[Completion]:
         serving = replace(self._serving, max_new_tokens=max_tokens, batch_size=len(asks))
         with self._lock:
             self._callers = callers
@@ -240,9 +252,10 @@ class StudentBackend:
     def _with_tokens(self, messages: list[dict[str, str]], answer: Completion, top: int) -> TokenCompletion:
         ids = answer.token_ids or []
         alternatives = self._top_alternatives(messages, ids, top) if top and ids else [[] for _ in ids]
-        tokens = [TokenLogprob(token=text, logprob=lp, bytes=raw, top_logprobs=alts)
-                  for (text, raw), lp, alts in zip(map(self._token_text, ids), answer.token_logprobs or [],
-                                                   alternatives)]
+        tokens = [
+            TokenLogprob(token=text, logprob=lp, bytes=raw, top_logprobs=alts)
+            for (text, raw), lp, alts in zip(map(self._token_text, ids), answer.token_logprobs or [], alternatives)
+        ]
         return TokenCompletion(**vars(answer), tokens=tokens)
 
     def _top_alternatives(self, messages: list[dict[str, str]], ids: list[int], top: int) -> list[list[TopLogprob]]:
@@ -255,11 +268,15 @@ class StudentBackend:
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([prompt_ids + ids], device=self.model.device)).logits
         # Position i predicts token i+1: the answer's tokens are predicted from len(prompt)-1 on.
-        rows = torch.log_softmax(logits[0, len(prompt_ids) - 1: len(prompt_ids) - 1 + len(ids)].float(), dim=-1)
+        rows = torch.log_softmax(logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(ids)].float(), dim=-1)
         values, indices = rows.topk(top, dim=-1)
-        return [[TopLogprob(token=text, logprob=v, bytes=raw)
-                 for (text, raw), v in zip(map(self._token_text, row_ids), row_values)]
-                for row_ids, row_values in zip(indices.tolist(), values.tolist())]
+        return [
+            [
+                TopLogprob(token=text, logprob=v, bytes=raw)
+                for (text, raw), v in zip(map(self._token_text, row_ids), row_values)
+            ]
+            for row_ids, row_values in zip(indices.tolist(), values.tolist())
+        ]
 
     def _token_text(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and its exact bytes (byte-level BPE vocabularies spell bytes as characters)."""
@@ -319,8 +336,9 @@ class GgufBackend:
             raise InvalidRequest(f"the student cannot take this conversation: {err}", param="messages") from None
         return [t for n, (text, is_content) in enumerate(pieces) for t in ids(text, not is_content, bos=n == 0)]
 
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
-                       top_logprobs: int | None = None) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int | None = None
+    ) -> Completion:
         callers = Callers()
         try:
             return await asyncio.to_thread(self._answer, messages, max_tokens, top_logprobs, callers)
@@ -328,8 +346,7 @@ class GgufBackend:
             callers.gone = True  # the decoding loop stops at its next token
             raise
 
-    def _answer(self, messages: list[dict[str, str]], max_tokens: int, top: int | None,
-                callers: Callers) -> Completion:
+    def _answer(self, messages: list[dict[str, str]], max_tokens: int, top: int | None, callers: Callers) -> Completion:
         import time
 
         start = time.perf_counter()
@@ -339,16 +356,33 @@ class GgufBackend:
             llm = self.gguf.llm
             text = llm.detokenize(ids, special=False).decode("utf-8", errors="replace").strip()
             pieces = [llm.detokenize([t], prev_tokens=ids[:i]) for i, t in enumerate(ids)]
-            fields = (field_logprobs([p.decode("utf-8", errors="replace") for p in pieces], logprobs[: len(ids)])
-                      if self.schema is not None else None)
-            answer = Completion(text=text, source="gguf", prompt_tokens=len(prompt), completion_tokens=len(ids),
-                                token_ids=ids, token_logprobs=logprobs, finish_reason=finish,
-                                latency_ms=int((time.perf_counter() - start) * 1000), field_logprobs=fields)
+            fields = (
+                field_logprobs([p.decode("utf-8", errors="replace") for p in pieces], logprobs[: len(ids)])
+                if self.schema is not None
+                else None
+            )
+            answer = Completion(
+                text=text,
+                source="gguf",
+                prompt_tokens=len(prompt),
+                completion_tokens=len(ids),
+                token_ids=ids,
+                token_logprobs=logprobs,
+                finish_reason=finish,
+                latency_ms=int((time.perf_counter() - start) * 1000),
+                field_logprobs=fields,
+            )
             if top is None:
                 return answer
-            tokens = [TokenLogprob(token=p.decode("utf-8", errors="replace"), logprob=lp, bytes=list(p),
-                                   top_logprobs=[self._alternative(int(i), float(v), ids[:n]) for i, v in row])
-                      for n, (p, lp, row) in enumerate(zip(pieces, logprobs, rows))]
+            tokens = [
+                TokenLogprob(
+                    token=p.decode("utf-8", errors="replace"),
+                    logprob=lp,
+                    bytes=list(p),
+                    top_logprobs=[self._alternative(int(i), float(v), ids[:n]) for i, v in row],
+                )
+                for n, (p, lp, row) in enumerate(zip(pieces, logprobs, rows))
+            ]
         return TokenCompletion(**vars(answer), tokens=tokens)
 
     def _decode(self, prompt: list[int], max_tokens: int, top: int, callers: Callers):
@@ -410,8 +444,10 @@ class UpstreamBackend:
 
         provider, self.model = parse_spec(cfg.spec)
         if provider != "openai":
-            raise DistillError(f"serve.student={cfg.spec}: an upstream student is openai:<model> (any "
-                               "OpenAI-compatible server, at serve.student_base_url)")
+            raise DistillError(
+                f"serve.student={cfg.spec}: an upstream student is openai:<model> (any "
+                "OpenAI-compatible server, at serve.student_base_url)"
+            )
         self.spec, self.base_url, self.timeout_s = cfg.spec, cfg.base_url, cfg.timeout_s
         self._api_key = resolve_api_key(cfg.spec, cfg, OpenAITeacher.KEY_ENV)  # kept off repr and logs
         self._client: tuple[asyncio.AbstractEventLoop, object] | None = None
@@ -430,15 +466,18 @@ class UpstreamBackend:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._client[0] is not loop:
-            self._client = (loop, AsyncOpenAI(api_key=self._api_key, base_url=self.base_url,
-                                              timeout=self.timeout_s, max_retries=0))
+            self._client = (
+                loop,
+                AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0),
+            )
         return self._client[1]
 
     async def prompt_tokens(self, messages: list[dict[str, str]]) -> None:
         return None  # its tokenizer is the upstream server's, which bounds the prompt itself
 
-    async def complete(self, messages: list[dict[str, str]], max_tokens: int,
-                       top_logprobs: int | None = None) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int | None = None
+    ) -> Completion:
         import time
 
         import openai
@@ -452,11 +491,9 @@ class UpstreamBackend:
             params["response_format"] = schema_format(self.schema, "json_schema")
         start = time.perf_counter()
         try:
-            response = await self._get_client().chat.completions.create(model=self.model, messages=messages,
-                                                                        **params)
+            response = await self._get_client().chat.completions.create(model=self.model, messages=messages, **params)
         except openai.OpenAIError as err:
-            raise BackendUnavailable(f"student {self.spec}: {translate_error(err, self._api_key, self.spec)}") \
-                from None
+            raise BackendUnavailable(f"student {self.spec}: {translate_error(err, self._api_key, self.spec)}") from None
         return self._to_completion(response, int((time.perf_counter() - start) * 1000), top_logprobs is not None)
 
     def _to_completion(self, response, latency_ms: int, with_tokens: bool) -> Completion:
@@ -466,22 +503,35 @@ class UpstreamBackend:
         content = choice.logprobs.content if choice.logprobs is not None and choice.logprobs.content else []
         if not content and not self._warned:
             self._warned = True
-            log.warning("student %s sends no token logprobs: the policy has no confidence to read and escalates "
-                        "every request", self.spec)
+            log.warning(
+                "student %s sends no token logprobs: the policy has no confidence to read and escalates every request",
+                self.spec,
+            )
         answer = Completion(
-            text=(choice.message.content or "").strip(), source=self.spec,
+            text=(choice.message.content or "").strip(),
+            source=self.spec,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             token_logprobs=[t.logprob for t in content] or None,
-            finish_reason="length" if choice.finish_reason == "length" else "stop", latency_ms=latency_ms,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            latency_ms=latency_ms,
             field_logprobs=field_logprobs([t.token for t in content], [t.logprob for t in content])
-            if self.schema is not None and content else None)
+            if self.schema is not None and content
+            else None,
+        )
         if not with_tokens:
             return answer
-        tokens = [TokenLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes,
-                               top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=a.bytes)
-                                             for a in t.top_logprobs or []])
-                  for t in content]
+        tokens = [
+            TokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=t.bytes,
+                top_logprobs=[
+                    TopLogprob(token=a.token, logprob=a.logprob, bytes=a.bytes) for a in t.top_logprobs or []
+                ],
+            )
+            for t in content
+        ]
         return TokenCompletion(**vars(answer), tokens=tokens)
 
     async def aclose(self) -> None:
@@ -507,8 +557,14 @@ class TeacherBackend:
     cache connection belongs to the thread that opened it. An answer found in the cache costs
     serving nothing; `ledger_path` (serve.ledger) keeps the spend across restarts."""
 
-    def __init__(self, cfg: TeacherConfig, task: Task, cache_path: Path | str, budget_usd: float | None = None,
-                 ledger_path: Path | None = None):
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        task: Task,
+        cache_path: Path | str,
+        budget_usd: float | None = None,
+        ledger_path: Path | None = None,
+    ):
         """`budget_usd` (serve.budget_usd) replaces teacher.budget_usd: what serving may spend."""
         self.cfg = cfg if budget_usd is None else cfg.model_copy(update={"budget_usd": budget_usd})
         self.task = task
@@ -541,8 +597,9 @@ class TeacherBackend:
         from pipeline.teachers.service import TeacherService
 
         if self.service is None:
-            self.service = TeacherService.for_task(self.cfg, self.cache_path, self.task, ledger_path=self.ledger_path,
-                                                   charge_cached=False)
+            self.service = TeacherService.for_task(
+                self.cfg, self.cache_path, self.task, ledger_path=self.ledger_path, charge_cached=False
+            )
 
     async def answer(self, conversation: list[dict[str, str]], timeout_s: float) -> Completion:
         """The teacher's answer to the client's `conversation`, or a Completion with `error` set:

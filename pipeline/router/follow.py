@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from pipeline.llm.policy import Policy
 from pipeline.registry import CANDIDATE
 from pipeline.router.modes import Mode
-from pipeline.llm.policy import Policy
 from pipeline.router.routing import policy_hash
 
 if TYPE_CHECKING:
@@ -58,8 +59,16 @@ class Follower:
 
     `load`: a registry version -> Loaded (slow: reads the model); raises when it cannot."""
 
-    def __init__(self, registry: Registry, name: str, alias: str, champion: Loaded,
-                 load: Callable[[ServedVersion], Loaded], poll_s: float = 5.0, candidate_percent: float = 0.0):
+    def __init__(
+        self,
+        registry: Registry,
+        name: str,
+        alias: str,
+        champion: Loaded,
+        load: Callable[[ServedVersion], Loaded],
+        poll_s: float = 5.0,
+        candidate_percent: float = 0.0,
+    ):
         self.registry, self.name, self.alias = registry, name, alias
         self.load = load
         self.poll_s = poll_s
@@ -90,8 +99,10 @@ class Follower:
 
     def describe(self, served: Served | None = None) -> dict[str, dict[str, str]]:
         """For /ready: each alias's version and policy hash."""
-        return {alias: {"version": loaded.version, "policy": loaded.policy_hash}
-                for alias, loaded in self._by_alias(served or self.served)}
+        return {
+            alias: {"version": loaded.version, "policy": loaded.policy_hash}
+            for alias, loaded in self._by_alias(served or self.served)
+        }
 
     def _by_alias(self, served: Served) -> list[tuple[str, Loaded]]:
         pairs = [(self.alias, served.champion), (CANDIDATE, served.candidate)]
@@ -122,8 +133,10 @@ class Follower:
             try:
                 self.sync()
             except Exception as err:  # noqa: BLE001 - one bad poll (store locked, unreachable) must not end following
-                self._error("registry_poll", f"cannot read the registry, still serving {self.versions()}: "
-                            f"{type(err).__name__}: {err}")
+                self._error(
+                    "registry_poll",
+                    f"cannot read the registry, still serving {self.versions()}: {type(err).__name__}: {err}",
+                )
             self.polls += 1
             self._synced.set()
             if self._stop.wait(self.poll_s):
@@ -149,8 +162,12 @@ class Follower:
         if target is None:
             # A deleted alias is no instruction to stop serving: keep the last version, say so once.
             if not self._alias_gone:
-                log.warning("%s has no '%s' alias any more: still serving version %s", self.name, self.alias,
-                            current.champion.version)
+                log.warning(
+                    "%s has no '%s' alias any more: still serving version %s",
+                    self.name,
+                    self.alias,
+                    current.champion.version,
+                )
             self._alias_gone = True
             return current.champion
         self._alias_gone = False
@@ -171,8 +188,11 @@ class Follower:
             loaded = self.load(target)
         except Exception as err:  # noqa: BLE001 - any load failure must leave the serving version in place
             self._failed[alias] = target.version
-            self._error("model_load", f"{self.name} version {target.version} ({alias}, {target.source}) did not "
-                        f"load, still serving {self.versions(current)}: {type(err).__name__}: {err}")
+            self._error(
+                "model_load",
+                f"{self.name} version {target.version} ({alias}, {target.source}) did not "
+                f"load, still serving {self.versions(current)}: {type(err).__name__}: {err}",
+            )
             return self._kept(alias, current)
         self._failed.pop(alias, None)
         return loaded

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,8 +20,10 @@ from pipeline.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
-NO_ADMIN_KEY = ("the admin API needs an API key and this server has none; set serve.api_key_env or "
-                "serve.api_keys_file (or reload the policy with SIGHUP)")
+NO_ADMIN_KEY = (
+    "the admin API needs an API key and this server has none; set serve.api_key_env or "
+    "serve.api_keys_file (or reload the policy with SIGHUP)"
+)
 
 
 def bearer_auth(api_keys: tuple[SecretStr, ...], *, required: bool = False):
@@ -68,8 +70,14 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, 413, "body_too_large",
-                               f"request body of {int(declared)} bytes exceeds this server's limit of {self.max_bytes}")
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                413,
+                "body_too_large",
+                f"request body of {int(declared)} bytes exceeds this server's limit of {self.max_bytes}",
+            )
             return
         chunks: list[bytes] = []
         size = 0
@@ -82,15 +90,22 @@ class BodyLimit:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > self.max_bytes:
-                        await self._refuse(scope, receive, send, 413, "body_too_large",
-                                           f"request body exceeds this server's limit of {self.max_bytes} bytes")
+                        await self._refuse(
+                            scope,
+                            receive,
+                            send,
+                            413,
+                            "body_too_large",
+                            f"request body exceeds this server's limit of {self.max_bytes} bytes",
+                        )
                         return
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            await self._refuse(scope, receive, send, 408, "body_timeout",
-                               f"request body not received within {self.timeout_s:g} s")
+            await self._refuse(
+                scope, receive, send, 408, "body_timeout", f"request body not received within {self.timeout_s:g} s"
+            )
             return
         body = b"".join(chunks)
         replayed = False
@@ -106,8 +121,11 @@ class BodyLimit:
 
     async def _refuse(self, scope, receive, send, status: int, code: str, message: str) -> None:
         self.on_refused(code)
-        response = JSONResponse(error_envelope(message, type="invalid_request_error", code=code),
-                                status_code=status, headers={"Connection": "close"})
+        response = JSONResponse(
+            error_envelope(message, type="invalid_request_error", code=code),
+            status_code=status,
+            headers={"Connection": "close"},
+        )
         await response(scope, receive, send)
 
 
@@ -126,13 +144,17 @@ def add_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
         locs = [".".join(str(p) for p in e["loc"] if p != "body") for e in errors]
         message = "; ".join(f"{loc or 'body'}: {e['msg']}" for loc, e in zip(locs, errors))
         metrics.errors.labels("invalid_request").inc()
-        return JSONResponse(error_envelope(message, type="invalid_request_error", param=locs[0] or None),
-                            status_code=400)
+        return JSONResponse(
+            error_envelope(message, type="invalid_request_error", param=locs[0] or None), status_code=400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_envelope(str(exc.detail), type="invalid_request_error"),
-                            status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_envelope(str(exc.detail), type="invalid_request_error"),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -140,5 +162,9 @@ def add_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
         # and the count shows on /metrics; the traceback goes to the server log, not the client.
         metrics.errors.labels("internal").inc()
         log.error("unexpected %s on %s %s; answered 500", type(exc).__name__, request.method, request.url.path)
-        return JSONResponse(error_envelope("The server had an error while processing your request.",
-                                           type="server_error", code="internal_error"), status_code=500)
+        return JSONResponse(
+            error_envelope(
+                "The server had an error while processing your request.", type="server_error", code="internal_error"
+            ),
+            status_code=500,
+        )

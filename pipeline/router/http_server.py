@@ -69,13 +69,21 @@ def protocol_class(header_timeout_s: float) -> type[HeadDeadline]:
     return type("HeadDeadlineProtocol", (HeadDeadline,), {"header_timeout_s": header_timeout_s})
 
 
-def uvicorn_config(app: FastAPI, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-                   log_level: str = "info") -> uvicorn.Config:
+def uvicorn_config(
+    app: FastAPI, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> uvicorn.Config:
     """The uvicorn configuration `distill serve` and the tests run the app with."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol_class(settings.header_timeout_s),
-                          limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol_class(settings.header_timeout_s),
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
 
 
 def run(app: FastAPI, settings: ServeSettings, host: str, port: int) -> None:
@@ -83,4 +91,3 @@ def run(app: FastAPI, settings: ServeSettings, host: str, port: int) -> None:
     import uvicorn
 
     uvicorn.Server(uvicorn_config(app, settings, host, port)).run()
-

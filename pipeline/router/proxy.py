@@ -24,18 +24,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pipeline.conversation import check_conversation
 from pipeline.artifacts import sha256_json
+from pipeline.conversation import check_conversation
 from pipeline.llm.completion import Completion
 from pipeline.router.app import _distill_headers, _request_id, _sse, _usage
-from pipeline.router.errors import BackendUnavailable, DeadlineExceeded, InvalidRequest, ModelNotFound, QueueFull, \
-    RouterError
+from pipeline.router.errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    RouterError,
+)
 from pipeline.router.guards import add_error_handlers, bearer_auth, limit_body
 from pipeline.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from pipeline.router.protocol import (
@@ -65,16 +72,32 @@ log = logging.getLogger(__name__)
 # Declared request fields forwarded when the client sent them; `response_format` rides in the extras.
 FORWARDED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed")
 # What a capture record cannot hold: refused rather than forwarded without it (the answer would differ).
-NOT_RECORDABLE = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
-                  "modalities", "prediction", "n", "logprobs", "top_logprobs")
+NOT_RECORDABLE = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "audio",
+    "modalities",
+    "prediction",
+    "n",
+    "logprobs",
+    "top_logprobs",
+)
 
 
 class ProxyTeacher:
     """The recipe's teacher as the proxy asks it: the client's conversation and parameters, through
     a TeacherService built on the server's event loop (its SQLite cache belongs to that thread)."""
 
-    def __init__(self, cfg: TeacherConfig, cache_path: Path | str, budget_usd: float | None = None,
-                 ledger_path: Path | None = None):
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        cache_path: Path | str,
+        budget_usd: float | None = None,
+        ledger_path: Path | None = None,
+    ):
         # The client's own response_format decides the answer's shape: no label constraint.
         update = {"constrain_to_labels": False, **({"budget_usd": budget_usd} if budget_usd is not None else {})}
         self.cfg = cfg.model_copy(update=update)
@@ -99,8 +122,9 @@ class ProxyTeacher:
         from pipeline.teachers.service import TeacherService
 
         if self.service is None:
-            self.service = TeacherService.from_config(self.cfg, cache_path=self.cache_path,
-                                                      ledger_path=self.ledger_path, charge_cached=False)
+            self.service = TeacherService.from_config(
+                self.cfg, cache_path=self.cache_path, ledger_path=self.ledger_path, charge_cached=False
+            )
 
     def forwards(self) -> frozenset[str]:
         self.start()
@@ -131,8 +155,9 @@ class BudgetExhausted(RouterError):
     code = "budget_exhausted"
 
 
-def create_proxy_app(settings: ServeSettings, teacher: ProxyTeacher, capture: RecordLog,
-                     model_names: tuple[str, ...] = ()) -> FastAPI:
+def create_proxy_app(
+    settings: ServeSettings, teacher: ProxyTeacher, capture: RecordLog, model_names: tuple[str, ...] = ()
+) -> FastAPI:
     """The teacher-only proxy. `model_names`: what clients may send as `model` besides the
     teacher's own model name (serve.model_name)."""
     metrics = RouterMetrics()
@@ -149,8 +174,12 @@ def create_proxy_app(settings: ServeSettings, teacher: ProxyTeacher, capture: Re
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="distill proxy", lifespan=lifespan, **docs)
     add_error_handlers(app, metrics)
-    limit_body(app, settings.max_body_bytes, settings.body_timeout_s,
-               on_refused=lambda code: metrics.rejected.labels(code).inc())
+    limit_body(
+        app,
+        settings.max_body_bytes,
+        settings.body_timeout_s,
+        on_refused=lambda code: metrics.rejected.labels(code).inc(),
+    )
     auth = [Depends(bearer_auth(settings.api_keys))]
     ops = auth if settings.protect_ops else []
 
@@ -205,17 +234,30 @@ def create_proxy_app(settings: ServeSettings, teacher: ProxyTeacher, capture: Re
         for kind, n in answer.usage.items():
             metrics.tokens.labels("teacher", kind.removesuffix("_tokens")).inc(n)
         _record(capture, metrics, request_id, conversation, params, answer, teacher.spec)
-        info = DistillInfo(route="teacher", confidence=None, policy="", request_id=request_id, mode="proxy",
-                           reason="teacher-only proxy")
+        info = DistillInfo(
+            route="teacher",
+            confidence=None,
+            policy="",
+            request_id=request_id,
+            mode="proxy",
+            reason="teacher-only proxy",
+        )
         finish = "length" if answer.finish_reason == "length" else "stop"
         usage = _usage(answer)
         headers = _distill_headers(info)
         if request.stream:
             include_usage = bool((request.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(request.model, answer.text, finish, info, usage if include_usage else None),
-                                     media_type="text/event-stream", headers=headers)
-        body = ChatCompletionResponse(model=request.model, usage=usage, distill=info, choices=[
-            Choice(index=0, message=AssistantMessage(content=answer.text), finish_reason=finish)])
+            return StreamingResponse(
+                _sse(request.model, answer.text, finish, info, usage if include_usage else None),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        body = ChatCompletionResponse(
+            model=request.model,
+            usage=usage,
+            distill=info,
+            choices=[Choice(index=0, message=AssistantMessage(content=answer.text), finish_reason=finish)],
+        )
         return JSONResponse(body.model_dump(), headers=headers)
 
     app.include_router(v1)
@@ -230,8 +272,10 @@ def _forwarded(request: ChatCompletionRequest, forwards: frozenset[str], default
         value = getattr(request, name) if declared else (request.model_extra or {}).get(name)
         harmless = {"n": [1], "logprobs": [False], "top_logprobs": [0]}.get(name, [[], {}])
         if name in sent and value is not None and value not in harmless:
-            raise InvalidRequest(f"{name} is not supported by the capture proxy: its records hold text "
-                                 "conversations and one answer", param=name)
+            raise InvalidRequest(
+                f"{name} is not supported by the capture proxy: its records hold text conversations and one answer",
+                param=name,
+            )
     params = {name: getattr(request, name) for name in FORWARDED if name in sent and getattr(request, name) is not None}
     response_format = (request.model_extra or {}).get("response_format")
     if response_format is not None:
@@ -254,8 +298,15 @@ def _recordable(conversation: list[dict[str, str]]) -> bool:
     return bool(conversation[-1]["content"].strip())
 
 
-def _record(capture: RecordLog, metrics: RouterMetrics, request_id: str, conversation: list[dict[str, str]],
-            params: dict, answer: Completion, spec: str) -> None:
+def _record(
+    capture: RecordLog,
+    metrics: RouterMetrics,
+    request_id: str,
+    conversation: list[dict[str, str]],
+    params: dict,
+    answer: Completion,
+    spec: str,
+) -> None:
     """The pair in the capture record format; one `logs:` would reject or could not learn from (not
     ending in a user turn with text, an empty answer) is answered but not recorded, and counted."""
     if not _recordable(conversation) or not answer.text.strip():
@@ -265,10 +316,15 @@ def _record(capture: RecordLog, metrics: RouterMetrics, request_id: str, convers
         "id": request_id,
         "messages": [*conversation, {"role": "assistant", "content": answer.text}],
         "meta": {
-            "source": "proxy", "teacher": spec, "request": params,
+            "source": "proxy",
+            "teacher": spec,
+            "request": params,
             "prompt_sha": sha256_json(conversation)[:16],
-            "cost_usd": answer.cost_usd, "latency_ms": answer.latency_ms, "usage": answer.usage,
-            "token_logprobs": answer.token_logprobs, "finish_reason": answer.finish_reason,
+            "cost_usd": answer.cost_usd,
+            "latency_ms": answer.latency_ms,
+            "usage": answer.usage,
+            "token_logprobs": answer.token_logprobs,
+            "finish_reason": answer.finish_reason,
             "created_at": answer.created_at,
         },
     }

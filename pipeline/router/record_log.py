@@ -31,7 +31,7 @@ import os
 import stat
 import threading
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +72,9 @@ class RecordLog:
                 self._write(line)
             except OSError as err:
                 self.failed += 1
-                log.error("cannot append to %s (%s): record %s not logged", self.path, err.strerror or err,
-                          record.get("id"))
+                log.error(
+                    "cannot append to %s (%s): record %s not logged", self.path, err.strerror or err, record.get("id")
+                )
                 return False
             self.written += 1
         return True
@@ -101,7 +102,7 @@ class RecordLog:
             return
         if size < self.rotate_bytes or not self.path.is_file():
             return
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         for n in range(1, 1000):
             target = self.path.with_name(f"{self.path.stem}-{stamp}{'' if n == 1 else f'-{n}'}{self.path.suffix}")
             try:
@@ -140,12 +141,17 @@ class RecordLog:
                 if _whole_record(tail):
                     f.seek(size)
                     f.write(b"\n")
-                    log.warning("%s: its last record had no newline (the server stopped mid-write); completed it",
-                                self.path)
+                    log.warning(
+                        "%s: its last record had no newline (the server stopped mid-write); completed it", self.path
+                    )
                 else:
                     f.truncate(start)
-                    log.warning("%s: cut off a torn last line of %d bytes (the server stopped mid-write); the "
-                                "records before it are whole", self.path, size - start)
+                    log.warning(
+                        "%s: cut off a torn last line of %d bytes (the server stopped mid-write); the "
+                        "records before it are whole",
+                        self.path,
+                        size - start,
+                    )
             return 1
         except FileNotFoundError:
             return 0

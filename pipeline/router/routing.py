@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, replace
 
 from pipeline.conversation import student_messages
 from pipeline.llm.completion import Completion
+from pipeline.llm.policy import Decision, Policy
 from pipeline.router.backends import Backend, TeacherBackend
 from pipeline.router.errors import DeadlineExceeded
 from pipeline.router.escalations import Escalation, EscalationLog, agrees
 from pipeline.router.metrics import RouterMetrics
 from pipeline.router.modes import Mode, Rollback
-from pipeline.llm.policy import Decision, Policy
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,16 @@ class Routed:
 
 
 class Router:
-    def __init__(self, policy: Policy, mode: Mode, metrics: RouterMetrics, teacher: TeacherBackend | None = None,
-                 escalations: EscalationLog | None = None, rollback: Rollback | None = None,
-                 tiers: tuple[Tier, ...] = ()):
+    def __init__(
+        self,
+        policy: Policy,
+        mode: Mode,
+        metrics: RouterMetrics,
+        teacher: TeacherBackend | None = None,
+        escalations: EscalationLog | None = None,
+        rollback: Rollback | None = None,
+        tiers: tuple[Tier, ...] = (),
+    ):
         self.tiers = tuple(tiers)  # between the student and the teacher, in order
         self._current = (policy, policy_hash(policy))  # swapped as one tuple: atomic on the event loop
         self.mode = mode
@@ -122,8 +129,9 @@ class Router:
         """Requests already routing keep the policy they started with; new ones get this one."""
         previous = self.policy_hash
         self._current = (policy, policy_hash(policy))
-        log.info("policy %s replaced by %s (%s threshold %s)", previous, self.policy_hash, policy.signal,
-                 policy.threshold)
+        log.info(
+            "policy %s replaced by %s (%s threshold %s)", previous, self.policy_hash, policy.signal, policy.threshold
+        )
         return previous
 
     def with_policy(self, ask: Ask) -> Ask:
@@ -141,7 +149,9 @@ class Router:
         elif mode.kind == "shadow":
             routed = await self._shadow(student, ask)
         else:
-            routed = await self._teacher_only(student, ask, "canary: not routed" if mode.kind == "canary" else "mode off")
+            routed = await self._teacher_only(
+                student, ask, "canary: not routed" if mode.kind == "canary" else "mode off"
+            )
         return replace(routed, mode=mode, policy_hash=ask.policy_hash)
 
     # ------------------------------------------------------------ modes
@@ -159,8 +169,9 @@ class Router:
             return Routed(answer, "student-fallback", f"{decision.reason}; no teacher configured", decision.score)
         teacher = await self._teacher(ask)
         if teacher.error is not None:
-            return Routed(answer, "student-fallback", f"{decision.reason}; teacher failed: {teacher.error}",
-                          decision.score)
+            return Routed(
+                answer, "student-fallback", f"{decision.reason}; teacher failed: {teacher.error}", decision.score
+            )
         self._log(ask, teacher, "teacher", decision.reason, decision.score, answer)
         return Routed(teacher, "teacher", decision.reason, decision.score)
 
@@ -185,8 +196,9 @@ class Router:
             reasons.append(f"{tier.name}: {verdict.reason}")
             if verdict.route == "student":
                 if self.teacher is not None:
-                    self.metrics.saved_usd.inc(self.teacher.estimated_cost(ask.conversation,
-                                                                           answer.completion_tokens or 1))
+                    self.metrics.saved_usd.inc(
+                        self.teacher.estimated_cost(ask.conversation, answer.completion_tokens or 1)
+                    )
                 return Routed(answer, tier.route, "; ".join(reasons), verdict.score)
             route, best, last = tier.route, answer, verdict
         reason = "; ".join(reasons)
@@ -259,8 +271,9 @@ class Router:
             self._log(ask, teacher, "teacher", "shadow; student past the deadline", None, None)
             return
         decision = self._decide(ask, answer)
-        self._log(ask, teacher, "teacher", f"shadow; policy would {decision.route}: {decision.reason}",
-                  decision.score, answer)
+        self._log(
+            ask, teacher, "teacher", f"shadow; policy would {decision.route}: {decision.reason}", decision.score, answer
+        )
         if decision.route == "student" and self.rollback is not None:
             # Only answers the policy would have kept count: the quality target is about those.
             if self.rollback.observe(agrees(answer, teacher)):
@@ -269,9 +282,13 @@ class Router:
                 self.metrics.rolling_agreement.set(self.rollback.agreement)
 
     def _roll_back(self) -> None:
-        log.warning("rollback: student agreed with the teacher on %.1f%% of the last %d shadowed answers it would "
-                    "have kept, below the policy's target %.1f%%; serve.mode is now off (teacher only)",
-                    100 * self.rollback.agreement, len(self.rollback.recent), 100 * self.rollback.target)
+        log.warning(
+            "rollback: student agreed with the teacher on %.1f%% of the last %d shadowed answers it would "
+            "have kept, below the policy's target %.1f%%; serve.mode is now off (teacher only)",
+            100 * self.rollback.agreement,
+            len(self.rollback.recent),
+            100 * self.rollback.target,
+        )
         self.mode = Mode("off", 0.0)
         self.metrics.rolled_back.set(1)
 
@@ -313,16 +330,35 @@ class Router:
         for kind, n in answer.usage.items():
             self.metrics.tokens.labels(system, kind.removesuffix("_tokens")).inc(n)
 
-    def _log(self, ask: Ask, teacher: Completion, route: str, reason: str, confidence: float | None,
-             student: Completion | None, tiers: tuple[dict, ...] | None = None) -> None:
+    def _log(
+        self,
+        ask: Ask,
+        teacher: Completion,
+        route: str,
+        reason: str,
+        confidence: float | None,
+        student: Completion | None,
+        tiers: tuple[dict, ...] | None = None,
+    ) -> None:
         if student is not None:
             self.metrics.agreement.labels(str(agrees(student, teacher)).lower()).inc()
         if self.escalations is None:
             return
-        self.escalations.append(Escalation(
-            request_id=ask.request_id, conversation=ask.conversation, teacher=teacher, route=route, reason=reason,
-            policy=ask.policy_hash, confidence=confidence, student=student, model_version=ask.model_version,
-            tiers=tiers, request=ask.request))
+        self.escalations.append(
+            Escalation(
+                request_id=ask.request_id,
+                conversation=ask.conversation,
+                teacher=teacher,
+                route=route,
+                reason=reason,
+                policy=ask.policy_hash,
+                confidence=confidence,
+                student=student,
+                model_version=ask.model_version,
+                tiers=tiers,
+                request=ask.request,
+            )
+        )
 
     async def aclose(self) -> None:
         """Close the tiers' connections (upstream clients); in-process tiers hold none."""
@@ -341,5 +377,11 @@ class Router:
 def _step(name: str, digest: str, decision: Decision, answer: Completion) -> dict:
     """One tier's part in an escalation, as meta.tiers records it."""
     score = decision.score if decision.score is not None and math.isfinite(decision.score) else None
-    return {"tier": name, "outcome": "answered" if decision.route == "student" else "escalated",
-            "confidence": score, "reason": decision.reason, "policy": digest, "answer": answer.text}
+    return {
+        "tier": name,
+        "outcome": "answered" if decision.route == "student" else "escalated",
+        "confidence": score,
+        "reason": decision.reason,
+        "policy": digest,
+        "answer": answer.text,
+    }

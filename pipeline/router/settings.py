@@ -16,6 +16,7 @@ from pipeline.router.modes import Mode
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ServeSettings:
     api_keys: tuple[SecretStr, ...] = ()  # empty: no auth on /v1 (loopback only); the admin API is then closed
@@ -37,12 +38,21 @@ class ServeSettings:
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> ServeSettings:
-        return cls(api_keys=read_api_keys(cfg.api_key_env, cfg.api_keys_file), max_tokens=cfg.max_tokens,
-                   mode=Mode.parse(cfg.mode), max_queue=cfg.max_queue, deadline_s=cfg.deadline_s,
-                   rollback_window=cfg.rollback_window, max_prompt_tokens=cfg.max_prompt_tokens,
-                   body_timeout_s=cfg.body_timeout_s, header_timeout_s=cfg.header_timeout_s,
-                   keep_alive_s=cfg.keep_alive_s, max_connections=cfg.max_connections,
-                   protect_ops=cfg.protect_ops, docs=cfg.docs)
+        return cls(
+            api_keys=read_api_keys(cfg.api_key_env, cfg.api_keys_file),
+            max_tokens=cfg.max_tokens,
+            mode=Mode.parse(cfg.mode),
+            max_queue=cfg.max_queue,
+            deadline_s=cfg.deadline_s,
+            rollback_window=cfg.rollback_window,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            body_timeout_s=cfg.body_timeout_s,
+            header_timeout_s=cfg.header_timeout_s,
+            keep_alive_s=cfg.keep_alive_s,
+            max_connections=cfg.max_connections,
+            protect_ops=cfg.protect_ops,
+            docs=cfg.docs,
+        )
 
 
 def read_api_keys(api_key_env: str | None, api_keys_file: Path | None = None) -> tuple[SecretStr, ...]:
@@ -53,8 +63,10 @@ def read_api_keys(api_key_env: str | None, api_keys_file: Path | None = None) ->
     if api_key_env is not None:
         found = _split_keys(os.environ.get(api_key_env, "").split(","))
         if not found:
-            raise DistillError(f"environment variable {api_key_env} is empty or unset; export the API key there "
-                               "(several: comma-separated)")
+            raise DistillError(
+                f"environment variable {api_key_env} is empty or unset; export the API key there "
+                "(several: comma-separated)"
+            )
         keys += found
     if api_keys_file is not None:
         try:
@@ -78,9 +90,12 @@ def settings_for(cfg: ServeConfig) -> ServeSettings:
     can reach the port could spend the teacher budget and write the next round's training data."""
     settings = ServeSettings.from_config(cfg)
     if not settings.api_keys and not is_loopback_host(cfg.host):
-        raise DistillError(f"serve.host={cfg.host} is reachable from other machines and no API key is set; set "
-                           "serve.api_key_env or serve.api_keys_file, or bind serve.host=127.0.0.1")
+        raise DistillError(
+            f"serve.host={cfg.host} is reachable from other machines and no API key is set; set "
+            "serve.api_key_env or serve.api_keys_file, or bind serve.host=127.0.0.1"
+        )
     if not settings.api_keys:
-        log.info("no API key set: /v1 is open to this machine only and the admin API is closed (SIGHUP reloads "
-                 "the policy)")
+        log.info(
+            "no API key set: /v1 is open to this machine only and the admin API is closed (SIGHUP reloads the policy)"
+        )
     return settings

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
     """Refuse to serve a policy evaluated on another adapter than the one exported (its threshold
     would mean nothing for this model), or on another student input than the export was trained
@@ -48,20 +49,24 @@ def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
     manifest = read_manifest(Path(export_dir))
     shipped, fed = (manifest.student_input if manifest else None), data.get("student_input", "user")
     if shipped is not None and shipped != fed:
-        raise DistillError(f"{policy_path} feeds the student its {fed} input (student_input={fed}) but {export_dir} "
-                           f"was trained on the {shipped} input; rerun `distill evaluate` and `distill export` on "
-                           "the same curate")
+        raise DistillError(
+            f"{policy_path} feeds the student its {fed} input (student_input={fed}) but {export_dir} "
+            f"was trained on the {shipped} input; rerun `distill evaluate` and `distill export` on "
+            "the same curate"
+        )
     served = manifest.inputs.get("finetune") if manifest is not None else None
     if served is None:
-        log.warning("cannot check the policy against %s: it is no export folder (no manifest naming its adapter)",
-                    export_dir)
+        log.warning(
+            "cannot check the policy against %s: it is no export folder (no manifest naming its adapter)", export_dir
+        )
         return
     if expected is None:
         raise DistillError(f"{policy_path}: no adapter_sha256, so not a policy `distill evaluate` wrote; rerun it")
     if expected != served:
         raise DistillError(
             f"{policy_path} was evaluated on adapter {expected[:12]} but {export_dir} was exported from "
-            f"adapter {served[:12]}; rerun `distill evaluate` and `distill export` on the same finetune")
+            f"adapter {served[:12]}; rerun `distill evaluate` and `distill export` on the same finetune"
+        )
 
 
 def exported_student_input(export_dir: Path) -> str:
@@ -76,8 +81,11 @@ def exported_student_input(export_dir: Path) -> str:
 def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend | None:
     """The recipe's teacher for escalations, or None when it cannot answer live (`logs:`)."""
     if recipe.teacher.spec.startswith("logs:"):
-        log.warning("teacher.spec=%s imports answers and cannot answer live requests: escalations get the "
-                    "student's answer (student-fallback)", recipe.teacher.spec)
+        log.warning(
+            "teacher.spec=%s imports answers and cannot answer live requests: escalations get the "
+            "student's answer (student-fallback)",
+            recipe.teacher.spec,
+        )
         return None
     read_stored_spend(cfg.ledger)  # a ledger that does not read fails before the slow load
     return TeacherBackend(recipe.teacher, task, recipe.capture.cache, budget_usd=cfg.budget_usd, ledger_path=cfg.ledger)
@@ -93,20 +101,34 @@ def student_for(model_dir: Path, policy: Policy, cfg: ServeConfig) -> Backend:
     """The student `serve.student` names, answering for the export in `model_dir` (whose policy it is)."""
     if cfg.student == "transformers":
         labels = list(policy.labels or []) if policy.needs_label_scores else None  # label signals score every label
-        return StudentBackend(model_dir, score_labels=labels, max_batch=cfg.max_batch,
-                              window_s=cfg.batch_window_ms / 1000, decode=policy.decode, schema=policy.schema)
+        return StudentBackend(
+            model_dir,
+            score_labels=labels,
+            max_batch=cfg.max_batch,
+            window_s=cfg.batch_window_ms / 1000,
+            decode=policy.decode,
+            schema=policy.schema,
+        )
     if policy.needs_label_scores:
-        raise DistillError(f"router signal '{policy.signal}' (decode {policy.decode}) scores every label by "
-                           f"teacher forcing, which only serve.student=transformers does; serve with it, or "
-                           "evaluate with router.signal=mean_logprob router.decode=generate")
+        raise DistillError(
+            f"router signal '{policy.signal}' (decode {policy.decode}) scores every label by "
+            f"teacher forcing, which only serve.student=transformers does; serve with it, or "
+            "evaluate with router.signal=mean_logprob router.decode=generate"
+        )
     if cfg.student == "llama.cpp":
         return GgufBackend(cfg.student_gguf or export_gguf_file(Path(model_dir).parent), schema=policy.schema)
     from pipeline.config import TeacherConfig
 
     # The teacher section's machinery (spec, key env, timeout) describes any OpenAI-compatible server.
-    return UpstreamBackend(TeacherConfig(spec=cfg.student, base_url=cfg.student_base_url,
-                                         api_key_env=cfg.student_api_key_env, timeout_s=cfg.deadline_s),
-                           schema=policy.schema)
+    return UpstreamBackend(
+        TeacherConfig(
+            spec=cfg.student,
+            base_url=cfg.student_base_url,
+            api_key_env=cfg.student_api_key_env,
+            timeout_s=cfg.deadline_s,
+        ),
+        schema=policy.schema,
+    )
 
 
 def export_gguf_file(export_dir: Path) -> Path:
@@ -120,10 +142,13 @@ def export_gguf_file(export_dir: Path) -> Path:
     if preferred in found:
         return preferred
     if not found:
-        raise DistillError(f"{export_dir / EXPORT_GGUF}: no GGUF to serve with serve.student=llama.cpp; add gguf to "
-                           "export.formats and run `make export`, or set serve.student_gguf")
-    raise DistillError(f"{export_dir / EXPORT_GGUF} holds {', '.join(f.name for f in found)}; choose one with "
-                       "serve.student_gguf")
+        raise DistillError(
+            f"{export_dir / EXPORT_GGUF}: no GGUF to serve with serve.student=llama.cpp; add gguf to "
+            "export.formats and run `make export`, or set serve.student_gguf"
+        )
+    raise DistillError(
+        f"{export_dir / EXPORT_GGUF} holds {', '.join(f.name for f in found)}; choose one with serve.student_gguf"
+    )
 
 
 def build_tiers(cfg: ServeConfig) -> tuple[Tier, ...]:
@@ -133,8 +158,10 @@ def build_tiers(cfg: ServeConfig) -> tuple[Tier, ...]:
     for i, tier in enumerate(cfg.tiers):
         where = f"serve.tiers.{i} ({tier.name})"
         if not Path(tier.policy).is_file():
-            raise DistillError(f"{where}.policy: {tier.policy} does not exist; point it at that tier's "
-                               "router_policy.json (`distill evaluate` on that model writes one)")
+            raise DistillError(
+                f"{where}.policy: {tier.policy} does not exist; point it at that tier's "
+                "router_policy.json (`distill evaluate` on that model writes one)"
+            )
         try:
             if tier.student == "transformers":
                 check_policy_matches_export(tier.policy, Path(tier.model_dir).parent)
@@ -144,9 +171,14 @@ def build_tiers(cfg: ServeConfig) -> tuple[Tier, ...]:
         if tier.student == "transformers" and not (Path(tier.model_dir) / "config.json").is_file():
             raise DistillError(f"{where}.model_dir: {tier.model_dir} has no config.json, so no model to serve")
         # The tier is a student of its own: serve.student's machinery builds it.
-        as_student = cfg.model_copy(update={"student": tier.student, "student_gguf": tier.gguf,
-                                            "student_base_url": tier.base_url,
-                                            "student_api_key_env": tier.api_key_env})
+        as_student = cfg.model_copy(
+            update={
+                "student": tier.student,
+                "student_gguf": tier.gguf,
+                "student_base_url": tier.base_url,
+                "student_api_key_env": tier.api_key_env,
+            }
+        )
         try:
             backend = student_for(Path(tier.model_dir or "."), policy, as_student)
         except DistillError as err:
@@ -167,8 +199,9 @@ def _escalations(cfg: ServeConfig, teacher: TeacherBackend | None) -> Escalation
     return EscalationLog(cfg.escalations, scrub_pii=cfg.scrub_pii) if teacher is not None else None
 
 
-def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | None = None,
-          policy_path: Path | None = None) -> None:
+def serve(
+    model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | None = None, policy_path: Path | None = None
+) -> None:
     """Load the student from `model_dir` and serve it until interrupted (`make serve`).
     `recipe`: where the teacher comes from; None serves without one (live mode only).
     `policy_path`: where `policy` came from, read again on SIGHUP or POST /admin/reload-policy."""
@@ -180,14 +213,33 @@ def serve(model_dir: Path, policy: Policy, cfg: ServeConfig, recipe: Recipe | No
     tiers = build_tiers(cfg)  # before the student: a bad tier fails before the slow load
     student = student_for(model_dir, policy, cfg)
     reload = (lambda: load_checked_policy(policy_path, model_dir.parent)) if policy_path is not None else None
-    app = create_app(settings, {cfg.model_name: student}, policy, teacher=teacher,
-                     escalations=_escalations(cfg, teacher), reload_policy=reload, tiers=tiers)
-    log.info("serving %s (%s) as '%s' on http://%s:%d/v1 (mode %s, policy %s: %s threshold %s, teacher %s)",
-             model_dir, cfg.student, cfg.model_name, cfg.host, cfg.port, settings.mode, app.state.router.policy_hash, policy.signal,
-             policy.threshold, teacher.spec if teacher else "none")
+    app = create_app(
+        settings,
+        {cfg.model_name: student},
+        policy,
+        teacher=teacher,
+        escalations=_escalations(cfg, teacher),
+        reload_policy=reload,
+        tiers=tiers,
+    )
+    log.info(
+        "serving %s (%s) as '%s' on http://%s:%d/v1 (mode %s, policy %s: %s threshold %s, teacher %s)",
+        model_dir,
+        cfg.student,
+        cfg.model_name,
+        cfg.host,
+        cfg.port,
+        settings.mode,
+        app.state.router.policy_hash,
+        policy.signal,
+        policy.threshold,
+        teacher.spec if teacher else "none",
+    )
     if tiers:
-        log.info("tiers between the student and the teacher: %s",
-                 ", ".join(f"{t.name} ({t.policy.signal} threshold {t.policy.threshold})" for t in tiers))
+        log.info(
+            "tiers between the student and the teacher: %s",
+            ", ".join(f"{t.name} ({t.policy.signal} threshold {t.policy.threshold})" for t in tiers),
+        )
     http_server.run(app, settings, cfg.host, cfg.port)
 
 
@@ -199,11 +251,17 @@ def load_version(version: ServedVersion, cfg: ServeConfig, signal_name: str = "m
     (student-only, with a warning, when the run has none). Raises DistillError or the loader's
     error; the policy is checked before the slow model load."""
     if not (version.source / "config.json").is_file():
-        raise DistillError(f"{version.name} version {version.version}: {version.source} has no config.json, so no "
-                           "exported student to serve")
+        raise DistillError(
+            f"{version.name} version {version.version}: {version.source} has no config.json, so no "
+            "exported student to serve"
+        )
     if version.policy_path is None:
-        log.warning("%s version %s: no evaluated policy beside %s; serving it student-only, nothing escalates",
-                    version.name, version.version, version.source)
+        log.warning(
+            "%s version %s: no evaluated policy beside %s; serving it student-only, nothing escalates",
+            version.name,
+            version.version,
+            version.source,
+        )
         policy = Policy.student_only(signal_name, exported_student_input(version.source.parent))
     else:
         policy = load_checked_policy(version.policy_path, version.source.parent)
@@ -221,12 +279,19 @@ def alias_app(registry: Registry, name: str, alias: str, cfg: ServeConfig, recip
         return load_version(version, cfg, signal_name)
 
     champion = load(registry.require(name, alias))
-    follower = Follower(registry, name, alias, champion, load, poll_s=cfg.registry_poll_s,
-                        candidate_percent=cfg.candidate_percent)
+    follower = Follower(
+        registry, name, alias, champion, load, poll_s=cfg.registry_poll_s, candidate_percent=cfg.candidate_percent
+    )
     # Whatever this version's policy, the next one promoted may escalate: keep the teacher at hand.
     teacher = _teacher(recipe, cfg, needed=True)
-    app = create_app(settings, {cfg.model_name: follower}, champion.policy, teacher=teacher,
-                     escalations=_escalations(cfg, teacher), tiers=tiers)
+    app = create_app(
+        settings,
+        {cfg.model_name: follower},
+        champion.policy,
+        teacher=teacher,
+        escalations=_escalations(cfg, teacher),
+        tiers=tiers,
+    )
     app.state.follower = follower
     return app
 
@@ -235,9 +300,20 @@ def serve_alias(registry: Registry, name: str, alias: str, cfg: ServeConfig, rec
     """Serve `models:/<name>@<alias>` until interrupted, following the alias when it moves."""
     app = alias_app(registry, name, alias, cfg, recipe)
     teacher = app.state.router.teacher
-    log.info("serving models:/%s@%s as '%s' on http://%s:%d/v1 (mode %s, candidate %g%%, registry %s every %g s, "
-             "teacher %s)", name, alias, cfg.model_name, cfg.host, cfg.port, cfg.mode, cfg.candidate_percent,
-             registry.uri, cfg.registry_poll_s, teacher.spec if teacher else "none")
+    log.info(
+        "serving models:/%s@%s as '%s' on http://%s:%d/v1 (mode %s, candidate %g%%, registry %s every %g s, "
+        "teacher %s)",
+        name,
+        alias,
+        cfg.model_name,
+        cfg.host,
+        cfg.port,
+        cfg.mode,
+        cfg.candidate_percent,
+        registry.uri,
+        cfg.registry_poll_s,
+        teacher.spec if teacher else "none",
+    )
     http_server.run(app, settings_for(cfg), cfg.host, cfg.port)
 
 
@@ -254,20 +330,28 @@ def proxy_app(recipe: Recipe) -> FastAPI:
     cfg = recipe.serve
     provider = recipe.teacher.spec.partition(":")[0]
     if provider not in ("openai", "anthropic"):
-        raise DistillError(f"--teacher-only forwards requests to a network teacher (openai:<model> or "
-                           f"anthropic:<model>); teacher.spec={recipe.teacher.spec} cannot take a client's "
-                           "request as sent")
+        raise DistillError(
+            f"--teacher-only forwards requests to a network teacher (openai:<model> or "
+            f"anthropic:<model>); teacher.spec={recipe.teacher.spec} cannot take a client's "
+            "request as sent"
+        )
     settings = settings_for(cfg)
     read_stored_spend(cfg.ledger)
     teacher = ProxyTeacher(recipe.teacher, recipe.capture.cache, budget_usd=cfg.budget_usd, ledger_path=cfg.ledger)
     build_teacher_now(teacher.spec, teacher.cfg)  # a missing key or price fails before the port opens
-    return create_proxy_app(settings, teacher, RecordLog(cfg.proxy_log, scrub_pii=cfg.scrub_pii),
-                            model_names=(cfg.model_name,))
+    return create_proxy_app(
+        settings, teacher, RecordLog(cfg.proxy_log, scrub_pii=cfg.scrub_pii), model_names=(cfg.model_name,)
+    )
 
 
 def serve_proxy(recipe: Recipe) -> None:
     cfg = recipe.serve
     app = proxy_app(recipe)
-    log.info("capture proxy for %s on http://%s:%d/v1 (point OPENAI_BASE_URL there); recording to %s", recipe.teacher.spec,
-             cfg.host, cfg.port, cfg.proxy_log)
+    log.info(
+        "capture proxy for %s on http://%s:%d/v1 (point OPENAI_BASE_URL there); recording to %s",
+        recipe.teacher.spec,
+        cfg.host,
+        cfg.port,
+        cfg.proxy_log,
+    )
     http_server.run(app, settings_for(cfg), cfg.host, cfg.port)

@@ -27,15 +27,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from collections import Counter
 
 from pipeline.artifacts import CAPTURE_RECORDS, Manifest, sha256_json, write_jsonl
 from pipeline.config import CaptureConfig, Recipe, TeacherConfig
 from pipeline.conversation import (
-    Unsupported, check_conversation, read_messages, skipped_lines, split_answer, user_turn,
+    Unsupported,
+    check_conversation,
+    read_messages,
+    skipped_lines,
+    split_answer,
+    user_turn,
 )
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
@@ -43,8 +47,8 @@ from pipeline.llm.loading import check_recipe_models
 from pipeline.task import Task, load_task
 from pipeline.teachers import parse_spec
 from pipeline.teachers.batch import BatchReport, record_meta, run_batches
-from pipeline.teachers.registry import content_files
 from pipeline.teachers.logs import import_logs, log_files
+from pipeline.teachers.registry import content_files
 from pipeline.teachers.service import ServiceReport, TeacherService
 from pipeline.teachers.sources import is_table_file, read_rows
 
@@ -53,9 +57,23 @@ log = logging.getLogger(__name__)
 NAME = "capture"
 # What changes the answers; not where they are cached, nor how fast or how often they are asked.
 READS = (
-    "teacher.spec", "teacher.max_new_tokens", "teacher.temperature", "teacher.n", "teacher.few_shot",
-    "teacher.constrain_to_labels", "teacher.constrain_to_schema", "teacher.label_distribution", "teacher.base_url", "teacher.logprobs", "teacher.prompt_col", "teacher.label_col",
-    "capture.prompts", "capture.prompts_split", "capture.prompt_field", "capture.gold_field", "capture.limit",
+    "teacher.spec",
+    "teacher.max_new_tokens",
+    "teacher.temperature",
+    "teacher.n",
+    "teacher.few_shot",
+    "teacher.constrain_to_labels",
+    "teacher.constrain_to_schema",
+    "teacher.label_distribution",
+    "teacher.base_url",
+    "teacher.logprobs",
+    "teacher.prompt_col",
+    "teacher.label_col",
+    "capture.prompts",
+    "capture.prompts_split",
+    "capture.prompt_field",
+    "capture.gold_field",
+    "capture.limit",
     "capture.records",
 )
 UPSTREAM: tuple[str, ...] = ()
@@ -121,9 +139,15 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     _add_skipped(manifest, skipped)
     if batch is not None:
         _add_batch(manifest, batch)
-    tracker.params({"teacher": service.identity, "prompts": len(prompts), "samples_per_prompt": recipe.teacher.n,
-                    "price": asdict(service.price) if service.price else {},
-                    **({"batch_price": asdict(batch.price) if batch.price else {}} if batch else {})})
+    tracker.params(
+        {
+            "teacher": service.identity,
+            "prompts": len(prompts),
+            "samples_per_prompt": recipe.teacher.n,
+            "price": asdict(service.price) if service.price else {},
+            **({"batch_price": asdict(batch.price) if batch.price else {}} if batch else {}),
+        }
+    )
     tracker.metrics({**manifest.counts, **manifest.metrics, "cost_usd": manifest.cost_usd})
     _check(report, completions, len(entries), recipe.teacher)
     log.info("capture: %s", "; ".join(manifest.notes[: 2 if batch else 1]))
@@ -164,8 +188,10 @@ def _prompt_conversation(where: str, rec: dict, prompt_field: str) -> list[dict]
         return messages
     text = rec.get(prompt_field)
     if not isinstance(text, str) or not text.strip():
-        raise DistillError(f"{where}: no '{prompt_field}' text (set capture.prompt_field to the right column, "
-                           "or give each row a `messages` conversation)")
+        raise DistillError(
+            f"{where}: no '{prompt_field}' text (set capture.prompt_field to the right column, "
+            "or give each row a `messages` conversation)"
+        )
     return user_turn(text)
 
 
@@ -189,16 +215,32 @@ def _entries(prompts: list[dict], task: Task, cfg: TeacherConfig) -> list[Entry]
     return entries
 
 
-def _write_records(path: Path, entries: list[Entry], completions: list[Completion], spec: str, identity: dict,
-                   recipe: Recipe, extra: list[dict] | None = None) -> None:
+def _write_records(
+    path: Path,
+    entries: list[Entry],
+    completions: list[Completion],
+    spec: str,
+    identity: dict,
+    recipe: Recipe,
+    extra: list[dict] | None = None,
+) -> None:
     """Write records in prompt order to a temp file, then rename: a reader never sees a
     half-written teacher.jsonl. `extra`: meta to add per record (batch answers: provenance and
     what they would have cost as sync calls, for the card's savings line)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for i, (e, completion) in enumerate(zip(entries, completions, strict=True)):
-            record = make_record(e.prompt, completion, spec, identity, "capture", recipe.capture.gold_field,
-                                 request=_sent(recipe.teacher), sample=e.sample, n=recipe.teacher.n)
+            record = make_record(
+                e.prompt,
+                completion,
+                spec,
+                identity,
+                "capture",
+                recipe.capture.gold_field,
+                request=_sent(recipe.teacher),
+                sample=e.sample,
+                n=recipe.teacher.n,
+            )
             record["meta"] |= extra[i] if extra else {}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
@@ -211,8 +253,17 @@ def _sent(cfg: TeacherConfig) -> dict:
     return {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
 
 
-def make_record(prompt: dict, completion: Completion, spec: str, identity: dict, source: str,
-                gold_field: str | None, request: dict | None = None, sample: int = 0, n: int = 1) -> dict:
+def make_record(
+    prompt: dict,
+    completion: Completion,
+    spec: str,
+    identity: dict,
+    source: str,
+    gold_field: str | None,
+    request: dict | None = None,
+    sample: int = 0,
+    n: int = 1,
+) -> dict:
     """The capture record: `prompt["messages"]` (the conversation as sent) with the answer appended."""
     conversation = prompt["messages"]
     meta = {
@@ -260,13 +311,16 @@ def _manifest(prompts: int, records: int, report: ServiceReport) -> Manifest:
         counts |= {"prompt_tokens": report.prompt_tokens, "completion_tokens": report.completion_tokens}
         metrics["cost_usd_prompt_set"] = report.total_usd
     # What this run paid: cached answers are free.
-    notes = [f"{report.ok} ok / {report.failed} failed of {report.calls} calls, {report.cache_hits} cached, "
-             f"${report.spent_usd:.4f} this run"]
+    notes = [
+        f"{report.ok} ok / {report.failed} failed of {report.calls} calls, {report.cache_hits} cached, "
+        f"${report.spent_usd:.4f} this run"
+    ]
     return Manifest(stage=NAME, counts=counts, metrics=metrics, cost_usd=report.spent_usd, notes=notes + report.notes)
 
 
-def _check_batches(batch: BatchReport, service: TeacherService, conversations: list[list[dict]], samples: list[int],
-                   cfg: TeacherConfig) -> None:
+def _check_batches(
+    batch: BatchReport, service: TeacherService, conversations: list[list[dict]], samples: list[int], cfg: TeacherConfig
+) -> None:
     """Before any sync call: what the batches could not answer is bought synchronously only when
     it is a few failed requests; a budget stop, a cancelled batch or many failures end the stage
     (everything imported is cached; a rerun submits the rest as a follow-up batch)."""
@@ -277,14 +331,18 @@ def _check_batches(batch: BatchReport, service: TeacherService, conversations: l
             "what was answered is cached: rerun with a higher teacher.budget_usd to continue."
         )
     if batch.cancelled:
-        raise DistillError(f"batch {', '.join(batch.cancelled)} was cancelled; its {batch.imported} answers are "
-                           "cached, rerun `distill capture` to submit the rest")
+        raise DistillError(
+            f"batch {', '.join(batch.cancelled)} was cancelled; its {batch.imported} answers are "
+            "cached, rerun `distill capture` to submit the rest"
+        )
     keys = service.keys(conversations, samples)
     missing = set(keys) - set(service.cache.costs(keys))
     unanswered = missing - set(batch.failed)
     if unanswered:
-        raise DistillError(f"{len(unanswered)} requests were not run by their batches (expired {1 + len(batch.batches)} "
-                           "times?); what finished is cached, rerun `distill capture` to submit the rest")
+        raise DistillError(
+            f"{len(unanswered)} requests were not run by their batches (expired {1 + len(batch.batches)} "
+            "times?); what finished is cached, rerun `distill capture` to submit the rest"
+        )
     tried = batch.imported + len(batch.failed)
     if batch.failed and len(batch.failed) / tried > cfg.max_failure_rate:
         first = next(iter(batch.failed.values()))
@@ -299,16 +357,29 @@ def _check_batches(batch: BatchReport, service: TeacherService, conversations: l
 
 def _add_batch(manifest: Manifest, batch: BatchReport) -> None:
     """The batch side of the bill: what this run's batch answers cost, and what they saved."""
-    manifest.counts |= {"batches": len(batch.batches), "batch_submitted": batch.submitted,
-                        "batch_imported": batch.imported, "batch_failed": len(batch.failed), "batch_lost": batch.lost}
-    manifest.metrics |= {"batch_cost_usd": batch.cost_usd, "batch_sync_cost_usd": batch.sync_cost_usd,
-                         "batch_saved_usd": batch.saved_usd}
+    manifest.counts |= {
+        "batches": len(batch.batches),
+        "batch_submitted": batch.submitted,
+        "batch_imported": batch.imported,
+        "batch_failed": len(batch.failed),
+        "batch_lost": batch.lost,
+    }
+    manifest.metrics |= {
+        "batch_cost_usd": batch.cost_usd,
+        "batch_sync_cost_usd": batch.sync_cost_usd,
+        "batch_saved_usd": batch.saved_usd,
+    }
     manifest.cost_usd += batch.cost_usd
     p = batch.price
-    price = f"batch price ${p.input_per_mtok}/${p.output_per_mtok} per 1M tokens in/out ({p.source})" if p else "unpriced"
-    manifest.notes.insert(1, f"{batch.imported} answers from {len(batch.batches)} provider batch(es): "
-                             f"${batch.cost_usd:.4f} at the batch price, ${batch.sync_cost_usd:.4f} at sync prices "
-                             f"(saved ${batch.saved_usd:.4f}); {price}")
+    price = (
+        f"batch price ${p.input_per_mtok}/${p.output_per_mtok} per 1M tokens in/out ({p.source})" if p else "unpriced"
+    )
+    manifest.notes.insert(
+        1,
+        f"{batch.imported} answers from {len(batch.batches)} provider batch(es): "
+        f"${batch.cost_usd:.4f} at the batch price, ${batch.sync_cost_usd:.4f} at sync prices "
+        f"(saved ${batch.saved_usd:.4f}); {price}",
+    )
 
 
 def _check(report: ServiceReport, completions: list[Completion], records: int, cfg: TeacherConfig) -> None:
@@ -339,8 +410,15 @@ def run_logs(recipe: Recipe, ref: str, out: Path, tracker) -> Manifest:
     spec = recipe.teacher.spec
     identity = {"provider": "logs", "path": ref}
     records = [
-        make_record({**r.row, "id": r.id, "messages": r.messages}, Completion(text=r.answer, source=spec), spec,
-                    identity, "logs", recipe.capture.gold_field, request=r.request)
+        make_record(
+            {**r.row, "id": r.id, "messages": r.messages},
+            Completion(text=r.answer, source=spec),
+            spec,
+            identity,
+            "logs",
+            recipe.capture.gold_field,
+            request=r.request,
+        )
         for r in rows
     ]
     write_jsonl(out / OUTPUT, records)
@@ -348,8 +426,13 @@ def run_logs(recipe: Recipe, ref: str, out: Path, tracker) -> Manifest:
     if imported.rejected:
         notes.append(imported.rejected_summary())
         log.warning("%s", imported.rejected_summary())
-    counts = {"prompts": len(records), "records": len(records), "cache_hits": 0, "teacher_calls": 0,
-              "rejected": len(imported.rejected)}
+    counts = {
+        "prompts": len(records),
+        "records": len(records),
+        "cache_hits": 0,
+        "teacher_calls": 0,
+        "rejected": len(imported.rejected),
+    }
     manifest = Manifest(stage=NAME, counts=counts, notes=notes)
     _add_skipped(manifest, imported.unsupported)
     tracker.params({"teacher": identity, "prompts": len(records)})
@@ -384,6 +467,7 @@ def check_record(where: str, row: dict) -> tuple[str, dict]:
         messages = read_messages(row.get("messages"))
         split_answer(messages)
     except ValueError as err:
-        raise DistillError(f"{where}: not a capture record ({err}; want id, messages [..., user, assistant], "
-                           "meta)") from None
+        raise DistillError(
+            f"{where}: not a capture record ({err}; want id, messages [..., user, assistant], meta)"
+        ) from None
     return where, {"id": row["id"], "messages": messages, "meta": row.get("meta", {})}

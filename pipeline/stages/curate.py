@@ -41,15 +41,29 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.artifacts import (
-    CAPTURE_RECORDS, CURATED_DATASET, SPLITS, Manifest, atomic_write_text, iter_jsonl, read_jsonl, write_jsonl,
+    CAPTURE_RECORDS,
+    CURATED_DATASET,
+    SPLITS,
+    Manifest,
+    atomic_write_text,
+    iter_jsonl,
+    read_jsonl,
+    write_jsonl,
 )
 from pipeline.config import Recipe
+from pipeline.conversation import StudentInput, StudentView, resolve_student_input, split_answer, write_student_view
 from pipeline.curation.card import StepRecord, plot_lengths, removed_counts, render_card
-from pipeline.conversation import StudentInput, StudentView, resolve_student_input, split_answer
-from pipeline.conversation import write_student_view
 from pipeline.curation.records import normalize_text, read_conversation, with_student_view
 from pipeline.curation.steps import (
-    NORMALISE, SPLIT, STEPS, TEST_DECONTAMINATION, CurateContext, CurateStep, StepResult, decontaminate_test, split,
+    NORMALISE,
+    SPLIT,
+    STEPS,
+    TEST_DECONTAMINATION,
+    CurateContext,
+    CurateStep,
+    StepResult,
+    decontaminate_test,
+    split,
 )
 from pipeline.errors import DistillError
 from pipeline.task import load_task
@@ -58,16 +72,31 @@ log = logging.getLogger(__name__)
 
 NAME = "curate"
 # max_seq_len: the length filter; the held-out file's prompt field: what is kept out of training
-READS = ("model.base", "model.chat_template", "model.student_input", "curate", "train.max_seq_len",
-         "eval.file_prompt_field")
+READS = (
+    "model.base",
+    "model.chat_template",
+    "model.student_input",
+    "curate",
+    "train.max_seq_len",
+    "eval.file_prompt_field",
+)
 UPSTREAM = ("capture",)
 RESUMABLE = False
 ALL_RANKS = False
 SYSTEM_METRICS = False
 FIGURE = "lengths.png"
 CARD = "card.md"
-COLUMNS = ("id", "messages", "completion", "label", "gold", "teacher", "teacher_logprob", "confidence",
-           "teacher_label_probs")
+COLUMNS = (
+    "id",
+    "messages",
+    "completion",
+    "label",
+    "gold",
+    "teacher",
+    "teacher_logprob",
+    "confidence",
+    "teacher_label_probs",
+)
 
 
 def file_inputs(recipe: Recipe) -> dict[str, Path]:
@@ -104,17 +133,26 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     check_recipe_models(recipe)
     task = load_task(inputs["task"])
     raw = read_jsonl(inputs["capture"] / CAPTURE_RECORDS)
-    held_out = (load_eval_conversations(inputs["eval_file"], recipe.eval.file_prompt_field)
-                if "eval_file" in inputs else None)
+    held_out = (
+        load_eval_conversations(inputs["eval_file"], recipe.eval.file_prompt_field) if "eval_file" in inputs else None
+    )
     frozen = load_frozen_test(inputs["frozen_test"]) if "frozen_test" in inputs else None
     result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), held_out, frozen))
     _check_enough(result, len(raw), recipe.curate.min_examples)
 
     _save(result.splits, out)
     plot_lengths(result.normalised, [ex for s in SPLITS for ex in result.splits[s]], out / FIGURE)
-    card = render_card(task_name=task.name, raw=raw, steps=result.steps,
-                       labels_before=Counter(ex["label"] for ex in result.normalised), splits=result.splits,
-                       pii_counts=result.pii_counts, figures=[FIGURE], notes=result.notes, view=result.view)
+    card = render_card(
+        task_name=task.name,
+        raw=raw,
+        steps=result.steps,
+        labels_before=Counter(ex["label"] for ex in result.normalised),
+        splits=result.splits,
+        pii_counts=result.pii_counts,
+        figures=[FIGURE],
+        notes=result.notes,
+        view=result.view,
+    )
     atomic_write_text(out / CARD, card)
     write_student_view(out, result.view)
     log.info("curate: the student reads %s (%s)", result.view.shape, result.view.reason)
@@ -183,8 +221,10 @@ def load_eval_conversations(path: Path, prompt_field: str) -> list[list[dict]]:
     text normalised as the steps normalise the records'."""
     from pipeline.evaluation.heldout import read_heldout
 
-    return [[{"role": m["role"], "content": normalize_text(m["content"])} for m in row["messages"]]
-            for row in read_heldout(path, prompt_field, None)]
+    return [
+        [{"role": m["role"], "content": normalize_text(m["content"])} for m in row["messages"]]
+        for row in read_heldout(path, prompt_field, None)
+    ]
 
 
 def load_frozen_test(path: Path) -> list[dict]:
@@ -195,12 +235,20 @@ def load_frozen_test(path: Path) -> list[dict]:
             split_answer(record["messages"])
             messages, answer = read_conversation(record)
             meta = record["meta"]
-            examples.append({"id": record["id"], "messages": messages, "completion": answer,
-                             **{c: meta[c] for c in COLUMNS[3:-1]},
-                             "teacher_label_probs": meta.get("teacher_label_probs", "")})
+            examples.append(
+                {
+                    "id": record["id"],
+                    "messages": messages,
+                    "completion": answer,
+                    **{c: meta[c] for c in COLUMNS[3:-1]},
+                    "teacher_label_probs": meta.get("teacher_label_probs", ""),
+                }
+            )
         except (KeyError, TypeError, ValueError) as err:
-            raise DistillError(f"{path}:{lineno}: not a curated test record ({err!r}); curate.frozen_test "
-                               "takes the test.jsonl of an earlier curate") from None
+            raise DistillError(
+                f"{path}:{lineno}: not a curated test record ({err!r}); curate.frozen_test "
+                "takes the test.jsonl of an earlier curate"
+            ) from None
     if not examples:
         raise DistillError(f"{path}: the frozen test split is empty")
     return examples
@@ -222,14 +270,18 @@ def _save(splits: dict[str, list[dict]], out: Path) -> None:
     """DatasetDict with fixed column types (an all-null logprob column stays float64) + JSONL."""
     from datasets import Dataset, DatasetDict, Features, Value
 
-    features = Features({
-        **{c: Value("string") for c in ("id", "completion", "label", "gold", "teacher", "teacher_label_probs")},
-        "messages": [{"role": Value("string"), "content": Value("string")}],
-        "teacher_logprob": Value("float64"),
-        "confidence": Value("float64"),
-    })
+    features = Features(
+        {
+            **{c: Value("string") for c in ("id", "completion", "label", "gold", "teacher", "teacher_label_probs")},
+            "messages": [{"role": Value("string"), "content": Value("string")}],
+            "teacher_logprob": Value("float64"),
+            "confidence": Value("float64"),
+        }
+    )
     for ex in (ex for s in SPLITS for ex in splits[s]):  # a frozen test split's rows already carry it
-        ex.setdefault("teacher_label_probs", json.dumps(ex["label_probs"], sort_keys=True) if ex.get("label_probs") else "")
+        ex.setdefault(
+            "teacher_label_probs", json.dumps(ex["label_probs"], sort_keys=True) if ex.get("label_probs") else ""
+        )
     rows = {s: [{c: ex[c] for c in COLUMNS} for ex in splits[s]] for s in SPLITS}
     dataset = DatasetDict({s: Dataset.from_list(rows[s], features=features) for s in SPLITS})
     dataset.save_to_disk(str(out / CURATED_DATASET))
@@ -242,7 +294,12 @@ def to_chat_record(ex: dict) -> dict:
     return {
         "id": ex["id"],
         "messages": [*ex["messages"], {"role": "assistant", "content": ex["completion"]}],
-        "meta": {"label": ex["label"], "gold": ex["gold"], "teacher": ex["teacher"],
-                 "teacher_logprob": ex["teacher_logprob"], "confidence": ex["confidence"],
-                 "teacher_label_probs": ex["teacher_label_probs"]},
+        "meta": {
+            "label": ex["label"],
+            "gold": ex["gold"],
+            "teacher": ex["teacher"],
+            "teacher_logprob": ex["teacher_logprob"],
+            "confidence": ex["confidence"],
+            "teacher_label_probs": ex["teacher_label_probs"],
+        },
     }

@@ -85,8 +85,13 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     rows, counts, modelfile, verify_figures = build_artifacts(recipe, inputs, out, verify, test, convs, task)
     tracker.metrics(verify_figures)
 
-    meta = {"test_examples": len(test), "tolerance": cfg.parity_tolerance, "batch_size": cfg.batch_size,
-            "verify_prompts": len(verify), "max_new_tokens": cfg.parity_max_new_tokens}
+    meta = {
+        "test_examples": len(test),
+        "tolerance": cfg.parity_tolerance,
+        "batch_size": cfg.batch_size,
+        "verify_prompts": len(verify),
+        "max_new_tokens": cfg.parity_max_new_tokens,
+    }
     parity_md = table_markdown(rows, meta)
     atomic_write_json(out / PARITY_JSON, table_json(rows, meta))
     atomic_write_text(out / PARITY_MD, parity_md)
@@ -106,8 +111,9 @@ def check_required(rows, require: list[str], table: Path) -> None:
     """`export.require`: a rejected artifact listed there fails the stage (the table stays behind)."""
     failed = [r for r in rows if r.status == "rejected" and r.artifact in require]
     if failed:
-        raise DistillError(f"export: required artifact {failed[0].artifact} rejected: {'; '.join(failed[0].reasons)} "
-                           f"(table: {table})")
+        raise DistillError(
+            f"export: required artifact {failed[0].artifact} rejected: {'; '.join(failed[0].reasons)} (table: {table})"
+        )
 
 
 def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, test, convs, task):
@@ -136,15 +142,29 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
         # exported copy, so the files shipped are the ones verified.
         return PeftModel.from_pretrained(load_model(recipe.model.base, plan), str(adapter)).eval()
 
-    merged = export_merged(load_adapted, tokenizer, verify, cfg.verify_max_new_tokens, out, save_dtype,
-                           cfg.verify_logprob_tolerance, cfg.verify_min_agreement)
+    merged = export_merged(
+        load_adapted,
+        tokenizer,
+        verify,
+        cfg.verify_max_new_tokens,
+        out,
+        save_dtype,
+        cfg.verify_logprob_tolerance,
+        cfg.verify_min_agreement,
+    )
     test_references = [r["completion"] for r in test]
-    merged_row = ArtifactParity("merged", EXPORT_MERGED, _size(out / EXPORT_MERGED), runtime="transformers",
-                                verify_max_logprob_delta=merged.max_logprob_delta,
-                                verify_logprob_tolerance=merged.logprob_tolerance)
+    merged_row = ArtifactParity(
+        "merged",
+        EXPORT_MERGED,
+        _size(out / EXPORT_MERGED),
+        runtime="transformers",
+        verify_max_logprob_delta=merged.max_logprob_delta,
+        verify_logprob_tolerance=merged.logprob_tolerance,
+    )
     schema = served_schema(recipe, task)
-    merged_answers = hf_answers(merged.model, tokenizer, convs, cfg.parity_max_new_tokens, cfg.batch_size,
-                                merged.load_s, schema)
+    merged_answers = hf_answers(
+        merged.model, tokenizer, convs, cfg.parity_max_new_tokens, cfg.batch_size, merged.load_s, schema
+    )
     score(merged_row, merged_answers, test_references, task)
     merged_texts = [c.text for c in merged_answers.completions]
     if schema is not None:
@@ -153,28 +173,49 @@ def build_artifacts(recipe: Recipe, inputs: dict[str, Path], out: Path, verify, 
     merged_row.delta_vs_merged = 0.0
     rows.append(merged_row)
     if "adapter" in cfg.formats:
-        rows.append(ArtifactParity("adapter", adapter.name, _size(adapter), runtime="transformers+peft",
-                                   verify_max_logprob_delta=merged.max_logprob_delta,
-                                   verify_logprob_tolerance=merged.logprob_tolerance,
-                                   note=f"base + this adapter gave merged's greedy tokens on "
-                                        f"{merged.greedy_agreement:.0%} of {len(verify)} verification prompts, "
-                                        f"log-probabilities within {merged.max_logprob_delta:.2g} nats; "
-                                        "its agreement is merged's"))
+        rows.append(
+            ArtifactParity(
+                "adapter",
+                adapter.name,
+                _size(adapter),
+                runtime="transformers+peft",
+                verify_max_logprob_delta=merged.max_logprob_delta,
+                verify_logprob_tolerance=merged.logprob_tolerance,
+                note=f"base + this adapter gave merged's greedy tokens on "
+                f"{merged.greedy_agreement:.0%} of {len(verify)} verification prompts, "
+                f"log-probabilities within {merged.max_logprob_delta:.2g} nats; "
+                "its agreement is merged's",
+            )
+        )
     # F16 is held to the merged model as it runs here, in the compute dtype on the compute device
     # (a bf16 reference gets a bf16 tolerance); never a second, fp32 copy of the model on the host.
     compute_dtype = next(merged.model.parameters()).dtype
-    references = (forced_references(merged.model, tokenizer, verify, cfg.verify_max_new_tokens)
-                  if "gguf" in cfg.formats else [])
-    verify_figures = {"merged_verify_max_logprob_delta": merged.max_logprob_delta,
-                      "merged_verify_logprob_tolerance": merged.logprob_tolerance,
-                      "merged_verify_greedy_agreement": merged.greedy_agreement}
+    references = (
+        forced_references(merged.model, tokenizer, verify, cfg.verify_max_new_tokens) if "gguf" in cfg.formats else []
+    )
+    verify_figures = {
+        "merged_verify_max_logprob_delta": merged.max_logprob_delta,
+        "merged_verify_logprob_tolerance": merged.logprob_tolerance,
+        "merged_verify_greedy_agreement": merged.greedy_agreement,
+    }
     del merged
     free_memory()  # before llama.cpp loads the GGUF files (onto the GPU where its build can)
     counts = {"verified_prompts": len(verify), "parity_test_examples": len(test)}
     modelfile = None
     if "gguf" in cfg.formats:
-        gguf_rows, modelfile = build_gguf(recipe, out, tokenizer, verify, references, convs, test_references, task,
-                                          merged_row, merged_texts, f16_tolerance(cfg.f16_logprob_tolerance, compute_dtype))
+        gguf_rows, modelfile = build_gguf(
+            recipe,
+            out,
+            tokenizer,
+            verify,
+            references,
+            convs,
+            test_references,
+            task,
+            merged_row,
+            merged_texts,
+            f16_tolerance(cfg.f16_logprob_tolerance, compute_dtype),
+        )
         rows += gguf_rows
     counts["accepted"] = sum(r.status == "accepted" for r in rows)
     counts["rejected"] = sum(r.status == "rejected" for r in rows)
@@ -204,28 +245,45 @@ def check_disk(out: Path, needs: dict[str, float], margin: float = 1.1) -> None:
     free = shutil.disk_usage(out).free
     parts = ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in needs.items())
     if needs:
-        log.info("export: writes about %.1f GB (%s, +%d%%); %.1f GB free", total / 1e9, parts,
-                 round(100 * (margin - 1)), free / 1e9)
+        log.info(
+            "export: writes about %.1f GB (%s, +%d%%); %.1f GB free",
+            total / 1e9,
+            parts,
+            round(100 * (margin - 1)),
+            free / 1e9,
+        )
     if total > free:
-        raise DistillError(f"export: needs about {total / 1e9:.1f} GB of disk ({parts}, +{round(100 * (margin - 1))}%) "
-                           f"under {out}, but only {free / 1e9:.1f} GB is free; free some, or drop formats "
-                           "(export.formats, export.gguf_types)")
+        raise DistillError(
+            f"export: needs about {total / 1e9:.1f} GB of disk ({parts}, +{round(100 * (margin - 1))}%) "
+            f"under {out}, but only {free / 1e9:.1f} GB is free; free some, or drop formats "
+            "(export.formats, export.gguf_types)"
+        )
 
 
 def _dtype_label(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, test_references, task, merged_row,
-               merged_texts: list[str], f16_tolerance: float):
+def build_gguf(
+    recipe: Recipe,
+    out: Path,
+    tokenizer,
+    verify,
+    references,
+    convs,
+    test_references,
+    task,
+    merged_row,
+    merged_texts: list[str],
+    f16_tolerance: float,
+):
     """Convert and quantize, check each file, score it in llama.cpp; write the Modelfile. A file
     this llama.cpp cannot decode on this machine is rejected with the reason; the rest go on."""
     from pipeline.artifacts import EXPORT_GGUF
     from pipeline.export.gguf import export_gguf, gguf_metadata
-    from pipeline.gguf_types import REFERENCE_TYPE
     from pipeline.export.modelfile import MODELFILE, infer_chat_format, modelfile_text, stop_strings
-    from pipeline.export.parity import (ArtifactParity, check_reference_type, gguf_answers, gguf_problems, judge,
-                                        score)
+    from pipeline.export.parity import ArtifactParity, check_reference_type, gguf_answers, gguf_problems, judge, score
+    from pipeline.gguf_types import REFERENCE_TYPE
     from pipeline.llm.gguf_runtime import GgufModel, GgufUnusable
     from pipeline.llm.loading import cache_root
 
@@ -237,8 +295,14 @@ def build_gguf(recipe: Recipe, out: Path, tokenizer, verify, references, convs, 
     n_ctx = longest + max(cfg.parity_max_new_tokens, cfg.verify_max_new_tokens) + 16
     rows = []
     for f in files:
-        row = ArtifactParity(f"gguf-{f.type}", str(f.path.relative_to(out)), f.size_bytes, runtime="llama.cpp",
-                             bits_per_weight=f.bits_per_weight, tensor_types=f.tensor_types)
+        row = ArtifactParity(
+            f"gguf-{f.type}",
+            str(f.path.relative_to(out)),
+            f.size_bytes,
+            runtime="llama.cpp",
+            bits_per_weight=f.bits_per_weight,
+            tensor_types=f.tensor_types,
+        )
         rows.append(row)
         try:
             model = GgufModel(f.path, n_ctx)
@@ -278,7 +342,14 @@ def log_parity(tracker, rows, out: Path) -> None:
 
     figures = {}
     for r in rows:
-        for key in ("tokens_per_s", "load_s", "eos_stop_rate", "delta_vs_merged", "bits_per_weight", "schema_valid_rate"):
+        for key in (
+            "tokens_per_s",
+            "load_s",
+            "eos_stop_rate",
+            "delta_vs_merged",
+            "bits_per_weight",
+            "schema_valid_rate",
+        ):
             if getattr(r, key) is not None:
                 figures[f"{r.artifact}_{key}"] = getattr(r, key)
         if r.agreement:
@@ -295,15 +366,18 @@ def log_parity(tracker, rows, out: Path) -> None:
 def register(recipe: Recipe, inputs: dict[str, Path], out: Path, rows, tracker) -> dict[str, str]:
     from pipeline.export.registry import lineage_tags, register_accepted
 
-    hashes = {"dataset": sha256_json(read_manifest(inputs["curate"]).outputs),
-              "adapter": sha256_json(read_manifest(inputs["finetune"]).outputs)}
+    hashes = {
+        "dataset": sha256_json(read_manifest(inputs["curate"]).outputs),
+        "adapter": sha256_json(read_manifest(inputs["finetune"]).outputs),
+    }
     if (inputs["evaluate"] / EVAL_POLICY).is_file():
         hashes["policy"] = sha256_file(inputs["evaluate"] / EVAL_POLICY)
     # The runner renames this partial folder to runs/<recipe>/export once the stage returns;
     # the registry points at where the artifacts will then live.
     final = out.parent / NAME
-    return register_accepted(tracker, recipe.export.model_name or recipe.name, rows, final,
-                             lineage_tags(recipe.name, hashes))
+    return register_accepted(
+        tracker, recipe.export.model_name or recipe.name, rows, final, lineage_tags(recipe.name, hashes)
+    )
 
 
 def _card(recipe: Recipe, inputs: dict[str, Path], rows, parity_md: str, modelfile: str | None) -> str:
@@ -313,8 +387,14 @@ def _card(recipe: Recipe, inputs: dict[str, Path], rows, parity_md: str, modelfi
 
     card = inputs["curate"] / "card.md"
     report = inputs["evaluate"] / EVAL_REPORT
-    return render_card(recipe, rows, parity_md, card.read_text() if card.is_file() else None,
-                       json.loads(report.read_text()) if report.is_file() else None, modelfile)
+    return render_card(
+        recipe,
+        rows,
+        parity_md,
+        card.read_text() if card.is_file() else None,
+        json.loads(report.read_text()) if report.is_file() else None,
+        modelfile,
+    )
 
 
 def _size(path: Path) -> int:

@@ -68,8 +68,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
     shape = read_student_view(inputs["curate"]).shape
     tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
-    train = tokenize_dataset(to_prompt_completion(dataset["train"], shape), tokenizer, cfg.max_seq_len,
-                             cfg.soft_labels)
+    train = tokenize_dataset(to_prompt_completion(dataset["train"], shape), tokenizer, cfg.max_seq_len, cfg.soft_labels)
     validation = validation_set(dataset, tokenizer, cfg, shape) if cfg.eval_steps else None
     # No peft.prepare_model_for_kbit_training for a 4-bit base: it upcasts embeddings, norms and
     # lm_head to fp32, and 4-bit layers return their input's dtype, so the whole residual stream
@@ -95,8 +94,14 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     if cfg.soft_labels:
         trainer.data_collator = soft_labels.collate(trainer.data_collator)
     if state.is_main_process:
-        tracker.params({"model": recipe.model.model_dump(mode="json"), "train": cfg.model_dump(mode="json"),
-                        "device": plan.reason, "world_size": state.num_processes})
+        tracker.params(
+            {
+                "model": recipe.model.model_dump(mode="json"),
+                "train": cfg.model_dump(mode="json"),
+                "device": plan.reason,
+                "world_size": state.num_processes,
+            }
+        )
     trainable, total = _count_params(trainer.model)
     _reset_peak_memory(plan)
     resume = _last_checkpoint(out / "checkpoints")
@@ -110,7 +115,9 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     if not state.is_main_process:
         return Manifest(stage=NAME, notes=[f"rank {state.process_index}: artifacts written by rank 0"])
 
-    (out / FINETUNE_ADAPTER / "training_args.bin").unlink(missing_ok=True)  # a pickle of our args; not part of the product
+    (out / FINETUNE_ADAPTER / "training_args.bin").unlink(
+        missing_ok=True
+    )  # a pickle of our args; not part of the product
     tokenizer.save_pretrained(out / FINETUNE_ADAPTER)
     write_jsonl(out / "train_log.jsonl", log_rows)
     tokens = trainer.state.num_input_tokens_seen - tokens_before
@@ -176,12 +183,12 @@ def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[d
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
     if ids[: len(prompt_ids)] == prompt_ids:
-        answer = ids[len(prompt_ids):]
+        answer = ids[len(prompt_ids) :]
     else:
         # Tokens merged across the boundary (e.g. GPT-2 style pre-tokenizers split "\n\nword"
         # differently from a trailing "\n\n"). Inference sees prompt_ids and then generates, so
         # train on exactly that: the prompt's own tokens, then the answer tokenized on its own.
-        answer = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos not in answer:
         raise DistillError(
@@ -210,8 +217,10 @@ def soft_targets(tokenizer, ex: dict, row: dict, max_len: int, weight: float) ->
 def validation_set(dataset, tokenizer, cfg: TrainConfig, shape: Shape):
     """The validation split, tokenized as training is, for train.eval_steps."""
     if "validation" not in dataset or not len(dataset["validation"]):
-        raise DistillError("finetune: train.eval_steps is set but the curated dataset has no validation examples; "
-                           "unset it or give curate enough data for a validation split")
+        raise DistillError(
+            "finetune: train.eval_steps is set but the curated dataset has no validation examples; "
+            "unset it or give curate enough data for a validation split"
+        )
     return tokenize_dataset(to_prompt_completion(dataset["validation"], shape), tokenizer, cfg.max_seq_len)
 
 
@@ -219,19 +228,25 @@ def tokenize_dataset(pairs, tokenizer, max_len: int, soft_weight: float = 0.0):
     """Tokenize every pair; drop, never truncate, those longer than max_len: a cut answer loses its
     EOS and teaches the student to stop mid-answer (or never). With soft_weight (train.soft_labels)
     each row also gets its answer tokens' soft targets (llm/soft_labels.py)."""
+
     def tokenize(ex):
         row = tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"], max_len)
         return row | (soft_targets(tokenizer, ex, row, max_len, soft_weight) if soft_weight else {})
 
     if soft_weight and not any(p for p in pairs["label_probs"]):  # before tokenizing anything
-        raise DistillError("finetune: train.soft_labels is set but no curated training example carries the "
-                           "teacher's label distribution; set teacher.label_distribution=true (local teacher) "
-                           "or sample several answers per prompt (teacher.n > 1, teacher.temperature > 0)")
+        raise DistillError(
+            "finetune: train.soft_labels is set but no curated training example carries the "
+            "teacher's label distribution; set teacher.label_distribution=true (local teacher) "
+            "or sample several answers per prompt (teacher.n > 1, teacher.temperature > 0)"
+        )
     tokenized = pairs.map(tokenize, remove_columns=pairs.column_names, keep_in_memory=True)
     kept = tokenized.filter(lambda ex: len(ex["input_ids"]) <= max_len, keep_in_memory=True)
     if len(kept) < len(tokenized):
-        log.warning("finetune: %d examples dropped, not truncated: longer than train.max_seq_len=%d tokens",
-                    len(tokenized) - len(kept), max_len)
+        log.warning(
+            "finetune: %d examples dropped, not truncated: longer than train.max_seq_len=%d tokens",
+            len(tokenized) - len(kept),
+            max_len,
+        )
     if not len(kept):
         raise DistillError(f"finetune: no training example fits train.max_seq_len={max_len}")
     return kept
@@ -241,7 +256,9 @@ def needs_varlen(cfg: TrainConfig, plan: DevicePlan) -> bool:
     return cfg.padding_free and plan.device == "cuda"
 
 
-def attention_plan(cfg: TrainConfig, plan: DevicePlan, varlen: str | None, why: str = "") -> tuple[TrainConfig, str | None]:
+def attention_plan(
+    cfg: TrainConfig, plan: DevicePlan, varlen: str | None, why: str = ""
+) -> tuple[TrainConfig, str | None]:
     """Padding-free batches need a varlen attention kernel on CUDA; `varlen` is the one that loads
     here (llm.loading.varlen_attention), `why` says which or why none did.
 
@@ -255,8 +272,11 @@ def attention_plan(cfg: TrainConfig, plan: DevicePlan, varlen: str | None, why: 
     if varlen is not None:
         log.info("padding-free batches with %s varlen kernels (%s)", varlen, why)
         return cfg, varlen
-    log.warning("train.padding_free: %s, so padded batches with SDPA are used instead (pip install flash-attn, or "
-                "reach the hub once so the kernel is cached)", why or "no varlen flash-attention kernel loads here")
+    log.warning(
+        "train.padding_free: %s, so padded batches with SDPA are used instead (pip install flash-attn, or "
+        "reach the hub once so the kernel is cached)",
+        why or "no varlen flash-attention kernel loads here",
+    )
     return cfg.model_copy(update={"padding_free": False}), None
 
 
@@ -341,8 +361,12 @@ def check_vram(recipe: Recipe, plan: DevicePlan) -> float:
     else:
         est = estimate(arch, recipe.train, plan.dtype_name)
         if est.total > total:
-            log.warning("finetune: estimated peak %s exceeds %s (%.1f GiB); training anyway (train.vram_check=warn)",
-                        format_estimate(est), props.name, total)
+            log.warning(
+                "finetune: estimated peak %s exceeds %s (%.1f GiB); training anyway (train.vram_check=warn)",
+                format_estimate(est),
+                props.name,
+                total,
+            )
     log.info("VRAM plan on %s (%.1f GiB): %s", props.name, total, format_estimate(est))
     return est.total
 
@@ -366,10 +390,12 @@ def eos_check(model, tokenizer, validation, cfg: TrainConfig, adapter: Path, sha
     rate = len(stopped) / len(gens)
     if rate < 1.0:
         runaway = next(g for g in gens if not g.stopped)
-        msg = (f"finetune: EOS check failed: the tuned student ended {len(stopped)} of {len(gens)} validation answers "
-               f"with EOS {tokenizer.eos_token!r} within {limit} tokens (e.g. {runaway.text[:60]!r}...). It would never "
-               f"stop by itself: check the chat template ends the assistant turn with EOS, train longer, or set "
-               f"train.eos_check=warn. The adapter is in {adapter}.")
+        msg = (
+            f"finetune: EOS check failed: the tuned student ended {len(stopped)} of {len(gens)} validation answers "
+            f"with EOS {tokenizer.eos_token!r} within {limit} tokens (e.g. {runaway.text[:60]!r}...). It would never "
+            f"stop by itself: check the chat template ends the assistant turn with EOS, train longer, or set "
+            f"train.eos_check=warn. The adapter is in {adapter}."
+        )
         if cfg.eos_check == "fail":
             raise DistillError(msg)
         log.warning(msg)

@@ -14,6 +14,7 @@ from pipeline.errors import DistillError
 
 RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
 
+
 @dataclass(frozen=True)
 class Axis:
     key: str
@@ -59,7 +60,9 @@ def parse_axes(items: list[str]) -> list[Axis]:
 
 def grid(axes: list[Axis]) -> list[tuple[str, ...]]:
     """Every combination, as override strings, the first axis varying slowest."""
-    return [tuple(f"{a.key}={v}" for a, v in zip(axes, combo)) for combo in itertools.product(*(a.values for a in axes))]
+    return [
+        tuple(f"{a.key}={v}" for a, v in zip(axes, combo)) for combo in itertools.product(*(a.values for a in axes))
+    ]
 
 
 def trial_name(overrides: tuple[str, ...], axes: list[Axis]) -> str:

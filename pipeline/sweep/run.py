@@ -69,7 +69,7 @@ def run_sweep(plan: SweepPlan, shard: tuple[int, int] = (0, 1), prepare_only: bo
             run_stage(_STAGE[name], plan.base, base_layout, tracker)
         ran = []
         if not prepare_only:
-            for trial in plan.trials[shard[0]:: shard[1]]:
+            for trial in plan.trials[shard[0] :: shard[1]]:
                 if run_trial(mlflow, tracker, plan, trial, base_layout, parent_id):
                     ran.append(trial.name)
         results = [r for t in plan.trials if (r := read_record(plan.folder / t.name)) and r.parent_run_id == parent_id]
@@ -92,19 +92,31 @@ def _parent_run(mlflow, plan: SweepPlan):
         except MlflowException:
             deleted = True
         if deleted:
-            raise DistillError(f"{state}: its MLflow parent run {parent_id} is not in {mlflow.get_tracking_uri()} "
-                               f"(deleted, or another store?); delete {state} to start the sweep anew")
+            raise DistillError(
+                f"{state}: its MLflow parent run {parent_id} is not in {mlflow.get_tracking_uri()} "
+                f"(deleted, or another store?); delete {state} to start the sweep anew"
+            )
         return mlflow.start_run(run_id=parent_id)
-    run = mlflow.start_run(run_name=f"{plan.base.name}/sweep", tags={
-        "distill.sweep": plan.folder.name, "distill.sweep.axes": " ".join(f"{a.key}={','.join(a.values)}" for a in plan.axes),
-        "distill.sweep.trials": str(len(plan.trials))})
-    atomic_write_json(state, {"parent_run_id": run.info.run_id, "axes": [asdict(a) for a in plan.axes],
-                              "trials": [{"name": t.name, "overrides": list(t.overrides)} for t in plan.trials]})
+    run = mlflow.start_run(
+        run_name=f"{plan.base.name}/sweep",
+        tags={
+            "distill.sweep": plan.folder.name,
+            "distill.sweep.axes": " ".join(f"{a.key}={','.join(a.values)}" for a in plan.axes),
+            "distill.sweep.trials": str(len(plan.trials)),
+        },
+    )
+    atomic_write_json(
+        state,
+        {
+            "parent_run_id": run.info.run_id,
+            "axes": [asdict(a) for a in plan.axes],
+            "trials": [{"name": t.name, "overrides": list(t.overrides)} for t in plan.trials],
+        },
+    )
     return run
 
 
-def run_trial(mlflow, tracker: Tracker, plan: SweepPlan, trial: Trial, base_layout: RunLayout,
-              parent_id: str) -> bool:
+def run_trial(mlflow, tracker: Tracker, plan: SweepPlan, trial: Trial, base_layout: RunLayout, parent_id: str) -> bool:
     """Train, evaluate and score one trial under its own child run; False when it was done already."""
     layout = RunLayout(plan.folder, trial.name)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -115,9 +127,15 @@ def run_trial(mlflow, tracker: Tracker, plan: SweepPlan, trial: Trial, base_layo
         return False
     log.info("sweep: trial %d/%d %s", trial.index + 1, len(plan.trials), " ".join(trial.overrides))
     start = time.perf_counter()
-    with mlflow.start_run(run_name=f"{plan.base.name}/{trial.name}", nested=True, tags={
-            "distill.sweep": plan.folder.name, "distill.sweep.trial": trial.name,
-            "distill.sweep.overrides": " ".join(trial.overrides)}) as child:
+    with mlflow.start_run(
+        run_name=f"{plan.base.name}/{trial.name}",
+        nested=True,
+        tags={
+            "distill.sweep": plan.folder.name,
+            "distill.sweep.trial": trial.name,
+            "distill.sweep.overrides": " ".join(trial.overrides),
+        },
+    ) as child:
         tracker.params({"recipe": trial.recipe.model_dump(mode="json")})
         for name in TRIAL_STAGES:
             run_stage(_STAGE[name], trial.recipe, layout, tracker)
@@ -126,8 +144,17 @@ def run_trial(mlflow, tracker: Tracker, plan: SweepPlan, trial: Trial, base_layo
         score = previous.score if reuse else validation_agreement(layout)
         metrics = trial_metrics(layout)
         tracker.metrics({SCORE: score["value"], f"{SCORE}_lo": score["lo"], f"{SCORE}_hi": score["hi"], **metrics})
-        record = TrialResult(trial.name, trial.index, list(trial.overrides), child.info.run_id, parent_id,
-                             evaluate_fp, score, metrics, time.perf_counter() - start)
+        record = TrialResult(
+            trial.name,
+            trial.index,
+            list(trial.overrides),
+            child.info.run_id,
+            parent_id,
+            evaluate_fp,
+            score,
+            metrics,
+            time.perf_counter() - start,
+        )
     atomic_write_json(layout.root / TRIAL_RECORD, asdict(record))
     return True
 
@@ -204,22 +231,34 @@ def trial_metrics(layout: RunLayout) -> dict:
     return out
 
 
-
-
 def _log_summary(mlflow, plan: SweepPlan, results: list[TrialResult], winner: TrialResult) -> None:
     """The table, the plot and the raw results beside the sweep and on the parent run; the winner as tags."""
     parent_id = mlflow.active_run().info.run_id
     rows = table_rows(plan, results, winner)
     atomic_write_text(plan.folder / RESULTS_MD, results_markdown(plan, rows, winner, parent_id, len(results)))
-    atomic_write_json(plan.folder / RESULTS_JSON, {"parent_run_id": parent_id, "score": SCORE, "winner": winner.name,
-                                                   "trials": [asdict(r) for r in results]})
+    atomic_write_json(
+        plan.folder / RESULTS_JSON,
+        {"parent_run_id": parent_id, "score": SCORE, "winner": winner.name, "trials": [asdict(r) for r in results]},
+    )
     ordered = sorted(results, key=lambda r: r.index)
-    plot_interval_bars(plan.folder / RESULTS_PNG, [str(r.index + 1) for r in ordered], [r.score for r in ordered],
-                       highlight=[r.name == winner.name for r in ordered], xlabel="trial (see results.md)",
-                       ylabel="validation agreement", title=f"{plan.base.name}: sweep {plan.folder.name}")
+    plot_interval_bars(
+        plan.folder / RESULTS_PNG,
+        [str(r.index + 1) for r in ordered],
+        [r.score for r in ordered],
+        highlight=[r.name == winner.name for r in ordered],
+        xlabel="trial (see results.md)",
+        ylabel="validation agreement",
+        title=f"{plan.base.name}: sweep {plan.folder.name}",
+    )
     for name in (RESULTS_MD, RESULTS_JSON, RESULTS_PNG):
         mlflow.log_artifact(str(plan.folder / name))
-    mlflow.set_tags({"distill.sweep.winner": winner.name, "distill.sweep.winner_run_id": winner.run_id,
-                     "distill.sweep.winner_overrides": " ".join(winner.overrides), "distill.sweep.score": SCORE,
-                     "distill.sweep.scored": f"{len(results)}/{len(plan.trials)}"})
+    mlflow.set_tags(
+        {
+            "distill.sweep.winner": winner.name,
+            "distill.sweep.winner_run_id": winner.run_id,
+            "distill.sweep.winner_overrides": " ".join(winner.overrides),
+            "distill.sweep.score": SCORE,
+            "distill.sweep.scored": f"{len(results)}/{len(plan.trials)}",
+        }
+    )
     mlflow.log_metric(f"best_{SCORE}", winner.score["value"])

@@ -23,5 +23,13 @@ from pipeline.teachers.errors import TeacherAuthError, TeacherCallError, Teacher
 from pipeline.teachers.protocol import Teacher
 from pipeline.teachers.registry import PROVIDERS, TEACHERS, build_teacher, parse_spec
 
-__all__ = ["PROVIDERS", "TEACHERS", "Teacher", "TeacherAuthError", "TeacherCallError", "TeacherUnreachableError",
-           "build_teacher", "parse_spec"]
+__all__ = [
+    "PROVIDERS",
+    "TEACHERS",
+    "Teacher",
+    "TeacherAuthError",
+    "TeacherCallError",
+    "TeacherUnreachableError",
+    "build_teacher",
+    "parse_spec",
+]

@@ -40,8 +40,9 @@ class AnthropicTeacher:
         self._client = None
 
     @classmethod
-    def from_config(cls, model: str, cfg, labels: list[str] | None = None,
-                    schema: dict | None = None) -> AnthropicTeacher:
+    def from_config(
+        cls, model: str, cfg, labels: list[str] | None = None, schema: dict | None = None
+    ) -> AnthropicTeacher:
         # Labels and a schema are not sent: the answers are checked by curate's format step.
         return cls(model, cfg, api_key=resolve_api_key(f"anthropic:{model}", cfg, cls.KEY_ENV))
 
@@ -80,8 +81,9 @@ class AnthropicTeacher:
         # Recent SDKs no longer list `temperature` as a parameter, while the API's default
         # is 1.0: sent in the body so temperature=0 still means greedy. A client's own
         # parameters (the proxy) go as it sent them: no temperature means the API's default.
-        body = {k: sent[k] for k in ("temperature", "top_p") if k in sent} if params else \
-            {"temperature": self.temperature}
+        body = (
+            {k: sent[k] for k in ("temperature", "top_p") if k in sent} if params else {"temperature": self.temperature}
+        )
         stop = sent.get("stop")
         if stop:
             body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -122,7 +124,9 @@ class AnthropicTeacher:
         if isinstance(err, anthropic.APIConnectionError):  # APITimeoutError is one too
             return transport_error(err, isinstance(err, anthropic.APITimeoutError), public_url(str(err.request.url)))
         if isinstance(err, anthropic.APIStatusError):
-            return status_error(err.status_code, err.response.headers, scrub(str(err.message), self._api_key), self.spec)
+            return status_error(
+                err.status_code, err.response.headers, scrub(str(err.message), self._api_key), self.spec
+            )
         if isinstance(err, anthropic.APIResponseValidationError):
             return unreadable_error("not the Messages shape")
         return TeacherCallError(scrub(f"{type(err).__name__}: {err}", self._api_key))

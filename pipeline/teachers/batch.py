@@ -140,8 +140,11 @@ class _Run:
     def _active(self) -> list[BatchRow]:
         """Submitted batches holding some prompt of this prompt set."""
         mine = set(self.messages)
-        return [row for row in self.cache.submissions(self.teacher, ("submitted",))
-                if mine.intersection(self.cache.submission_keys(row.submission))]
+        return [
+            row
+            for row in self.cache.submissions(self.teacher, ("submitted",))
+            if mine.intersection(self.cache.submission_keys(row.submission))
+        ]
 
     def _collect_failures(self) -> None:
         answered = self.cache.costs(list(self.messages))
@@ -160,7 +163,9 @@ class _Run:
         for row in self.cache.submissions(self.teacher, ("submitting",)):
             found = await self._retry(self.api.find, row.submission, row.created, row.requests)
             if found is None:
-                log.info("batch submission %s never reached the provider: its prompts will be submitted", row.submission)
+                log.info(
+                    "batch submission %s never reached the provider: its prompts will be submitted", row.submission
+                )
                 self.cache.drop_submission(row.submission)
             else:
                 log.info("batch %s: found on the provider after an interrupted submission", found)
@@ -186,8 +191,13 @@ class _Run:
         self.report.not_sent = len(keys) - len(chosen)
         self.report.budget_stop = self.report.not_sent > 0
         if self.report.budget_stop:
-            log.warning("batch: %d of %d prompts left out: their worst case at the batch price would cross "
-                        "teacher.budget_usd=$%.4f", self.report.not_sent, len(keys), self.cfg.budget_usd)
+            log.warning(
+                "batch: %d of %d prompts left out: their worst case at the batch price would cross "
+                "teacher.budget_usd=$%.4f",
+                self.report.not_sent,
+                len(keys),
+                self.cfg.budget_usd,
+            )
         return chosen
 
     def _ledger(self) -> Ledger:
@@ -214,14 +224,23 @@ class _Run:
 
     async def _submit_one(self, chunk: list[tuple[str, float, dict, int]]) -> None:
         keys, requests = [c[0] for c in chunk], [c[2] for c in chunk]
-        row = BatchRow(submission=uuid.uuid4().hex, teacher=self.teacher, spec=self.spec, state="preparing",
-                       requests=len(chunk), reserved_usd=sum(c[1] for c in chunk), created=time.time())
+        row = BatchRow(
+            submission=uuid.uuid4().hex,
+            teacher=self.teacher,
+            spec=self.spec,
+            state="preparing",
+            requests=len(chunk),
+            reserved_usd=sum(c[1] for c in chunk),
+            created=time.time(),
+        )
         self.cache.add_submission(row, keys)  # before anything is sent
         create_sent = False
         try:
             file_id = None
             if self.api.uploads_input:
-                file_id = await self._retry(self.api.upload, self.api.encode(requests), f"distill-{row.submission}.jsonl")
+                file_id = await self._retry(
+                    self.api.upload, self.api.encode(requests), f"distill-{row.submission}.jsonl"
+                )
             self.cache.update_submission(row.submission, input_file_id=file_id, state="submitting")
             create_sent = True
             batch_id = await self._create(row, file_id, requests)
@@ -232,8 +251,12 @@ class _Run:
         self.cache.update_submission(row.submission, batch_id=batch_id, state="submitted")
         self.report.batches.append(batch_id)
         self.report.submitted += len(chunk)
-        log.info("batch %s submitted: %d requests, $%.4f reserved (worst case at the batch price)",
-                 batch_id, len(chunk), row.reserved_usd)
+        log.info(
+            "batch %s submitted: %d requests, $%.4f reserved (worst case at the batch price)",
+            batch_id,
+            len(chunk),
+            row.reserved_usd,
+        )
 
     async def _create(self, row: BatchRow, file_id: str | None, requests: list[dict]) -> str:
         """Create the batch. A failed create may still have reached the provider, so before each
@@ -250,7 +273,7 @@ class _Run:
                     raise
                 if attempt == self.cfg.max_retries:
                     raise  # left `submitting`: the next run looks for it again before resubmitting
-                await asyncio.sleep(min(self.cfg.backoff_initial_s * 2 ** attempt, self.cfg.backoff_max_s))
+                await asyncio.sleep(min(self.cfg.backoff_initial_s * 2**attempt, self.cfg.backoff_max_s))
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ waiting and importing
@@ -263,8 +286,9 @@ class _Run:
             for sub, row in list(pending.items()):
                 status = await self._retry(self.api.status, row.batch_id)
                 statuses[sub] = status
-                self.cache.update_submission(sub, provider_status=status.provider_status, done=status.done,
-                                             failed=status.failed)
+                self.cache.update_submission(
+                    sub, provider_status=status.provider_status, done=status.done, failed=status.failed
+                )
                 if status.ended:
                     await self._import(row, status)
                     del pending[sub]
@@ -290,19 +314,41 @@ class _Run:
                 failed[result.key] = result.error
         lost = len(wanted) - len(answers) - len(failed)
         cost = sum(c.cost_usd for c in answers.values())
-        self.cache.import_results(row.submission, answers, failed, f"batch:{row.batch_id}",
-                                  provider_status=status.provider_status, done=len(answers), failed=len(failed),
-                                  cost_usd=cost, sync_cost_usd=sync_cost, output_file_id=status.output_file_id,
-                                  error_file_id=status.error_file_id)
+        self.cache.import_results(
+            row.submission,
+            answers,
+            failed,
+            f"batch:{row.batch_id}",
+            provider_status=status.provider_status,
+            done=len(answers),
+            failed=len(failed),
+            cost_usd=cost,
+            sync_cost_usd=sync_cost,
+            output_file_id=status.output_file_id,
+            error_file_id=status.error_file_id,
+        )
         self._tried |= set(failed)
         r = self.report
-        r.imported, r.lost, r.cost_usd, r.sync_cost_usd = r.imported + len(answers), r.lost + lost, r.cost_usd + cost, r.sync_cost_usd + sync_cost
+        r.imported, r.lost, r.cost_usd, r.sync_cost_usd = (
+            r.imported + len(answers),
+            r.lost + lost,
+            r.cost_usd + cost,
+            r.sync_cost_usd + sync_cost,
+        )
         if row.batch_id not in r.batches:
             r.batches.append(row.batch_id)
         if status.cancelled:
             r.cancelled.append(row.batch_id)
-        log.info("batch %s %s: %d answered, %d failed, %d not run; $%.4f at the batch price ($%.4f at sync prices)",
-                 row.batch_id, status.provider_status, len(answers), len(failed), lost, cost, sync_cost)
+        log.info(
+            "batch %s %s: %d answered, %d failed, %d not run; $%.4f at the batch price ($%.4f at sync prices)",
+            row.batch_id,
+            status.provider_status,
+            len(answers),
+            len(failed),
+            lost,
+            cost,
+            sync_cost,
+        )
 
     def _cost(self, key: str, completion: Completion, price: Price | None) -> float:
         if price is None:
@@ -315,9 +361,11 @@ class _Run:
     def _pending_summary(self) -> str:
         rows = self._active()
         ids = ", ".join(row.batch_id for row in rows)
-        return (f"{sum(r.requests for r in rows)} requests are in {len(rows)} provider batch(es) ({ids}), "
-                f"not waited for (teacher.batch_wait=false / --no-wait). Run the same `distill capture` "
-                "again to collect them when they finish; `distill batches RECIPE` shows their status.")
+        return (
+            f"{sum(r.requests for r in rows)} requests are in {len(rows)} provider batch(es) ({ids}), "
+            f"not waited for (teacher.batch_wait=false / --no-wait). Run the same `distill capture` "
+            "again to collect them when they finish; `distill batches RECIPE` shows their status."
+        )
 
     async def _retry(self, fn, *args):
         """A batch API call (upload, status, results, list), retried on 429/5xx/timeouts like a sync call."""
@@ -336,12 +384,20 @@ def _progress(statuses: dict[str, Status], elapsed: float) -> None:
     failed = sum(s.failed for s in statuses.values())
     total = sum(s.total for s in statuses.values())
     states = ", ".join(sorted({s.provider_status for s in statuses.values()}))
-    log.info("batch: %d/%d done, %d failed, %d batch(es) %s, %.0fs elapsed", done, total, failed, len(statuses),
-             states, elapsed)
+    log.info(
+        "batch: %d/%d done, %d failed, %d batch(es) %s, %.0fs elapsed",
+        done,
+        total,
+        failed,
+        len(statuses),
+        states,
+        elapsed,
+    )
 
 
-def record_meta(service, conversations: list[list[dict]], samples: list[int],
-                completions: list[Completion]) -> list[dict]:
+def record_meta(
+    service, conversations: list[list[dict]], samples: list[int], completions: list[Completion]
+) -> list[dict]:
     """Per capture record: for a batch answer its provenance ("batch:<id>") and what it would
     have cost as a sync call; {} for the others."""
     keys = service.keys(conversations, samples)
@@ -368,8 +424,10 @@ def format_batches(rows: list[BatchRow], where) -> str:
     """`distill batches`: one line per batch, newest last; finished ones say what they saved."""
     if not rows:
         return f"no provider batches in {where}"
-    header = f"{'batch':<36} {'teacher':<28} {'state':<10} {'status':<12} {'done':>6} {'failed':>6} {'total':>6} " \
-             f"{'reserved $':>11} {'cost $':>9} {'saved $':>9}  created"
+    header = (
+        f"{'batch':<36} {'teacher':<28} {'state':<10} {'status':<12} {'done':>6} {'failed':>6} {'total':>6} "
+        f"{'reserved $':>11} {'cost $':>9} {'saved $':>9}  created"
+    )
     lines = [header]
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))
@@ -379,7 +437,8 @@ def format_batches(rows: list[BatchRow], where) -> str:
             f"{'finished' if finished else 'pending':<10} {r.provider_status or r.state:<12} {r.done:>6} "
             f"{r.failed:>6} {r.requests:>6} {r.reserved_usd:>11.4f} "
             f"{(f'{r.cost_usd:.4f}' if finished else '-'):>9} "
-            f"{(f'{r.sync_cost_usd - r.cost_usd:.4f}' if finished else '-'):>9}  {created}")
+            f"{(f'{r.sync_cost_usd - r.cost_usd:.4f}' if finished else '-'):>9}  {created}"
+        )
     return "\n".join(lines)
 
 
@@ -390,8 +449,9 @@ async def refresh(service, cfg, rows: list[BatchRow]) -> None:
         for row in rows:
             if row.state == "submitted" and row.teacher == teacher_key(service.identity):
                 status = await api.status(row.batch_id)
-                service.cache.update_submission(row.submission, provider_status=status.provider_status,
-                                                done=status.done, failed=status.failed)
+                service.cache.update_submission(
+                    row.submission, provider_status=status.provider_status, done=status.done, failed=status.failed
+                )
     finally:
         await api.aclose()
 
@@ -401,7 +461,9 @@ async def cancel(service, cfg, batch_id: str) -> str:
     rows = [r for r in service.cache.submissions(teacher_key(service.identity)) if r.batch_id == batch_id]
     if not rows:
         known = ", ".join(r.batch_id or r.submission for r in service.cache.submissions()) or "none"
-        raise DistillError(f"no batch {batch_id} of teacher {service.teacher.spec} in the teacher cache; known: {known}")
+        raise DistillError(
+            f"no batch {batch_id} of teacher {service.teacher.spec} in the teacher cache; known: {known}"
+        )
     api = batches_for(service.teacher, cfg)
     try:
         status = await api.cancel(batch_id)

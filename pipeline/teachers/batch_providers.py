@@ -77,8 +77,9 @@ class OpenAIBatches:
 
             key = resolve_api_key(self.teacher.spec, self.cfg, "OPENAI_API_KEY")
             self._key = key
-            self._client = AsyncOpenAI(api_key=key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s,
-                                       max_retries=0)
+            self._client = AsyncOpenAI(
+                api_key=key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
+            )
         return self._client
 
     def request(self, key: str, messages: list[dict]) -> dict:
@@ -86,8 +87,11 @@ class OpenAIBatches:
 
         t = self.teacher
         logprobs = self.cfg.logprobs and not REASONING_MODEL.match(t.model)
-        body = {"model": t.model, "messages": messages,
-                **request_params(t.model, t.max_new_tokens, t.temperature, logprobs)}
+        body = {
+            "model": t.model,
+            "messages": messages,
+            **request_params(t.model, t.max_new_tokens, t.temperature, logprobs),
+        }
         if t.labels:
             body["response_format"] = label_format(t.labels, "json_schema")
         elif t.schema:
@@ -102,9 +106,14 @@ class OpenAIBatches:
         return created.id
 
     async def create(self, input_file_id: str | None, requests: list[dict], submission: str) -> str:
-        batch = await self._call(self._sdk().batches.create(
-            input_file_id=input_file_id, endpoint="/v1/chat/completions", completion_window="24h",
-            metadata={"distill_submission": submission}))
+        batch = await self._call(
+            self._sdk().batches.create(
+                input_file_id=input_file_id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"distill_submission": submission},
+            )
+        )
         return batch.id
 
     async def find(self, submission: str, since: float, requests: int) -> str | None:
@@ -119,8 +128,16 @@ class OpenAIBatches:
         b = await self._call(self._sdk().batches.retrieve(batch_id))
         counts = b.request_counts
         done, failed, total = (counts.completed, counts.failed, counts.total) if counts else (0, 0, 0)
-        return Status(b.status, b.status in ("completed", "expired", "cancelled", "failed"), done, failed, total,
-                      b.output_file_id, b.error_file_id, cancelled=b.status == "cancelled")
+        return Status(
+            b.status,
+            b.status in ("completed", "expired", "cancelled", "failed"),
+            done,
+            failed,
+            total,
+            b.output_file_id,
+            b.error_file_id,
+            cancelled=b.status == "cancelled",
+        )
 
     async def results(self, batch_id: str, status: Status) -> list[Result]:
         results = []
@@ -179,8 +196,9 @@ class AnthropicBatches:
 
             key = resolve_api_key(self.teacher.spec, self.cfg, "ANTHROPIC_API_KEY")
             self._key = key
-            self._client = AsyncAnthropic(api_key=key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s,
-                                          max_retries=0)
+            self._client = AsyncAnthropic(
+                api_key=key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
+            )
         return self._client
 
     def request(self, key: str, messages: list[dict]) -> dict:
@@ -188,8 +206,13 @@ class AnthropicBatches:
 
         t = self.teacher
         system, turns = split_system(messages)
-        params = {"model": t.model, "max_tokens": t.max_new_tokens, "messages": turns, "temperature": t.temperature,
-                  **({"system": system} if system else {})}
+        params = {
+            "model": t.model,
+            "max_tokens": t.max_new_tokens,
+            "messages": turns,
+            "temperature": t.temperature,
+            **({"system": system} if system else {}),
+        }
         return {"custom_id": key, "params": params}
 
     def encode(self, requests: list[dict]) -> bytes:
@@ -206,14 +229,22 @@ class AnthropicBatches:
         """Message Batches carry no metadata: the one batch created since `since` with exactly
         this many requests is ours; none, or more than one, is not proof."""
         page = await self._call(self._sdk().messages.batches.list(limit=100))
-        matches = [b.id for b in page.data if _timestamp(b.created_at) >= since - 5 and _total(b.request_counts) == requests]
+        matches = [
+            b.id for b in page.data if _timestamp(b.created_at) >= since - 5 and _total(b.request_counts) == requests
+        ]
         return matches[0] if len(matches) == 1 else None
 
     async def status(self, batch_id: str) -> Status:
         b = await self._call(self._sdk().messages.batches.retrieve(batch_id))
         c = b.request_counts
-        return Status(b.processing_status, b.processing_status == "ended", c.succeeded, c.errored, _total(c),
-                      cancelled=b.cancel_initiated_at is not None)
+        return Status(
+            b.processing_status,
+            b.processing_status == "ended",
+            c.succeeded,
+            c.errored,
+            _total(c),
+            cancelled=b.cancel_initiated_at is not None,
+        )
 
     async def results(self, batch_id: str, status: Status) -> list[Result]:
         stream = await self._call(self._sdk().messages.batches.results(batch_id))
@@ -236,10 +267,13 @@ class AnthropicBatches:
         try:
             return await awaitable
         except anthropic.APIConnectionError as err:
-            raise transport_error(err, isinstance(err, anthropic.APITimeoutError), public_url(str(err.request.url))) from None
+            raise transport_error(
+                err, isinstance(err, anthropic.APITimeoutError), public_url(str(err.request.url))
+            ) from None
         except anthropic.APIStatusError as err:
-            raise status_error(err.status_code, err.response.headers, scrub(str(err.message), self._key),
-                               self.teacher.spec) from None
+            raise status_error(
+                err.status_code, err.response.headers, scrub(str(err.message), self._key), self.teacher.spec
+            ) from None
         except anthropic.AnthropicError as err:
             raise TeacherCallError(scrub(f"{type(err).__name__}: {err}", self._key)) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -81,16 +81,21 @@ class TeacherCache:
     def add_submission(self, row: BatchRow, keys: list[str]) -> None:
         """Record a submission, and the prompts it covers, before anything is sent."""
         with self._db:
-            self._db.execute(f"INSERT INTO batches ({_COLUMNS}) VALUES ({','.join('?' * len(_FIELDS))})",
-                             [getattr(row, f) for f in _FIELDS])
-            self._db.executemany("INSERT INTO batch_requests (submission, key) VALUES (?, ?)",
-                                 [(row.submission, k) for k in keys])
+            self._db.execute(
+                f"INSERT INTO batches ({_COLUMNS}) VALUES ({','.join('?' * len(_FIELDS))})",
+                [getattr(row, f) for f in _FIELDS],
+            )
+            self._db.executemany(
+                "INSERT INTO batch_requests (submission, key) VALUES (?, ?)", [(row.submission, k) for k in keys]
+            )
 
     def update_submission(self, submission: str, **values) -> None:
         sets = ", ".join(f"{name} = ?" for name in values)
         with self._db:
-            self._db.execute(f"UPDATE batches SET {sets}, updated = ? WHERE submission = ?",
-                             [*values.values(), time.time(), submission])
+            self._db.execute(
+                f"UPDATE batches SET {sets}, updated = ? WHERE submission = ?",
+                [*values.values(), time.time(), submission],
+            )
 
     def drop_submission(self, submission: str) -> None:
         """A submission that provably never reached the provider: its prompts are free to submit again."""
@@ -113,26 +118,35 @@ class TeacherCache:
             query, args = query + " AND state = ?", [*args, state]
         return [k for (k,) in self._db.execute(query + " ORDER BY rowid", args)]
 
-    def import_results(self, submission: str, answers: dict[str, Completion], errors: dict[str, str],
-                       provenance: str, **values) -> None:
+    def import_results(
+        self, submission: str, answers: dict[str, Completion], errors: dict[str, str], provenance: str, **values
+    ) -> None:
         """A finished batch's results and its new state, in one transaction: a crash half-way
         imports nothing, and the rerun imports it all, once."""
         rows = [(k, json.dumps(c.to_json()), provenance) for k, c in answers.items()]
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO answers (key, completion, provenance) VALUES (?, ?, ?)", rows)
-            self._db.executemany("UPDATE batch_requests SET state = 'ok' WHERE submission = ? AND key = ?",
-                                 [(submission, k) for k in answers])
-            self._db.executemany("UPDATE batch_requests SET state = 'failed', error = ? WHERE submission = ? AND key = ?",
-                                 [(error, submission, k) for k, error in errors.items()])
-            self._db.execute("UPDATE batch_requests SET state = 'lost' WHERE submission = ? AND state = 'pending'",
-                             (submission,))
+            self._db.executemany(
+                "UPDATE batch_requests SET state = 'ok' WHERE submission = ? AND key = ?",
+                [(submission, k) for k in answers],
+            )
+            self._db.executemany(
+                "UPDATE batch_requests SET state = 'failed', error = ? WHERE submission = ? AND key = ?",
+                [(error, submission, k) for k, error in errors.items()],
+            )
+            self._db.execute(
+                "UPDATE batch_requests SET state = 'lost' WHERE submission = ? AND state = 'pending'", (submission,)
+            )
             sets = ", ".join(f"{name} = ?" for name in values)
-            self._db.execute(f"UPDATE batches SET state = 'imported', {sets}, updated = ? WHERE submission = ?",
-                             [*values.values(), time.time(), submission])
+            self._db.execute(
+                f"UPDATE batches SET state = 'imported', {sets}, updated = ? WHERE submission = ?",
+                [*values.values(), time.time(), submission],
+            )
 
     def failed_requests(self, submission: str) -> dict[str, str]:
-        rows = self._db.execute("SELECT key, error FROM batch_requests WHERE submission = ? AND state = 'failed'",
-                                (submission,))
+        rows = self._db.execute(
+            "SELECT key, error FROM batch_requests WHERE submission = ? AND state = 'failed'", (submission,)
+        )
         return dict(rows)
 
     def close(self) -> None:

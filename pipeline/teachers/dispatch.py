@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -76,8 +76,13 @@ class Limits:
     @classmethod
     def from_config(cls, cfg) -> Limits:
         return cls(
-            concurrency=cfg.concurrency, max_new_tokens=cfg.max_new_tokens, rpm=cfg.rpm, tpm=cfg.tpm,
-            max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s, backoff_max_s=cfg.backoff_max_s,
+            concurrency=cfg.concurrency,
+            max_new_tokens=cfg.max_new_tokens,
+            rpm=cfg.rpm,
+            tpm=cfg.tpm,
+            max_retries=cfg.max_retries,
+            backoff_initial_s=cfg.backoff_initial_s,
+            backoff_max_s=cfg.backoff_max_s,
         )
 
 
@@ -204,8 +209,9 @@ class Dispatcher:
             # aiolimiter refuses an amount above its bucket; such a call waits for a full bucket.
             await self._tpm.acquire(min(tokens, self._tpm.max_rate))
 
-    async def _one(self, job: Job, call: _Call, report: DispatchReport,
-                   on_answer: Callable[[Job, Completion], None]) -> None:
+    async def _one(
+        self, job: Job, call: _Call, report: DispatchReport, on_answer: Callable[[Job, Completion], None]
+    ) -> None:
         work = asyncio.ensure_future(self._complete(job, call, report, on_answer))
         try:
             await asyncio.shield(work)
@@ -224,8 +230,9 @@ class Dispatcher:
             work.add_done_callback(self._finished)
             raise
 
-    async def _complete(self, job: Job, call: _Call, report: DispatchReport,
-                        on_answer: Callable[[Job, Completion], None]) -> None:
+    async def _complete(
+        self, job: Job, call: _Call, report: DispatchReport, on_answer: Callable[[Job, Completion], None]
+    ) -> None:
         call.started = True  # from here its own cleanup releases the slot and the reservation
         try:
             completion, usage = await self._call(job, report, call)

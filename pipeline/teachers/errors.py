@@ -7,7 +7,7 @@ module, never by message text; the status rules themselves live here so both pro
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline.errors import DistillError
 
@@ -23,8 +23,16 @@ class TeacherCallError(Exception):
     `unreachable`: no connection could be made at all (refused, DNS, connect timeout); the
     dispatcher's circuit breaker counts these."""
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
-                 retry_after: float | None = None, billable: bool = False, unreachable: bool = False):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        billable: bool = False,
+        unreachable: bool = False,
+    ):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
@@ -82,7 +90,7 @@ def parse_retry_after(headers) -> float | None:
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
-        return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
+        return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 def transport_error(err: BaseException, timed_out: bool, url: str | None) -> TeacherCallError:

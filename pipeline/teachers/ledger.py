@@ -29,8 +29,8 @@ import os
 from pathlib import Path
 
 from pipeline.errors import DistillError
-from pipeline.prices import Price, load_price_table, lookup_price, table_entry
 from pipeline.net import is_loopback_url
+from pipeline.prices import Price, load_price_table, lookup_price, table_entry
 from pipeline.teachers.keys import public_url
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ def resolve_batch_price(provider: str, model: str, sync: Price | None) -> Price 
     if sync.source == "prices.yaml" and "batch_input" in entry and "batch_output" in entry:
         return Price(float(entry["batch_input"]), float(entry["batch_output"]), "prices.yaml batch rate")
     discount = float(table.get("batch_discount", 0.5))
-    return Price(sync.input_per_mtok * discount, sync.output_per_mtok * discount,
-                 f"batch rate: {discount:.0%} of {sync.source}")
+    return Price(
+        sync.input_per_mtok * discount, sync.output_per_mtok * discount, f"batch rate: {discount:.0%} of {sync.source}"
+    )
 
 
 def resolve_price(provider: str, model: str, cfg) -> Price | None:
@@ -63,8 +64,12 @@ def resolve_price(provider: str, model: str, cfg) -> Price | None:
         return price
     if cfg.base_url and is_loopback_url(cfg.base_url):
         # A server on this machine (llama.cpp, vLLM, Ollama) bills nobody: $0, said once.
-        log.info("teacher %s:%s on %s: self-hosted, priced at $0 (set teacher.price to charge it)",
-                 provider, model, public_url(cfg.base_url))
+        log.info(
+            "teacher %s:%s on %s: self-hosted, priced at $0 (set teacher.price to charge it)",
+            provider,
+            model,
+            public_url(cfg.base_url),
+        )
         return Price(0.0, 0.0, "self-hosted loopback server")
     if cfg.budget_usd is not None:
         raise DistillError(
@@ -97,8 +102,9 @@ class Ledger:
     rerunning with the same budget buys nothing more and a higher budget resumes. `store`: a
     file keeping the spend across processes (module docstring); what it holds is prior spend."""
 
-    def __init__(self, price: Price | None, budget_usd: float | None, prior_usd: float = 0.0,
-                 store: Path | None = None):
+    def __init__(
+        self, price: Price | None, budget_usd: float | None, prior_usd: float = 0.0, store: Path | None = None
+    ):
         self.price = price
         self.budget_usd = budget_usd
         self.store = Path(store) if store is not None else None
@@ -173,8 +179,11 @@ class Ledger:
         except OSError as err:
             if not self._store_failed:  # once: the budget still holds in this process
                 self._store_failed = True
-                log.error("cannot write the ledger %s (%s): spend since is not kept across a restart",
-                          self.store, err.strerror)
+                log.error(
+                    "cannot write the ledger %s (%s): spend since is not kept across a restart",
+                    self.store,
+                    err.strerror,
+                )
 
 
 STORE_WIDTH = 64  # bytes of a ledger record, padded: every rewrite covers the whole of the last one
@@ -189,8 +198,10 @@ def read_stored_spend(path: Path) -> float:
         path.parent.mkdir(parents=True, exist_ok=True)
         return 0.0
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DistillError(f"{path}: not a ledger this router wrote ({type(err).__name__}); fix or delete it "
-                           "(deleting it forgets what was spent)") from None
+        raise DistillError(
+            f"{path}: not a ledger this router wrote ({type(err).__name__}); fix or delete it "
+            "(deleting it forgets what was spent)"
+        ) from None
     if not spent >= 0:
         raise DistillError(f"{path}: spent_usd={spent} is not a spend; fix or delete it")
     return spent

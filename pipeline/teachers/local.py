@@ -1,6 +1,6 @@
 """In-process teacher: a transformers model generating in batches (no cost, no network).
 
-    distill capture RECIPE teacher.spec=local:embedded:smollm2-135m-instruct
+distill capture RECIPE teacher.spec=local:embedded:smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ class LocalTeacher:
     price = None  # nothing to pay for
     forwards: frozenset[str] = frozenset()  # it decodes greedily with its own settings
 
-    def __init__(self, model_ref: str, max_new_tokens: int, temperature: float = 0.0, labels: list[str] | None = None,
-                 score_labels: list[str] | None = None, schema: dict | None = None):
+    def __init__(
+        self,
+        model_ref: str,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        labels: list[str] | None = None,
+        score_labels: list[str] | None = None,
+        schema: dict | None = None,
+    ):
         if temperature != 0.0:
             raise DistillError("the local teacher decodes greedily; set teacher.temperature=0 (and teacher.n=1)")
         self.spec = f"local:{model_ref}"
@@ -39,15 +46,21 @@ class LocalTeacher:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, model: str, cfg, labels: list[str] | None = None,
-                    schema: dict | None = None) -> LocalTeacher:
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None, schema: dict | None = None) -> LocalTeacher:
         constrain = labels if cfg.constrain_to_labels else None
         if cfg.label_distribution and not labels:
-            raise DistillError("teacher.label_distribution scores the task's labels; this task has none "
-                               "(a classification task only)")
+            raise DistillError(
+                "teacher.label_distribution scores the task's labels; this task has none (a classification task only)"
+            )
         score = labels if cfg.label_distribution else None
-        return cls(model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, labels=constrain,
-                   score_labels=score, schema=schema if cfg.constrain_to_schema else None)
+        return cls(
+            model,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            labels=constrain,
+            score_labels=score,
+            schema=schema if cfg.constrain_to_schema else None,
+        )
 
     def __repr__(self) -> str:
         return f"LocalTeacher({self.spec!r})"
@@ -88,9 +101,17 @@ class LocalTeacher:
 
         with self._lock:
             self._load()
-            return generate_batch(self._model, self._tokenizer, conversations, self.max_new_tokens, self.labels,
-                                  source=self.spec, score_labels=self.score_labels, prefix_cache=self._prefix_cache,
-                                  schema=self.schema)
+            return generate_batch(
+                self._model,
+                self._tokenizer,
+                conversations,
+                self.max_new_tokens,
+                self.labels,
+                source=self.spec,
+                score_labels=self.score_labels,
+                prefix_cache=self._prefix_cache,
+                schema=self.schema,
+            )
 
     def _load(self) -> None:
         if self._model is None:

@@ -29,9 +29,10 @@ records: tool calls are not supported"). Only when nothing is left does the impo
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.conversation import Unsupported, read_messages, request_params, skipped_lines, split_answer, user_turn
 from pipeline.errors import DistillError
@@ -40,8 +41,17 @@ from pipeline.teachers.sources import read_rows
 SHOWN_REJECTS = 5
 BATCH_JOIN = "+"
 # ShareGPT speaker names -> chat roles; tool speakers are named so they are counted, not misread.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+}
 SHAREGPT_TOOLS = ("function_call", "function_response", "observation", "tool", "function")
 
 
@@ -94,8 +104,11 @@ def import_logs(path: Path | str, prompt_col: str, label_col: str, split: str = 
         record_id = str(row["id"]) if row.get("id") is not None else f"l{n:06d}"
         result.records.append(LogRecord(where, record_id, messages, answer, request, row))
     if not result.records:
-        detail = "; ".join([result.rejected_summary(), *skipped_lines(result.unsupported)]) if result.rejected \
+        detail = (
+            "; ".join([result.rejected_summary(), *skipped_lines(result.unsupported)])
+            if result.rejected
             else "it holds no records"
+        )
         raise DistillError(f"{path}: no usable log records; {detail}")
     return result
 
@@ -103,8 +116,10 @@ def import_logs(path: Path | str, prompt_col: str, label_col: str, split: str = 
 def _plain_rows(path: Path | str, split: str) -> Iterator[tuple[str, dict, str | None]]:
     for where, row in read_rows(path, split):
         if "custom_id" in row and ("body" in row or "response" in row):
-            raise DistillError(f"{where}: an OpenAI Batch API file; import its input and output together: "
-                               f"teacher.spec=logs:<input>.jsonl{BATCH_JOIN}<output>.jsonl")
+            raise DistillError(
+                f"{where}: an OpenAI Batch API file; import its input and output together: "
+                f"teacher.spec=logs:<input>.jsonl{BATCH_JOIN}<output>.jsonl"
+            )
         yield where, row, None
 
 
@@ -162,8 +177,10 @@ def _batch_rows(files: list[Path]) -> Iterator[tuple[str, dict, str | None]]:
     joined by custom_id; its body's parameters at the top level), at its input line. A request
     without a usable answer comes with the reason, so it is counted against that line."""
     if len(files) != 2:
-        raise DistillError(f"{BATCH_JOIN.join(map(str, files))}: a Batch API import names two files, "
-                           f"<input>.jsonl{BATCH_JOIN}<output>.jsonl")
+        raise DistillError(
+            f"{BATCH_JOIN.join(map(str, files))}: a Batch API import names two files, "
+            f"<input>.jsonl{BATCH_JOIN}<output>.jsonl"
+        )
     for f in files:
         if not f.is_file():
             raise DistillError(f"{f}: file not found")

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 class OpenAITeacher:
     in_process = False
     KEY_ENV = "OPENAI_API_KEY"
-    forwards = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-                          "response_format"})
+    forwards = frozenset(
+        {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "response_format"}
+    )
 
     def __init__(self, model: str, cfg, api_key: str, labels: list[str] | None = None, schema: dict | None = None):
         self.spec = f"openai:{model}"
@@ -57,10 +58,10 @@ class OpenAITeacher:
         self._client = None
 
     @classmethod
-    def from_config(cls, model: str, cfg, labels: list[str] | None = None,
-                    schema: dict | None = None) -> OpenAITeacher:
-        return cls(model, cfg, api_key=resolve_api_key(f"openai:{model}", cfg, cls.KEY_ENV), labels=labels,
-                   schema=schema)
+    def from_config(cls, model: str, cfg, labels: list[str] | None = None, schema: dict | None = None) -> OpenAITeacher:
+        return cls(
+            model, cfg, api_key=resolve_api_key(f"openai:{model}", cfg, cls.KEY_ENV), labels=labels, schema=schema
+        )
 
     def __repr__(self) -> str:
         return f"OpenAITeacher({self.spec!r}, base_url={public_url(self.base_url)!r})"
@@ -141,8 +142,9 @@ class OpenAITeacher:
         else:
             params = request_params(self.model, self.max_new_tokens, self.temperature, logprobs)
             if schema_mode is not None:
-                params["response_format"] = (label_format(self.labels, schema_mode) if self.labels
-                                             else schema_format(self.schema, schema_mode))
+                params["response_format"] = (
+                    label_format(self.labels, schema_mode) if self.labels else schema_format(self.schema, schema_mode)
+                )
         return await self._get_client().chat.completions.create(model=self.model, messages=messages, **params)
 
     def _to_completion(self, response, latency_ms: int, unwrap: bool = True) -> Completion:
@@ -216,9 +218,12 @@ class Asking:
         mode, logprobs = variant
         notes = []
         if mode != self.schema_modes[0]:
-            notes.append("the server refused response_format " + str(self.schema_modes[0])
-                         + ("; answers are not constrained (curate checks them)" if mode is None else f"; using {mode}"))
-            self.schema_modes = self.schema_modes[self.schema_modes.index(mode):]
+            notes.append(
+                "the server refused response_format "
+                + str(self.schema_modes[0])
+                + ("; answers are not constrained (curate checks them)" if mode is None else f"; using {mode}")
+            )
+            self.schema_modes = self.schema_modes[self.schema_modes.index(mode) :]
         if self.logprobs and not logprobs:
             notes.append("the server refused logprobs; answers carry none")
             self.logprobs = False
@@ -229,8 +234,12 @@ class Asking:
 def label_format(labels: list[str], mode: str) -> dict[str, Any]:
     """`response_format` for an answer that must be one of `labels`. OpenAI's strict mode wants
     an object at the root, so the label sits in {"label": ...}."""
-    schema = {"type": "object", "properties": {"label": {"type": "string", "enum": list(labels)}},
-              "required": ["label"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": list(labels)}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
     if mode == "json_object":  # llama-cpp-python's server: the schema beside the type
         return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": schema}}

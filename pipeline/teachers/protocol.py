@@ -34,8 +34,9 @@ class Teacher(Protocol):
     forwards: frozenset[str]
 
     @classmethod
-    def from_config(cls, model: str, cfg: TeacherConfig, labels: list[str] | None = None,
-                    schema: dict | None = None) -> Teacher:
+    def from_config(
+        cls, model: str, cfg: TeacherConfig, labels: list[str] | None = None, schema: dict | None = None
+    ) -> Teacher:
         """Build from the part of the spec after `provider:` and the recipe's teacher section.
         `labels` are the task's label strings for a classification task, else None; `schema` an
         extraction task's output_schema, else None. Loads and connects nothing: that happens on

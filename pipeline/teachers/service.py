@@ -36,9 +36,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -99,8 +100,15 @@ class _LoopState:
 
 
 class TeacherService:
-    def __init__(self, teacher: Teacher, cfg: TeacherConfig, cache: TeacherCache, progress: str | None = None,
-                 ledger_path: Path | None = None, charge_cached: bool = True):
+    def __init__(
+        self,
+        teacher: Teacher,
+        cfg: TeacherConfig,
+        cache: TeacherCache,
+        progress: str | None = None,
+        ledger_path: Path | None = None,
+        charge_cached: bool = True,
+    ):
         """`cfg` is the recipe's TeacherConfig (limits, retries, budget, batch size). `progress`
         names a progress bar over the calls (capture's); None shows none (a server).
         `ledger_path`: the ledger's store (ledger.py); `charge_cached`: module docstring."""
@@ -117,24 +125,45 @@ class TeacherService:
         self._state: _LoopState | None = None
 
     @classmethod
-    def from_config(cls, cfg: TeacherConfig, cache_path: Path | str, labels: list[str] | None = None,
-                    progress: str | None = None, ledger_path: Path | None = None,
-                    charge_cached: bool = True, schema: dict | None = None) -> TeacherService:
+    def from_config(
+        cls,
+        cfg: TeacherConfig,
+        cache_path: Path | str,
+        labels: list[str] | None = None,
+        progress: str | None = None,
+        ledger_path: Path | None = None,
+        charge_cached: bool = True,
+        schema: dict | None = None,
+    ) -> TeacherService:
         """The recipe's teacher (`cfg.spec`) behind the cache at `cache_path` (":memory:" keeps
         it in memory). `labels`: the task's labels on a classification task, else None; `schema`:
         an extraction task's output_schema, else None."""
-        return cls(build_teacher(cfg.spec, cfg, labels, schema), cfg, TeacherCache(cache_path), progress,
-                   ledger_path=ledger_path, charge_cached=charge_cached)
+        return cls(
+            build_teacher(cfg.spec, cfg, labels, schema),
+            cfg,
+            TeacherCache(cache_path),
+            progress,
+            ledger_path=ledger_path,
+            charge_cached=charge_cached,
+        )
 
     @classmethod
-    def for_task(cls, cfg: TeacherConfig, cache_path: Path | str, task, progress: str | None = None,
-                 ledger_path: Path | None = None, charge_cached: bool = True) -> TeacherService:
+    def for_task(
+        cls,
+        cfg: TeacherConfig,
+        cache_path: Path | str,
+        task,
+        progress: str | None = None,
+        ledger_path: Path | None = None,
+        charge_cached: bool = True,
+    ) -> TeacherService:
         """The teacher asked as capture asks it for this task: constrained to a classification
         task's labels or an extraction task's output_schema (as the recipe's teacher section allows)."""
         labels = task.labels if task.kind == "classification" else None
         schema = task.output_schema if task.kind == "extraction" else None
-        return cls.from_config(cfg, cache_path, labels, progress, ledger_path=ledger_path,
-                               charge_cached=charge_cached, schema=schema)
+        return cls.from_config(
+            cfg, cache_path, labels, progress, ledger_path=ledger_path, charge_cached=charge_cached, schema=schema
+        )
 
     @property
     def price(self) -> Price | None:
@@ -142,20 +171,23 @@ class TeacherService:
 
     # ------------------------------------------------------------ asking
 
-    def keys(self, conversations: list[list[dict]], samples: list[int] | None = None,
-             params: dict | None = None) -> list[str]:
+    def keys(
+        self, conversations: list[list[dict]], samples: list[int] | None = None, params: dict | None = None
+    ) -> list[str]:
         """The cache key of each conversation (sample: which of `teacher.n` answers it is)."""
         samples = samples if samples is not None else [0] * len(conversations)
         return [cache_key(self.identity, m, s, params) for m, s in zip(conversations, samples, strict=True)]
 
-    async def answer(self, conversations: list[list[dict]], samples: list[int] | None = None,
-                     params: dict | None = None) -> list[Completion]:
+    async def answer(
+        self, conversations: list[list[dict]], samples: list[int] | None = None, params: dict | None = None
+    ) -> list[Completion]:
         """One Completion per conversation, in order: cached, else bought (each distinct prompt
         once, however many conversations or concurrent callers want it). `params`: forwarded
         request parameters (module docstring); a network teacher only."""
         if params and self.ledger is None:
-            raise ValueError(f"{self.teacher.spec} answers with its own settings; request parameters need a "
-                             "network teacher")
+            raise ValueError(
+                f"{self.teacher.spec} answers with its own settings; request parameters need a network teacher"
+            )
         samples = samples if samples is not None else [0] * len(conversations)
         keys = self.keys(conversations, samples, params)
         state = self._loop_state()
@@ -229,11 +261,19 @@ class TeacherService:
             p = self.price
             notes.append(f"price ${p.input_per_mtok}/${p.output_per_mtok} per 1M tokens in/out ({p.source})")
         return ServiceReport(
-            asked=c.asked, cache_hits=c.cache_hits, joined=c.joined, calls=calls, ok=c.ok, failed=c.failed,
+            asked=c.asked,
+            cache_hits=c.cache_hits,
+            joined=c.joined,
+            calls=calls,
+            ok=c.ok,
+            failed=c.failed,
             # An in-process batch is one attempt for many answers: it has no retries to count.
             retries=max(c.attempts - calls, 0) if ledger else 0,
-            not_sent=c.not_sent, budget_stop=c.budget_stop, metered=ledger is not None,
-            spent_usd=ledger.spent_usd if ledger else 0.0, total_usd=ledger.total_usd if ledger else 0.0,
+            not_sent=c.not_sent,
+            budget_stop=c.budget_stop,
+            metered=ledger is not None,
+            spent_usd=ledger.spent_usd if ledger else 0.0,
+            total_usd=ledger.total_usd if ledger else 0.0,
             prompt_tokens=ledger.prompt_tokens if ledger else 0,
             completion_tokens=ledger.completion_tokens if ledger else 0,
             notes=notes + list(self.teacher.notes),
@@ -262,8 +302,9 @@ class TeacherService:
         """Answer every job, resolving its future (and committing it) as each arrives."""
         if not todo:
             return
-        bar = tqdm(total=len(todo), desc=f"{self.progress} ({self.teacher.spec})", unit="answer",
-                   disable=self.progress is None)
+        bar = tqdm(
+            total=len(todo), desc=f"{self.progress} ({self.teacher.spec})", unit="answer", disable=self.progress is None
+        )
 
         def on_answer(job: Job, completion: Completion) -> None:
             self._accounted.add(job.key)
@@ -312,8 +353,9 @@ class TeacherService:
             else:
                 future.cancel()
 
-    async def _await_joined(self, future: asyncio.Future, messages: list[dict], sample: int,
-                            params: dict | None) -> Completion:
+    async def _await_joined(
+        self, future: asyncio.Future, messages: list[dict], sample: int, params: dict | None
+    ) -> Completion:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.artifacts import iter_jsonl
 from pipeline.errors import DistillError
@@ -53,8 +54,10 @@ def fetch(url: str, timeout_s: float = 60.0) -> Path:
                 f.write(chunk)
     except (urllib.error.URLError, OSError) as err:
         tmp.unlink(missing_ok=True)
-        raise DistillError(f"{url}: could not download it ({getattr(err, 'reason', err)}); without network, download "
-                           "it elsewhere and pass the local file (e.g. teacher.spec=logs:data/train.csv)") from None
+        raise DistillError(
+            f"{url}: could not download it ({getattr(err, 'reason', err)}); without network, download "
+            "it elsewhere and pass the local file (e.g. teacher.spec=logs:data/train.csv)"
+        ) from None
     os.replace(tmp, target)
     return target
 
@@ -93,8 +96,10 @@ def _check_utf8(path: Path) -> None:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DistillError(f"{path}:{lineno}: not UTF-8 (byte 0x{line[err.start]:02x} at column "
-                                   f"{err.start + 1}); save the file as UTF-8") from None
+                raise DistillError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{line[err.start]:02x} at column "
+                    f"{err.start + 1}); save the file as UTF-8"
+                ) from None
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -116,8 +121,9 @@ def _check_no_nul(path: Path, line: int, row: dict) -> None:
     # binary file, never a prompt.
     bad = next((column for column, cell in row.items() if "\x00" in (cell or "") or "\x00" in column), None)
     if bad is not None:
-        raise DistillError(f"{path}:{line}: NUL byte in column '{bad.strip(chr(0))}' (a UTF-16 or binary file? "
-                           "save it as UTF-8 CSV)")
+        raise DistillError(
+            f"{path}:{line}: NUL byte in column '{bad.strip(chr(0))}' (a UTF-16 or binary file? save it as UTF-8 CSV)"
+        )
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -131,7 +137,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
                 row += 1
                 yield f"{path} row {row}", record
     except (pyarrow.ArrowException, OSError) as err:
-        raise DistillError(f"{path}: not a readable Parquet file after row {row} ({type(err).__name__}: {err})") from None
+        raise DistillError(
+            f"{path}: not a readable Parquet file after row {row} ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _json_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
@@ -175,9 +183,14 @@ def _datasets_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
         raise DistillError(
             f"{source}: not a local file, and the Hugging Face hub could not be reached to download it "
             f"({err}); offline, download it elsewhere and pass the local file instead (a CSV, JSONL or "
-            "Parquet path, e.g. teacher.spec=logs:data/train.csv or capture.prompts=data/prompts.csv)") from None
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
-            datasets.exceptions.DatasetGenerationError) as err:
+            "Parquet path, e.g. teacher.spec=logs:data/train.csv or capture.prompts=data/prompts.csv)"
+        ) from None
+    except (
+        FileNotFoundError,
+        ValueError,
+        datasets.exceptions.DatasetNotFoundError,
+        datasets.exceptions.DatasetGenerationError,
+    ) as err:
         raise DistillError(f"{source}: datasets.load_dataset could not read it ({type(err).__name__}: {err})") from None
     names = class_label_names(data.features)
     for i, record in enumerate(data, start=1):
@@ -200,5 +213,10 @@ def _with_label_names(record: dict, names: dict[str, list[str]]) -> dict:
     if not names:
         return record
     # -1 is datasets' "no label" (an unlabelled test split): no answer, so the importer rejects the row.
-    return {**record, **{column: (labels[record[column]] if isinstance(record[column], int) and record[column] >= 0
-                                  else None) for column, labels in names.items()}}
+    return {
+        **record,
+        **{
+            column: (labels[record[column]] if isinstance(record[column], int) and record[column] >= 0 else None)
+            for column, labels in names.items()
+        },
+    }
