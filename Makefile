@@ -2,7 +2,8 @@
 # Setup comes in layers, each a stamp in .venv: a no-op once done, redone when pyproject.toml
 # or this Makefile change.
 #   base   torch, the pipeline and the embedded model   distill finetune plan evaluate export retrain promote
-#                                                        rollback schema mlflow-ui lint
+#                                                        rollback schema mlflow-ui
+#   lint   base + ruff, mypy, import-linter               lint
 #   serve  base + FastAPI/uvicorn                        serve loop-demo
 #   pytest base + pytest                                 test-gpu
 #   dev    serve + pytest + llama-cpp-python's server    test bench setup
@@ -28,6 +29,7 @@ BASE := $(VENV)/.stamp-base
 SERVE := $(VENV)/.stamp-serve
 PYTEST := $(VENV)/.stamp-pytest
 DEV := $(VENV)/.stamp-dev
+LINT := $(VENV)/.stamp-lint
 export HF_HUB_DISABLE_TELEMETRY := 1
 DISTILL_CACHE ?= $(HOME)/.cache/distill
 export DISTILL_CACHE
@@ -188,8 +190,17 @@ gpu-wheelhouse: $(BASE)
 gpu-run:
 	WHEELHOUSE=$(GPU_WHEELHOUSE) bash bench/gpu_run.sh $(ARGS)
 
-lint: $(BASE)
-	$(BIN)/python -m compileall -q pipeline tests
+# ruff (rules and format in pyproject.toml), mypy on pipeline/, and the import contract: imports only
+# point down the layers (DESIGN.md). .ci/run runs it before make test.
+lint: $(LINT)
+	$(BIN)/ruff check pipeline tests bench data
+	$(BIN)/ruff format --check pipeline tests bench data
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+$(LINT): $(BASE)
+	$(BIN)/pip install -q --no-warn-conflicts -e ".[lint]"
+	@touch $@
 
 clean:
 	rm -rf runs mlartifacts mlflow.db .distill

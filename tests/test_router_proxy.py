@@ -156,3 +156,22 @@ def test_personal_data_never_reaches_the_proxy_log(tmp_path):
     assert server.bodies[0]["messages"][0]["content"].endswith("jo@example.com")  # the teacher got it as sent
     text = log.path.read_text()
     assert "4111" not in text and "jo@example.com" not in text and json.loads(text)["meta"]["source"] == "proxy"
+
+
+def test_a_conversation_logs_could_not_learn_from_is_answered_but_not_recorded(tmp_path):
+    """An assistant prefill as the last turn is forwarded and answered, but a record of it would not
+    end in a user turn, so `logs:` would reject it: it is counted, not written."""
+    from pipeline.teachers.logs import import_logs
+
+    prefilled = [{"role": "user", "content": "My parcel never came."}, {"role": "assistant", "content": "Sorry"}]
+    with FaultServer() as server:
+        app, log = proxy_for(server, tmp_path)
+        with running(app) as url:
+            answered = sdk(url).chat.completions.create(model=MODEL, messages=prefilled, max_tokens=8)
+            kept = sdk(url).chat.completions.create(model=MODEL, messages=prefilled[:1], max_tokens=8)
+            metrics = httpx.get(f"{url}/metrics").text
+    assert answered.choices[0].message.content and server.bodies[0]["messages"] == prefilled
+    assert [r["messages"][:-1] for r in read_jsonl(log.path)] == [prefilled[:1]]
+    assert kept.choices[0].message.content == answer_for("My parcel never came.")
+    assert 'distill_errors_total{kind="not_recorded"} 1.0' in metrics
+    assert not import_logs(log.path, "prompt", "label").rejected

@@ -296,6 +296,18 @@ def build_lora_config(lora: LoraConfig):
     )
 
 
+def _checkpointing_args(sft_config: type, enabled: bool) -> dict:
+    """Activation checkpointing under the name this transformers release reads: recent 5.x calls it
+    `activation_checkpointing` and warns on the old `gradient_checkpointing`. Non-reentrant
+    explicitly, not by whichever default is installed: reentrant checkpointing needs an input that
+    requires grad and drops the LoRA gradients when the layer's input is frozen."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(sft_config)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
     from trl import SFTConfig
 
@@ -310,11 +322,7 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, plan: DevicePlan):
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
         optim=cfg.optim,
         max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        # Non-reentrant explicitly, not by the default of whichever transformers / TRL is installed:
-        # reentrant checkpointing needs an input that requires grad and drops the LoRA gradients
-        # when the layer's input is frozen.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
         # Our tokenizer already cut to max_seq_len; TRL refuses max_length with padding-free unpacked batches.
         max_length=cfg.max_seq_len if cfg.packing or not cfg.padding_free else None,
         packing=cfg.packing,
