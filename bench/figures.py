@@ -617,6 +617,8 @@ def structured(r: dict) -> list[dict]:
     chosen = r["lowest_per_token_cost"]
     base = arms[chosen]
     free = arms["unconstrained"]
+    # No schema-valid counts: at the bench's short max_new_tokens most answers are cut before the
+    # record closes (docs/extraction.md); tests/test_structured.py holds validity.
     out = []
     for name, arm in arms.items():
         if name == "unconstrained":
@@ -654,26 +656,6 @@ def structured(r: dict) -> list[dict]:
                 baseline_name="unconstrained",
             )
         )
-        out.append(
-            fig(
-                f"structured decoding, {name}: schema-valid answers of {r['prompts']}",
-                arm["schema_valid"],
-                "answers",
-                baseline=r["prompts"],
-                baseline_name="prompts",
-                headline=not other,
-            )
-        )
-    out.append(
-        fig(
-            f"unconstrained SmolLM2-135M: schema-valid answers of {r['prompts']}",
-            free["schema_valid"],
-            "answers",
-            baseline=r["prompts"],
-            baseline_name="prompts",
-            headline=True,
-        )
-    )
     return out
 
 
