@@ -1,14 +1,14 @@
 """Every bad input the issue lists, through the real CLI: one line naming the file (and line,
 key or column), a non-zero exit, and no teacher call made.
 
-    .venv/bin/pytest tests/test_bad_inputs.py -q
+    .venv/bin/pytest tests/cli/test_bad_inputs.py -q
 """
 
 from pathlib import Path
 
 import pytest
-from capture_helpers import fast_retries, write_prompts, write_recipe
-from fault_server import FaultServer
+from support.capture_helpers import fast_retries, write_prompts, write_recipe
+from support.fault_server import FaultServer
 
 from pipeline.cli import main
 

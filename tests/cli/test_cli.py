@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recipe(tmp_path, **capture):

@@ -1,7 +1,7 @@
 """`distill init NAME --from FILE`: a task file and a recipe inferred from logs, each choice commented,
 valid, and runnable (capture and curate run on what it wrote).
 
-    .venv/bin/pytest -q tests/test_init.py
+    .venv/bin/pytest -q tests/cli/test_init.py
 """
 
 import csv
@@ -16,7 +16,7 @@ import yaml
 from pipeline.artifacts import read_manifest
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 from pipeline.config import Recipe, available_recipes, load_recipe, recipe_schema
 from pipeline.errors import DistillError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", available_recipes(ROOT))

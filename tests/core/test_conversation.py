@@ -1,7 +1,7 @@
 """What the student and the teacher are shown of a conversation (pipeline/conversation.py), and the
 proof that the student is trained, evaluated and served on the same tokens.
 
-    .venv/bin/pytest -q tests/test_conversation.py
+    .venv/bin/pytest -q tests/core/test_conversation.py
 """
 
 import json
@@ -157,7 +157,7 @@ def test_finetune_evaluate_and_the_router_feed_the_student_the_same_token_ids(ti
     it are the same ids."""
     import openai
     from datasets import Dataset
-    from test_router import running
+    from support.router_helpers import running
 
     from pipeline.config import Recipe
     from pipeline.evaluation.answering import answer_all

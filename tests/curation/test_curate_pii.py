@@ -2,12 +2,12 @@
 (issue 13, item 3): planted e-mails and card numbers in records that every kind of step
 removes, and in records that are kept.
 
-    .venv/bin/pytest tests/test_curate_pii.py -q
+    .venv/bin/pytest tests/curation/test_curate_pii.py -q
 """
 
 from pathlib import Path
 
-from test_curate_stage import TASK_YAML, capture_records, record
+from support.curate_records import TASK_YAML, capture_records, record
 
 from pipeline.config import Recipe
 from pipeline.stages import curate

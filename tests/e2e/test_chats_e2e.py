@@ -2,7 +2,7 @@
 teacher answers whole chats, a tiny random student is trained, evaluated and exported on them, and
 every stage says the student reads the conversation as sent.
 
-    .venv/bin/pytest -q tests/test_chats_e2e.py
+    .venv/bin/pytest -q tests/e2e/test_chats_e2e.py
 """
 
 import json
@@ -14,7 +14,7 @@ import yaml
 from pipeline.artifacts import read_manifest
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

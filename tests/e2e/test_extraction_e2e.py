@@ -18,7 +18,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.task import load_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK = ROOT / "data" / "extraction_task.yaml"
 
 
@@ -150,7 +150,7 @@ def test_served_answers_validate_and_escalations_name_the_weakest_field(run, sch
     value tokens the answer's own log-probabilities show to be least likely."""
     from dataclasses import replace
 
-    from test_router import client, running
+    from support.router_helpers import client, running
 
     from pipeline.config import TeacherConfig
     from pipeline.llm.policy import Policy

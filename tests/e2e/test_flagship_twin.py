@@ -5,7 +5,7 @@ curated, trained, evaluated with confidence intervals, exported (merged, adapter
 The published CSV itself is fetched on first use (`teachers/sources.fetch`), rehearsed here against
 a loopback HTTP server, never the internet.
 
-    .venv/bin/pytest -q tests/test_flagship_twin.py
+    .venv/bin/pytest -q tests/e2e/test_flagship_twin.py
 """
 
 import csv
@@ -23,7 +23,7 @@ from pipeline.config import load_recipe
 from pipeline.task import load_task
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BANKING77_CSV = "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/master/banking_data/train.csv"
 LABELS = 8  # of the 77 intents, 12 queries each: 96 rows
 WORDS = (

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER = "local:embedded:smollm2-135m-instruct"
 
 
@@ -70,7 +70,7 @@ def test_served_summaries_route_on_p10_logprob(run, tmp_path):
     """The exported student behind the real router (openai SDK) on the evaluated p10_logprob policy:
     the tiny random student never ends its answer, so the hard gate escalates it to the real
     SmolLM2 teacher, which answers; a student-only policy answers from the student."""
-    from test_router import client, running
+    from support.router_helpers import client, running
 
     from pipeline.config import TeacherConfig
     from pipeline.llm.policy import Policy

@@ -10,8 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from test_pipeline_e2e import ROOT, write_recipe
-from test_router import running
+from support.e2e_recipe import ROOT, write_recipe
+from support.router_helpers import running
 
 from pipeline.artifacts import read_jsonl, read_manifest
 from pipeline.cli import main

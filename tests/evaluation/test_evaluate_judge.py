@@ -16,7 +16,7 @@ def test_verdicts_and_the_order_swap_cancel_position_bias():
 
 
 def test_judge_through_llama_cpp_asks_both_orders(tmp_path):
-    from capture_helpers import llama_server
+    from support.capture_helpers import llama_server
 
     from pipeline.config import TeacherConfig
     from pipeline.teachers.service import TeacherService

@@ -14,7 +14,7 @@ from pipeline.llm.policy import Policy
 from pipeline.stages import evaluate
 from pipeline.task import load_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VIEW = StudentView("user", "auto", 1, None, "auto: no system prompt in the data")
 
 

@@ -1,6 +1,6 @@
 """`export` recipe section: formats, llama.cpp types and required artifacts checked before anything runs.
 
-.venv/bin/pytest -q tests/test_export_config.py
+.venv/bin/pytest -q tests/export/test_export_config.py
 """
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.config import ExportConfig, Recipe
 from pipeline.gguf_types import CONVERTED, QUANTIZED, REFUSED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, export: dict) -> Path:

@@ -2,7 +2,7 @@
 independent loaders (llama.cpp and transformers' `gguf_file=`), tokenizer / chat-template / EOS
 parity, a planted broken file caught, real bits per weight, the Ollama Modelfile.
 
-    .venv/bin/pytest -q tests/test_export_gguf.py
+    .venv/bin/pytest -q tests/export/test_export_gguf.py
 """
 
 import json
@@ -28,7 +28,7 @@ from pipeline.llm.gguf_runtime import GgufModel, GgufUnusable, probe
 from pipeline.llm.loading import cache_root
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRICKY = "Ça  marche pas!!  Order #A-1029 😀 — refund?\n\ttabs and   spaces"
 
 

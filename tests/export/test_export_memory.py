@@ -2,7 +2,7 @@
 before the merged folder is loaded back, and the F16 GGUF is held to that reloaded model in its own
 dtype (no second, fp32 copy). On a 24 GB A10G a bf16 7B is 13.5 GiB: two copies do not fit.
 
-    .venv/bin/pytest -q tests/test_export_memory.py
+    .venv/bin/pytest -q tests/export/test_export_memory.py
 
 The model is a 2-layer Llama with SmolLM2's 49k vocabulary and untied embeddings (~13M parameters,
 50 MB in fp32), large enough that one copy is told from two by counting the storage of every live
@@ -21,7 +21,7 @@ from pipeline.config import Recipe
 from pipeline.stages import export
 from pipeline.tracking import NullTracker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["where is my parcel", "cancel my order please", "the item arrived broken", "refund me"]
 
 

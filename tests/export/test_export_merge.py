@@ -3,7 +3,7 @@ the same greedy tokens and logits; the folder carries its dtype, chat template a
 export's own check (logits within a tolerance + greedy agreement, in the compute dtype on the
 compute device) passes a correct merge and fails a wrong one.
 
-    .venv/bin/pytest -q tests/test_export_merge.py
+    .venv/bin/pytest -q tests/export/test_export_merge.py
 """
 
 import json

@@ -1,7 +1,7 @@
 """The export stage on a tiny Llama: every format written, every artifact re-scored in its runtime,
 the parity gate, the model card, the Modelfile, and versions in a real local MLflow registry.
 
-    .venv/bin/pytest -q tests/test_export_stage.py
+    .venv/bin/pytest -q tests/export/test_export_stage.py
 """
 
 import json
@@ -18,7 +18,7 @@ from pipeline.stages import export
 from pipeline.tracking import Tracker
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [
     "where is my parcel",
     "cancel my order please",

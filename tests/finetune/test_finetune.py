@@ -4,24 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+from support.finetune_helpers import LABELS, PROMPTS, recipe, spy_on_trainer
 
 from pipeline.config import Recipe
 from pipeline.errors import DistillError
 from pipeline.stages import finetune
 from pipeline.tracking import NullTracker
 
-ROOT = Path(__file__).resolve().parents[1]
-LABELS = ["card_arrival", "lost_or_stolen_card", "refund", "top_up_failed"]
-PROMPTS = [
-    "my card has not arrived yet",
-    "I lost my card yesterday",
-    "please refund my payment",
-    "top up did not work",
-    "where is my new card",
-    "someone stole my wallet and card",
-    "I want my money back",
-    "my top-up was declined",
-]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -42,43 +32,6 @@ def curated(tmp_path_factory) -> Path:
         }
     ).save_to_disk(str(folder / "dataset"))
     return folder
-
-
-def recipe(base: Path, **train) -> Recipe:
-    train = {
-        "max_steps": 2,
-        "batch_size": 4,
-        "logging_steps": 1,
-        "max_seq_len": 128,
-        "lr": 1e-3,
-        "eos_check": "off",
-        "save_steps": 50,
-        **train,
-    }
-    return Recipe.model_validate({"name": "t", "model": {"base": str(base)}, "train": train})
-
-
-def _then(hook, inherited):
-    """A callback method that calls `hook(state=..., **kw)`, then the inherited method."""
-
-    def method(self, args, state, control, **kw):
-        hook(state=state, **kw)
-        return inherited(self, args, state, control, **kw)
-
-    return method
-
-
-def spy_on_trainer(monkeypatch, **hooks):
-    """Add hooks (on_train_begin(model=...), on_step_end(state=...), ...) to the stage's own callback."""
-    original = finetune._metrics_callback
-
-    def patched(*args, **kwargs):
-        callback = original(*args, **kwargs)
-        methods = {name: _then(hook, getattr(type(callback), name)) for name, hook in hooks.items()}
-        callback.__class__ = type("Spy", (type(callback),), methods)
-        return callback
-
-    monkeypatch.setattr(finetune, "_metrics_callback", patched)
 
 
 @pytest.fixture(scope="module")

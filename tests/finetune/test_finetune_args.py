@@ -2,7 +2,7 @@
 gradient clipping at train.max_grad_norm, a validation loss every train.eval_steps, and the
 parameter count of a real NF4 base (bitsandbytes packs several 4-bit weights per stored element).
 
-    .venv/bin/pytest -q tests/test_finetune_args.py
+    .venv/bin/pytest -q tests/finetune/test_finetune_args.py
 """
 
 import json
@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_finetune import LABELS, PROMPTS, recipe, spy_on_trainer
+from support.finetune_helpers import LABELS, PROMPTS, recipe, spy_on_trainer
 
 from pipeline.config import LoraConfig, Recipe, TrainConfig
 from pipeline.errors import DistillError
@@ -107,7 +107,7 @@ def test_max_grad_norm_clips_the_update(tiny_llama_dir, tmp_path):
 def test_the_flagship_clips_as_the_qlora_paper_and_cpu_recipes_keep_the_default():
     from pipeline.config import load_recipe
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     assert load_recipe("mistral7b", root=root).train.max_grad_norm == 0.3
     assert load_recipe("smollm2-135m-cpu", root=root).train.max_grad_norm == 1.0  # transformers' default
     with pytest.raises(Exception, match="train.max_grad_norm"):

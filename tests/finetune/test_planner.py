@@ -10,7 +10,7 @@ from pipeline.config import available_recipes, load_recipe
 from pipeline.errors import DistillError
 from pipeline.planner import GIB, KNOWN_ARCHITECTURES, Architecture, check_fits, estimate, load_architecture
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.3"
 
 
@@ -97,7 +97,7 @@ def backbone_peak_per_token(folder: Path, quantized: bool, seq: int, batch: int 
     import json
 
     import torch
-    from test_gpu import random_rows
+    from support.random_mistral import random_rows
     from torch.profiler import ProfilerActivity, profile
     from trl import SFTTrainer
 
@@ -146,7 +146,7 @@ def test_activation_coefficients_bracket_a_measured_step(quantized, tmp_path):
     26,196 / 36,638 bytes per token (NF4 / bf16 base) against 26,982 / 37,171 planned. It fails if
     the residual stream turns fp32 again (with peft.prepare_model_for_kbit_training: 35,284, the
     planner 24% short) or if an upgrade changes what PEFT / TRL keep for backward."""
-    from test_gpu import write_random_model
+    from support.random_mistral import write_random_model
 
     from pipeline.planner import Architecture
 

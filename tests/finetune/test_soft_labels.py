@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from test_finetune import LABELS, PROMPTS, recipe
+from support.finetune_helpers import LABELS, PROMPTS, recipe
 
 from pipeline.errors import DistillError
 from pipeline.llm import soft_labels

@@ -1,6 +1,6 @@
-"""The shipped chat templates against their models' own, on the real tokenizers (tests/real_tokenizers.py).
+"""The shipped chat templates against their models' own, on the real tokenizers (tests/support/real_tokenizers.py).
 
-    .venv/bin/pytest -q tests/test_templates.py
+    .venv/bin/pytest -q tests/finetune/test_templates.py
 
 Llama 3.2: recipes/templates/llama3.2.jinja is Meta's format with the date pinned; its bytes equal
 Meta's template rendered with date_string="26 Jul 2024", never today's date. Mistral v0.3:
@@ -14,10 +14,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import real_tokenizers
-from test_finetune_masks import MISTRAL_V03_OFFICIAL
+from support import real_tokenizers
+from support.official_templates import MISTRAL_V03_OFFICIAL
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = "Classify the banking request."
 DATE_LINES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 

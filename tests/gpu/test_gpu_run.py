@@ -2,7 +2,7 @@
 CPU (venv with the system's packages, offline install from a wheelhouse, then bench/bench_gpu.py's
 preflight and A10G-export emulation at a tiny shape). What needs the GPU runs there (docs/gpu.md).
 
-    .venv/bin/pytest -q tests/test_gpu_run.py
+    .venv/bin/pytest -q tests/gpu/test_gpu_run.py
 """
 
 import importlib.util
@@ -14,7 +14,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench_module(name: str):

@@ -1,5 +1,5 @@
 """The shared-prefix KV cache gives the answers plain batched generation gives (the local
-teacher's speed-up must not change a label): `.venv/bin/pytest -q tests/test_generate_prefix.py`."""
+teacher's speed-up must not change a label): `.venv/bin/pytest -q tests/llm/test_generate_prefix.py`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from pipeline.llm.encoding import MIN_SHARED_PREFIX, PrefixCache, common_prefix_length
 from pipeline.llm.generate import generate_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_common_prefix_leaves_every_row_a_token_of_its_own():

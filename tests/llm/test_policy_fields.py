@@ -17,7 +17,7 @@ from pipeline.llm.gates import Gates
 from pipeline.llm.policy import Policy, signal
 from pipeline.task import load_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ANSWER = '{"order_id": "ORD-123456", "amount": 45.5, "items": ["kettle"]}'
 
 

@@ -15,7 +15,7 @@ from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 from pipeline.llm.structured import decoded_pieces, field_logprobs, gbnf, value_spans, weakest_field
 from pipeline.task import load_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

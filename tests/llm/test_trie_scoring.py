@@ -3,7 +3,7 @@ full forward per (prompt, label), within 1e-4 per token: Banking77's 77 intents 
 are prefixes of one another, on tiny random Llama / Mistral / Qwen2 models (sdpa and eager) and
 the embedded SmolLM2 in fp32, with and without a shared-prefix cache.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_trie_scoring.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/llm/test_trie_scoring.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.llm.label_trie import LabelTrie
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BANKING77 = yaml.safe_load((ROOT / "data" / "banking77_task.yaml").read_text())["labels"]
 # Each a prefix of the next in text and in tokens ("card" is a label and the start of "card_arrival").
 NESTED = ["card", "card_", "card_arrival_", "top", "x"]

@@ -1,5 +1,5 @@
 """The loop's parts on small inputs: gathering escalations, the frozen test split, the paired
-comparison, and the registry's aliases on a real MLflow store (`.venv/bin/pytest -q tests/test_loop.py`)."""
+comparison, and the registry's aliases on a real MLflow store (`.venv/bin/pytest -q tests/loop/test_loop.py`)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_frozen_test_split_is_used_verbatim_and_its_near_duplicates_do_not_train
     from pipeline.stages.curate import curate_records
     from pipeline.task import load_task
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     task = load_task(root / "data" / "task.yaml")
     labels = task.labels
     frozen = [
@@ -262,7 +262,7 @@ def test_the_slice_is_answered_as_served_by_label_posterior(tiny_llama_dir, tmp_
     from pipeline.loop.retrain import slice_outcomes
     from pipeline.task import load_task
 
-    task_file = Path(__file__).resolve().parents[1] / "data" / "task.yaml"
+    task_file = Path(__file__).resolve().parents[2] / "data" / "task.yaml"
     task = load_task(task_file)
     prompts = [f"My order {i} never arrived, what now?" for i in range(6)]
     model, tokenizer = load_model(str(tiny_llama_dir), device_plan()).eval(), load_tokenizer(str(tiny_llama_dir))

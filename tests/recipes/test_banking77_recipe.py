@@ -13,7 +13,7 @@ from pipeline.errors import DistillError
 from pipeline.task import load_task
 from pipeline.teachers.logs import import_logs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABELS_SAMPLE = ["card_arrival", "Refund_not_showing_up", "reverted_card_payment?", "top_up_failed", "age_limit"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def normalise(text: str) -> str:

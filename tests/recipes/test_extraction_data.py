@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.task import load_task
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 @pytest.fixture(scope="module")

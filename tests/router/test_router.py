@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import logging
-import socket
-import threading
-from contextlib import contextmanager
 
 import openai
 import pytest
+from support.router_helpers import MESSAGES, MODEL, client, running
 
 from pipeline.errors import DistillError
 from pipeline.llm.policy import Policy
 
-MODEL = "distill-student"
 KEY = "sk-test-router"
-MESSAGES = [{"role": "user", "content": "Classify: the parcel arrived broken."}]
 MAX_TOKENS = 6
-
-
-@contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a loopback port chosen by the OS; stop it on exit."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # we hold the socket, so no other process can take the port
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            thread.join(0.05)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +41,6 @@ def auth_url(backend):
     settings = ServeSettings(api_keys=(SecretStr(KEY),), max_tokens=8)
     with running(create_app(settings, {MODEL: backend}, Policy(threshold=0.0))) as url:
         yield url
-
-
-def client(url: str, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def test_chat_completion_shape_and_usage(base_url, tiny_llama_dir):
@@ -198,7 +167,7 @@ def test_no_threshold_escalates_every_request_through_the_served_app(backend):
             .headers["x-distill-route"]
             for text in ("where is my parcel", "refund please", "hello")
         }
-    assert routes == {"student-fallback"}  # escalated; no teacher here (tests/test_router_escalation.py has one)
+    assert routes == {"student-fallback"}  # escalated; no teacher here (tests/router/test_router_escalation.py has one)
 
 
 def test_serve_without_export_says_what_to_run(tmp_path):

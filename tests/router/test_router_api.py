@@ -2,7 +2,7 @@
 several API keys, logprobs / top_logprobs, and cancelling work when the client goes away.
 
 Student: the tiny random Llama (tests/conftest.py). Teacher, where one is needed: the
-fault-injecting OpenAI-shaped loopback server (tests/fault_server.py).
+fault-injecting OpenAI-shaped loopback server (tests/support/fault_server.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import httpx
 import openai
 import pytest
-from test_router import MESSAGES, MODEL, client, running
+from support.router_helpers import MESSAGES, MODEL, client, running
 
 from pipeline.config import ServeConfig
 from pipeline.errors import DistillError
@@ -191,8 +191,8 @@ def test_logprobs_the_backend_cannot_give_are_refused_not_ignored(student):
 
 
 def test_a_teachers_answer_carries_no_student_logprobs(student):
-    from fault_server import FaultServer, answer_for
-    from test_router_escalation import app_for, teacher_for
+    from support.fault_server import FaultServer, answer_for
+    from support.router_helpers import app_for, teacher_for
 
     with FaultServer() as server, running(app_for(student, Policy(threshold=0.0), teacher_for(server))) as url:
         raw = client(url).chat.completions.with_raw_response.create(
@@ -263,8 +263,8 @@ class _GatedStudent:
 
 
 def test_a_client_gone_while_the_student_works_never_reaches_the_teacher(student):
-    from fault_server import FaultServer, answer_for
-    from test_router_escalation import app_for, teacher_for
+    from support.fault_server import FaultServer, answer_for
+    from support.router_helpers import app_for, teacher_for
 
     gated = _GatedStudent(student)
     with (
@@ -287,8 +287,8 @@ def test_a_client_gone_while_the_student_works_never_reaches_the_teacher(student
 
 
 def test_a_client_gone_while_the_teacher_is_slow_frees_its_queue_slot(student, tmp_path):
-    from fault_server import FaultServer, answer_for
-    from test_router_escalation import app_for, read_lines, teacher_for
+    from support.fault_server import FaultServer, answer_for
+    from support.router_helpers import app_for, read_lines, teacher_for
 
     # The first teacher call takes 60 s (longer than this test waits), the next ones answer at once.
     with (
@@ -321,8 +321,8 @@ def test_in_shadow_mode_the_client_never_waits_for_the_student(student, tmp_path
     # Shadow adds no latency by construction, shown without timing anything: the student is held
     # behind a gate the test opens only after the client already has the teacher's answer; the
     # shadow record lands once the student is let go.
-    from fault_server import FaultServer, answer_for
-    from test_router_escalation import app_for, read_lines, teacher_for
+    from support.fault_server import FaultServer, answer_for
+    from support.router_helpers import app_for, read_lines, teacher_for
 
     gated, log_path = _GatedStudent(student), tmp_path / "esc.jsonl"
     with (

@@ -10,9 +10,9 @@ import math
 
 import openai
 import pytest
-from capture_helpers import LLAMA_ALIAS, llama_server
-from fault_server import FaultServer, answer_for
-from test_router import MESSAGES, MODEL, client, running
+from support.capture_helpers import LLAMA_ALIAS, llama_server
+from support.fault_server import FaultServer, answer_for
+from support.router_helpers import MESSAGES, MODEL, client, running
 
 from pipeline.config import TeacherConfig
 from pipeline.llm.policy import Policy

@@ -2,7 +2,7 @@
 
 Student: the tiny random Llama (tests/conftest.py), served by real uvicorn on loopback and
 driven by the real openai SDK. Teacher: the fault-injecting OpenAI-shaped loopback server
-(tests/fault_server.py) behind the same TeacherService capture uses.
+(tests/support/fault_server.py) behind the same TeacherService capture uses.
 """
 
 from __future__ import annotations
@@ -14,21 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from fault_server import FaultServer, answer_for
-from test_router import MODEL, client, running
-from waiting import wait_for
+from support.fault_server import FaultServer, answer_for
+from support.router_helpers import MODEL, TASK, FixedStudent, app_for, client, read_lines, running, teacher_for
+from support.waiting import wait_for
 
-from pipeline.config import PriceConfig, TeacherConfig
+from pipeline.config import PriceConfig
 from pipeline.conversation import user_turn
 from pipeline.llm.policy import Policy
-from pipeline.task import Task, WorkedExample
 
-TASK = Task(
-    name="support",
-    instructions="Classify the customer message.",
-    labels=["damaged", "late"],
-    examples=[WorkedExample(prompt="the box was crushed", label="damaged")],
-)
 PROMPT = "Classify: the parcel arrived broken."
 ESCALATE = Policy(threshold=0.0)  # a random model's mean log-prob is < 0: every answer escalates
 
@@ -40,43 +33,10 @@ def student(tiny_llama_dir):
     return StudentBackend(tiny_llama_dir)
 
 
-def teacher_for(server: FaultServer, **overrides):
-    from pipeline.router.backends import TeacherBackend
-
-    fields = dict(
-        spec="openai:fault-teacher",
-        base_url=server.base_url,
-        allow_unpriced=True,
-        max_retries=0,
-        timeout_s=5,
-        backoff_initial_s=0.01,
-        logprobs=False,
-    )
-    cfg = TeacherConfig(**{**fields, **overrides})
-    return TeacherBackend(cfg, TASK, ":memory:")
-
-
-def app_for(student, policy, teacher=None, escalations=None, **settings):
-    from pipeline.router.app import create_app
-    from pipeline.router.escalations import EscalationLog
-    from pipeline.router.modes import Mode
-    from pipeline.router.settings import ServeSettings
-
-    mode = Mode.parse(settings.pop("mode", "live"))
-    log = EscalationLog(escalations) if escalations is not None else None
-    return create_app(
-        ServeSettings(max_tokens=8, mode=mode, **settings), {MODEL: student}, policy, teacher=teacher, escalations=log
-    )
-
-
 def ask(url: str, prompt: str = PROMPT, key: str = "unused", **kwargs):
     return client(url, key=key).chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6, **kwargs
     )
-
-
-def read_lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def shadow_pairs(url: str) -> float:
@@ -253,7 +213,7 @@ def test_teacher_process_killed_mid_test_degrades_without_5xx(student):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    script = Path(__file__).with_name("fault_server.py")
+    script = Path(__file__).parents[1] / "support" / "fault_server.py"
     proc = subprocess.Popen(
         [sys.executable, str(script), "--port", str(port), "--fault-rate", "0"], stdout=subprocess.PIPE, text=True
     )
@@ -494,19 +454,6 @@ def test_distill_serve_refuses_a_mismatched_policy_before_loading(tmp_path, caps
 
 
 # ---------------------------------------------------------------- rollback, reload, label scores
-
-
-class FixedStudent:
-    """A confident student that always says the same label and stops by itself."""
-
-    ready = True
-
-    async def complete(self, messages, max_tokens):
-        from pipeline.llm.completion import Completion
-
-        return Completion(
-            text="damaged", source="student", prompt_tokens=9, completion_tokens=1, token_logprobs=[-0.01]
-        )
 
 
 def test_shadow_disagreement_rolls_back_to_off(tmp_path):

@@ -18,7 +18,7 @@ import weakref
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_router import MODEL, client, running
+from support.router_helpers import MODEL, client, running
 
 from pipeline.config import ServeConfig
 from pipeline.registry import Registry
@@ -247,8 +247,8 @@ def test_a_version_that_does_not_load_keeps_the_current_one_and_counts_an_error(
 
 
 def test_escalations_carry_the_model_version_and_still_import(uri, sources, tmp_path):
-    from fault_server import FaultServer
-    from test_router_escalation import teacher_for
+    from support.fault_server import FaultServer
+    from support.router_helpers import teacher_for
 
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog

@@ -20,10 +20,9 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from fault_server import FaultServer
-from test_router import MODEL
-from test_router_escalation import TASK, teacher_for
-from waiting import wait_for
+from support.fault_server import FaultServer
+from support.router_helpers import MODEL, TASK, teacher_for
+from support.waiting import wait_for
 
 from pipeline.config import ServeConfig
 from pipeline.conversation import user_turn

@@ -11,9 +11,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from fault_server import FaultServer, answer_for
-from test_router import MODEL
-from test_router_escalation import teacher_for
+from support.fault_server import FaultServer, answer_for
+from support.router_helpers import MODEL, teacher_for
 
 from pipeline.artifacts import read_jsonl
 from pipeline.llm.policy import Policy
@@ -106,8 +105,7 @@ def test_a_full_disk_is_counted_and_never_raises():
 
 def test_a_full_disk_does_not_turn_a_paid_answer_into_a_500(tmp_path):
     import httpx
-    from test_router import running
-    from test_router_escalation import FixedStudent
+    from support.router_helpers import FixedStudent, running
 
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog
@@ -134,8 +132,7 @@ def test_a_full_disk_does_not_turn_a_paid_answer_into_a_500(tmp_path):
 
 def test_escalations_are_scrubbed_in_the_served_log_and_still_import(tmp_path):
     import httpx
-    from test_router import running
-    from test_router_escalation import FixedStudent
+    from support.router_helpers import FixedStudent, running
 
     from pipeline.router.app import create_app
     from pipeline.router.escalations import EscalationLog

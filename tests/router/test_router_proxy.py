@@ -12,8 +12,8 @@ import json
 import httpx
 import openai
 import pytest
-from fault_server import FaultServer, answer_for
-from test_router import running
+from support.fault_server import FaultServer, answer_for
+from support.router_helpers import running
 
 from pipeline.artifacts import read_jsonl
 from pipeline.config import PriceConfig, TeacherConfig

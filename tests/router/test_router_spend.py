@@ -1,7 +1,7 @@
 """What serving spends on its teacher (`make test`): a cancelled call gives back its slot and its
 reservation, a caller who leaves mid-call is charged what the call cost (not its worst case) and
 its answer is cached, an answer capture already bought costs serving nothing, and the serving
-ledger survives a restart. Teacher: the fault-injecting loopback server (tests/fault_server.py).
+ledger survives a restart. Teacher: the fault-injecting loopback server (tests/support/fault_server.py).
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import asyncio
 import json
 
 import httpx
-from fault_server import FaultServer, answer_for
-from test_router import MODEL, running
-from test_router_escalation import TASK, FixedStudent, teacher_for
+from support.fault_server import FaultServer, answer_for
+from support.router_helpers import MODEL, TASK, FixedStudent, running, teacher_for
 
 from pipeline.config import PriceConfig
 from pipeline.conversation import user_turn

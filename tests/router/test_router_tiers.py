@@ -14,10 +14,9 @@ import json
 
 import httpx
 import pytest
-from capture_helpers import LLAMA_ALIAS, free_port, llama_server
-from fault_server import FaultServer, answer_for
-from test_router import MESSAGES, MODEL, client, running
-from test_router_escalation import read_lines, teacher_for
+from support.capture_helpers import LLAMA_ALIAS, free_port, llama_server
+from support.fault_server import FaultServer, answer_for
+from support.router_helpers import MESSAGES, MODEL, client, read_lines, running, teacher_for
 
 from pipeline.config import ServeConfig, validate_recipe
 from pipeline.errors import DistillError

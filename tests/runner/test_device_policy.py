@@ -5,7 +5,7 @@ several GPUs without a launcher are refused naming the `accelerate launch` comma
 count faked: the hardware is what cannot run here), a stage's model is freed when the stage ends,
 and CUDA loads go straight to the device.
 
-    .venv/bin/pytest -q tests/test_device_policy.py
+    .venv/bin/pytest -q tests/runner/test_device_policy.py
 """
 
 import gc
@@ -27,7 +27,7 @@ from pipeline.errors import DistillError
 from pipeline.llm import loading
 from pipeline.llm.loading import DevicePlan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GATED, MISSING = "acme/gated-7b", "acme/no-such-model"
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.artifacts import hash_outputs, read_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from pipeline.errors import DistillError
 from pipeline.runner import STAGES, fingerprint
 from pipeline.stages import Stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fingerprints(recipe: Recipe) -> dict[str, str]:

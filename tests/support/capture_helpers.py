@@ -1,4 +1,4 @@
-"""Shared by tests/test_capture*.py and bench/bench_capture.py: prompt files and capture recipes."""
+"""Shared by tests/teachers/test_capture*.py and bench/bench_capture.py: prompt files and capture recipes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK = ROOT / "data" / "task.yaml"
 
 

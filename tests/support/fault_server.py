@@ -1,8 +1,8 @@
 """A loopback HTTP server speaking the OpenAI chat-completions (and Anthropic Messages) shape,
 injecting faults at a configured rate: 429 with Retry-After, 500, responses slower than the
-client's timeout, truncated JSON. Used by tests/test_capture*.py; run it by hand with
+client's timeout, truncated JSON. Used by tests/teachers/test_capture*.py; run it by hand with
 
-    python tests/fault_server.py --port 8089 --fault-rate 0.2
+    python tests/support/fault_server.py --port 8089 --fault-rate 0.2
 
 It counts, per prompt (the last user message), every request and every successful answer,
 which is what "paid for at most once" is checked against; and, like a real provider's bill,

@@ -1,11 +1,11 @@
 """Capture against a fault-injecting loopback server: retries, budget, auth, failures, logs: import;
 and the teacher service, registry and protocol that capture, the judge and the router share.
 
-    .venv/bin/pytest tests/test_capture.py -q
+    .venv/bin/pytest tests/teachers/test_capture.py -q
 
 Capture goes through the real CLI (`distill capture RECIPE --force`), the real runner and a
 real MLflow store; the service through its public API. The only stand-in is the HTTP server
-on the other end (tests/fault_server.py).
+on the other end (tests/support/fault_server.py).
 """
 
 import ast
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from capture_helpers import TASK, fast_retries, read_records, write_prompts, write_recipe
-from fault_server import FAULTS, FaultServer, answer_for
+from support.capture_helpers import TASK, fast_retries, read_records, write_prompts, write_recipe
+from support.fault_server import FAULTS, FaultServer, answer_for
 
 import pipeline.stages.capture as capture_stage
 import pipeline.teachers.anthropic as anthropic_teacher

@@ -1,8 +1,8 @@
 """Batch capture (teacher.mode=batch): provider batches at half price, resumable across restarts.
 
-    .venv/bin/pytest tests/test_capture_batch.py -q
+    .venv/bin/pytest tests/teachers/test_capture_batch.py -q
 
-The other end is the loopback fault server (tests/fault_server.py) speaking OpenAI's Files and
+The other end is the loopback fault server (tests/support/fault_server.py) speaking OpenAI's Files and
 Batches endpoints and Anthropic's Message Batches; the clients are the official SDKs. Batches
 advance per status poll, not per second, so nothing here depends on the machine's speed.
 """
@@ -14,9 +14,9 @@ import subprocess
 import sys
 from collections import Counter
 
-from capture_helpers import ROOT, fast_retries, read_records, write_prompts, write_recipe
-from fault_server import FaultServer, answer_for
-from waiting import wait_for
+from support.capture_helpers import ROOT, fast_retries, read_records, write_prompts, write_recipe
+from support.fault_server import FaultServer, answer_for
+from support.waiting import wait_for
 
 from pipeline.artifacts import read_manifest
 from pipeline.cli import main

@@ -1,9 +1,9 @@
 """The budget as a hard ceiling under faults, what reasoning models are sent, and a dead
 teacher that fails fast (issue 13, items 1 and 2).
 
-    .venv/bin/pytest tests/test_capture_budget.py -q
+    .venv/bin/pytest tests/teachers/test_capture_budget.py -q
 
-The other end is the fault-injecting loopback server (tests/fault_server.py), which bills
+The other end is the fault-injecting loopback server (tests/support/fault_server.py), which bills
 every request it generated an answer for, as a real provider does, whether or not the
 client read the answer.
 """
@@ -12,8 +12,8 @@ import socket
 import time
 
 import pytest
-from capture_helpers import fast_retries, write_prompts, write_recipe
-from fault_server import FaultServer
+from support.capture_helpers import fast_retries, write_prompts, write_recipe
+from support.fault_server import FaultServer
 
 from pipeline.cli import main
 from pipeline.config import TeacherConfig
@@ -106,7 +106,7 @@ def test_an_unreachable_teacher_fails_in_seconds_with_one_line_naming_the_url(tm
 
 def structured_capture(tmp_path, server) -> tuple[list[dict], list[str], list[str]]:
     import yaml
-    from capture_helpers import TASK, read_records
+    from support.capture_helpers import TASK, read_records
 
     from pipeline.artifacts import read_manifest
 

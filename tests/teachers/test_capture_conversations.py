@@ -1,6 +1,6 @@
 """Imports keep the conversation as it was sent: every turn, byte for byte, in each format people have.
 
-    .venv/bin/pytest -q tests/test_capture_conversations.py
+    .venv/bin/pytest -q tests/teachers/test_capture_conversations.py
 
 Through the real CLI (`distill capture RECIPE --force`, teacher.spec=logs:...) and the real runner;
 each test compares the records' turns with the source's, serialised, so a dropped system prompt,
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from capture_helpers import read_records, write_recipe
+from support.capture_helpers import read_records, write_recipe
 
 from pipeline.artifacts import read_manifest
 from pipeline.cli import main
@@ -308,8 +308,8 @@ def test_old_single_prompt_records_still_read(tmp_path, tracking_uri):
 def test_prompt_conversations_reach_the_teacher_as_sent_and_are_recorded_whole(tmp_path, tracking_uri):
     """A prompts file may hold conversations: the teacher gets one with its own system prompt as it
     is, and a bare prompt after the task's instructions; each record holds what the app sent."""
-    from capture_helpers import TASK, fast_retries
-    from fault_server import FaultServer, answer_for
+    from support.capture_helpers import TASK, fast_retries
+    from support.fault_server import FaultServer, answer_for
 
     from pipeline.task import load_task
 

@@ -1,6 +1,6 @@
 """SIGKILL a real capture process mid-run, rerun it: nothing answered is asked for again.
 
-.venv/bin/pytest tests/test_capture_kill.py -q
+.venv/bin/pytest tests/teachers/test_capture_kill.py -q
 """
 
 import json
@@ -11,8 +11,8 @@ import sys
 import time
 from collections import Counter
 
-from capture_helpers import ROOT, fast_retries, write_prompts, write_recipe
-from fault_server import FaultServer, answer_for
+from support.capture_helpers import ROOT, fast_retries, write_prompts, write_recipe
+from support.fault_server import FaultServer, answer_for
 
 PROMPTS = 60
 

@@ -1,6 +1,6 @@
 """Capture through the `openai:` provider against llama.cpp's real OpenAI-compatible server.
 
-    .venv/bin/pytest tests/test_capture_llama.py -q
+    .venv/bin/pytest tests/teachers/test_capture_llama.py -q
 
 The server (`python -m llama_cpp.server`, from llama-cpp-python) serves the embedded SmolLM2
 GGUF on 127.0.0.1; nothing here is faked.
@@ -8,8 +8,8 @@ GGUF on 127.0.0.1; nothing here is faked.
 
 import pytest
 import yaml
-from capture_helpers import LLAMA_ALIAS, ROOT, read_records, write_recipe
-from capture_helpers import llama_server as start_llama_server
+from support.capture_helpers import LLAMA_ALIAS, ROOT, read_records, write_recipe
+from support.capture_helpers import llama_server as start_llama_server
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
 

@@ -1,7 +1,7 @@
 """SIGTERM (what process managers and `docker stop` send) stops a capture as cleanly as
 Ctrl-C: exit 130, the resume hint, every answer bought so far committed (issue 13, item 8).
 
-    .venv/bin/pytest tests/test_capture_sigterm.py -q
+    .venv/bin/pytest tests/teachers/test_capture_sigterm.py -q
 """
 
 import signal
@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from capture_helpers import ROOT, fast_retries, write_prompts, write_recipe
-from fault_server import FaultServer
+from support.capture_helpers import ROOT, fast_retries, write_prompts, write_recipe
+from support.fault_server import FaultServer
 
 PROMPTS = 40
 

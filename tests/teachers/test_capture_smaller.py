@@ -2,7 +2,7 @@
 a loopback teacher at $0 (the README's own example), requires-python, and curate's
 byte-identical output across two processes.
 
-    .venv/bin/pytest tests/test_capture_smaller.py -q
+    .venv/bin/pytest tests/teachers/test_capture_smaller.py -q
 """
 
 import os
@@ -11,8 +11,8 @@ import subprocess
 import sys
 import tomllib
 
-from capture_helpers import ROOT, read_records, write_prompts, write_recipe
-from fault_server import FaultServer
+from support.capture_helpers import ROOT, read_records, write_prompts, write_recipe
+from support.fault_server import FaultServer
 
 from pipeline.artifacts import read_manifest
 from pipeline.cli import main
@@ -76,7 +76,7 @@ CURATE_SCRIPT = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, "tests")
-from test_curate_stage import TASK_YAML, capture_records
+from support.curate_records import TASK_YAML, capture_records
 from pipeline.config import Recipe
 from pipeline.stages import curate
 from pipeline.tracking import NullTracker
