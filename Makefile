@@ -46,7 +46,7 @@ LLAMA_CFLAGS ?= $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-i
 LLAMA_KEY := $(shell (grep -m1 -E '^(flags|Features)' /proc/cpuinfo; echo '$(LLAMA_CFLAGS)') | sha1sum | cut -c1-10)
 LLAMA_WHEELS := $(DISTILL_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
 LLAMA_WHEEL := $(LLAMA_WHEELS)/.built
-# Read by the tests offline: Mistral v0.3's tokenizer (tests/real_tokenizers.py).
+# Read by the tests offline: Mistral v0.3's tokenizer (tests/support/real_tokenizers.py).
 MISTRAL_COMMON_WHEEL := $(DOWNLOADS)/mistral_common-1.13.1-py3-none-any.whl
 
 .PHONY: setup distill finetune plan sweep evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench bench-gpu gpu-wheelhouse gpu-run lint schema clean
@@ -144,7 +144,7 @@ test-gpu: $(PYTEST)
 	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
 		f'make test-gpu: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device: a CPU wheel, or one built for a newer driver? make setup TORCH_INDEX=... (docs/gpu.md)')"
 	@# One GPU: the planner plans per device, and TRL refuses the DataParallel that several visible GPUs would bring.
-	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} $(BIN)/pytest -v -s -m gpu tests/test_gpu.py
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} $(BIN)/pytest -v -s -m gpu tests/gpu/test_gpu.py
 
 # Every performance claim: each bench writes bench/results/<name>.json (envelope + figures with
 # baselines and ratios), then bench/report.py regenerates bench/RESULTS.md and the README's
@@ -169,7 +169,7 @@ bench: $(DEV)
 	$(BIN)/python bench/bench_structured.py $(BENCH_ARGS)
 	$(BIN)/python bench/report.py --results $(BENCH_DIR) $(if $(BENCH_IS_QUICK),--no-readme)
 
-# The GPU tier as a bench (bench/bench_gpu.py: preflight, tests/test_gpu.py, the A10G-capped 7B
+# The GPU tier as a bench (bench/bench_gpu.py: preflight, tests/gpu/test_gpu.py, the A10G-capped 7B
 # export): skips cleanly, writing nothing, without CUDA; with it writes bench/results/gpu.json and
 # regenerates the report.
 bench-gpu: $(PYTEST)

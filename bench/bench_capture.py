@@ -7,7 +7,7 @@
    fresh cache each time, so every prompt is a real call). Throughput is teacher calls per
    second of the capture stage's own wall time, best of the two runs per level, reported as
    a ratio to the best level.
-2. Fills a cache with 1,000 answers from the loopback fault server (tests/fault_server.py,
+2. Fills a cache with 1,000 answers from the loopback fault server (tests/support/fault_server.py,
    no faults: the answers' source does not matter here), then times a capture that finds
    them all cached: the cost of a re-run per 1,000 prompts.
 Writes bench/results/capture.json (bench/harness.py: envelope and figures). --quick: 2 prompts
@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback servers (llama.cpp launcher, fault server) live with the tests
 sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
-from capture_helpers import LLAMA_ALIAS as ALIAS  # noqa: E402
-from capture_helpers import llama_server  # noqa: E402
-from fault_server import FaultServer  # noqa: E402
+from support.capture_helpers import LLAMA_ALIAS as ALIAS  # noqa: E402
+from support.capture_helpers import llama_server  # noqa: E402
+from support.fault_server import FaultServer  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
 

@@ -8,7 +8,7 @@ against the VRAM planner, and the export of a random-weight 7B under an A10G's m
 Steps, each timed, all into bench/results/gpu.json (envelope + figures, bench/harness.py):
 1. preflight: torch and its CUDA build, the driver, the GPU and its memory, the packages, whether
    bitsandbytes' CUDA library loads, which varlen attention kernel loads, the free disk.
-2. small-model GPU tier: `pytest -m gpu tests/test_gpu.py` less the 7B tests (residual stream in bf16,
+2. small-model GPU tier: `pytest -m gpu tests/gpu/test_gpu.py` less the 7B tests (residual stream in bf16,
    padding-free vs padded loss, the bf16 export check, NF4 vs bf16 agreement above its floor).
 3. the mistral7b shape: a random-weight Mistral-7B (14.5 GB, kept in --work for step 4), 3 QLoRA
    steps of recipes/mistral7b.yaml's train section, the planner's estimate within 1.0-1.3x of the peak.
@@ -37,11 +37,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(1, str(ROOT / "tests"))  # the GPU tier's harness (tests/test_gpu.py) is shared with it
+sys.path.insert(1, str(ROOT / "tests"))  # tests/support/random_mistral.py: the random models are shared
 sys.path.insert(2, str(ROOT))
 import harness  # noqa: E402
 
-RAW = ROOT / "bench" / "gpu.json"  # where tests/test_gpu.py writes its record
+RAW = ROOT / "bench" / "gpu.json"  # where tests/gpu/test_gpu.py writes its record
 A10G_GIB = 22.5
 GIB = 1024**3
 SMALL_TESTS = "not mistral7b and not vram_planner"
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 RAW.unlink()
             model = work / "mistral7b-random"
         else:
-            from test_gpu import TINY, write_random_model
+            from support.random_mistral import TINY, write_random_model
 
             model = write_random_model(work / "tiny-random", TINY, "cpu")
         emulation = timed(record, "export_a10g", lambda: export_emulation(model, work / "export", cuda, args.cap_gib))
@@ -186,7 +186,7 @@ def gpu_tests(selection: str, model_dir: Path) -> int:
             "gpu",
             "-k",
             selection,
-            "tests/test_gpu.py",
+            "tests/gpu/test_gpu.py",
         ],
         cwd=ROOT,
         env=env,
@@ -199,7 +199,7 @@ def export_emulation(model_dir: Path, out: Path, cuda: bool, cap_gib: float) -> 
     the reload: the peak (GPU) or the live parameter bytes at the reload (CPU) against one copy."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from test_gpu import prompts
+    from support.random_mistral import prompts
     from transformers import AutoModelForCausalLM
 
     from pipeline.errors import DistillError

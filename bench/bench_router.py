@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
-from fault_server import FaultServer  # noqa: E402
+from support.fault_server import FaultServer  # noqa: E402
 
 MODEL = "distill-student"
 # Both arms of (a) use one intra-op thread: on 2 busy cores torch's default (2) spends more time

@@ -4,7 +4,7 @@
 
 The router serves the tiny random Llama (tests/conftest.py shape) in a child process, under
 uvicorn as `distill serve` configures it (http_server.py), with the fault server
-(tests/fault_server.py: 10% of calls answered 429, 500, slowly or cut off) as its teacher, a
+(tests/support/fault_server.py: 10% of calls answered 429, 500, slowly or cut off) as its teacher, a
 price and a serve.budget_usd that runs out part-way. Its policy's threshold is chosen from the
 student's own confidence on a prompt pool (read in this process beforehand), so which requests
 escalate is known: "stay" prompts well above it, "escalate" prompts well below. The student
@@ -26,7 +26,7 @@ Checked, and written to bench/results/router_soak.json (bench/harness.py envelop
 - the server's RSS, sampled every 10% of the run: growth from the end of a warm-up (the first 20%,
   while the allocator's arenas grow to the concurrency's working set) to the end, under RSS_BOUND_MIB.
 Requests by outcome and the p50/p99 latency of valid ones are recorded. The small version of
-this run is tests/test_router_soak.py.
+this run is tests/router/test_router_soak.py.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
 from bench_router import free_port, tiny_model  # noqa: E402
-from fault_server import FaultServer  # noqa: E402
+from support.fault_server import FaultServer  # noqa: E402
 
 MODEL = "distill-student"
 MAX_TOKENS = 6

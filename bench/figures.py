@@ -440,7 +440,7 @@ def gpu(r: dict) -> list[dict]:
 
 
 def gpu_defect_sections(r: dict) -> list[dict]:
-    """Issue 17's defects 4-6, each a section tests/test_gpu.py adds to the same record."""
+    """Issue 17's defects 4-6, each a section tests/gpu/test_gpu.py adds to the same record."""
     out = []
     packed = r.get("padding_free_vs_padded") or {}
     if (packed.get("padding_free") or {}).get("tokens_per_s") and (packed.get("padded") or {}).get("tokens_per_s"):

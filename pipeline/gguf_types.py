@@ -1,6 +1,6 @@
 """The GGUF types `export.gguf_types` accepts: llama.cpp's own names, checked when the recipe loads.
 
-    .venv/bin/pytest -q tests/test_export_config.py
+    .venv/bin/pytest -q tests/export/test_export_config.py
 
 The table is llama.cpp's (tools/quantize/quantize.cpp, `QUANT_OPTIONS`, of the release the
 project pins; a test compares it with the LLAMA_FTYPE_* constants of the installed

@@ -14,7 +14,7 @@ download and an OOM. The estimate is deliberately simple and a little pessimisti
   grad 2+2 bytes); on a bf16 base PEFT keeps them fp32 (4+4). AdamW states 8 bytes/param, 2 for 8-bit.
 - activations, per token, in compute-dtype elements (ACTIVATION_COEFFICIENTS), measured on CPU
   with torch's memory profiler over the backbone's forward + backward in bf16 autocast, LoRA
-  r=16 with dropout on all seven linears, non-reentrant checkpointing (tests/test_planner.py
+  r=16 with dropout on all seven linears, non-reentrant checkpointing (tests/finetune/test_planner.py
   re-measures it): with checkpointing, each layer's input (1 x hidden per layer) plus the one
   layer recomputed in backward with its gradients in flight: 21.2 x hidden + 8 x intermediate
   on a 4-bit base (bf16 LoRA), 30.6 x hidden + 11 x intermediate on a bf16 base (fp32 LoRA:
@@ -32,7 +32,7 @@ download and an OOM. The estimate is deliberately simple and a little pessimisti
 For mistral7b at 4 x 2048 this gives ~11.9 GiB. An earlier version said 12.9 with 2.5 GiB of
 full-vocab logits and ~18h+6i activations; with peft.prepare_model_for_kbit_training the
 residual stream ran fp32 and checkpoints + recomputed layer doubled (~15-17 GiB, issue 17);
-finetune no longer calls it (tests/test_finetune.py checks the dtypes).
+finetune no longer calls it (tests/finetune/test_finetune.py checks the dtypes).
 """
 
 from __future__ import annotations

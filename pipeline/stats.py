@@ -1,7 +1,7 @@
 """Uncertainty on every figure: bootstrap confidence intervals over prompts, and the
 Clopper-Pearson bound the routing threshold is chosen on.
 
-    .venv/bin/pytest -q tests/test_evaluate_metrics.py
+    .venv/bin/pytest -q tests/evaluation/test_evaluate_metrics.py
 
 The bootstrap resamples *prompts* (rows), with a fixed seed, so a figure and its interval are
 reproducible; the percentile interval is used because the figures are bounded rates.

@@ -1,4 +1,8 @@
-"""Shared fixtures. No test touches the network: the hub is off and models are tiny or embedded."""
+"""Shared fixtures. No test touches the network: the hub is off and models are tiny or embedded.
+
+Tests live in folders mirroring pipeline/'s packages, each basename unique (pytest's default
+prepend import mode, no __init__.py). What several tests share lives in tests/support/, imported
+as `support.<module>` (pytest puts this folder on sys.path), never in another test module."""
 
 import os
 

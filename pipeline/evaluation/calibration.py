@@ -2,7 +2,7 @@
 validation, the logistic signal's weights, AUROC for predicting "agrees with the teacher", and
 reliability-diagram data.
 
-    .venv/bin/pytest -q tests/test_evaluate_threshold.py
+    .venv/bin/pytest -q tests/evaluation/test_evaluate_threshold.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """$ per 1,000 requests: teacher-only, routed at the chosen threshold, and student-only.
 
-    .venv/bin/pytest -q tests/test_evaluate_metrics.py -k cost
+    .venv/bin/pytest -q tests/evaluation/test_evaluate_metrics.py -k cost
 
 Teacher: the mean cost of the captured answers (the ledger's tokens x price, kept on each
 record as meta.cost_usd). A local in-process teacher is billed nothing by anyone, so it is

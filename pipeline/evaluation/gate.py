@@ -1,6 +1,6 @@
 """The quality gate: named conditions `figure: bar` (eval.gate); a miss fails the stage.
 
-.venv/bin/pytest -q tests/test_evaluate_metrics.py -k gate
+.venv/bin/pytest -q tests/evaluation/test_evaluate_metrics.py -k gate
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Scoring by task kind: agreement with the teacher and gold, scikit-learn classification
 metrics, JSON field-level F1, and free-text overlap; each headline figure with a bootstrap CI.
 
-    .venv/bin/pytest -q tests/test_evaluate_metrics.py
+    .venv/bin/pytest -q tests/evaluation/test_evaluate_metrics.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The evaluation's PNGs: confusion matrix, reliability diagram, risk-coverage and cost-quality.
 
-    .venv/bin/pytest -q tests/test_evaluate_stage.py
+    .venv/bin/pytest -q tests/evaluation/test_evaluate_stage.py
 
 Headless (Agg backend, chosen per figure, never at import); each PNG is written atomically.
 """

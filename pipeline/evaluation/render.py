@@ -122,7 +122,7 @@ def base_weight_lines(report: dict) -> list[str]:
         f"this evaluation answered on the {w['evaluated_on']} base, which export merges and the router serves."
     )
     if w["trained_against"].startswith("NF4"):
-        line += " The GPU tier measures the difference (tests/test_gpu.py, NF4 vs bf16 base)."
+        line += " The GPU tier measures the difference (tests/gpu/test_gpu.py, NF4 vs bf16 base)."
     return [line, ""]
 
 

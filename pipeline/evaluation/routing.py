@@ -1,7 +1,7 @@
 """The router's policy, from validation, confirmed on test: temperature, hard gates, logistic
 weights, the threshold with its guarantee, and how well every signal predicts agreement.
 
-    .venv/bin/pytest -q tests/test_evaluate_threshold.py tests/test_policy.py
+    .venv/bin/pytest -q tests/evaluation/test_evaluate_threshold.py tests/llm/test_policy.py
 
 The logistic signal is fitted on the even-numbered validation answers and its threshold chosen
 on the odd-numbered ones: fitted and tested on the same answers, the Clopper-Pearson guarantee

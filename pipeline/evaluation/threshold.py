@@ -1,6 +1,6 @@
 """Choose the router's threshold with a guarantee, and measure it by replaying the policy.
 
-    .venv/bin/pytest -q tests/test_policy.py tests/test_evaluate_threshold.py
+    .venv/bin/pytest -q tests/llm/test_policy.py tests/evaluation/test_evaluate_threshold.py
 
 The threshold keeps the most traffic on the student subject to the one-sided Clopper-Pearson
 lower bound (at `eval.confidence`, 95% by default) on the answered set's agreement with the

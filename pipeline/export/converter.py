@@ -1,6 +1,6 @@
 """llama.cpp's own HF -> GGUF converter, from the same llama.cpp release as the runtime, isolated.
 
-    .venv/bin/pytest -q tests/test_export_gguf.py
+    .venv/bin/pytest -q tests/export/test_export_gguf.py
 
 Why this source: `convert_hf_to_gguf.py` ships inside llama-cpp-python's source distribution
 (vendor/llama.cpp), so taking it from the sdist of exactly the installed version means the

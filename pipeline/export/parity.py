@@ -1,6 +1,6 @@
 """Parity: every exported artifact answers the test split again, in the runtime it will be served by.
 
-    .venv/bin/pytest -q tests/test_export_gguf.py tests/test_export_stage.py
+    .venv/bin/pytest -q tests/export/test_export_gguf.py tests/export/test_export_stage.py
 
 Merged runs in transformers, each GGUF in llama.cpp (llama-cpp-python), on the same prompts,
 scored with evaluation's `agrees` against the teacher and the same bootstrap CI. Before that,

@@ -47,7 +47,7 @@ class Completion:
     @property
     def min_logprob(self) -> float | None:
         """Lowest log-probability among the chosen tokens: one doubtful token decides, so longer
-        answers score lower (tests/test_policy_fields.py shows the bias; p10_logprob has none)."""
+        answers score lower (tests/llm/test_policy_fields.py shows the bias; p10_logprob has none)."""
         values = [v for v in self.token_logprobs or [] if math.isfinite(v)]
         return min(values) if values else None
 

@@ -1,6 +1,6 @@
 """Message content is text: a control-token string inside it is tokenized as its characters.
 
-    .venv/bin/pytest -q tests/test_router_hardening.py -k control
+    .venv/bin/pytest -q tests/router/test_router_hardening.py -k control
 
 A chat template writes its turns with special tokens (`<|im_start|>`, `<|eot_id|>`, `[INST]`),
 and a tokenizer given the rendered prompt matches those strings wherever they occur, in the

@@ -6,7 +6,7 @@ Used by generation (generate.py) and label scoring (scoring.py), which must see 
 tokens and positions for an answer to score what was generated.
 
 With a prefix cache, each prompt's own tail is left-padded after the prefix and the pads are
-masked out, so positions and attention are those of the unpadded prompt (tests/test_generate_prefix.py).
+masked out, so positions and attention are those of the unpadded prompt (tests/llm/test_generate_prefix.py).
 """
 
 from __future__ import annotations

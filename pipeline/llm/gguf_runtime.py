@@ -1,6 +1,6 @@
 """The GGUF runtime: every in-process llama.cpp load of the pipeline goes through `GgufModel`.
 
-    .venv/bin/pytest -q tests/test_export_gguf.py
+    .venv/bin/pytest -q tests/export/test_export_gguf.py
 
 Used by export's parity check and by the router's `serve.student=llama.cpp` backend. Before a
 file is loaded in this process it is decoded once in a child process (`probe`): a llama.cpp

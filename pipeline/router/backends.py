@@ -91,7 +91,7 @@ class StudentBackend:
     Micro-batching: requests that arrive while a generate call runs (or within `window_s`
     of the first one) share the next call, up to `max_batch`, grouped by max_tokens; a lone
     request on an idle server waits for nobody (window 0, the default). Greedy decoding with
-    left padding gives each request what a batch of one would (tests/test_router_escalation.py).
+    left padding gives each request what a batch of one would (tests/router/test_router_escalation.py).
 
     `score_labels`: the policy's labels, passed to generate_batch so it fills
     `Completion.label_logprobs` when the policy's signal needs them. `schema`: the policy's JSON

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Stage(Protocol):
-    """The contract a stage module meets (checked for every stage by tests/test_runner.py).
+    """The contract a stage module meets (checked for every stage by tests/runner/test_stages.py).
 
     READS names the recipe fields the stage's output depends on, as dotted paths (a section
     name means all of it): they, the stage's file inputs and its upstream manifests make its
