@@ -618,7 +618,7 @@ def structured(r: dict) -> list[dict]:
     base = arms[chosen]
     free = arms["unconstrained"]
     # No schema-valid counts: at the bench's short max_new_tokens most answers are cut before the
-    # record closes (docs/extraction.md); tests/test_structured.py holds validity.
+    # record closes (docs/extraction.md); tests/llm/test_structured.py holds validity.
     out = []
     for name, arm in arms.items():
         if name == "unconstrained":
