@@ -156,7 +156,7 @@ def test_served_answers_validate_and_escalations_name_the_weakest_field(run, sch
     from pipeline.llm.policy import Policy
     from pipeline.llm.structured import field_logprobs, weakest_field
     from pipeline.router.app import create_app
-    from pipeline.router.backends import StudentBackend, TeacherBackend
+    from pipeline.router.backends import Callers, StudentBackend, TeacherBackend
     from pipeline.router.modes import Mode
     from pipeline.router.settings import ServeSettings
 
@@ -199,7 +199,7 @@ def test_served_answers_validate_and_escalations_name_the_weakest_field(run, sch
             assert raw.headers["x-distill-route"] == "teacher"
             assert reply.distill["reason"].startswith("`") and "` p=" in reply.distill["reason"]
     # The student's own answers, as the router read them: the reason names their weakest field.
-    served = student._generate([([{"role": "user", "content": p}], 0) for p in prompts], 200)
+    served = student._generate([([{"role": "user", "content": p}], 0) for p in prompts], 200, Callers())
     for answer in served:
         tokens = answer.tokens
         found = weakest_field(
