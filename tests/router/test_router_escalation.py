@@ -101,7 +101,9 @@ def test_a_logs_teacher_answers_the_conversations_it_holds_and_the_rest_fall_bac
 
     held = tmp_path / "labelled.jsonl"
     held.write_text(
-        json.dumps({"prompt": PROMPT, "label": "damaged"}) + "\n" + json.dumps({"prompt": "where is it", "label": "late"})
+        json.dumps({"prompt": PROMPT, "label": "damaged"})
+        + "\n"
+        + json.dumps({"prompt": "where is it", "label": "late"})
     )
     recipe = validate_recipe(
         {
