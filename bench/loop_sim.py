@@ -5,7 +5,8 @@
 The simulation itself is `distill loop-sim` (pipeline/loop/sim.py: round 0, then per round serve
 unseen queries through the router with the logs teacher answering escalations, retrain, promote on
 the verdict); this script runs it and writes its rounds to bench/results/loop_sim.json with the
-envelope (machine, versions, command), where bench/report.py renders them.
+envelope (machine, versions, command), where bench/report.py renders them. --quick only sends the
+JSON to bench/results-quick/: the sizes are --rounds and --requests.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`distill loop-sim` at tiny size: two rounds of a few requests each, end to end. Round 0 is the
+"""`distill loop-sim` at tiny size: two rounds of a few requests each (one, then one more by running
+it again), end to end. Round 0 is the
 tiny random Llama trained on the demo prompts imported as labelled logs; each round the real
 router (uvicorn on loopback, the real `openai` SDK as the client) serves unseen queries from the
 same file, the logs teacher answers what the champion escalates, `retrain` trains on it, and the
@@ -31,8 +32,9 @@ def simulated(tmp_path_factory, tiny_llama_dir):
     recipe["retrain"] = {"holdout": 0.25}
     recipe_path.write_text(yaml.safe_dump(recipe))
     runs = folder / "runs"
-    argv = ["loop-sim", str(recipe_path), "--runs-dir", str(runs), "--rounds", "2", "--requests", str(REQUESTS)]
+    argv = ["loop-sim", str(recipe_path), "--runs-dir", str(runs), "--rounds", "1", "--requests", str(REQUESTS)]
     assert main(argv) == 0
+    assert main(argv) == 0  # continued later: round 0 is not redone, and the table keeps round 1
     result = json.loads((runs / "e2e" / "rounds" / "loop_sim.json").read_text())
     return folder, runs / "e2e", result
 
@@ -40,6 +42,7 @@ def simulated(tmp_path_factory, tiny_llama_dir):
 def test_rounds_are_numbered_and_round_zero_is_the_recipes_run(simulated):
     _, run, result = simulated
     assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    assert set(result["rounds"][0]["stages_s"]) == {"capture", "curate", "finetune", "evaluate", "export"}
     zero = result["rounds"][0]
     assert zero["served"] is None and zero["escalations_logged"] == 0 and zero["examples_added"] == 0
     assert zero["train_examples"] == len(read_jsonl(run / "curate" / "train.jsonl"))

@@ -71,9 +71,13 @@ def simulate(
     if registry.resolve(name, CHAMPION) is None:
         first_champion(registry, name, where.base)
     queries = unseen_queries(recipe, where.base)
-    rows = [round_row(recipe, 0, where.run_dir(0), served=None, escalations=0, gathered=None, compare=None)]
-    rows[0]["wall_s"] = round(round_zero_s, 1)
-    rows[0]["stages_s"] = {o.name: round(o.wall_s, 1) for o in round_zero.outcomes}
+    zero = round_row(recipe, 0, where.run_dir(0), served=None, escalations=0, gathered=None, compare=None)
+    ran = {o.name: round(o.wall_s, 1) for o in round_zero.outcomes if not o.skipped}
+    earlier = earlier_rows(where, where.next())
+    before = earlier[0] if earlier and earlier[0]["round"] == 0 else None
+    # Round 0's time is the run that made it: a continued simulation skips its stages.
+    zero |= {"wall_s": round(round_zero_s, 1), "stages_s": ran} if ran or before is None else timing(before)
+    rows = [zero, *(row for row in earlier if row["round"] > 0)]
     for _ in range(rounds):
         n = where.next()
         batch = queries[(n - 1) * requests : n * requests]
@@ -116,9 +120,7 @@ def run_round(
     start = time.perf_counter()
     result = retrain(recipe, runs_root, [log_path])
     retrain_s = time.perf_counter() - start
-    promoted = result.report["verdict"] == "promote"
-    if promoted:
-        registry.promote(name, result.candidate.version)
+    promoted = settle(registry, name, result.report["verdict"], result.candidate.version)
     gathered = json.loads((result.run_dir / "gather" / GATHER_SUMMARY).read_text())
     row = round_row(recipe, n, result.run_dir, served, escalations, gathered, result.report)
     row |= {
@@ -130,6 +132,28 @@ def run_round(
     }
     log.info("loop-sim round %d: %s (%s)", n, result.report["verdict"], result.report["why"])
     return row
+
+
+def earlier_rows(where: Rounds, first_new: int) -> list[dict[str, Any]]:
+    """The rows an earlier `loop-sim` wrote for the rounds before `first_new`, so a simulation
+    continued later (`--rounds 1` again) keeps the whole table."""
+    path = where.root / RESULT
+    if not path.is_file():
+        return []
+    return [row for row in json.loads(path.read_text())["rounds"] if row["round"] < first_new]
+
+
+def timing(row: dict[str, Any]) -> dict[str, Any]:
+    return {"wall_s": row["wall_s"], "stages_s": row["stages_s"]}
+
+
+def settle(registry: Registry, name: str, verdict: str, candidate: str) -> bool:
+    """The candidate becomes the champion when the comparison's verdict is `promote`, and only then;
+    True when it did."""
+    if verdict != "promote":
+        return False
+    registry.promote(name, candidate)
+    return True
 
 
 def unseen_queries(recipe: Recipe, base: Path) -> list[str]:
