@@ -5,7 +5,8 @@
 The simulation itself is `distill loop-sim` (pipeline/loop/sim.py: round 0, then per round serve
 unseen queries through the router with the logs teacher answering escalations, retrain, promote on
 the verdict); this script runs it and writes its rounds to bench/results/loop_sim.json with the
-envelope (machine, versions, command), where bench/report.py renders them. --quick only sends the
+envelope (machine, versions, command), where bench/report.py renders them, and their curves to
+bench/results/loop_sim.png. --quick only sends the
 JSON to bench/results-quick/: the sizes are --rounds and --requests.
 """
 
@@ -24,14 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     from pipeline.cli import DEFAULT_RECIPE, configure_logging
     from pipeline.config import load_recipe
-    from pipeline.loop.sim import simulate
+    from pipeline.loop.sim import plot_rounds, simulate
     from pipeline.report import print_sim_rounds
 
     configure_logging()
     recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.overrides)
     result = simulate(recipe, args.runs_dir, args.rounds, args.requests, args.concurrency)
     print_sim_rounds(result)
-    harness.write("loop_sim", result, args)
+    path = harness.write("loop_sim", result, args)
+    plot_rounds(result, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
     return 0
 
 

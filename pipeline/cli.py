@@ -277,7 +277,7 @@ def loop_sim(
 ):
     """The loop simulated on a labelled logs file (teacher.spec=logs:<file>): each round serves unseen
     queries through the router, the file answering escalations, retrains on them, promotes on the
-    verdict. Writes runs/<recipe>/rounds/loop_sim.json."""
+    verdict. Writes runs/<recipe>/rounds/loop_sim.json and loop_sim.png (the curves)."""
     from pipeline.config import load_recipe
     from pipeline.loop.sim import RESULT, simulate
     from pipeline.report import print_sim_rounds

@@ -47,6 +47,7 @@ def test_rounds_are_numbered_and_round_zero_is_the_recipes_run(simulated):
     assert zero["served"] is None and zero["escalations_logged"] == 0 and zero["examples_added"] == 0
     assert zero["train_examples"] == len(read_jsonl(run / "curate" / "train.jsonl"))
     assert result["teacher"].startswith("logs:") and result["requests_per_round"] == REQUESTS
+    assert result["escalations_priced_at"]["source"] == "priced as openai:gpt-4o-mini (prices.yaml)"
 
 
 def test_each_round_served_unseen_queries_and_the_logs_teacher_answered_its_escalations(simulated):
@@ -89,6 +90,11 @@ def test_figures_carry_their_confidence_intervals_and_the_named_price(simulated)
         cost = row["routed_usd_per_1k_priced"]
         assert cost["spec"] == "openai:gpt-4o-mini" and 0 < cost["value"] and cost["lo"] <= cost["hi"]
         assert row["train_s"] > 0
+
+
+def test_the_curves_are_drawn(simulated):
+    _, run, _ = simulated
+    assert (run / "rounds" / "loop_sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_candidate_is_promoted_exactly_when_the_verdict_says_so(simulated):

@@ -33,6 +33,7 @@ import random
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from pipeline.stats import mean_figure
 log = logging.getLogger(__name__)
 
 RESULT = "loop_sim.json"
+CURVES = "loop_sim.png"
 SPLITS = ("train", "validation", "test")
 
 
@@ -89,6 +91,7 @@ def simulate(
         "teacher": recipe.teacher.spec,
         "simulated": "escalations answered from the logs file's labels (route teacher, source logs)",
         "priced_as": recipe.eval.cost.teacher_priced_as,
+        "escalations_priced_at": escalation_price(recipe),
         "requests_per_round": requests,
         "concurrency": concurrency,
         "unseen_queries": len(queries),
@@ -96,6 +99,7 @@ def simulate(
         "rounds": rows,
     }
     atomic_write_json(where.root / RESULT, result)
+    plot_rounds(result, where.root / CURVES)
     return result
 
 
@@ -132,6 +136,14 @@ def run_round(
     }
     log.info("loop-sim round %d: %s (%s)", n, result.report["verdict"], result.report["why"])
     return row
+
+
+def escalation_price(recipe: Recipe) -> dict[str, Any] | str:
+    """What the logs teacher charged each escalation (the router's serving log line says the same)."""
+    from pipeline.teachers.logs import simulated_price
+
+    price = simulated_price(recipe.teacher, recipe.eval.cost)
+    return asdict(price) if price is not None else "unpriced: $0 (no eval.cost.teacher_priced_as or teacher.price)"
 
 
 def earlier_rows(where: Rounds, first_new: int) -> list[dict[str, Any]]:
@@ -257,3 +269,46 @@ def round_row(
         "why": compare["why"] if compare else "the recipe's run: the first champion",
         "significantly_worse": compare["significantly_worse"] if compare else False,
     }
+
+
+def plot_rounds(result: dict[str, Any], path: Path) -> None:
+    """The round curves: frozen-test agreement, accuracy and local share with their 95% CIs, and the
+    routed $ per 1,000 requests priced as the named API (right axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.evaluation.plots import save_png
+
+    rows = result["rounds"]
+    x = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for key, label in (
+        ("test_agreement", "agrees with teacher"),
+        ("test_accuracy", "accuracy vs gold"),
+        ("local_share", "local share at the target"),
+    ):
+        points = [(r["round"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            ax.errorbar(
+                [n for n, _ in points],
+                [f["value"] for _, f in points],
+                yerr=[[f["value"] - f["lo"] for _, f in points], [f["hi"] - f["value"] for _, f in points]],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+    ax.set(xlabel="round", ylabel="frozen test split", ylim=(0, 1), xticks=x)
+    handles, labels = ax.get_legend_handles_labels()
+    costs = [(r["round"], r["routed_usd_per_1k_priced"]) for r in rows if r["routed_usd_per_1k_priced"]]
+    if costs:
+        right = ax.twinx()
+        spec = costs[0][1]["spec"]
+        (line,) = right.plot([n for n, _ in costs], [c["value"] for _, c in costs], "k--", marker="s")
+        right.set_ylabel(f"$ / 1k requests ({spec})")
+        right.set_ylim(bottom=0)
+        handles, labels = [*handles, line], [*labels, f"routed $/1k, priced as {spec}"]
+    ax.legend(handles, labels, loc="lower left", fontsize=8)
+    ax.set_title(f"{result['recipe']}: the loop, simulated (teacher {result['teacher']})", fontsize=9)
+    save_png(plt, fig, path)
