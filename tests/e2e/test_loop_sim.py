@@ -11,7 +11,7 @@ import json
 
 import pytest
 import yaml
-from test_pipeline_e2e import ROOT, write_recipe
+from support.e2e_recipe import ROOT, write_recipe
 
 from pipeline.artifacts import read_jsonl
 from pipeline.cli import main
