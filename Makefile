@@ -4,7 +4,7 @@
 #   base   torch, the pipeline and the embedded model   distill finetune plan evaluate export retrain promote
 #                                                        rollback schema mlflow-ui
 #   lint   base + ruff, mypy, import-linter               lint
-#   serve  base + FastAPI/uvicorn                        serve loop-demo
+#   serve  base + FastAPI/uvicorn                        serve loop-sim
 #   pytest base + pytest                                 test-gpu
 #   dev    serve + pytest + llama-cpp-python's server    test bench setup
 #          + MiniLM (curate.embeddings) + the files the
@@ -49,7 +49,7 @@ LLAMA_WHEEL := $(LLAMA_WHEELS)/.built
 # Read by the tests offline: Mistral v0.3's tokenizer (tests/support/real_tokenizers.py).
 MISTRAL_COMMON_WHEEL := $(DOWNLOADS)/mistral_common-1.13.1-py3-none-any.whl
 
-.PHONY: setup distill finetune plan sweep evaluate export serve retrain promote rollback loop-demo mlflow-ui test test-gpu bench bench-gpu gpu-wheelhouse gpu-run lint schema clean
+.PHONY: setup distill finetune plan sweep evaluate export serve retrain promote rollback loop-sim mlflow-ui test test-gpu bench bench-gpu gpu-wheelhouse gpu-run lint schema clean
 
 setup: $(DEV)
 
@@ -125,9 +125,11 @@ promote: $(BASE)
 rollback: $(BASE)
 	$(BIN)/distill rollback $(RECIPE)
 
-# One measured turn of the loop on CPU: round 0, serve it, replay unseen prompts, retrain, compare.
-loop-demo: $(SERVE)
-	$(BIN)/python bench/loop_demo.py $(RECIPE) $(ARGS)
+# The loop simulated on a labelled logs file (teacher.spec=logs:...): round 0, then per round serve
+# unseen queries through the router, the file answering escalations, retrain, promote on the verdict;
+# writes bench/results/loop_sim.json. e.g. make loop-sim RECIPE=banking77-cpu ARGS="--rounds 3 --requests 500"
+loop-sim: $(SERVE)
+	$(BIN)/python bench/loop_sim.py $(RECIPE) $(ARGS)
 
 mlflow-ui: $(BASE)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000

@@ -397,6 +397,61 @@ def loop_demo(r: dict) -> list[dict]:
     return out
 
 
+def loop_sim(r: dict) -> list[dict]:
+    """`make loop-sim`: per round, the candidate on the frozen test split (CIs in the note), what the
+    champion served locally, the routed cost priced as the named API, training time; round 0 the baseline."""
+    rows = {row["round"]: row for row in r["rounds"]}
+    zero = rows.get(0)
+    out = []
+
+    def rate(n: int, what: str, f: dict | None, key: str, better: str = "higher") -> None:
+        if f is None:
+            return
+        base = (zero.get(key) or {}).get("value") if zero is not None and n != 0 else None
+        out.append(
+            fig(
+                f"loop-sim round {n}: {what}",
+                f["value"],
+                "fraction",
+                better=better,
+                baseline=base,
+                baseline_name="round 0",
+                headline=True,
+                note=f"95% CI [{100 * f['lo']:.1f}, {100 * f['hi']:.1f}], n={f['n']}",
+            )
+        )
+
+    for n, row in sorted(rows.items()):
+        rate(n, "student agrees with teacher (frozen test)", row["test_agreement"], "test_agreement")
+        rate(n, "student accuracy vs gold (frozen test)", row["test_accuracy"], "test_accuracy")
+        rate(n, "local share at the quality target (frozen test)", row["local_share"], "local_share")
+        if row["served"]:
+            out.append(
+                fig(
+                    f"loop-sim round {n}: share the champion answered locally while serving",
+                    row["served"]["local_share"]["value"],
+                    "fraction",
+                    note=f"{row['served']['sent']} unseen queries",
+                )
+            )
+        cost = row["routed_usd_per_1k_priced"]
+        if cost:
+            out.append(
+                fig(
+                    f"loop-sim round {n}: routed $ per 1,000 requests, priced as {cost['spec']}",
+                    cost["value"],
+                    "$",
+                    better="lower",
+                    baseline=cost["teacher_only"],
+                    baseline_name=f"teacher only, priced as {cost['spec']}",
+                    headline=True,
+                )
+            )
+        if row["train_s"] is not None:
+            out.append(fig(f"loop-sim round {n}: training time", row["train_s"], "s", better="lower"))
+    return out
+
+
 def gpu(r: dict) -> list[dict]:
     train, est, measured = r.get("train", {}), r.get("estimate_gib", {}), r.get("measured_gib") or {}
     where = f"{r.get('gpu') or 'no GPU'}, seq {train.get('max_seq_len')}, batch {train.get('batch_size')}"
@@ -698,6 +753,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "router": router,
     "teacher_prompt": teacher_prompt,
     "loop_demo": loop_demo,
+    "loop_sim": loop_sim,
     "gpu": gpu,
     "serving": serving,
     "cost": cost,

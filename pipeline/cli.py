@@ -8,6 +8,7 @@ distill sweep RECIPE train.lr=3e-4,1e-3    recipe search: one trial per combinat
 distill plan mistral7b                     estimated peak GPU memory on A10G / A100 (no GPU needed)
 distill retrain RECIPE                     the loop's next round from the router's escalations
 distill promote RECIPE [VERSION]           / distill rollback RECIPE: move the registry's champion alias
+distill loop-sim RECIPE --rounds 3         the loop simulated on a labelled logs file (serve, retrain, promote)
 distill batches RECIPE [--cancel ID]       provider batches of teacher.mode=batch captures
 """
 
@@ -263,6 +264,28 @@ def rollback(recipe: str = RecipeArg):
     cfg = load_recipe(recipe)
     served = Registry(resolve_uri(cfg.tracking.uri)).rollback(registered_name(cfg))
     typer.echo(f"{registered_name(cfg)}: champion is back to version {served.version} (round {served.round})")
+
+
+@app.command("loop-sim")
+def loop_sim(
+    recipe: str = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    runs_dir: Path = RunsOpt,
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds after round 0."),
+    requests: int = typer.Option(500, "--requests", min=1, help="Unseen queries served per round."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests in flight at once."),
+):
+    """The loop simulated on a labelled logs file (teacher.spec=logs:<file>): each round serves unseen
+    queries through the router, the file answering escalations, retrains on them, promotes on the
+    verdict. Writes runs/<recipe>/rounds/loop_sim.json and loop_sim.png (the curves)."""
+    from pipeline.config import load_recipe
+    from pipeline.loop.sim import RESULT, simulate
+    from pipeline.report import print_sim_rounds
+
+    cfg = load_recipe(recipe, overrides)
+    result = simulate(cfg, runs_dir, rounds, requests, concurrency)
+    print_sim_rounds(result)
+    typer.echo(f"wrote {runs_dir / cfg.name / 'rounds' / RESULT}; champion is version {result['champion']}")
 
 
 @app.command()

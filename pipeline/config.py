@@ -10,12 +10,15 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import DistillError
+
+if TYPE_CHECKING:
+    from pipeline.prices import Price
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
@@ -436,6 +439,17 @@ class EvalCostConfig(Section):
         None,
         description="An explicit price for `teacher_priced_as` (needed when the table does not list it).",
     )
+
+    def api_price(self) -> Price | None:
+        """The price `teacher_priced_as` names: `teacher_price` when given, else the table's; None
+        when no API is named."""
+        from pipeline.prices import Price, priced_as
+
+        if self.teacher_priced_as is None:
+            return None
+        if self.teacher_price is not None:
+            return Price(self.teacher_price.input_per_mtok, self.teacher_price.output_per_mtok, "recipe")
+        return priced_as(self.teacher_priced_as)
 
     @model_validator(mode="after")
     def _priced_as_known(self) -> EvalCostConfig:

@@ -114,7 +114,7 @@ def print_summary(recipe: Recipe, result: PipelineResult, console: Console | Non
 
 
 def print_rounds(rows: list[dict], console: Console | None = None) -> None:
-    """The loop's round-over-round table (`distill retrain`, `make loop-demo`)."""
+    """The loop's round-over-round table (`distill retrain`)."""
     table = Table(title="Rounds (frozen test split; local share and cost at each round's own threshold)")
     for column in (
         "round",
@@ -137,5 +137,48 @@ def print_rounds(rows: list[dict], console: Console | None = None) -> None:
             _pct(r["routed_agreement"]),
             _usd(r["routed_usd_per_1k"]),
             r["verdict"] or "champion (round 0)",
+        )
+    (console or Console()).print(table)
+
+
+def _fig(f: dict | None) -> str:
+    """A rate with its 95% CI ({value, lo, hi}), as the loop simulation records it."""
+    if f is None:
+        return "—"
+    return f"{_pct(f['value'])} [{100 * f['lo']:.0f}-{100 * f['hi']:.0f}]"
+
+
+def print_sim_rounds(result: dict, console: Console | None = None) -> None:
+    """`distill loop-sim`'s table: each round's candidate on the frozen test split, and what it served."""
+    priced = result.get("priced_as")
+    table = Table(
+        title=f"Loop simulation of {result['recipe']} (teacher: {result['teacher']}, a simulation; frozen test split)"
+    )
+    for column in (
+        "round",
+        "served local",
+        "escalations",
+        "added",
+        "agrees with teacher",
+        "accuracy",
+        "local share",
+        f"routed $ / 1k (priced as {priced})" if priced else "routed $ / 1k (unpriced)",
+        "train s",
+        "verdict",
+    ):
+        table.add_column(column)
+    for r in result["rounds"]:
+        served, cost = r["served"], r["routed_usd_per_1k_priced"]
+        table.add_row(
+            str(r["round"]),
+            _fig(served["local_share"]) if served else "—",
+            str(r["escalations_logged"]),
+            str(r["examples_added"]),
+            _fig(r["test_agreement"]),
+            _fig(r["test_accuracy"]),
+            _fig(r["local_share"]),
+            _usd(cost["value"]) if cost else "—",
+            "—" if r["train_s"] is None else f"{r['train_s']:.0f}",
+            r["verdict"] + (" (promoted)" if r.get("promoted") else ""),
         )
     (console or Console()).print(table)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pipeline.config import EvalCostConfig
-from pipeline.prices import Price, priced_as
+from pipeline.prices import Price
 from pipeline.stats import Figure
 
 
@@ -164,13 +164,9 @@ def priced_as_api(
     count_tokens: Callable[[dict], tuple[int, int]] | None = None,
 ) -> dict | None:
     """`eval.cost.teacher_priced_as`'s figures, or None when the recipe names no API."""
-    if cfg.teacher_priced_as is None:
+    price = cfg.api_price()
+    if cfg.teacher_priced_as is None or price is None:
         return None
-    price = (
-        Price(cfg.teacher_price.input_per_mtok, cfg.teacher_price.output_per_mtok, "recipe")
-        if cfg.teacher_price is not None
-        else priced_as(cfg.teacher_priced_as)
-    )
     return api_price_figures(
         records,
         cfg.teacher_priced_as,

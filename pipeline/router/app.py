@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-distill-route"
+SOURCE_HEADER = "x-distill-source"
 VERSION_HEADER = "x-distill-model-version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -250,6 +251,7 @@ def create_app(
             request_id=request_id,
             mode=str(routed.mode),
             reason=routed.reason,
+            source=routed.source,
         )
         headers = _distill_headers(info, ask.model_version)
         usage = _usage(routed.answer)
@@ -434,6 +436,8 @@ def _distill_headers(info: DistillInfo, model_version: str | None = None) -> dic
     }
     if model_version is not None:
         headers[VERSION_HEADER] = model_version
+    if info.source is not None:
+        headers[SOURCE_HEADER] = info.source
     return headers
 
 

@@ -33,6 +33,7 @@ from pipeline.teachers.errors import TeacherFatalError
 if TYPE_CHECKING:
     from pipeline.config import TeacherConfig
     from pipeline.task import Task
+    from pipeline.teachers.protocol import Teacher
     from pipeline.teachers.service import TeacherService
 
 log = logging.getLogger(__name__)
@@ -564,17 +565,27 @@ class TeacherBackend:
         cache_path: Path | str,
         budget_usd: float | None = None,
         ledger_path: Path | None = None,
+        teacher: Teacher | None = None,
     ):
-        """`budget_usd` (serve.budget_usd) replaces teacher.budget_usd: what serving may spend."""
+        """`budget_usd` (serve.budget_usd) replaces teacher.budget_usd: what serving may spend.
+        `teacher`: one built already (the logs teacher, wiring.build_teacher); None: the one
+        `cfg.spec` names, built by the service."""
         self.cfg = cfg if budget_usd is None else cfg.model_copy(update={"budget_usd": budget_usd})
         self.task = task
         self.cache_path = cache_path
         self.ledger_path = ledger_path
+        self.teacher = teacher
         self.service: TeacherService | None = None
 
     @property
     def spec(self) -> str:
         return self.cfg.spec
+
+    @property
+    def source(self) -> str:
+        """Where its answers come from, as the reply's `distill.source` says: the spec's provider
+        (`logs`: a dataset's answers standing in for a teacher, a simulation)."""
+        return self.cfg.spec.partition(":")[0]
 
     @property
     def spent_usd(self) -> float:
@@ -594,11 +605,22 @@ class TeacherBackend:
         return price.cost(prompt_tokens_estimate(messages), max(completion_tokens, 1))
 
     def start(self) -> None:
+        from pipeline.teachers.cache import TeacherCache
         from pipeline.teachers.service import TeacherService
 
-        if self.service is None:
+        if self.service is not None:
+            return
+        if self.teacher is None:
             self.service = TeacherService.for_task(
                 self.cfg, self.cache_path, self.task, ledger_path=self.ledger_path, charge_cached=False
+            )
+        else:
+            self.service = TeacherService(
+                self.teacher,
+                self.cfg,
+                TeacherCache(Path(self.cache_path)),
+                ledger_path=self.ledger_path,
+                charge_cached=False,
             )
 
     async def answer(self, conversation: list[dict[str, str]], timeout_s: float) -> Completion:

@@ -42,6 +42,8 @@ class Escalation:
     def record(self) -> dict[str, Any]:
         meta = {
             "teacher": self.teacher.source,
+            # The teacher spec's provider: `logs` marks a dataset's answer standing in for a teacher.
+            "teacher_source": self.teacher.source.partition(":")[0],
             "source": "router",
             "route": self.route,
             "confidence": self.confidence,

@@ -13,9 +13,15 @@ or after its last answer. The body's own deadline is the BodyLimit middleware's 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pipeline.errors import DistillError
 
 if TYPE_CHECKING:
     import uvicorn
@@ -91,3 +97,33 @@ def run(app: FastAPI, settings: ServeSettings, host: str, port: int) -> None:
     import uvicorn
 
     uvicorn.Server(uvicorn_config(app, settings, host, port)).run()
+
+
+@contextmanager
+def serving_in_background(app: FastAPI, settings: ServeSettings) -> Iterator[str]:
+    """The app under uvicorn on a loopback port the OS picks, in a background thread: a client in
+    this process (`distill loop-sim`) talks to it over real HTTP. Yields the base URL once the
+    server is accepting; stops it on exit."""
+    import uvicorn
+
+    started = threading.Event()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            started.set()
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # held by us from here: no other process can take the port
+    server = Server(uvicorn_config(app, settings, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not started.wait(0.1):
+            if not thread.is_alive():
+                raise DistillError("the router exited before it was ready (its log says why)")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()

@@ -160,6 +160,9 @@ class DistillInfo(BaseModel):
     request_id: str
     mode: str
     reason: str
+    # Route teacher: the teacher spec's provider; `logs` marks a dataset's answer standing in for a
+    # teacher (a simulation, `distill loop-sim`). None on the other routes.
+    source: str | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 ROTATE_BYTES = 64 * 1024 * 1024
 MODE = 0o600
 # Identifiers and hashes: not text anyone wrote, and scrubbing could only break them.
-NOT_SCRUBBED = frozenset({"id", "prompt_sha", "policy", "teacher", "source", "model_version", "created_at"})
+NOT_SCRUBBED = frozenset(
+    {"id", "prompt_sha", "policy", "teacher", "teacher_source", "source", "model_version", "created_at"}
+)
 
 
 class RecordLog:

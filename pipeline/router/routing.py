@@ -95,6 +95,9 @@ class Routed:
     confidence: float | None = None
     mode: Mode = Mode("live")  # the mode this request was routed under (a rollback may change it later)
     policy_hash: str = ""
+    # Route teacher: where the answer came from (the teacher spec's provider; `logs` is a dataset
+    # standing in for a teacher, a simulation). None on every other route.
+    source: str | None = None
 
 
 class Router:
@@ -152,7 +155,8 @@ class Router:
             routed = await self._teacher_only(
                 student, ask, "canary: not routed" if mode.kind == "canary" else "mode off"
             )
-        return replace(routed, mode=mode, policy_hash=ask.policy_hash)
+        source = self.teacher.source if routed.route == "teacher" and self.teacher is not None else None
+        return replace(routed, mode=mode, policy_hash=ask.policy_hash, source=source)
 
     # ------------------------------------------------------------ modes
 

@@ -78,17 +78,32 @@ def exported_student_input(export_dir: Path) -> str:
     return (manifest.student_input if manifest is not None else None) or "user"
 
 
-def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend | None:
-    """The recipe's teacher for escalations, or None when it cannot answer live (`logs:`)."""
+def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend:
+    """The recipe's teacher for escalations. `logs:` answers from its file (a simulation: module
+    docstring of teachers/logs.py); its answers are never bought, so it keeps no cache or ledger."""
     if recipe.teacher.spec.startswith("logs:"):
-        log.warning(
-            "teacher.spec=%s imports answers and cannot answer live requests: escalations get the "
-            "student's answer (student-fallback)",
-            recipe.teacher.spec,
-        )
-        return None
+        return logs_teacher(recipe, task)
     read_stored_spend(cfg.ledger)  # a ledger that does not read fails before the slow load
     return TeacherBackend(recipe.teacher, task, recipe.capture.cache, budget_usd=cfg.budget_usd, ledger_path=cfg.ledger)
+
+
+def logs_teacher(recipe: Recipe, task: Task) -> TeacherBackend:
+    """The logs file answering escalations for the conversations it holds; the rest fall back to
+    the student (student-fallback), as when a teacher fails."""
+    from pipeline.teachers.logs import LogsTeacher
+
+    ref = recipe.teacher.spec.partition(":")[2]
+    teacher = LogsTeacher.for_task(ref, recipe.teacher, task, recipe.eval.cost, recipe.capture.prompts_split)
+    price = teacher.price
+    log.warning(
+        "teacher.spec=%s is a simulation: escalations get the file's answer where it holds the "
+        "conversation (route teacher, source logs), student-fallback elsewhere; %s",
+        recipe.teacher.spec,
+        f"priced at ${price.input_per_mtok}/${price.output_per_mtok} per 1M tokens in/out ({price.source})"
+        if price is not None
+        else "unpriced: $0 (set eval.cost.teacher_priced_as to price it as an API)",
+    )
+    return TeacherBackend(recipe.teacher, task, ":memory:", teacher=teacher)
 
 
 def load_checked_policy(policy_path: Path, export_dir: Path) -> Policy:

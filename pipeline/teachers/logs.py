@@ -24,19 +24,35 @@ assistant turns) and the final assistant turn as the answer. Shapes, told apart 
 A record that cannot be used is rejected, not guessed at: each is counted with its line and
 reason; conversations with tool calls, images, audio or files are counted per kind ("skipped 3
 records: tool calls are not supported"). Only when nothing is left does the import fail.
+
+`LogsTeacher` answers live from the same records, a simulation device (a labelled dataset standing
+in for a paid teacher in serving and in the loop, `distill loop-sim`): a conversation it holds,
+matched exactly as the teacher is asked it (`sha256_json` of the turns, as capture records'
+`prompt_sha` and the teacher cache key it), gets the record's answer; any other gets an error
+Completion, so the router falls back to the student as it does when a teacher fails. Its answers
+are priced at the API `eval.cost.teacher_priced_as` names, else `teacher.price`, else $0, with
+tokens estimated at ~4 characters each (the dataset has no usage); the price's source is in `notes`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline.artifacts import sha256_json
 from pipeline.conversation import Unsupported, read_messages, request_params, skipped_lines, split_answer, user_turn
 from pipeline.errors import DistillError
+from pipeline.llm.completion import Completion
+from pipeline.prices import Price
+from pipeline.teachers.ledger import prompt_tokens_estimate
 from pipeline.teachers.sources import read_rows
+
+if TYPE_CHECKING:
+    from pipeline.config import EvalCostConfig, TeacherConfig
+    from pipeline.task import Task
 
 SHOWN_REJECTS = 5
 BATCH_JOIN = "+"
@@ -210,3 +226,123 @@ def _joined(request: dict, answered: tuple[str, dict] | None) -> tuple[dict, str
     if not choices or not isinstance(choices[0].get("message"), dict):
         return row, f"no answer in {where}"
     return {**row, "messages": [*(body.get("messages") or []), choices[0]["message"]]}, None
+
+
+# ---------------------------------------------------------------- answering live (a simulation)
+
+NOT_HELD = "not in the logs: the logs teacher answers only the conversations its file holds"
+CHARS_PER_TOKEN = 4  # prompt_tokens_estimate's rule, for the answer too: the dataset has no usage
+
+
+def simulated_price(teacher: TeacherConfig, cost: EvalCostConfig | None = None) -> Price | None:
+    """What the logs teacher's answers are priced at: the API `eval.cost.teacher_priced_as` names,
+    else the recipe's `teacher.price` (what the ledger would charge), else None ($0)."""
+    api = cost.api_price() if cost is not None else None
+    if api is not None and cost is not None:
+        return Price(api.input_per_mtok, api.output_per_mtok, f"priced as {cost.teacher_priced_as} ({api.source})")
+    if teacher.price is not None:
+        return Price(teacher.price.input_per_mtok, teacher.price.output_per_mtok, "teacher.price")
+    return None
+
+
+class LogsTeacher:
+    """`logs:<path>` answering live: the record's answer for a conversation the file holds, an
+    error Completion for any other (module docstring). In process: no network, no retries, no
+    ledger; each answer carries its simulated cost."""
+
+    in_process = True
+    forwards: frozenset[str] = frozenset()  # a record's answer is what it is, whatever the request asks
+
+    def __init__(
+        self,
+        ref: str,
+        cfg: TeacherConfig,
+        price: Price | None = None,
+        asked_as: Callable[[list[dict[str, str]]], list[dict[str, str]]] | None = None,
+        split: str = "train",
+    ):
+        """`asked_as`: how a record's conversation reaches the teacher (the router sends the task's
+        teacher prompt, `Task.teacher_messages`); None: as recorded. `split`: a dataset's split
+        (capture.prompts_split), as capture imports it."""
+        self.spec = f"logs:{ref}"
+        self.ref = ref
+        self.cfg = cfg
+        self.split = split
+        self.price = price
+        self.asked_as = asked_as
+        self.notes: list[str] = [
+            "a simulation: answers come from the logs file, not from a teacher"
+            + ("" if price is not None else "; unpriced (no eval.cost.teacher_priced_as or teacher.price): $0")
+        ]
+        self._answers: dict[str, str] | None = None
+
+    @classmethod
+    def from_config(
+        cls, model: str, cfg: TeacherConfig, labels: list[str] | None = None, schema: dict | None = None
+    ) -> LogsTeacher:
+        """Matches conversations as recorded; the router builds it with `for_task` instead."""
+        return cls(model, cfg, simulated_price(cfg))
+
+    @classmethod
+    def for_task(
+        cls, ref: str, cfg: TeacherConfig, task: Task, cost: EvalCostConfig, split: str = "train"
+    ) -> LogsTeacher:
+        """Asked as the router asks its teacher: the task's teacher prompt around the conversation."""
+
+        def asked_as(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
+            return task.teacher_messages(conversation, few_shot=cfg.few_shot)
+
+        return cls(ref, cfg, simulated_price(cfg, cost), asked_as, split)
+
+    def __repr__(self) -> str:
+        return f"LogsTeacher({self.spec!r})"
+
+    def identity(self) -> dict[str, Any]:
+        return {"provider": "logs", "path": self.ref}
+
+    @property
+    def held(self) -> int:
+        """Distinct conversations it can answer (loads the file)."""
+        return len(self._index())
+
+    async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
+        if params:
+            raise ValueError(f"{self.spec} answers from its file; it takes no request parameters")
+        return self.answer(messages)
+
+    async def complete_batch(self, conversations: list[list[dict]]) -> list[Completion]:
+        return [self.answer(m) for m in conversations]
+
+    async def aclose(self) -> None:
+        """Nothing is open: the records stay in memory for the next call."""
+
+    def answer(self, messages: list[dict]) -> Completion:
+        found = self._index().get(sha256_json(_turns(messages)))
+        if found is None:
+            return Completion(text="", source=self.spec, error=NOT_HELD, finish_reason="error")
+        prompt_tokens = prompt_tokens_estimate(messages)
+        completion_tokens = max(1, len(found) // CHARS_PER_TOKEN)
+        cost = self.price.cost(prompt_tokens, completion_tokens) if self.price is not None else 0.0
+        return Completion(
+            text=found,
+            source=self.spec,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+        )
+
+    def _index(self) -> dict[str, str]:
+        """Conversation hash -> answer, the first record winning where the file repeats a conversation."""
+        if self._answers is None:
+            imported = import_logs(self.ref, self.cfg.prompt_col, self.cfg.label_col, self.split)
+            answers: dict[str, str] = {}
+            for record in imported.records:
+                asked = self.asked_as(record.messages) if self.asked_as is not None else record.messages
+                answers.setdefault(sha256_json(_turns(asked)), record.answer)
+            self._answers = answers
+        return self._answers
+
+
+def _turns(messages: list[dict]) -> list[dict[str, str]]:
+    """Role and text only: what a record keeps of a turn, so a request's extra fields never decide a match."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]

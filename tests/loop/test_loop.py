@@ -217,6 +217,16 @@ def test_promotion_of_a_worse_candidate_is_refused_unless_forced(registry):
     assert reg.promote("task", "2", force=True).version == "2"
 
 
+def test_the_loop_simulation_promotes_a_candidate_only_on_a_promote_verdict(registry):
+    from pipeline.loop.sim import settle
+    from pipeline.registry import CHAMPION
+
+    reg, _ = registry
+    reg.promote("task", "1")
+    assert settle(reg, "task", "keep", "2") is False and reg.resolve("task", CHAMPION).version == "1"
+    assert settle(reg, "task", "promote", "2") is True and reg.resolve("task", CHAMPION).version == "2"
+
+
 def test_alias_resolution_gives_the_served_folder_and_its_runs_policy(registry):
     from pipeline.registry import parse_model_uri
 

@@ -89,6 +89,50 @@ def test_escalation_returns_the_teachers_answer_and_logs_it(student, tmp_path, m
     assert "sk-teacher-secret" not in log_path.read_text()
 
 
+def test_a_logs_teacher_answers_the_conversations_it_holds_and_the_rest_fall_back(student, tmp_path):
+    """teacher.spec=logs:<file> in serving (the wiring `distill serve` uses): an escalated conversation
+    the file holds gets the file's answer, route teacher with source logs (a simulation, said in the
+    body, a header and the escalation record), priced as eval.cost.teacher_priced_as; one it does not
+    hold gets the student's answer (student-fallback), as when a teacher fails."""
+    from pipeline.config import validate_recipe
+    from pipeline.prices import priced_as
+    from pipeline.router.wiring import build_teacher
+    from pipeline.teachers.ledger import prompt_tokens_estimate
+
+    held = tmp_path / "labelled.jsonl"
+    held.write_text(
+        json.dumps({"prompt": PROMPT, "label": "damaged"})
+        + "\n"
+        + json.dumps({"prompt": "where is it", "label": "late"})
+    )
+    recipe = validate_recipe(
+        {
+            "name": "sim",
+            "teacher": {"spec": f"logs:{held}"},
+            "eval": {"cost": {"teacher_priced_as": "openai:gpt-4o-mini"}},
+        },
+        "sim.yaml",
+    )
+    log_path = tmp_path / "escalations.jsonl"
+    with running(app_for(student, ESCALATE, build_teacher(recipe, TASK, recipe.serve), log_path)) as url:
+        known, unknown = ask(url), ask(url, prompt="Classify: something nobody labelled.")
+    reply = known.parse()
+    assert reply.choices[0].message.content == "damaged"
+    assert known.headers["x-distill-route"] == "teacher" and known.headers["x-distill-source"] == "logs"
+    assert reply.distill["route"] == "teacher" and reply.distill["source"] == "logs"
+    fallback = unknown.parse()
+    assert unknown.headers["x-distill-route"] == "student-fallback" and "x-distill-source" not in unknown.headers
+    assert fallback.distill["source"] is None and "not in the logs" in fallback.distill["reason"]
+    (record,) = read_lines(log_path)  # only the answer the file gave becomes a training record
+    assert record["messages"] == [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "damaged"}]
+    meta = record["meta"]
+    assert meta["teacher"] == f"logs:{held}" and meta["teacher_source"] == "logs" and meta["route"] == "teacher"
+    asked = TASK.teacher_messages(user_turn(PROMPT))
+    price = priced_as("openai:gpt-4o-mini")
+    assert meta["usage"] == {"prompt_tokens": prompt_tokens_estimate(asked), "completion_tokens": 1}
+    assert meta["cost_usd"] == pytest.approx(price.cost(prompt_tokens_estimate(asked), 1)) and meta["cost_usd"] > 0
+
+
 # An app's request as it is sent: per-request context in its system prompt, an earlier exchange.
 CONVERSATION = [
     {"role": "developer", "content": "Customer profile: Premium since 2015; order A-12 in transit."},
