@@ -171,6 +171,7 @@ def priced_as_api(
         if cfg.teacher_price is not None
         else priced_as(cfg.teacher_priced_as)
     )
+    assert price is not None, "EvalCostConfig's validator refuses a spec the table lacks without teacher_price"
     return api_price_figures(
         records,
         cfg.teacher_priced_as,
