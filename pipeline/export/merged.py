@@ -28,11 +28,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.artifacts import EXPORT_MERGED, atomic_write_json
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.loading import free_memory, hub_access
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class MergedExport:
     verified_prompts: int
     answers: list[Completion]  # the reloaded folder's greedy answers: the reference F16 must reproduce
     load_s: float
-    model: object  # the reloaded merged model, for the parity run
+    model: PreTrainedModel  # the reloaded merged model, for the parity run
     max_logprob_delta: float = 0.0  # nats, merged vs base + adapter (see the module docstring)
     greedy_agreement: float = 1.0  # share of verification prompts with identical greedy tokens
     logprob_tolerance: float = 0.0  # the bar max_logprob_delta was held to

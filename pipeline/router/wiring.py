@@ -10,11 +10,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fastapi import FastAPI
 
 from pipeline.config import ServeConfig
+from pipeline.conversation import Shape
 from pipeline.errors import DistillError
 from pipeline.llm.policy import Policy
 from pipeline.router import http_server
@@ -69,13 +70,14 @@ def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
         )
 
 
-def exported_student_input(export_dir: Path) -> str:
+def exported_student_input(export_dir: Path) -> Shape:
     """What an export's student was trained on (its manifest says); `user` for a folder that does
     not say (an export from before student_input, or no export at all)."""
     from pipeline.artifacts import read_manifest
 
     manifest = read_manifest(Path(export_dir))
-    return (manifest.student_input if manifest is not None else None) or "user"
+    shape = (manifest.student_input if manifest is not None else None) or "user"
+    return cast(Shape, shape)  # export writes a resolved shape; Policy checks it again
 
 
 def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend | None:

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 NAME = "finetune"
-READS = ("model.base", "model.chat_template", "train")
-UPSTREAM = ("curate",)
+READS: tuple[str, ...] = ("model.base", "model.chat_template", "train")
+UPSTREAM: tuple[str, ...] = ("curate",)
 RESUMABLE = True  # checkpoints in the partial folder survive a Ctrl-C
 ALL_RANKS = True  # every rank trains under accelerate launch; rank 0 writes
 SYSTEM_METRICS = True
