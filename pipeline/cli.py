@@ -479,7 +479,7 @@ def _main(argv: list[str] | None) -> int:
     except typer.Exit as exit_:
         return exit_.exit_code
     except typer.TyperException as err:  # usage errors: bad option, missing argument
-        # type: ignore: typer exports only this base; each one it raises is its click's ClickException, with show().
+        # Typing quirk, ignored: typer exports only this base; each one it raises is its click's ClickException, with show().
         err.show()  # type: ignore[attr-defined]
         return err.exit_code
     except (KeyboardInterrupt, typer.Abort):

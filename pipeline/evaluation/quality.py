@@ -111,7 +111,9 @@ def extraction_quality(
     teacher = [ex["completion"] for ex in test]
     figures: dict[str, Figure] = {}
     for name, completions in (("base", base), ("tuned", tuned)):
-        for key, fig in extraction_figures([a.text for a in completions], teacher, task.output_schema, reps, seed).items():
+        for key, fig in extraction_figures(
+            [a.text for a in completions], teacher, task.output_schema, reps, seed
+        ).items():
             figures[f"{name}_{key}"] = fig
     figures["teacher_schema_valid_rate"] = extraction_figures(teacher, teacher, task.output_schema, reps, seed)[
         "schema_valid_rate"

@@ -127,7 +127,7 @@ class GgufModel:
         eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
         bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
         formatter = Jinja2ChatFormatter(template=self.template, eos_token=eos, bos_token=bos)
-        # type: ignore: llama_cpp types messages as its per-role TypedDicts; ours are plain dicts of that shape.
+        # Typing quirk, ignored: llama_cpp types messages as its per-role TypedDicts; ours are plain dicts of that shape.
         return formatter(messages=messages).prompt  # type: ignore[arg-type]
 
     def tokenize(self, prompt: str) -> list[int]:

@@ -91,7 +91,7 @@ def _load_gguf(gguf: Path):
     # reload as an ordinary safetensors model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # type: ignore: torch types an attribute it does not know as nn.Module.__getattr__'s Tensor | Module.
+    # Typing quirk, ignored: torch types an attribute it does not know as nn.Module.__getattr__'s Tensor | Module.
     model.is_quantized = False  # type: ignore[assignment]
     model.hf_quantizer = None  # type: ignore[assignment]
     return model, tokenizer

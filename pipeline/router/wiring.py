@@ -166,12 +166,15 @@ def build_tiers(cfg: ServeConfig) -> tuple[Tier, ...]:
             )
         try:
             if tier.student == "transformers":
+                assert tier.model_dir is not None  # TierConfig requires it of a transformers tier
                 check_policy_matches_export(tier.policy, Path(tier.model_dir).parent)
             policy = Policy.load(tier.policy)
         except DistillError as err:
             raise DistillError(f"{where}.policy: {err}") from None
-        if tier.student == "transformers" and not (Path(tier.model_dir) / "config.json").is_file():
-            raise DistillError(f"{where}.model_dir: {tier.model_dir} has no config.json, so no model to serve")
+        if tier.student == "transformers":
+            assert tier.model_dir is not None  # TierConfig requires it of a transformers tier
+            if not (Path(tier.model_dir) / "config.json").is_file():
+                raise DistillError(f"{where}.model_dir: {tier.model_dir} has no config.json, so no model to serve")
         # The tier is a student of its own: serve.student's machinery builds it.
         as_student = cfg.model_copy(
             update={
