@@ -89,8 +89,9 @@ class Rollback:
             return False
         self.recent.append(agree)
         if len(self.recent) == self.recent.maxlen:
-            agreement = self.agreement  # not None: a pair was just recorded
-            if agreement is not None and agreement < self.target:
+            agreement = self.agreement
+            assert agreement is not None  # a pair was just recorded (the window is >= 1)
+            if agreement < self.target:
                 self.tripped = True
                 return True
         return False

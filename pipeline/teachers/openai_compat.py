@@ -125,11 +125,9 @@ class OpenAITeacher:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 # A body cut off mid-JSON (proxy reset, server crash) is worth another try.
                 raise unreadable_error(type(err).__name__) from None
-            # A note means this call stepped down the ladder, so was refused first; unless a
-            # concurrent call settled the ladder meanwhile, and then no status is known here.
-            status = refused.status_code if refused is not None else "unknown"
             for note in self._asking.settle(variant):
-                log.warning("%s %s (HTTP %s)", self.spec, note.removeprefix("the server "), status)
+                assert refused is not None  # a note means this call stepped down the ladder: it was refused first
+                log.warning("%s %s (HTTP %s)", self.spec, note.removeprefix("the server "), refused.status_code)
                 self.notes.append(note)
             return self._to_completion(response, int((time.perf_counter() - start) * 1000), unwrap=params is None)
         raise self._translate(refused) from None
