@@ -180,6 +180,17 @@ def read_manifest(stage_dir: Path) -> Manifest | None:
         ) from None
 
 
+def finished_manifest(stage_dir: Path) -> Manifest:
+    """The manifest of a stage known to have completed there (an upstream the runner resolved, a
+    stage just run): its absence is refused with the folder named."""
+    from pipeline.errors import DistillError
+
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        raise DistillError(f"{stage_dir}: no {MANIFEST}, so that stage has not completed there")
+    return manifest
+
+
 def completed_stage(run_dir: Path, stage: str, artifact: str) -> Path:
     """`artifact` of a finished stage, found through its manifest: a folder without one is
     incomplete and refused, and so is an artifact its manifest does not list."""

@@ -475,7 +475,11 @@ def _interrupt_on_sigterm() -> Callable[[], None]:
         signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,7 +502,8 @@ def _main(argv: list[str] | None) -> int:
     except typer.Exit as exit_:
         return exit_.exit_code
     except typer.TyperException as err:  # usage errors: bad option, missing argument
-        err.show()
+        # Typing quirk, ignored: typer exports only this base; each one it raises is its click's ClickException, with show().
+        err.show()  # type: ignore[attr-defined]
         return err.exit_code
     except (KeyboardInterrupt, typer.Abort):
         code = 130

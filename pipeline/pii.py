@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import partial
 
 EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
@@ -60,7 +61,7 @@ def scrub(text: str, counts: Counter) -> str:
         ("phone", PHONE, _phone_like),
     )
     for kind, pattern, valid in rules:
-        text = pattern.sub(lambda m, k=kind, v=valid: _replace(m, k, v, counts), text)
+        text = pattern.sub(partial(_replace, kind=kind, valid=valid, counts=counts), text)
     return text
 
 

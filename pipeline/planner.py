@@ -280,7 +280,7 @@ def tiled_lm_head() -> bool:
 def advice(arch: Architecture, train, budget_gib: float, compute_dtype: str = "bfloat16") -> list[str]:
     """Changes that would make the recipe fit, each checked against the estimate."""
     tips = []
-    candidates = []
+    candidates: list[tuple[str, dict[str, object]]] = []  # (advice, the train update that applies it)
     if not train.gradient_checkpointing:
         candidates.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
     if not train.quant.load_in_4bit:

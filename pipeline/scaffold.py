@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import EMBEDDED_DEFAULT, validate_recipe
-from pipeline.conversation import resolve_student_input, student_messages
+from pipeline.conversation import Shape, resolve_student_input, student_messages
 from pipeline.errors import DistillError
 from pipeline.task import Task
 
@@ -50,7 +50,7 @@ class Inferred:
     kind_why: str
     labels: list[str] = field(default_factory=list)
     schema: dict[str, Any] | None = None
-    shape: str = "user"
+    shape: Shape = "user"
     shape_why: str = ""
     instructions: str = ""
     max_seq_len: int = 512
@@ -176,7 +176,7 @@ def _default_instructions(kind: str, labels: list[str]) -> str:
 
 
 def _token_lengths(
-    conversations: list[list[dict]], answers: list[str], shape: str, base: str, chat_template: Path | None
+    conversations: list[list[dict]], answers: list[str], shape: Shape, base: str, chat_template: Path | None
 ) -> tuple[list[int], list[int]]:
     """Each record's chat-formatted length and its answer's, in the student's tokens (what curate counts)."""
     from pipeline.llm.loading import load_tokenizer

@@ -50,7 +50,7 @@ def bootstrap(
     return Figure(value, float(lo), float(hi), n)
 
 
-def mean_figure(values: Sequence[float], reps: int = 1000, seed: int = 0) -> Figure:
+def mean_figure(values: Sequence[float] | np.ndarray, reps: int = 1000, seed: int = 0) -> Figure:
     """A rate (mean of 0/1 or of any per-prompt value), vectorised: the common case."""
     arr = np.asarray(values, dtype=float)
     if arr.size == 0:

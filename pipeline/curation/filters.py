@@ -94,6 +94,7 @@ class FormatChecker:
             value = parse_json_answer(answer)
         except json.JSONDecodeError as err:
             return "invalid_json", err.msg
+        assert self.validator is not None  # checked only when the task has an output schema
         error = next(iter(self.validator.iter_errors(value)), None)
         if error is not None:
             where = "/".join(map(str, error.absolute_path)) or "(root)"

@@ -59,8 +59,8 @@ def mean_logprob(value: Any) -> float | None:
     if isinstance(value, (int, float)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, list) and value:
-        numbers = [v.get("logprob") if isinstance(v, dict) else v for v in value]
-        numbers = [float(v) for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        entries = [v.get("logprob") if isinstance(v, dict) else v for v in value]
+        numbers = [float(v) for v in entries if isinstance(v, (int, float)) and not isinstance(v, bool)]
         return sum(numbers) / len(numbers) if numbers else None
     return None
 

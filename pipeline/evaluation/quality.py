@@ -18,7 +18,7 @@ from pipeline.llm.completion import Completion
 from pipeline.stats import Figure, mean_figure
 from pipeline.task import Task, agrees
 
-GATE_FIGURES = (
+GATE_FIGURES: tuple[str, ...] = (
     "base_agreement",
     "tuned_agreement",
     "base_macro_f1",
@@ -110,8 +110,10 @@ def extraction_quality(
     data has it; per-field tables (tuned vs teacher, and vs gold) into `detail`."""
     teacher = [ex["completion"] for ex in test]
     figures: dict[str, Figure] = {}
-    for name, answers in (("base", base), ("tuned", tuned)):
-        for key, fig in extraction_figures([a.text for a in answers], teacher, task.output_schema, reps, seed).items():
+    for name, completions in (("base", base), ("tuned", tuned)):
+        for key, fig in extraction_figures(
+            [a.text for a in completions], teacher, task.output_schema, reps, seed
+        ).items():
             figures[f"{name}_{key}"] = fig
     figures["teacher_schema_valid_rate"] = extraction_figures(teacher, teacher, task.output_schema, reps, seed)[
         "schema_valid_rate"

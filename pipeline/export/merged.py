@@ -28,11 +28,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.artifacts import EXPORT_MERGED, atomic_write_json
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.loading import free_memory, hub_access
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class MergedExport:
     verified_prompts: int
     answers: list[Completion]  # the reloaded folder's greedy answers: the reference F16 must reproduce
     load_s: float
-    model: object  # the reloaded merged model, for the parity run
+    model: PreTrainedModel  # the reloaded merged model, for the parity run
     max_logprob_delta: float = 0.0  # nats, merged vs base + adapter (see the module docstring)
     greedy_agreement: float = 1.0  # share of verification prompts with identical greedy tokens
     logprob_tolerance: float = 0.0  # the bar max_logprob_delta was held to
@@ -108,7 +112,7 @@ def export_merged(
     load_s = time.perf_counter() - start
     got = _answers(reloaded, tokenizer, conversations, max_new_tokens)
     deltas = [
-        float((answer_logprobs(reloaded, tokenizer, c, e.token_ids) - ref).abs().max())
+        float((answer_logprobs(reloaded, tokenizer, c, generated_ids(e)) - ref).abs().max())
         for c, e, ref in zip(conversations, reference.expected, reference.logprobs)
     ]
     expected, effect = reference.expected, reference.adapter_effect
@@ -149,6 +153,7 @@ def export_merged(
             tolerance,
         )
     if max_delta > tolerance:
+        assert worst is not None  # the tolerance is > 0 (config), so some delta exceeds it
         raise DistillError(
             f"export: merged model's log-probabilities differ from base+adapter's by up to {max_delta:.4g} nats, "
             f"over export.verify_logprob_tolerance={tolerance:g}, on '{conversations[worst][-1]['content'][:60]}' "
@@ -179,11 +184,11 @@ def _merge_and_save(
     del param
     expected = _answers(adapted, tokenizer, conversations, max_new_tokens)
     # The distributions that chose each reference token (and the stop after them), teacher-forced.
-    logprobs = [answer_logprobs(adapted, tokenizer, c, e.token_ids) for c, e in zip(conversations, expected)]
+    logprobs = [answer_logprobs(adapted, tokenizer, c, generated_ids(e)) for c, e in zip(conversations, expected)]
     with adapted.disable_adapter():  # what the adapter itself moves: the scale a wrong merge is read against
         effect = max(
             (
-                float((answer_logprobs(adapted, tokenizer, c, e.token_ids) - ref).abs().max())
+                float((answer_logprobs(adapted, tokenizer, c, generated_ids(e)) - ref).abs().max())
                 for c, e, ref in zip(conversations, expected, logprobs)
             ),
             default=0.0,
@@ -195,6 +200,12 @@ def _merge_and_save(
     merged.save_pretrained(out / EXPORT_MERGED, safe_serialization=True)
     tokenizer.save_pretrained(out / EXPORT_MERGED)
     return Reference(expected, logprobs, effect, dtype, device)
+
+
+def generated_ids(answer: Completion) -> list[int]:
+    """A generated answer's token ids, which generate_batch records for every answer."""
+    assert answer.token_ids is not None, f"an answer from {answer.source} without its token ids"
+    return answer.token_ids
 
 
 def answer_logprobs(model, tokenizer, conversation: list[dict], answer_ids: list[int]):

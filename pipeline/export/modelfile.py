@@ -13,6 +13,7 @@ to its own detection from the GGUF) and the Modelfile says so.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MODELFILE = "Modelfile"
@@ -80,7 +81,7 @@ class ChatFormat:
         )
 
 
-def infer_chat_format(tokenizer, conversations: list[list[dict]] = ()) -> ChatFormat | None:
+def infer_chat_format(tokenizer, conversations: Sequence[list[dict]] = ()) -> ChatFormat | None:
     """Read the format back from the tokenizer's Jinja template; None when it is not of this form."""
     try:
         candidates = _infer(tokenizer)

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline.llm.completion import Completion
 from pipeline.llm.gguf_runtime import GgufModel
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PARITY_JSON = "parity.json"
 PARITY_MD = "parity.md"
@@ -166,10 +170,12 @@ def score(row: ArtifactParity, answers: Answers, references: list[str], task) ->
 
 def judge(row: ArtifactParity, merged: ArtifactParity, tolerance: float) -> None:
     """Reject a row whose agreement or EOS stop rate falls more than `tolerance` below merged's."""
-    row.delta_vs_merged = row.agreement["value"] - merged.agreement["value"]
-    if row.delta_vs_merged < -tolerance - 1e-9:
+    assert row.agreement is not None and merged.agreement is not None, "judge() compares scored rows"
+    assert row.eos_stop_rate is not None and merged.eos_stop_rate is not None, "judge() compares scored rows"
+    delta = row.delta_vs_merged = row.agreement["value"] - merged.agreement["value"]
+    if delta < -tolerance - 1e-9:
         row.reject(
-            f"agreement {100 * row.agreement['value']:.1f}% is {-100 * row.delta_vs_merged:.1f} points below "
+            f"agreement {100 * row.agreement['value']:.1f}% is {-100 * delta:.1f} points below "
             f"merged's {100 * merged.agreement['value']:.1f}% (export.parity_tolerance="
             f"{100 * tolerance:.1f} points)"
         )
@@ -192,13 +198,13 @@ class ForcedReference:
     conversation: list[dict]
     prompt_ids: list[int]
     answer_ids: list[int]
-    rows: object  # numpy [len(answer_ids) + 1, vocab]
+    rows: np.ndarray  # [len(answer_ids) + 1, vocab]
     stopped: bool
 
 
 def forced_references(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[ForcedReference]:
     """What the F16 file is held to, computed in transformers on the merged folder."""
-    from pipeline.export.merged import answer_logprobs
+    from pipeline.export.merged import answer_logprobs, generated_ids
     from pipeline.llm.generate import generate_batch
 
     answers = generate_batch(model, tokenizer, conversations, max_new_tokens)
@@ -206,8 +212,9 @@ def forced_references(model, tokenizer, conversations: list[list[dict]], max_new
     for conv, answer in zip(conversations, answers):
         prompt = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        rows = answer_logprobs(model, tokenizer, conv, answer.token_ids).numpy()
-        references.append(ForcedReference(conv, ids, list(answer.token_ids), rows, answer.stopped))
+        answer_ids = generated_ids(answer)
+        rows = answer_logprobs(model, tokenizer, conv, answer_ids).numpy()
+        references.append(ForcedReference(conv, ids, list(answer_ids), rows, answer.stopped))
     return references
 
 
@@ -288,9 +295,10 @@ def table_markdown(rows: list[ArtifactParity], meta: dict) -> str:
             "|---|---|---|",
         ]
         for r in structured:
-            f1 = r.field_f1_vs_merged
+            f1, valid = r.field_f1_vs_merged, r.schema_valid_rate
+            assert valid is not None  # structured: the rows that have it
             lines.append(
-                f"| {r.artifact} | {100 * r.schema_valid_rate:.1f}% | "
+                f"| {r.artifact} | {100 * valid:.1f}% | "
                 + (f"{f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}] |" if f1 else "1.000 (reference) |")
             )
     notes = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import cast
 
 
 class ContentNotVerbatim(ValueError):
@@ -84,7 +85,7 @@ def prompt_token_ids(tokenizer, conversations: list[list[dict]], prompts: list[s
     for i, conversation in enumerate(conversations):
         if ids[i] is None:
             ids[i] = _piecewise(tokenizer, conversation)
-    return ids
+    return cast(list[list[int]], ids)  # every slot is filled by one of the two loops
 
 
 def _piecewise(tokenizer, conversation: list[dict]) -> list[int]:

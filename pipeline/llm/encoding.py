@@ -11,7 +11,12 @@ masked out, so positions and attention are those of the unpadded prompt (tests/l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.llm.content_text import prompt_token_ids
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 MIN_SHARED_PREFIX = 64  # tokens; below it the prefix pass costs more than it saves
 
@@ -27,7 +32,7 @@ class PrefixCache:
 
     def __init__(self) -> None:
         self.ids: list[int] = []
-        self.kv = None
+        self.kv: Cache | None = None
         self.hits = 0
 
     def get(self, model, prefix: list[int]):
@@ -41,6 +46,7 @@ class PrefixCache:
         if reused >= MIN_SHARED_PREFIX:
             self.hits += 1
             kv = copy.deepcopy(self.kv)
+            assert kv is not None  # reused > 0 only once a prefix is cached
             if reused < len(self.ids):
                 kv.crop(reused - len(self.ids))  # negative: drop that many from the end (every 5.x release)
             return kv, reused
@@ -73,6 +79,7 @@ def encode_prompts(model, tokenizer, conversations: list[list[dict]], prefix_cac
     shared = common_prefix_length(ids) if prefix_cache is not None and len(ids) > 1 else 0
     if shared < MIN_SHARED_PREFIX:
         return tokenizer.pad(encoded, padding=True, return_tensors="pt").to(model.device)
+    assert prefix_cache is not None  # shared is 0 without one
     return _with_prefix_cache(model, tokenizer.pad_token_id, ids, shared, prefix_cache)
 
 

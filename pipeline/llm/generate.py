@@ -11,6 +11,8 @@ plain path gives (tested).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from pipeline.llm.completion import Completion
 from pipeline.llm.encoding import PrefixCache, encode_prompts, render_prompts
@@ -45,7 +47,7 @@ def generate_batch(
     if decode != "generate":
         raise ValueError(f"decode must be generate or label_posterior, not {decode!r}")
     enc = encode_prompts(model, tokenizer, conversations, prefix_cache)
-    constraint = {}
+    constraint: dict[str, Any] = {}
     if labels:
         constraint["prefix_allowed_tokens_fn"] = allowed_tokens_fn(tokenizer, labels, enc["input_ids"].shape[1])
     if schema is not None:
@@ -67,7 +69,7 @@ def generate_batch(
     logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
     chosen = logprobs.gather(-1, new_tokens[:, : logprobs.shape[1], None]).squeeze(-1)
     prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
-    scores = [None] * len(conversations)
+    scores: Sequence[dict[str, float] | None] = [None] * len(conversations)
     if score_labels:
         scores = label_logprobs(model, tokenizer, conversations, score_labels, prefix_cache)
     per_item_ms = int((time.perf_counter() - start) * 1000 / max(len(conversations), 1))

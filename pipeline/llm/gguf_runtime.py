@@ -126,7 +126,9 @@ class GgufModel:
         llm = self.llm
         eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
         bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
-        return Jinja2ChatFormatter(template=self.template, eos_token=eos, bos_token=bos)(messages=messages).prompt
+        formatter = Jinja2ChatFormatter(template=self.template, eos_token=eos, bos_token=bos)
+        # Typing quirk, ignored: llama_cpp types messages as its per-role TypedDicts; ours are plain dicts of that shape.
+        return formatter(messages=messages).prompt  # type: ignore[arg-type]
 
     def tokenize(self, prompt: str) -> list[int]:
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)

@@ -23,7 +23,10 @@ class LabelTrie:
 
     @classmethod
     def build(cls, sequences: list[list[int]]) -> LabelTrie:
-        tokens, parents, depths, paths = [], [], [], []
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
+        paths: list[tuple[int, ...]] = []
         children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
         for seq in sequences:
             node, path = -1, []

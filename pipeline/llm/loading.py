@@ -91,8 +91,9 @@ def _load_gguf(gguf: Path):
     # reload as an ordinary safetensors model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
-    model.hf_quantizer = None
+    # Typing quirk, ignored: torch types an attribute it does not know as nn.Module.__getattr__'s Tensor | Module.
+    model.is_quantized = False  # type: ignore[assignment]
+    model.hf_quantizer = None  # type: ignore[assignment]
     return model, tokenizer
 
 
@@ -385,7 +386,7 @@ def hub_access(ref: str, where: str = "loading"):
     try:
         yield
     except OSError as err:
-        cause = err
+        cause: BaseException | None = err
         while cause is not None and not isinstance(cause, RepositoryNotFoundError):
             cause = cause.__cause__
         if cause is None:

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from pipeline.conversation import Shape
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.gates import Gates
@@ -98,13 +99,14 @@ class P10Logprob:
 
 def token_features(completion: Completion) -> dict[str, float] | None:
     """What the logistic signal weighs; None without token logprobs."""
-    mean = completion.mean_logprob
-    if mean is None:
+    # The same finite logprobs feed all three: they are all None or none is.
+    mean, minimum, p10 = completion.mean_logprob, completion.min_logprob, logprob_quantile(completion, 0.1)
+    if mean is None or minimum is None or p10 is None:
         return None
     return {
         "mean_logprob": mean,
-        "min_logprob": completion.min_logprob,
-        "p10_logprob": logprob_quantile(completion, 0.1),
+        "min_logprob": minimum,
+        "p10_logprob": p10,
         "log_tokens": math.log1p(len(completion.token_logprobs or [])),
     }
 
@@ -216,7 +218,7 @@ class Policy:
     # What the student was trained and evaluated on, so what the router feeds it: the conversation
     # as sent, or its user and assistant turns (pipeline/conversation.py student_messages). A
     # policy written before this field existed was evaluated on the user turn alone: "user".
-    student_input: str = "user"
+    student_input: Shape = "user"
     schema: dict[str, Any] | None = None  # the JSON Schema the student decodes under (structured decoding)
     fields: tuple[str, ...] | None = None  # field_prob: the fields it reads (None: every field)
     field_temperatures: dict[str, float] | None = None  # field_prob: per field ("*": the rest), from validation
@@ -242,7 +244,7 @@ class Policy:
         return signal(self.signal).needs_label_scores or self.decode == "label_posterior"
 
     @classmethod
-    def student_only(cls, signal_name: str = "mean_logprob", student_input: str = "user") -> Policy:
+    def student_only(cls, signal_name: str = "mean_logprob", student_input: Shape = "user") -> Policy:
         # Labels and logistic weights come only with an evaluated policy: report mean_logprob then.
         if signal(signal_name).needs_label_scores or signal_name == "logistic":
             signal_name = "mean_logprob"
@@ -281,7 +283,9 @@ class Policy:
     def _what(self, completion: Completion, score: float) -> str:
         """The score as the reason states it: the weakest field by name for field_prob."""
         if self.signal == "field_prob":
-            name, _ = weakest_field(completion.field_logprobs, self.field_temperatures, self.fields)
+            found = weakest_field(completion.field_logprobs, self.field_temperatures, self.fields)
+            assert found is not None  # a field_prob score is the weakest field's probability
+            name, _ = found
             return f"`{name}` p={score:.3f}"
         return f"{self.signal} {score:.3f}"
 

@@ -23,7 +23,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline.artifacts import (
     CAPTURE_RECORDS,
@@ -35,6 +35,7 @@ from pipeline.artifacts import (
     write_jsonl,
 )
 from pipeline.config import Recipe, validate_recipe
+from pipeline.conversation import Shape
 from pipeline.errors import DistillError
 from pipeline.loop import compare
 from pipeline.loop.gather import Gathered, gather, prompt_key
@@ -224,7 +225,7 @@ def compare_round(
     )
 
 
-def served_shape(version: ServedVersion) -> str:
+def served_shape(version: ServedVersion) -> Shape:
     """What the router feeds this version: its evaluated policy's student_input, else its export's."""
     from pipeline.artifacts import read_manifest
     from pipeline.llm.policy import Policy
@@ -232,10 +233,11 @@ def served_shape(version: ServedVersion) -> str:
     if version.policy_path is not None:
         return Policy.load(version.policy_path).student_input
     manifest = read_manifest(version.source.parent)
-    return (manifest.student_input if manifest is not None else None) or "user"
+    shape = (manifest.student_input if manifest is not None else None) or "user"
+    return cast(Shape, shape)  # export writes a resolved shape; student_messages checks it again
 
 
-def slice_outcomes(model_dir: Path, records: list[dict], task_file: Path, recipe: Recipe, shape: str) -> list[bool]:
+def slice_outcomes(model_dir: Path, records: list[dict], task_file: Path, recipe: Recipe, shape: Shape) -> list[bool]:
     """Does the model, answering as served (`answer_as_served` on the conversation in the shape the
     router feeds it), agree with the teacher?"""
     from pipeline.conversation import student_messages

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -144,7 +144,7 @@ def create_app(
         if teacher is not None:
             await teacher.aclose()
 
-    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    docs: dict[str, Any] = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="distill router", lifespan=lifespan, **docs)
     app.state.router = router
     add_error_handlers(app, metrics)
@@ -171,7 +171,7 @@ def create_app(
         served = followers[0].served if followers else None  # one read: a swap may land meanwhile
         if served is not None:
             policy, digest = served.champion.policy, served.champion.policy_hash
-        body = {
+        body: dict[str, Any] = {
             "status": "ready" if loaded else "loading",
             "mode": str(router.mode),
             "policy": digest,
@@ -229,6 +229,7 @@ def create_app(
         backend, ask = _pick(backend, ask)
         ask = replace(ask, top_logprobs=_checked_logprobs(request, backend))
         ask = router.with_policy(ask)
+        assert ask.policy is not None  # with_policy fixed it
         student_view = student_messages(ask.conversation, ask.policy.student_input)
         await _check_prompt_length(backend, student_view, settings.max_prompt_tokens)
         if in_flight[0] >= settings.max_queue:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -31,6 +32,8 @@ from pipeline.router.protocol import TokenLogprob, TopLogprob
 from pipeline.teachers.errors import TeacherFatalError
 
 if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
     from pipeline.config import TeacherConfig
     from pipeline.task import Task
     from pipeline.teachers.protocol import Teacher
@@ -44,7 +47,8 @@ class Backend(Protocol):
     TokenCompletion whose tokens carry the k likeliest alternatives (at most max_top_logprobs;
     None there: this backend returns no per-token detail, so the app refuses `logprobs`)."""
 
-    max_top_logprobs: int | None
+    @property
+    def max_top_logprobs(self) -> int | None: ...  # read only, so a backend's int (or None) class constant meets it
 
     async def complete(
         self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int | None = None
@@ -157,7 +161,8 @@ class StudentBackend:
 
         with self._count_lock:
             try:
-                prompt = self._counter.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                # Typing quirk, ignored: transformers types the result as a union; tokenize=False gives a str.
+                prompt: str = self._counter.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[assignment]
                 return len(prompt_token_ids(self._counter, [messages], [prompt])[0])
             except (TemplateError, ContentNotVerbatim) as err:
                 raise InvalidRequest(f"the student cannot take this conversation: {err}", param="messages") from None
@@ -169,6 +174,7 @@ class StudentBackend:
         if self._loop is not loop:
             self._loop, self._queue, self._worker = loop, asyncio.Queue(), None
         future = loop.create_future()
+        assert self._queue is not None  # made for this loop above, or on its first request
         self._queue.put_nowait((messages, max_tokens, top_logprobs, future))
         # One event loop: the worker either has returned (done) or will see this request before it returns.
         if self._worker is None or self._worker.done():
@@ -176,6 +182,7 @@ class StudentBackend:
         return await future
 
     async def _batch_while_queued(self) -> None:
+        assert self._queue is not None  # complete() makes it before it starts the worker
         while not self._queue.empty():
             batch = await self._collect()
             for max_tokens in dict.fromkeys(mt for _, mt, _, _ in batch):
@@ -186,6 +193,7 @@ class StudentBackend:
 
     async def _collect(self) -> list[tuple]:
         """The first waiting request, then whoever else is queued or arrives within the window."""
+        assert self._queue is not None  # complete() makes it before it starts the worker
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         until = loop.time() + self.window_s
@@ -264,7 +272,8 @@ class StudentBackend:
         the prompt tokenized as generate_batch tokenizes it."""
         import torch
 
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # Typing quirk, ignored: transformers types the result as a union; tokenize=False gives a str.
+        prompt: str = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[assignment]
         (prompt_ids,) = prompt_token_ids(self.tokenizer, [messages], [prompt])
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([prompt_ids + ids], device=self.model.device)).logits
@@ -281,7 +290,8 @@ class StudentBackend:
 
     def _token_text(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and its exact bytes (byte-level BPE vocabularies spell bytes as characters)."""
-        text = self.tokenizer.decode([token_id])
+        # Typing quirk, ignored: transformers types decode's result as str | list[str]; one id list gives a str.
+        text: str = self.tokenizer.decode([token_id])  # type: ignore[assignment]
         raw = self.tokenizer.convert_ids_to_tokens(token_id)
         if isinstance(raw, str) and all(ch in _UNICODE_TO_BYTE for ch in raw):
             return text, [_UNICODE_TO_BYTE[ch] for ch in raw]
@@ -394,7 +404,9 @@ class GgufBackend:
         llm = self.gguf.llm
         llm.reset()
         llm.eval(prompt)
-        ids, logprobs, rows = [], [], []
+        ids: list[int] = []
+        logprobs: list[float] = []
+        rows: list[list[tuple[int, float]]] = []  # per token: (id, log-prob) of the `top` likeliest
         grammar = self.gguf.grammar(self._gbnf) if self._gbnf is not None else None
         try:
             while True:
@@ -409,7 +421,7 @@ class GgufBackend:
                     return ids, logprobs, rows, "stop"
                 ids.append(token)
                 logprobs.append(float(row[token]))
-                best = np.argpartition(-row, top)[:top] if top else []
+                best: Iterable[int] = np.argpartition(-row, top)[:top] if top else []
                 rows.append(sorted(((i, row[i]) for i in best), key=lambda pair: -pair[1]))
                 if len(ids) >= max_tokens:
                     return ids, logprobs, rows, "length"
@@ -451,7 +463,7 @@ class UpstreamBackend:
             )
         self.spec, self.base_url, self.timeout_s = cfg.spec, cfg.base_url, cfg.timeout_s
         self._api_key = resolve_api_key(cfg.spec, cfg, OpenAITeacher.KEY_ENV)  # kept off repr and logs
-        self._client: tuple[asyncio.AbstractEventLoop, object] | None = None
+        self._client: tuple[asyncio.AbstractEventLoop, AsyncOpenAI] | None = None
         self._warned = False
         self.schema = schema
         self.ready = True
@@ -627,6 +639,7 @@ class TeacherBackend:
         """The teacher's answer to the client's `conversation`, or a Completion with `error` set:
         failed after its retries, over budget, past `timeout_s`, or refused (auth, circuit open)."""
         self.start()
+        assert self.service is not None  # start() made it
         messages = self.task.teacher_messages(conversation, few_shot=self.cfg.few_shot)
         try:
             async with asyncio.timeout(max(timeout_s, 0.001)):

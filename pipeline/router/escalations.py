@@ -40,7 +40,7 @@ class Escalation:
     request: dict[str, Any] | None = None  # the sent parameters that change the answer (meta.request)
 
     def record(self) -> dict[str, Any]:
-        meta = {
+        meta: dict[str, Any] = {
             "teacher": self.teacher.source,
             # The teacher spec's provider: `logs` marks a dataset's answer standing in for a teacher.
             "teacher_source": self.teacher.source.partition(":")[0],

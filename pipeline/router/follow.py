@@ -171,7 +171,9 @@ class Follower:
             self._alias_gone = True
             return current.champion
         self._alias_gone = False
-        return self._next(self.alias, current, target)
+        loaded = self._next(self.alias, current, target)
+        assert loaded is not None  # a target is set, and the champion alias always had a version
+        return loaded
 
     def _next(self, alias: str, current: Served, target: ServedVersion | None) -> Loaded | None:
         """The Loaded for `target`: one already serving, else freshly loaded, else (it does not

@@ -31,8 +31,10 @@ class Mode:
 
     @classmethod
     def parse(cls, text: str) -> Mode:
-        if text in ("off", "shadow"):
-            return cls(text, 0.0)
+        if text == "off":
+            return cls("off", 0.0)
+        if text == "shadow":
+            return cls("shadow", 0.0)
         if text == "live":
             return cls("live", 100.0)
         if text.startswith("canary:"):
@@ -86,7 +88,10 @@ class Rollback:
         if self.target is None or self.tripped:
             return False
         self.recent.append(agree)
-        if len(self.recent) == self.recent.maxlen and self.agreement < self.target:
-            self.tripped = True
-            return True
+        if len(self.recent) == self.recent.maxlen:
+            agreement = self.agreement
+            assert agreement is not None  # a pair was just recorded (the window is >= 1)
+            if agreement < self.target:
+                self.tripped = True
+                return True
         return False

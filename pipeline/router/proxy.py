@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -128,12 +128,14 @@ class ProxyTeacher:
 
     def forwards(self) -> frozenset[str]:
         self.start()
+        assert self.service is not None  # start() made it
         return self.service.teacher.forwards
 
     async def answer(self, messages: list[dict[str, str]], params: dict, timeout_s: float) -> Completion:
         """The teacher's answer (cached or bought), or a Completion with `error` set; DeadlineExceeded
         past `timeout_s` (the call, if out, finishes in the background and is cached)."""
         self.start()
+        assert self.service is not None  # start() made it
         try:
             async with asyncio.timeout(max(timeout_s, 0.001)):
                 (completion,) = await self.service.answer([messages], params=params)
@@ -171,7 +173,7 @@ def create_proxy_app(
         yield
         await teacher.aclose()
 
-    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    docs: dict[str, Any] = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="distill proxy", lifespan=lifespan, **docs)
     add_error_handlers(app, metrics)
     limit_body(
@@ -270,7 +272,8 @@ def _forwarded(request: ChatCompletionRequest, forwards: frozenset[str], default
     for name in NOT_RECORDABLE:
         declared = name in ("n", "logprobs", "top_logprobs")
         value = getattr(request, name) if declared else (request.model_extra or {}).get(name)
-        harmless = {"n": [1], "logprobs": [False], "top_logprobs": [0]}.get(name, [[], {}])
+        defaults: dict[str, list[object]] = {"n": [1], "logprobs": [False], "top_logprobs": [0]}
+        harmless = defaults.get(name, [[], {}])
         if name in sent and value is not None and value not in harmless:
             raise InvalidRequest(
                 f"{name} is not supported by the capture proxy: its records hold text conversations and one answer",

@@ -286,12 +286,15 @@ class Router:
                 self.metrics.rolling_agreement.set(self.rollback.agreement)
 
     def _roll_back(self) -> None:
+        rollback = self.rollback
+        # Called when it trips, which takes a target and a full window.
+        assert rollback is not None and rollback.agreement is not None and rollback.target is not None
         log.warning(
             "rollback: student agreed with the teacher on %.1f%% of the last %d shadowed answers it would "
             "have kept, below the policy's target %.1f%%; serve.mode is now off (teacher only)",
-            100 * self.rollback.agreement,
-            len(self.rollback.recent),
-            100 * self.rollback.target,
+            100 * rollback.agreement,
+            len(rollback.recent),
+            100 * rollback.target,
         )
         self.mode = Mode("off", 0.0)
         self.metrics.rolled_back.set(1)
@@ -299,12 +302,14 @@ class Router:
     # ------------------------------------------------------------ steps
 
     def _decide(self, ask: Ask, answer: Completion) -> Decision:
+        assert ask.policy is not None  # route() fixed it (with_policy)
         decision = ask.policy.decide(answer)
         self.metrics.decided(decision.route == "escalate", decision.score, ask.policy.signal)
         return decision
 
     async def _student(self, student: Backend, ask: Ask) -> Completion:
         started = time.monotonic()
+        assert ask.policy is not None  # route() fixed it (with_policy)
         messages = student_messages(ask.conversation, ask.policy.student_input)  # the shape it was trained on
         try:
             async with asyncio.timeout(max(ask.deadline - started, 0.001)):
@@ -319,6 +324,8 @@ class Router:
         return answer
 
     async def _teacher(self, ask: Ask) -> Completion:
+        # A mode that asks the teacher is refused without one (create_app); routed checks first.
+        assert self.teacher is not None
         started = time.monotonic()
         answer = await self.teacher.answer(ask.conversation, ask.deadline - started)
         self.metrics.latency.labels("teacher").observe(time.monotonic() - started)

@@ -10,11 +10,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fastapi import FastAPI
 
 from pipeline.config import ServeConfig
+from pipeline.conversation import Shape
 from pipeline.errors import DistillError
 from pipeline.llm.policy import Policy
 from pipeline.router import http_server
@@ -69,13 +70,14 @@ def check_policy_matches_export(policy_path: Path, export_dir: Path) -> None:
         )
 
 
-def exported_student_input(export_dir: Path) -> str:
+def exported_student_input(export_dir: Path) -> Shape:
     """What an export's student was trained on (its manifest says); `user` for a folder that does
     not say (an export from before student_input, or no export at all)."""
     from pipeline.artifacts import read_manifest
 
     manifest = read_manifest(Path(export_dir))
-    return (manifest.student_input if manifest is not None else None) or "user"
+    shape = (manifest.student_input if manifest is not None else None) or "user"
+    return cast(Shape, shape)  # export writes a resolved shape; Policy checks it again
 
 
 def build_teacher(recipe: Recipe, task: Task, cfg: ServeConfig) -> TeacherBackend:
@@ -179,12 +181,15 @@ def build_tiers(cfg: ServeConfig) -> tuple[Tier, ...]:
             )
         try:
             if tier.student == "transformers":
+                assert tier.model_dir is not None  # TierConfig requires it of a transformers tier
                 check_policy_matches_export(tier.policy, Path(tier.model_dir).parent)
             policy = Policy.load(tier.policy)
         except DistillError as err:
             raise DistillError(f"{where}.policy: {err}") from None
-        if tier.student == "transformers" and not (Path(tier.model_dir) / "config.json").is_file():
-            raise DistillError(f"{where}.model_dir: {tier.model_dir} has no config.json, so no model to serve")
+        if tier.student == "transformers":
+            assert tier.model_dir is not None  # TierConfig requires it of a transformers tier
+            if not (Path(tier.model_dir) / "config.json").is_file():
+                raise DistillError(f"{where}.model_dir: {tier.model_dir} has no config.json, so no model to serve")
         # The tier is a student of its own: serve.student's machinery builds it.
         as_student = cfg.model_copy(
             update={

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 NAME = "capture"
 # What changes the answers; not where they are cached, nor how fast or how often they are asked.
-READS = (
+READS: tuple[str, ...] = (
     "teacher.spec",
     "teacher.max_new_tokens",
     "teacher.temperature",
@@ -161,7 +161,8 @@ def load_prompts(source: Path | str, cfg: CaptureConfig) -> tuple[list[dict], Co
     """Read the prompts: each record is a conversation (`messages`, ending with a user turn) or
     has a non-empty `cfg.prompt_field` (one user turn). Ids default to row order. Conversations
     with content the pipeline cannot train on are skipped and counted per kind (returned)."""
-    prompts, skipped = [], Counter()
+    prompts: list[dict] = []
+    skipped: Counter[str] = Counter()
     for n, (where, rec) in enumerate(read_rows(source, cfg.prompts_split), start=1):
         try:
             messages = _prompt_conversation(where, rec, cfg.prompt_field)

@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 NAME = "curate"
 # max_seq_len: the length filter; the held-out file's prompt field: what is kept out of training
-READS = (
+READS: tuple[str, ...] = (
     "model.base",
     "model.chat_template",
     "model.student_input",
@@ -80,7 +80,7 @@ READS = (
     "train.max_seq_len",
     "eval.file_prompt_field",
 )
-UPSTREAM = ("capture",)
+UPSTREAM: tuple[str, ...] = ("capture",)
 RESUMABLE = False
 ALL_RANKS = False
 SYSTEM_METRICS = False
@@ -192,6 +192,7 @@ def curate_records(raw: list[dict], ctx: CurateContext, registry: tuple[CurateSt
     test = decontaminate_test(splits, ctx)
     _record(trail, TEST_DECONTAMINATION, len(splits["test"]), test)
     splits["test"] = test.kept
+    assert ctx.view is not None  # resolved at the top
     return Curated(splits, trail, notes, pii_counts, normalised or [], ctx.view)
 
 

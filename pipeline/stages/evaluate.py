@@ -26,12 +26,12 @@ from pipeline.artifacts import (
     CURATED_DATASET,
     FINETUNE_ADAPTER,
     Manifest,
+    finished_manifest,
     read_jsonl,
-    read_manifest,
     sha256_json,
 )
 from pipeline.config import Recipe
-from pipeline.conversation import StudentView, read_student_view
+from pipeline.conversation import Shape, StudentView, read_student_view
 from pipeline.errors import DistillError
 from pipeline.evaluation.answering import Answers, answer_all
 from pipeline.evaluation.cost import cost_figures, priced_as_api
@@ -46,7 +46,7 @@ from pipeline.task import Task, agrees, load_task
 
 NAME = "evaluate"
 # The teacher fields that change its answers matter only to eval.file (the teacher answers it here).
-READS = (
+READS: tuple[str, ...] = (
     "model.base",
     "model.chat_template",
     "eval",
@@ -59,7 +59,7 @@ READS = (
     "teacher.constrain_to_schema",
     "teacher.base_url",
 )
-UPSTREAM = ("capture", "curate", "finetune")
+UPSTREAM: tuple[str, ...] = ("capture", "curate", "finetune")
 RESUMABLE = False
 ALL_RANKS = False
 SYSTEM_METRICS = False
@@ -115,7 +115,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         spent += judge_test(recipe, task, result)
     if "eval_file" in inputs:
         spent += assess_heldout(recipe, task, inputs["eval_file"], tuned, tokenizer, result, shape)
-    trained = read_manifest(inputs["finetune"])
+    trained = finished_manifest(inputs["finetune"])
     adapter_sha = sha256_json(trained.outputs)
     result["base_weights"] = base_weights(trained.metrics.get("base_4bit"), plan.dtype_name)
     write_outputs(out, recipe, task, result, adapter_sha)
@@ -141,6 +141,7 @@ def judge_test(recipe: Recipe, task: Task, result: dict) -> float:
     from pipeline.evaluation.judge import judge_figures, pairwise
     from pipeline.teachers.service import TeacherService
 
+    assert recipe.eval.judge is not None  # called only when eval.judge is set
     service = TeacherService.from_config(recipe.eval.judge, recipe.capture.cache, progress="evaluate (judge)")
     try:
         rows = result["test"]
@@ -163,7 +164,7 @@ def judge_test(recipe: Recipe, task: Task, result: dict) -> float:
     return spent
 
 
-def assess_heldout(recipe: Recipe, task: Task, path: Path, tuned, tokenizer, result: dict, shape: str) -> float:
+def assess_heldout(recipe: Recipe, task: Task, path: Path, tuned, tokenizer, result: dict, shape: Shape) -> float:
     """The same three systems and the chosen policy on the user's own file; figures prefixed file_.
     Returns what the teacher's answers cost. `tuned` wraps `base`, so the base student answers
     with the adapter disabled."""
@@ -267,7 +268,7 @@ def assess(
     money["priced_as"] = priced_as_api(
         recipe.eval.cost, records, money["student_usd_per_request"], confirmed["local_share"], count_tokens
     )
-    flat = flatten_figures(figures)
+    flat: dict[str, float | None] = dict(flatten_figures(figures))  # Manifest.metrics: None where not measured
     flat.update(
         {f"{k}_usd_per_1k": r["usd_per_1k"] for k, r in zip(("teacher_only", "routed", "student_only"), money["rows"])}
     )

@@ -37,7 +37,7 @@ from pipeline.artifacts import (
     Manifest,
     atomic_write_json,
     atomic_write_text,
-    read_manifest,
+    finished_manifest,
     sha256_file,
     sha256_json,
 )
@@ -51,9 +51,9 @@ from pipeline.task import load_task
 log = logging.getLogger(__name__)
 
 NAME = "export"
-READS = ("name", "model.base", "export", "router.structured")
+READS: tuple[str, ...] = ("name", "model.base", "export", "router.structured")
 # evaluate: its report.json is the model card's evaluation headline, its policy part of the lineage.
-UPSTREAM = ("curate", "finetune", "evaluate")
+UPSTREAM: tuple[str, ...] = ("curate", "finetune", "evaluate")
 RESUMABLE = False
 ALL_RANKS = False
 SYSTEM_METRICS = False
@@ -367,8 +367,8 @@ def register(recipe: Recipe, inputs: dict[str, Path], out: Path, rows, tracker) 
     from pipeline.export.registry import lineage_tags, register_accepted
 
     hashes = {
-        "dataset": sha256_json(read_manifest(inputs["curate"]).outputs),
-        "adapter": sha256_json(read_manifest(inputs["finetune"]).outputs),
+        "dataset": sha256_json(finished_manifest(inputs["curate"]).outputs),
+        "adapter": sha256_json(finished_manifest(inputs["finetune"]).outputs),
     }
     if (inputs["evaluate"] / EVAL_POLICY).is_file():
         hashes["policy"] = sha256_file(inputs["evaluate"] / EVAL_POLICY)

@@ -27,6 +27,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.artifacts import CURATED_DATASET, FINETUNE_ADAPTER, Manifest, write_jsonl
 from pipeline.config import LoraConfig, Recipe, TrainConfig
@@ -36,9 +37,13 @@ from pipeline.errors import DistillError
 from pipeline.llm import soft_labels
 from pipeline.llm.loading import DevicePlan
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
 NAME = "finetune"
-READS = ("model.base", "model.chat_template", "train")
-UPSTREAM = ("curate",)
+READS: tuple[str, ...] = ("model.base", "model.chat_template", "train")
+UPSTREAM: tuple[str, ...] = ("curate",)
 RESUMABLE = True  # checkpoints in the partial folder survive a Ctrl-C
 ALL_RANKS = True  # every rank trains under accelerate launch; rank 0 writes
 SYSTEM_METRICS = True
@@ -75,7 +80,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     # would run fp32 under bf16 (twice the activation memory the planner assumes, slower steps).
     # TRL already freezes the base and enables input gradients for checkpointing.
     cfg, attention = attention_plan(cfg, plan, *(varlen_attention() if needs_varlen(cfg, plan) else (None, "")))
-    model = load_model(recipe.model.base, plan, cfg.quant, attention)
+    model: PreTrainedModel | PeftModel = load_model(recipe.model.base, plan, cfg.quant, attention)
     if cfg.init_adapter is not None:  # warm start (`retrain.warm_start`): keep training that adapter
         from peft import PeftModel
 

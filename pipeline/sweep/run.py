@@ -17,6 +17,7 @@ from pipeline.artifacts import (
     RunLayout,
     atomic_write_json,
     atomic_write_text,
+    finished_manifest,
     read_manifest,
     replace_dir,
 )
@@ -73,8 +74,9 @@ def run_sweep(plan: SweepPlan, shard: tuple[int, int] = (0, 1), prepare_only: bo
                 if run_trial(mlflow, tracker, plan, trial, base_layout, parent_id):
                     ran.append(trial.name)
         results = [r for t in plan.trials if (r := read_record(plan.folder / t.name)) and r.parent_run_id == parent_id]
-        winner = choose(results) if results else None
+        winner = None
         if results:
+            winner = choose(results)
             _log_summary(mlflow, plan, results, winner)
     return SweepOutcome(plan, parent_id, results, ran, winner)
 
@@ -139,9 +141,9 @@ def run_trial(mlflow, tracker: Tracker, plan: SweepPlan, trial: Trial, base_layo
         tracker.params({"recipe": trial.recipe.model_dump(mode="json")})
         for name in TRIAL_STAGES:
             run_stage(_STAGE[name], trial.recipe, layout, tracker)
-        evaluate_fp = read_manifest(layout.stage_dir("evaluate")).fingerprint
+        evaluate_fp = finished_manifest(layout.stage_dir("evaluate")).fingerprint
         reuse = previous is not None and previous.evaluate_fingerprint == evaluate_fp
-        score = previous.score if reuse else validation_agreement(layout)
+        score = previous.score if reuse and previous is not None else validation_agreement(layout)
         metrics = trial_metrics(layout)
         tracker.metrics({SCORE: score["value"], f"{SCORE}_lo": score["lo"], f"{SCORE}_hi": score["hi"], **metrics})
         record = TrialResult(
@@ -174,7 +176,7 @@ def up_to_date(recipe: Recipe, layout: RunLayout, record: TrialResult) -> bool:
         manifest = read_manifest(layout.stage_dir(name))
         if manifest is None or manifest.fingerprint != stage_fingerprint(_STAGE[name], recipe, layout):
             return False
-    return record.evaluate_fingerprint == read_manifest(layout.stage_dir("evaluate")).fingerprint
+    return record.evaluate_fingerprint == finished_manifest(layout.stage_dir("evaluate")).fingerprint
 
 
 def link_shared(recipe: Recipe, layout: RunLayout, base_layout: RunLayout) -> None:
@@ -223,7 +225,7 @@ def validation_agreement(layout: RunLayout) -> dict:
 def trial_metrics(layout: RunLayout) -> dict:
     """Validation-side routing figures and training figures for the table; no test figure."""
     report = json.loads((layout.stage_dir("evaluate") / EVAL_REPORT).read_text())["metrics"]
-    finetune = read_manifest(layout.stage_dir("finetune"))
+    finetune = finished_manifest(layout.stage_dir("finetune"))
     out = {k: report[k] for k in ("expected_local_share", "expected_system_agreement") if report.get(k) is not None}
     if finetune.metrics.get("train_loss") is not None:
         out["train_loss"] = finetune.metrics["train_loss"]

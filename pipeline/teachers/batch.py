@@ -298,6 +298,7 @@ class _Run:
                 delay = min(delay * 2, self.cfg.batch_poll_s * POLL_GROWTH)
 
     async def _import(self, row: BatchRow, status: Status) -> None:
+        assert row.batch_id is not None  # only a submitted batch is imported, and it has its provider id
         results: list[Result] = await self._retry(self.api.results, row.batch_id, status)
         wanted = set(self.cache.submission_keys(row.submission))
         answers: dict[str, Completion] = {}
@@ -360,7 +361,7 @@ class _Run:
 
     def _pending_summary(self) -> str:
         rows = self._active()
-        ids = ", ".join(row.batch_id for row in rows)
+        ids = ", ".join(str(row.batch_id) for row in rows)  # submitted: every id is set
         return (
             f"{sum(r.requests for r in rows)} requests are in {len(rows)} provider batch(es) ({ids}), "
             f"not waited for (teacher.batch_wait=false / --no-wait). Run the same `distill capture` "
@@ -403,7 +404,7 @@ def record_meta(
     keys = service.keys(conversations, samples)
     via = service.cache.provenance(keys)
     price = service.price
-    extra = []
+    extra: list[dict] = []
     for key, c in zip(keys, completions, strict=True):
         if key not in via:
             extra.append({})
@@ -448,6 +449,7 @@ async def refresh(service, cfg, rows: list[BatchRow]) -> None:
     try:
         for row in rows:
             if row.state == "submitted" and row.teacher == teacher_key(service.identity):
+                assert row.batch_id is not None  # submitted: the provider's id is known
                 status = await api.status(row.batch_id)
                 service.cache.update_submission(
                     row.submission, provider_status=status.provider_status, done=status.done, failed=status.failed

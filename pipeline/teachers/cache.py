@@ -19,6 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import sha256_json
 from pipeline.llm.completion import Completion
@@ -36,7 +37,7 @@ def cache_key(identity: dict, messages: list[dict], sample: int = 0, params: dic
 
 
 class TeacherCache:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str):  # a str: ":memory:" too
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path))
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -56,8 +57,9 @@ class TeacherCache:
         """key -> what that cached answer cost, for the keys present (without loading the answers)."""
         return {k: float(cost or 0.0) for k, cost in self._rows("json_extract(completion, '$.cost_usd')", keys)}
 
-    def _rows(self, column: str, keys: list[str], where: str = "") -> list[tuple[str, object]]:
-        """(key, column) for the keys present, queried in chunks (SQLite caps a statement's parameters)."""
+    def _rows(self, column: str, keys: list[str], where: str = "") -> list[tuple[str, Any]]:
+        """(key, column) for the keys present, queried in chunks (SQLite caps a statement's parameters).
+        The column's Python type is whatever SQLite stored: each caller knows what it asked for."""
         found = []
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]

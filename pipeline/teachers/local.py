@@ -8,15 +8,21 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from pipeline.llm.encoding import PrefixCache
+    from pipeline.teachers.ledger import Price
+
 
 class LocalTeacher:
     in_process = True
-    price = None  # nothing to pay for
+    price: Price | None = None  # nothing to pay for
     forwards: frozenset[str] = frozenset()  # it decodes greedily with its own settings
 
     def __init__(
@@ -38,8 +44,9 @@ class LocalTeacher:
         self.schema = schema  # decode only JSON valid against it (structured decoding for extraction)
         self.notes: list[str] = []
         self._model = None
-        self._tokenizer = None
-        self._prefix_cache = None  # the instructions' KV cache, shared by every batch (llm/generate.py)
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        # The instructions' KV cache, shared by every batch (llm/generate.py).
+        self._prefix_cache: PrefixCache | None = None
         # One generate at a time: concurrent callers (a router) would otherwise each hold a
         # batch's activations at once. A thread lock, not an asyncio one, so it is not tied
         # to the event loop that first used it.

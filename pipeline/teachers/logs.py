@@ -150,7 +150,7 @@ def _read_row(row: dict, prompt_col: str, label_col: str) -> tuple[list[dict], s
     context, answer = split_answer(read_messages(turns))
     if not answer.strip():
         raise ValueError("the assistant answer is empty")
-    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    meta = row["meta"] if isinstance(row.get("meta"), dict) else {}
     return context, answer, {**request_params(row), **request_params(meta.get("request") or {})}
 
 

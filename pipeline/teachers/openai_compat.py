@@ -98,7 +98,7 @@ class OpenAITeacher:
         import openai
 
         start = time.perf_counter()
-        refused: BaseException | None = None
+        refused: openai.APIStatusError | None = None
         first_call, self._asking.first_call = self._asking.first_call, False
         skip_mode: list[str | None] = []
         for variant in self._asking.ladder():
@@ -126,6 +126,7 @@ class OpenAITeacher:
                 # A body cut off mid-JSON (proxy reset, server crash) is worth another try.
                 raise unreadable_error(type(err).__name__) from None
             for note in self._asking.settle(variant):
+                assert refused is not None  # a note means this call stepped down the ladder: it was refused first
                 log.warning("%s %s (HTTP %s)", self.spec, note.removeprefix("the server "), refused.status_code)
                 self.notes.append(note)
             return self._to_completion(response, int((time.perf_counter() - start) * 1000), unwrap=params is None)
@@ -141,10 +142,11 @@ class OpenAITeacher:
             params = forwarded_params(self.model, sent, logprobs)
         else:
             params = request_params(self.model, self.max_new_tokens, self.temperature, logprobs)
-            if schema_mode is not None:
-                params["response_format"] = (
-                    label_format(self.labels, schema_mode) if self.labels else schema_format(self.schema, schema_mode)
-                )
+            if schema_mode is not None and self.labels:
+                params["response_format"] = label_format(self.labels, schema_mode)
+            elif schema_mode is not None:
+                assert self.schema is not None  # Asking offers a schema mode only with labels or a schema
+                params["response_format"] = schema_format(self.schema, schema_mode)
         return await self._get_client().chat.completions.create(model=self.model, messages=messages, **params)
 
     def _to_completion(self, response, latency_ms: int, unwrap: bool = True) -> Completion:

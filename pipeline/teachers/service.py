@@ -217,10 +217,12 @@ class TeacherService:
         """`answer` for a caller without an event loop (a stage): runs one, then closes the
         teacher's connections, which belong to that loop."""
 
-        terminated = []
+        terminated: list[bool] = []
 
         async def go() -> list[Completion]:
-            undo = _cancel_on_sigterm(asyncio.current_task(), terminated)
+            task = asyncio.current_task()
+            assert task is not None  # go() runs as asyncio.run's main task
+            undo = _cancel_on_sigterm(task, terminated)
             try:
                 return await self.answer(conversations, samples)
             finally:
