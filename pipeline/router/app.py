@@ -216,7 +216,7 @@ def create_app(
         if backend is None:
             raise ModelNotFound(request.model, sorted(backends))
         max_tokens = _checked_options(request, settings)
-        request_id = _request_id(raw.headers.get("x-request-id"))
+        request_id = request_id_for(raw.headers.get("x-request-id"))
         ask = Ask(
             request_id=request_id,
             key=request.user or request_id,
@@ -254,12 +254,12 @@ def create_app(
             reason=routed.reason,
             source=routed.source,
         )
-        headers = _distill_headers(info, ask.model_version)
-        usage = _usage(routed.answer)
+        headers = distill_headers(info, ask.model_version)
+        usage = usage_of(routed.answer)
         if request.stream:
             include_usage = bool((request.stream_options or {}).get("include_usage"))
             return StreamingResponse(
-                _sse(request.model, text, finish, info, usage if include_usage else None, logprobs),
+                sse_stream(request.model, text, finish, info, usage if include_usage else None, logprobs),
                 media_type="text/event-stream",
                 headers=headers,
             )
@@ -380,7 +380,7 @@ def _on_sighup(reload: Callable[[], dict]) -> None:
         return  # already logged with the reason; the current policy stays
 
 
-def _request_id(sent: str | None) -> str:
+def request_id_for(sent: str | None) -> str:
     """The client's x-request-id when it is a sane token (it is echoed in a header), else a new one."""
     if sent and _REQUEST_ID.match(sent):
         return sent
@@ -415,7 +415,7 @@ def _choice_logprobs(routed: Routed, cut: int | None) -> ChoiceLogprobs | None:
     return ChoiceLogprobs(content=kept)
 
 
-def _usage(answer: Completion) -> Usage:
+def usage_of(answer: Completion) -> Usage:
     prompt, completion = answer.prompt_tokens or 0, answer.completion_tokens or 0
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -428,7 +428,7 @@ def _threshold_text(threshold: float | None) -> str | float | None:
     return "-inf (student only)" if threshold == -math.inf else threshold
 
 
-def _distill_headers(info: DistillInfo, model_version: str | None = None) -> dict[str, str]:
+def distill_headers(info: DistillInfo, model_version: str | None = None) -> dict[str, str]:
     headers = {
         ROUTE_HEADER: info.route,
         "x-distill-confidence": "none" if info.confidence is None else f"{info.confidence:.4f}",
@@ -447,7 +447,7 @@ def _pieces(text: str) -> list[str]:
     return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
 
 
-async def _sse(
+async def sse_stream(
     model: str, text: str, finish: str, info: DistillInfo, usage: Usage | None, logprobs: ChoiceLogprobs | None = None
 ) -> AsyncIterator[bytes]:
     """OpenAI chunk shapes: role, content deltas, finish, optional usage chunk, [DONE]. With

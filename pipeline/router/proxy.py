@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pipeline.artifacts import sha256_json
 from pipeline.conversation import check_conversation
 from pipeline.llm.completion import Completion
-from pipeline.router.app import _distill_headers, _request_id, _sse, _usage
+from pipeline.router.app import distill_headers, request_id_for, sse_stream, usage_of
 from pipeline.router.errors import (
     BackendUnavailable,
     DeadlineExceeded,
@@ -217,7 +217,7 @@ def create_proxy_app(
         if in_flight[0] >= settings.max_queue:
             metrics.rejected.labels("queue_full").inc()
             raise QueueFull(settings.max_queue, settings.retry_after_s)
-        request_id = _request_id(raw.headers.get("x-request-id"))
+        request_id = request_id_for(raw.headers.get("x-request-id"))
         conversation = request.conversation()
         in_flight[0] += 1
         try:
@@ -245,12 +245,12 @@ def create_proxy_app(
             reason="teacher-only proxy",
         )
         finish = "length" if answer.finish_reason == "length" else "stop"
-        usage = _usage(answer)
-        headers = _distill_headers(info)
+        usage = usage_of(answer)
+        headers = distill_headers(info)
         if request.stream:
             include_usage = bool((request.stream_options or {}).get("include_usage"))
             return StreamingResponse(
-                _sse(request.model, answer.text, finish, info, usage if include_usage else None),
+                sse_stream(request.model, answer.text, finish, info, usage if include_usage else None),
                 media_type="text/event-stream",
                 headers=headers,
             )
