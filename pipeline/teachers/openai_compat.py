@@ -219,6 +219,8 @@ class Asking:
         (none when this call was refused nothing, e.g. a concurrent call already settled it)."""
         mode, logprobs = variant
         notes = []
+        if mode not in self.schema_modes:
+            return notes  # a concurrent call already settled on a mode further down the ladder
         if mode != self.schema_modes[0]:
             notes.append(
                 "the server refused response_format "

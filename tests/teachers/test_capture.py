@@ -517,3 +517,16 @@ def test_capture_asks_through_the_service_without_provider_branches():
         for name in imported_modules(capture_stage)
         if name.startswith("pipeline.teachers.") and name.rsplit(".", 1)[1] in ("cache", "dispatch", "ledger")
     ]
+
+
+def test_concurrent_calls_that_settled_on_different_response_formats_keep_the_later_one():
+    """Two calls in flight when the server refused json_schema: one settles on json_object, then the
+    other, which had got through with json_schema, settles too; the teacher keeps json_object."""
+    from pipeline.teachers.openai_compat import Asking
+
+    asking = Asking(schema_modes=("json_schema", "json_object", None), logprobs=False)
+    assert asking.settle(("json_object", False)) == [
+        "the server refused response_format json_schema; using json_object"
+    ]
+    assert asking.settle(("json_schema", False)) == []
+    assert asking.schema_modes == ("json_object", None) and asking.ladder() == [("json_object", False)]
