@@ -218,7 +218,7 @@ class Asking:
         """`variant` worked: ask for just that from now on; returns a note per refused feature
         (none when this call was refused nothing, e.g. a concurrent call already settled it)."""
         mode, logprobs = variant
-        notes = []
+        notes: list[str] = []
         if mode not in self.schema_modes:
             return notes  # a concurrent call already settled on a mode further down the ladder
         if mode != self.schema_modes[0]:
