@@ -63,6 +63,7 @@ def test_the_flagship_is_mistral7b_qlora_on_banking77_from_its_published_csv():
 
 
 def test_a_published_csv_is_fetched_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from pipeline.errors import DistillError
     from pipeline.teachers.logs import import_logs
 
     site = tmp_path / "site"
@@ -76,16 +77,15 @@ def test_a_published_csv_is_fetched_once_then_read_from_the_cache(tmp_path, monk
     url = f"http://127.0.0.1:{server.server_address[1]}/train.csv"
     try:
         first = import_logs(url, "text", "category")
+        with pytest.raises(DistillError, match=r"could not download it .*pass the local file"):
+            import_logs(url.replace("train.csv", "missing.csv"), "text", "category")
     finally:
         server.shutdown()
+        server.server_close()  # a port still bound would hold the next connection until its timeout
     cached = list((tmp_path / "cache" / "downloads").glob("*-train.csv"))
     assert len(first.records) == LABELS * 12 and len(cached) == 1
     again = import_logs(url, "text", "category")  # the server is gone: read from the cache
     assert [r.answer for r in again.records] == [r.answer for r in first.records]
-    from pipeline.errors import DistillError
-
-    with pytest.raises(DistillError, match=r"could not download it .*pass the local file"):
-        import_logs(url.replace("train.csv", "missing.csv"), "text", "category")
 
 
 @pytest.fixture(scope="module")
