@@ -140,11 +140,11 @@ def max_difference(a: list[dict], b: list[dict]) -> float:
 
 
 def scoring_arms(model, tokenizer, prompts: list[str], labels: list[str], batch: int, repeats: int) -> dict:
+    from pipeline.conversation import user_turn
     from pipeline.llm.generate import generate_batch
     from pipeline.llm.scoring import label_token_ids, label_token_logprobs
-    from pipeline.task import Task
 
-    convs = [Task.student_messages(p) for p in prompts]
+    convs = [user_turn(p) for p in prompts]
     batches = [convs[i : i + batch] for i in range(0, len(convs), batch)]
     longest = max(len(seq) for seq in label_token_ids(tokenizer, labels))
     arms = {
@@ -187,12 +187,15 @@ def scoring_arms(model, tokenizer, prompts: list[str], labels: list[str], batch:
 def capture_arms(model, tokenizer, n_prompts: int, batch: int, repeats: int) -> dict:
     """The demo's local teacher: constrained generation with a PrefixCache, then with each label scored."""
     from pipeline.artifacts import read_jsonl
+    from pipeline.conversation import user_turn
     from pipeline.llm.encoding import PrefixCache
     from pipeline.llm.generate import generate_batch
     from pipeline.task import load_task
 
     task = load_task(ROOT / "data" / "task.yaml")
-    convs = [task.teacher_messages(r["prompt"]) for r in read_jsonl(ROOT / "data" / "prompts.jsonl")[:n_prompts]]
+    convs = [
+        task.teacher_messages(user_turn(r["prompt"])) for r in read_jsonl(ROOT / "data" / "prompts.jsonl")[:n_prompts]
+    ]
     batches = [convs[i : i + batch] for i in range(0, len(convs), batch)]
 
     def plain(cache):

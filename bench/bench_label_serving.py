@@ -89,10 +89,10 @@ def main() -> None:
     import yaml
 
     from pipeline.artifacts import read_jsonl
+    from pipeline.conversation import user_turn
     from pipeline.llm.loading import load_tokenizer
     from pipeline.llm.policy import label_posterior
     from pipeline.router.backends import StudentBackend
-    from pipeline.task import Task
 
     labels = yaml.safe_load((ROOT / "data" / "banking77_task.yaml").read_text())["labels"]
     if args.data.is_file():
@@ -100,7 +100,7 @@ def main() -> None:
     else:
         prompts = [r["prompt"] for r in read_jsonl(ROOT / "data" / "prompts.jsonl")[: args.requests]]
         source = f"data/prompts.jsonl ({args.data} not found)"
-    convs = [Task.student_messages(p) for p in prompts]
+    convs = [user_turn(p) for p in prompts]
     backend = StudentBackend(Path(MODEL), score_labels=labels, max_batch=args.clients, decode="label_posterior")
     backend.tokenizer = load_tokenizer(MODEL, chat_template=TEMPLATE)  # Banking77's recipe template
     for bucketed in (False, True):  # untimed: the first call of each shape pays the allocator's warm-up
