@@ -110,7 +110,8 @@ def main() -> None:
     from pipeline.artifacts import read_jsonl
     from pipeline.config import load_recipe
     from pipeline.conversation import user_turn
-    from pipeline.llm.generate import PrefixCache, generate_batch
+    from pipeline.llm.encoding import PrefixCache
+    from pipeline.llm.generate import generate_batch
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
     from pipeline.stats import mean_figure
     from pipeline.task import Task

@@ -12,7 +12,8 @@ from pipeline.config import Recipe
 from pipeline.conversation import Shape, conversation_of, student_messages
 from pipeline.llm.answer import Serving, answer_as_served, served_schema
 from pipeline.llm.completion import Completion
-from pipeline.llm.generate import PrefixCache, generate_batch
+from pipeline.llm.encoding import PrefixCache
+from pipeline.llm.generate import generate_batch
 from pipeline.task import Task
 
 

@@ -122,7 +122,7 @@ class LocalTeacher:
 
     def _load(self) -> None:
         if self._model is None:
-            from pipeline.llm.generate import PrefixCache
+            from pipeline.llm.encoding import PrefixCache
             from pipeline.llm.loading import device_plan, load_model, load_tokenizer
 
             self._prefix_cache = PrefixCache()
