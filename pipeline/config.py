@@ -870,6 +870,12 @@ class RetrainConfig(Section):
         "as the escalated slice both models are compared on.",
     )
     warm_start: bool = Field(False, description="Train the candidate from the champion's adapter, not from the base.")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Epochs of a round's candidate; default train.epochs. A warm start from the champion "
+        "usually needs fewer.",
+    )
     min_new: int = Field(1, ge=1, description="Fewest new training records a round needs; fewer is refused.")
 
 

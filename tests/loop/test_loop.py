@@ -89,6 +89,36 @@ def test_a_line_that_is_not_an_escalation_names_file_and_line(tmp_path):
         gather(PREVIOUS, [log], set(), holdout=0.0, round_no=1)
 
 
+def test_a_round_is_what_the_champion_trained_on_plus_what_it_escalated(tmp_path):
+    from pipeline.config import load_recipe
+    from pipeline.loop.retrain import Rounds, gather_round, round_recipe_for
+    from pipeline.registry import ServedVersion
+
+    base = tmp_path / "runs" / "b77"
+    (base / "capture").mkdir(parents=True)
+    (base / "curate").mkdir()
+    # A labelled logs file: the capture holds every query, curate selected two of them to train on.
+    unselected = record("t9", "Why was my top-up declined?", "top_up_failed")
+    write(base / "capture" / "teacher.jsonl", [*PREVIOUS, unselected])
+    write(base / "curate" / "train.jsonl", PREVIOUS[:1])
+    write(base / "curate" / "validation.jsonl", PREVIOUS[1:])
+    frozen = write(tmp_path / "frozen.jsonl", [record("f1", "Is there a fee for transfers?", "transfer_fee")])
+    escalated = write(tmp_path / "esc.jsonl", [{**unselected, "id": "req-1", "meta": {"source": "router"}}])
+    recipe = load_recipe("banking77-cpu", ["retrain.holdout=0", "retrain.warm_start=true", "retrain.epochs=1"])
+    rounds = Rounds(base)
+
+    gathered = gather_round(recipe, rounds, 1, frozen, [escalated])
+    # The unselected capture record is no reason to skip the escalation: the champion never saw it.
+    assert [r["id"] for r in gathered.added] == ["req-1"] and not gathered.skipped
+    assert [r["id"] for r in gathered.pool] == ["t1", "t2", "req-1"]
+
+    champion = ServedVersion("b77", "1", base / "export" / "merged")
+    round_one = round_recipe_for(recipe, rounds, 1, frozen, champion)
+    assert round_one.curate.target_size is None  # the gathered pool is kept whole, not re-selected
+    assert round_one.train.epochs == 1 and round_one.train.init_adapter == base / "finetune" / "adapter"
+    assert recipe.train.epochs == 4  # round 0's own setting is untouched
+
+
 # ---------------------------------------------------------------- frozen test split (curate)
 
 
