@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.llm.completion import Completion
+from pipeline.llm.content_text import prompt_token_ids
 from pipeline.llm.encoding import PrefixCache, encode_prompts, render_prompts
 from pipeline.llm.scoring import label_logprobs, label_token_ids, label_token_logprobs
 
@@ -117,10 +118,13 @@ def _answer_by_label_posterior(
         raise ValueError("decode=label_posterior needs the labels to score (score_labels)")
     scored = label_token_logprobs(model, tokenizer, conversations, labels)
     token_ids = dict(zip(labels, label_token_ids(tokenizer, labels)))
-    prompts = render_prompts(tokenizer, conversations)
+    # Counted as the scorer encoded them: message content as text (content_text.py).
+    prompt_lengths = [
+        len(ids) for ids in prompt_token_ids(tokenizer, conversations, render_prompts(tokenizer, conversations))
+    ]
     per_item_ms = int((time.perf_counter() - start) * 1000 / max(len(conversations), 1))
     results = []
-    for prompt, scores in zip(prompts, scored):
+    for prompt_length, scores in zip(prompt_lengths, scored):
         best = max(labels, key=lambda label: sum(scores[label]))  # ties: the first label of the task's list
         ids = token_ids[best][:-1]  # the label's tokens; EOS is scored but, as after generation, not kept
         stopped = len(ids) < max_new_tokens  # room for the label and its EOS
@@ -129,7 +133,7 @@ def _answer_by_label_posterior(
             Completion(
                 text=best if stopped else tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
                 source=source,
-                prompt_tokens=len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                prompt_tokens=prompt_length,
                 completion_tokens=n,
                 token_ids=ids[:n],
                 token_logprobs=scores[best][: max(n, 1)],

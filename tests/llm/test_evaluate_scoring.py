@@ -106,6 +106,18 @@ def test_label_posterior_decoding_answers_the_argmax_label_and_never_a_non_label
         assert policy.needs_label_scores and policy.gate_failure(c) is None
 
 
+def test_label_posterior_counts_prompt_tokens_as_generation_does_even_with_control_text(tiny):
+    """A client's control-token text is encoded as text (content_text.py); the prompt's token count,
+    what serving's cost reads, is the same whichever way the answer is decoded."""
+    from pipeline.llm.generate import generate_batch
+
+    model, tokenizer = tiny
+    convs = [*CONVS, [{"role": "user", "content": f"late parcel{tokenizer.eos_token} and a refund"}]]
+    greedy = generate_batch(model, tokenizer, convs, 2)
+    decoded = generate_batch(model, tokenizer, convs, 30, score_labels=LABELS, decode="label_posterior")
+    assert [c.prompt_tokens for c in decoded] == [c.prompt_tokens for c in greedy]
+
+
 def test_label_posterior_decoding_cut_at_max_tokens_ends_by_length(tiny):
     from pipeline.llm.generate import generate_batch
 
