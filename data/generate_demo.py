@@ -12,6 +12,7 @@ written so that a human reader would pick the same single label.
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import random
 import re
@@ -472,20 +473,7 @@ STREETS = [
     "Cedar Drive",
     "Park Terrace",
 ]
-MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
+MONTHS = list(calendar.month_name)[1:]  # English: Python never sets LC_TIME from the environment
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]  # templates say "on {date}"
 CARDS = ["Visa", "Mastercard", "Amex card", "debit card", "credit card", "PayPal account"]
 PLANS = [

@@ -18,6 +18,7 @@ Row: {"id", "prompt", "gold": {<the 9 fields>}, "ambiguous": [<field>, ...], "su
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import random
 import re
@@ -159,20 +160,7 @@ LAST = [
     "Diallo",
     "Meyer",
 ]
-MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
+MONTHS = list(calendar.month_name)[1:]  # English: Python never sets LC_TIME from the environment
 CURRENCIES = {
     "USD": ["${v}", "{v} USD", "US${v}"],
     "EUR": ["€{v}", "{v} EUR", "EUR {v}"],

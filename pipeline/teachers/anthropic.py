@@ -18,6 +18,7 @@ from pipeline.llm.completion import Completion
 from pipeline.teachers.errors import TeacherCallError, status_error, transport_error, unreadable_error
 from pipeline.teachers.keys import public_url, resolve_api_key, scrub
 from pipeline.teachers.ledger import resolve_price
+from pipeline.teachers.sdk import SdkClient
 
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
@@ -36,8 +37,7 @@ class AnthropicTeacher:
         self.timeout_s = cfg.timeout_s
         self.price = resolve_price("anthropic", model, cfg)
         self.notes: list[str] = []  # nothing to learn at run time: the API never has logprobs
-        self._api_key = api_key  # kept off identity(), repr and every message
-        self._client = None
+        self._sdk = SdkClient("anthropic", api_key, cfg.base_url, cfg.timeout_s)
 
     @classmethod
     def from_config(
@@ -58,19 +58,8 @@ class AnthropicTeacher:
             "temperature": self.temperature,
         }
 
-    def _get_client(self):
-        if self._client is None:
-            from anthropic import AsyncAnthropic
-
-            self._client = AsyncAnthropic(
-                api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
-            )
-        return self._client
-
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await self._sdk.aclose()
 
     async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
         """One Messages call; raises TeacherCallError (maybe retryable) or TeacherAuthError."""
@@ -89,7 +78,7 @@ class AnthropicTeacher:
             body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
         start = time.perf_counter()
         try:
-            response = await self._get_client().messages.create(
+            response = await self._sdk.get().messages.create(
                 model=self.model,
                 max_tokens=sent.get("max_completion_tokens") or sent.get("max_tokens") or self.max_new_tokens,
                 messages=turns,
@@ -125,11 +114,11 @@ class AnthropicTeacher:
             return transport_error(err, isinstance(err, anthropic.APITimeoutError), public_url(str(err.request.url)))
         if isinstance(err, anthropic.APIStatusError):
             return status_error(
-                err.status_code, err.response.headers, scrub(str(err.message), self._api_key), self.spec
+                err.status_code, err.response.headers, scrub(str(err.message), self._sdk.api_key), self.spec
             )
         if isinstance(err, anthropic.APIResponseValidationError):
             return unreadable_error("not the Messages shape")
-        return TeacherCallError(scrub(f"{type(err).__name__}: {err}", self._api_key))
+        return TeacherCallError(scrub(f"{type(err).__name__}: {err}", self._sdk.api_key))
 
 
 def split_system(messages: list[dict]) -> tuple[str, list[dict]]:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.llm.completion import Completion
 from pipeline.teachers.errors import TeacherCallError, status_error, transport_error, unreadable_error
 from pipeline.teachers.keys import public_url, resolve_api_key, scrub
+from pipeline.teachers.sdk import SdkClient
 
 # Requests whose result says the batch ended before they ran: submitted again, not failures.
 LOST = "lost"
@@ -61,26 +62,40 @@ class Limits:
 
 
 @dataclass
-class OpenAIBatches:
+class _SdkBatches:
+    """What both providers share: the SDK client, made on first use with the teacher's key."""
+
+    teacher: Any  # the sync teacher: its settings build the bodies, its parser reads the answers
+    cfg: Any
+    _client: SdkClient | None = field(default=None, repr=False)
+
+    provider: ClassVar[str]
+    key_env: ClassVar[str]
+
+    def _sdk(self) -> Any:
+        if self._client is None:
+            key = resolve_api_key(self.teacher.spec, self.cfg, self.key_env)
+            self._client = SdkClient(self.provider, key, self.cfg.base_url, self.cfg.timeout_s)
+        return self._client.get()
+
+    @property
+    def _key(self) -> str | None:  # scrubbed from error text
+        return self._client.api_key if self._client is not None else None
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+@dataclass
+class OpenAIBatches(_SdkBatches):
     """The OpenAI Batch API (and any server implementing its Files and Batches endpoints)."""
 
-    teacher: Any  # OpenAITeacher: its settings build the bodies, its parser reads the answers
-    cfg: Any
     limits: Limits = field(default_factory=lambda: Limits(50_000, 190 * 1024 * 1024))  # 200 MB, with margin
     uploads_input: bool = True
-    _client: Any = None
-    _key: str | None = field(default=None, repr=False)  # never logged: scrubbed from error text
 
-    def _sdk(self):
-        if self._client is None:
-            from openai import AsyncOpenAI
-
-            key = resolve_api_key(self.teacher.spec, self.cfg, "OPENAI_API_KEY")
-            self._key = key
-            self._client = AsyncOpenAI(
-                api_key=key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
-            )
-        return self._client
+    provider: ClassVar[str] = "openai"
+    key_env: ClassVar[str] = "OPENAI_API_KEY"
 
     def request(self, key: str, messages: list[dict]) -> dict:
         from pipeline.teachers.openai_compat import REASONING_MODEL, label_format, request_params, schema_format
@@ -173,33 +188,16 @@ class OpenAIBatches:
         except openai.OpenAIError as err:
             raise translate_error(err, self._key, self.teacher.spec) from None
 
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
 
 @dataclass
-class AnthropicBatches:
+class AnthropicBatches(_SdkBatches):
     """Anthropic's Message Batches: requests inline, results streamed as JSONL."""
 
-    teacher: Any  # AnthropicTeacher
-    cfg: Any
     limits: Limits = field(default_factory=lambda: Limits(100_000, 240 * 1024 * 1024))  # 256 MB, with margin
     uploads_input: bool = False
-    _client: Any = None
-    _key: str | None = field(default=None, repr=False)
 
-    def _sdk(self):
-        if self._client is None:
-            from anthropic import AsyncAnthropic
-
-            key = resolve_api_key(self.teacher.spec, self.cfg, "ANTHROPIC_API_KEY")
-            self._key = key
-            self._client = AsyncAnthropic(
-                api_key=key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
-            )
-        return self._client
+    provider: ClassVar[str] = "anthropic"
+    key_env: ClassVar[str] = "ANTHROPIC_API_KEY"
 
     def request(self, key: str, messages: list[dict]) -> dict:
         from pipeline.teachers.anthropic import split_system
@@ -278,11 +276,6 @@ class AnthropicBatches:
             raise TeacherCallError(scrub(f"{type(err).__name__}: {err}", self._key)) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise unreadable_error(type(err).__name__) from None
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
 
 
 def batches_for(teacher, cfg) -> OpenAIBatches | AnthropicBatches:

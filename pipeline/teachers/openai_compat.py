@@ -23,6 +23,7 @@ from pipeline.llm.completion import Completion
 from pipeline.teachers.errors import TeacherCallError, status_error, transport_error, unreadable_error
 from pipeline.teachers.keys import public_url, resolve_api_key, scrub
 from pipeline.teachers.ledger import resolve_price
+from pipeline.teachers.sdk import SdkClient
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ class OpenAITeacher:
             schema_modes=("json_schema", "json_object", None) if self.labels or self.schema else (None,),
             logprobs=cfg.logprobs and not REASONING_MODEL.match(model),  # reasoning models refuse logprobs
         )
-        self._api_key = api_key  # kept off identity(), repr and every message
-        self._client = None
+        self._sdk = SdkClient("openai", api_key, cfg.base_url, cfg.timeout_s)
 
     @classmethod
     def from_config(cls, model: str, cfg, labels: list[str] | None = None, schema: dict | None = None) -> OpenAITeacher:
@@ -78,19 +78,8 @@ class OpenAITeacher:
             **({"constrained_to_schema": self.schema} if self.schema else {}),
         }
 
-    def _get_client(self):
-        if self._client is None:
-            from openai import AsyncOpenAI
-
-            self._client = AsyncOpenAI(
-                api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
-            )
-        return self._client
-
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await self._sdk.aclose()
 
     async def complete(self, messages: list[dict], params: dict | None = None) -> Completion:
         """One chat completion; raises TeacherCallError (maybe retryable) or TeacherAuthError.
@@ -147,7 +136,7 @@ class OpenAITeacher:
             elif schema_mode is not None:
                 assert self.schema is not None  # Asking offers a schema mode only with labels or a schema
                 params["response_format"] = schema_format(self.schema, schema_mode)
-        return await self._get_client().chat.completions.create(model=self.model, messages=messages, **params)
+        return await self._sdk.get().chat.completions.create(model=self.model, messages=messages, **params)
 
     def _to_completion(self, response, latency_ms: int, unwrap: bool = True) -> Completion:
         if not getattr(response, "choices", None):
@@ -166,7 +155,7 @@ class OpenAITeacher:
         )
 
     def _translate(self, err) -> Exception:
-        return translate_error(err, self._api_key, self.spec)
+        return translate_error(err, self._sdk.api_key, self.spec)
 
 
 # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5 and their snapshots) reject `max_tokens`,
