@@ -8,6 +8,7 @@ every served answer parses and validates, and an escalation names the field it d
 planted-field test uses the embedded SmolLM2, whose confidence means something.
 """
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -156,7 +157,7 @@ def test_served_answers_validate_and_escalations_name_the_weakest_field(run, sch
     from pipeline.llm.policy import Policy
     from pipeline.llm.structured import field_logprobs, weakest_field
     from pipeline.router.app import create_app
-    from pipeline.router.backends import Callers, StudentBackend, TeacherBackend
+    from pipeline.router.backends import StudentBackend, TeacherBackend
     from pipeline.router.modes import Mode
     from pipeline.router.settings import ServeSettings
 
@@ -198,8 +199,13 @@ def test_served_answers_validate_and_escalations_name_the_weakest_field(run, sch
             jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
             assert raw.headers["x-distill-route"] == "teacher"
             assert reply.distill["reason"].startswith("`") and "` p=" in reply.distill["reason"]
+
     # The student's own answers, as the router read them: the reason names their weakest field.
-    served = student._generate([([{"role": "user", "content": p}], 0) for p in prompts], 200, Callers())
+    async def answer_locally() -> list:
+        asks = [student.complete([{"role": "user", "content": p}], 200, top_logprobs=0) for p in prompts]
+        return list(await asyncio.gather(*asks))
+
+    served = asyncio.run(answer_locally())
     for answer in served:
         tokens = answer.tokens
         found = weakest_field(
