@@ -223,6 +223,22 @@ def label_serving(r: dict) -> list[dict]:
     ]
 
 
+def trie_bound(r: dict) -> list[dict]:
+    out = []
+    for eps, share in r["mean_share_to_run"].items():
+        out.append(
+            fig(
+                f"label trie: inner nodes an oracle pruner still runs at eps {eps} ({r['labels']} labels, mean)",
+                share,
+                "fraction",
+                better="lower",
+                headline=eps == "1e-07",
+                note="keeps confidences within ~1e-4" if eps == "1e-07" else "changes confidences",
+            )
+        )
+    return out
+
+
 def _latency(section: str, arm: str, baseline: str, block: dict, headline: bool) -> list[dict]:
     out = []
     for level, comparison in block.items():
@@ -754,6 +770,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "teacher_prompt": teacher_prompt,
     "loop_demo": loop_demo,
     "loop_sim": loop_sim,
+    "trie_bound": trie_bound,
     "gpu": gpu,
     "serving": serving,
     "cost": cost,

@@ -45,25 +45,13 @@ def stage_inputs(root: Path, embedded_dir: Path, dtype: torch.dtype) -> tuple[Pa
     """A base saved in `dtype` and curate / finetune / evaluate folders as those stages leave them."""
     from datasets import Dataset, DatasetDict
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from support.tiny_models import save_tiny_llama
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    base = save_tiny_llama(
+        root / "base", tokenizer, dtype=dtype, hidden_size=128, intermediate_size=256, tie_word_embeddings=False
     )
-    torch.manual_seed(0)
-    base = root / "base"
-    LlamaForCausalLM(config).to(dtype).save_pretrained(base)
     tokenizer.save_pretrained(base)
     rows = [{"id": f"x{i}", "prompt": p, "completion": "track_order"} for i, p in enumerate(PROMPTS)]
     curate = root / "curate"

@@ -101,6 +101,7 @@ def test_banking77_labels_share_prefixes_in_the_student_tokenization(embedded_di
 
 def _tiny(kind: str, attention: str, tiny_llama_dir):
     import torch
+    from support.tiny_models import tiny_shape
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
     from pipeline.llm.loading import device_plan, load_model
@@ -108,18 +109,7 @@ def _tiny(kind: str, attention: str, tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     if kind == "llama":
         return load_model(str(tiny_llama_dir), device_plan(), attn_implementation=attention).eval(), tokenizer
-    shape = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    shape = tiny_shape(tokenizer)
     config = MistralConfig(**shape) if kind == "mistral" else Qwen2Config(**shape)
     torch.manual_seed(1 if kind == "mistral" else 2)  # weights of their own, not the tiny Llama's
     return AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval(), tokenizer

@@ -29,25 +29,11 @@ POLL_S = 0.2
 
 def tiny_llama(out, tokenizer_dir, seed: int):
     """conftest's tiny_llama_dir with another seed: same tokenizer, other weights, other answers."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from support.tiny_models import save_tiny_llama
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
+    save_tiny_llama(out, tokenizer, seed=seed)
     tokenizer.save_pretrained(out)
 
 
