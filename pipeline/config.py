@@ -263,6 +263,12 @@ class CurateConfig(Section):
         "its prompts and their near-duplicates are kept out of train and validation. `distill retrain` "
         "sets it to round 0's test split, so every round is judged on the same prompts.",
     )
+    frozen_validation: Path | None = Field(
+        None,
+        description="A validation split (validation.jsonl of an earlier curate) used verbatim; the examples "
+        "then make train only. `distill retrain` sets it to round 0's validation split: a candidate warm-started "
+        "from the champion never trains on the prompts its threshold is calibrated on.",
+    )
 
     @model_validator(mode="after")
     def _patterns_compile(self) -> CurateConfig:
@@ -875,6 +881,9 @@ class RetrainConfig(Section):
         gt=0,
         description="Epochs of a round's candidate; default train.epochs. A warm start from the champion "
         "usually needs fewer.",
+    )
+    lr: float | None = Field(
+        None, gt=0, description="Learning rate of a round's candidate; default train.lr (a warm start: lower)."
     )
     min_new: int = Field(1, ge=1, description="Fewest new training records a round needs; fewer is refused.")
 

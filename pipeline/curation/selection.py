@@ -157,7 +157,7 @@ def stratified_split(examples: list[dict], val: float, test: float, seed: int) -
         rng.shuffle(group)
         n = len(group)
         n_test = max(1, round(n * test)) if n >= 3 and test > 0 else 0  # test=0: a frozen test split
-        n_val = max(1, round(n * val)) if n >= 3 else 0
+        n_val = max(1, round(n * val)) if n >= 3 and val > 0 else 0  # val=0: a frozen validation split
         splits["test"] += group[:n_test]
         splits["validation"] += group[n_test : n_test + n_val]
         splits["train"] += group[n_test + n_val :]

@@ -40,6 +40,7 @@ class CurateContext:
     tokenizer: Any  # the student's (transformers) tokenizer with its chat template
     eval_conversations: tuple[list[dict], ...] | None = None  # eval.file's conversations, normalised, if any
     frozen_test: tuple[dict, ...] | None = None  # curate.frozen_test's examples: this run's test split as is
+    frozen_validation: tuple[dict, ...] | None = None  # curate.frozen_validation's, likewise
     student_input: StudentInput = "auto"  # model.student_input, as the recipe asks it
     view: StudentView | None = None  # ... resolved over this run's records (curate_records sets it)
 
@@ -61,12 +62,24 @@ class CurateContext:
         tokenizer: Any,
         eval_conversations: list[list[dict]] | None,
         frozen_test: list[dict] | None = None,
+        frozen_validation: list[dict] | None = None,
     ) -> CurateContext:
         prompts = tuple(eval_conversations) if eval_conversations is not None else None
-        frozen = tuple(frozen_test) if frozen_test is not None else None
         return cls(
-            task, recipe.curate, recipe.train.max_seq_len, tokenizer, prompts, frozen, recipe.model.student_input
+            task,
+            recipe.curate,
+            recipe.train.max_seq_len,
+            tokenizer,
+            prompts,
+            tuple(frozen_test) if frozen_test is not None else None,
+            tuple(frozen_validation) if frozen_validation is not None else None,
+            recipe.model.student_input,
         )
+
+    @property
+    def frozen(self) -> tuple[dict, ...]:
+        """The frozen splits' examples: none of them, nor a near-duplicate, may train."""
+        return (self.frozen_test or ()) + (self.frozen_validation or ())
 
 
 @dataclass
@@ -143,13 +156,12 @@ def eval_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
     )
 
 
-def frozen_test_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
-    """Nothing that is, or nearly is, a frozen test prompt may train (an escalated copy of one included)."""
-    reference = NgramIndex((student_text(ex) for ex in ctx.frozen_test or ()), ctx.cfg.decontam_ngram)
+def frozen_decontaminate(examples: list[dict], ctx: CurateContext) -> StepResult:
+    """Nothing that is, or nearly is, a frozen test or validation prompt may train (an escalated
+    copy of one included)."""
+    reference = NgramIndex((student_text(ex) for ex in ctx.frozen), ctx.cfg.decontam_ngram)
     return StepResult(
-        *step_decontaminate(
-            examples, reference, ctx.cfg.decontam_overlap, "frozen_test_overlap", "the frozen test split"
-        )
+        *step_decontaminate(examples, reference, ctx.cfg.decontam_overlap, "frozen_test_overlap", "a frozen split")
     )
 
 
@@ -173,9 +185,7 @@ STEPS: tuple[CurateStep, ...] = (
     CurateStep("answer format", answer_format),
     CurateStep("self-consistency", consistency),
     CurateStep("decontaminate (eval file)", eval_decontaminate, enabled=lambda ctx: ctx.eval_conversations is not None),
-    CurateStep(
-        "decontaminate (frozen test)", frozen_test_decontaminate, enabled=lambda ctx: ctx.frozen_test is not None
-    ),
+    CurateStep("decontaminate (frozen splits)", frozen_decontaminate, enabled=lambda ctx: bool(ctx.frozen)),
     CurateStep("select", select),
 )
 
@@ -184,13 +194,15 @@ STEPS: tuple[CurateStep, ...] = (
 
 
 def split(examples: list[dict], ctx: CurateContext) -> dict[str, list[dict]]:
-    """Stratified split with the recipe's seed (removes nothing). With a frozen test split the
-    examples make train and validation only, and the test split is the frozen one, as it was."""
-    if ctx.frozen_test is None:
-        return stratified_split(examples, ctx.cfg.split.validation, ctx.cfg.split.test, ctx.seed)
-    splits = stratified_split(examples, ctx.cfg.split.validation, 0.0, ctx.seed)
-    splits["test"] = [dict(ex) for ex in ctx.frozen_test]
-    count_tokens(splits["test"], ctx.tokenizer)  # the card's length table reads them
+    """Stratified split with the recipe's seed (removes nothing). A frozen split is used as it was,
+    and the examples make the other splits only."""
+    validation = 0.0 if ctx.frozen_validation is not None else ctx.cfg.split.validation
+    test = 0.0 if ctx.frozen_test is not None else ctx.cfg.split.test
+    splits = stratified_split(examples, validation, test, ctx.seed)
+    for name, frozen in (("validation", ctx.frozen_validation), ("test", ctx.frozen_test)):
+        if frozen is not None:
+            splits[name] = [dict(ex) for ex in frozen]
+            count_tokens(splits[name], ctx.tokenizer)  # the card's length table reads them
     return splits
 
 

@@ -42,7 +42,7 @@ from pipeline.registry import CANDIDATE, CHAMPION, VERDICT_TAG, WORSE_TAG, Regis
 
 log = logging.getLogger(__name__)
 
-FROZEN_TEST = "frozen_test.jsonl"
+FROZEN_TEST, FROZEN_VALIDATION = "frozen_test.jsonl", "frozen_validation.jsonl"
 GATHERED, SLICE, GATHER_SUMMARY = "gathered.jsonl", "escalated_slice.jsonl", "gather.json"
 COMPARE_JSON, COMPARE_MD = "report.json", "report.md"
 
@@ -132,11 +132,21 @@ def first_champion(registry: Registry, name: str, base: Path) -> ServedVersion:
 
 def freeze_test(rounds: Rounds) -> Path:
     """Round 0's test split, copied on the first retrain and never rewritten after."""
-    frozen = rounds.root / FROZEN_TEST
+    return _freeze(rounds, "test", FROZEN_TEST)
+
+
+def freeze_validation(rounds: Rounds) -> Path:
+    """Round 0's validation split, kept as every round's: a candidate warm-started from the champion
+    must not calibrate its threshold on prompts the champion trained on, which a re-split would give it."""
+    return _freeze(rounds, "validation", FROZEN_VALIDATION)
+
+
+def _freeze(rounds: Rounds, split: str, name: str) -> Path:
+    frozen = rounds.root / name
     if not frozen.is_file():
-        source = rounds.base / "curate" / "test.jsonl"
+        source = rounds.base / "curate" / f"{split}.jsonl"
         if not source.is_file():
-            raise DistillError(f"{source}: round 0 has no curated test split; run `make distill` first")
+            raise DistillError(f"{source}: round 0 has no curated {split} split; run `make distill` first")
         rounds.root.mkdir(parents=True, exist_ok=True)
         tmp = frozen.with_suffix(".tmp")
         shutil.copyfile(source, tmp)
@@ -145,9 +155,13 @@ def freeze_test(rounds: Rounds) -> Path:
 
 
 def gather_round(recipe: Recipe, rounds: Rounds, n: int, frozen: Path, escalations: list[Path] | None) -> Gathered:
-    """Round n's training pool and escalated slice, written to r<n>/gather/."""
-    previous = trained_on(rounds.run_dir(n - 1))
-    excluded = {prompt_key(r) for r in read_jsonl(frozen)}
+    """Round n's training pool and escalated slice, written to r<n>/gather/. The pool is what the
+    champion trained on (the previous round's train split, not its whole capture: re-selecting
+    curate.target_size from the capture would drop most escalations again, and every record of a
+    labelled logs file would count as known) plus the new escalations; validation and test stay
+    round 0's."""
+    previous = read_jsonl(rounds.run_dir(n - 1) / "curate" / "train.jsonl")
+    excluded = {prompt_key(r) for path in (frozen, freeze_validation(rounds)) for r in read_jsonl(path)}
     for earlier in range(1, n):
         excluded |= {prompt_key(r) for r in read_jsonl(rounds.run_dir(earlier) / "gather" / SLICE)}
     files = escalation_files(recipe, escalations)
@@ -165,14 +179,6 @@ def gather_round(recipe: Recipe, rounds: Rounds, n: int, frozen: Path, escalatio
         out / GATHER_SUMMARY, {"round": n, "escalation_files": [str(f) for f in files], **gathered.summary()}
     )
     return gathered
-
-
-def trained_on(run_dir: Path) -> list[dict]:
-    """What a round's model learned from: its curated train and validation splits, not its whole
-    capture. A round is the champion's set plus what the champion escalated; re-selecting
-    curate.target_size from the whole capture would drop most escalations again (Banking77: 1,250 of
-    10,003 records), and every record of a labelled logs file would count as already known."""
-    return [r for split in ("train", "validation") for r in read_jsonl(run_dir / "curate" / f"{split}.jsonl")]
 
 
 def escalation_files(recipe: Recipe, given: list[Path] | None) -> list[Path]:
@@ -193,12 +199,15 @@ def round_recipe_for(recipe: Recipe, rounds: Rounds, n: int, frozen: Path, champ
         "capture.records": str(rounds.run_dir(n) / "gather" / GATHERED),
         "curate.frozen_test": str(frozen),
         "export.model_name": registered_name(recipe),
+        "curate.frozen_validation": str(freeze_validation(rounds)),
         "curate.target_size": None,  # the gathered pool is already a selection: keep all of it
     }
     if recipe.retrain.warm_start:
         fields["train.init_adapter"] = str(champion.run_dir / "finetune" / "adapter")
     if recipe.retrain.epochs is not None:
         fields["train.epochs"] = recipe.retrain.epochs
+    if recipe.retrain.lr is not None:
+        fields["train.lr"] = recipe.retrain.lr
     raw = recipe.model_dump(mode="json")
     for dotted, value in fields.items():
         *sections, key = dotted.split(".")

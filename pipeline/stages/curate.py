@@ -111,6 +111,8 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
         files["eval_file"] = recipe.eval.file
     if recipe.curate.frozen_test is not None:
         files["frozen_test"] = recipe.curate.frozen_test
+    if recipe.curate.frozen_validation is not None:
+        files["frozen_validation"] = recipe.curate.frozen_validation
     return files
 
 
@@ -136,8 +138,11 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     held_out = (
         load_eval_conversations(inputs["eval_file"], recipe.eval.file_prompt_field) if "eval_file" in inputs else None
     )
-    frozen = load_frozen_test(inputs["frozen_test"]) if "frozen_test" in inputs else None
-    result = curate_records(raw, CurateContext.from_recipe(recipe, task, _tokenizer(recipe), held_out, frozen))
+    frozen = {s: load_frozen_split(inputs[f"frozen_{s}"], s) for s in ("test", "validation") if f"frozen_{s}" in inputs}
+    ctx = CurateContext.from_recipe(
+        recipe, task, _tokenizer(recipe), held_out, frozen.get("test"), frozen.get("validation")
+    )
+    result = curate_records(raw, ctx)
     _check_enough(result, len(raw), recipe.curate.min_examples)
 
     _save(result.splits, out)
@@ -171,7 +176,7 @@ def curate_records(raw: list[dict], ctx: CurateContext, registry: tuple[CurateSt
     decontamination; no file is read or written here."""
     if ctx.view is None:
         ctx = replace(ctx, view=resolve_view(raw, ctx.student_input))
-    for ex in ctx.frozen_test or ():
+    for ex in ctx.frozen:
         with_student_view(ex, ctx.shape)
     trail: list[StepRecord] = []
     notes: list[str] = []
@@ -228,8 +233,9 @@ def load_eval_conversations(path: Path, prompt_field: str) -> list[list[dict]]:
     ]
 
 
-def load_frozen_test(path: Path) -> list[dict]:
-    """A test.jsonl this stage wrote (chat records) back as examples: `to_chat_record` inverted."""
+def load_frozen_split(path: Path, split: str = "test") -> list[dict]:
+    """A test.jsonl or validation.jsonl this stage wrote (chat records) back as examples:
+    `to_chat_record` inverted."""
     examples = []
     for lineno, record in iter_jsonl(path):
         try:
@@ -247,11 +253,11 @@ def load_frozen_test(path: Path) -> list[dict]:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DistillError(
-                f"{path}:{lineno}: not a curated test record ({err!r}); curate.frozen_test "
-                "takes the test.jsonl of an earlier curate"
+                f"{path}:{lineno}: not a curated {split} record ({err!r}); curate.frozen_{split} "
+                f"takes the {split}.jsonl of an earlier curate"
             ) from None
     if not examples:
-        raise DistillError(f"{path}: the frozen test split is empty")
+        raise DistillError(f"{path}: the frozen {split} split is empty")
     return examples
 
 

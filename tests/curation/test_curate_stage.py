@@ -135,14 +135,14 @@ def card_steps(card: str) -> list[str]:
     return [r[1] for r in rows]
 
 
-OPTIONAL = ("pii scrub", "decontaminate (eval file)", "decontaminate (frozen test)")
+OPTIONAL = ("pii scrub", "decontaminate (eval file)", "decontaminate (frozen splits)")
 
 
 def test_card_lists_the_registry_steps_in_registry_order(setup, tmp_path):
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"prompt": LEAK}) + "\n")
     _, out, _ = setup(pii=True, eval_file=str(eval_file))
-    frozen = "decontaminate (frozen test)"  # retrain's rounds only (tests/loop/test_loop.py)
+    frozen = "decontaminate (frozen splits)"  # retrain's rounds only (tests/loop/test_loop.py)
     assert card_steps((out / "card.md").read_text()) == [s.name for s in STEPS if s.name != frozen] + [
         SPLIT,
         TEST_DECONTAMINATION,
@@ -203,8 +203,8 @@ def test_optional_steps_decide_from_the_context(ctx):
     assert not enabled["pii scrub"](ctx) and not enabled["decontaminate (eval file)"](ctx)
     on = CurateContext(ctx.task, ctx.cfg.model_copy(update={"pii": True}), ctx.max_seq_len, ctx.tokenizer, ("a b",))
     assert enabled["pii scrub"](on) and enabled["decontaminate (eval file)"](on)
-    assert not enabled["decontaminate (frozen test)"](ctx)
-    assert enabled["decontaminate (frozen test)"](
+    assert not enabled["decontaminate (frozen splits)"](ctx)
+    assert enabled["decontaminate (frozen splits)"](
         CurateContext(ctx.task, ctx.cfg, ctx.max_seq_len, ctx.tokenizer, frozen_test=({"prompt": "a b"},))
     )
     assert all(s.enabled(ctx) for s in STEPS if s.name not in OPTIONAL)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts import read_jsonl
 from pipeline.errors import DistillError
 from pipeline.loop.compare import Routing, mcnemar_exact, paired, verdict
 from pipeline.loop.gather import gather, in_slice, prompt_key
@@ -104,22 +105,44 @@ def test_a_round_is_what_the_champion_trained_on_plus_what_it_escalated(tmp_path
     write(base / "curate" / "validation.jsonl", PREVIOUS[1:])
     frozen = write(tmp_path / "frozen.jsonl", [record("f1", "Is there a fee for transfers?", "transfer_fee")])
     escalated = write(tmp_path / "esc.jsonl", [{**unselected, "id": "req-1", "meta": {"source": "router"}}])
-    recipe = load_recipe("banking77-cpu", ["retrain.holdout=0", "retrain.warm_start=true", "retrain.epochs=1"])
+    overrides = ["retrain.holdout=0", "retrain.warm_start=true", "retrain.epochs=1", "retrain.lr=2e-4"]
+    recipe = load_recipe("banking77-cpu", overrides)
     rounds = Rounds(base)
 
     gathered = gather_round(recipe, rounds, 1, frozen, [escalated])
     # The unselected capture record is no reason to skip the escalation: the champion never saw it.
     assert [r["id"] for r in gathered.added] == ["req-1"] and not gathered.skipped
-    assert [r["id"] for r in gathered.pool] == ["t1", "t2", "req-1"]
+    # Round 0's validation split stays the validation split (frozen): it is not in the pool.
+    assert [r["id"] for r in gathered.pool] == ["t1", "req-1"]
 
     champion = ServedVersion("b77", "1", base / "export" / "merged")
     round_one = round_recipe_for(recipe, rounds, 1, frozen, champion)
     assert round_one.curate.target_size is None  # the gathered pool is kept whole, not re-selected
-    assert round_one.train.epochs == 1 and round_one.train.init_adapter == base / "finetune" / "adapter"
-    assert recipe.train.epochs == 4  # round 0's own setting is untouched
+    assert round_one.curate.frozen_validation == base / "rounds" / "frozen_validation.jsonl"
+    assert read_jsonl(round_one.curate.frozen_validation) == PREVIOUS[1:]
+    assert round_one.train.epochs == 1 and round_one.train.lr == 2e-4
+    assert round_one.train.init_adapter == base / "finetune" / "adapter"
+    assert (recipe.train.epochs, recipe.train.lr) == (4, 1e-3)  # round 0's own settings are untouched
 
 
 # ---------------------------------------------------------------- frozen test split (curate)
+
+
+def frozen_split(words: str, labels: list[str], n: int = 6) -> list[dict]:
+    """Examples as curate loads a frozen split back (`load_frozen_split`)."""
+    return [
+        {
+            "id": f"{words[0]}{i}",
+            "messages": [{"role": "user", "content": f"{words} {i} about my account and its settings today"}],
+            "completion": labels[i % 3],
+            "label": labels[i % 3],
+            "gold": None,
+            "teacher": "t",
+            "teacher_logprob": None,
+            "confidence": None,
+        }
+        for i in range(n)
+    ]
 
 
 def test_frozen_test_split_is_used_verbatim_and_its_near_duplicates_do_not_train(embedded_dir):
@@ -129,24 +152,9 @@ def test_frozen_test_split_is_used_verbatim_and_its_near_duplicates_do_not_train
     from pipeline.stages.curate import curate_records
     from pipeline.task import load_task
 
-    root = Path(__file__).resolve().parents[2]
-    task = load_task(root / "data" / "task.yaml")
+    task = load_task(Path(__file__).resolve().parents[2] / "data" / "task.yaml")
     labels = task.labels
-    frozen = [
-        {
-            "id": f"f{i}",
-            "messages": [
-                {"role": "user", "content": f"frozen question number {i} about my account and its settings today"}
-            ],
-            "completion": labels[i % 3],
-            "label": labels[i % 3],
-            "gold": None,
-            "teacher": "t",
-            "teacher_logprob": None,
-            "confidence": None,
-        }
-        for i in range(6)
-    ]
+    frozen = frozen_split("frozen question number", labels)
     raw = [
         record(f"r{i:03d}", f"Question {i}: how do I do thing {i} with order {1000 + i}?", labels[i % 4])
         for i in range(60)
@@ -160,8 +168,32 @@ def test_frozen_test_split_is_used_verbatim_and_its_near_duplicates_do_not_train
     trained = {ex["prompt"] for s in ("train", "validation") for ex in result.splits[s]}
     assert near_copy not in trained
     assert len(result.splits["validation"]) > 0 and len(trained) == 60
-    step = next(s for s in result.steps if s.name == "decontaminate (frozen test)")
+    step = next(s for s in result.steps if s.name == "decontaminate (frozen splits)")
     assert step.n_in - step.n_out == 1
+
+
+def test_a_frozen_validation_split_is_used_verbatim_and_the_examples_all_train(embedded_dir):
+    from pipeline.config import Recipe
+    from pipeline.curation.steps import CurateContext
+    from pipeline.llm.loading import load_tokenizer
+    from pipeline.stages.curate import curate_records
+    from pipeline.task import load_task
+
+    task = load_task(Path(__file__).resolve().parents[2] / "data" / "task.yaml")
+    test, validation = frozen_split("test question", task.labels), frozen_split("validation question", task.labels)
+    raw = [
+        record(f"r{i:03d}", f"Question {i}: how do I do thing {i} with order {1000 + i}?", task.labels[i % 4])
+        for i in range(40)
+    ]
+    near_copy = "validation question 4 about my account and its settings today please"
+    raw.append(record("r999", near_copy, task.labels[0]))
+    recipe = Recipe(name="t", curate={"min_examples": 3, "labels_only": True})
+    tokenizer = load_tokenizer(str(embedded_dir))
+    result = curate_records(raw, CurateContext.from_recipe(recipe, task, tokenizer, None, test, validation))
+    assert [ex["id"] for ex in result.splits["validation"]] == [ex["id"] for ex in validation]
+    assert [ex["id"] for ex in result.splits["test"]] == [ex["id"] for ex in test]
+    # Every other example trains; a near copy of a validation prompt does not.
+    assert sorted(ex["id"] for ex in result.splits["train"]) == [f"r{i:03d}" for i in range(40)]
 
 
 # ---------------------------------------------------------------- paired comparison
