@@ -90,7 +90,7 @@ def retrain(recipe: Recipe, runs_root: Path = Path("runs"), escalations: list[Pa
     registry = Registry(resolve_uri(recipe.tracking.uri))
     champion = registry.resolve(name, CHAMPION) or first_champion(registry, name, rounds.base)
     n = rounds.next()
-    frozen = freeze_test(rounds)
+    frozen = freeze(rounds)
     gathered = gather_round(recipe, rounds, n, frozen, escalations)
     log.info(
         "retrain round %d: %d new records, %d held back, champion is version %s",
@@ -130,15 +130,19 @@ def first_champion(registry: Registry, name: str, base: Path) -> ServedVersion:
     return registry.promote(name, version.version)
 
 
-def freeze_test(rounds: Rounds) -> Path:
-    """Round 0's test split, copied on the first retrain and never rewritten after."""
-    return _freeze(rounds, "test", FROZEN_TEST)
-
-
-def freeze_validation(rounds: Rounds) -> Path:
-    """Round 0's validation split, kept as every round's: a candidate warm-started from the champion
+@dataclass(frozen=True)
+class Frozen:
+    """Round 0's test and validation splits, every round's: the test split so every round is judged
+    on the same prompts; the validation split because a candidate warm-started from the champion
     must not calibrate its threshold on prompts the champion trained on, which a re-split would give it."""
-    return _freeze(rounds, "validation", FROZEN_VALIDATION)
+
+    test: Path
+    validation: Path
+
+
+def freeze(rounds: Rounds) -> Frozen:
+    """Round 0's splits, copied on the first retrain and never rewritten after."""
+    return Frozen(_freeze(rounds, "test", FROZEN_TEST), _freeze(rounds, "validation", FROZEN_VALIDATION))
 
 
 def _freeze(rounds: Rounds, split: str, name: str) -> Path:
@@ -154,14 +158,14 @@ def _freeze(rounds: Rounds, split: str, name: str) -> Path:
     return frozen
 
 
-def gather_round(recipe: Recipe, rounds: Rounds, n: int, frozen: Path, escalations: list[Path] | None) -> Gathered:
+def gather_round(recipe: Recipe, rounds: Rounds, n: int, frozen: Frozen, escalations: list[Path] | None) -> Gathered:
     """Round n's training pool and escalated slice, written to r<n>/gather/. The pool is what the
     champion trained on (the previous round's train split, not its whole capture: re-selecting
     curate.target_size from the capture would drop most escalations again, and every record of a
     labelled logs file would count as known) plus the new escalations; validation and test stay
     round 0's."""
     previous = read_jsonl(rounds.run_dir(n - 1) / "curate" / "train.jsonl")
-    excluded = {prompt_key(r) for path in (frozen, freeze_validation(rounds)) for r in read_jsonl(path)}
+    excluded = {prompt_key(r) for path in (frozen.test, frozen.validation) for r in read_jsonl(path)}
     for earlier in range(1, n):
         excluded |= {prompt_key(r) for r in read_jsonl(rounds.run_dir(earlier) / "gather" / SLICE)}
     files = escalation_files(recipe, escalations)
@@ -193,13 +197,13 @@ def escalation_files(recipe: Recipe, given: list[Path] | None) -> list[Path]:
     return [Path(f) for f in files]
 
 
-def round_recipe_for(recipe: Recipe, rounds: Rounds, n: int, frozen: Path, champion: ServedVersion) -> Recipe:
+def round_recipe_for(recipe: Recipe, rounds: Rounds, n: int, frozen: Frozen, champion: ServedVersion) -> Recipe:
     """The user's recipe, with capture taking the gathered records and the test split frozen."""
     fields: dict[str, Any] = {
         "capture.records": str(rounds.run_dir(n) / "gather" / GATHERED),
-        "curate.frozen_test": str(frozen),
+        "curate.frozen_test": str(frozen.test),
         "export.model_name": registered_name(recipe),
-        "curate.frozen_validation": str(freeze_validation(rounds)),
+        "curate.frozen_validation": str(frozen.validation),
         "curate.target_size": None,  # the gathered pool is already a selection: keep all of it
     }
     if recipe.retrain.warm_start:

@@ -233,7 +233,7 @@ def load_eval_conversations(path: Path, prompt_field: str) -> list[list[dict]]:
     ]
 
 
-def load_frozen_split(path: Path, split: str = "test") -> list[dict]:
+def load_frozen_split(path: Path, split: str) -> list[dict]:
     """A test.jsonl or validation.jsonl this stage wrote (chat records) back as examples:
     `to_chat_record` inverted."""
     examples = []

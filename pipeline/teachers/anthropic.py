@@ -34,7 +34,6 @@ class AnthropicTeacher:
         self.base_url = cfg.base_url
         self.max_new_tokens = cfg.max_new_tokens
         self.temperature = cfg.temperature
-        self.timeout_s = cfg.timeout_s
         self.price = resolve_price("anthropic", model, cfg)
         self.notes: list[str] = []  # nothing to learn at run time: the API never has logprobs
         self._sdk = SdkClient("anthropic", api_key, cfg.base_url, cfg.timeout_s)

@@ -41,7 +41,6 @@ class OpenAITeacher:
         self.base_url = cfg.base_url
         self.max_new_tokens = cfg.max_new_tokens
         self.temperature = cfg.temperature
-        self.timeout_s = cfg.timeout_s
         self.price = resolve_price("openai", model, cfg)
         self.notes: list[str] = []
         # Structured output constrained to the task's labels (classification): llama.cpp, vLLM

@@ -92,7 +92,7 @@ def test_a_line_that_is_not_an_escalation_names_file_and_line(tmp_path):
 
 def test_a_round_is_what_the_champion_trained_on_plus_what_it_escalated(tmp_path):
     from pipeline.config import load_recipe
-    from pipeline.loop.retrain import Rounds, gather_round, round_recipe_for
+    from pipeline.loop.retrain import Rounds, freeze, gather_round, round_recipe_for
     from pipeline.registry import ServedVersion
 
     base = tmp_path / "runs" / "b77"
@@ -103,11 +103,12 @@ def test_a_round_is_what_the_champion_trained_on_plus_what_it_escalated(tmp_path
     write(base / "capture" / "teacher.jsonl", [*PREVIOUS, unselected])
     write(base / "curate" / "train.jsonl", PREVIOUS[:1])
     write(base / "curate" / "validation.jsonl", PREVIOUS[1:])
-    frozen = write(tmp_path / "frozen.jsonl", [record("f1", "Is there a fee for transfers?", "transfer_fee")])
+    write(base / "curate" / "test.jsonl", [record("f1", "Is there a fee for transfers?", "transfer_fee")])
     escalated = write(tmp_path / "esc.jsonl", [{**unselected, "id": "req-1", "meta": {"source": "router"}}])
     overrides = ["retrain.holdout=0", "retrain.warm_start=true", "retrain.epochs=1", "retrain.lr=2e-4"]
     recipe = load_recipe("banking77-cpu", overrides)
     rounds = Rounds(base)
+    frozen = freeze(rounds)
 
     gathered = gather_round(recipe, rounds, 1, frozen, [escalated])
     # The unselected capture record is no reason to skip the escalation: the champion never saw it.
