@@ -413,6 +413,57 @@ def loop_demo(r: dict) -> list[dict]:
     return out
 
 
+def loop_strategies(r: dict) -> list[dict]:
+    """`bench/loop_strategies.py`: one round's retraining strategies, each against the loop's own
+    setting (`warm`) where it ran; CIs and the paired change against the champion in the notes."""
+    rows = {row["variant"]: row for row in r["variants"]}
+    out = []
+    for name, row in rows.items():
+        warm = rows.get("warm") if name != "warm" else None
+        for what, key, note in _strategy_rates(row):
+            out.append(
+                fig(
+                    f"strategy {name}: {what}",
+                    _strategy_value(row, key),
+                    "fraction",
+                    baseline=_strategy_value(warm, key) if warm is not None else None,
+                    baseline_name="warm (the loop's setting)",
+                    headline=key == "validation_agreement",
+                    note=note,
+                )
+            )
+        out.append(fig(f"strategy {name}: training time", row["train_wall_s"], "s", better="lower"))
+    return out
+
+
+def _strategy_value(row: dict, key: str) -> float:
+    value = row["held_back_vs_champion"]["candidate"] if key == "held_back" else row[key]
+    return value["value"] if isinstance(value, dict) else value
+
+
+def _strategy_rates(row: dict) -> list[tuple[str, str, str]]:
+    def ci(f: dict) -> str:
+        return f"95% CI [{100 * f['lo']:.1f}, {100 * f['hi']:.1f}]"
+
+    def vs(d: dict) -> str:
+        return f"vs champion {100 * d['value']:+.1f} pp [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}], n={d['n']}"
+
+    return [
+        (
+            "agreement on the frozen validation split (picks the winner)",
+            "validation_agreement",
+            f"{row['train_examples']} training rows",
+        ),
+        (
+            "accuracy vs gold (frozen test)",
+            "test_accuracy",
+            f"{ci(row['test_accuracy'])}; {vs(row['test_vs_champion']['delta'])} (agreement)",
+        ),
+        ("agreement on held-back escalations", "held_back", vs(row["held_back_vs_champion"]["delta"])),
+        ("local share at the quality target (frozen test)", "local_share", ci(row["local_share"])),
+    ]
+
+
 def loop_sim(r: dict) -> list[dict]:
     """`make loop-sim`: per round, the candidate on the frozen test split (CIs in the note), what the
     champion served locally, the routed cost priced as the named API, training time; round 0 the baseline."""
@@ -770,6 +821,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "teacher_prompt": teacher_prompt,
     "loop_demo": loop_demo,
     "loop_sim": loop_sim,
+    "loop_strategies": loop_strategies,
     "trie_bound": trie_bound,
     "gpu": gpu,
     "serving": serving,

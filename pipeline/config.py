@@ -885,6 +885,21 @@ class RetrainConfig(Section):
     lr: float | None = Field(
         None, gt=0, description="Learning rate of a round's candidate; default train.lr (a warm start: lower)."
     )
+    escalation_weight: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Times each new escalation is trained on per epoch (oversampled); 1: like any other "
+        "example. The weight stays with the example in later rounds.",
+    )
+    replay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the previous round's training examples kept in a round's pool (a stable hash "
+        "of each prompt picks them); every new escalation is kept. Below 1 with warm_start: the champion's "
+        "adapter already learned the rest.",
+    )
     min_new: int = Field(1, ge=1, description="Fewest new training records a round needs; fewer is refused.")
 
 

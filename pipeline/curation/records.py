@@ -124,6 +124,7 @@ def to_example(record: dict, task: Task, shape: Shape) -> dict:
             "teacher": str(meta.get("teacher") or ""),
             "teacher_logprob": logprob,
             "confidence": 1.0,
+            "weight": example_weight(meta),
             # Each label's log-likelihood (a local teacher with teacher.label_distribution) -> its posterior.
             "label_probs": posterior(meta["label_logprobs"])
             if task.kind == "classification" and meta.get("label_logprobs")
@@ -137,6 +138,14 @@ def to_example(record: dict, task: Task, shape: Shape) -> dict:
         },
         shape,
     )
+
+
+def example_weight(meta: dict) -> int:
+    """Times finetune trains on the example per epoch (`meta.weight`, set by `retrain.escalation_weight`)."""
+    weight = meta.get("weight", 1)
+    if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+        raise ValueError(f"meta.weight must be a whole number >= 1, got {weight!r}")
+    return weight
 
 
 def step_normalise(

@@ -8,7 +8,7 @@ priced like the student: its measured latency x the machine's price. Student: me
 generation wall time on this hardware x `eval.cost.student_usd_per_hour`. A routed request
 always pays the student (it answers first) and pays the teacher too when it escalates.
 
-`eval.cost.teacher_priced_as` adds the same traffic priced as a paid API (`api_price_figures`):
+`eval.cost.teacher_priced_as` adds the test split's traffic priced as a paid API (`api_price_figures`):
 what a user who pays that API for every request would pay, and what routing saves them.
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pipeline.config import EvalCostConfig
+from pipeline.conversation import conversation_of
 from pipeline.prices import Price
 from pipeline.stats import Figure
 
@@ -156,19 +157,36 @@ def api_price_figures(
     }
 
 
+def test_traffic(test: list[dict], records: list[dict]) -> list[dict]:
+    """The test split as teacher records: the traffic the local share was measured on, so the API
+    price and the routed cost describe the same requests, and a loop's rounds, judged on one frozen
+    test split, are priced on the same requests (not on each round's training pool). Each keeps the
+    teacher's own token count (meta.usage) where the capture holds its id."""
+    usage = {r.get("id"): (r.get("meta") or {}).get("usage") for r in records}
+    return [
+        {
+            "id": ex["id"],
+            "messages": [*conversation_of(ex), {"role": "assistant", "content": ex["completion"]}],
+            "meta": {"usage": usage[ex["id"]]} if usage.get(ex["id"]) else {},
+        }
+        for ex in test
+    ]
+
+
 def priced_as_api(
     cfg: EvalCostConfig,
+    test: list[dict],
     records: list[dict],
     student_usd: float,
     local_share: Figure,
     count_tokens: Callable[[dict], tuple[int, int]] | None = None,
 ) -> dict | None:
-    """`eval.cost.teacher_priced_as`'s figures, or None when the recipe names no API."""
+    """`eval.cost.teacher_priced_as`'s figures for the test traffic, or None when the recipe names no API."""
     price = cfg.api_price()
     if cfg.teacher_priced_as is None or price is None:
         return None
     return api_price_figures(
-        records,
+        test_traffic(test, records),
         cfg.teacher_priced_as,
         price,
         student_usd,

@@ -50,16 +50,40 @@ def prompt_key(record: dict) -> str:
 
 def in_slice(key: str, holdout: float) -> bool:
     """Deterministic in every process (no Python hash()): the first 8 bytes of the key's sha256."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 16**16 < holdout
+    return _unit_hash(key) < holdout
+
+
+def replayed(key: str, share: float) -> bool:
+    """Is this previous record kept at replay `share`? Salted, so it is not the slice's hash again."""
+    return share >= 1 or _unit_hash("replay\n" + key) < share
+
+
+def _unit_hash(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 16**16
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How a round's pool mixes old and new: the share of the previous pool replayed, and how many
+    times each new escalation counts (`meta.weight`, which finetune oversamples by)."""
+
+    replay: float = 1.0
+    weight: int = 1
 
 
 def gather(
-    previous: list[dict], escalation_files: list[Path], excluded: set[str], holdout: float, round_no: int
+    previous: list[dict],
+    escalation_files: list[Path],
+    excluded: set[str],
+    holdout: float,
+    round_no: int,
+    mix: Mix = Mix(),
 ) -> Gathered:
-    """`excluded`: prompt keys that may not train (frozen test, earlier escalated slices)."""
+    """`excluded`: prompt keys that may not train (frozen test, earlier escalated slices). A previous
+    record left out by `mix.replay` still counts as known: an escalation of it adds nothing."""
     known = {prompt_key(r) for r in previous}
     ids = {r["id"] for r in previous}
-    out = Gathered(pool=list(previous), slice=[])
+    out = Gathered(pool=[r for r in previous if replayed(prompt_key(r), mix.replay)], slice=[])
     for path in escalation_files:
         for where, row in read_rows(path):
             record = _check_escalation(where, row)
@@ -71,7 +95,7 @@ def gather(
                 out.skipped["no_answer"] += 1
                 continue
             known.add(key)
-            record = _as_round_record(record, ids, round_no)
+            record = _as_round_record(record, ids, round_no, mix.weight)
             if in_slice(key, holdout):
                 out.slice.append(record)
             else:
@@ -92,15 +116,16 @@ def _check_escalation(where: str, row: dict) -> dict:
     return {"id": str(row.get("id") or ""), "messages": messages, "meta": dict(row.get("meta") or {})}
 
 
-def _as_round_record(record: dict, ids: set[str], round_no: int) -> dict:
-    """A unique id (router request ids may repeat across files) and the round it joined in."""
+def _as_round_record(record: dict, ids: set[str], round_no: int, weight: int) -> dict:
+    """A unique id (router request ids may repeat across files), the round it joined in, its weight."""
     base = record["id"] or f"esc-{hashlib.sha256(prompt_key(record).encode()).hexdigest()[:12]}"
     rid, n = base, 1
     while rid in ids:
         n += 1
         rid = f"{base}~{n}"
     ids.add(rid)
-    return {**record, "id": rid, "meta": {**record["meta"], "round": round_no}}
+    meta = {**record["meta"], "round": round_no, **({"weight": weight} if weight > 1 else {})}
+    return {**record, "id": rid, "meta": meta}
 
 
 def reason_kind(record: dict) -> str:

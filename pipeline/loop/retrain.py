@@ -37,7 +37,7 @@ from pipeline.config import Recipe, validate_recipe
 from pipeline.conversation import Shape
 from pipeline.errors import DistillError
 from pipeline.loop import compare
-from pipeline.loop.gather import Gathered, gather, prompt_key
+from pipeline.loop.gather import Gathered, Mix, gather, prompt_key
 from pipeline.registry import CANDIDATE, CHAMPION, VERDICT_TAG, WORSE_TAG, Registry, ServedVersion
 
 log = logging.getLogger(__name__)
@@ -162,14 +162,15 @@ def gather_round(recipe: Recipe, rounds: Rounds, n: int, frozen: Frozen, escalat
     """Round n's training pool and escalated slice, written to r<n>/gather/. The pool is what the
     champion trained on (the previous round's train split, not its whole capture: re-selecting
     curate.target_size from the capture would drop most escalations again, and every record of a
-    labelled logs file would count as known) plus the new escalations; validation and test stay
-    round 0's."""
+    labelled logs file would count as known; `retrain.replay` of it) plus the new escalations
+    (weighted by `retrain.escalation_weight`); validation and test stay round 0's."""
     previous = read_jsonl(rounds.run_dir(n - 1) / "curate" / "train.jsonl")
     excluded = {prompt_key(r) for path in (frozen.test, frozen.validation) for r in read_jsonl(path)}
     for earlier in range(1, n):
         excluded |= {prompt_key(r) for r in read_jsonl(rounds.run_dir(earlier) / "gather" / SLICE)}
     files = escalation_files(recipe, escalations)
-    gathered = gather(previous, files, excluded, recipe.retrain.holdout, n)
+    mix = Mix(recipe.retrain.replay, recipe.retrain.escalation_weight)
+    gathered = gather(previous, files, excluded, recipe.retrain.holdout, n, mix)
     if len(gathered.added) < recipe.retrain.min_new:
         raise DistillError(
             f"retrain round {n}: {len(gathered.added)} new training records from "

@@ -41,6 +41,7 @@ from pipeline.conversation import (
     split_answer,
     user_turn,
 )
+from pipeline.curation.records import example_weight
 from pipeline.errors import DistillError
 from pipeline.llm.completion import Completion
 from pipeline.llm.loading import check_recipe_models
@@ -467,6 +468,7 @@ def check_record(where: str, row: dict) -> tuple[str, dict]:
             raise ValueError("want an id and a meta mapping")
         messages = read_messages(row.get("messages"))
         split_answer(messages)
+        example_weight(row.get("meta", {}))
     except ValueError as err:
         raise DistillError(
             f"{where}: not a capture record ({err}; want id, messages [..., user, assistant], meta)"

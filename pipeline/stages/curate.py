@@ -53,7 +53,7 @@ from pipeline.artifacts import (
 from pipeline.config import Recipe
 from pipeline.conversation import StudentInput, StudentView, resolve_student_input, split_answer, write_student_view
 from pipeline.curation.card import StepRecord, plot_lengths, removed_counts, render_card
-from pipeline.curation.records import normalize_text, read_conversation, with_student_view
+from pipeline.curation.records import example_weight, normalize_text, read_conversation, with_student_view
 from pipeline.curation.steps import (
     NORMALISE,
     SPLIT,
@@ -96,6 +96,7 @@ COLUMNS = (
     "teacher_logprob",
     "confidence",
     "teacher_label_probs",
+    "weight",
 )
 
 
@@ -249,6 +250,7 @@ def load_frozen_split(path: Path, split: str) -> list[dict]:
                     "completion": answer,
                     **{c: meta[c] for c in COLUMNS[3:-1]},
                     "teacher_label_probs": meta.get("teacher_label_probs", ""),
+                    "weight": example_weight(meta),
                 }
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -283,6 +285,7 @@ def _save(splits: dict[str, list[dict]], out: Path) -> None:
             "messages": [{"role": Value("string"), "content": Value("string")}],
             "teacher_logprob": Value("float64"),
             "confidence": Value("float64"),
+            "weight": Value("int64"),
         }
     )
     for ex in (ex for s in SPLITS for ex in splits[s]):  # a frozen test split's rows already carry it
@@ -308,5 +311,6 @@ def to_chat_record(ex: dict) -> dict:
             "teacher_logprob": ex["teacher_logprob"],
             "confidence": ex["confidence"],
             "teacher_label_probs": ex["teacher_label_probs"],
+            **({"weight": ex["weight"]} if ex["weight"] != 1 else {}),
         },
     }

@@ -266,7 +266,7 @@ def assess(
         chosen_curve,
     )
     money["priced_as"] = priced_as_api(
-        recipe.eval.cost, records, money["student_usd_per_request"], confirmed["local_share"], count_tokens
+        recipe.eval.cost, test, records, money["student_usd_per_request"], confirmed["local_share"], count_tokens
     )
     flat: dict[str, float | None] = dict(flatten_figures(figures))  # Manifest.metrics: None where not measured
     flat.update(

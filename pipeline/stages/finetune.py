@@ -73,7 +73,8 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
     dataset = load_from_disk(str(inputs["curate"] / CURATED_DATASET), keep_in_memory=True)
     shape = read_student_view(inputs["curate"]).shape
     tokenizer = load_tokenizer(recipe.model.base, inputs.get("chat_template"))
-    train = tokenize_dataset(to_prompt_completion(dataset["train"], shape), tokenizer, cfg.max_seq_len, cfg.soft_labels)
+    train_split = oversampled(dataset["train"])
+    train = tokenize_dataset(to_prompt_completion(train_split, shape), tokenizer, cfg.max_seq_len, cfg.soft_labels)
     validation = validation_set(dataset, tokenizer, cfg, shape) if cfg.eval_steps else None
     # No peft.prepare_model_for_kbit_training for a 4-bit base: it upcasts embeddings, norms and
     # lm_head to fp32, and 4-bit layers return their input's dtype, so the whole residual stream
@@ -153,6 +154,16 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
 
 
 # ---------------------------------------------------------------- data
+
+
+def oversampled(split):
+    """Each row repeated `weight` times (an escalation weighted by `retrain.escalation_weight`); the
+    trainer shuffles, so the copies spread over the epoch. Curated datasets before weights: as they are."""
+    if "weight" not in split.column_names or all(w == 1 for w in split["weight"]):
+        return split
+    rows = [i for i, w in enumerate(split["weight"]) for _ in range(w)]
+    log.info("finetune: %d weighted examples trained on as %d rows", sum(w > 1 for w in split["weight"]), len(rows))
+    return split.select(rows, keep_in_memory=True)
 
 
 def to_prompt_completion(split, shape: Shape):

@@ -244,3 +244,39 @@ def test_auto_learns_a_shared_system_prompt_away_and_keeps_a_varying_one(setup, 
     assert first["messages"][:-1] == source["messages"][:-1]  # as sent, whatever the student reads
     row = load_from_disk(str(out / "dataset"))["train"][0]
     assert row["messages"] == first["messages"][:-1]
+
+
+def test_an_escalations_weight_reaches_training_as_repeated_rows(setup, tmp_path):
+    from datasets import load_from_disk
+
+    from pipeline.stages.finetune import oversampled
+
+    records = capture_records()
+    weights = {r["id"]: 1 + i % 3 for i, r in enumerate(records[:12])}  # 1, 2 or 3
+    for r in records[:12]:
+        r["meta"]["weight"] = weights[r["id"]]
+    (tmp_path / "capture" / "teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, out, _ = setup()
+
+    train = load_from_disk(str(out / "dataset"))["train"]
+    kept = {row["id"]: row["weight"] for row in train}
+    assert {i: w for i, w in kept.items() if i in weights} == {i: weights[i] for i in kept if i in weights}
+    assert any(w > 1 for w in kept.values()), "a weighted record reached the train split"
+    # The chat records a later round gathers keep the weight; an unweighted one says nothing.
+    on_disk = {r["id"]: r["meta"].get("weight") for r in read_jsonl(out / "train.jsonl")}
+    assert all(on_disk[i] == (w if w > 1 else None) for i, w in kept.items())
+
+    rows = oversampled(train)
+    assert len(rows) == sum(kept.values())
+    assert {i: rows["id"].count(i) for i in kept} == kept
+
+
+def test_a_capture_record_with_a_bad_weight_names_file_and_line(tmp_path):
+    from pipeline.stages.capture import run_records
+
+    good, bad = capture_records()[:2]
+    bad["meta"]["weight"] = 0
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DistillError, match=r"records\.jsonl:2: .*meta\.weight must be a whole number >= 1, got 0"):
+        run_records(path, tmp_path, NullTracker())

@@ -252,7 +252,8 @@ def test_teacher_priced_as_an_api_gives_the_hand_computed_dollars_per_thousand(t
     rng = np.random.default_rng(0)
     test, base, tuned = synthetic(task, 160, rng)
     validation, _, val = synthetic(task, 160, rng)
-    records = [{"meta": {"latency_ms": 100, "usage": {"prompt_tokens": 400, "completion_tokens": 10}}}] * 10
+    usage = {"prompt_tokens": 400, "completion_tokens": 10}
+    records = [{"id": str(i), "meta": {"latency_ms": 100, "usage": usage}} for i in range(160)]
     result = evaluate.assess(
         recipe,
         task,
@@ -277,6 +278,43 @@ def test_teacher_priced_as_an_api_gives_the_hand_computed_dollars_per_thousand(t
     assert (
         "**Priced as openai:gpt-4o-mini**" in report and "| openai:gpt-4o-mini for every request | $0.0660 |" in report
     )
+
+
+def test_the_api_price_is_the_test_traffics_whatever_the_capture_holds():
+    """A loop's rounds share one frozen test split but not a capture (round N's is its training pool):
+    pricing the capture moved the teacher-only figure between rounds. The test split's requests are
+    priced, each with the teacher's own count where the capture recorded one."""
+    task = load_task(ROOT / "data" / "task.yaml")
+    recipe = validate_recipe(
+        {
+            "name": "t",
+            "router": {"signal": "label_prob"},
+            "eval": {"bootstrap": 200, "cost": {"teacher_priced_as": "openai:gpt-4o-mini"}},
+        },
+        "test",
+    )
+    rng = np.random.default_rng(0)
+    test, base, tuned = synthetic(task, 40, rng)
+    validation, _, val = synthetic(task, 40, rng)
+
+    def prompt_chars(record: dict) -> tuple[int, int]:  # a stand-in tokenizer: one token per character
+        return len(record["messages"][0]["content"]), 1
+
+    def teacher_1k(records: list[dict]) -> float:
+        answers = (evaluate.Answers(base, 1.0), evaluate.Answers(tuned, 4.0), evaluate.Answers(val, 1.0))
+        result = evaluate.assess(recipe, task, test, validation, *answers, records, VIEW, prompt_chars)
+        return result["cost"]["priced_as"]["teacher_usd_per_1k"]
+
+    mean_prompt = sum(len(row["prompt"]) for row in test) / len(test)  # "p0" .. "p39"
+    counted = 1000 * (mean_prompt * 0.15e-6 + 1 * 0.60e-6)
+    long_pool = [
+        {"id": f"x{i}", "messages": [], "meta": {"usage": {"prompt_tokens": 900, "completion_tokens": 50}}}
+        for i in range(9)
+    ]
+    assert teacher_1k([]) == pytest.approx(counted)
+    assert teacher_1k(long_pool) == pytest.approx(counted)  # another capture, the same price
+    recorded = [{"id": row["id"], "meta": {"usage": {"prompt_tokens": 400, "completion_tokens": 10}}} for row in test]
+    assert teacher_1k(recorded) == pytest.approx(0.066)  # the teacher's own count wins where it has one
 
 
 def test_records_without_usage_are_priced_by_the_student_tokenizer(embedded_dir):

@@ -13,7 +13,7 @@ import pytest
 from pipeline.artifacts import read_jsonl
 from pipeline.errors import DistillError
 from pipeline.loop.compare import Routing, mcnemar_exact, paired, verdict
-from pipeline.loop.gather import gather, in_slice, prompt_key
+from pipeline.loop.gather import Mix, gather, in_slice, prompt_key
 
 
 def record(rid: str, prompt: str, answer: str, **meta) -> dict:
@@ -83,6 +83,25 @@ def test_escalation_ids_are_made_unique_and_marked_with_their_round(tmp_path):
     assert [r["id"] for r in result.added] == ["t1~2"] and result.added[0]["meta"]["round"] == 3
 
 
+def test_replay_keeps_a_stable_share_of_the_old_pool_and_what_it_drops_stays_known(tmp_path):
+    old = [record(f"o{i}", f"An old question number {i} about cards", "card_issue") for i in range(60)]
+    dropped_then_escalated = write(tmp_path / "esc.jsonl", old[:60])
+    half = gather(old, [dropped_then_escalated], set(), holdout=0.0, round_no=1, mix=Mix(replay=0.5))
+    kept = [r["id"] for r in half.pool]
+    assert 15 < len(kept) < 45  # about half, by a hash of the prompt
+    assert kept == [r["id"] for r in gather(old, [], set(), 0.0, 1, Mix(replay=0.5)).pool]  # the same half again
+    assert half.added == [] and half.skipped == {"already_known": 60}  # the old prompts it left out are known
+
+
+def test_weighted_escalations_carry_their_weight_and_old_records_do_not(tmp_path):
+    log = write(tmp_path / "esc.jsonl", NEW)
+    result = gather(PREVIOUS, [log], set(), holdout=0.0, round_no=1, mix=Mix(weight=4))
+    assert {r["meta"].get("weight") for r in result.added} == {4}
+    assert [r["meta"].get("weight") for r in result.pool[:2]] == [None, None]
+    unweighted = gather(PREVIOUS, [log], set(), holdout=0.0, round_no=1)
+    assert all("weight" not in r["meta"] for r in unweighted.added)
+
+
 def test_a_line_that_is_not_an_escalation_names_file_and_line(tmp_path):
     log = tmp_path / "esc.jsonl"
     log.write_text(json.dumps(NEW[0]) + "\n" + json.dumps({"id": "x", "prompt": "no messages"}) + "\n")
@@ -123,6 +142,9 @@ def test_a_round_is_what_the_champion_trained_on_plus_what_it_escalated(tmp_path
     assert read_jsonl(round_one.curate.frozen_validation) == PREVIOUS[1:]
     assert round_one.train.epochs == 1 and round_one.train.lr == 2e-4
     assert round_one.train.init_adapter == base / "finetune" / "adapter"
+    # retrain.replay and escalation_weight reach the pool
+    weighted = load_recipe("banking77-cpu", [*overrides, "retrain.escalation_weight=3", "retrain.replay=0.5"])
+    assert gather_round(weighted, rounds, 1, frozen, [escalated]).added[0]["meta"]["weight"] == 3
     assert (recipe.train.epochs, recipe.train.lr) == (4, 1e-3)  # round 0's own settings are untouched
 
 
