@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +192,14 @@ def write(name: str, result: dict, args: argparse.Namespace) -> Path:
     tmp.replace(path)
     print(f"wrote {path}")
     return path
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """Run a bench script's main; a DistillError (bad recipe, missing rounds) is one line and exit 1."""
+    from pipeline.errors import DistillError
+
+    try:
+        sys.exit(main())
+    except DistillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -13,12 +13,9 @@ JSON to bench/results-quick/: the sizes are --rounds and --requests.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import harness
-
-from pipeline.errors import DistillError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +48,4 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    harness.exit_with(main)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,8 +216,4 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    harness.exit_with(main)
