@@ -159,10 +159,11 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
 def oversampled(split):
     """Each row repeated `weight` times (an escalation weighted by `retrain.escalation_weight`); the
     trainer shuffles, so the copies spread over the epoch. Curated datasets before weights: as they are."""
-    if "weight" not in split.column_names or all(w == 1 for w in split["weight"]):
+    weights = split["weight"] if "weight" in split.column_names else []
+    if all(w == 1 for w in weights):
         return split
-    rows = [i for i, w in enumerate(split["weight"]) for _ in range(w)]
-    log.info("finetune: %d weighted examples trained on as %d rows", sum(w > 1 for w in split["weight"]), len(rows))
+    rows = [i for i, w in enumerate(weights) for _ in range(w)]
+    log.info("finetune: %d weighted examples trained on as %d rows", sum(w > 1 for w in weights), len(rows))
     return split.select(rows, keep_in_memory=True)
 
 
