@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.llm.completion import Completion
 from pipeline.llm.content_text import prompt_token_ids
 from pipeline.llm.encoding import PrefixCache, encode_prompts, render_prompts
-from pipeline.llm.scoring import label_logprobs, label_token_ids, label_token_logprobs
+from pipeline.llm.scoring import label_logprobs_after_generation, label_token_ids, label_token_logprobs
 
 
 def generate_batch(
@@ -61,6 +61,7 @@ def generate_batch(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             output_scores=True,
+            output_logits=bool(score_labels),  # raw: the label scores start from the first step's
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -72,7 +73,7 @@ def generate_batch(
     prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
     scores: Sequence[dict[str, float] | None] = [None] * len(conversations)
     if score_labels:
-        scores = label_logprobs(model, tokenizer, conversations, score_labels, prefix_cache)
+        scores = label_logprobs_after_generation(model, tokenizer, enc, out, score_labels)
     per_item_ms = int((time.perf_counter() - start) * 1000 / max(len(conversations), 1))
     results = []
     for row, lp, prompt_len, label_lp in zip(new_tokens.tolist(), chosen.tolist(), prompt_lengths, scores):

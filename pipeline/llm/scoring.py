@@ -13,7 +13,9 @@ forward pass (a few for a large batch, to bound the logits' memory): each node a
 prompt and its own ancestors only, through a tree attention mask, at the position it has after
 its prompt. Every distinct label prefix is run once per prompt, the prompt's KV cache is never
 copied, and no label is padded: Banking77's 77 labels (558 tokens with their EOS) are 382 nodes.
-A leaf, a label's EOS, is predicted by its parent and never run.
+A leaf, a label's EOS, is predicted by its parent and never run. After generation (a teacher
+recording `teacher.label_distribution`), generate's own KV cache of the prompts is reused and only
+the trie's nodes run (label_logprobs_after_generation).
 """
 
 from __future__ import annotations
@@ -65,8 +67,26 @@ def label_token_logprobs(
     return [{label: [row[node] for node in path] for label, path in zip(labels, trie.paths)} for row in node_logprobs]
 
 
-def _trie_node_logprobs(model, enc: dict, trie: LabelTrie):
-    """[prompts, trie nodes]: log p(node's token | prompt, node's ancestors) for every node."""
+def label_logprobs_after_generation(
+    model, tokenizer, enc: dict, generated, labels: list[str]
+) -> list[dict[str, float]]:
+    """`label_logprobs` for the prompts `generate` has just answered (`enc`, its inputs; `generated`,
+    its output with `output_logits`): its KV cache, cut back to the prompts, and its first step's raw
+    logits stand for the prompt pass, so only the trie's inner nodes run."""
+    cache = cache_of(generated)
+    cache.crop(enc["input_ids"].shape[1] - cache.get_seq_length())  # negative: drop the generated tokens
+    trie = LabelTrie.build(label_token_ids(tokenizer, labels))
+    prompts = {**enc, cache_kwarg(model): cache}
+    node_logprobs = _trie_node_logprobs(model, prompts, trie, last_logits=generated.logits[0]).tolist()
+    return [
+        {label: sum(row[node] for node in path) for label, path in zip(labels, trie.paths)} for row in node_logprobs
+    ]
+
+
+def _trie_node_logprobs(model, enc: dict, trie: LabelTrie, last_logits=None):
+    """[prompts, trie nodes]: log p(node's token | prompt, node's ancestors) for every node. With a
+    KV cache covering the whole prompts, `last_logits` are their last position's (what predicts a
+    label's first token)."""
     import torch
 
     inner = trie.inner_nodes()
@@ -81,6 +101,9 @@ def _trie_node_logprobs(model, enc: dict, trie: LabelTrie):
     kv_name = cache_kwarg(model)
     cache = enc.get(kv_name)
     start = cache.get_seq_length() if cache is not None else 0  # positions the prefix cache already holds
+    if last_logits is not None:
+        first = (predictor == prompt_len - 1).nonzero().flatten()
+        logprobs[:, first] = last_logits.float().log_softmax(-1)[:, target[first]]
     step = max(1, MAX_LOGIT_ROWS // ids.shape[0])
     with torch.inference_mode():
         while start < ids.shape[1]:

@@ -52,19 +52,35 @@ def test_batched_label_scores_equal_brute_force(tiny):
             assert row[label] == pytest.approx(brute_force(model, tokenizer, conv, label), abs=1e-3)
 
 
+def assert_brute_force_scores(model, tokenizer, completions) -> None:
+    for conv, c in zip(CONVS, completions, strict=True):
+        assert set(c.label_logprobs) == set(LABELS)
+        for label in LABELS:
+            assert c.label_logprobs[label] == pytest.approx(brute_force(model, tokenizer, conv, label), abs=1e-4)
+
+
 def test_generate_batch_attaches_label_scores_the_policy_reads(tiny):
+    """The scores after generation (from generate's own KV cache and first logits) are the brute force's."""
     from pipeline.llm.generate import generate_batch
 
     model, tokenizer = tiny
     plain = generate_batch(model, tokenizer, CONVS, 3)
     assert all(c.label_logprobs is None for c in plain)
     scored = generate_batch(model, tokenizer, CONVS, 3, labels=LABELS, score_labels=LABELS)
-    assert all(set(c.label_logprobs) == set(LABELS) for c in scored)
+    assert_brute_force_scores(model, tokenizer, scored)
     policy = Policy(threshold=0.0, signal="label_prob", labels=tuple(LABELS))
     assert policy.needs_label_scores and not Policy(threshold=0.0).needs_label_scores
     for c in scored:  # constrained to the labels, the answer is one: a posterior in (0, 1]
         assert c.text in LABELS
         assert 0 < policy.decide(c).score <= 1
+
+
+def test_label_scores_after_a_one_token_generation_equal_brute_force(tiny):
+    """One new token: generate's KV cache then holds the prompts alone, nothing to cut back."""
+    from pipeline.llm.generate import generate_batch
+
+    model, tokenizer = tiny
+    assert_brute_force_scores(model, tokenizer, generate_batch(model, tokenizer, CONVS, 1, score_labels=LABELS))
 
 
 def test_label_posterior_signals_and_invalid_answers_escalate():

@@ -73,3 +73,28 @@ def test_label_scores_with_the_prefix_cache_equal_plain_ones(teacher):
     for label in task.labels:  # a second batch, on the kept prefix
         assert again[1][label] == pytest.approx(alone[label], abs=2e-4)
     assert cache.hits == 1 and len(cache.ids) >= MIN_SHARED_PREFIX
+
+
+def test_label_scores_after_generation_reuse_its_cache_and_equal_a_scoring_pass(teacher):
+    """teacher.label_distribution: generate with the prefix cache, then score every label from
+    generate's own KV cache: the scores are a separate plain scoring pass's, and the only extra
+    forward runs the label trie's inner nodes (the prompts are not run again)."""
+    from pipeline.llm.label_trie import LabelTrie
+    from pipeline.llm.scoring import label_logprobs, label_token_ids
+
+    model, tokenizer, task, conversations = teacher
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
+    try:
+        scored = generate_batch(
+            model, tokenizer, conversations[:3], 6, task.labels, score_labels=task.labels, prefix_cache=PrefixCache()
+        )
+    finally:
+        hook.remove()
+    inner = len(LabelTrie.build(label_token_ids(tokenizer, task.labels)).inner_nodes())
+    prefix, tails, *steps, trie = widths  # the prefix once, the prompts' own tails, one token a step
+    assert set(steps) <= {1} and trie == inner and prefix >= MIN_SHARED_PREFIX
+    for c, plain in zip(scored, label_logprobs(model, tokenizer, conversations[:3], task.labels)):
+        assert set(c.label_logprobs) == set(task.labels)
+        for label in task.labels:
+            assert c.label_logprobs[label] == pytest.approx(plain[label], abs=2e-4)
