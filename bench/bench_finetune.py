@@ -86,18 +86,18 @@ def run_baseline(rows, base: str, lora, out: Path, bf16: bool | None = None) -> 
 
 
 def run_ours(rows, base: str, train, out: Path) -> dict:
-    """The finetune stage's own tokenization and builders, with the recipe's train section."""
+    """The finetune stage's own tokenization, builders and trainer, with the recipe's train section."""
     from datasets import Dataset
-    from trl import SFTTrainer
 
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
+    from pipeline.llm.trainer import trainer_class
     from pipeline.stages.finetune import build_lora_config, build_sft_config, to_prompt_completion, tokenize_dataset
 
     plan = device_plan()
     tokenizer = load_tokenizer(base)
     args = build_sft_config(train, out, plan)
     args.save_strategy, args.logging_steps, args.disable_tqdm = "no", 1000, True
-    trainer = SFTTrainer(
+    trainer = trainer_class()(
         model=load_model(base, plan),
         args=args,
         train_dataset=tokenize_dataset(

@@ -14,7 +14,7 @@ number, as the hard-label loss is: with a one-hot q (or w = 0) it *is* the hard-
 Its gradient is the gradient of KL(target || student); the teacher's own entropy is a constant.
 
 One forward pass over the teacher's answer, as hard-label training does: no extra sequences
-per label. The logits are computed at answer positions only (`logits_to_keep`).
+per label. The logits are computed at answer positions only (trainer.py).
 """
 
 from __future__ import annotations
@@ -98,40 +98,13 @@ def collate(base_collator):
     return call
 
 
-def soft_label_loss(model, inputs: dict, num_items_in_batch=None):
-    """Cross-entropy against the soft targets at every answer token; returns (loss, outputs)."""
+def soft_label_loss(logits, soft_ids, soft_probs, n):
+    """Cross-entropy against the soft targets at every answer token (`logits`: [N, vocab] at the
+    answer positions, trainer.answer_logits), summed and divided by n."""
     import torch
 
-    inputs = dict(inputs)
-    soft_ids, soft_probs = inputs.pop(SOFT_IDS), inputs.pop(SOFT_PROBS)
-    labels = inputs.pop("labels")
-    answer = labels[:, 1:] != -100  # logits at position p predict the token at p + 1
-    keep = answer.any(dim=0).nonzero().flatten()
-    outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
-    logits = outputs.logits[answer[:, keep]]  # [N, vocab], row-major as the collator laid the targets out
     if logits.shape[0] != soft_ids.shape[0]:
         raise RuntimeError(f"soft labels: {soft_ids.shape[0]} targets for {logits.shape[0]} answer tokens")
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, soft_ids)
     per_token = -(soft_probs.to(logp.dtype) * logp).sum(dim=1)
-    n = num_items_in_batch if num_items_in_batch is not None else per_token.numel()
-    return per_token.sum() / torch.as_tensor(n, device=per_token.device).clamp(min=1), outputs
-
-
-def trainer_class():
-    """SFTTrainer that keeps the soft-target columns and trains on them when a batch has them."""
-    from trl import SFTTrainer
-
-    class SoftLabelTrainer(SFTTrainer):
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            self._signature_columns = [*self._signature_columns, SOFT_IDS, SOFT_PROBS]
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if SOFT_IDS not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, outputs = soft_label_loss(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages the gradients
-            return (loss, outputs) if return_outputs else loss
-
-    return SoftLabelTrainer
+    return per_token.sum() / torch.as_tensor(n, device=per_token.device).clamp(min=1)

@@ -11,7 +11,7 @@ completion the teacher's final answer. We tokenize it here with the chat templat
 (add_generation_prompt=True), the completion is what the template appends, cut after the
 end-of-turn token (the tokenizer's EOS), so the labels are the final answer's tokens plus EOS
 and nothing else: earlier answers are masked out. TRL turns `completion_mask` into
-labels. Before anything is loaded, a machine that would fail or crawl is refused (no CUDA for a
+labels, and the loss projects those answer positions alone onto the vocabulary (llm/trainer.py). Before anything is loaded, a machine that would fail or crawl is refused (no CUDA for a
 QLoRA or 1B+ recipe, several GPUs without a launcher: llm.loading.check_training_device), and on
 CUDA the VRAM planner checks the recipe fits. After
 training, the EOS check makes sure the student stops by itself. Checkpoints go to
@@ -36,6 +36,7 @@ from pipeline.distributed import accelerate_state
 from pipeline.errors import DistillError
 from pipeline.llm import soft_labels
 from pipeline.llm.loading import DevicePlan
+from pipeline.llm.trainer import trainer_class as answer_trainer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -61,7 +62,6 @@ def file_inputs(recipe: Recipe) -> dict[str, Path]:
 
 def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest:
     from datasets import load_from_disk
-    from trl import SFTTrainer
 
     from pipeline.llm.loading import check_training_device, device_plan, load_model, load_tokenizer, varlen_attention
 
@@ -88,7 +88,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out: Path, tracker) -> Manifest
         model = PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
 
     log_rows: list[dict] = []
-    trainer = (soft_labels.trainer_class() if cfg.soft_labels else SFTTrainer)(
+    trainer = answer_trainer()(
         model=model,
         args=build_sft_config(cfg, out / "checkpoints", plan),
         train_dataset=train,

@@ -9,6 +9,7 @@ from support.finetune_helpers import LABELS, PROMPTS, recipe
 
 from pipeline.errors import DistillError
 from pipeline.llm import soft_labels
+from pipeline.llm.trainer import trainer_class as answer_trainer
 from pipeline.stages import finetune
 from pipeline.tracking import NullTracker
 
@@ -73,7 +74,7 @@ def _trainer(model_dir, rows, tmp_path, padding_free: bool):
 
     cfg = recipe(model_dir, padding_free=padding_free, soft_labels=1.0).train
     plan = device_plan()
-    trainer = soft_labels.trainer_class()(
+    trainer = answer_trainer()(
         model=load_model(str(model_dir), plan),
         args=finetune.build_sft_config(cfg, tmp_path, plan),
         train_dataset=rows,
