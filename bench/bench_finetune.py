@@ -37,6 +37,20 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions; without them TRL's bf16 default runs ~400x slower
+    matmuls and its arm would take most of an hour."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: run it and let the figure say
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_rows(count: int) -> list[dict]:
     rows = [json.loads(line) for line in (ROOT / "data" / "prompts.jsonl").read_text().splitlines()[:count]]
     return [{"prompt": r["prompt"], "completion": r["gold"]} for r in rows]
@@ -155,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {
-            "trl_default": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "baseline"),
-            "trl_default_fp32": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "fp32", bf16=False),
-        }
+        runs = {"trl_default_fp32": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "fp32", bf16=False)}
+        if native_bf16():
+            runs = {"trl_default": lambda: run_baseline(rows, base, train.lora, Path(tmp) / "baseline")} | runs
+        else:
+            results["skipped"] = {"trl_default": "no bf16 instructions on this CPU (avx512_bf16 / amx_bf16)"}
         for variant in args.variants.split(","):
             update = {} if variant == "recipe" else {variant: True}
             runs[variant] = lambda u=update, v=variant: run_ours(rows, base, train.model_copy(update=u), Path(tmp) / v)
@@ -173,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['roofline_fraction']:.1%} of fp32 matmul roofline, loss {r['loss']}",
                 flush=True,
             )
-    for baseline in ("trl_default", "trl_default_fp32"):
+    for baseline in [b for b in ("trl_default", "trl_default_fp32") if b in results["runs"]]:
         base_tps = results["runs"][baseline]["tokens_per_s"]
         results[f"speedup_vs_{baseline}"] = {k: v["tokens_per_s"] / base_tps for k, v in results["runs"].items()}
     print(json.dumps(results["speedup_vs_trl_default_fp32"], indent=1))
