@@ -15,12 +15,10 @@ JSON says which). Per batch size (1 and 16), interleaved, best of --repeats, sec
     floor     one plain causal forward over the prompts + the trie's inner nodes, logits included
     greedy    greedy generation of an answer as long as the longest label (18 tokens), unconstrained
 
-and the largest |trie - bucketed| log-prob seen. Then the demo's local-teacher capture (data/task.yaml,
-its instructions and worked examples before each prompt, a PrefixCache, 12 labels): plain constrained
-generation vs the same plus each label's log-likelihood (`teacher.label_distribution`), bucketed
-and trie. Writes bench/results/label_scoring.json (bench/harness.py: envelope and figures; wall
-seconds, best of the repeats, each run's CPU seconds beside them).
---quick: 2 prompts at batch sizes 1 and 2, 4 capture prompts, once each.
+and the largest |trie - bucketed| log-prob seen (the capture side: bench_label_capture.py).
+Writes bench/results/label_scoring.json (bench/harness.py: envelope and figures; wall seconds,
+best of the repeats, each run's CPU seconds beside them).
+--quick: 2 prompts at batch sizes 1 and 2, once each.
 """
 
 from __future__ import annotations
@@ -184,64 +182,10 @@ def scoring_arms(model, tokenizer, prompts: list[str], labels: list[str], batch:
     }
 
 
-def capture_arms(model, tokenizer, n_prompts: int, batch: int, repeats: int) -> dict:
-    """The demo's local teacher: constrained generation with a PrefixCache, then with each label scored."""
-    from pipeline.artifacts import read_jsonl
-    from pipeline.conversation import user_turn
-    from pipeline.llm.encoding import PrefixCache
-    from pipeline.llm.generate import generate_batch
-    from pipeline.task import load_task
-
-    task = load_task(ROOT / "data" / "task.yaml")
-    convs = [
-        task.teacher_messages(user_turn(r["prompt"])) for r in read_jsonl(ROOT / "data" / "prompts.jsonl")[:n_prompts]
-    ]
-    batches = [convs[i : i + batch] for i in range(0, len(convs), batch)]
-
-    def plain(cache):
-        return [c for b in batches for c in generate_batch(model, tokenizer, b, 8, task.labels, prefix_cache=cache)]
-
-    def with_trie(cache):
-        return [
-            c
-            for b in batches
-            for c in generate_batch(model, tokenizer, b, 8, task.labels, score_labels=task.labels, prefix_cache=cache)
-        ]
-
-    def with_buckets(cache):
-        out = []
-        for b in batches:
-            out += generate_batch(model, tokenizer, b, 8, task.labels, prefix_cache=cache)
-            bucketed_label_token_logprobs(model, tokenizer, b, task.labels, cache)
-        return out
-
-    arms = {"plain": plain, "distribution_bucketed": with_buckets, "distribution_trie": with_trie}
-    walls = {arm: [] for arm in arms}
-    texts = {}
-    for _ in range(repeats):
-        for arm, fn in arms.items():
-            wall, _, completions = timed(lambda fn=fn: fn(PrefixCache()))
-            walls[arm].append(wall)
-            texts[arm] = [c.text for c in completions]
-    best = {arm: min(w) for arm, w in walls.items()}
-    return {
-        "prompts": len(convs),
-        "batch": batch,
-        "labels": len(task.labels),
-        "wall_s": walls,
-        "prompts_per_s": {arm: len(convs) / w for arm, w in best.items()},
-        "distribution_over_plain": {arm: best[arm] / best["plain"] for arm in arms if arm != "plain"},
-        "identical_answers": sum(a == b for a, b in zip(texts["plain"], texts["distribution_trie"])),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--prompts", type=int, default=None, help="Banking77 queries per batch size; default 16 (quick: 2)"
-    )
-    parser.add_argument(
-        "--capture-prompts", type=int, default=None, help="demo prompts for the capture arms; default 32 (quick: 4)"
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="runs per arm, interleaved, best kept; default 2 (quick: 1)"
@@ -250,7 +194,6 @@ def main() -> None:
     harness.add_arguments(parser)
     args = parser.parse_args()
     args.prompts = args.prompts or (2 if args.quick else 16)
-    args.capture_prompts = args.capture_prompts or (4 if args.quick else 32)
     args.repeats = args.repeats or (1 if args.quick else 2)
     batches = (1, 2) if args.quick else (1, 16)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -269,16 +212,14 @@ def main() -> None:
     model = load_model(MODEL, device_plan()).eval()
     student = load_tokenizer(MODEL, chat_template=TEMPLATE)
     scoring = {str(b): scoring_arms(model, student, prompts, labels, b, args.repeats) for b in batches}
-    capture = capture_arms(model, load_tokenizer(MODEL), args.capture_prompts, 16, args.repeats)
     result = {
         "model": MODEL,
         "labels": len(labels),
         "prompt_source": source,
         "chat_template": str(TEMPLATE.relative_to(ROOT)),
         "scoring": scoring,
-        "capture": capture,
-        "command": f"python bench/bench_label_scoring.py --prompts {args.prompts} "
-        f"--capture-prompts {args.capture_prompts} --repeats {args.repeats}" + (" --quick" if args.quick else ""),
+        "command": f"python bench/bench_label_scoring.py --prompts {args.prompts} --repeats {args.repeats}"
+        + (" --quick" if args.quick else ""),
     }
     harness.write("label_scoring", result, args)
     print(
@@ -295,8 +236,7 @@ def main() -> None:
                     )
                 }
                 for b, s in scoring.items()
-            }
-            | {"capture": capture["distribution_over_plain"]},
+            },
             indent=1,
         )
     )

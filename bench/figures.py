@@ -37,6 +37,32 @@ def fig(
     }
 
 
+def finetune_profile(r: dict) -> list[dict]:
+    arms = r["arms"]
+    trl, ours = arms["trl_loss"], arms["answer_only_loss"]
+    what = f"{r['recipe']}, {ours['steps']} steps"
+    out = [
+        fig(
+            f"CPU LoRA step, answer-only loss: s per step ({what})",
+            ours["s_per_step"],
+            "s",
+            better="lower",
+            baseline=trl["s_per_step"],
+            baseline_name="TRL's fused-LM-head loss",
+            headline=True,
+        ),
+        fig(
+            "CPU LoRA step with TRL's loss: share of CPU time in its fused LM head (every position x vocabulary)",
+            100 * trl["fused_lm_head_share"],
+            "%",
+            better="lower",
+        ),
+    ]
+    for op in ours["top_ops"][:3]:
+        out.append(fig(f"CPU LoRA step, answer-only loss: share of CPU time in {op['op']}", 100 * op["share"], "%"))
+    return out
+
+
 def curate(r: dict) -> list[dict]:
     # Legacy shape: one TF-IDF arm at the top level; now `arms` per embeddings backend.
     arms = r.get("arms") or {r.get("embeddings", "tfidf"): {"wall_s": r["wall_s"]}}
@@ -182,22 +208,38 @@ def label_scoring(r: dict) -> list[dict]:
                 better="lower",
             ),
         ]
+    return out
+
+
+def label_capture(r: dict) -> list[dict]:
     c = r["capture"]
     wall = {arm: c["prompts"] / pps for arm, pps in c["prompts_per_s"].items()}
     what = f"{c['prompts']} demo prompts, {c['labels']} labels, batch {c['batch']}"
-    for arm in ("distribution_trie", "distribution_bucketed"):
-        scorer = "trie" if arm.endswith("trie") else "per-label buckets"
-        out.append(
-            fig(
-                f"local-teacher capture with the label distribution ({scorer}): s ({what})",
-                wall[arm],
-                "s",
-                better="lower",
-                baseline=wall["plain"],
-                baseline_name="plain capture",
-                headline=arm == "distribution_trie",
-            )
+    scorers = {
+        "distribution": "trie from generate's KV cache",
+        "distribution_separate": "trie, a separate pass",
+        "distribution_bucketed": "per-label buckets",
+    }
+    out = [
+        fig(
+            f"local-teacher capture with the label distribution ({scorer}): s ({what})",
+            wall[arm],
+            "s",
+            better="lower",
+            baseline=wall["plain"],
+            baseline_name="plain capture",
+            headline=arm == "distribution",
         )
+        for arm, scorer in scorers.items()
+    ]
+    out.append(
+        fig(
+            "label distribution: largest |from generate's cache - separate pass| label log-likelihood",
+            c["max_abs_logprob_difference"],
+            "nats",
+            better="lower",
+        )
+    )
     return out
 
 
@@ -815,6 +857,7 @@ def f16_reference(r: dict) -> list[dict]:
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "curate": curate,
     "finetune": finetune,
+    "finetune_profile": finetune_profile,
     "capture": capture,
     "local_teacher": local_teacher,
     "router": router,
@@ -830,6 +873,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "router_soak": router_soak,
     "structured": structured,
     "label_scoring": label_scoring,
+    "label_capture": label_capture,
     "label_serving": label_serving,
 }
 

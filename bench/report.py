@@ -52,8 +52,10 @@ BLOCK = re.compile(r"<!-- bench:(?P<name>[\w.-]+):start -->.*?<!-- bench:(?P=nam
 NOT_RECORDED = "not recorded"
 ORDER = (
     "finetune",
+    "finetune_profile",
     "local_teacher",
     "label_scoring",
+    "label_capture",
     "label_serving",
     "trie_bound",
     "capture",
@@ -69,8 +71,10 @@ ORDER = (
 )
 WHAT = {
     "finetune": "CPU training throughput: the recipe's settings vs plain TRL SFTTrainer defaults",
+    "finetune_profile": "where a CPU LoRA step goes, by op: TRL's loss vs the answer-only loss",
     "local_teacher": "local teacher: shared-prefix KV cache vs plain batched generation",
     "label_scoring": "label scoring over the label trie vs per-label buckets, the one-pass floor and generation",
+    "label_capture": "a local teacher's capture with every label's log-likelihood vs plain capture",
     "label_serving": "serving a 77-label student by label posterior at concurrent clients: trie vs per-label buckets",
     "trie_bound": "how much of the label trie a pruned scorer could skip at a given probability bound",
     "capture": "capture against llama.cpp's OpenAI-compatible server; cached re-run",
