@@ -53,13 +53,13 @@ def finetune_profile(r: dict) -> list[dict]:
         ),
         fig(
             "CPU LoRA step with TRL's loss: share of CPU time in its fused LM head (every position x vocabulary)",
-            100 * trl["fused_lm_head_share"],
-            "%",
+            trl["fused_lm_head_share"],
+            "fraction",
             better="lower",
         ),
     ]
     for op in ours["top_ops"][:3]:
-        out.append(fig(f"CPU LoRA step, answer-only loss: share of CPU time in {op['op']}", 100 * op["share"], "%"))
+        out.append(fig(f"CPU LoRA step, answer-only loss: share of CPU time in {op['op']}", op["share"], "fraction"))
     return out
 
 

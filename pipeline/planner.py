@@ -25,7 +25,9 @@ download and an OOM. The estimate is deliberately simple and a little pessimisti
 - logits: TRL's fused LM head (trl/kernels/chunked_logprob.py) never materializes the
   (tokens, vocab) logits: one (<=4096 tokens, <=32768 vocab) tile in the compute dtype, the
   scored hidden states (a copy), their fp32 gradient and the final norm's fp32 input. An older
-  TRL without it computes full logits + an fp32 copy + its gradient (10 bytes/token/vocab).
+  TRL without it computes full logits + an fp32 copy + its gradient (10 bytes/token/vocab), and so
+  does the finetune stage's answer-only loss (llm/trainer.py) for label smoothing or soft targets,
+  counted as if every token were an answer token.
 - overhead: CUDA context and cuBLAS workspaces (~0.8 GiB, not in max_memory_allocated) and
   10% for allocator fragmentation.
 
@@ -254,7 +256,9 @@ def estimate(arch: Architecture, train, compute_dtype: str = "bfloat16") -> Esti
         activations = arch.layers * tokens * arch.hidden * act_bytes + per_layer
     else:
         activations = arch.layers * per_layer
-    if tiled_lm_head():
+    # Label smoothing and soft targets take the answer-only loss (llm/trainer.py): the answer positions'
+    # full logits, at most every token's.
+    if tiled_lm_head() and not train.label_smoothing and not train.soft_labels:
         tile = min(tokens, LM_HEAD_TILE[0]) * min(arch.vocab, LM_HEAD_TILE[1]) * act_bytes
         logits = tile + tokens * arch.hidden * (act_bytes + 4 + 4)
     else:

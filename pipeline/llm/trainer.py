@@ -1,14 +1,18 @@
 """The trainer finetune runs: TRL's SFTTrainer with a loss that projects the answer tokens only.
 
 Training is completion-only: a classification answer is a few tokens after a prompt ten times
-longer. TRL's fused LM head still projects every position onto the vocabulary, forward and
-backward, and accumulates a gradient for the (frozen, tied) embedding matrix: on the embedded
-SmolLM2 (49k vocabulary) that was ~40% of a CPU LoRA step (docs/finetune.md, "Where a CPU step
+longer. Off CUDA, TRL's fused LM head still projects every position onto the vocabulary, forward
+and backward, and accumulates a gradient for the (frozen, tied) embedding matrix: on the embedded
+SmolLM2 (49k vocabulary) that was a third of a CPU LoRA step (docs/finetune.md, "Where a CPU step
 goes"). Here the model returns logits at answer positions alone (`logits_to_keep`), and the loss
 is the same cross-entropy, summed over answer tokens and divided by their number across the
 accumulated batch (`num_items_in_batch`), label smoothing included: equal to TRL's on the same
 batch, padded and padding-free (tests/finetune/test_answer_loss.py). Soft targets
 (soft_labels.py) read the same logits.
+
+On CUDA with Triton, TRL's kernel already projects the answer positions only, in bounded tiles
+(what the VRAM planner counts), so plain hard-label training keeps TRL's loss there; label
+smoothing and soft targets take this path everywhere (TRL would run a second, full-logits forward).
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ def answer_logits(model, inputs: dict):
     keep = answer.any(dim=0).nonzero().flatten()  # a padded batch: the union of its rows' positions
     outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
     return outputs.logits[answer[:, keep]], labels[:, 1:][answer], outputs
+
+
+def trl_projects_answers_only(labels) -> bool:
+    """Whether TRL's fused LM head runs its Triton kernel here, which projects the answer positions
+    only (trl/trainer/utils.py: `compact`); elsewhere it projects every position."""
+    import importlib.util
+
+    return labels.device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def hard_label_loss(logits, targets, n, label_smoothing: float = 0.0):
@@ -58,6 +70,8 @@ def trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
             soft = {k: inputs.pop(k) for k in (soft_labels.SOFT_IDS, soft_labels.SOFT_PROBS) if k in inputs}
+            if not soft and not self.args.label_smoothing_factor and trl_projects_answers_only(inputs["labels"]):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             logits, targets, outputs = answer_logits(model, inputs)
             n = num_items_in_batch if num_items_in_batch is not None else targets.numel()
             if soft:

@@ -90,6 +90,15 @@ def test_mistral7b_parts_follow_the_installed_trls_fused_lm_head():
     assert est.activations == pytest.approx(5.17, abs=0.01) and est.total == pytest.approx(11.6, abs=0.05)
 
 
+@pytest.mark.parametrize("update", [{"label_smoothing": 0.1}, {"soft_labels": 0.5}])
+def test_label_smoothing_and_soft_targets_count_the_answer_logits_in_full(update):
+    """Those take the answer-only loss (llm/trainer.py), which holds the answer positions' logits, an
+    fp32 copy and their gradient: counted as if all 4 x 2048 tokens were answer tokens."""
+    train = load_recipe("mistral7b", root=ROOT).train.model_copy(update=update)
+    arch = load_architecture(MISTRAL)
+    assert estimate(arch, train).logits == pytest.approx(8192 * arch.vocab * 10 / GIB)  # 2.5 GiB
+
+
 def backbone_peak_per_token(folder: Path, quantized: bool, seq: int, batch: int = 2) -> float:
     """Peak bytes the profiler sees over one forward + backward of the backbone (LM head left out:
     on CPU TRL folds its tiles in fp32 torch ops that CUDA's Triton kernel does not allocate), set
