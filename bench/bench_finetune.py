@@ -26,15 +26,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+def matmul_gflops(n: int = 1024, repeats: int = 20, trials: int = 3) -> float:
+    """The best of `trials` timings: a shared machine only ever slows a trial down."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeats / best / 1e9
 
 
 def native_bf16() -> bool:
