@@ -58,25 +58,23 @@ def capture_arms(model, tokenizer, n_prompts: int, repeats: int) -> dict:
     def distribution(cache):
         return [(c.text, c.label_logprobs) for b in batches for c in generate(b, cache, score_labels=task.labels)]
 
-    def separate(cache):
-        out = []
-        for b in batches:
-            texts = [c.text for c in generate(b, cache)]
-            out += zip(texts, label_logprobs(model, tokenizer, b, task.labels, cache))
-        return out
+    def generated_then(scorer):
+        """Generation, then `scorer` over the same batch: a second pass that runs the prompts again."""
 
-    def bucketed(cache):
-        out = []
-        for b in batches:
-            texts = [c.text for c in generate(b, cache)]
-            out += zip(texts, bucketed_label_token_logprobs(model, tokenizer, b, task.labels, cache))
-        return out
+        def run(cache):
+            out = []
+            for b in batches:
+                texts = [c.text for c in generate(b, cache)]
+                out += zip(texts, scorer(model, tokenizer, b, task.labels, cache))
+            return out
+
+        return run
 
     arms = {
         "plain": plain,
         "distribution": distribution,
-        "distribution_separate": separate,
-        "distribution_bucketed": bucketed,
+        "distribution_separate": generated_then(label_logprobs),
+        "distribution_bucketed": generated_then(bucketed_label_token_logprobs),
     }
     walls: dict[str, list[float]] = {arm: [] for arm in arms}
     outputs = {}
