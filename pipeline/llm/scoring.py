@@ -63,8 +63,15 @@ def label_token_logprobs(
         return []
     enc = encode_prompts(model, tokenizer, conversations, prefix_cache)
     trie = LabelTrie.build(label_token_ids(tokenizer, labels))
-    node_logprobs = _trie_node_logprobs(model, enc, trie).tolist()
-    return [{label: [row[node] for node in path] for label, path in zip(labels, trie.paths)} for row in node_logprobs]
+    return _by_label(_trie_node_logprobs(model, enc, trie), labels, trie)
+
+
+def _by_label(node_logprobs, labels: list[str], trie: LabelTrie) -> list[dict[str, list[float]]]:
+    """[prompts, trie nodes] log-probs -> per prompt, {label: its tokens' log-probs along its path}."""
+    return [
+        {label: [row[node] for node in path] for label, path in zip(labels, trie.paths)}
+        for row in node_logprobs.tolist()
+    ]
 
 
 def label_logprobs_after_generation(
@@ -77,10 +84,8 @@ def label_logprobs_after_generation(
     cache.crop(enc["input_ids"].shape[1] - cache.get_seq_length())  # negative: drop the generated tokens
     trie = LabelTrie.build(label_token_ids(tokenizer, labels))
     prompts = {**enc, cache_kwarg(model): cache}
-    node_logprobs = _trie_node_logprobs(model, prompts, trie, last_logits=generated.logits[0]).tolist()
-    return [
-        {label: sum(row[node] for node in path) for label, path in zip(labels, trie.paths)} for row in node_logprobs
-    ]
+    scored = _by_label(_trie_node_logprobs(model, prompts, trie, last_logits=generated.logits[0]), labels, trie)
+    return [{label: sum(lps) for label, lps in row.items()} for row in scored]
 
 
 def _trie_node_logprobs(model, enc: dict, trie: LabelTrie, last_logits=None):
