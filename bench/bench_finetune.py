@@ -103,19 +103,21 @@ def run_baseline(rows, base: str, lora, out: Path, bf16: bool | None = None) -> 
     }
 
 
-def run_ours(rows, base: str, train, out: Path) -> dict:
-    """The finetune stage's own tokenization, builders and trainer, with the recipe's train section."""
+def recipe_trainer(trainer_cls, rows, base: str, train, out: Path, max_steps: int | None = None, callbacks=()):
+    """A trainer set up as the finetune stage sets one up (its tokenization and builders, the
+    recipe's train section), saving nothing and logging nothing; `trainer_cls` picks the loss."""
     from datasets import Dataset
 
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
-    from pipeline.llm.trainer import trainer_class
     from pipeline.stages.finetune import build_lora_config, build_sft_config, to_prompt_completion, tokenize_dataset
 
     plan = device_plan()
     tokenizer = load_tokenizer(base)
     args = build_sft_config(train, out, plan)
     args.save_strategy, args.logging_steps, args.disable_tqdm = "no", 1000, True
-    trainer = trainer_class()(
+    if max_steps is not None:
+        args.max_steps = max_steps
+    return trainer_cls(
         model=load_model(base, plan),
         args=args,
         train_dataset=tokenize_dataset(
@@ -123,7 +125,15 @@ def run_ours(rows, base: str, train, out: Path) -> dict:
         ),
         processing_class=tokenizer,
         peft_config=build_lora_config(train.lora),
+        callbacks=list(callbacks),
     )
+
+
+def run_ours(rows, base: str, train, out: Path) -> dict:
+    """The finetune stage's own tokenization, builders and trainer, with the recipe's train section."""
+    from pipeline.llm.trainer import trainer_class
+
+    trainer = recipe_trainer(trainer_class(), rows, base, train, out)
     wall, tokens = timed_train(trainer)
     return {
         "wall_s": wall,

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
+from bench_finetune import load_rows, recipe_trainer  # noqa: E402
 
 WARMUP_STEPS = 2
 TOP_OPS = 8
@@ -33,20 +34,11 @@ TOP_OPS = 8
 FUSED_HEAD = ("ChunkedLogProbFunction", "ChunkedLogProbFunctionBackward")
 
 
-def profiled_steps(trainer_cls, rows, train, out: Path, steps: int) -> dict:
+def profiled_steps(trainer_cls, rows, base: str, train, out: Path, steps: int) -> dict:
     """Train `WARMUP_STEPS + steps` steps; profile the last `steps`."""
-    from datasets import Dataset
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from pipeline.llm.loading import device_plan, load_model, load_tokenizer
-    from pipeline.stages.finetune import build_lora_config, build_sft_config, to_prompt_completion, tokenize_dataset
-
-    plan = device_plan()
-    tokenizer = load_tokenizer(train.base)
-    args = build_sft_config(train.cfg, out, plan)
-    args.save_strategy, args.logging_steps, args.disable_tqdm = "no", 1000, True
-    args.max_steps = WARMUP_STEPS + steps
     record: dict = {}
 
     class Profiler(TrainerCallback):
@@ -61,16 +53,7 @@ def profiled_steps(trainer_cls, rows, train, out: Path, steps: int) -> dict:
                 record["wall_s"] = time.perf_counter() - record["start"]
                 record["profile"].__exit__(None, None, None)
 
-    trainer = trainer_cls(
-        model=load_model(train.base, plan),
-        args=args,
-        train_dataset=tokenize_dataset(
-            to_prompt_completion(Dataset.from_list(rows), "user"), tokenizer, train.cfg.max_seq_len
-        ),
-        processing_class=tokenizer,
-        peft_config=build_lora_config(train.cfg.lora),
-        callbacks=[Profiler()],
-    )
+    trainer = recipe_trainer(trainer_cls, rows, base, train, out, WARMUP_STEPS + steps, [Profiler()])
     trainer.train()
     return summarise(record["profile"].key_averages(), record["wall_s"], steps)
 
@@ -102,25 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (1 if args.quick else 4)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
-    from types import SimpleNamespace
-
     from trl import SFTTrainer
 
     from pipeline.config import load_recipe
     from pipeline.llm.loading import resolve_model
     from pipeline.llm.trainer import trainer_class
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_finetune import load_rows
-
     recipe = load_recipe("smollm2-135m-cpu", root=ROOT)
-    train = SimpleNamespace(base=resolve_model(recipe.model.base), cfg=recipe.train)
+    base = resolve_model(recipe.model.base)
     rows = load_rows(args.examples)
     arms = {"trl_loss": SFTTrainer, "answer_only_loss": trainer_class()}
     results: dict = {"recipe": "smollm2-135m-cpu", "examples": len(rows), "arms": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, cls in arms.items():
-            results["arms"][name] = arm = profiled_steps(cls, rows, train, Path(tmp) / name, args.steps)
+            results["arms"][name] = arm = profiled_steps(cls, rows, base, recipe.train, Path(tmp) / name, args.steps)
             print(
                 f"{name:>17}: {arm['s_per_step']:.2f} s/step, fused LM head {arm['fused_lm_head_share']:.1%} of CPU time"
             )
