@@ -11,11 +11,12 @@ completion the teacher's final answer. We tokenize it here with the chat templat
 (add_generation_prompt=True), the completion is what the template appends, cut after the
 end-of-turn token (the tokenizer's EOS), so the labels are the final answer's tokens plus EOS
 and nothing else: earlier answers are masked out. TRL turns `completion_mask` into
-labels, and the loss projects those answer positions alone onto the vocabulary (llm/trainer.py). Before anything is loaded, a machine that would fail or crawl is refused (no CUDA for a
-QLoRA or 1B+ recipe, several GPUs without a launcher: llm.loading.check_training_device), and on
-CUDA the VRAM planner checks the recipe fits. After
-training, the EOS check makes sure the student stops by itself. Checkpoints go to
-`checkpoints/` every train.save_steps; an interrupted run resumes from the last one.
+labels, and the loss projects those answer positions alone onto the vocabulary (llm/trainer.py).
+Before anything is loaded, a machine that would fail or crawl is refused (no CUDA for a QLoRA or
+1B+ recipe, several GPUs without a launcher: llm.loading.check_training_device), and on CUDA the
+VRAM planner checks the recipe fits. After training, the EOS check makes sure the student stops
+by itself. Checkpoints go to `checkpoints/` every train.save_steps; an interrupted run resumes
+from the last one.
 With train.eval_steps the validation split's loss is logged beside the training loss.
 Writes `adapter/` (PEFT adapter + tokenizer) and `train_log.jsonl`.
 """
