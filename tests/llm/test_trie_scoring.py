@@ -125,6 +125,18 @@ def test_trie_scores_equal_brute_force_on_tiny_models(kind, attention, tiny_llam
     assert worst_difference(model, tokenizer, CONVS, LABELS, scored) <= TOLERANCE
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])  # Mistral: a sliding-window cache, cut back
+def test_scores_after_generation_equal_brute_force_on_tiny_models(kind, tiny_llama_dir):
+    """generate_batch(score_labels=...) scores from generate's own KV cache, cut back to the prompts."""
+    from pipeline.llm.generate import generate_batch
+
+    model, tokenizer = _tiny(kind, "sdpa", tiny_llama_dir)
+    for conv, completion in zip(CONVS, generate_batch(model, tokenizer, CONVS, 5, score_labels=LABELS), strict=True):
+        for label in LABELS:
+            expected = brute_force(model, tokenizer, conv, label)
+            assert completion.label_logprobs[label] == pytest.approx(sum(expected), abs=TOLERANCE * len(expected))
+
+
 @pytest.fixture(scope="module")
 def smollm2(embedded_dir):
     from pipeline.llm.loading import device_plan, load_model, load_tokenizer
