@@ -21,6 +21,8 @@ the trie's nodes run (label_logprobs_after_generation).
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 
 from pipeline.llm.encoding import cache_kwarg, cache_of, encode_prompts
 from pipeline.llm.label_trie import LabelTrie
@@ -28,6 +30,7 @@ from pipeline.llm.label_trie import LabelTrie
 # Rows of next-token logits (one per prompt and trie node) a forward pass computes at most: a
 # 77-label batch of 16 over a 49k vocabulary is then 3 passes of ~400 MB of fp32 logits each.
 MAX_LOGIT_ROWS = 2048
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def posterior(label_logprobs: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
@@ -110,7 +113,7 @@ def _trie_node_logprobs(model, enc: dict, trie: LabelTrie, last_logits=None):
         first = (predictor == prompt_len - 1).nonzero().flatten()
         logprobs[:, first] = last_logits.float().log_softmax(-1)[:, target[first]]
     step = max(1, MAX_LOGIT_ROWS // ids.shape[0])
-    with torch.inference_mode():
+    with torch.inference_mode(), _grouped_query_attention(ids.device):
         while start < ids.shape[1]:
             # Every pass after the first one adds inner nodes only; their ancestors are cached already.
             end = min(ids.shape[1], max(start, prompt_len) + step)
@@ -133,6 +136,27 @@ def _trie_node_logprobs(model, enc: dict, trie: LabelTrie, last_logits=None):
             logprobs[:, here] = out.logits[:, rows, target[here]].float() - norm[:, rows]
             start = end
     return logprobs
+
+
+@contextmanager
+def _grouped_query_attention(device):
+    """On CPU, attention reads the KV heads as they are. Given a mask (the tree's), transformers'
+    sdpa copies every layer's KV heads out to the query heads first (repeat_kv: SmolLM2's 3 to 9,
+    over every cached position), while torch's CPU kernel takes the mask and grouped heads together. Not on CUDA, where a mask with grouped heads falls back to
+    the math kernel. The switch is transformers' own, read at each attention call; the model runs
+    one batch at a time (the router's student backend holds a lock), so nothing else sees it."""
+    if device.type != "cpu":
+        yield
+        return
+    before = os.environ.get(FORCE_GQA)
+    os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FORCE_GQA]
+        else:
+            os.environ[FORCE_GQA] = before
 
 
 def _check_attention(model, length: int) -> None:

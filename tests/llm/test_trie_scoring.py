@@ -8,6 +8,7 @@ the embedded SmolLM2 in fp32, with and without a shared-prefix cache.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,29 @@ def test_a_sliding_window_the_trie_would_overflow_is_refused(tiny_llama_dir):
     with pytest.raises(ValueError, match="sliding attention window"):
         label_logprobs(model, tokenizer, CONVS[:1], LABELS)
     assert label_logprobs(model, tokenizer, CONVS[1:2], ["x", "y"])[0].keys() == {"x", "y"}
+
+
+def test_on_cpu_the_trie_reads_grouped_kv_heads_without_copying_them(tiny_llama_dir, monkeypatch):
+    """The tree mask would make transformers copy each layer's KV heads out to the query heads
+    (repeat_kv); on CPU the pass asks torch's kernel for grouped heads instead, and leaves
+    transformers' switch as it found it, after an error too."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from pipeline.llm.scoring import FORCE_GQA, label_logprobs
+
+    model, tokenizer = _tiny("mistral", "sdpa", tiny_llama_dir)
+    copies = []
+    shipped = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: copies.append(a[0].shape) or shipped(*a))
+    monkeypatch.delenv(FORCE_GQA, raising=False)
+    label_logprobs(model, tokenizer, CONVS, LABELS)
+    assert copies == [] and FORCE_GQA not in os.environ
+    monkeypatch.setenv(FORCE_GQA, "0")
+
+    def fail(*_):
+        raise RuntimeError("interrupted mid-pass")
+
+    model.get_input_embeddings().register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="mid-pass"):
+        label_logprobs(model, tokenizer, CONVS, LABELS)
+    assert os.environ[FORCE_GQA] == "0"
