@@ -63,10 +63,12 @@ def cache_of(output):
 
 
 def cache_kwarg(model) -> str:
-    """What this transformers release calls the KV cache argument (`past_key_values` before ~5.2x)."""
+    """What this transformers release calls the KV cache argument (`past_key_values` before ~5.2x).
+    Read off the transformers model itself: a PEFT wrapper's forward passes it on as **kwargs."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def encode_prompts(model, tokenizer, conversations: list[list[dict]], prefix_cache: PrefixCache | None) -> dict:
