@@ -4,6 +4,8 @@ student exactly as served, in batches, timed (the student's cost comes from that
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -33,6 +35,27 @@ def base_conversation(task: Task, conversation: list[dict], form: str, shape: Sh
     return task.teacher_messages(conversation, few_shot=form == "few_shot")
 
 
+@contextmanager
+def adapter_merged(model) -> Iterator[None]:
+    """A PEFT student's adapter added into its fp32 base weights while it answers, taken out after
+    (so the base can answer again with the adapter disabled). The same function within fp32
+    rounding, as the router serves the merged export, and each adapted layer one matmul instead of
+    three (base, LoRA's A and B): `bench/bench_label_evaluate.py` measures it. Left unmerged on
+    bf16/fp16 or quantized weights, whose rounding would swallow part of the update."""
+    import torch
+
+    if not hasattr(model, "merge_adapter") or any(
+        p.dtype != torch.float32 for p in model.get_base_model().parameters()
+    ):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
 def answer_all(
     model,
     tokenizer,
@@ -55,9 +78,10 @@ def answer_all(
 
     if base_prompt is None:
         convs = [student_messages(conversation_of(r), shape) for r in rows]
-        completions = answer_as_served(
-            model, tokenizer, convs, Serving.of(recipe, task), source=desc, progress=progress
-        )
+        with adapter_merged(model):
+            completions = answer_as_served(
+                model, tokenizer, convs, Serving.of(recipe, task), source=desc, progress=progress
+            )
         return Answers(completions, time.perf_counter() - start)
     prefix = PrefixCache()  # the instructions, run once for every batch
     completions, size = [], recipe.eval.batch_size
