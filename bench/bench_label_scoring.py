@@ -110,6 +110,34 @@ def floor_pass(model, tokenizer, conversations, labels) -> None:
         model(input_ids=ids, attention_mask=mask, logits_to_keep=inner.shape[1] + 1).logits.float().logsumexp(-1)
 
 
+def gflop_per_request(model, tokenizer, prompt_tokens: list[int], labels: list[str]) -> float:
+    """Mean GFLOP (2 per multiply-add) of scoring every label exactly after each prompt: every
+    linear layer (but LoRA's: a merged adapter adds none) over the prompt and the trie's inner nodes, the LM head at each
+    inner node and the prompt's last position, attention over the keys each query sees. This CPU's
+    matmul rate over it is the fastest any exact scorer could go."""
+    import torch
+
+    from pipeline.llm.label_trie import LabelTrie
+    from pipeline.llm.scoring import label_token_ids
+
+    trie = LabelTrie.build(label_token_ids(tokenizer, labels))
+    inner = trie.inner_nodes()
+    config, head = model.config, model.get_output_embeddings()
+    body = sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name
+    )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_key = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim  # q.k and p.v
+
+    def flops(prompt: int) -> float:
+        keys = prompt * (prompt + 1) / 2 + sum(prompt + trie.depths[n] + 1 for n in inner)
+        return 2 * body * (prompt + len(inner)) + 2 * head.weight.numel() * (len(inner) + 1) + per_key * keys
+
+    return sum(flops(p) for p in prompt_tokens) / len(prompt_tokens) / 1e9
+
+
 def timed(fn) -> tuple[float, float, object]:
     """Wall seconds, this process's CPU seconds (steadier on a machine other jobs share), the result."""
     start, cpu = time.perf_counter(), time.process_time()

@@ -18,7 +18,11 @@ labels, so it measures speed, not accuracy.
     bucketed  the same backend with label scoring swapped for the per-label-bucket method
               (bench_label_scoring.bucketed_label_token_logprobs, kept in the bench only)
 
-Interleaved, best of --repeats; answers and confidences compared between the arms.
+Interleaved, best of --repeats; answers and confidences compared between the arms. Beside them,
+the compute ceiling: this CPU's fp32 matmul rate (bench_finetune.matmul_gflops) over the floating-
+point work of one exact scoring per request (every linear layer over the prompt and the trie's inner
+nodes, the LM head at each inner node and the prompt's last position, attention over the keys each
+query sees), the most requests/s any exact scorer of these labels could serve here.
 Writes bench/results/label_serving.json (bench/harness.py: envelope and figures).
 --quick: 4 requests, 2 clients, once.
 """
@@ -36,12 +40,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
+from bench_finetune import matmul_gflops  # noqa: E402
 from bench_label_scoring import (  # noqa: E402
     BANKING77_CSV,
     MODEL,
     TEMPLATE,
     banking77_prompts,
     bucketed_label_token_logprobs,
+    gflop_per_request,
 )
 
 
@@ -114,6 +120,8 @@ def main() -> None:
             walls[arm].append(wall)
     rps = {arm: len(convs) / min(w) for arm, w in walls.items()}
     confidence = {arm: [max(label_posterior(c)[1].values()) for c in answers[arm]] for arm in walls}
+    work = gflop_per_request(backend.model, backend.tokenizer, [c.prompt_tokens for c in answers["trie"]], labels)
+    rate = matmul_gflops()
     result = {
         "model": MODEL,
         "labels": len(labels),
@@ -125,6 +133,12 @@ def main() -> None:
         "requests_per_s": rps,
         "batch_sizes": batches,
         "trie_speedup_over_bucketed": rps["trie"] / rps["bucketed"],
+        "compute": {
+            "gflop_per_request": work,
+            "fp32_matmul_gflops": rate,
+            "ceiling_requests_per_s": rate / work,
+            "trie_share_of_ceiling": rps["trie"] * work / rate,
+        },
         "identical_answers": sum(t.text == b.text for t, b in zip(answers["trie"], answers["bucketed"])),
         "max_confidence_difference": max(abs(t - b) for t, b in zip(confidence["trie"], confidence["bucketed"])),
         "command": f"python bench/bench_label_serving.py --requests {args.requests} --clients {args.clients} "
@@ -138,6 +152,7 @@ def main() -> None:
                 for k in (
                     "requests_per_s",
                     "trie_speedup_over_bucketed",
+                    "compute",
                     "identical_answers",
                     "max_confidence_difference",
                     "batch_sizes",

@@ -254,6 +254,7 @@ def label_serving(r: dict) -> list[dict]:
             baseline_name="per-label buckets",
             headline=True,
         ),
+        *_compute_ceiling(r, what),
         fig(
             "serving by label posterior: answers identical between the arms",
             r["identical_answers"],
@@ -261,6 +262,66 @@ def label_serving(r: dict) -> list[dict]:
             baseline=r["requests"],
             baseline_name="requests",
             headline=True,
+        ),
+    ]
+
+
+def _compute_ceiling(r: dict, what: str) -> list[dict]:
+    if "compute" not in r:
+        return []
+    c = r["compute"]
+    return [
+        fig(
+            f"serving by label posterior: compute ceiling, requests/s ({what})",
+            c["ceiling_requests_per_s"],
+            "req/s",
+            note=f"{c['fp32_matmul_gflops']:.0f} GFLOP/s fp32 matmul / {c['gflop_per_request']:.1f} GFLOP per request",
+        ),
+        fig("serving by label posterior, trie: share of the compute ceiling", c["trie_share_of_ceiling"], "fraction"),
+    ]
+
+
+def label_evaluate(r: dict) -> list[dict]:
+    per_row, c = r["s_per_row"], r["compute"]
+    what = f"{r['labels']} labels, {r['rows']} validation rows, batch {r['batch']}"
+    return [
+        fig(
+            f"evaluate's tuned-student answers, trie, adapter merged: s per row ({what})",
+            per_row["trie"],
+            "s",
+            better="lower",
+            baseline=per_row["bucketed"],
+            baseline_name="per-label buckets",
+            headline=True,
+        ),
+        fig(
+            f"evaluate's tuned-student answers, compute ceiling: s per row ({what})",
+            c["ceiling_s_per_row"],
+            "s",
+            better="lower",
+            baseline=per_row["bucketed"],
+            baseline_name="per-label buckets",
+            note=f"{c['fp32_matmul_gflops']:.0f} GFLOP/s fp32 matmul / {c['gflop_per_row']:.1f} GFLOP per row",
+        ),
+        fig(
+            f"evaluate's tuned-student answers, trie with the adapter unmerged: s per row ({what})",
+            per_row["trie_unmerged"],
+            "s",
+            better="lower",
+            baseline=per_row["bucketed"],
+            baseline_name="per-label buckets",
+        ),
+        fig(
+            "evaluate's tuned-student answers, trie: share of the compute ceiling",
+            c["trie_share_of_ceiling"],
+            "fraction",
+        ),
+        fig(
+            "evaluate's tuned-student answers: identical between the arms",
+            r["identical_answers"],
+            "answers",
+            baseline=r["rows"],
+            baseline_name="rows",
         ),
     ]
 
@@ -875,6 +936,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "label_scoring": label_scoring,
     "label_capture": label_capture,
     "label_serving": label_serving,
+    "label_evaluate": label_evaluate,
 }
 
 
