@@ -42,10 +42,18 @@ def bootstrap(
     statistic: Callable[[np.ndarray], float], n: int, reps: int = 1000, seed: int = 0, level: float = 0.95
 ) -> Figure:
     """`statistic(indices)` on the full set, and the percentile interval over `reps` resamples."""
+    return bootstrap_rows(lambda rows: np.array([statistic(idx) for idx in rows], dtype=float), n, reps, seed, level)
+
+
+def bootstrap_rows(
+    statistic: Callable[[np.ndarray], np.ndarray], n: int, reps: int = 1000, seed: int = 0, level: float = 0.95
+) -> Figure:
+    """`bootstrap` for a statistic that takes every resample at once: [rows, n] indices -> [rows]
+    values (NaN where undefined, left out of the interval)."""
     if n == 0:
         raise ValueError("bootstrap over an empty set")
-    value = float(statistic(np.arange(n)))
-    draws = np.array([statistic(idx) for idx in resample_indices(n, reps, seed)], dtype=float)
+    value = float(statistic(np.arange(n)[None, :])[0])
+    draws = statistic(resample_indices(n, reps, seed))
     lo, hi = np.nanquantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return Figure(value, float(lo), float(hi), n)
 
