@@ -34,7 +34,6 @@ def test_macro_f1_and_per_label_on_handmade_predictions():
     assert figs["macro_f1"].lo <= figs["macro_f1"].value <= figs["macro_f1"].hi
 
 
-
 def test_macro_f1_and_its_interval_are_scikit_learns_over_every_resample():
     """The vectorised macro-F1 against scikit-learn's f1_score on the same resamples: labels that
     occur only in one list, answers that are no label, a resample with no label at all (NaN, left
@@ -60,7 +59,9 @@ def test_macro_f1_and_its_interval_are_scikit_learns_over_every_resample():
     figure = classification_figures(truth, pred, labels, reps=300, seed=7)["macro_f1"]
     reference = bootstrap(sklearn_macro_f1, len(truth), reps=300, seed=7)
     assert figure.n == reference.n
-    assert [figure.value, figure.lo, figure.hi] == pytest.approx([reference.value, reference.lo, reference.hi], abs=1e-12)
+    assert [figure.value, figure.lo, figure.hi] == pytest.approx(
+        [reference.value, reference.lo, reference.hi], abs=1e-12
+    )
 
 
 # Four records, hand-scored field by field (P = present value; absent = null, [] or missing):
