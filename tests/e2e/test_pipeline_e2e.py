@@ -279,7 +279,8 @@ def sigint_as_in_a_terminal() -> None:
 
 def test_ctrl_c_during_finetune_then_rerun_resumes_from_checkpoint(tmp_path, tiny_llama_dir):
     recipe = write_recipe(tmp_path, tiny_llama_dir, max_steps=40, save_steps=2)
-    cmd = [sys.executable, "-m", "pipeline", "run", str(recipe), "--runs-dir", str(tmp_path / "runs")]
+    # `distill finetune`: the stages up to finetune, so the resumed run stops where the test does.
+    cmd = [sys.executable, "-m", "pipeline", "finetune", str(recipe), "--runs-dir", str(tmp_path / "runs")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         cmd,
