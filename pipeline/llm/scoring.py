@@ -142,9 +142,10 @@ def _trie_node_logprobs(model, enc: dict, trie: LabelTrie, last_logits=None):
 def _grouped_query_attention(device):
     """On CPU, attention reads the KV heads as they are. Given a mask (the tree's), transformers'
     sdpa copies every layer's KV heads out to the query heads first (repeat_kv: SmolLM2's 3 to 9,
-    over every cached position), while torch's CPU kernel takes the mask and grouped heads together. Not on CUDA, where a mask with grouped heads falls back to
-    the math kernel. The switch is transformers' own, read at each attention call; the model runs
-    one batch at a time (the router's student backend holds a lock), so nothing else sees it."""
+    over every cached position), while torch's CPU kernel takes the mask and grouped heads
+    together. Not on CUDA, where a mask with grouped heads falls back to the math kernel. The
+    switch is transformers' own, read at each attention call; the model runs one batch at a time
+    (the router's student backend holds a lock), so nothing else sees it."""
     if device.type != "cpu":
         yield
         return
