@@ -41,11 +41,14 @@ def lora_calls(model) -> list[str]:
     return calls
 
 
+def recipe(decode: str) -> Recipe:
+    return Recipe(name="t", model={"base": "x"}, eval={"max_new_tokens": 6}, router={"decode": decode})
+
+
 def answers(model, tokenizer, decode: str):
     from pipeline.evaluation.answering import answer_all
 
-    recipe = Recipe(name="t", model={"base": "x"}, eval={"max_new_tokens": 6}, router={"decode": decode})
-    return answer_all(model, tokenizer, ROWS, recipe, TASK, "tuned", "user").completions
+    return answer_all(model, tokenizer, ROWS, recipe(decode), TASK, "tuned", "user").completions
 
 
 @pytest.mark.parametrize("decode", ["generate", "label_posterior"])
@@ -58,9 +61,8 @@ def test_the_tuned_student_answers_merged_as_it_would_unmerged(tiny_llama_dir, d
         probe = torch.tensor([[1, 5, 9, 13]])
         with model.disable_adapter():
             base_logits = model(probe).logits
-    recipe = Recipe(name="t", model={"base": "x"}, eval={"max_new_tokens": 6}, router={"decode": decode})
     convs = [student_messages(r["messages"], "user") for r in ROWS]
-    unmerged = answer_as_served(model, tokenizer, convs, Serving.of(recipe, TASK))
+    unmerged = answer_as_served(model, tokenizer, convs, Serving.of(recipe(decode), TASK))
     calls = lora_calls(model)
     merged = answers(model, tokenizer, decode)
     assert calls == []  # the update was in the base weights; no LoRA layer ran
